@@ -1,0 +1,339 @@
+"""Client: this process's connections to managers, one session per address.
+
+Owns: the client identity of this process, opening and authenticating
+connections, the request/reply exchange with request ids and deadlines, and
+what happens to connections across `fork()`.
+
+Rules it keeps:
+- Each process has one client id (new after fork).  Every connection says it
+  in its hello, so the manager counts references per process.
+- A session has one *control* connection, opened first and kept for the life
+  of the process, that carries reference traffic (decref, loans) from any
+  thread; and one connection per thread for calls.  When all of a process's
+  connections close, the manager knows the process is gone.
+- Replies are matched by request id.  A call that was abandoned (deadline,
+  Ctrl-C) leaves its connection *pending*; the connection is set aside and
+  reused once its late reply has arrived and been dropped (and logged).
+- After fork, the child never touches the parent's sockets: the parent lends
+  its references to the child before forking, and the child adopts the loan
+  on its first connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import secrets
+import socket
+import threading
+import time
+from multiprocessing import util as mp_util
+from typing import Any
+
+from . import protocol, transport
+from .errors import ManagerCrashed
+from .serializers import Serializer, get_serializer
+
+__all__ = ["Connection", "Session", "get_session", "client_id", "GRACE"]
+
+log = logging.getLogger("procshare.client")
+
+#: how long past a call's deadline the client waits for the manager's own
+#: timeout reply, so that an operation the manager completed at the last
+#: moment is not lost
+GRACE = 0.025
+_NAN = math.nan
+_CALL = protocol.CALL
+_pack_header = protocol.HEADER.pack
+_NONE_BODY = pickle.dumps(None, 5)
+_monotonic = time.monotonic
+
+
+def _new_client_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+_client_id = _new_client_id()
+
+
+def client_id() -> str:
+    """This process's identity as a client of managers."""
+    return _client_id
+
+
+class Connection:
+    """One authenticated channel to a manager, used by one thread at a time."""
+
+    __slots__ = ("ch", "ser", "rid", "pending", "session", "__weakref__")
+
+    def __init__(self, ch: transport.Channel, ser: Serializer, session: Session) -> None:
+        self.ch = ch
+        self.ser = ser
+        self.rid = 0
+        self.pending: set[int] = set()   # request ids whose replies were abandoned
+        self.session = session
+
+    def send_request(self, oid: Any, meth: str, args: tuple, kwds: dict,
+                     timeout: float | None, want_reply: bool = True) -> int:
+        rid = 0
+        if want_reply:
+            rid = self.rid = self.rid + 1
+        body, bufs = self.ser.dumps((oid, meth, args, kwds))
+        budget = _NAN if timeout is None else timeout
+        if bufs:
+            self.ch.send(protocol.encode_frame(protocol.CALL, rid, body, bufs, budget))
+        else:
+            self.ch.send_bytes(_pack_header(len(body), _CALL, 0, 0, rid, budget) + body)
+        return rid
+
+    def wait_reply(self, rid: int, deadline: float | None) -> tuple[int, Any]:
+        recv = self.ch.recv_frame
+        while True:
+            try:
+                kind, got, _budget, body, bufs = recv(deadline)
+            except BaseException:
+                self.pending.add(rid)
+                raise
+            if got == rid:
+                if body == _NONE_BODY:
+                    return kind, None
+                return kind, self.ser.loads(body, bufs)
+            self._drop_late(got, kind)
+
+    def _drop_late(self, rid: int, kind: int) -> None:
+        if rid in self.pending:
+            self.pending.discard(rid)
+            log.info("dropped the late reply (kind %d) to abandoned request %d", kind, rid)
+        else:
+            log.warning("dropped a reply to unknown request %d (kind %d)", rid, kind)
+
+    def call(self, oid: Any, meth: str, args: tuple, kwds: dict,
+             timeout: float | None) -> tuple[int, Any]:
+        """Send one request and wait for its reply: `(kind, payload)`."""
+        try:
+            rid = self.send_request(oid, meth, args, kwds, timeout)
+            deadline = None if timeout is None else _monotonic() + timeout + GRACE
+            return self.wait_reply(rid, deadline)
+        except (EOFError, OSError) as e:
+            if isinstance(e, TimeoutError):
+                raise
+            raise self.session.crashed(e) from None
+
+    def drain(self) -> bool:
+        """Read and drop late replies that have arrived; True when none is pending."""
+        while self.pending and self.ch.readable():
+            try:
+                kind, got, _b, _body, _bufs = self.ch.recv_frame(time.monotonic() + 1.0)
+            except (OSError, EOFError, TimeoutError):
+                self.close()
+                return False
+            self._drop_late(got, kind)
+        return not self.pending
+
+    def close(self) -> None:
+        self.ch.close()
+
+
+class Session:
+    """This process's link to the manager at one address."""
+
+    def __init__(self, address: Any, authkey: bytes, serializer: Serializer) -> None:
+        self.address = address
+        self.authkey = bytes(authkey)
+        self.serializer = serializer
+        self._reset()
+
+    def _reset(self, adopt: str | None = None) -> None:
+        # proxies keep a reference to `tls`: empty it in place rather than replace it
+        tls = self.__dict__.get("tls")
+        if tls is None:
+            tls = self.tls = threading.local()
+        tls.__dict__.clear()
+        self.lock = threading.RLock()
+        self.control: Connection | None = None
+        self.adopt = adopt                    # a fork loan to adopt on first connect
+        self.stale: list[Connection] = []     # connections with abandoned requests
+        self.live = 0                         # proxies of this process using the session
+        self.server_pid: int | None = None
+        self.closed = False
+
+    # -- connecting -------------------------------------------------------------
+    def _open(self, role: str) -> Connection:
+        try:
+            ch = transport.connect(self.address, timeout=20.0)
+        except OSError as e:
+            raise self.crashed(e) from None
+        try:
+            transport.client_handshake(ch, self.authkey, self.address)
+            t = threading.current_thread()
+            hello = {"client": _client_id, "pid": os.getpid(), "thread": t.ident,
+                     "thread_name": t.name, "serializer": self.serializer.name,
+                     "role": role, "version": 1}
+            if role == "control" and self.adopt:
+                hello["adopt"], self.adopt = self.adopt, None
+            body, bufs = self.serializer.dumps(hello)
+            ch.send(protocol.encode_frame(protocol.HELLO, 1, body, bufs))
+            kind, _rid, _b, body, bufs = ch.recv_frame(time.monotonic() + 20.0)
+            info = self.serializer.loads(body, bufs)
+        except (EOFError, ConnectionError, TimeoutError) as e:
+            ch.close()
+            raise self.crashed(e) from None
+        except BaseException:
+            ch.close()
+            raise
+        if kind != protocol.RETURN:
+            ch.close()
+            from .errors import RemoteError
+            raise RemoteError(info)
+        self.server_pid = info.get("pid")
+        return Connection(ch, self.serializer, self)
+
+    def _control_conn(self) -> Connection:
+        c = self.control
+        if c is None:
+            c = self.control = self._open("control")
+        return c
+
+    def thread_conn(self) -> Connection:
+        """This thread's call connection, opening or recycling one if needed."""
+        c = getattr(self.tls, "conn", None)
+        if c is not None and not c.pending:
+            return c
+        with self.lock:
+            self._control_conn()           # the control connection always comes first
+            if c is not None:
+                self.stale.append(c)
+            self.tls.conn = None
+            for old in list(self.stale):
+                if old.drain():
+                    self.stale.remove(old)
+                    self.tls.conn = old
+                    return old
+                if old.ch.closed:
+                    self.stale.remove(old)
+        c = self.tls.conn = self._open("call")
+        return c
+
+    # -- reference traffic on the control connection ------------------------------
+    def control_call(self, meth: str, *args: Any, timeout: float | None = None) -> Any:
+        with self.lock:
+            c = self._control_conn()
+            if c.pending and not c.drain():
+                c.close()
+                c = self.control = self._open("control")
+            kind, result = c.call(None, meth, args, {}, timeout)
+        if kind == protocol.RETURN:
+            return result
+        from .proxy import raise_reply
+        raise_reply(kind, result, None, meth, timeout)
+
+    def control_send(self, meth: str, *args: Any) -> None:
+        """Fire-and-forget (no reply); errors are ignored: used for decref."""
+        try:
+            with self.lock:
+                c = self._control_conn()
+                c.send_request(None, meth, args, {}, None, want_reply=False)
+        except Exception as e:  # the manager may be gone; nothing to release then
+            log.debug("%s%r not delivered: %r", meth, args, e)
+
+    # -- failures -------------------------------------------------------------------
+    def crashed(self, cause: BaseException) -> ManagerCrashed:
+        """The error for a manager that cannot be reached (see `errors`)."""
+        from .errors import manager_crashed
+        return manager_crashed(self.address, cause)
+
+    def close(self) -> None:
+        with self.lock:
+            conns = [self.control, getattr(self.tls, "conn", None), *self.stale]
+            self.control = None
+            self.tls.__dict__.clear()
+            self.stale = []
+            self.closed = True
+        for c in conns:
+            if c is not None:
+                c.close()
+
+
+_sessions: dict[Any, Session] = {}
+_sessions_mutex = threading.Lock()
+
+
+def get_session(address: Any, authkey: bytes, serializer: str | Serializer = "pickle") -> Session:
+    """The session for `address`, created on first use."""
+    ser = get_serializer(serializer)
+    key = (address, bytes(authkey), ser.name)
+    s = _sessions.get(key)
+    if s is not None and not s.closed:
+        return s
+    with _sessions_mutex:
+        s = _sessions.get(key)
+        if s is None or s.closed:
+            s = _sessions[key] = Session(address, authkey, ser)
+        return s
+
+
+def drop_session(address: Any) -> None:
+    """Forget the session for a manager that has shut down."""
+    with _sessions_mutex:
+        gone = [_sessions.pop(k) for k in list(_sessions) if k[0] == address]
+    for s in gone:
+        s.close()
+
+
+# -- fork -------------------------------------------------------------------------
+_fork_loans: dict[Any, str] = {}
+
+
+def _before_fork() -> None:
+    _fork_loans.clear()
+    for key, s in list(_sessions.items()):
+        if s.live > 0 and s.control is not None and not s.closed:
+            try:
+                loan = s.control_call("fork_loan", timeout=5.0)
+            except Exception as e:
+                log.debug("no fork loan from %r: %r", s.address, e)
+                continue
+            if loan:
+                _fork_loans[key] = loan
+
+
+def _after_fork_in_child() -> None:
+    global _client_id, _sessions_mutex
+    _client_id = _new_client_id()
+    _sessions_mutex = threading.Lock()
+    for key, s in list(_sessions.items()):
+        conns = [s.control, getattr(s.tls, "conn", None), *s.stale]
+        for c in conns:
+            if c is not None:
+                c.close()   # closes the child's copy of the fd only
+        live = s.live
+        s._reset(adopt=_fork_loans.get(key))
+        s.live = live
+    _fork_loans.clear()
+
+
+def _after_fork_in_parent() -> None:
+    _fork_loans.clear()
+
+
+def _adopt_eagerly(_: object) -> None:
+    """In a multiprocessing child: take over the inherited references now."""
+    for s in list(_sessions.values()):
+        if s.adopt:
+            try:
+                with s.lock:
+                    s._control_conn()
+            except Exception as e:
+                log.info("could not adopt references from %r: %r", s.address, e)
+
+
+class _Anchor:
+    pass
+
+
+_anchor = _Anchor()
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child,
+                    after_in_parent=_after_fork_in_parent)
+mp_util.register_after_fork(_anchor, _adopt_eagerly)

@@ -1,0 +1,578 @@
+"""Proxies: `BaseProxy`, `AutoProxy`, `MakeProxyType` and the proxy types of
+`SyncManager`.
+
+Owns: how a method call on a proxy becomes a request (`_callmethod`), how a
+reply becomes a value or an exception, how proxies are pickled to other
+processes, and when a proxy gives its reference back.
+
+Rules it keeps:
+- The stdlib's constructor signature, attributes (`_token`, `_id`,
+  `_manager`, `_serializer`, `_authkey`, `_exposed_`, `_isauto`) and
+  `__reduce__`/`RebuildProxy` shape, so user subclasses keep working.
+- A proxy holds one reference for its process.  It never opens a connection
+  for incref/decref: references travel on the session's control connection,
+  and the reference a `create` or a method returning a proxy made is adopted
+  as is.
+- A pickled proxy carries a *loan*: a reference taken for it by the sender,
+  which the receiver adopts.  So the object cannot die in transit.
+- The deadline of a call is, in order: the `timeout=` of the call, the
+  innermost `procshare.timeout()` block, the proxy's `_timeout`, the
+  manager's `call_timeout`; `None` waits forever.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import types
+import weakref
+from multiprocessing import process
+from multiprocessing.context import get_spawning_popen
+from typing import Any
+
+from . import callctx, protocol
+from .client import Session, get_session
+from .errors import CallTimeout, RemoteError
+from .protocol import Token
+from .server import local_server
+
+__all__ = [
+    "BaseProxy", "RebuildProxy", "MakeProxyType", "AutoProxy", "IteratorProxy",
+    "AcquirerProxy", "ConditionProxy", "EventProxy", "BarrierProxy", "NamespaceProxy",
+    "ValueProxy", "BaseListProxy", "ListProxy", "DictProxy", "BaseSetProxy", "SetProxy",
+    "ArrayProxy", "BasePoolProxy", "PoolProxy", "raise_reply", "convert_to_error",
+]
+
+_UNSET = callctx._UNSET
+_RETURN = protocol.RETURN
+
+
+class RemoteTraceback(Exception):
+    """The manager-side traceback of an exception raised by a referent."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def _timeout_message(proxy: Any, meth: str, timeout: float | None, server_gave_up: bool,
+                     detail: str = "") -> str:
+    what = f"{meth}()" if proxy is None else (
+        f"{meth}() on {proxy._token.typeid!r} object {proxy._id}")
+    if server_gave_up:
+        outcome = ("the manager gave up at the deadline, so the call had no effect"
+                   + (f" ({detail})" if detail else ""))
+    else:
+        outcome = ("no reply came from the manager in time; the call may still complete "
+                   "there. The proxy stays usable")
+    return (f"{what} did not finish within {timeout} s: {outcome}. Raise the timeout "
+            "(timeout=..., procshare.timeout(...), or call_timeout= on the manager), or "
+            "find what blocks the call.")
+
+
+def raise_reply(kind: int, payload: Any, proxy: Any, meth: str, timeout: float | None) -> Any:
+    """Turn a non-RETURN reply into the exception it stands for, and raise it."""
+    if kind == protocol.ERROR:
+        remote_tb = getattr(payload, "_procshare_remote_tb", None)
+        if remote_tb is not None:
+            try:
+                del payload._procshare_remote_tb
+            except AttributeError:
+                pass
+            payload.__cause__ = RemoteTraceback(remote_tb)
+        try:
+            raise payload
+        finally:
+            del payload
+    if kind == protocol.TIMEOUT:
+        raise CallTimeout(_timeout_message(proxy, meth, timeout, True, payload),
+                          method=meth, timeout=timeout, may_complete=False)
+    if kind == protocol.UNSERIALIZABLE:
+        raise RemoteError("Unserializable message: %s\n" % payload)
+    if kind == protocol.TRACEBACK:
+        raise RemoteError(payload)
+    raise ValueError(f"Unrecognized message type {kind!r}")
+
+
+def convert_to_error(kind: str, result: Any) -> Exception:
+    """stdlib-compatible: the exception for a `('#ERROR'|'#TRACEBACK'|...)` reply."""
+    if kind == "#ERROR":
+        return result
+    if kind in ("#TRACEBACK", "#UNSERIALIZABLE"):
+        if not isinstance(result, str):
+            raise TypeError("Result {!r} (kind '{}') type is {}, not str".format(
+                result, kind, type(result)))
+        if kind == "#UNSERIALIZABLE":
+            return RemoteError("Unserializable message: %s\n" % result)
+        return RemoteError(result)
+    return ValueError(f"Unrecognized message type {kind!r}")
+
+
+def _release(session: Session, ident: str, local: bool) -> None:
+    """Finalizer of a proxy: give its reference back."""
+    session.live -= 1
+    if local:
+        server = local_server()
+        if server is not None:
+            server.local_decref(ident)
+        return
+    session.control_send("decref", ident)
+
+
+class BaseProxy:
+    """A proxy for a shared object: method calls go to the manager."""
+
+    _address_to_local: dict = {}
+    _mutex = threading.Lock()
+
+    def __init__(self, token: Token, serializer: Any, manager: Any = None, authkey: Any = None,
+                 exposed: Any = None, incref: bool = True, manager_owned: bool = False) -> None:
+        self._token = token
+        self._id = token.id
+        self._manager = manager
+        self._serializer = serializer
+        self._owned_by_manager = manager_owned
+        if authkey is not None:
+            self._authkey = process.AuthenticationString(authkey)
+        elif manager is not None:
+            self._authkey = manager._authkey
+        else:
+            self._authkey = process.current_process().authkey
+        self._session = get_session(token.address, bytes(self._authkey), serializer)
+        self._tls = self._session.tls
+        self._timeout = getattr(manager, "_call_timeout", _UNSET) if manager is not None \
+            else _UNSET
+        self._close = None
+        if incref:
+            self._incref()
+
+    # -- references -------------------------------------------------------------
+    def _is_local(self) -> bool:
+        server = local_server()
+        return server is not None and server.address == self._token.address
+
+    def _track(self) -> None:
+        """This proxy now owns one reference: give it back when the proxy dies."""
+        if self._close is not None:
+            return
+        self._session.live += 1
+        self._close = weakref.finalize(self, _release, self._session, self._id,
+                                       self._is_local())
+        self._close.atexit = False
+
+    def _incref(self) -> None:
+        if self._is_local():
+            local_server().local_incref(self._id)
+        else:
+            self._session.control_call("incref", self._id)
+        self._track()
+
+    def _adopt(self, loan: str) -> None:
+        if self._is_local():
+            local_server().local_adopt(loan, self._id)
+        else:
+            self._session.control_call("adopt", loan, self._id)
+        self._track()
+
+    def _procshare_local_referent(self) -> Any:
+        """Inside the manager that holds it: the referent itself."""
+        server = local_server()
+        if server is None or server.address != self._token.address:
+            return self
+        return server.objects.get(self._id).obj
+
+    # -- calls --------------------------------------------------------------------
+    def _callmethod(self, methodname: str, args: tuple = (), kwds: dict = {},  # noqa: B006
+                    timeout: Any = _UNSET) -> Any:
+        """Call a method of the referent and return a copy of the result.
+
+        `timeout` (seconds, or None for no limit) bounds this call; without it
+        the scoped, per-proxy and per-manager defaults apply.
+        """
+        conn = getattr(self._tls, "conn", None)
+        if conn is None or conn.pending:
+            conn = self._session.thread_conn()
+        if timeout is _UNSET:
+            timeout = callctx.scoped_timeout()
+            if timeout is _UNSET:
+                timeout = self._timeout
+                if timeout is _UNSET:
+                    timeout = None
+        kind, result = conn.call(self._id, methodname, args, kwds, timeout)
+        if kind == _RETURN:
+            return result
+        if kind == protocol.PROXY:
+            return self._rebuild_returned(result)
+        return raise_reply(kind, result, self, methodname, timeout)
+
+    def _rebuild_returned(self, result: tuple) -> BaseProxy:
+        proxytype, exposed, token, attrs = result
+        token.address = self._token.address
+        if proxytype is None:
+            proxytype = AutoProxy
+        proxy = proxytype(token, self._serializer, manager=self._manager,
+                          authkey=self._authkey, exposed=exposed, incref=False)
+        _set_attributes(proxy, attrs)
+        proxy._track()
+        return proxy
+
+    def _getvalue(self) -> Any:
+        """Get a copy of the value of the referent."""
+        return self._callmethod("#GETVALUE")
+
+    # -- pickling -------------------------------------------------------------------
+    def __reduce__(self) -> tuple:
+        kwds: dict[str, Any] = {}
+        if get_spawning_popen() is not None:
+            kwds["authkey"] = bytes(self._authkey)
+        if self._is_local():
+            loan = local_server().local_loan(self._id)
+        else:
+            loan = self._session.control_call("loan", self._id)
+        kwds["loan"] = loan
+        if self._timeout is not _UNSET:
+            kwds["timeout"] = self._timeout
+        if getattr(self, "_isauto", False):
+            kwds["exposed"] = self._exposed_
+            attrs = getattr(self, "_attributes_", ())
+            if attrs:
+                kwds["attributes"] = attrs
+            return (RebuildProxy, (AutoProxy, self._token, self._serializer, kwds))
+        return (RebuildProxy, (type(self), self._token, self._serializer, kwds))
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        return self._getvalue()
+
+    def __repr__(self) -> str:
+        return "<%s object, typeid %r at %#x>" % (
+            type(self).__name__, self._token.typeid, id(self))
+
+    def __str__(self) -> str:
+        """The representation of the referent (or a fall-back if that fails)."""
+        try:
+            return self._callmethod("__repr__")
+        except Exception:
+            return repr(self)[:-1] + "; '__str__()' failed>"
+
+
+def _set_attributes(proxy: BaseProxy, attrs: Any) -> None:
+    if attrs:
+        object.__setattr__(proxy, "_attributes_", tuple(attrs))
+
+
+def RebuildProxy(func: Any, token: Token, serializer: Any, kwds: dict) -> Any:
+    """Function used for unpickling proxy objects."""
+    loan = kwds.pop("loan", None)
+    timeout = kwds.pop("timeout", _UNSET)
+    attrs = kwds.pop("attributes", None)
+    server = local_server()
+    if server is not None and server.address == token.address:
+        kwds["manager_owned"] = True
+    incref = kwds.pop("incref", True)
+    if attrs is not None and func is AutoProxy:
+        kwds["attributes"] = attrs
+    proxy = func(token, serializer, incref=incref and loan is None, **kwds)
+    if loan is not None:
+        proxy._adopt(loan)
+    if timeout is not _UNSET:
+        proxy._timeout = timeout
+    return proxy
+
+
+def MakeProxyType(name: str, exposed: Any, _cache: dict = {}) -> type:  # noqa: B006
+    """Return a proxy type whose methods are given by `exposed`."""
+    exposed = tuple(exposed)
+    try:
+        return _cache[(name, exposed)]
+    except KeyError:
+        pass
+    dic: dict[str, Any] = {}
+    for meth in exposed:
+        dic[meth] = _make_method(meth)
+    ProxyType = type(name, (BaseProxy,), dic)
+    ProxyType._exposed_ = exposed
+    _cache[(name, exposed)] = ProxyType
+    return ProxyType
+
+
+def _make_method(meth: str) -> Any:
+    def method(self: BaseProxy, /, *args: Any, **kwds: Any) -> Any:
+        return self._callmethod(meth, args, kwds)
+    method.__name__ = method.__qualname__ = meth
+    return method
+
+
+def _attribute_property(name: str) -> property:
+    def get(self: BaseProxy) -> Any:
+        return self._callmethod(name)
+    return property(get, doc=f"the referent's {name!r} attribute (read from the manager)")
+
+
+def AutoProxy(token: Token, serializer: Any, manager: Any = None, authkey: Any = None,
+              exposed: Any = None, incref: bool = True, manager_owned: bool = False,
+              attributes: Any = ()) -> BaseProxy:
+    """Return an auto-proxy for `token`."""
+    if authkey is None and manager is not None:
+        authkey = manager._authkey
+    if authkey is None:
+        authkey = process.current_process().authkey
+    if exposed is None:
+        exposed = get_session(token.address, bytes(authkey), serializer).control_call(
+            "get_methods", token)
+    attributes = tuple(attributes or ())
+    methods = tuple(m for m in exposed if m not in attributes)
+    ProxyType = MakeProxyType("AutoProxy[%s]" % token.typeid, methods)
+    if attributes:
+        ProxyType = _with_attributes(ProxyType, attributes)
+    proxy = ProxyType(token, serializer, manager=manager, authkey=authkey,
+                      incref=incref, manager_owned=manager_owned)
+    proxy._isauto = True
+    proxy._exposed_ = tuple(exposed)
+    _set_attributes(proxy, attributes)
+    return proxy
+
+
+_attr_cache: dict = {}
+
+
+def _with_attributes(base: type, attributes: tuple) -> type:
+    key = (base, attributes)
+    cls = _attr_cache.get(key)
+    if cls is None:
+        cls = _attr_cache[key] = type(base.__name__, (base,),
+                                      {a: _attribute_property(a) for a in attributes})
+    return cls
+
+
+# -- proxy types used by SyncManager ---------------------------------------------------
+
+class IteratorProxy(BaseProxy):
+    _exposed_ = ("__next__", "send", "throw", "close")
+
+    def __iter__(self) -> IteratorProxy:
+        return self
+
+    def __next__(self, *args: Any) -> Any:
+        return self._callmethod("__next__", args)
+
+    def send(self, *args: Any) -> Any:
+        return self._callmethod("send", args)
+
+    def throw(self, *args: Any) -> Any:
+        return self._callmethod("throw", args)
+
+    def close(self, *args: Any) -> Any:
+        return self._callmethod("close", args)
+
+
+class AcquirerProxy(BaseProxy):
+    _exposed_ = ("acquire", "release", "locked")
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        args = (blocking,) if timeout is None else (blocking, timeout)
+        return self._callmethod("acquire", args)
+
+    def release(self) -> None:
+        return self._callmethod("release")
+
+    def locked(self) -> bool:
+        return self._callmethod("locked")
+
+    def __enter__(self) -> bool:
+        return self._callmethod("acquire")
+
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
+        return self._callmethod("release")
+
+
+class ConditionProxy(AcquirerProxy):
+    _exposed_ = ("acquire", "release", "locked", "wait", "notify", "notify_all")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._callmethod("wait", (timeout,))
+
+    def notify(self, n: int = 1) -> None:
+        return self._callmethod("notify", (n,))
+
+    def notify_all(self) -> None:
+        return self._callmethod("notify_all")
+
+    def wait_for(self, predicate: Any, timeout: float | None = None) -> Any:
+        result = predicate()
+        if result:
+            return result
+        endtime = None if timeout is None else time.monotonic() + timeout
+        waittime = None
+        while not result:
+            if endtime is not None:
+                waittime = endtime - time.monotonic()
+                if waittime <= 0:
+                    break
+            self.wait(waittime)
+            result = predicate()
+        return result
+
+
+class EventProxy(BaseProxy):
+    _exposed_ = ("is_set", "set", "clear", "wait")
+
+    def is_set(self) -> bool:
+        return self._callmethod("is_set")
+
+    def set(self) -> None:
+        return self._callmethod("set")
+
+    def clear(self) -> None:
+        return self._callmethod("clear")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._callmethod("wait", (timeout,))
+
+
+class BarrierProxy(BaseProxy):
+    _exposed_ = ("__getattribute__", "wait", "abort", "reset")
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self._callmethod("wait", (timeout,))
+
+    def abort(self) -> None:
+        return self._callmethod("abort")
+
+    def reset(self) -> None:
+        return self._callmethod("reset")
+
+    @property
+    def parties(self) -> int:
+        return self._callmethod("__getattribute__", ("parties",))
+
+    @property
+    def n_waiting(self) -> int:
+        return self._callmethod("__getattribute__", ("n_waiting",))
+
+    @property
+    def broken(self) -> bool:
+        return self._callmethod("__getattribute__", ("broken",))
+
+
+class NamespaceProxy(BaseProxy):
+    _exposed_ = ("__getattribute__", "__setattr__", "__delattr__")
+
+    def __getattr__(self, key: str) -> Any:
+        if key[0] == "_":
+            return object.__getattribute__(self, key)
+        callmethod = object.__getattribute__(self, "_callmethod")
+        return callmethod("__getattribute__", (key,))
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key[0] == "_":
+            return object.__setattr__(self, key, value)
+        callmethod = object.__getattribute__(self, "_callmethod")
+        return callmethod("__setattr__", (key, value))
+
+    def __delattr__(self, key: str) -> None:
+        if key[0] == "_":
+            return object.__delattr__(self, key)
+        callmethod = object.__getattribute__(self, "_callmethod")
+        return callmethod("__delattr__", (key,))
+
+
+class ValueProxy(BaseProxy):
+    _exposed_ = ("get", "set")
+
+    def get(self) -> Any:
+        return self._callmethod("get")
+
+    def set(self, value: Any) -> None:
+        return self._callmethod("set", (value,))
+
+    value = property(get, set)
+
+    __class_getitem__ = classmethod(types.GenericAlias)
+
+
+BaseListProxy = MakeProxyType("BaseListProxy", (
+    "__add__", "__contains__", "__delitem__", "__getitem__", "__len__",
+    "__mul__", "__reversed__", "__rmul__", "__setitem__",
+    "append", "clear", "copy", "count", "extend", "index", "insert", "pop",
+    "remove", "reverse", "sort", "__imul__",
+))
+
+
+class ListProxy(BaseListProxy):  # type: ignore[misc, valid-type]
+    def __iadd__(self, value: Any) -> ListProxy:
+        self._callmethod("extend", (value,))
+        return self
+
+    def __imul__(self, value: Any) -> ListProxy:
+        self._callmethod("__imul__", (value,))
+        return self
+
+    __class_getitem__ = classmethod(types.GenericAlias)
+
+
+_BaseDictProxy = MakeProxyType("DictProxy", (
+    "__contains__", "__delitem__", "__getitem__", "__ior__", "__iter__", "__len__",
+    "__or__", "__reversed__", "__ror__", "__setitem__", "clear", "copy", "fromkeys",
+    "get", "items", "keys", "pop", "popitem", "setdefault", "update", "values",
+))
+_BaseDictProxy._method_to_typeid_ = {"__iter__": "Iterator"}
+
+
+class DictProxy(_BaseDictProxy):  # type: ignore[misc, valid-type]
+    def __ior__(self, value: Any) -> DictProxy:
+        self._callmethod("__ior__", (value,))
+        return self
+
+    __class_getitem__ = classmethod(types.GenericAlias)
+
+
+BaseSetProxy = MakeProxyType("BaseSetProxy", (
+    "__and__", "__contains__", "__iand__", "__ior__", "__isub__", "__ixor__",
+    "__len__", "__or__", "__rand__", "__ror__", "__rsub__", "__rxor__", "__sub__",
+    "__xor__", "__ge__", "__gt__", "__le__", "__lt__", "add", "clear", "copy",
+    "difference", "difference_update", "discard", "intersection",
+    "intersection_update", "isdisjoint", "issubset", "issuperset", "pop", "remove",
+    "symmetric_difference", "symmetric_difference_update", "union", "update",
+))
+
+
+class SetProxy(BaseSetProxy):  # type: ignore[misc, valid-type]
+    def __ior__(self, value: Any) -> SetProxy:
+        self._callmethod("__ior__", (value,))
+        return self
+
+    def __iand__(self, value: Any) -> SetProxy:
+        self._callmethod("__iand__", (value,))
+        return self
+
+    def __ixor__(self, value: Any) -> SetProxy:
+        self._callmethod("__ixor__", (value,))
+        return self
+
+    def __isub__(self, value: Any) -> SetProxy:
+        self._callmethod("__isub__", (value,))
+        return self
+
+    __class_getitem__ = classmethod(types.GenericAlias)
+
+
+ArrayProxy = MakeProxyType("ArrayProxy", ("__len__", "__getitem__", "__setitem__"))
+
+BasePoolProxy = MakeProxyType("PoolProxy", (
+    "apply", "apply_async", "close", "imap", "imap_unordered", "join",
+    "map", "map_async", "starmap", "starmap_async", "terminate",
+))
+BasePoolProxy._method_to_typeid_ = {
+    "apply_async": "AsyncResult",
+    "map_async": "AsyncResult",
+    "starmap_async": "AsyncResult",
+    "imap": "Iterator",
+    "imap_unordered": "Iterator",
+}
+
+
+class PoolProxy(BasePoolProxy):  # type: ignore[misc, valid-type]
+    def __enter__(self) -> PoolProxy:
+        return self
+
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
+        self.terminate()

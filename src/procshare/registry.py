@@ -1,0 +1,199 @@
+"""Registry: the manager's shared objects, who holds references to them, and loans.
+
+Owns: the one place where references are counted.  Every reference belongs to
+a *holder*: a client (one per process, named by its client id), the server
+itself (for proxies rebuilt inside the manager), or a *loan* (a reference in
+transit inside a pickled proxy or a forked child, waiting to be adopted).
+
+Rules it keeps:
+- An object lives while its total count is above zero; counts per holder are
+  kept so that a holder that goes away (a dead client, an expired loan) can be
+  released in one step.
+- Adopting a loan moves its reference to the adopter atomically, so a proxy
+  handed to another process stays valid even if the sender drops its own proxy
+  at once.
+- Objects are dropped outside the mutex: dropping one may release nested
+  proxies, which come back here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Entry", "Registry", "SERVER_HOLDER", "NoSuchObject"]
+
+SERVER_HOLDER = "@server"
+LOAN_PREFIX = "loan:"
+
+
+class NoSuchObject(KeyError):
+    """The id names no live object in this manager."""
+
+
+@dataclass(eq=False)
+class Entry:
+    """One shared object and how it may be called."""
+    obj: Any
+    typeid: str
+    exposed: frozenset
+    method_to_typeid: dict | None
+    lock: threading.Lock | None          # held while a method runs (serial objects)
+    attributes: frozenset = frozenset()  # exposed names that are data, not methods
+    created: float = field(default_factory=time.time)
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.mutex = threading.RLock()
+        self.objects: dict[str, Entry] = {}
+        self.refcount: dict[str, int] = {}
+        self.holders: dict[str, dict[str, int]] = {}
+        self.loan_expiry: dict[str, float] = {}
+        self._ids = itertools.count(1)
+        self._prefix = secrets.token_hex(2)
+
+    # -- objects -------------------------------------------------------------
+    def add(self, entry: Entry, holder: str) -> str:
+        """Store a new object with one reference owned by `holder`; return its id."""
+        with self.mutex:
+            ident = f"{self._prefix}{next(self._ids):x}"
+            self.objects[ident] = entry
+            self.refcount[ident] = 0
+            self._incref(holder, ident)
+        return ident
+
+    def get(self, ident: str) -> Entry:
+        try:
+            return self.objects[ident]
+        except KeyError:
+            raise NoSuchObject(ident) from None
+
+    def __len__(self) -> int:
+        return len(self.refcount)
+
+    # -- counting ------------------------------------------------------------
+    def _incref(self, holder: str, ident: str, n: int = 1) -> None:
+        if ident not in self.refcount:
+            raise NoSuchObject(ident)
+        self.refcount[ident] += n
+        held = self.holders.setdefault(holder, {})
+        held[ident] = held.get(ident, 0) + n
+
+    def _decref(self, holder: str, ident: str, n: int, dropped: list) -> None:
+        held = self.holders.get(holder)
+        have = held.get(ident, 0) if held else 0
+        if have <= 0 or ident not in self.refcount:
+            return  # nothing held: a duplicate or late decref is harmless
+        n = min(n, have)
+        if have == n:
+            del held[ident]
+            if not held:
+                del self.holders[holder]
+        else:
+            held[ident] = have - n
+        left = self.refcount[ident] - n
+        if left > 0:
+            self.refcount[ident] = left
+        else:
+            del self.refcount[ident]
+            dropped.append(self.objects.pop(ident, None))
+
+    def incref(self, holder: str, ident: str) -> None:
+        with self.mutex:
+            self._incref(holder, ident)
+
+    def decref(self, holder: str, ident: str) -> None:
+        dropped: list = []
+        with self.mutex:
+            self._decref(holder, ident, 1, dropped)
+        del dropped  # drop the objects outside the mutex
+
+    def release_holder(self, holder: str) -> int:
+        """Drop every reference `holder` has; return how many objects died."""
+        dropped: list = []
+        with self.mutex:
+            for ident, n in list(self.holders.get(holder, {}).items()):
+                self._decref(holder, ident, n, dropped)
+            self.loan_expiry.pop(holder, None)
+        count = len(dropped)
+        del dropped
+        return count
+
+    def held_by(self, holder: str) -> dict[str, int]:
+        with self.mutex:
+            return dict(self.holders.get(holder, {}))
+
+    # -- loans ---------------------------------------------------------------
+    def loan(self, holder: str, ident: str, ttl: float) -> str:
+        """Take a reference to `ident` for a proxy in transit; return the loan id.
+        (`holder` is recorded only for introspection.)"""
+        loan = f"{LOAN_PREFIX}{secrets.token_hex(8)}"
+        with self.mutex:
+            self._incref(loan, ident)
+            self.loan_expiry[loan] = time.monotonic() + ttl
+        return loan
+
+    def fork_loan(self, holder: str, ttl: float) -> str | None:
+        """Copy every reference of `holder` into a loan for a forked child."""
+        with self.mutex:
+            held = self.holders.get(holder)
+            if not held:
+                return None
+            loan = f"{LOAN_PREFIX}{secrets.token_hex(8)}"
+            for ident, n in held.items():
+                self._incref(loan, ident, n)
+            self.loan_expiry[loan] = time.monotonic() + ttl
+        return loan
+
+    def adopt(self, holder: str, loan: str, ident: str | None = None) -> bool:
+        """Move a loan's references (or just its reference to `ident`) to `holder`.
+
+        Returns False if the loan is gone (adopted already, or expired); then,
+        when `ident` is given, a plain incref is attempted instead.
+        """
+        dropped: list = []
+        with self.mutex:
+            held = self.holders.get(loan)
+            if held is None or (ident is not None and ident not in held):
+                if ident is not None:
+                    self._incref(holder, ident)
+                return False
+            items = [(ident, 1)] if ident is not None else list(held.items())
+            for oid, n in items:
+                self._incref(holder, oid, n)
+                self._decref(loan, oid, n, dropped)
+            if loan not in self.holders:
+                self.loan_expiry.pop(loan, None)
+        return True
+
+    def expire_loans(self, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        with self.mutex:
+            expired = [loan for loan, t in self.loan_expiry.items() if t <= now]
+        return sum(self.release_holder(loan) for loan in expired)
+
+    # -- introspection ---------------------------------------------------------
+    def debug_info(self) -> str:
+        with self.mutex:
+            lines = []
+            for ident in sorted(self.refcount):
+                entry = self.objects.get(ident)
+                lines.append("  %s:       refcount=%s\n    %s" % (
+                    ident, self.refcount[ident], str(entry.obj if entry else None)[:75]))
+            return "\n".join(lines)
+
+    def snapshot(self) -> list[dict]:
+        """Every object with its type and its holders, for `manager.objects()`."""
+        with self.mutex:
+            out = []
+            for ident, count in self.refcount.items():
+                entry = self.objects[ident]
+                holders = {h: held[ident] for h, held in self.holders.items() if ident in held}
+                out.append({"id": ident, "typeid": entry.typeid, "refcount": count,
+                            "holders": holders, "serial": entry.lock is not None})
+            return out

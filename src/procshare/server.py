@@ -1,0 +1,513 @@
+"""Server: accepts connections and runs calls on the shared objects.
+
+Owns: the manager process's side of every connection: the hello, the
+dispatch of calls to objects and to the server's own control methods, the
+replies, and what happens when a client goes away.
+
+Rules it keeps:
+- One thread per connection; a call runs on the thread of the connection it
+  came on, so the common call costs one read and one write and no hand-off.
+- Calls on one object run one at a time when the object is *serial* (the
+  default for registered classes), and concurrently for thread-safe objects:
+  the built-in primitives, `queue`/`threading` objects, pools, and objects that
+  carry their own threading primitive.  `register(..., serial=...)` decides per
+  type.
+- The reply is serialized completely before anything is written, so a result
+  that cannot be serialized is reported and the connection stays usable.
+- When the last connection of a client closes, the client is gone: its
+  references are released (and its locks, see `locktable`).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from multiprocessing import pool as mp_pool
+from typing import Any
+
+from . import callctx, protocol, transport
+from .callctx import Caller, DeadlineExpired
+from .errors import AuthenticationError, NotExposedError
+from .registry import SERVER_HOLDER, Entry, NoSuchObject, Registry
+from .serializers import get_serializer
+
+__all__ = ["Server", "TypeSpec", "public_methods", "all_methods", "local_server"]
+
+log = logging.getLogger("procshare.server")
+
+#: how long a reference in transit (a pickled proxy, a forked child's
+#: inheritance) waits to be adopted before it is released
+LOAN_TTL = 600.0
+
+_THREAD_SAFE_TYPES: tuple = (
+    queue.Queue, queue.SimpleQueue, threading.Event, threading.Condition,
+    threading.Semaphore, threading.Barrier, type(threading.Lock()), type(threading.RLock()),
+    mp_pool.Pool, mp_pool.ApplyResult,
+)
+_PRIMITIVE_TYPES: tuple = _THREAD_SAFE_TYPES[2:8]
+
+_local_server: Server | None = None
+
+
+def local_server() -> Server | None:
+    """The server running in this process, if any."""
+    return _local_server
+
+
+def all_methods(obj: Any) -> list[str]:
+    """Names of the methods of `obj`."""
+    return [name for name in dir(obj) if callable(getattr(obj, name, None))]
+
+
+def public_methods(obj: Any) -> list[str]:
+    """Names of the methods of `obj` that do not start with '_'."""
+    return [name for name in all_methods(obj) if name[0] != "_"]
+
+
+class TypeSpec(tuple):
+    """A registry value: `(callable, exposed, method_to_typeid, proxytype)` like
+    the stdlib's, plus procshare's per-type options as attributes."""
+
+    serial: bool | None
+    serializer: str | None
+
+    def __new__(cls, items: tuple, serial: bool | None = None,
+                serializer: str | None = None) -> TypeSpec:
+        self = super().__new__(cls, items)
+        self.serial = serial
+        self.serializer = serializer
+        return self
+
+    def __reduce__(self) -> tuple:
+        return TypeSpec, (tuple(self), self.serial, self.serializer)
+
+
+def is_thread_safe(obj: Any) -> bool:
+    """The rule for `serial=None`: run calls concurrently if the object is a
+    thread-safe stdlib type, one of procshare's primitives, declares
+    `_procshare_concurrent_ = True`, or carries its own threading primitive."""
+    if getattr(obj, "_procshare_concurrent_", False) or isinstance(obj, _THREAD_SAFE_TYPES):
+        return True
+    attrs = getattr(obj, "__dict__", None)
+    if attrs:
+        for value in attrs.values():
+            if isinstance(value, _PRIMITIVE_TYPES):
+                return True
+    return False
+
+
+class ConnInfo:
+    """What the server knows about one connection."""
+
+    __slots__ = ("client", "pid", "caller", "channel", "opened", "role")
+
+    def __init__(self, hello: dict, channel: transport.Channel) -> None:
+        self.client = str(hello["client"])
+        self.pid = int(hello.get("pid", 0))
+        self.caller = Caller(self.client, self.pid, int(hello.get("thread", 0)),
+                             str(hello.get("thread_name", "?")))
+        self.channel = channel
+        self.opened = time.time()
+        self.role = hello.get("role", "call")
+
+
+class Server:
+    """The manager's server: holds the objects and serves the proxies."""
+
+    public = ["shutdown", "create", "accept_connection", "get_methods", "debug_info",
+              "number_of_objects", "dummy", "incref", "decref", "loan", "adopt",
+              "fork_loan", "list_objects", "clients", "server_info"]
+
+    def __init__(self, registry: dict, address: Any, authkey: bytes, serializer: Any = "pickle",
+                 *, loan_ttl: float = LOAN_TTL) -> None:
+        if not isinstance(authkey, bytes):
+            raise TypeError("Authkey {!r} is type {!s}, not bytes".format(authkey, type(authkey)))
+        self.registry = registry
+        self.authkey = bytes(authkey)
+        self.serializer = get_serializer(serializer)
+        self.listener = transport.Listener(address=address, backlog=128)
+        self.address = self.listener.address
+        self.objects = Registry()
+        self.mutex = self.objects.mutex
+        self.loan_ttl = loan_ttl
+        self.stop_event = threading.Event()
+        self.connections: dict[int, ConnInfo] = {}
+        self.conn_mutex = threading.Lock()
+        self.recent_log: collections.deque[str] = collections.deque(maxlen=50)
+
+    # -- running ---------------------------------------------------------------
+    def serve_forever(self) -> None:
+        """Run the server until `shutdown` is called."""
+        global _local_server
+        _local_server = self
+        try:
+            accepter = threading.Thread(target=self.accepter, name="procshare-accepter",
+                                        daemon=True)
+            accepter.start()
+            try:
+                while not self.stop_event.wait(1.0):
+                    self.objects.expire_loans()
+            except (KeyboardInterrupt, SystemExit):
+                pass
+        finally:
+            self.listener.close()
+            if sys.stdout != sys.__stdout__:
+                sys.stdout = sys.__stdout__
+                sys.stderr = sys.__stderr__
+            sys.exit(0)
+
+    def accepter(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                ch = self.listener.accept()
+            except OSError:
+                if self.stop_event.is_set() or self.listener.fileno() == -1:
+                    return
+                continue
+            threading.Thread(target=self.handle_connection, args=(ch,), daemon=True,
+                             name="procshare-conn").start()
+
+    def note(self, message: str) -> None:
+        """Keep a line for the crash report and the log."""
+        self.recent_log.append(f"{time.strftime('%H:%M:%S')} {message}")
+        log.info(message)
+
+    def handle_connection(self, ch: transport.Channel) -> None:
+        info = None
+        try:
+            transport.server_handshake(ch, self.authkey)
+            kind, rid, _b, body, bufs = ch.recv_frame(time.monotonic() + 20)
+            if kind != protocol.HELLO:
+                raise protocol.FrameError(f"expected a hello frame, got kind {kind}")
+            hello = self.serializer.loads(body, bufs)
+            theirs = hello.get("serializer")
+            if theirs != self.serializer.name:
+                self._reply(ch, rid, protocol.TRACEBACK,
+                            f"serializer mismatch: the manager at {self.address!r} uses "
+                            f"{self.serializer.name!r} but this client uses {theirs!r}. Create "
+                            "the manager and connect to it with the same serializer= argument.\n")
+                return
+            info = ConnInfo(hello, ch)
+            with self.conn_mutex:
+                self.connections[id(ch)] = info
+            if hello.get("adopt"):
+                self.objects.adopt(info.client, hello["adopt"])
+            self._reply(ch, rid, protocol.RETURN, {"pid": os.getpid(), "address": self.address})
+            self.serve_client(ch, info)
+        except (EOFError, ConnectionError, TimeoutError):
+            pass
+        except AuthenticationError as e:
+            self.note(f"refused a connection from {ch.peer!r}: {e}")
+        except protocol.FrameError as e:
+            self.note(f"closed a connection that sent a bad frame: {e}")
+        except OSError as e:
+            if not self.stop_event.is_set():
+                self.note(f"connection error: {e!r}")
+        finally:
+            ch.close()
+            if info is not None:
+                self._connection_closed(info)
+
+    def _connection_closed(self, info: ConnInfo) -> None:
+        with self.conn_mutex:
+            self.connections.pop(id(info.channel), None)
+            alive = any(c.client == info.client for c in self.connections.values())
+        if not alive and not self.stop_event.is_set():
+            self.client_gone(info.client, info.pid)
+
+    def client_gone(self, client: str, pid: int) -> None:
+        """Every connection of `client` has closed: release what it held."""
+        freed = self.objects.release_holder(client)
+        if freed:
+            self.note(f"client pid {pid} went away; released {freed} object(s) it held")
+
+    # -- the call loop -----------------------------------------------------------
+    def serve_client(self, ch: transport.Channel, info: ConnInfo) -> None:
+        recv = ch.recv_frame
+        send = ch.send
+        send_bytes = ch.send_bytes
+        pack = protocol.HEADER.pack
+        nan = protocol.NO_DEADLINE
+        none_body = self.serializer.dumps(None)[0]
+
+        def none_reply(rid: int) -> bytes:
+            return pack(len(none_body), RETURN, 0, 0, rid, nan) + none_body
+        loads = self.serializer.loads
+        dumps = self.serializer.dumps
+        encode = protocol.encode_frame
+        objects = self.objects.objects
+        st = callctx.server_state
+        st.caller = info.caller
+        st.deadline = None
+        monotonic = time.monotonic
+        RETURN, CALL = protocol.RETURN, protocol.CALL
+        stop = self.stop_event
+        while not stop.is_set():
+            kind, rid, budget, body, bufs = recv()
+            if kind != CALL:
+                raise protocol.FrameError(f"unexpected frame kind {kind} from a client")
+            st.deadline = None if budget != budget else monotonic() + budget
+            try:
+                oid, meth, args, kwds = loads(body, bufs)
+            except Exception as e:
+                reply = self._request_undecodable(e)
+            else:
+                entry = objects.get(oid) if oid is not None else None
+                if entry is not None and meth in entry.exposed:
+                    # the hot path: a call on an exposed method
+                    fn = None
+                    try:
+                        fn = getattr(entry.obj, meth)
+                        lock = entry.lock
+                        if lock is None:
+                            result = fn(*args, **kwds)
+                        else:
+                            self._enter(lock, st.deadline, oid, meth)
+                            try:
+                                result = fn(*args, **kwds)
+                            finally:
+                                lock.release()
+                    except DeadlineExpired as e:
+                        reply = (protocol.TIMEOUT, str(e))
+                    except TypeError as e:
+                        if not callable(fn) and meth in entry.attributes and not args and not kwds:
+                            reply = (RETURN, fn)
+                        else:
+                            reply = (protocol.ERROR, _with_traceback(e))
+                    except Exception as e:
+                        reply = (protocol.ERROR, _with_traceback(e))
+                    else:
+                        m2t = entry.method_to_typeid
+                        typeid = m2t.get(meth) if m2t else None
+                        if typeid:
+                            reply = self._proxy_reply(info, typeid, result)
+                        else:
+                            if not rid:
+                                continue
+                            try:
+                                if result is None:
+                                    send_bytes(none_reply(rid))
+                                    continue
+                                body, bufs = dumps(result)
+                                if bufs:
+                                    send(encode(RETURN, rid, body, bufs))
+                                else:
+                                    send_bytes(pack(len(body), RETURN, 0, 0, rid, nan) + body)
+                                continue
+                            except OSError:
+                                raise
+                            except Exception as e:
+                                reply = self._unserializable(e, oid, meth, result)
+                elif oid is None:
+                    if meth == "shutdown":
+                        reply = self._control(info, meth, args, kwds)
+                        self._reply(ch, rid, *reply)
+                        self.stop_event.set()
+                        return
+                    reply = self._control(info, meth, args, kwds)
+                else:
+                    reply = self._slow_call(info, oid, meth, args, kwds)
+            if rid:
+                self._reply(ch, rid, *reply)
+
+    def _enter(self, lock: threading.Lock, deadline: float | None, oid: str, meth: str) -> None:
+        if deadline is None:
+            lock.acquire()
+        elif not lock.acquire(True, max(deadline - time.monotonic(), 0.0)):
+            raise DeadlineExpired(
+                f"object {oid} was still busy with another call at the deadline "
+                "(calls on it run one at a time)")
+
+    def _reply(self, ch: transport.Channel, rid: int, kind: int, payload: Any) -> None:
+        try:
+            body, bufs = self.serializer.dumps(payload)
+        except Exception as e:
+            if kind == protocol.ERROR:
+                kind, payload = protocol.TRACEBACK, "".join(
+                    traceback.format_exception(type(payload), payload, payload.__traceback__))
+            else:
+                kind, payload = self._unserializable(e, None, None, payload)
+            body, bufs = self.serializer.dumps(payload)
+        ch.send(protocol.encode_frame(kind, rid, body, bufs))
+
+    def _unserializable(self, e: Exception, oid: Any, meth: Any, value: Any) -> tuple:
+        where = f"the result of {meth!r} on object {oid}" if meth else "a reply"
+        return (protocol.UNSERIALIZABLE,
+                f"{where} ({type(value).__name__}) could not be serialized with "
+                f"{self.serializer.name!r}: {type(e).__name__}: {e}")
+
+    def _request_undecodable(self, e: Exception) -> tuple:
+        return (protocol.TRACEBACK,
+                f"the manager could not deserialize a request with {self.serializer.name!r}: "
+                f"{type(e).__name__}: {e}. Objects sent to the manager must be importable "
+                "in the manager process (define classes and functions at module level).\n")
+
+    def _slow_call(self, info: ConnInfo, oid: Any, meth: str, args: tuple, kwds: dict) -> tuple:
+        """Calls that are not an exposed method: fallbacks and errors."""
+        entry = self.objects.objects.get(oid)
+        if entry is None:
+            return (protocol.TRACEBACK,
+                    f"KeyError: {oid!r}: the manager at {self.address!r} has no object with "
+                    "this id; it was released because no process held a reference to it any "
+                    "more, or the manager restarted.\n")
+        obj = entry.obj
+        try:
+            if meth == "#GETVALUE":
+                return (protocol.RETURN, obj)
+            if meth == "__str__":
+                return (protocol.RETURN, str(obj))
+            if meth == "__repr__":
+                return (protocol.RETURN, repr(obj))
+        except Exception as e:
+            return (protocol.ERROR, _with_traceback(e))
+        exposed = ", ".join(sorted(entry.exposed)) or "(none)"
+        return (protocol.ERROR, NotExposedError(
+            f"method {meth!r} of {type(obj).__name__} object (typeid {entry.typeid!r}, "
+            f"id {oid}) is not exposed; the exposed ones are: {exposed}. Add it to "
+            f"exposed= when registering {entry.typeid!r}, or call one of those.",
+            typeid=entry.typeid, method=meth, exposed=tuple(sorted(entry.exposed))))
+
+    def _control(self, info: ConnInfo, meth: str, args: tuple, kwds: dict) -> tuple:
+        if meth not in self.public:
+            return (protocol.TRACEBACK, f"{meth!r} is not a manager operation; the known "
+                                        f"ones are {sorted(self.public)}\n")
+        try:
+            return (protocol.RETURN, getattr(self, meth)(info, *args, **kwds))
+        except NoSuchObject as e:
+            return (protocol.TRACEBACK,
+                    f"KeyError: {e.args[0]!r}: the manager has no object with this id "
+                    "(it was released, or the manager restarted).\n")
+        except Exception as e:
+            return (protocol.ERROR, _with_traceback(e))
+
+    def _proxy_reply(self, info: ConnInfo, typeid: str, value: Any) -> tuple:
+        try:
+            ident, exposed, attrs = self._new_object(info.client, typeid, (value,), {})
+        except Exception as e:
+            return (protocol.ERROR, _with_traceback(e))
+        token = protocol.Token(typeid, self.address, ident)
+        spec = self.registry.get(typeid)
+        proxytype = spec[3] if spec is not None else None
+        return (protocol.PROXY, (proxytype, exposed, token, attrs))
+
+    # -- objects -----------------------------------------------------------------
+    def _new_object(self, holder: str, typeid: str, args: tuple, kwds: dict) -> tuple:
+        try:
+            spec = self.registry[typeid]
+        except KeyError:
+            raise KeyError(f"typeid {typeid!r} is not registered with this manager; "
+                           f"registered: {sorted(self.registry)}") from None
+        callable_, exposed, method_to_typeid, _proxytype = spec[:4]
+        if callable_ is None:
+            if kwds or len(args) != 1:
+                raise ValueError("Without callable, must have one non-keyword argument")
+            obj = args[0]
+        else:
+            obj = callable_(*args, **kwds)
+        if exposed is None:
+            exposed = public_methods(obj)
+        if method_to_typeid is not None:
+            if not isinstance(method_to_typeid, dict):
+                raise TypeError("Method_to_typeid {!r}: type {!s}, not dict".format(
+                    method_to_typeid, type(method_to_typeid)))
+            exposed = list(exposed) + list(method_to_typeid)
+        exposed = tuple(exposed)
+        attrs = tuple(n for n in exposed
+                      if hasattr(obj, n) and not callable(getattr(obj, n, None)))
+        serial = getattr(spec, "serial", None)
+        if serial is None:
+            serial = not is_thread_safe(obj)
+        entry = Entry(obj, typeid, frozenset(exposed), method_to_typeid,
+                      threading.Lock() if serial else None, frozenset(attrs))
+        ident = self.objects.add(entry, holder)
+        return ident, exposed, attrs
+
+    # -- control operations (called as `dispatch(conn, None, name, args)`) -------
+    def create(self, c: ConnInfo, typeid: str, /, *args: Any, **kwds: Any) -> tuple:
+        """Create a new shared object; return `(id, exposed, attributes)`."""
+        return self._new_object(c.client, typeid, args, kwds)
+
+    def get_methods(self, c: ConnInfo, token: protocol.Token) -> tuple:
+        return tuple(self.objects.get(token.id).exposed)
+
+    def accept_connection(self, c: ConnInfo, name: str) -> None:
+        return None
+
+    def dummy(self, c: ConnInfo) -> None:
+        return None
+
+    def debug_info(self, c: ConnInfo) -> str:
+        return self.objects.debug_info()
+
+    def number_of_objects(self, c: ConnInfo) -> int:
+        return len(self.objects)
+
+    def incref(self, c: ConnInfo, ident: str) -> None:
+        self.objects.incref(c.client, ident)
+
+    def decref(self, c: ConnInfo, ident: str) -> None:
+        self.objects.decref(c.client, ident)
+
+    def loan(self, c: ConnInfo, ident: str) -> str:
+        return self.objects.loan(c.client, ident, self.loan_ttl)
+
+    def adopt(self, c: ConnInfo, loan: str, ident: str) -> bool:
+        return self.objects.adopt(c.client, loan, ident)
+
+    def fork_loan(self, c: ConnInfo) -> str | None:
+        return self.objects.fork_loan(c.client, self.loan_ttl)
+
+    def list_objects(self, c: ConnInfo) -> list[dict]:
+        return self.objects.snapshot()
+
+    def clients(self, c: ConnInfo) -> list[dict]:
+        with self.conn_mutex:
+            conns = list(self.connections.values())
+        out: dict[str, dict] = {}
+        for ci in conns:
+            d = out.setdefault(ci.client, {"client": ci.client, "pid": ci.pid,
+                                           "connections": 0, "threads": []})
+            d["connections"] += 1
+            d["threads"].append(ci.caller.thread_name)
+        return list(out.values())
+
+    def server_info(self, c: ConnInfo) -> dict:
+        return {"pid": os.getpid(), "address": self.address,
+                "serializer": self.serializer.name, "log": list(self.recent_log)}
+
+    def shutdown(self, c: ConnInfo) -> None:
+        """Release resources before the server stops (subclasses extend this)."""
+
+    # -- local (in-process) reference operations for proxies inside the server --
+    def local_incref(self, ident: str) -> None:
+        self.objects.incref(SERVER_HOLDER, ident)
+
+    def local_decref(self, ident: str) -> None:
+        self.objects.decref(SERVER_HOLDER, ident)
+
+    def local_loan(self, ident: str) -> str:
+        return self.objects.loan(SERVER_HOLDER, ident, self.loan_ttl)
+
+    def local_adopt(self, loan: str, ident: str) -> bool:
+        return self.objects.adopt(SERVER_HOLDER, loan, ident)
+
+
+def _with_traceback(e: BaseException) -> BaseException:
+    """Attach the formatted server-side traceback to `e` (it pickles with it)."""
+    tb = e.__traceback__
+    if tb is not None:
+        tb = tb.tb_next  # drop the dispatcher's own frame
+    text = "".join(traceback.format_exception(type(e), e, tb))
+    try:
+        e._procshare_remote_tb = f'\n"""\nIn the manager process (pid {os.getpid()}):\n{text}"""'
+    except Exception:
+        pass
+    e.__traceback__ = None
+    e.__context__ = None
+    return e

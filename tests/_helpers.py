@@ -1,0 +1,37 @@
+"""Assertion helpers shared by the test modules (parent process only)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+
+def is_stdlib(impl) -> bool:
+    return impl.__name__ == "multiprocessing.managers"
+
+
+def poll(predicate, timeout: float = 3.0, interval: float = 0.02) -> bool:
+    """Bounded wait for ``predicate()`` to become true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def assert_not_exposed(impl, proxy, name):
+    """Calling a method outside ``exposed`` fails.  The stdlib raises a
+    RemoteError whose text holds "AttributeError: method ... is not in
+    exposed" (its fallback lookup masks the AttributeError); procshare must
+    raise an AttributeError (it may also subclass RemoteError)."""
+    if is_stdlib(impl):
+        with pytest.raises(impl.RemoteError) as info:
+            proxy._callmethod(name)
+        assert f"AttributeError: method {name!r} of" in str(info.value)
+        assert "is not in exposed" in str(info.value)
+    else:
+        with pytest.raises(AttributeError) as info:
+            proxy._callmethod(name)
+        assert name in str(info.value)

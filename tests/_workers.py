@@ -1,0 +1,581 @@
+"""Everything a child process runs, at module level so spawn can pickle it.
+
+This module is imported by name (``import _workers``) in the pytest process,
+in spawned children and in the manager server processes, so it must import
+cleanly everywhere and must not import procshare at import time: the stdlib
+cases have to work even while procshare is missing.
+
+Contents:
+* a small child-process harness (``start_child`` / ``run_child``) that runs a
+  function here in a real child process and returns its result, or raises
+  ``ChildFailed`` naming the exception the child saw;
+* referent classes registered on custom managers (Counter, Sleeper, ...);
+* manager/proxy classes built lazily per implementation: the attribute
+  ``_workers.stdlib__CounterManager`` is a ``multiprocessing.managers``
+  BaseManager subclass, ``_workers.procshare__CounterManager`` the procshare
+  one.  They are created on first access (PEP 562 module ``__getattr__``), so
+  pickle finds them by name in every process;
+* the functions the tests run in child processes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+
+GATE_TIMEOUT = 15.0
+
+# ---------------------------------------------------------------------------
+# Child-process harness
+# ---------------------------------------------------------------------------
+
+
+class ChildFailed(Exception):
+    """The function run in a child process raised, or the child died."""
+
+    def __init__(self, exc_type: str, message: str, tb: str = "", exitcode=None):
+        super().__init__(f"{exc_type}: {message}\n{tb}")
+        self.exc_type = exc_type  # e.g. 'AttributeError' or 'queue.Empty'
+        self.message = message
+        self.tb = tb
+        self.exitcode = exitcode
+
+
+def _exc_name(exc: BaseException) -> str:
+    cls = type(exc)
+    if cls.__module__ in ("builtins", "__main__"):
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _child_main(conn, func, args, kwargs, gated):
+    try:
+        if gated:
+            conn.send(("ready",))
+            if not conn.poll(GATE_TIMEOUT):
+                raise TimeoutError("gate was never opened by the parent")
+            conn.recv()
+        result = func(*args, **kwargs)
+        msg = ("ok", result)
+    except BaseException as exc:  # report everything to the parent
+        msg = ("err", _exc_name(exc), str(exc), traceback.format_exc())
+    try:
+        conn.send(msg)
+    except Exception as exc:  # result not picklable
+        conn.send(("err", _exc_name(exc), f"cannot send result: {exc}", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+class ChildHandle:
+    def __init__(self, ctx, func, args, kwargs, gate):
+        self._conn, child_conn = ctx.Pipe()
+        self.process = ctx.Process(
+            target=_child_main, args=(child_conn, func, args, kwargs, gate), daemon=True
+        )
+        self.process.start()
+        child_conn.close()
+        self._done = False
+        self._value = None
+
+    def wait_ready(self, timeout: float = 15.0):
+        """Wait until a child started with ``gate=True`` sits at its gate."""
+        if not self._conn.poll(timeout):
+            self.kill()
+            raise TimeoutError(f"child {self.process.pid} not ready within {timeout}s")
+        msg = self._conn.recv()
+        if msg != ("ready",):
+            self.kill()
+            raise RuntimeError(f"unexpected message from gated child: {msg!r}")
+
+    def go(self):
+        """Open the gate of a child started with ``gate=True``."""
+        self._conn.send("go")
+
+    def result(self, timeout: float = 15.0):
+        """Return the function's result; raise ChildFailed if it raised.
+        Bounded: a child silent for ``timeout`` seconds is killed."""
+        if self._done:
+            return self._value
+        try:
+            if not self._conn.poll(timeout):
+                self.process.kill()
+                self.process.join(2)
+                raise TimeoutError(f"child {self.process.pid} gave no result within {timeout}s")
+            try:
+                msg = self._conn.recv()
+            except EOFError:
+                self.process.join(2)
+                raise ChildFailed(
+                    "EOFError", "child died without a result", exitcode=self.process.exitcode
+                ) from None
+        finally:
+            self._conn.close()
+        self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(2)
+        self._done = True
+        if msg[0] == "ok":
+            self._value = msg[1]
+            return self._value
+        _, exc_type, message, tb = msg
+        raise ChildFailed(exc_type, message, tb, self.process.exitcode)
+
+    def kill(self):
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(2)
+
+
+def start_child(ctx, func, *args, gate=False, **kwargs) -> ChildHandle:
+    """Run ``func(*args, **kwargs)`` in a child process of context ``ctx``.
+    With ``gate=True`` the child waits for ``handle.go()`` before calling."""
+    return ChildHandle(ctx, func, args, kwargs, gate)
+
+
+def run_child(ctx, func, *args, timeout=15.0, **kwargs):
+    """Run ``func`` in a child process and return its result."""
+    return start_child(ctx, func, *args, **kwargs).result(timeout)
+
+
+def subprocess_env(**extra: str) -> dict:
+    """Environment for ``subprocess.run([sys.executable, ...])`` children that
+    must import ``procshare`` and ``_workers`` as this process does."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env.update(extra)
+    return env
+
+
+# ---------------------------------------------------------------------------
+# Referent classes and callables registered on custom managers
+# ---------------------------------------------------------------------------
+
+
+class Counter:
+    """The seed document's example."""
+
+    def __init__(self):
+        self.count = 0
+
+    def increment(self):
+        self.count += 1
+
+    def get_count(self):
+        return self.count
+
+
+class SlowCounter:
+    """Read-modify-write with a pause in between: concurrent calls on one
+    object lose updates almost surely, serial calls never do."""
+
+    def __init__(self):
+        self.count = 0
+
+    def increment(self):
+        current = self.count
+        time.sleep(0.001)
+        self.count = current + 1
+
+    def get_count(self):
+        return self.count
+
+
+class Sleeper:
+    def nap(self, seconds):
+        """Sleep in the server; return (start, end) on the server's clock."""
+        start = time.monotonic()
+        time.sleep(seconds)
+        return (start, time.monotonic())
+
+
+class CustomError(Exception):
+    pass
+
+
+class Thrower:
+    def boom(self, msg):
+        raise CustomError(msg)
+
+    def ok(self):
+        return "fine"
+
+    def secret(self):
+        return "should not be reachable"
+
+
+class Child:
+    def __init__(self, n):
+        self.n = n
+
+    def value(self):
+        return self.n
+
+    def bump(self):
+        self.n += 1
+        return self.n
+
+
+class Parent:
+    """``make_child`` is mapped to the typeid 'Child' by method_to_typeid."""
+
+    def __init__(self):
+        self._children = []
+
+    def make_child(self, n):
+        c = Child(n)
+        self._children.append(c)
+        return c
+
+    def plain(self):
+        return "plain"
+
+
+class WithAttr:
+    """A referent with a non-callable attribute exposed (cpython#118231)."""
+
+    def __init__(self):
+        self.attr = 42
+
+    def method(self):
+        return "method"
+
+
+class Info:
+    """Facts about the server process."""
+
+    def pid(self):
+        return os.getpid()
+
+    def env(self, name):
+        return os.environ.get(name)
+
+    def init_value(self):
+        return INIT_VALUE
+
+
+INIT_VALUE = None
+
+
+def init_server(value):
+    """Manager initializer: runs in the server process."""
+    global INIT_VALUE
+    INIT_VALUE = value
+    os.environ["PROCSHARE_TEST_INIT"] = value
+
+
+SHARED_QUEUE = queue.Queue()
+
+
+def get_queue():
+    """The stdlib docs' remote-manager example returns one module-level queue."""
+    return SHARED_QUEUE
+
+
+class Obj:
+    def a(self):
+        return "a"
+
+    def b(self, x):
+        return ("b", x)
+
+    def hidden(self):
+        return "hidden"
+
+
+# ---------------------------------------------------------------------------
+# Manager and proxy classes, built lazily per implementation
+# ---------------------------------------------------------------------------
+
+IMPL_MODULES = {"stdlib": "multiprocessing.managers", "procshare": "procshare.managers"}
+_BUILDERS = {}
+
+
+def impl_name(managers) -> str:
+    for name, modname in IMPL_MODULES.items():
+        if managers.__name__ == modname:
+            return name
+    raise ValueError(f"unknown managers module {managers.__name__!r}")
+
+
+def _builder(func):
+    _BUILDERS[func.__name__] = func
+    return func
+
+
+def get_class(managers, kind: str):
+    """``get_class(impl, 'CounterManager')`` -> that impl's class."""
+    return getattr(sys.modules[__name__], f"{impl_name(managers)}__{kind}")
+
+
+def __getattr__(name):  # PEP 562: build 'stdlib__X' / 'procshare__X' on demand
+    impl, sep, kind = name.partition("__")
+    if not sep or impl not in IMPL_MODULES or kind not in _BUILDERS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    managers = importlib.import_module(IMPL_MODULES[impl])
+    cls = _BUILDERS[kind](managers)
+    cls.__name__ = cls.__qualname__ = name
+    cls.__module__ = __name__
+    globals()[name] = cls
+    return cls
+
+
+@_builder
+def CounterManager(m):
+    class CounterManager(m.BaseManager):
+        pass
+
+    CounterManager.register("Counter", Counter)
+    CounterManager.register("SlowCounter", SlowCounter)
+    CounterManager.register("Sleeper", Sleeper)
+    return CounterManager
+
+
+@_builder
+def ParallelSleeperManager(m):
+    # procshare only.  `serial=False` is procshare's per-type opt-out of the
+    # "one call at a time per object" default for registered classes.
+    class ParallelSleeperManager(m.BaseManager):
+        pass
+
+    ParallelSleeperManager.register("Sleeper", Sleeper, serial=False)
+    return ParallelSleeperManager
+
+
+@_builder
+def QueueManager(m):
+    class QueueManager(m.BaseManager):
+        pass
+
+    QueueManager.register("get_queue", callable=get_queue)
+    return QueueManager
+
+
+@_builder
+def ParentManager(m):
+    class ParentManager(m.BaseManager):
+        pass
+
+    ParentManager.register("Parent", Parent, method_to_typeid={"make_child": "Child"})
+    # The result of make_child is wrapped by typeid 'Child'; no callable and
+    # no manager method of its own.
+    ParentManager.register("Child", create_method=False)
+    return ParentManager
+
+
+@_builder
+def ObjProxy(m):
+    class ObjProxy(m.BaseProxy):
+        _exposed_ = ("a", "b")
+
+        def a(self):
+            return self._callmethod("a")
+
+        def b(self, x):
+            return self._callmethod("b", (x,))
+
+    return ObjProxy
+
+
+@_builder
+def ApiManager(m):
+    class ApiManager(m.BaseManager):
+        pass
+
+    ApiManager.register("Obj", Obj, exposed=("a", "b"))
+    ApiManager.register("ObjP", Obj, proxytype=get_class(m, "ObjProxy"))
+    ApiManager.register("Hidden", Obj, create_method=False)
+    ApiManager.register("Thrower", Thrower, exposed=("boom", "ok"))
+    ApiManager.register("Info", Info)
+    ApiManager.register("WithAttr", WithAttr, exposed=("attr", "method"))
+    return ApiManager
+
+
+# ---------------------------------------------------------------------------
+# Functions run in child processes
+# ---------------------------------------------------------------------------
+
+
+def increment_counter(counter, n):
+    for _ in range(n):
+        counter.increment()
+
+
+def nap(sleeper, seconds):
+    return sleeper.nap(seconds)
+
+
+def queue_get_timed(q, timeout):
+    """Return (item, seconds the get took)."""
+    t0 = time.monotonic()
+    item = q.get(timeout=timeout)
+    return item, time.monotonic() - t0
+
+
+def queue_put(q, item):
+    q.put(item)
+
+
+def joinable_consume(q, n):
+    items = []
+    for _ in range(n):
+        items.append(q.get(timeout=10))
+        q.task_done()
+    return items
+
+
+def remote_queue_server(impl, port, authkey):
+    """The stdlib docs' remote manager: serve forever over TCP."""
+    cls = getattr(sys.modules[__name__], f"{impl}__QueueManager")
+    m = cls(address=("127.0.0.1", port), authkey=authkey)
+    server = m.get_server()
+    server.serve_forever()
+
+
+def remote_queue_client_get(impl, address, authkey, timeout):
+    cls = getattr(sys.modules[__name__], f"{impl}__QueueManager")
+    m = cls(address=address, authkey=authkey)
+    m.connect()
+    q = m.get_queue()
+    t0 = time.monotonic()
+    item = q.get(timeout=timeout)
+    return item, time.monotonic() - t0
+
+
+def event_wait(ev, timeout):
+    return ev.wait(timeout)
+
+
+def event_set(ev):
+    ev.set()
+
+
+def lock_try(lock, timeout):
+    """acquire(blocking=False) and acquire(timeout=...) on a lock held elsewhere."""
+    nb = lock.acquire(blocking=False)
+    if nb:
+        lock.release()
+    t0 = time.monotonic()
+    timed = lock.acquire(timeout=timeout)
+    elapsed = time.monotonic() - t0
+    if timed:
+        lock.release()
+    return nb, timed, elapsed
+
+
+def lock_release(lock):
+    lock.release()
+    return True
+
+
+def rlock_release_foreign(lock):
+    try:
+        lock.release()
+    except RuntimeError as exc:
+        return ("RuntimeError", str(exc))
+    return ("released", "")
+
+
+def condition_wait(cond, ready, timeout):
+    with cond:
+        ready.set()
+        return cond.wait(timeout)
+
+
+def condition_wait_for(cond, flag, timeout):
+    with cond:
+        return cond.wait_for(lambda: flag.value == 1, timeout)
+
+
+def barrier_wait(barrier, timeout):
+    return barrier.wait(timeout)
+
+
+def barrier_wait_broken(barrier, timeout):
+    try:
+        barrier.wait(timeout)
+    except threading.BrokenBarrierError:
+        return "BrokenBarrierError"
+    return "passed"
+
+
+def square(x):
+    return x * x
+
+
+def add(x, y):
+    return x + y
+
+
+def use_nested(d, outer):
+    """A Queue proxy stored in a managed dict, a managed list in a managed list."""
+    d["q"].put("from-child")
+    outer[0].append("child")
+    return (d["q"].qsize(), outer[0][:], len(outer))
+
+
+def dict_iter(d):
+    return sorted(d)
+
+
+def make_child_in_child(parent, n):
+    c = parent.make_child(n)
+    return (c.value(), c.bump())
+
+
+def pool_async_square(pool, x):
+    return pool.apply_async(square, (x,)).get(timeout=10)
+
+
+def list_snapshot(lst):
+    return lst[:]
+
+
+def get_list_from_queue(q, timeout):
+    lst = q.get(timeout=timeout)
+    lst.append(99)
+    return lst[:]
+
+
+def recv_list_proxy(conn, timeout):
+    if not conn.poll(timeout):
+        raise TimeoutError("no proxy received")
+    lst = conn.recv()
+    lst.append(99)
+    return lst[:]
+
+
+def use_proxies(lst, d, ns, q):
+    lst.append("child")
+    d["child"] = os.getpid()
+    ns.x = ns.x + 1
+    q.put("child")
+    return (lst[:], sorted(d.keys()), ns.x)
+
+
+def attr_read(proxy):
+    v = proxy._callmethod("attr")
+    return v
+
+
+def thread_release(lock):
+    """Release ``lock`` from another thread of this process; report the result."""
+    out = []
+
+    def run():
+        try:
+            lock.release()
+            out.append(("released", ""))
+        except RuntimeError as exc:
+            out.append(("RuntimeError", str(exc)))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(10)
+    return out[0] if out else ("hung", "")

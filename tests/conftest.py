@@ -1,0 +1,257 @@
+"""Shared fixtures for the procshare test suite.
+
+Parity tests run one scenario against the stdlib (``multiprocessing.managers``)
+and against ``procshare.managers``, under real ``fork`` and ``spawn`` processes:
+
+* ``impl``    -- the managers module under test, ids ``stdlib`` / ``procshare``;
+                 procshare is imported lazily, so a missing or broken
+                 implementation fails only the procshare cases.
+* ``ctx``     -- ``multiprocessing.get_context('fork' | 'spawn')``.
+* ``manager`` -- a started ``impl.SyncManager(ctx=ctx)``, shut down afterwards.
+
+Every test is also checked for leaks by an autouse fixture: no child process,
+no new ``/dev/shm`` entry and no unix socket file may outlive the test.
+
+Rules for test authors: every function a child process runs lives in
+``tests/_workers.py`` (importable under spawn: pytest's default "prepend"
+import mode puts tests/ on sys.path and spawn children inherit sys.path);
+every wait is bounded (``join(timeout=...)``, ``get(timeout=...)``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.util
+import os
+import shutil
+import signal
+import stat
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+SRC_DIR = TESTS_DIR.parent / "src"
+
+# Test the working tree: make ``import procshare`` find src/ even when the
+# package is not installed.  Spawned children inherit sys.path; plain
+# subprocesses get it through PYTHONPATH (see ``_workers.subprocess_env``).
+if SRC_DIR.is_dir() and str(SRC_DIR) not in sys.path:
+    sys.path.insert(0, str(SRC_DIR))
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+# A private temp dir for the whole run.  Unix sockets, pymp-* directories and
+# pytest's own tmp_path all land here, so the leak check below sees only what
+# this run created (other test runs on the same machine cannot disturb it),
+# and everything is removed at exit.  Children inherit TMPDIR.
+_REAL_TMP = tempfile.gettempdir()
+PRIVATE_TMP = tempfile.mkdtemp(prefix="pst-", dir=_REAL_TMP)
+os.environ["TMPDIR"] = PRIVATE_TMP
+tempfile.tempdir = None  # recompute from TMPDIR
+assert tempfile.gettempdir() == PRIVATE_TMP
+# Create this process's multiprocessing scratch dir (pymp-*) now, so that it
+# exists before the first test and is not mistaken for a leak.
+multiprocessing.util.get_temp_dir()
+# Remove the private dir after multiprocessing removed its pymp-* dir
+# (exitpriority -100), i.e. as the very last exit finalizer.
+multiprocessing.util.Finalize(
+    None, shutil.rmtree, args=(PRIVATE_TMP,), kwargs={"ignore_errors": True}, exitpriority=-200
+)
+
+IMPL_IDS = ("stdlib", "procshare")
+START_METHODS = ("fork", "spawn")
+LEAK_WAIT = 3.0  # seconds: bounded wait for children / files to go away
+
+
+def load_impl(name: str):
+    """Return the managers module for ``name`` ('stdlib' or 'procshare')."""
+    if name == "stdlib":
+        import multiprocessing.managers as managers
+    else:
+        import procshare.managers as managers  # lazy: only procshare cases fail
+    return managers
+
+
+@pytest.fixture(params=IMPL_IDS)
+def impl(request):
+    return load_impl(request.param)
+
+
+@pytest.fixture(params=START_METHODS)
+def ctx(request):
+    return multiprocessing.get_context(request.param)
+
+
+@pytest.fixture
+def manager(impl, ctx):
+    m = impl.SyncManager(ctx=ctx)
+    m.start()
+    try:
+        yield m
+    finally:
+        m.shutdown()
+
+
+# ---------------------------------------------------------------------------
+# Leak checks
+# ---------------------------------------------------------------------------
+
+
+def _child_pids() -> set[int]:
+    """Live (non-zombie) children of this process, from /proc."""
+    me = os.getpid()
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...; comm may contain spaces/parens.
+        fields = data[data.rfind(")") + 2 :].split()
+        if len(fields) >= 2 and int(fields[1]) == me and fields[0] not in ("Z", "X"):
+            pids.add(int(entry))
+    return pids
+
+
+def _helper_pids() -> set[int]:
+    """Long-lived helpers the stdlib starts once per run (not leaks)."""
+    pids = set()
+    try:
+        from multiprocessing import resource_tracker
+
+        pid = getattr(resource_tracker._resource_tracker, "_pid", None)
+        if pid:
+            pids.add(pid)
+    except Exception:
+        pass
+    try:
+        from multiprocessing import forkserver
+
+        pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+        if pid:
+            pids.add(pid)
+    except Exception:
+        pass
+    return pids
+
+
+def _helper_paths() -> set[str]:
+    paths = set()
+    try:
+        from multiprocessing import forkserver
+
+        addr = getattr(forkserver._forkserver, "_forkserver_address", None)
+        if isinstance(addr, str):
+            paths.add(addr)
+    except Exception:
+        pass
+    return paths
+
+
+_PATTERNS = ("pymp-", "procshare")
+
+
+def _tmp_snapshot() -> tuple[set[str], set[str]]:
+    """(top-level pymp-*/procshare* entries that are not directories,
+    every unix socket file anywhere under the temp dir)."""
+    root = tempfile.gettempdir()
+    top = set()
+    try:
+        for name in os.listdir(root):
+            if name.startswith(_PATTERNS):
+                path = os.path.join(root, name)
+                if not os.path.isdir(path):
+                    top.add(path)
+    except OSError:
+        pass
+    socks = set()
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    socks.add(path)
+            except OSError:
+                pass
+    return top, socks
+
+
+def _shm_snapshot() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except OSError:
+        return set()
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request):
+    """After each test: no child process, no /dev/shm entry and no unix socket
+    file created by the test may remain.  Waits are bounded (LEAK_WAIT)."""
+    children_before = _child_pids()
+    shm_before = _shm_snapshot()
+    top_before, socks_before = _tmp_snapshot()
+    yield
+    problems = []
+    deadline = time.monotonic() + LEAK_WAIT
+
+    # 1. multiprocessing children: bounded join, then kill.
+    for p in multiprocessing.active_children():
+        p.join(max(0.0, deadline - time.monotonic()))
+    stray = multiprocessing.active_children()
+    if stray:
+        problems.append(f"stray multiprocessing children: {stray!r}")
+        for p in stray:
+            p.kill()
+            p.join(1)
+
+    # 2. any other child process (e.g. started with subprocess/os.fork).
+    helpers = _helper_pids()
+    while True:
+        extra = _child_pids() - children_before - helpers
+        if not extra or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    if extra:
+        problems.append(f"stray child processes (pids): {sorted(extra)}")
+        for pid in extra:
+            _kill(pid)
+
+    # 3. /dev/shm entries and unix socket files: allow a short bounded grace
+    #    period for finalizers that run at process exit.
+    ignore_paths = _helper_paths()
+    while True:
+        new_shm = _shm_snapshot() - shm_before
+        top_after, socks_after = _tmp_snapshot()
+        new_files = (top_after - top_before) | (socks_after - socks_before)
+        new_files -= ignore_paths
+        if not (new_shm or new_files) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    if new_shm:
+        problems.append(f"new /dev/shm entries: {sorted(new_shm)}")
+    if new_files:
+        problems.append(
+            f"unix sockets / files left in {tempfile.gettempdir()}: {sorted(new_files)}"
+        )
+        for path in new_files:  # clean up so later tests start clean
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    if problems:
+        pytest.fail("resource leak after test:\n  " + "\n  ".join(problems), pytrace=False)

@@ -1,0 +1,100 @@
+"""Scenario 1: procshare.managers has every public name of the stdlib module,
+of the same kind, and the package re-exports them."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import multiprocessing
+import multiprocessing.managers as std
+import types
+
+import pytest
+
+# The names the brief lists explicitly: present on every supported Python.
+REQUIRED = set(
+    """
+    BaseManager SyncManager BaseProxy AutoProxy MakeProxyType Token RemoteError
+    Namespace Value Array ListProxy DictProxy BaseListProxy IteratorProxy
+    AcquirerProxy ConditionProxy EventProxy BarrierProxy NamespaceProxy ValueProxy
+    ArrayProxy PoolProxy BasePoolProxy Server State SharedMemoryManager
+    SharedMemoryServer RebuildProxy dispatch convert_to_error all_methods
+    public_methods listener_client ProcessLocalSet
+    """.split()
+)
+
+
+def _is_reexport(obj) -> bool:
+    """A module, or a function/class defined elsewhere (os.getpid, ProcessError...)."""
+    if isinstance(obj, types.ModuleType):
+        return True
+    if callable(obj):
+        mod = getattr(obj, "__module__", None)
+        return mod is not None and mod != std.__name__
+    return False
+
+
+STDLIB_PUBLIC = sorted(
+    name for name, obj in vars(std).items() if not name.startswith("_") and not _is_reexport(obj)
+)
+
+
+def test_stdlib_exports_required_names():
+    # Guards the list above against typos: every required name is public here.
+    assert REQUIRED <= set(STDLIB_PUBLIC), REQUIRED - set(STDLIB_PUBLIC)
+
+
+@pytest.mark.parametrize("name", STDLIB_PUBLIC)
+def test_procshare_has_public_name(name):
+    ps = importlib.import_module("procshare.managers")
+    std_obj = getattr(std, name)
+    assert hasattr(ps, name), f"procshare.managers lacks {name}"
+    ps_obj = getattr(ps, name)
+    if inspect.isclass(std_obj):
+        assert inspect.isclass(ps_obj), f"{name} should be a class"
+    elif callable(std_obj):
+        assert callable(ps_obj), f"{name} should be callable"
+    else:
+        assert type(ps_obj) is type(std_obj), f"{name}: {type(ps_obj)} vs {type(std_obj)}"
+
+
+def test_procshare_class_hierarchy_matches_stdlib():
+    ps = importlib.import_module("procshare.managers")
+    classes = [n for n in STDLIB_PUBLIC if inspect.isclass(getattr(std, n))]
+    missing = []
+    for a in classes:
+        for b in classes:
+            if issubclass(getattr(std, a), getattr(std, b)):
+                pa, pb = getattr(ps, a, None), getattr(ps, b, None)
+                if pa is None or pb is None or not issubclass(pa, pb):
+                    missing.append(f"{a} <: {b}")
+    assert not missing, missing
+    # Exceptions stay catchable the stdlib way.
+    assert issubclass(ps.RemoteError, Exception)
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED))
+def test_procshare_package_reexports(name):
+    import procshare
+    import procshare.managers as ps
+
+    assert getattr(procshare, name, None) is getattr(ps, name), (
+        f"procshare.{name} should be procshare.managers.{name}"
+    )
+
+
+def test_manager_returns_started_syncmanager(impl):
+    if impl is std:
+        m = multiprocessing.Manager()
+    else:
+        import procshare
+
+        m = procshare.Manager()
+    try:
+        assert isinstance(m, impl.SyncManager)
+        lst = m.list([1, 2])  # started: it can create objects right away
+        lst.append(3)
+        assert lst._getvalue() == [1, 2, 3]
+        del lst
+    finally:
+        m.shutdown()

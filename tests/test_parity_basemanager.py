@@ -1,0 +1,227 @@
+"""Scenarios 12 and 15: the BaseManager API, and the AF_UNIX path fallback."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import _workers
+from _helpers import assert_not_exposed, is_stdlib, poll
+
+
+def test_register_exposed_proxytype_create_method(impl, ctx):
+    cls = _workers.get_class(impl, "ApiManager")
+    assert not hasattr(cls, "Hidden")  # create_method=False
+    with cls(ctx=ctx) as m:
+        o = m.Obj()  # exposed=('a', 'b')
+        assert o.a() == "a"
+        assert o.b(1) == ("b", 1)
+        assert not hasattr(o, "hidden")
+        assert_not_exposed(impl, o, "hidden")
+        p = m.ObjP()  # proxytype=ObjProxy
+        assert type(p) is _workers.get_class(impl, "ObjProxy")
+        assert p.a() == "a"
+        assert p.b(2) == ("b", 2)
+        assert p._callmethod("b", (3,)) == ("b", 3)
+        assert p._callmethod("b", kwds={"x": 4}) == ("b", 4)
+        assert not hasattr(m, "Hidden")
+        del o, p
+
+
+def test_start_initializer_runs_in_server(impl, ctx):
+    cls = _workers.get_class(impl, "ApiManager")
+    m = cls(ctx=ctx)
+    m.start(_workers.init_server, ("from-initializer",))
+    try:
+        info = m.Info()
+        assert info.env("PROCSHARE_TEST_INIT") == "from-initializer"
+        assert info.init_value() == "from-initializer"
+        assert info.pid() != os.getpid()
+        assert os.environ.get("PROCSHARE_TEST_INIT") is None  # not in this process
+        del info
+    finally:
+        m.shutdown()
+
+
+def test_start_rejects_non_callable_initializer(impl, ctx):
+    m = impl.SyncManager(ctx=ctx)
+    with pytest.raises(TypeError):
+        m.start(initializer=5)
+    assert multiprocessing.active_children() == []
+    # The manager can still be started properly afterwards.
+    m.start()
+    try:
+        assert m.list([1])._getvalue() == [1]
+    finally:
+        m.shutdown()
+
+
+def test_start_twice_raises_process_error(impl, ctx):
+    m = impl.SyncManager(ctx=ctx)
+    m.start()
+    try:
+        with pytest.raises(multiprocessing.ProcessError):
+            m.start()
+    finally:
+        m.shutdown()
+
+
+def test_context_manager_then_unreachable(impl, ctx):
+    with impl.SyncManager(ctx=ctx) as m:
+        address = m.address
+        lst = m.list([1, 2])
+        assert lst._getvalue() == [1, 2]
+        del lst
+    other = impl.SyncManager(address=address)
+    with pytest.raises(OSError):
+        other.connect()
+
+
+def test_shutdown_then_join(impl, ctx):
+    m = impl.SyncManager(ctx=ctx)
+    m.start()
+    address = m.address
+    m.shutdown()
+    m.join(timeout=5)
+    assert multiprocessing.active_children() == []
+    with pytest.raises(OSError):
+        impl.SyncManager(address=address).connect()
+
+
+def test_shutdown_timeout_accepted(impl, ctx):
+    if is_stdlib(impl) and sys.version_info < (3, 11):
+        pytest.skip("shutdown_timeout is new in the stdlib 3.11")
+    m = impl.SyncManager(ctx=ctx, shutdown_timeout=2.0)
+    m.start()
+    assert m.list([1])._getvalue() == [1]
+    t0 = time.monotonic()
+    m.shutdown()
+    assert time.monotonic() - t0 < 5.0
+
+
+def test_address_attribute(impl, ctx):
+    m = impl.SyncManager(ctx=ctx)
+    m.start()
+    try:
+        assert isinstance(m.address, str) and m.address  # a unix socket path
+    finally:
+        m.shutdown()
+    m = impl.SyncManager(address=("127.0.0.1", 0), authkey=b"tcp-key", ctx=ctx)
+    m.start()
+    try:
+        host, port = m.address
+        assert host == "127.0.0.1"
+        assert isinstance(port, int) and port != 0  # the real port, not 0
+        assert m.list([5])._getvalue() == [5]
+    finally:
+        m.shutdown()
+
+
+def test_number_of_objects_goes_back_down(manager):
+    base = manager._number_of_objects()
+    a = manager.list()
+    b = manager.dict()
+    c = manager.Queue()
+    assert manager._number_of_objects() == base + 3
+    del a, b, c
+    gc.collect()
+    assert poll(lambda: manager._number_of_objects() == base), manager._number_of_objects()
+
+
+def test_connect_second_manager_same_address(impl, ctx):
+    cls = _workers.get_class(impl, "QueueManager")
+    authkey = b"shared-secret"
+    m1 = cls(authkey=authkey, ctx=ctx)
+    m1.start()
+    try:
+        m2 = cls(address=m1.address, authkey=authkey)
+        m2.connect()
+        assert m2.address == m1.address
+        q2 = m2.get_queue()
+        q2.put("hello from m2")
+        q1 = m1.get_queue()
+        assert q1.get(timeout=5) == "hello from m2"
+        del q1, q2
+    finally:
+        m1.shutdown()
+
+
+def test_connect_syncmanager_shares_server(impl, manager):
+    authkey = bytes(multiprocessing.current_process().authkey)
+    other = impl.SyncManager(address=manager.address, authkey=authkey)
+    other.connect()
+    base = manager._number_of_objects()
+    lst = other.list([1])
+    assert manager._number_of_objects() == base + 1
+    del lst
+    gc.collect()
+    assert poll(lambda: manager._number_of_objects() == base)
+
+
+def test_procshare_pid(ctx):
+    import procshare.managers as ps
+
+    cls = _workers.get_class(ps, "ApiManager")
+    m = cls(ctx=ctx)
+    assert m.pid is None  # not started
+    m.start()
+    try:
+        info = m.Info()
+        server_pid = info.pid()
+        assert server_pid != os.getpid()
+        assert m.pid == server_pid
+        other = cls(address=m.address, authkey=bytes(multiprocessing.current_process().authkey))
+        other.connect()
+        assert other.pid is None  # not started by this process
+        del info
+    finally:
+        m.shutdown()
+
+
+# -- 15. AF_UNIX path too long -------------------------------------------------------
+
+LONG_TMPDIR_SCRIPT = textwrap.dedent(
+    """
+    import multiprocessing, sys, tempfile
+    multiprocessing.set_start_method({method!r})
+    import {module} as managers
+    print("TMPDIR", len(tempfile.gettempdir()), flush=True)
+    m = managers.SyncManager()
+    m.start()
+    try:
+        lst = m.list([1, 2])
+        lst.append(3)
+        print("VALUE", lst._getvalue(), flush=True)
+        del lst
+    finally:
+        m.shutdown()
+    """
+)
+
+
+def test_long_tmpdir_unix_socket_fallback(impl, ctx, tmp_path):
+    long_dir = tmp_path / ("d" * 60) / ("e" * 60)
+    long_dir.mkdir(parents=True)
+    assert len(str(long_dir)) > 110
+    script = LONG_TMPDIR_SCRIPT.format(method=ctx.get_start_method(), module=impl.__name__)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=_workers.subprocess_env(TMPDIR=str(long_dir)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert f"TMPDIR {len(str(long_dir))}" in proc.stdout, proc.stderr
+    if is_stdlib(impl):
+        assert proc.returncode != 0
+        assert "OSError: AF_UNIX path too long" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert "VALUE [1, 2, 3]" in proc.stdout

@@ -1,0 +1,47 @@
+"""Scenario 7: manager.Pool(2).  Functions are module-level in _workers."""
+
+from __future__ import annotations
+
+import re
+
+import _workers
+
+
+def test_pool(manager):
+    with manager.Pool(2) as pool:
+        assert re.fullmatch(r"<PoolProxy object, typeid 'Pool' at 0x[0-9a-f]+>", repr(pool))
+        assert pool.apply(_workers.add, (2, 3)) == 5
+        assert pool.apply(_workers.add, (2,), {"y": 40}) == 42
+        assert pool.map(_workers.square, range(6)) == [0, 1, 4, 9, 16, 25]
+        assert pool.starmap(_workers.add, [(1, 2), (3, 4)]) == [3, 7]
+        res = pool.apply_async(_workers.square, (7,))
+        assert res.get(timeout=10) == 49
+        assert res.ready() is True
+        assert res.successful() is True
+        mres = pool.map_async(_workers.square, [1, 2, 3])
+        mres.wait(10)
+        assert mres.get(timeout=10) == [1, 4, 9]
+        assert list(pool.imap(_workers.square, range(5))) == [0, 1, 4, 9, 16]
+        assert sorted(pool.imap_unordered(_workers.square, range(5))) == [0, 1, 4, 9, 16]
+        it = pool.imap(_workers.square, [3])
+        assert next(it) == 9
+
+
+def test_pool_error_propagates(manager):
+    with manager.Pool(1) as pool:
+        res = pool.apply_async(_workers.add, (1, "x"))
+        try:
+            res.get(timeout=10)
+        except TypeError:
+            pass
+        else:
+            raise AssertionError("TypeError from the pool task was not re-raised")
+        assert res.successful() is False
+
+
+def test_pool_close_join(manager):
+    pool = manager.Pool(2)
+    assert pool.map(_workers.square, [4]) == [16]
+    pool.close()
+    pool.join()
+    del pool

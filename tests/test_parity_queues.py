@@ -1,0 +1,190 @@
+"""Scenarios 5 and 16: Queue, JoinableQueue, blocked get vs put, the stdlib
+docs' remote-queue example, and a registered callable returning queue.Queue."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import socket
+import threading
+import time
+
+import pytest
+
+import _workers
+
+
+def test_queue_basics(manager):
+    q = manager.Queue()
+    assert q.empty() is True
+    assert q.qsize() == 0
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+    with pytest.raises(queue.Empty):
+        q.get(block=False)
+    t0 = time.monotonic()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.2)
+    assert 0.15 <= time.monotonic() - t0 < 2.0
+    for item in (1, "two", [3], {"four": 4}, None):
+        q.put(item)
+    assert q.qsize() == 5
+    assert q.empty() is False
+    assert q.full() is False
+    assert [q.get(timeout=5) for _ in range(4)] == [1, "two", [3], {"four": 4}]
+    assert q.get_nowait() is None
+    assert q.empty() is True
+
+
+def test_queue_maxsize(manager):
+    q = manager.Queue(2)
+    q.put("a")
+    q.put_nowait("b")
+    assert q.full() is True
+    with pytest.raises(queue.Full):
+        q.put_nowait("c")
+    with pytest.raises(queue.Full):
+        q.put("c", timeout=0.1)
+    with pytest.raises(queue.Full):
+        q.put("c", block=False)
+    assert q.get(timeout=5) == "a"
+    assert q.full() is False
+    q.put("c", timeout=1)
+    assert [q.get(timeout=5), q.get(timeout=5)] == ["b", "c"]
+
+
+def test_joinable_queue(manager, ctx):
+    q = manager.JoinableQueue()
+    for i in range(3):
+        q.put(i)
+    child = _workers.start_child(ctx, _workers.joinable_consume, q, 3)
+    # join() returns once the child called task_done() three times.
+    assert _join_within(q, 10), "JoinableQueue.join() did not return"
+    assert child.result(15) == [0, 1, 2]
+    with pytest.raises(ValueError):
+        q.task_done()  # more task_done() calls than items
+    q.put("x")
+    assert q.get(timeout=5) == "x"
+    assert not _join_within(q, 0.3)  # one unfinished task left
+    q.task_done()
+    assert _join_within(q, 5)
+
+
+def _join_within(q, timeout):
+    """JoinableQueue.join() has no timeout: run it in a thread, bounded."""
+    t = threading.Thread(target=q.join, daemon=True)
+    t.start()
+    t.join(timeout)
+    return not t.is_alive()
+
+
+def test_blocked_get_does_not_block_put(manager, ctx):
+    q = manager.Queue()
+    child = _workers.start_child(ctx, _workers.queue_get_timed, q, 10)
+    time.sleep(0.5)  # let the child block in get()
+    t0 = time.monotonic()
+    q.put("hello")
+    put_time = time.monotonic() - t0
+    item, waited = child.result(15)
+    assert item == "hello"
+    assert put_time < 1.0, f"put() waited {put_time:.2f}s behind a blocked get()"
+    assert waited < 9.0
+
+
+def test_blocked_get_same_process_other_thread(manager):
+    q = manager.Queue()
+    out = []
+    t = threading.Thread(target=lambda: out.append(q.get(timeout=10)))
+    t.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    q.put(5)
+    assert time.monotonic() - t0 < 1.0
+    t.join(10)
+    assert out == [5]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _connect_with_retry(cls, address, authkey, deadline):
+    while True:
+        m = cls(address=address, authkey=authkey)
+        try:
+            m.connect()
+            return m
+        except (ConnectionError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def test_remote_queue_example(impl, ctx):
+    """The stdlib docs' example: a server serving a module-level queue.Queue
+    over TCP with get_server().serve_forever(); one client blocks in get()
+    while another puts."""
+    name = _workers.impl_name(impl)
+    cls = _workers.get_class(impl, "QueueManager")
+    authkey = b"remote-queue-secret"
+    port = _free_port()
+    address = ("127.0.0.1", port)
+    server = ctx.Process(
+        target=_workers.remote_queue_server, args=(name, port, authkey), daemon=True
+    )
+    server.start()
+    try:
+        putter = _connect_with_retry(cls, address, authkey, time.monotonic() + 10)
+        q = putter.get_queue()
+        getter = _workers.start_child(
+            ctx, _workers.remote_queue_client_get, name, address, authkey, 10
+        )
+        time.sleep(0.5)  # let the other client block in get()
+        t0 = time.monotonic()
+        q.put("over tcp")
+        put_time = time.monotonic() - t0
+        item, waited = getter.result(15)
+        assert item == "over tcp"
+        assert put_time < 1.0, f"put() waited {put_time:.2f}s behind a blocked get()"
+        assert q.qsize() == 0
+        # A wrong authkey is refused.
+        bad = cls(address=address, authkey=b"wrong")
+        with pytest.raises(multiprocessing.AuthenticationError):
+            bad.connect()
+        del q
+    finally:
+        server.terminate()
+        server.join(5)
+        if server.is_alive():
+            server.kill()
+            server.join(2)
+
+
+def test_registered_callable_returning_queue_stays_concurrent(impl, ctx):
+    """Scenario 16: an object of a thread-safe stdlib type (queue.Queue)
+    returned by a registered callable keeps concurrent semantics: a get()
+    blocked through one proxy does not block a put() through another proxy of
+    the same object."""
+    cls = _workers.get_class(impl, "QueueManager")
+    with cls(ctx=ctx) as m:
+        q_get = m.get_queue()
+        q_put = m.get_queue()
+        child = _workers.start_child(ctx, _workers.queue_get_timed, q_get, 5)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        q_put.put("concurrent")
+        put_time = time.monotonic() - t0
+        item, waited = child.result(15)
+        assert item == "concurrent"
+        assert put_time < 1.0, f"put() waited {put_time:.2f}s behind a blocked get()"
+        assert waited < 4.0
+        del q_get, q_put
+
+
+def test_queue_put_from_child_parent_gets(manager, ctx):
+    q = manager.Queue()
+    _workers.run_child(ctx, _workers.queue_put, q, ("from", os.getpid()))
+    assert q.get(timeout=5) == ("from", os.getpid())

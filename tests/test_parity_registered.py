@@ -1,0 +1,97 @@
+"""Scenarios 2 and 17: registered classes and the concurrency rule.
+
+procshare's rule: calls on one object of a registered plain class run one at a
+time by default (so the seed's Counter gives exactly 4000); a per-type option,
+``register(..., serial=False)``, lets them overlap.  The stdlib runs every
+call in its own thread, so its Counter is racy and its calls overlap."""
+
+from __future__ import annotations
+
+import _workers
+from _helpers import is_stdlib
+
+
+def test_seed_counter(impl, ctx):
+    """The seed document's example: 4 processes x 1000 increments, the proxy
+    passed as a Process argument."""
+    cls = _workers.get_class(impl, "CounterManager")
+    with cls(ctx=ctx) as m:
+        counter = m.Counter()
+        procs = [
+            ctx.Process(target=_workers.increment_counter, args=(counter, 1000)) for _ in range(4)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+        count = counter.get_count()
+        if is_stdlib(impl):
+            assert 1 <= count <= 4000  # racy: lost updates are possible
+        else:
+            assert count == 4000
+        del counter
+
+
+def test_read_modify_write_is_not_lost(impl, ctx):
+    """A slower read-modify-write makes the stdlib's race visible: with calls
+    on one object running one at a time, procshare loses no update."""
+    cls = _workers.get_class(impl, "CounterManager")
+    with cls(ctx=ctx) as m:
+        counter = m.SlowCounter()
+        children = [
+            _workers.start_child(ctx, _workers.increment_counter, counter, 150, gate=True)
+            for _ in range(2)
+        ]
+        for c in children:
+            c.wait_ready()
+        for c in children:
+            c.go()
+        for c in children:
+            c.result(30)
+        count = counter.get_count()
+        if is_stdlib(impl):
+            assert count < 300, "expected lost updates from concurrent calls"
+        else:
+            assert count == 300
+        del counter
+
+
+def _two_naps(cls, ctx, seconds):
+    """Call Sleeper.nap(seconds) from two processes released at the same
+    moment; return both (start, end) intervals on the server's clock."""
+    with cls(ctx=ctx) as m:
+        sleeper = m.Sleeper()
+        children = [
+            _workers.start_child(ctx, _workers.nap, sleeper, seconds, gate=True) for _ in range(2)
+        ]
+        for c in children:
+            c.wait_ready()
+        for c in children:
+            c.go()
+        intervals = sorted(c.result(20) for c in children)
+        del sleeper
+    return intervals
+
+
+def test_calls_on_one_object_run_one_at_a_time(impl, ctx):
+    nap = 0.3
+    (s1, e1), (s2, e2) = _two_naps(_workers.get_class(impl, "CounterManager"), ctx, nap)
+    overlap = s2 < e1
+    if is_stdlib(impl):
+        # The stdlib runs each connection in its own thread: the calls overlap.
+        assert overlap, ((s1, e1), (s2, e2))
+    else:
+        assert not overlap, f"calls overlapped: {(s1, e1)} and {(s2, e2)}"
+        assert e2 - s1 >= 2 * nap - 0.01
+
+
+def test_procshare_serial_false_lets_calls_overlap(ctx):
+    # `serial=False` is the procshare option name for the per-type opt-out
+    # (see _workers.ParallelSleeperManager).
+    import procshare.managers as ps
+
+    nap = 0.3
+    (s1, e1), (s2, e2) = _two_naps(_workers.get_class(ps, "ParallelSleeperManager"), ctx, nap)
+    assert s2 < e1, f"calls did not overlap: {(s1, e1)} and {(s2, e2)}"
+    assert e2 - s1 < 2 * nap
