@@ -44,6 +44,15 @@ _RECV_CHUNK = 64 * 1024
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes on Linux, including the NUL
 _HSIZE = protocol.HEADER.size
 _unpack_header = protocol.HEADER.unpack_from
+_DONTWAIT = socket.MSG_DONTWAIT
+_perf = time.perf_counter
+
+#: how long a receive busy-polls before it sleeps (PROCSHARE_SPIN_US, 0 disables;
+#: off on single-CPU machines, where polling would only steal the peer's CPU)
+SPIN_SECONDS = (float(os.environ.get("PROCSHARE_SPIN_US", "50")) / 1e6
+                if (os.cpu_count() or 1) > 1 else 0.0)
+_SPIN_MISSES = 4     # consecutive misses before a channel stops polling...
+_SPIN_REST = 64      # ...for this many receives
 
 
 def address_family(address: Any) -> int:
@@ -76,12 +85,14 @@ def cleanup_address(address: Any) -> None:
 class Channel:
     """One connected socket carrying frames in both directions."""
 
-    __slots__ = ("sock", "_rest", "peer", "__weakref__")
+    __slots__ = ("sock", "_rest", "peer", "_spin", "_misses", "__weakref__")
 
     def __init__(self, sock: socket.socket, peer: Any = None) -> None:
         self.sock = sock
         self._rest = b""          # bytes received past the last frame
         self.peer = peer
+        self._spin = SPIN_SECONDS  # how long recv_frame busy-polls before sleeping
+        self._misses = 0
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -164,9 +175,15 @@ class Channel:
         """
         data = self._rest
         if not data:
-            if deadline is not None:
-                self._wait(deadline)
-            data = self.sock.recv(_RECV_CHUNK)
+            data = self._poll() if self._spin else None
+            if data is None:
+                if self._misses < 0:
+                    self._misses += 1
+                    if not self._misses:
+                        self._spin = SPIN_SECONDS
+                if deadline is not None:
+                    self._wait(deadline)
+                data = self.sock.recv(_RECV_CHUNK)
             if not data:
                 raise EOFError("connection closed by peer")
         if len(data) >= _HSIZE:
@@ -178,6 +195,30 @@ class Channel:
                 return kind, rid, budget, data[_HSIZE:end], ()
         self._rest = data
         return self._recv_frame_slow(deadline)
+
+    def _poll(self) -> bytes | None:
+        """Busy-poll for a moment before sleeping in recv.
+
+        Waking a sleeping process costs tens of microseconds on virtual machines,
+        more than a whole small call, while the reply to a small call (or a
+        client's next call) usually comes within a few.  A channel that keeps
+        missing stops polling for a while, so idle connections cost nothing.
+        """
+        end = _perf() + self._spin
+        recv = self.sock.recv
+        while True:
+            try:
+                data = recv(_RECV_CHUNK, _DONTWAIT)
+            except BlockingIOError:
+                if _perf() < end:
+                    continue
+                self._misses += 1
+                if self._misses >= _SPIN_MISSES:
+                    self._spin = 0.0
+                    self._misses = -_SPIN_REST   # sleep this many receives, then poll again
+                return None
+            self._misses = 0
+            return data
 
     def _recv_frame_slow(self, deadline: float | None) -> tuple:
         data = self._rest
