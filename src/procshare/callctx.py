@@ -9,6 +9,8 @@ Rules it keeps:
   running a method; manager-hosted primitives read them through `caller()` and
   `wait_limit()` so that a blocking operation gives up at the deadline and
   raises `DeadlineExpired`, which the dispatcher turns into a TIMEOUT reply.
+- Server-side code can `warn()`; the warning is raised in the client when the
+  call returns (it travels in a WARNED reply).
 - Deadlines are `time.monotonic()` values local to the process that holds them.
 """
 
@@ -21,8 +23,8 @@ import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
-__all__ = ["Caller", "DeadlineExpired", "caller", "wait_limit", "timeout", "scoped_timeout",
-           "server_state"]
+__all__ = ["Caller", "DeadlineExpired", "caller", "wait_limit", "warn", "timeout",
+           "scoped_timeout", "server_state"]
 
 
 class Caller(NamedTuple):
@@ -53,6 +55,17 @@ def caller() -> Caller:
         import os
         return Caller(f"local:{os.getpid()}", os.getpid(), t.ident or 0, t.name)
     return c
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """Inside the manager: have the client that made the current call see
+    `warnings.warn(message, category)` when the call returns."""
+    pending = getattr(server_state, "warnings", None)
+    if pending is None:
+        import warnings
+        warnings.warn(message, category, stacklevel=2)
+        return
+    pending.append((category, message))
 
 
 def wait_limit(timeout: float | None) -> tuple[float | None, bool]:

@@ -26,7 +26,7 @@ from typing import Any
 __all__ = [
     "Token", "FrameError", "encode_frame", "decode_frame", "split_header", "buffer_lengths",
     "HEADER", "BUFLEN_SIZE",
-    "CALL", "RETURN", "ERROR", "TRACEBACK", "PROXY", "UNSERIALIZABLE", "TIMEOUT",
+    "CALL", "RETURN", "ERROR", "TRACEBACK", "PROXY", "UNSERIALIZABLE", "TIMEOUT", "WARNED",
     "HELLO", "NO_DEADLINE", "MAX_FRAME",
 ]
 
@@ -39,6 +39,7 @@ TRACEBACK = 12      # body: str, a formatted traceback (server-side failure)
 PROXY = 13          # body: (proxytype or None, exposed, token, attributes)
 UNSERIALIZABLE = 14  # body: str, why the result could not be serialized
 TIMEOUT = 15        # body: str, the server gave up at the deadline; nothing happened
+WARNED = 16         # body: (result, [(warning category, message), ...])
 
 NO_DEADLINE = math.nan
 

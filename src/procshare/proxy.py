@@ -25,6 +25,7 @@ from __future__ import annotations
 import threading
 import time
 import types
+import warnings
 import weakref
 from multiprocessing import process
 from multiprocessing.context import get_spawning_popen
@@ -70,7 +71,8 @@ def _timeout_message(proxy: Any, meth: str, timeout: float | None, server_gave_u
 
 
 def raise_reply(kind: int, payload: Any, proxy: Any, meth: str, timeout: float | None) -> Any:
-    """Turn a non-RETURN reply into the exception it stands for, and raise it."""
+    """Turn a non-RETURN reply into the exception it stands for and raise it
+    (or, for a WARNED reply, issue the warnings and return the result)."""
     if kind == protocol.ERROR:
         remote_tb = getattr(payload, "_procshare_remote_tb", None)
         if remote_tb is not None:
@@ -83,6 +85,11 @@ def raise_reply(kind: int, payload: Any, proxy: Any, meth: str, timeout: float |
             raise payload
         finally:
             del payload
+    if kind == protocol.WARNED:
+        result, issued = payload
+        for category, message in issued:
+            warnings.warn(message, category, stacklevel=4)
+        return result
     if kind == protocol.TIMEOUT:
         raise CallTimeout(_timeout_message(proxy, meth, timeout, True, payload),
                           method=meth, timeout=timeout, may_complete=False)

@@ -139,6 +139,7 @@ class Server:
         self.stop_event = threading.Event()
         self.connections: dict[int, ConnInfo] = {}
         self.conn_mutex = threading.Lock()
+        self.gone: set[str] = set()     # clients already released
         self.recent_log: collections.deque[str] = collections.deque(maxlen=50)
 
     # -- running ---------------------------------------------------------------
@@ -215,14 +216,20 @@ class Server:
                 self._connection_closed(info)
 
     def _connection_closed(self, info: ConnInfo) -> None:
+        """A client is gone when its control connection closes (it lives as long
+        as the process), or when its last connection closes."""
         with self.conn_mutex:
             self.connections.pop(id(info.channel), None)
-            alive = any(c.client == info.client for c in self.connections.values())
-        if not alive and not self.stop_event.is_set():
+            alive = info.role != "control" and any(
+                c.client == info.client for c in self.connections.values())
+            if alive or info.client in self.gone:
+                return
+            self.gone.add(info.client)
+        if not self.stop_event.is_set():
             self.client_gone(info.client, info.pid)
 
     def client_gone(self, client: str, pid: int) -> None:
-        """Every connection of `client` has closed: release what it held."""
+        """`client` (process `pid`) has died or disconnected: release what it held."""
         freed = self.objects.release_holder(client)
         if freed:
             self.note(f"client pid {pid} went away; released {freed} object(s) it held")
@@ -245,6 +252,8 @@ class Server:
         st = callctx.server_state
         st.caller = info.caller
         st.deadline = None
+        warns: list = []
+        st.warnings = warns
         monotonic = time.monotonic
         RETURN, CALL = protocol.RETURN, protocol.CALL
         stop = self.stop_event
@@ -287,6 +296,8 @@ class Server:
                         typeid = m2t.get(meth) if m2t else None
                         if typeid:
                             reply = self._proxy_reply(info, typeid, result)
+                        elif warns:
+                            reply = (protocol.WARNED, (result, list(warns)))
                         else:
                             if not rid:
                                 continue
@@ -313,6 +324,7 @@ class Server:
                     reply = self._control(info, meth, args, kwds)
                 else:
                     reply = self._slow_call(info, oid, meth, args, kwds)
+            warns.clear()
             if rid:
                 self._reply(ch, rid, *reply)
 
