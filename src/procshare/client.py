@@ -49,6 +49,7 @@ _CALL = protocol.CALL
 _pack_header = protocol.HEADER.pack
 _NONE_BODY = pickle.dumps(None, 5)
 _monotonic = time.monotonic
+_MAX_STALE = 8      # abandoned connections kept for reuse, per session
 
 
 def _new_client_id() -> str:
@@ -80,12 +81,16 @@ class Connection:
         rid = 0
         if want_reply:
             rid = self.rid = self.rid + 1
-        body, bufs = self.ser.dumps((oid, meth, args, kwds))
+        body, bufs = self.ser.dumps((oid, meth, args, kwds))   # nothing sent if this fails
         budget = _NAN if timeout is None else timeout
-        if bufs:
-            self.ch.send(protocol.encode_frame(protocol.CALL, rid, body, bufs, budget))
-        else:
-            self.ch.send_bytes(_pack_header(len(body), _CALL, 0, 0, rid, budget) + body)
+        try:
+            if bufs:
+                self.ch.send(protocol.encode_frame(protocol.CALL, rid, body, bufs, budget))
+            else:
+                self.ch.send_bytes(_pack_header(len(body), _CALL, 0, 0, rid, budget) + body)
+        except BaseException:
+            self.close()    # a frame may be half-written (Ctrl-C, broken pipe)
+            raise
         return rid
 
     def wait_reply(self, rid: int, deadline: float | None) -> tuple[int, Any]:
@@ -114,18 +119,26 @@ class Connection:
         """Send one request and wait for its reply: `(kind, payload)`."""
         try:
             rid = self.send_request(oid, meth, args, kwds, timeout)
-            deadline = None if timeout is None else _monotonic() + timeout + GRACE
-            return self.wait_reply(rid, deadline)
         except (EOFError, OSError) as e:
-            if isinstance(e, TimeoutError):
-                raise
+            raise self.session.crashed(e) from None
+        deadline = None if timeout is None else _monotonic() + timeout + GRACE
+        try:
+            return self.wait_reply(rid, deadline)
+        except TimeoutError:
+            raise                   # the caller says which call timed out
+        except (EOFError, OSError) as e:
+            self.close()
             raise self.session.crashed(e) from None
 
-    def drain(self) -> bool:
-        """Read and drop late replies that have arrived; True when none is pending."""
-        while self.pending and self.ch.readable():
+    def drain(self, block: bool = False) -> bool:
+        """Read and drop late replies (waiting for them if `block`); True when
+        none is pending any more and the connection can be used again."""
+        if self.ch.closed:
+            return False
+        while self.pending and (block or self.ch.readable()):
             try:
-                kind, got, _b, _body, _bufs = self.ch.recv_frame(time.monotonic() + 1.0)
+                kind, got, _b, _body, _bufs = self.ch.recv_frame(
+                    None if block else time.monotonic() + 1.0)
             except (OSError, EOFError, TimeoutError):
                 self.close()
                 return False
@@ -134,6 +147,7 @@ class Connection:
 
     def close(self) -> None:
         self.ch.close()
+        self.pending.add(0)     # never usable again: thread_conn() replaces it
 
 
 class Session:
@@ -213,6 +227,8 @@ class Session:
                     return old
                 if old.ch.closed:
                     self.stale.remove(old)
+            while len(self.stale) > _MAX_STALE:     # a manager that keeps hanging
+                self.stale.pop(0).close()
         c = self.tls.conn = self._open("call")
         return c
 
@@ -220,14 +236,19 @@ class Session:
     def control_call(self, meth: str, *args: Any, timeout: float | None = None) -> Any:
         with self.lock:
             c = self._control_conn()
-            if c.pending and not c.drain():
-                c.close()
+            if c.pending and not c.drain(block=True):
+                # closing the control connection tells the manager this process
+                # is gone, so it is only replaced once it is already broken
                 c = self.control = self._open("control")
-            kind, result = c.call(None, meth, args, {}, timeout)
+            try:
+                kind, result = c.call(None, meth, args, {}, timeout)
+            except TimeoutError:
+                from .proxy import call_timeout
+                raise call_timeout(None, meth, timeout, False, session=self) from None
         if kind == protocol.RETURN:
             return result
         from .proxy import raise_reply
-        raise_reply(kind, result, None, meth, timeout)
+        return raise_reply(kind, result, None, meth, timeout)
 
     def control_send(self, meth: str, *args: Any) -> None:
         """Fire-and-forget (no reply); errors are ignored: used for decref."""

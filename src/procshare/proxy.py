@@ -55,19 +55,26 @@ class RemoteTraceback(Exception):
         return self.args[0]
 
 
-def _timeout_message(proxy: Any, meth: str, timeout: float | None, server_gave_up: bool,
-                     detail: str = "") -> str:
-    what = f"{meth}()" if proxy is None else (
+def call_timeout(proxy: Any, meth: str, timeout: float | None, server_gave_up: bool,
+                 detail: str = "", session: Session | None = None) -> CallTimeout:
+    """The CallTimeout for `meth` on `proxy` (None for a manager operation)."""
+    if session is None and proxy is not None:
+        session = proxy._session
+    pid = session.server_pid if session is not None else None
+    where = f"the manager (pid {pid})" if pid else "the manager"
+    what = f"manager operation {meth!r}" if proxy is None else (
         f"{meth}() on {proxy._token.typeid!r} object {proxy._id}")
     if server_gave_up:
-        outcome = ("the manager gave up at the deadline, so the call had no effect"
+        outcome = (f"{where} gave up at the deadline, so the call had no effect"
                    + (f" ({detail})" if detail else ""))
     else:
-        outcome = ("no reply came from the manager in time; the call may still complete "
+        outcome = (f"no reply came from {where} in time; the call may still complete "
                    "there. The proxy stays usable")
-    return (f"{what} did not finish within {timeout} s: {outcome}. Raise the timeout "
-            "(timeout=..., procshare.timeout(...), or call_timeout= on the manager), or "
-            "find what blocks the call.")
+    return CallTimeout(
+        f"{what} did not finish within {timeout} s: {outcome}. Raise the limit "
+        "(timeout=..., procshare.timeout(...), or call_timeout= on the manager), or find "
+        "what blocks the call.", method=meth, timeout=timeout,
+        may_complete=not server_gave_up, server_pid=pid)
 
 
 def raise_reply(kind: int, payload: Any, proxy: Any, meth: str, timeout: float | None) -> Any:
@@ -91,8 +98,7 @@ def raise_reply(kind: int, payload: Any, proxy: Any, meth: str, timeout: float |
             warnings.warn(message, category, stacklevel=4)
         return result
     if kind == protocol.TIMEOUT:
-        raise CallTimeout(_timeout_message(proxy, meth, timeout, True, payload),
-                          method=meth, timeout=timeout, may_complete=False)
+        raise call_timeout(proxy, meth, timeout, True, payload)
     if kind == protocol.UNSERIALIZABLE:
         raise RemoteError("Unserializable message: %s\n" % payload)
     if kind == protocol.TRACEBACK:
@@ -204,7 +210,10 @@ class BaseProxy:
                 timeout = self._timeout
                 if timeout is _UNSET:
                     timeout = None
-        kind, result = conn.call(self._id, methodname, args, kwds, timeout)
+        try:
+            kind, result = conn.call(self._id, methodname, args, kwds, timeout)
+        except TimeoutError:
+            raise call_timeout(self, methodname, timeout, False) from None
         if kind == _RETURN:
             return result
         if kind == protocol.PROXY:
@@ -220,7 +229,15 @@ class BaseProxy:
                           authkey=self._authkey, exposed=exposed, incref=False)
         _set_attributes(proxy, attrs)
         proxy._track()
+        proxy._timeout = self._timeout
         return proxy
+
+    def _set_timeout(self, seconds: float | None) -> None:
+        """Set this proxy's default deadline for calls (None: wait forever)."""
+        if seconds is not None and not seconds >= 0:
+            raise ValueError(f"timeout must be a non-negative number of seconds or None, "
+                             f"not {seconds!r}")
+        self._timeout = seconds
 
     def _getvalue(self) -> Any:
         """Get a copy of the value of the referent."""
@@ -504,7 +521,24 @@ BaseListProxy = MakeProxyType("BaseListProxy", (
 ))
 
 
+_NO_DEFAULT = object()
+
+
+def _update_item(self: BaseProxy, key: Any, func: Any, default: Any = _NO_DEFAULT) -> Any:
+    """Replace `self[key]` with `func(self[key])` in one step in the manager, and
+    return the new value.  No other call on the object runs in between, so
+    `d.update_item("k", lambda v: v + [x], [])` is the safe way to change a
+    plain value stored in a managed container (`d["k"].append(x)` changes a
+    local copy only).  With `default`, a missing key starts from it.  `func`
+    must be picklable by the manager's serializer (a module-level function, or
+    a lambda with the cloudpickle serializer)."""
+    return self._callmethod("#UPDATE_ITEM",
+                            (key, func, None if default is _NO_DEFAULT else default,
+                             default is not _NO_DEFAULT))
+
+
 class ListProxy(BaseListProxy):  # type: ignore[misc, valid-type]
+    update_item = _update_item
     def __iadd__(self, value: Any) -> ListProxy:
         self._callmethod("extend", (value,))
         return self
@@ -525,6 +559,7 @@ _BaseDictProxy._method_to_typeid_ = {"__iter__": "Iterator"}
 
 
 class DictProxy(_BaseDictProxy):  # type: ignore[misc, valid-type]
+    update_item = _update_item
     def __ior__(self, value: Any) -> DictProxy:
         self._callmethod("__ior__", (value,))
         return self

@@ -140,6 +140,7 @@ class Server:
         self.connections: dict[int, ConnInfo] = {}
         self.conn_mutex = threading.Lock()
         self.gone: set[str] = set()     # clients already released
+        self._update_lock = threading.Lock()
         self.recent_log: collections.deque[str] = collections.deque(maxlen=50)
 
     # -- running ---------------------------------------------------------------
@@ -376,6 +377,10 @@ class Server:
                 return (protocol.RETURN, str(obj))
             if meth == "__repr__":
                 return (protocol.RETURN, repr(obj))
+            if meth == "#UPDATE_ITEM" and "__setitem__" in entry.exposed:
+                return (protocol.RETURN, self._update_item(entry, *args))
+        except DeadlineExpired as e:
+            return (protocol.TIMEOUT, str(e))
         except Exception as e:
             return (protocol.ERROR, _with_traceback(e))
         exposed = ", ".join(sorted(entry.exposed)) or "(none)"
@@ -384,6 +389,28 @@ class Server:
             f"id {oid}) is not exposed; the exposed ones are: {exposed}. Add it to "
             f"exposed= when registering {entry.typeid!r}, or call one of those.",
             typeid=entry.typeid, method=meth, exposed=tuple(sorted(entry.exposed))))
+
+    def _update_item(self, entry: Entry, key: Any, func: Any, default: Any,
+                     use_default: bool) -> Any:
+        """`obj[key] = func(obj[key])` as one step (the helper behind
+        `DictProxy.update_item`): no other call on a serial object runs in
+        between; on a concurrent object, no other update_item does."""
+        obj = entry.obj
+        lock = entry.lock or self._update_lock
+        self._enter(lock, callctx.server_state.deadline, "?", "update_item")
+        try:
+            if use_default:
+                try:
+                    old = obj[key]
+                except (KeyError, IndexError):
+                    old = default
+            else:
+                old = obj[key]
+            new = func(old)
+            obj[key] = new
+            return new
+        finally:
+            lock.release()
 
     def _control(self, info: ConnInfo, meth: str, args: tuple, kwds: dict) -> tuple:
         if meth not in self.public:
