@@ -579,3 +579,32 @@ def thread_release(lock):
     t.start()
     t.join(10)
     return out[0] if out else ("hung", "")
+
+
+# -- used by test_core.py ---------------------------------------------------------------
+
+
+def make_lists_and_hang(address, n, ready):
+    """Hold `n` managed lists, say so, then wait to be killed."""
+    import procshare
+
+    m = procshare.SyncManager(address=address)
+    m.connect()
+    held = [m.list([i]) for i in range(n)]
+    ready.set()
+    time.sleep(60)
+    return len(held)
+
+
+def add_one(value):
+    return value + 1
+
+
+def append_x(value):
+    return value + ["x"]
+
+
+def update_item_many(d, n):
+    for _ in range(n):
+        d.update_item("n", add_one)
+    return True

@@ -1,0 +1,250 @@
+"""procshare's own machinery: the sans-IO protocol, the registry's reference
+counting and loans, references across fork and process death, bad frames."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import pickle
+import signal
+import socket
+import time
+
+import pytest
+
+import _workers
+import procshare
+from procshare import protocol, transport
+from procshare.registry import Entry, NoSuchObject, Registry
+
+# -- protocol: bytes in, bytes out ---------------------------------------------------------
+
+
+def test_frame_roundtrip_small_and_with_buffers():
+    body = pickle.dumps(("id", "m", (1,), {}), 5)
+    (frame,) = protocol.encode_frame(protocol.CALL, 7, body, budget=1.5)
+    (kind, rid, budget, got, bufs), used = protocol.decode_frame(frame)
+    assert (kind, rid, budget, got, bufs, used) == (protocol.CALL, 7, 1.5, body, [], len(frame))
+
+    pieces = protocol.encode_frame(protocol.RETURN, 9, b"body", [b"abc", bytearray(b"xy")])
+    data = b"".join(bytes(p) for p in pieces)
+    (kind, rid, budget, got, bufs), used = protocol.decode_frame(data + b"next")
+    assert (kind, rid, got, used) == (protocol.RETURN, 9, b"body", len(data))
+    assert math.isnan(budget) and bufs == [bytearray(b"abc"), bytearray(b"xy")]
+
+
+def test_partial_frames_are_not_decoded():
+    pieces = protocol.encode_frame(protocol.RETURN, 1, b"x" * 100, [b"y" * 50])
+    data = b"".join(bytes(p) for p in pieces)
+    for cut in (0, 5, protocol.HEADER.size, protocol.HEADER.size + 8, len(data) - 1):
+        assert protocol.decode_frame(data[:cut]) is None
+
+
+def test_oversized_frame_is_refused():
+    head = protocol.HEADER.pack(protocol.MAX_BODY + 1, protocol.CALL, 0, 0, 1, math.nan)
+    with pytest.raises(protocol.FrameError, match="over the"):
+        protocol.decode_frame(head)
+
+
+def test_token_pickles_and_reprs_like_the_stdlib():
+    t = protocol.Token("dict", "/tmp/x.sock", "a1")
+    assert repr(t) == "Token(typeid='dict', address='/tmp/x.sock', id='a1')"
+    u = pickle.loads(pickle.dumps(t))
+    assert (u.typeid, u.address, u.id) == ("dict", "/tmp/x.sock", "a1")
+
+
+# -- registry: one place where references are counted ---------------------------------------
+
+
+def _entry(obj=None):
+    return Entry(obj if obj is not None else [], "list", frozenset({"append"}), None, None)
+
+
+def test_refcounts_per_holder_and_release():
+    r = Registry()
+    a = r.add(_entry(), "client-a")
+    r.incref("client-b", a)
+    r.incref("client-b", a)
+    assert r.refcount[a] == 3 and r.held_by("client-b") == {a: 2}
+    assert r.release_holder("client-b") == 0      # a still holds one
+    assert r.refcount[a] == 1
+    r.decref("client-b", a)                       # a late decref from b changes nothing
+    assert r.refcount[a] == 1
+    assert r.release_holder("client-a") == 1
+    assert len(r) == 0 and a not in r.objects
+    with pytest.raises(NoSuchObject):
+        r.incref("client-a", a)
+
+
+def test_loans_keep_objects_alive_until_adopted_or_expired():
+    r = Registry()
+    a = r.add(_entry(), "sender")
+    loan = r.loan("sender", a, ttl=60)
+    r.decref("sender", a)                         # the sender drops its proxy at once
+    assert len(r) == 1                            # ...the loan keeps the object
+    assert r.adopt("receiver", loan, a) is True
+    assert r.held_by("receiver") == {a: 1} and loan not in r.holders
+    assert r.adopt("other", loan, a) is False     # a second unpickling increfs instead
+    assert r.refcount[a] == 2
+    b = r.add(_entry(), "x")
+    r.loan("x", b, ttl=0)
+    r.decref("x", b)
+    assert r.expire_loans() == 1 and len(r) == 1  # an unadopted loan expires
+
+
+def test_fork_loan_copies_every_reference():
+    r = Registry()
+    a = r.add(_entry(), "parent")
+    b = r.add(_entry(), "parent")
+    r.incref("parent", b)
+    loan = r.fork_loan("parent", ttl=60)
+    r.release_holder("parent")
+    assert len(r) == 2
+    assert r.adopt("child", loan) is True
+    assert r.held_by("child") == {a: 1, b: 2}
+
+
+# -- references across processes -----------------------------------------------------------
+
+
+def _count_after(manager, expected, limit=3.0):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        n = manager._number_of_objects()
+        if n == expected:
+            return n
+        time.sleep(0.02)
+    return manager._number_of_objects()
+
+
+def _use_list_after_parent_dropped(lst, ready, go):
+    ready.set()
+    go.wait(10)
+    lst.append("child")
+    return list(lst)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_dead_client_references_are_reclaimed(method):
+    ctx = multiprocessing.get_context(method)
+    with procshare.Manager(ctx=ctx) as m:
+        ready, go = m.Event(), m.Event()
+        base = m._number_of_objects()
+        child = _workers.start_child(ctx, _workers.make_lists_and_hang, m.address, 3, ready)
+        assert ready.wait(10)
+        assert _count_after(m, base + 3) == base + 3
+        os.kill(child.process.pid, signal.SIGKILL)
+        child.process.join(5)
+        assert _count_after(m, base) == base       # the dead client's 3 lists are gone
+        del go
+
+
+def test_plain_os_fork_child_adopts_inherited_references():
+    with procshare.Manager() as m:
+        lst = m.list([1])
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: wait until the parent dropped its proxy, then use ours
+            try:
+                os.read(r, 1)
+                lst.append(2)
+                os._exit(0 if list(lst) == [1, 2] else 1)
+            except BaseException:
+                os._exit(2)
+        ident = lst._id
+        del lst                                   # the parent lets go at once
+        time.sleep(0.2)
+        assert ident in {o["id"] for o in m.objects()}   # the fork loan keeps it
+        os.write(w, b"x")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        os.close(r)
+        os.close(w)
+        assert _count_after(m, 0) == 0            # the child's exit released it
+
+
+def test_update_item_is_atomic_across_processes():
+    ctx = multiprocessing.get_context("fork")
+    with procshare.Manager(ctx=ctx) as m:
+        d = m.dict({"n": 0, "items": []})
+        kids = [_workers.start_child(ctx, _workers.update_item_many, d, 200) for _ in range(3)]
+        for k in kids:
+            k.result(30)
+        assert d["n"] == 600
+        assert d.update_item("items", _workers.append_x, []) == ["x"]
+        assert d.update_item("new", _workers.add_one, 41) == 42
+        with pytest.raises(KeyError):
+            d.update_item("missing", _workers.add_one)
+        lst = m.list([1, 2])
+        assert lst.update_item(-1, _workers.add_one) == 3 and list(lst) == [1, 3]
+
+
+# -- a bad peer closes one connection, not the server ------------------------------------------
+
+
+def _raw_connect(address):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(5)
+    s.connect(address)
+    return s
+
+
+def _recv_all(s):
+    out = b""
+    while True:
+        try:
+            chunk = s.recv(4096)
+        except ConnectionResetError:  # closed with our bytes unread
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_bad_peers_close_only_their_connection():
+    with procshare.Manager() as m:
+        lst = m.list([1])
+        # not our protocol at all
+        s = _raw_connect(m.address)
+        assert len(s.recv(38)) == 38              # the magic and the challenge
+        s.sendall(b"GET / HTTP/1.0\r\n" * 8)
+        assert _recv_all(s) == b""                # closed by the server, nothing said
+        s.close()
+        # our protocol, wrong digest: told NO, then closed
+        s = _raw_connect(m.address)
+        s.recv(38)
+        s.sendall(b"PSHR1\x00" + bytes(64))
+        assert _recv_all(s).startswith(b"NO")
+        s.close()
+        # authenticated, then a frame of a kind a client never sends
+        ch = transport.connect(m.address)
+        transport.client_handshake(ch, bytes(multiprocessing.current_process().authkey),
+                                   m.address)
+        hello = {"client": "test", "pid": os.getpid(), "serializer": "pickle"}
+        ch.send(protocol.encode_frame(protocol.HELLO, 1, pickle.dumps(hello)))
+        assert ch.recv_frame(time.monotonic() + 5)[0] == protocol.RETURN
+        ch.send(protocol.encode_frame(protocol.RETURN, 2, b"junk"))
+        with pytest.raises(EOFError):
+            ch.recv_frame(time.monotonic() + 5)
+        ch.close()
+        assert list(lst) == [1]                   # the server still serves everyone else
+        log = "\n".join(m._control("server_info")["log"])
+        assert "refused a connection" in log and "bad frame" in log
+
+
+def test_wrong_authkey_is_refused_and_says_so():
+    with procshare.Manager() as m:
+        other = procshare.SyncManager(address=m.address, authkey=b"not the key")
+        with pytest.raises(multiprocessing.AuthenticationError, match="rejected"):
+            other.connect()
+
+
+def test_frame_over_the_limit_closes_the_connection():
+    ch_a, ch_b = (transport.Channel(s) for s in socket.socketpair())
+    ch_a.send_bytes(protocol.HEADER.pack(protocol.MAX_BODY + 10, protocol.CALL, 0, 0, 1,
+                                         math.nan) + b"x" * 10)
+    with pytest.raises(protocol.FrameError):
+        ch_b.recv_frame(time.monotonic() + 2)
+    ch_a.close()
+    ch_b.close()
