@@ -25,9 +25,9 @@ from multiprocessing.context import ProcessError
 from typing import Any
 
 from . import client, errors, primitives, protocol, transport
-from .errors import RemoteError
+from .errors import RemoteError  # noqa: F401  (re-exported, as in the stdlib)
 from .protocol import Token
-from .proxy import (
+from .proxy import (  # noqa: F401  (the stdlib module has all these names)
     AcquirerProxy,
     ArrayProxy,
     AutoProxy,
@@ -50,7 +50,7 @@ from .proxy import (
     convert_to_error,
     raise_reply,
 )
-from .server import Server, TypeSpec, all_methods, public_methods
+from .server import Server, TypeSpec, all_methods, public_methods  # noqa: F401
 
 try:
     from multiprocessing import shared_memory
@@ -60,14 +60,6 @@ else:
     HAS_SHMEM = True
 
 __all__ = ["BaseManager", "SyncManager", "BaseProxy", "Token", "SharedMemoryManager"]
-
-_names_for_parity = [
-    AcquirerProxy, ArrayProxy, AutoProxy, BarrierProxy, BaseListProxy, BasePoolProxy,
-    BaseSetProxy, ConditionProxy, DictProxy, EventProxy, IteratorProxy, ListProxy,
-    MakeProxyType, NamespaceProxy, PoolProxy, RebuildProxy, SetProxy, ValueProxy,
-    convert_to_error, RemoteError, all_methods, public_methods, ProcessError,
-]
-
 
 def reduce_array(a: array.array) -> tuple:
     return array.array, (a.typecode, a.tobytes())

@@ -45,12 +45,14 @@ log = logging.getLogger("procshare.server")
 #: inheritance) waits to be adopted before it is released
 LOAN_TTL = 600.0
 
-_THREAD_SAFE_TYPES: tuple = (
-    queue.Queue, queue.SimpleQueue, threading.Event, threading.Condition,
-    threading.Semaphore, threading.Barrier, type(threading.Lock()), type(threading.RLock()),
-    mp_pool.Pool, mp_pool.ApplyResult,
+#: threading primitives: an object holding one synchronizes itself
+_PRIMITIVE_TYPES: tuple = (
+    threading.Event, threading.Condition, threading.Semaphore, threading.Barrier,
+    type(threading.Lock()), type(threading.RLock()),
 )
-_PRIMITIVE_TYPES: tuple = _THREAD_SAFE_TYPES[2:8]
+_THREAD_SAFE_TYPES: tuple = (
+    queue.Queue, queue.SimpleQueue, mp_pool.Pool, mp_pool.ApplyResult, *_PRIMITIVE_TYPES,
+)
 
 _local_server: Server | None = None
 
