@@ -11,11 +11,19 @@ addition:
 - acquirers know their owner, as (client, thread) from `callctx.caller()`, so
   an RLock is re-entrant per client thread (like the stdlib's server, which
   runs each client thread on its own server thread), and a non-owner cannot
-  release it.
+  release it;
+- locks know who holds them and since when, and who waits (see `locktable`):
+  an acquire that would deadlock raises `DeadlockError`, and what a client
+  held when it went away is released (`_client_gone`), the next acquirer
+  getting `OwnerDiedWarning`; a Barrier with a dead party breaks.
 
 Rules it keeps:
 - All state of one primitive is guarded by its own mutex; waits use
   `threading.Condition` on that mutex, so no server thread spins.
+- The uncontended acquire and release touch nothing but the primitive; the
+  lock table is entered only to wait (see `locktable` for the lock order).
+- A server thread acting for a client that is gone never ends up owning a
+  lock: it checks after every wakeup, under the primitive's mutex.
 - Objects of this module run concurrently in the server (`_procshare_concurrent_`).
 """
 
@@ -26,17 +34,28 @@ import threading
 import time
 from typing import Any
 
-from .callctx import DeadlineExpired, caller, wait_limit
+from . import locktable
+from .callctx import DeadlineExpired, caller, wait_limit, warn
+from .errors import OwnerDiedWarning
+from .locktable import Wait
 
 __all__ = ["Lock", "RLock", "Semaphore", "BoundedSemaphore", "Condition", "Event",
            "Barrier", "Queue", "JoinableQueue"]
 
 Owner = tuple  # (client id, thread ident)
 
+_dead = locktable.dead
+_monotonic = time.monotonic
+
 
 def _owner() -> Owner:
     c = caller()
     return (c.client, c.thread)
+
+
+def _gone(client: str) -> bool:
+    """Is the client this server thread acts for gone (see locktable.is_gone)?"""
+    return client in _dead and locktable.is_gone(client)
 
 
 def _check_timeout(blocking: bool, timeout: float | None, lock_style: bool) -> float | None:
@@ -55,7 +74,14 @@ def _check_timeout(blocking: bool, timeout: float | None, lock_style: bool) -> f
 
 
 class _Acquirer:
-    """A counted lock with owners: the common core of Lock, RLock and Semaphore."""
+    """A counted lock with owners: the common core of Lock, RLock and Semaphore.
+
+    `owners` maps each holding thread to how many times it holds the lock,
+    `since` to (its Caller, when it took it); `waiters` maps each waiting
+    thread to its `locktable.Wait`.  `_strict` says the holders are the only
+    ones who release it (so its waits may deadlock); `_died` describes an owner
+    that went away, until the next acquirer is told.
+    """
 
     _procshare_concurrent_ = True
     _reentrant = False
@@ -66,70 +92,91 @@ class _Acquirer:
         self._cond = threading.Condition(self._mutex)
         self._value = value
         self._initial = value
-        self.owners: dict[Owner, int] = {}      # owner -> times acquired
-        self.waiters: dict[Owner, float] = {}   # owner -> monotonic time it started waiting
+        self._strict = value > 0
+        self.owners: dict[Owner, int] = {}
+        self.since: dict[Owner, tuple] = {}
+        self.waiters: dict[Owner, Wait] = {}
+        self._died: dict | None = None        # an owner died; the next acquirer is told
+        self._last_died: dict | None = None   # the last owner that died (introspection)
+        locktable.track(self)
 
     # -- acquiring ------------------------------------------------------------
-    def _take(self, me: Owner) -> None:
-        self._value -= 1
-        self.owners[me] = self.owners.get(me, 0) + 1
-
-    def _acquire_as(self, me: Owner, blocking: bool, timeout: float | None) -> bool:
-        with self._cond:
-            if self._reentrant and self.owners.get(me):
-                self.owners[me] += 1
-                return True
-            if self._value > 0:
-                self._take(me)
-                return True
-            if not blocking:
-                return False
-            limit, by_deadline = wait_limit(timeout)
-            endtime = None if limit is None else time.monotonic() + limit
-            self.waiters[me] = time.monotonic()
-            try:
-                while self._value <= 0:
-                    if endtime is None:
-                        self._cond.wait()
-                        continue
-                    left = endtime - time.monotonic()
-                    if left <= 0:
-                        if by_deadline:
-                            raise DeadlineExpired(f"still waiting for {self!r}")
-                        return False
-                    self._cond.wait(left)
-            finally:
-                del self.waiters[me]
-            self._take(me)
-            return True
-
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         timeout = _check_timeout(blocking, timeout, self._lock_style)
-        return self._acquire_as(_owner(), blocking, timeout)
+        c = caller()
+        return self._acquire_as((c.client, c.thread), c, blocking, timeout)
 
     __enter__ = acquire
 
-    # -- releasing ------------------------------------------------------------
-    def _release_as(self, me: Owner | None, n: int = 1) -> None:
-        """Give back `n` permits; `me` is the releasing owner (None: anyone's)."""
-        with self._cond:
-            self._check_release(me, n)
-            for _ in range(n):
-                holder = me if me in self.owners else next(iter(self.owners), None)
-                if holder is not None:
-                    left = self.owners[holder] - 1
-                    if left:
-                        self.owners[holder] = left
-                    else:
-                        del self.owners[holder]
-                    if self._reentrant and left:
-                        continue
-                self._value += 1
-            self._cond.notify(n)
+    def _acquire_as(self, me: Owner, who: Any, blocking: bool, timeout: float | None,
+                    count: int = 1) -> bool:
+        """Take the lock for thread `me` (`count` times when restoring a
+        Condition's lock); False if not taken."""
+        with self._mutex:
+            owners = self.owners
+            if self._reentrant:
+                n = owners.get(me)
+                if n:
+                    owners[me] = n + 1
+                    return True
+            if self._value > 0:
+                if _dead and _gone(me[0]):
+                    return False
+                self._value -= 1
+                n = owners.get(me)
+                if n:
+                    owners[me] = n + count
+                else:
+                    owners[me] = count
+                    self.since[me] = (who, _monotonic())
+                if self._died is not None:
+                    self._tell_owner_died(who)
+                return True
+            if not blocking:
+                return False
+            return self._wait(me, who, timeout, count)
 
-    def _check_release(self, me: Owner | None, n: int) -> None:
-        if self._value >= self._initial and not self.owners:
-            raise RuntimeError("release unlocked lock")
+    def _wait(self, me: Owner, who: Any, timeout: float | None, count: int) -> bool:
+        """The slow path of `_acquire_as` (called with the mutex held)."""
+        limit, by_deadline = wait_limit(timeout)
+        w = locktable.begin_wait(me, who, self, timeout is not None)  # may raise DeadlockError
+        self.waiters[me] = w
+        endtime = None if limit is None else _monotonic() + limit
+        try:
+            while True:
+                if _dead and _gone(me[0]):
+                    return False    # the client went away while it waited
+                if self._value > 0:
+                    break
+                if endtime is None:
+                    self._cond.wait()
+                    continue
+                left = endtime - _monotonic()
+                if left <= 0:
+                    if by_deadline:
+                        raise DeadlineExpired(f"still waiting for {locktable.lock_name(self)}")
+                    return False
+                self._cond.wait(left)
+        finally:
+            if self.waiters.get(me) is w:
+                del self.waiters[me]
+            locktable.end_wait(w)
+        self._value -= 1
+        self.owners[me] = self.owners.get(me, 0) + count
+        self.since.setdefault(me, (who, _monotonic()))
+        if self._died is not None:
+            self._tell_owner_died(who)
+        return True
+
+    def _tell_owner_died(self, who: Any) -> None:
+        died, self._died = self._died, None
+        died["told"] = {"pid": getattr(who, "pid", None),
+                        "thread_name": getattr(who, "thread_name", None)}
+        warn(locktable.owner_died_message(self, died), OwnerDiedWarning)
+
+    # -- releasing ------------------------------------------------------------
+    def _release_as(self, me: Owner, n: int = 1) -> None:
+        raise NotImplementedError
 
     def release(self) -> None:
         self._release_as(_owner())
@@ -137,29 +184,88 @@ class _Acquirer:
     def __exit__(self, *exc: Any) -> None:
         self.release()
 
+    def _drop(self, key: Owner, n: int) -> None:
+        """`key` gives back `n` of its holds (mutex held)."""
+        left = self.owners[key] - n
+        if left > 0:
+            self.owners[key] = left
+        else:
+            del self.owners[key]
+            self.since.pop(key, None)
+
+    def _not_strict(self) -> None:
+        """A thread that did not take it released it: it is a signal, not a mutex."""
+        if self._strict:
+            with locktable.mutex:
+                self._strict = False
+
     def locked(self) -> bool:
-        with self._mutex:
-            return self._value <= 0
+        return self._value <= 0
 
     # -- for Condition --------------------------------------------------------
     def _is_owned_by(self, me: Owner) -> bool:
         return bool(self.owners.get(me))
 
     def _release_save(self, me: Owner) -> int:
-        with self._cond:
+        with self._mutex:
             count = self.owners.pop(me, 0)
+            self.since.pop(me, None)
             self._value += 1
-            self._cond.notify()
+            if self.waiters:
+                self._cond.notify()
         return count
 
-    def _acquire_restore(self, me: Owner, count: int) -> None:
-        self._acquire_as(me, True, None)
-        with self._mutex:
-            self.owners[me] = count
+    def _acquire_restore(self, me: Owner, who: Any, count: int) -> bool:
+        return self._acquire_as(me, who, True, None, max(count, 1))
 
     def holders(self) -> dict[Owner, int]:
         with self._mutex:
             return dict(self.owners)
+
+    # -- owners that go away ------------------------------------------------------------
+    def _client_gone(self, client: str, pid: int) -> int:
+        with self._mutex:
+            gone = [k for k in self.owners if k[0] == client]
+            if not gone:
+                if any(k[0] == client for k in self.waiters):
+                    self._cond.notify_all()   # they give up (see _wait)
+                    return 1
+                return 0
+            count, threads = 0, []
+            for k in gone:
+                count += self.owners.pop(k)
+                who, _t = self.since.pop(k, (None, 0.0))
+                threads.append(getattr(who, "thread_name", "?"))
+            if self._give_back(count):
+                self._died = self._last_died = {
+                    "pid": pid, "client": client, "threads": threads, "count": count,
+                    "at": time.time(), "told": None}
+            self._cond.notify_all()
+            return 1
+
+    def _give_back(self, count: int) -> bool:
+        """Make the `count` holds of a dead owner available again; True if
+        the next acquirer should be told."""
+        self._value = 1
+        return True
+
+    # -- introspection ----------------------------------------------------------------
+    def _procshare_lock_info(self) -> dict:
+        now, wall = _monotonic(), time.time()
+        with self._mutex:
+            holders = [locktable.holder_info(k, *self.since.get(k, (None, now)), n, now, wall)
+                       for k, n in self.owners.items()]
+            waiters = [locktable.waiter_info(w, now, wall) for w in self.waiters.values()]
+            died = self._last_died
+            info = {"kind": type(self).__name__, "locked": self._value <= 0,
+                    "value": self._value, "initial": self._initial,
+                    "deadlock_checked": self._strict, "holders": holders,
+                    "waiters": waiters,
+                    "owner_died": None if died is None else
+                    {"pid": died["pid"], "threads": list(died["threads"]),
+                     "count": died["count"], "at": died["at"],
+                     "pending": self._died is not None, "told": died["told"]}}
+        return info
 
     def __repr__(self) -> str:
         state = "locked" if self._value <= 0 else "unlocked"
@@ -167,20 +273,27 @@ class _Acquirer:
 
 
 class Lock(_Acquirer):
-    """A mutex any client may release (like threading.Lock)."""
+    """A mutex any client may release (like threading.Lock).
+
+    Its holder is the thread that acquired it; a release by any other thread
+    is allowed, and from then on the lock counts as a signal (its waits are
+    never reported as deadlocks)."""
 
     def __repr__(self) -> str:
         state = "locked" if self._value <= 0 else "unlocked"
         return f"<{state} _thread.lock object at {id(self):#x}>"
 
-    def _release_as(self, me: Owner | None, n: int = 1) -> None:
-        # a plain Lock has no owner for release purposes: anyone may release it
-        with self._cond:
+    def _release_as(self, me: Owner, n: int = 1) -> None:
+        with self._mutex:
             if self._value > 0:
                 raise RuntimeError("release unlocked lock")
+            if me not in self.owners:
+                self._not_strict()
             self.owners.clear()
+            self.since.clear()
             self._value = 1
-            self._cond.notify()
+            if self.waiters:
+                self._cond.notify()
 
 
 class RLock(_Acquirer):
@@ -188,12 +301,19 @@ class RLock(_Acquirer):
 
     _reentrant = True
 
-    def _check_release(self, me: Owner | None, n: int) -> None:
-        if not self.owners.get(me):
-            raise RuntimeError("cannot release un-acquired lock")
-
-    def _release_save(self, me: Owner) -> int:
-        return super()._release_save(me)
+    def _release_as(self, me: Owner, n: int = 1) -> None:
+        with self._mutex:
+            held = self.owners.get(me)
+            if not held:
+                raise RuntimeError("cannot release un-acquired lock")
+            if held > 1:
+                self.owners[me] = held - 1
+                return
+            del self.owners[me]
+            self.since.pop(me, None)
+            self._value = 1
+            if self.waiters:
+                self._cond.notify()
 
     def _is_owned(self) -> bool:
         return self._is_owned_by(_owner())
@@ -207,7 +327,12 @@ class RLock(_Acquirer):
 
 
 class Semaphore(_Acquirer):
-    """A counting semaphore (like threading.Semaphore)."""
+    """A counting semaphore (like threading.Semaphore).
+
+    Used as a lock (each permit released by the thread that took it), a dead
+    owner's permits are given back and its waits are deadlock-checked.  Used as
+    a signal (created at 0, or released by other threads) it is left alone:
+    a permit taken is consumed."""
 
     _lock_style = False
 
@@ -215,14 +340,45 @@ class Semaphore(_Acquirer):
         if value < 0:
             raise ValueError("semaphore initial value must be >= 0")
         super().__init__(value)
+        self._restore = value > 0   # give a dead owner's permits back
 
-    def _check_release(self, me: Owner | None, n: int) -> None:
+    def _check_release(self, me: Owner, n: int) -> None:
         pass
 
     def release(self, n: int = 1) -> None:  # type: ignore[override]
         if n < 1:
             raise ValueError("n must be one or more")
         self._release_as(_owner(), n)
+
+    def _release_as(self, me: Owner, n: int = 1) -> None:
+        with self._mutex:
+            self._check_release(me, n)
+            owners = self.owners
+            held = owners.get(me, 0)
+            if held:
+                self._drop(me, min(held, n))
+            if held < n:
+                # permits given back by a thread that did not take them
+                self._not_strict()
+                rest = n - held
+                mine = [k for k in owners if k[0] == me[0]]
+                if sum(owners[k] for k in mine) < rest:
+                    self._restore = False   # ... nor another thread of its process
+                for k in mine + [k for k in owners if k[0] != me[0]]:
+                    if rest <= 0:
+                        break
+                    take = min(owners[k], rest)
+                    self._drop(k, take)
+                    rest -= take
+            self._value += n
+            if self.waiters:
+                self._cond.notify(n)
+
+    def _give_back(self, count: int) -> bool:
+        if not self._restore:
+            return False
+        self._value = min(self._value + count, self._initial)
+        return True
 
     def __repr__(self) -> str:
         return f"<threading.{type(self).__name__} at {id(self):#x}: value={self._value}>"
@@ -231,7 +387,7 @@ class Semaphore(_Acquirer):
 class BoundedSemaphore(Semaphore):
     """A semaphore that refuses to be released above its initial value."""
 
-    def _check_release(self, me: Owner | None, n: int) -> None:
+    def _check_release(self, me: Owner, n: int) -> None:
         if self._value + n > self._initial:
             raise ValueError("Semaphore released too many times")
 
@@ -242,8 +398,24 @@ def _local_referent(lock: Any) -> Any:
     return get() if get is not None else lock
 
 
+class _Sleeper:
+    """A thread inside Condition.wait, waiting to be notified."""
+
+    __slots__ = ("gate", "wait")
+
+    def __init__(self, wait: Wait) -> None:
+        self.gate = threading.Lock()
+        self.gate.acquire()
+        self.wait = wait
+
+
 class Condition:
-    """A condition variable over a manager-hosted lock (like threading.Condition)."""
+    """A condition variable over a manager-hosted lock (like threading.Condition).
+
+    While a thread waits it does not hold the lock; when it is woken it takes
+    the lock again like any acquirer (so that re-acquire is deadlock-checked).
+    A sleeper whose client goes away is woken and dropped, so it cannot swallow
+    a notify meant for a live one."""
 
     _procshare_concurrent_ = True
 
@@ -252,7 +424,8 @@ class Condition:
         if not isinstance(lock, _Acquirer):
             raise TypeError(f"Condition needs a lock made by this manager, not {lock!r}")
         self._lock = lock
-        self._waiters: list[threading.Lock] = []
+        self._waiters: list[_Sleeper] = []   # guarded by the lock's mutex
+        locktable.track(self)
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         return self._lock.acquire(blocking, timeout)
@@ -269,26 +442,27 @@ class Condition:
         return self._lock.locked()
 
     def wait(self, timeout: float | None = None) -> bool:
-        me = _owner()
-        if not self._lock._is_owned_by(me):
+        c = caller()
+        me = (c.client, c.thread)
+        lock = self._lock
+        if not lock._is_owned_by(me):
             raise RuntimeError("cannot wait on un-acquired lock")
-        waiter = threading.Lock()
-        waiter.acquire()
-        with self._lock._mutex:
-            self._waiters.append(waiter)
-        saved = self._lock._release_save(me)
+        sleeper = _Sleeper(Wait(me, c, self, timeout is not None, "notify"))
+        with lock._mutex:
+            self._waiters.append(sleeper)
+        saved = lock._release_save(me)
         limit, by_deadline = wait_limit(timeout)
         got = False
         try:
-            got = waiter.acquire(True, -1 if limit is None else limit)
+            got = sleeper.gate.acquire(True, -1 if limit is None else limit)
         finally:
             if not got:
-                with self._lock._mutex:
+                with lock._mutex:
                     try:
-                        self._waiters.remove(waiter)
+                        self._waiters.remove(sleeper)
                     except ValueError:
                         pass
-            self._lock._acquire_restore(me, saved)
+            lock._acquire_restore(me, c, saved)
         if not got and by_deadline:
             raise DeadlineExpired("condition not notified before the deadline")
         return got
@@ -307,13 +481,40 @@ class Condition:
     def notify(self, n: int = 1) -> None:
         if not self._lock._is_owned_by(_owner()):
             raise RuntimeError("cannot notify on un-acquired lock")
+        woken = []
         with self._lock._mutex:
-            woken, self._waiters[:] = self._waiters[:n], self._waiters[n:]
-        for w in woken:
-            w.release()
+            keep = []
+            for s in self._waiters:
+                if n > 0 or (_dead and _gone(s.wait.key[0])):
+                    woken.append(s)
+                    if not (_dead and _gone(s.wait.key[0])):
+                        n -= 1
+                else:
+                    keep.append(s)
+            self._waiters[:] = keep
+        for s in woken:
+            s.gate.release()
 
     def notify_all(self) -> None:
         self.notify(len(self._waiters))
+
+    def _client_gone(self, client: str, pid: int) -> int:
+        with self._lock._mutex:
+            gone = [s for s in self._waiters if s.wait.key[0] == client]
+            for s in gone:
+                self._waiters.remove(s)
+                s.gate.release()
+        return 1 if gone else 0
+
+    def _procshare_lock_info(self) -> dict:
+        info = self._lock._procshare_lock_info()
+        now, wall = _monotonic(), time.time()
+        with self._lock._mutex:
+            sleepers = [locktable.waiter_info(s.wait, now, wall) for s in self._waiters]
+        info.update(kind="Condition", lock=locktable.lock_name(self._lock),
+                    lock_kind=type(self._lock).__name__,
+                    waiters=info["waiters"] + sleepers)
+        return info
 
     def __repr__(self) -> str:
         return f"<Condition({self._lock!r}, {len(self._waiters)})>"
@@ -341,23 +542,80 @@ class Event(threading.Event):
 
 
 class Barrier(threading.Barrier):
-    """threading.Barrier whose wait honours the call's deadline."""
+    """threading.Barrier whose wait honours the call's deadline, and which
+    breaks when one of its parties goes away.
+
+    A party is a client that has waited at the barrier.  When a client goes
+    away while it waits here, or while other parties wait for it, the barrier
+    is aborted: the waiters get BrokenBarrierError saying which pid died,
+    instead of waiting forever.  (A process that dies before it ever reached
+    the barrier is not known as a party: use a timeout for that.)"""
 
     _procshare_concurrent_ = True
     __repr__ = _threading_repr
 
+    def __init__(self, parties: int, action: Any = None, timeout: float | None = None) -> None:
+        super().__init__(parties, action, timeout)
+        self._ps_mutex = threading.Lock()
+        self._ps_waiters: dict[Owner, Wait] = {}
+        self._ps_parties: dict[str, int] = {}    # client -> pid, clients that waited here
+        self._ps_died: dict | None = None         # the party whose death broke it
+        locktable.track(self)
+
     def wait(self, timeout: float | None = None) -> int:
+        c = caller()
+        me = (c.client, c.thread)
+        w = Wait(me, c, self, timeout is not None, "barrier")
+        with self._ps_mutex:
+            self._ps_waiters[me] = w
+            self._ps_parties[c.client] = c.pid
         limit, by_deadline = wait_limit(timeout)
-        if not by_deadline:
-            return super().wait(timeout)
         try:
-            return super().wait(limit)
+            return super().wait(limit if by_deadline else timeout)
         except threading.BrokenBarrierError:
+            died = self._ps_died
+            if died is not None:
+                raise threading.BrokenBarrierError(
+                    locktable.barrier_broken_message(self, died)) from None
             if limit is not None and by_deadline and self.broken:
                 raise DeadlineExpired(
                     "barrier not passed before the deadline; like a timed-out "
                     "threading.Barrier.wait, this broke the barrier") from None
             raise
+        finally:
+            with self._ps_mutex:
+                if self._ps_waiters.get(me) is w:
+                    del self._ps_waiters[me]
+
+    def reset(self) -> None:
+        with self._ps_mutex:
+            self._ps_died = None
+        super().reset()
+
+    def _client_gone(self, client: str, pid: int) -> int:
+        with self._ps_mutex:
+            waiting = any(k[0] == client for k in self._ps_waiters)
+            others = any(k[0] != client for k in self._ps_waiters)
+            party = self._ps_parties.pop(client, None) is not None
+            if not (waiting or (party and others)):
+                return 0
+            if self._ps_died is None and not self.broken:
+                self._ps_died = {"pid": pid, "client": client, "waiting": waiting,
+                                 "at": time.time()}
+        self.abort()
+        return 1
+
+    def _procshare_lock_info(self) -> dict:
+        now, wall = _monotonic(), time.time()
+        with self._ps_mutex:
+            waiters = [locktable.waiter_info(w, now, wall) for w in self._ps_waiters.values()]
+            parties = sorted(set(self._ps_parties.values()))
+            died = self._ps_died
+        return {"kind": "Barrier", "parties": self.parties, "n_waiting": self.n_waiting,
+                "broken": self.broken, "party_pids": parties, "holders": [],
+                "waiters": waiters,
+                "owner_died": None if died is None else
+                {"pid": died["pid"], "waiting": died["waiting"], "at": died["at"]}}
 
 
 def _queue_limit(block: bool, timeout: float | None) -> tuple[float | None, bool]:
@@ -366,49 +624,87 @@ def _queue_limit(block: bool, timeout: float | None) -> tuple[float | None, bool
     return wait_limit(timeout)
 
 
+class ClientGone(Exception):
+    """The client a blocked call was made for has died; nobody awaits the reply."""
+
+
 class Queue(queue.Queue):
-    """queue.Queue whose blocking get/put/join honour the call's deadline."""
+    """queue.Queue whose blocking get/put/join honour the call's deadline, and
+    whose waits end when the waiting client dies, so that a dead client's
+    `get()` never swallows an item put later."""
 
     _procshare_concurrent_ = True
+
+    def __init__(self, maxsize: int = 0) -> None:
+        super().__init__(maxsize)
+        locktable.track(self)
 
     def __repr__(self) -> str:
         return f"<queue.Queue object at {id(self):#x}>"
 
+    def _client_gone(self, client: str, pid: int) -> int:
+        with self.mutex:       # wake every waiter; the dead client's give up
+            self.not_empty.notify_all()
+            self.not_full.notify_all()
+            self.all_tasks_done.notify_all()
+        return 0
+
+    def _wait(self, cond: threading.Condition, ready: Any, timeout: float | None,
+              what: str) -> bool:
+        """Wait on `cond` (whose lock is held) until `ready()`.  False when the
+        method's own timeout ran out; DeadlineExpired at the call's deadline."""
+        limit, by_deadline = _queue_limit(True, timeout)
+        client = caller().client
+        endtime = None if limit is None else time.monotonic() + limit
+        while not ready():
+            if locktable.is_gone(client):
+                raise ClientGone(f"the client waiting in {what} has gone away")
+            if endtime is None:
+                cond.wait()
+                continue
+            left = endtime - time.monotonic()
+            if left <= 0:
+                if by_deadline:
+                    raise DeadlineExpired(f"queue {what}: still not possible at the deadline")
+                return False
+            cond.wait(left)
+        return True
+
+    def _shut_down(self) -> bool:   # Queue.shutdown() exists from Python 3.13
+        return getattr(self, "is_shutdown", False)
+
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         if not block:
             return super().get(False)
-        limit, by_deadline = _queue_limit(block, timeout)
-        try:
-            return super().get(True, limit)
-        except queue.Empty:
-            if by_deadline:
-                raise DeadlineExpired("queue still empty at the deadline") from None
-            raise
+        with self.not_empty:
+            if not self._wait(self.not_empty,
+                              lambda: self._qsize() or self._shut_down(), timeout, "get"):
+                raise queue.Empty
+            if not self._qsize():   # woken by shutdown(), Python 3.13+
+                raise queue.ShutDown  # type: ignore[attr-defined]
+            item = self._get()
+            self.not_full.notify()
+            return item
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        if not block:
-            return super().put(item, False)
-        limit, by_deadline = _queue_limit(block, timeout)
-        try:
-            return super().put(item, True, limit)
-        except queue.Full:
-            if by_deadline:
-                raise DeadlineExpired("queue still full at the deadline") from None
-            raise
+        if not block or self.maxsize <= 0:
+            return super().put(item, block, timeout)
+        with self.not_full:
+            if self._shut_down():
+                raise queue.ShutDown  # type: ignore[attr-defined]
+            if not self._wait(self.not_full,
+                              lambda: self._qsize() < self.maxsize or self._shut_down(),
+                              timeout, "put"):
+                raise queue.Full
+            if self._shut_down():
+                raise queue.ShutDown  # type: ignore[attr-defined]
+            self._put(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
 
     def join(self) -> None:
-        limit, by_deadline = wait_limit(None)
-        endtime = None if limit is None else time.monotonic() + limit
         with self.all_tasks_done:
-            while self.unfinished_tasks:
-                if endtime is None:
-                    self.all_tasks_done.wait()
-                    continue
-                left = endtime - time.monotonic()
-                if left <= 0:
-                    raise DeadlineExpired(
-                        f"{self.unfinished_tasks} task(s) still unfinished at the deadline")
-                self.all_tasks_done.wait(left)
+            self._wait(self.all_tasks_done, lambda: not self.unfinished_tasks, None, "join")
 
 
 JoinableQueue = Queue
