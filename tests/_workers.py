@@ -608,3 +608,8 @@ def update_item_many(d, n):
     for _ in range(n):
         d.update_item("n", add_one)
     return True
+
+
+def block_in_get(q, ready):
+    ready.set()
+    return q.get()

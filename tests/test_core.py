@@ -248,3 +248,18 @@ def test_frame_over_the_limit_closes_the_connection():
         ch_b.recv_frame(time.monotonic() + 2)
     ch_a.close()
     ch_b.close()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_dead_clients_blocked_get_does_not_swallow_an_item(method):
+    ctx = multiprocessing.get_context(method)
+    with procshare.Manager(ctx=ctx) as m:
+        q, ready = m.Queue(), m.Event()
+        child = _workers.start_child(ctx, _workers.block_in_get, q, ready)
+        assert ready.wait(10)
+        time.sleep(0.2)                        # the child is blocked in get() now
+        os.kill(child.process.pid, signal.SIGKILL)
+        child.process.join(5)
+        time.sleep(0.5)                        # the manager notices the death
+        q.put("precious")
+        assert q.get(timeout=5) == "precious"  # not taken by the dead client's get

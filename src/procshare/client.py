@@ -34,7 +34,7 @@ from typing import Any
 
 from . import protocol, transport
 from .errors import ManagerCrashed
-from .serializers import Serializer, get_serializer
+from .serializers import Serializer, decode_hello, encode_hello, get_serializer
 
 __all__ = ["Connection", "Session", "get_session", "client_id", "GRACE"]
 
@@ -67,7 +67,7 @@ def client_id() -> str:
 class Connection:
     """One authenticated channel to a manager, used by one thread at a time."""
 
-    __slots__ = ("ch", "ser", "rid", "pending", "session", "__weakref__")
+    __slots__ = ("ch", "ser", "rid", "pending", "session", "thread", "__weakref__")
 
     def __init__(self, ch: transport.Channel, ser: Serializer, session: Session) -> None:
         self.ch = ch
@@ -75,13 +75,19 @@ class Connection:
         self.rid = 0
         self.pending: set[int] = set()   # request ids whose replies were abandoned
         self.session = session
+        # the manager knows a connection's calls as this thread's (lock owners)
+        self.thread = threading.get_ident()
 
     def send_request(self, oid: Any, meth: str, args: tuple, kwds: dict,
                      timeout: float | None, want_reply: bool = True) -> int:
         rid = 0
         if want_reply:
             rid = self.rid = self.rid + 1
-        body, bufs = self.ser.dumps((oid, meth, args, kwds))   # nothing sent if this fails
+        try:
+            body, bufs = self.ser.dumps((oid, meth, args, kwds))   # nothing sent if this fails
+        except Exception as e:
+            from .diagnose import arguments_error
+            raise arguments_error(e, self.ser, oid, meth, args, kwds) from None
         budget = _NAN if timeout is None else timeout
         try:
             if bufs:
@@ -187,10 +193,9 @@ class Session:
                      "role": role, "version": 1}
             if role == "control" and self.adopt:
                 hello["adopt"], self.adopt = self.adopt, None
-            body, bufs = self.serializer.dumps(hello)
-            ch.send(protocol.encode_frame(protocol.HELLO, 1, body, bufs))
+            ch.send(protocol.encode_frame(protocol.HELLO, 1, encode_hello(hello)))
             kind, _rid, _b, body, bufs = ch.recv_frame(time.monotonic() + 20.0)
-            info = self.serializer.loads(body, bufs)
+            info = decode_hello(body, bufs, self.serializer)
         except (EOFError, ConnectionError, TimeoutError) as e:
             ch.close()
             raise self.crashed(e) from None
@@ -199,8 +204,11 @@ class Session:
             raise
         if kind != protocol.RETURN:
             ch.close()
-            from .errors import RemoteError
-            raise RemoteError(info)
+            from .errors import RemoteError, serializer_mismatch
+            if isinstance(info, dict) and info.get("error") == "serializer":
+                raise serializer_mismatch(self.address, self.serializer.name,
+                                          info.get("manager_serializer"), info.get("reason"))
+            raise RemoteError(info.get("message", info) if isinstance(info, dict) else info)
         self.server_pid = info.get("pid")
         return Connection(ch, self.serializer, self)
 
@@ -220,7 +228,10 @@ class Session:
             if c is not None:
                 self.stale.append(c)
             self.tls.conn = None
+            me = threading.get_ident()
             for old in list(self.stale):
+                if old.thread != me:
+                    continue        # its calls would run as another thread's
                 if old.drain():
                     self.stale.remove(old)
                     self.tls.conn = old
@@ -324,6 +335,10 @@ def _after_fork_in_child() -> None:
     global _client_id, _sessions_mutex
     _client_id = _new_client_id()
     _sessions_mutex = threading.Lock()
+    # every socket inherited from the parent, including ones only other
+    # (now gone) threads referenced: close our copies now, so that a late
+    # garbage collection cannot close a reused descriptor number later
+    transport.close_inherited()
     for key, s in list(_sessions.items()):
         conns = [s.control, getattr(s.tls, "conn", None), *s.stale]
         for c in conns:

@@ -443,3 +443,7 @@ def run(
     finally:
         if start_method is not None:
             multiprocessing.set_start_method(previous, force=True)
+
+
+from . import demo_errors  # noqa: E402,F401,I001  (registers the failure scenes)
+from . import demo_locks  # noqa: E402,F401  (registers the lock scenes)

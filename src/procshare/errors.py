@@ -1,24 +1,41 @@
 """Errors and warnings: every failure procshare reports, in one place.
 
-Owns: the exception hierarchy and the text of its messages.
+Owns: the exception hierarchy and the text of its messages (the facts are
+gathered elsewhere: `diagnose` finds the unserializable piece, `managers`
+reports on the manager processes it started).
 
 Rules it keeps:
 - Each new error also subclasses what `multiprocessing.managers` raises today in
-  the same situation, so existing `except` clauses keep working.
+  the same situation, so existing `except` clauses keep working.  Where the
+  stdlib's exception depends on the cause (TypeError or PicklingError or
+  AttributeError for an unpicklable argument; ConnectionRefusedError or
+  FileNotFoundError for a dead manager), the error is the subclass that matches
+  the cause: `ManagerCrashed` raised for a refused connection is also a
+  ConnectionRefusedError, and only then.
 - Each message says what happened, where (object, method, argument, process) and
   what the user can do about it.
 - Errors cross the wire as ordinary pickled exceptions; they must pickle with
-  their arguments (hence the plain `__init__(self, message, **facts)` shape).
+  their arguments (hence the plain `__init__(self, message, **facts)` shape, and
+  facts that are plain data).
 """
 
 from __future__ import annotations
 
+import collections
 import multiprocessing
+import os
+import pickle
+import time
 from typing import Any
 
 __all__ = [
-    "ProcshareError", "RemoteError", "NotExposedError", "CallTimeout", "ManagerCrashed",
-    "SerializationError", "DeadlockError", "OwnerDiedWarning", "AuthenticationError",
+    "ProcshareError", "RemoteError", "NotExposedError", "CallTimeout",
+    "ManagerCrashed", "ManagerConnectionRefused", "ManagerSocketMissing",
+    "ManagerConnectionReset", "ManagerBrokenPipe",
+    "SerializationError", "ArgumentsNotSerializable", "LocalObjectNotSerializable",
+    "ProcessLocalNotSerializable", "RemoteSerializationError", "ResultNotSerializable",
+    "ArgumentsNotDeserializable", "SerializerMismatch",
+    "BootstrapError", "DeadlockError", "OwnerDiedWarning", "AuthenticationError",
 ]
 
 
@@ -60,16 +77,104 @@ class CallTimeout(ProcshareError, TimeoutError):
     """A call did not finish by its deadline."""
 
 
+# -- the manager cannot be reached ------------------------------------------------
+
 class ManagerCrashed(ProcshareError, ConnectionError, EOFError):
     """The manager process has died or cannot be reached.
 
-    Subclasses ConnectionError (BrokenPipeError, ConnectionRefusedError) and
-    EOFError, which is what the stdlib raises in these cases.
+    Subclasses ConnectionError (BrokenPipeError, ConnectionResetError,
+    ConnectionRefusedError) and EOFError, which is what the stdlib raises in
+    these cases.  When the cause was one of the specific OSErrors below, the
+    error raised is the matching subclass, so that `except
+    ConnectionRefusedError:` (the usual "wait until the server is up" loop) and
+    `except FileNotFoundError:` (a Unix socket that is gone) keep working.
     """
 
 
+class ManagerConnectionRefused(ManagerCrashed, ConnectionRefusedError):
+    """ManagerCrashed where the stdlib raises ConnectionRefusedError: nothing
+    listens at the address (the manager died, or never ran there)."""
+
+
+class ManagerSocketMissing(ManagerCrashed, FileNotFoundError):
+    """ManagerCrashed where the stdlib raises FileNotFoundError: the manager's
+    Unix socket file is gone (it shut down, or the address is wrong).
+
+    Only this subclass is a FileNotFoundError, not every ManagerCrashed: a
+    FileNotFoundError handler around file I/O must not swallow a dead manager
+    that was reached over TCP or died mid-call."""
+
+
+class ManagerConnectionReset(ManagerCrashed, ConnectionResetError):
+    """ManagerCrashed where the stdlib raises ConnectionResetError."""
+
+
+class ManagerBrokenPipe(ManagerCrashed, BrokenPipeError):
+    """ManagerCrashed where the stdlib raises BrokenPipeError."""
+
+
+_CRASH_CLASSES: tuple = (
+    (ConnectionRefusedError, ManagerConnectionRefused),
+    (FileNotFoundError, ManagerSocketMissing),
+    (ConnectionResetError, ManagerConnectionReset),
+    (BrokenPipeError, ManagerBrokenPipe),
+)
+
+
+# -- serialization ------------------------------------------------------------------
+
 class SerializationError(ProcshareError, TypeError):
-    """A value could not be serialized or deserialized."""
+    """A value could not be serialized or deserialized.
+
+    Facts (attributes): `method`, `direction` ("arguments" or "result"), `path`
+    (e.g. ``args[1]['cfg'][1]``), `culprit` (a short description of the piece
+    that failed), `serializer` and `alternatives` (installed serializers that
+    would carry the value)."""
+
+
+class ArgumentsNotSerializable(SerializationError, pickle.PicklingError):
+    """The arguments of a call could not be serialized; nothing was sent and the
+    connection stays usable.  Also a `pickle.PicklingError`, as pickle raises
+    for functions and classes it cannot find by name."""
+
+
+class LocalObjectNotSerializable(ArgumentsNotSerializable, AttributeError):
+    """ArgumentsNotSerializable that is also an AttributeError: what pickle
+    raises (before Python 3.14) for local functions and classes ("Can't pickle
+    local object")."""
+
+
+class ProcessLocalNotSerializable(ArgumentsNotSerializable, RuntimeError):
+    """ArgumentsNotSerializable that is also a RuntimeError: what
+    multiprocessing's own Lock, Semaphore, Queue, ... raise when pickled other
+    than to a starting child process."""
+
+
+class RemoteSerializationError(SerializationError, RemoteError):
+    """The manager reported a serialization failure on its side (a
+    `RemoteError`, as the stdlib raises there)."""
+
+    __str__ = Exception.__str__
+
+
+class ResultNotSerializable(RemoteSerializationError):
+    """The result of a call could not be serialized in the manager.  The method
+    did run there; the connection stays usable and the next call works."""
+
+
+class ArgumentsNotDeserializable(RemoteSerializationError):
+    """The manager could not deserialize the arguments of a call (typically a
+    class or function it cannot import).  The method did not run."""
+
+
+class SerializerMismatch(SerializationError):
+    """The manager and this process use different serializers."""
+
+
+class BootstrapError(ProcshareError, RuntimeError):
+    """A manager was started while a child process was still importing its
+    parent's main module (start methods spawn and forkserver).  The stdlib
+    raises RuntimeError ("...bootstrapping phase...") here."""
 
 
 class DeadlockError(ProcshareError, RuntimeError):
@@ -85,39 +190,221 @@ class OwnerDiedWarning(RuntimeWarning):
     """A lock was acquired after its previous owner died while holding it."""
 
 
+# -- serialization messages ---------------------------------------------------------
+
+def _names(items: list) -> str:
+    quoted = [repr(a) for a in items]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+
+
+def _advice(alternatives: list, serializer: str, culprit: str, hint: str) -> str:
+    if alternatives:
+        first = alternatives[0]
+        plural = "s" if len(alternatives) > 1 else ""
+        text = f" The installed serializer{plural} {_names(alternatives)} would carry it: "
+        if first == "pickle":
+            text += (f"create the manager with serializer='pickle' instead of {serializer!r} "
+                     "(but pickle runs code when it loads: use it between trusted processes "
+                     "only).")
+        else:
+            text += (f"create the manager with serializer={first!r} (both ends need it "
+                     f"installed), or register this type with serializer={first!r}.")
+        return text + (f" {hint}" if hint else "")
+    if hint:
+        return " " + hint
+    return (f" No installed serializer can carry {culprit}: send plain data that describes "
+            "it instead, or keep it in the manager and share a proxy to it.")
+
+
+def arguments_not_serializable(cause: BaseException, what: str, serializer: str, path: str,
+                               culprit: str, alternatives: list, hint: str = "",
+                               method: str | None = None,
+                               error: str | None = None) -> ArgumentsNotSerializable:
+    """The error for arguments that could not be serialized (nothing was sent)."""
+    cls: type = ArgumentsNotSerializable
+    if isinstance(cause, AttributeError):
+        cls = LocalObjectNotSerializable
+    elif isinstance(cause, RuntimeError) and not isinstance(cause, RecursionError):
+        cls = ProcessLocalNotSerializable
+    error = error or f"{type(cause).__name__}: {cause}"
+    return cls(
+        f"the arguments of {what} could not be serialized with {serializer!r}: "
+        f"{path} -> {culprit} ({error}). Nothing was sent; the proxy stays usable."
+        + _advice(alternatives, serializer, culprit, hint),
+        method=method, direction="arguments", path=path, culprit=culprit,
+        serializer=serializer, alternatives=list(alternatives), error=error)
+
+
+def result_not_serializable_text(what: str, serializer: str, path: str, culprit: str,
+                                 error: str, alternatives: list, hint: str = "") -> str:
+    """The text the manager sends back for a result it could not serialize."""
+    return (f"the result of {what} could not be serialized with {serializer!r} in the "
+            f"manager: {path} -> {culprit} ({error}). The method did run; the connection "
+            "stays usable." + _advice(alternatives, serializer, culprit, hint)
+            + " Or return plain data from the method.")
+
+
+def arguments_not_deserializable_text(serializer: str, error: str, pid: int) -> str:
+    """The text the manager sends back for a request it could not deserialize."""
+    return (f"the manager (pid {pid}) could not deserialize the arguments with "
+            f"{serializer!r} ({error}), so the method did not run. Classes and functions "
+            "sent to the manager must be importable there by the same name: define them "
+            "at module level in a module the manager process can import (not in a "
+            "script's __main__ that the manager did not run), or use "
+            "serializer='cloudpickle', which sends them by value.")
+
+
+def remote_serialization_error(payload: Any, method: str | None) -> RemoteSerializationError:
+    """The error for an UNSERIALIZABLE reply: `payload` is `(message, facts)`
+    (or, from older managers, the message alone)."""
+    if isinstance(payload, (tuple, list)) and len(payload) == 2:
+        message, facts = payload
+        facts = dict(facts or {})
+    else:
+        message, facts = str(payload), {}
+    direction = facts.setdefault("direction", "result")
+    if method and not facts.get("method"):
+        facts["method"] = method
+    cls = ArgumentsNotDeserializable if direction == "arguments" else ResultNotSerializable
+    if direction == "arguments" and method:
+        message = f"{method}(): {message}"
+    return cls(message, **facts)
+
+
+def serializer_mismatch(address: Any, mine: str, theirs: str, reason: str = "") -> SerializerMismatch:
+    return SerializerMismatch(
+        f"serializer mismatch: the manager at {address!r} uses {theirs!r} but this process "
+        f"connects with {mine!r}{' (' + reason + ')' if reason else ''}. Both ends must use "
+        "the same serializer: pass the same serializer= to the manager that starts the "
+        "server and to the one that connects (and register the same custom serializers "
+        "in both processes).",
+        address=address, client_serializer=mine, manager_serializer=theirs)
+
+
+# -- the manager cannot be reached --------------------------------------------------
+
 #: address -> callable giving facts about a manager this process started
-#: (exit code, signal, last log lines); filled in by `managers`
+#: (pid, exit code, manager class, last log lines); filled in by `managers`
 crash_reporters: dict[Any, Any] = {}
+
+#: address -> facts about a manager this process shut down (newest last)
+shut_down_managers: collections.OrderedDict = collections.OrderedDict()
+_SHUT_DOWN_KEEP = 256
+
+
+def note_shut_down(address: Any, manager: str, pid: int | None) -> None:
+    """Remember that this process shut down the manager at `address`."""
+    shut_down_managers.pop(address, None)
+    shut_down_managers[address] = {"manager": manager, "pid": pid, "by": os.getpid(),
+                                   "when": time.strftime("%H:%M:%S")}
+    while len(shut_down_managers) > _SHUT_DOWN_KEEP:
+        shut_down_managers.popitem(last=False)
+
+
+def _signal_name(number: int) -> str:
+    import signal
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+_SIGNAL_CAUSES = {
+    "SIGKILL": ("Something outside procshare killed it: the kernel's OOM killer (check "
+                "`dmesg`), a `kill -9`, or a process supervisor."),
+    "SIGTERM": "Something asked it to stop: a `kill`, a process supervisor, or a shutdown.",
+    "SIGSEGV": ("It crashed in native code (a C extension used by a shared object?); "
+                "the log below ends with the Python traceback of the crash."),
+    "SIGBUS": "It crashed in native code; the log below ends with the traceback.",
+    "SIGABRT": ("It aborted (a failed assertion in native code?); the log below ends with "
+                "the traceback."),
+}
 
 
 def manager_crashed(address: Any, cause: BaseException | None) -> ManagerCrashed:
-    """Build the error for a manager at `address` that cannot be reached."""
+    """Build the error for a manager at `address` that cannot be reached.
+
+    The class matches the cause (see `ManagerCrashed`); the message says whether
+    the manager was shut down by this process, killed by a signal or exited, and
+    ends with the last lines of its log when this process started it."""
+    cls: type = ManagerCrashed
+    for base, sub in _CRASH_CLASSES:
+        if isinstance(cause, base):
+            cls = sub
+            break
+    why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
     facts: dict[str, Any] = {"address": address}
+    if cause is not None:
+        facts["cause"] = f"{type(cause).__name__}: {cause}"
+
+    gone = shut_down_managers.get(address)
+    if gone is not None and address not in crash_reporters:
+        by = ("by this process" if gone["by"] == os.getpid()
+              else f"by process {gone['by']}")
+        facts.update(shut_down=True, pid=gone["pid"])
+        return cls(
+            f"the {gone['manager']} at {address!r} was shut down {by} at {gone['when']} "
+            f"(manager.shutdown(), or the end of its `with` block), so this proxy cannot be "
+            f"used any more{why}. Its objects are gone. Keep the manager running until "
+            "every process is done with its proxies, or create the objects again on a "
+            "running manager.", **facts)
+
     report = crash_reporters.get(address)
-    detail = ""
     if report is not None:
         try:
             facts.update(report())
         except Exception:
             pass
-    if facts.get("exitcode") is not None:
-        code = facts["exitcode"]
-        if code < 0:
-            import signal
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:
-                name = f"signal {-code}"
-            facts["signal"] = name
-            detail = f" The manager process (pid {facts.get('pid')}) was killed by {name}."
-        else:
-            detail = f" The manager process (pid {facts.get('pid')}) exited with code {code}."
-    elif facts.get("pid"):
-        detail = f" The manager process has pid {facts['pid']}."
+    who = f"the {facts['manager']}" if facts.get("manager") else "the manager"
+    pid = f" (pid {facts['pid']})" if facts.get("pid") else ""
+    code = facts.get("exitcode")
+    if code is not None and code < 0:
+        facts["signal"] = _signal_name(-code)
+        what = (f"{who} at {address!r}{pid} was killed by {facts['signal']}{why}. "
+                + _SIGNAL_CAUSES.get(facts["signal"], ""))
+    elif code is not None:
+        what = f"{who} at {address!r}{pid} exited with code {code}{why}."
+    elif report is not None and facts.get("alive"):
+        what = (f"{who} at {address!r}{pid} is still running but cannot be reached{why}; "
+                "it may be overloaded, or it closed this connection.")
+    else:
+        what = (f"{who} at {address!r} cannot be reached{why}: it has crashed or shut "
+                "down, or nothing ever listened at this address.")
     lines = facts.get("log") or []
-    tail = ("\nLast lines of the manager's log:\n  " + "\n  ".join(lines[-10:])) if lines else ""
-    why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+    tail = ("\nLast lines of the manager's log:\n  " + "\n  ".join(lines[-10:])) if lines \
+        else ""
+    return cls(
+        f"{what} Objects it held are gone unless it is restarted; start a new manager (or "
+        "reconnect once it is back) and create the objects again." + tail, **facts)
+
+
+def bootstrap_error(manager: str) -> BootstrapError:
+    """A manager started while a spawned child imports the main module."""
+    return BootstrapError(
+        f"{manager}.start() was called while this process was still starting up: it is a "
+        "child process (start method 'spawn' or 'forkserver') that imports its parent's "
+        "main module, and that module starts a manager at import time. This is the "
+        "stdlib's \"bootstrapping phase\" error: every child would start yet another "
+        "manager. Move the code that starts managers and processes under\n\n"
+        "    if __name__ == \"__main__\":\n        main()\n\n"
+        "and keep only definitions (classes, functions, register() calls) at module level.",
+        manager=manager)
+
+
+def manager_died_starting(manager: str, pid: int | None, exitcode: int, start_method: str,
+                          log: list) -> ManagerCrashed:
+    """The manager's server process died before it reported its address."""
+    how = (f"was killed by {_signal_name(-exitcode)}" if exitcode < 0
+           else f"exited with code {exitcode}")
+    hint = ""
+    if start_method in ("spawn", "forkserver") and exitcode == 1:
+        hint = (f" With the {start_method!r} start method the most common cause is a manager "
+                "(or a Process) started at import time: the server process imports the main "
+                "module, which starts another one (a BootstrapError, the stdlib's "
+                "\"bootstrapping phase\" error). Put that code under "
+                "`if __name__ == \"__main__\":`.")
+    tail = ("\nLast lines of the manager's log:\n  " + "\n  ".join(log[-10:])) if log else ""
     return ManagerCrashed(
-        f"the manager at {address!r} cannot be reached{why}.{detail} Objects it held are "
-        "gone unless it is restarted; start a new manager (or reconnect once it is back) "
-        "and create the objects again." + tail, **facts)
+        f"the {manager} server process (pid {pid}) {how} before it was ready; its error "
+        f"is printed above (on its stderr).{hint}" + tail,
+        manager=manager, pid=pid, exitcode=exitcode, log=list(log))

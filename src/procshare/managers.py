@@ -16,15 +16,21 @@ Rules it keeps:
 from __future__ import annotations
 
 import array
+import functools
+import inspect
+import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
+import time
 from multiprocessing import get_context, process, reduction, util
 from multiprocessing import pool as mp_pool
 from multiprocessing.context import ProcessError
 from typing import Any
 
-from . import client, errors, primitives, protocol, transport
+from . import client, errors, primitives, protocol, serializers, transport
 from .errors import RemoteError  # noqa: F401  (re-exported, as in the stdlib)
 from .protocol import Token
 from .proxy import (  # noqa: F401  (the stdlib module has all these names)
@@ -155,52 +161,86 @@ class BaseManager:
             raise _state_error(self._state)
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
+        if getattr(process.current_process(), "_inheriting", False):
+            # a spawned child importing its parent's main module, which starts a
+            # manager at import time (the stdlib's "bootstrapping phase" error)
+            raise errors.bootstrap_error(type(self).__name__)
+        name = type(self).__name__
+        # the server's log (for crash reports), in a private dir removed at shutdown
+        try:
+            logdir: str | None = tempfile.mkdtemp(prefix="procshare-log-",
+                                                  dir=util.get_temp_dir())
+        except OSError:
+            logdir = None      # no log: crash reports just lack its last lines
+        extra = {"logdir": logdir} if logdir and _accepts(type(self)._run_server, "logdir") \
+            else {}
         reader, writer = self._ctx.Pipe(duplex=False)
         self._process = self._ctx.Process(
             target=type(self)._run_server,
             args=(self._registry, self._address, bytes(self._authkey), self._serializer,
                   writer, initializer, initargs),
+            kwargs=extra,
         )
         ident = ":".join(str(i) for i in self._process._identity)
-        self._process.name = type(self).__name__ + "-" + ident
-        self._process.start()
-        writer.close()
+        self._process.name = name + "-" + ident
         try:
-            ok, value = reader.recv()
-        except EOFError:
-            self._process.join(1.0)
-            raise errors.manager_crashed(self._address, None) if self._process.exitcode is None \
-                else errors.ManagerCrashed(
-                    f"the {type(self).__name__} server process (pid {self._process.pid}) "
-                    f"exited with code {self._process.exitcode} before it was ready; see "
-                    "its output above for the reason.", exitcode=self._process.exitcode,
-                    pid=self._process.pid) from None
-        finally:
-            reader.close()
-        if not ok:
-            self._process.join(self._shutdown_timeout)
-            raise value
+            try:
+                self._process.start()
+            finally:
+                writer.close()
+            try:
+                ok, value = reader.recv()
+            except EOFError:
+                self._process.join(1.0)
+                code = self._process.exitcode
+                if code is None:
+                    raise errors.manager_crashed(self._address, None) from None
+                raise errors.manager_died_starting(
+                    name, self._process.pid, code, self._ctx.get_start_method(),
+                    _log_tail(logdir)) from None
+            finally:
+                reader.close()
+            if not ok:
+                self._process.join(self._shutdown_timeout)
+                raise value
+        except BaseException:
+            if logdir is not None:
+                shutil.rmtree(logdir, ignore_errors=True)
+            raise
         self._address = value
         self._state.value = State.STARTED
-        proc = self._process
-        errors.crash_reporters[self._address] = lambda: _process_facts(proc)
+        errors.shut_down_managers.pop(self._address, None)
+        errors.crash_reporters[self._address] = functools.partial(
+            _process_facts, self._process, logdir, name)
         self.shutdown = util.Finalize(
             self, type(self)._finalize_manager,
             args=(self._process, self._address, self._authkey, self._state,
                   self._serializer, self._shutdown_timeout),
+            kwargs={"logdir": logdir, "manager": name}
+            if _accepts(type(self)._finalize_manager, "logdir") else None,
             exitpriority=0,
         )
 
     @classmethod
     def _run_server(cls, registry: dict, address: Any, authkey: bytes, serializer: Any,
-                    writer: Any, initializer: Any = None, initargs: tuple = ()) -> None:
-        """Create a server, report its address and run it (in the child)."""
+                    writer: Any, initializer: Any = None, initargs: tuple = (),
+                    logdir: str | None = None) -> None:
+        """Create a server, report its address and run it (in the child).
+
+        With `logdir`, the server's log (procshare's records, uncaught exceptions
+        in its threads, fatal signals) goes to files there, for crash reports."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if logdir is not None:
+            _start_server_log(logdir)
         try:
             if initializer is not None:
                 initializer(*initargs)
+            for spec in registry.values():     # per-type serializers, known by name here
+                if getattr(spec, "serializer", None) is not None:
+                    serializers.get_serializer(spec.serializer)
             server = cls._Server(registry, address, authkey, serializer)
         except BaseException as e:
+            _log.info("the manager failed to start: %r", e, exc_info=True)  # file only
             try:
                 writer.send((False, e))
             except Exception:
@@ -210,7 +250,16 @@ class BaseManager:
         writer.send((True, server.address))
         writer.close()
         util.info("manager serving at %r", server.address)
-        server.serve_forever()
+        _log.info("manager pid %d serving at %r (serializer %r)", os.getpid(), server.address,
+                  server.serializer.name)
+        try:
+            server.serve_forever()
+        except SystemExit:
+            _log.info("manager pid %d stopped", os.getpid())
+            raise
+        except BaseException:
+            _log.info("the manager's main loop failed", exc_info=True)  # file only
+            raise
 
     @property
     def pid(self) -> int | None:
@@ -242,7 +291,8 @@ class BaseManager:
 
     @staticmethod
     def _finalize_manager(proc: Any, address: Any, authkey: Any, state: State,
-                          serializer: Any, shutdown_timeout: float) -> None:
+                          serializer: Any, shutdown_timeout: float, *,
+                          logdir: str | None = None, manager: str = "manager") -> None:
         """Shut the manager process down; registered as a finalizer."""
         if proc.is_alive():
             util.info("sending shutdown message to manager")
@@ -266,7 +316,10 @@ class BaseManager:
         state.value = State.SHUTDOWN
         client.drop_session(address)
         errors.crash_reporters.pop(address, None)
+        errors.note_shut_down(address, manager, proc.pid)
         transport.cleanup_address(address)
+        if logdir is not None:
+            shutil.rmtree(logdir, ignore_errors=True)
 
     # -- objects -----------------------------------------------------------------------------
     def _session(self) -> client.Session:
@@ -305,16 +358,29 @@ class BaseManager:
         """The processes connected to the manager, with their connections."""
         return self._control("clients")
 
+    def locks(self) -> list[dict]:
+        """Every manager-hosted Lock, RLock, Semaphore, BoundedSemaphore,
+        Condition and Barrier: who holds it, who waits and for how long, and
+        whether an owner died holding it (JSON-friendly dicts)."""
+        return self._control("locks")
+
     @classmethod
     def register(cls, typeid: str, callable: Any = None, proxytype: Any = None,
                  exposed: Any = None, method_to_typeid: dict | None = None,
-                 create_method: bool = True, *, serial: bool | None = None) -> None:
+                 create_method: bool = True, *, serial: bool | None = None,
+                 serializer: Any = None) -> None:
         """Register a type (or callable) with the manager class.
 
         `serial` (procshare): True runs calls on one object one at a time, False
         runs them concurrently, None (default) decides per object: concurrent for
         thread-safe types (queues, locks, pools, objects carrying their own lock),
         serial otherwise.
+
+        `serializer` (procshare): a serializer (name or object) for the arguments
+        and results of this type's calls that the manager's own serializer cannot
+        carry, e.g. "cloudpickle" for a type whose methods take lambdas.  Such a
+        value is packed by it inside the manager's message, so the manager's
+        serializer stays in charge (a msgpack manager accepts only safe ones).
         """
         if "_registry" not in cls.__dict__:
             cls._registry = cls._registry.copy()
@@ -327,13 +393,18 @@ class BaseManager:
                 assert type(key) is str, "%r is not a string" % key
                 assert type(value) is str, "%r is not a string" % value
         cls._registry[typeid] = TypeSpec((callable, exposed, method_to_typeid, proxytype),
-                                         serial=serial)
+                                         serial=serial, serializer=serializer)
         if create_method:
             def temp(self: BaseManager, /, *args: Any, **kwds: Any) -> Any:
                 util.debug("requesting creation of a shared %r object", typeid)
-                token, exp = self._create(typeid, *args, **kwds)
+                ser = self._serializer
+                if serializer is None:
+                    token, exp = self._create(typeid, *args, **kwds)
+                else:
+                    ser = serializers.typed_serializer(ser, serializer)
+                    token, exp = _create_typed(self, ser, typeid, args, kwds)
                 extra = {"attributes": self._last_attributes} if proxytype is AutoProxy else {}
-                proxy = proxytype(token, self._serializer, manager=self,
+                proxy = proxytype(token, ser, manager=self,
                                   authkey=self._authkey, exposed=exp, incref=False, **extra)
                 proxy._track()
                 return proxy
@@ -341,9 +412,127 @@ class BaseManager:
             setattr(cls, typeid, temp)
 
 
-def _process_facts(proc: Any) -> dict:
-    alive = proc.is_alive()
-    return {"pid": proc.pid, "exitcode": None if alive else proc.exitcode}
+def _create_typed(manager: BaseManager, ser: Any, typeid: str, args: tuple,
+                  kwds: dict) -> tuple[Token, tuple]:
+    """`manager._create` for a type with its own serializer: the constructor's
+    arguments go through that type's connection, so they may use it too."""
+    if manager._state.value != State.STARTED:
+        raise _state_error(manager._state) if manager._state.value == State.SHUTDOWN \
+            else ProcessError("server not yet started")
+    conn = client.get_session(manager._address, bytes(manager._authkey), ser).thread_conn()
+    kind, result = conn.call(None, "create", (typeid, *args), kwds, manager._call_timeout)
+    if kind != protocol.RETURN:
+        raise_reply(kind, result, None, "create", manager._call_timeout)
+    ident, exposed, attrs = result
+    manager._last_attributes = attrs
+    return Token(typeid, manager._address, ident), exposed
+
+
+def _accepts(func: Any, name: str) -> bool:
+    """True if `func` takes a parameter `name` (a subclass may override
+    `_run_server`/`_finalize_manager` with the stdlib's signature)."""
+    try:
+        return name in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# -- the manager process's log, for crash reports ------------------------------------
+
+_log = logging.getLogger("procshare.manager")
+_LOG_FILE = "server.log"
+_FAULT_FILE = "fault.log"
+_fault_file: Any = None
+
+
+class _LikeBefore(logging.Handler):
+    """Passes records on as if the procshare logger still propagated (to the
+    root logger's handlers, or Python's last-resort stderr handler)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger().callHandlers(record)
+
+
+def _start_server_log(logdir: str) -> None:
+    """In the manager process: write procshare's log records, uncaught exceptions
+    of server threads and fatal signals to files in `logdir`."""
+    global _fault_file
+    import faulthandler
+    import logging.handlers
+    logger = logging.getLogger("procshare")
+    before = logger.getEffectiveLevel()
+    handler = logging.handlers.RotatingFileHandler(
+        os.path.join(logdir, _LOG_FILE), maxBytes=1 << 20, backupCount=1)
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    forward = _LikeBefore(max(before, logging.WARNING))
+    logger.addHandler(forward)
+    logger.propagate = False       # INFO goes to the file only; the rest as before
+    logger.setLevel(logging.INFO)
+
+    def excepthook(args: Any) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        logging.getLogger("procshare.server").error(
+            "uncaught exception in manager thread %s", name,
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+    threading.excepthook = excepthook
+    try:
+        _fault_file = open(os.path.join(logdir, _FAULT_FILE), "w")  # noqa: SIM115
+        faulthandler.enable(file=_fault_file)
+    except (OSError, RuntimeError, ValueError):
+        pass
+
+    manager_pid = os.getpid()
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if os.getpid() == manager_pid:      # not in a forked child (a Pool's worker)
+            _log.warning("manager pid %d received SIGTERM: stopping", manager_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _log_tail(logdir: str | None, n: int = 10) -> list[str]:
+    """The last `n` lines of the manager's log (fatal-signal tracebacks last)."""
+    if not logdir:
+        return []
+    lines: list[str] = []
+    for name in (_LOG_FILE, _FAULT_FILE):
+        try:
+            with open(os.path.join(logdir, name), "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 16384))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        lines += [line for line in text.splitlines() if line.strip()]
+    return lines[-n:]
+
+
+def _process_facts(proc: Any, logdir: str | None = None, manager: str = "manager") -> dict:
+    """What `errors.manager_crashed` says about a manager this process started:
+    its pid, its exit code (waiting briefly for a dying one), its log's tail."""
+    facts: dict[str, Any] = {"pid": proc.pid, "manager": manager}
+    try:
+        if getattr(proc, "_parent_pid", None) == os.getpid():
+            code = proc.exitcode
+            deadline = time.monotonic() + 0.5   # its sockets close just before it exits
+            while code is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+                code = proc.exitcode
+            facts["exitcode"] = code
+            facts["alive"] = code is None
+    except Exception:
+        pass
+    facts["log"] = _log_tail(logdir)
+    if logdir:
+        facts["logfile"] = os.path.join(logdir, _LOG_FILE)
+    return facts
 
 
 # -- types registered with SyncManager ---------------------------------------------------

@@ -100,7 +100,8 @@ def raise_reply(kind: int, payload: Any, proxy: Any, meth: str, timeout: float |
     if kind == protocol.TIMEOUT:
         raise call_timeout(proxy, meth, timeout, True, payload)
     if kind == protocol.UNSERIALIZABLE:
-        raise RemoteError("Unserializable message: %s\n" % payload)
+        from .errors import remote_serialization_error
+        raise remote_serialization_error(payload, meth)
     if kind == protocol.TRACEBACK:
         raise RemoteError(payload)
     raise ValueError(f"Unrecognized message type {kind!r}")

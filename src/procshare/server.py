@@ -31,11 +31,17 @@ import traceback
 from multiprocessing import pool as mp_pool
 from typing import Any
 
-from . import callctx, protocol, transport
+from . import callctx, locktable, protocol, transport
 from .callctx import Caller, DeadlineExpired
 from .errors import AuthenticationError, NotExposedError
 from .registry import SERVER_HOLDER, Entry, NoSuchObject, Registry
-from .serializers import get_serializer
+from .serializers import (
+    decode_hello,
+    encode_hello,
+    get_serializer,
+    hello_problem,
+    pack_for_type,
+)
 
 __all__ = ["Server", "TypeSpec", "public_methods", "all_methods", "local_server"]
 
@@ -124,7 +130,7 @@ class Server:
 
     public = ["shutdown", "create", "accept_connection", "get_methods", "debug_info",
               "number_of_objects", "dummy", "incref", "decref", "loan", "adopt",
-              "fork_loan", "list_objects", "clients", "server_info"]
+              "fork_loan", "list_objects", "clients", "server_info", "locks"]
 
     def __init__(self, registry: dict, address: Any, authkey: bytes, serializer: Any = "pickle",
                  *, loan_ttl: float = LOAN_TTL) -> None:
@@ -189,20 +195,26 @@ class Server:
             kind, rid, _b, body, bufs = ch.recv_frame(time.monotonic() + 20)
             if kind != protocol.HELLO:
                 raise protocol.FrameError(f"expected a hello frame, got kind {kind}")
-            hello = self.serializer.loads(body, bufs)
-            theirs = hello.get("serializer")
-            if theirs != self.serializer.name:
-                self._reply(ch, rid, protocol.TRACEBACK,
-                            f"serializer mismatch: the manager at {self.address!r} uses "
-                            f"{self.serializer.name!r} but this client uses {theirs!r}. Create "
-                            "the manager and connect to it with the same serializer= argument.\n")
+            hello = decode_hello(body, bufs, self.serializer)    # JSON, whatever the serializer
+            theirs = hello.get("serializer") if isinstance(hello, dict) else None
+            problem = hello_problem(self.serializer, theirs)
+            if problem is not None:
+                self.note(f"refused a client that uses serializer {theirs!r} (this manager "
+                          f"uses {self.serializer.name!r}): {problem}")
+                ch.send(protocol.encode_frame(protocol.TRACEBACK, rid, encode_hello({
+                    "error": "serializer", "manager_serializer": self.serializer.name,
+                    "client_serializer": theirs,
+                    "reason": None if problem == "different serializers" else problem})))
                 return
             info = ConnInfo(hello, ch)
             with self.conn_mutex:
                 self.connections[id(ch)] = info
             if hello.get("adopt"):
                 self.objects.adopt(info.client, hello["adopt"])
-            self._reply(ch, rid, protocol.RETURN, {"pid": os.getpid(), "address": self.address})
+            if info.role == "control":
+                log.info("client pid %d connected (%s)", info.pid, info.client)
+            ch.send(protocol.encode_frame(protocol.RETURN, rid, encode_hello(
+                {"pid": os.getpid(), "address": self.address})))
             self.serve_client(ch, info)
         except (EOFError, ConnectionError, TimeoutError):
             pass
@@ -233,6 +245,9 @@ class Server:
 
     def client_gone(self, client: str, pid: int) -> None:
         """`client` (process `pid`) has died or disconnected: release what it held."""
+        locks = locktable.client_gone(client, pid)
+        if locks:
+            self.note(f"client pid {pid} went away; released or woke it in {locks} lock(s)")
         freed = self.objects.release_holder(client)
         if freed:
             self.note(f"client pid {pid} went away; released {freed} object(s) it held")
@@ -352,16 +367,34 @@ class Server:
         ch.send(protocol.encode_frame(kind, rid, body, bufs))
 
     def _unserializable(self, e: Exception, oid: Any, meth: Any, value: Any) -> tuple:
-        where = f"the result of {meth!r} on object {oid}" if meth else "a reply"
-        return (protocol.UNSERIALIZABLE,
-                f"{where} ({type(value).__name__}) could not be serialized with "
-                f"{self.serializer.name!r}: {type(e).__name__}: {e}")
+        """The reply for a value the manager's serializer cannot carry: packed by
+        the type's own serializer if it was registered with one, else an
+        UNSERIALIZABLE reply saying where in the value the problem is."""
+        entry = self.objects.objects.get(oid) if oid is not None else None
+        ser: Any = self.serializer
+        what = "a reply"
+        if entry is not None:
+            what = f"{meth}() on {entry.typeid!r} object {oid}"
+            inner = getattr(self.registry.get(entry.typeid), "serializer", None)
+            if inner is not None:
+                try:
+                    packed = pack_for_type(value, inner)
+                    self.serializer.dumps(packed)
+                    return (protocol.RETURN, packed)
+                except Exception as e2:
+                    e, ser = e2, inner
+        from .diagnose import result_text
+        text, facts = result_text(e, ser, what, value)
+        log.info("%s", text)
+        return (protocol.UNSERIALIZABLE, (text, facts))
 
     def _request_undecodable(self, e: Exception) -> tuple:
-        return (protocol.TRACEBACK,
-                f"the manager could not deserialize a request with {self.serializer.name!r}: "
-                f"{type(e).__name__}: {e}. Objects sent to the manager must be importable "
-                "in the manager process (define classes and functions at module level).\n")
+        from .errors import arguments_not_deserializable_text
+        error = f"{type(e).__name__}: {e}"
+        text = arguments_not_deserializable_text(self.serializer.name, error, os.getpid())
+        log.info("%s", text)
+        return (protocol.UNSERIALIZABLE, (text, {
+            "direction": "arguments", "serializer": self.serializer.name, "error": error}))
 
     def _slow_call(self, info: ConnInfo, oid: Any, meth: str, args: tuple, kwds: dict) -> tuple:
         """Calls that are not an exposed method: fallbacks and errors."""
@@ -503,6 +536,10 @@ class Server:
 
     def fork_loan(self, c: ConnInfo) -> str | None:
         return self.objects.fork_loan(c.client, self.loan_ttl)
+
+    def locks(self, c: ConnInfo) -> list[dict]:
+        """Every lock-like object with its holders and waiters (see locktable)."""
+        return locktable.snapshot(self.objects)
 
     def list_objects(self, c: ConnInfo) -> list[dict]:
         return self.objects.snapshot()

@@ -27,6 +27,7 @@ import socket
 import sys
 import tempfile
 import time
+import weakref
 from typing import Any
 
 from . import protocol
@@ -82,6 +83,20 @@ def cleanup_address(address: Any) -> None:
             pass
 
 
+_open_sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+
+
+def close_inherited() -> None:
+    """In a forked child: close this process's copies of every procshare socket
+    (without unlinking socket files or shutting connections down)."""
+    for sock in list(_open_sockets):
+        try:
+            sock.close()
+        except OSError:
+            pass
+    _open_sockets.clear()
+
+
 class Channel:
     """One connected socket carrying frames in both directions."""
 
@@ -89,6 +104,7 @@ class Channel:
 
     def __init__(self, sock: socket.socket, peer: Any = None) -> None:
         self.sock = sock
+        _open_sockets.add(sock)
         self._rest = b""          # bytes received past the last frame
         self.peer = peer
         self._spin = SPIN_SECONDS  # how long recv_frame busy-polls before sleeping
@@ -253,10 +269,13 @@ def _digest(authkey: bytes, challenge: bytes) -> bytes:
 
 
 def _auth_hint(address: Any) -> str:
-    return (f"Check that this process uses the same authkey as the manager at {address!r}: "
-            "pass authkey= to the manager, or start this process with multiprocessing so it "
-            "inherits current_process().authkey. A process started another way (or a "
-            "remote machine) has a different, random authkey.")
+    return ("This process and the manager do not share the authkey. Usual "
+            "causes: (1) the manager was given authkey=... and this process passes a "
+            "different one, or none (then it uses its current_process().authkey); (2) this "
+            "process was not started by multiprocessing from the process that created the "
+            "manager (a separate script, a subprocess, another machine), so its default "
+            "authkey is a different random key: pass the same authkey= (bytes) on both "
+            "ends; (3) another manager, with its own key, now listens at this address.")
 
 
 def server_handshake(ch: Channel, authkey: bytes, timeout: float = 20.0) -> None:
@@ -273,7 +292,8 @@ def server_handshake(ch: Channel, authkey: bytes, timeout: float = 20.0) -> None
     if not hmac.compare_digest(digest, _digest(authkey, challenge)):
         ch.send_raw(_NO + bytes(_DIGEST))
         raise AuthenticationError(
-            "a client presented the wrong authkey digest; connection refused")
+            "the manager rejected a client's authkey (HMAC digest mismatch: the client uses "
+            "a different authkey); connection refused, and the client was told so")
     ch.send_raw(_OK + _digest(authkey, reply[len(_MAGIC) + _DIGEST:]))
 
 
@@ -298,13 +318,16 @@ def client_handshake(ch: Channel, authkey: bytes, address: Any, timeout: float =
         answer = _NO
     if answer[:2] != _OK:
         raise AuthenticationError(
-            f"the manager at {address!r} rejected this process's authkey "
-            f"(digest mismatch, pid {os.getpid()}). " + _auth_hint(address))
+            f"the manager at {address!r} rejected the authkey of this process (pid "
+            f"{os.getpid()}): the manager side refused the connection (HMAC digest "
+            "mismatch). " + _auth_hint(address), address=address, rejected_by="manager")
     if not hmac.compare_digest(answer[2:], _digest(authkey, mine)):
         raise AuthenticationError(
-            f"the server at {address!r} accepted this process but could not prove it "
-            "knows the authkey: this process rejected it. Someone else may be listening "
-            "on that address.")
+            f"this process (pid {os.getpid()}) rejected the server at {address!r}: it "
+            "accepted this process's digest but could not prove that it knows the authkey "
+            "itself. Something other than the manager may be listening on that address "
+            "(check the address), or it is not a procshare manager.",
+            address=address, rejected_by="client")
 
 
 class Listener:
@@ -330,6 +353,7 @@ class Listener:
                               "to let procshare choose one.") from None
             raise
         self._sock = sock
+        _open_sockets.add(sock)
         self._family = family
         if family == socket.AF_UNIX:
             name = sock.getsockname()
