@@ -7,6 +7,7 @@ Real manager processes under fork and spawn; bounded waits.
 
 from __future__ import annotations
 
+import importlib
 import math
 import multiprocessing
 import os
@@ -17,6 +18,7 @@ import time
 import pytest
 
 import _error_workers as ew
+import _workers
 import procshare
 from _workers import run_child
 from procshare import protocol, serializers, transport
@@ -249,7 +251,7 @@ def test_the_hello_is_json_whatever_the_serializer():
 
 def test_unknown_serializer_names_the_known_ones():
     with pytest.raises(ValueError) as info:
-        get_serializer("xmlrpclib")
+        get_serializer("yaml")
     assert "'pickle'" in str(info.value) and "msgpack" in str(info.value)
     with pytest.raises(ValueError, match="'\\+'"):
         register_serializer("a+b", PickleSerializer)
@@ -334,3 +336,34 @@ def test_undecodable_request_is_reported_not_fatal():
             del ew.Ghost2
         d["g"] = 1
         assert dict(d) == {"g": 1}
+
+
+# -- the stdlib's 'xmlrpclib' serializer, scenario of CPython's test_remote ------------------
+
+XMLRPC_VALUES = ["hello world", None, True, 2.25, "hall\xe5 v\xe4rld",
+                 "\u043f\u0440\u0438\u0432\u0456\u0442 \u0441\u0432\u0456\u0442",
+                 b"hall\xe5 v\xe4rld"]
+
+
+@pytest.mark.parametrize("impl", ["stdlib", "procshare"])
+def test_xmlrpclib_serializer_parity(impl):
+    import os
+    import time
+
+    mod = importlib.import_module(
+        "multiprocessing.managers" if impl == "stdlib" else "procshare.managers")
+    server_cls = _workers.get_class(mod, "QueueManager")
+    authkey = os.urandom(32)
+    m = server_cls(address=("127.0.0.1", 0), authkey=authkey, serializer="xmlrpclib")
+    m.start()
+    try:
+        client = server_cls(address=m.address, authkey=authkey, serializer="xmlrpclib")
+        client.connect()
+        q = client.get_queue()
+        q.put(tuple(XMLRPC_VALUES))
+        assert q.get() == XMLRPC_VALUES            # tuples arrive as lists, as in the stdlib
+        with pytest.raises(Exception):             # noqa: B017  (the stdlib's test says so)
+            q.put(time.sleep)
+        del q
+    finally:
+        m.shutdown()

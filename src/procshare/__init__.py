@@ -14,14 +14,27 @@ from typing import Any
 from . import managers
 from .callctx import timeout
 from .errors import (
+    ArgumentsNotDeserializable,
+    ArgumentsNotSerializable,
     AuthenticationError,
+    BootstrapError,
     CallTimeout,
     DeadlockError,
+    LocalObjectNotSerializable,
+    ManagerBrokenPipe,
+    ManagerConnectionRefused,
+    ManagerConnectionReset,
     ManagerCrashed,
+    ManagerSocketMissing,
+    NotExposedError,
     OwnerDiedWarning,
+    ProcessLocalNotSerializable,
     ProcshareError,
     RemoteError,
+    RemoteSerializationError,
+    ResultNotSerializable,
     SerializationError,
+    SerializerMismatch,
 )
 from .managers import (
     AcquirerProxy,
@@ -68,8 +81,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Manager", "managers", "timeout",
-    "ProcshareError", "RemoteError", "CallTimeout", "ManagerCrashed", "SerializationError",
-    "DeadlockError", "OwnerDiedWarning", "AuthenticationError",
+    # errors (procshare.errors has them all, with the stdlib classes each extends)
+    "ProcshareError", "RemoteError", "NotExposedError", "CallTimeout", "ManagerCrashed",
+    "ManagerConnectionRefused", "ManagerSocketMissing", "ManagerConnectionReset",
+    "ManagerBrokenPipe", "SerializationError", "ArgumentsNotSerializable",
+    "LocalObjectNotSerializable", "ProcessLocalNotSerializable", "RemoteSerializationError",
+    "ResultNotSerializable", "ArgumentsNotDeserializable", "SerializerMismatch",
+    "BootstrapError", "DeadlockError", "OwnerDiedWarning", "AuthenticationError",
     "BaseManager", "SyncManager", "SharedMemoryManager", "Server", "BaseProxy", "AutoProxy",
     "MakeProxyType", "Token", "Namespace", "Value", "Array", "IteratorProxy", "AcquirerProxy",
     "ConditionProxy", "EventProxy", "BarrierProxy", "NamespaceProxy", "ValueProxy",

@@ -315,18 +315,23 @@ def drop_session(address: Any) -> None:
 
 
 # -- fork -------------------------------------------------------------------------
+#: session key -> a loan of every reference this process holds at that manager
 _fork_loans: dict[Any, str] = {}
 
 
 def _before_fork() -> None:
+    """Lend the child our references, once per manager address (a loan covers
+    every reference of this process there, whichever session made it)."""
     _fork_loans.clear()
+    lent: set = set()
     for key, s in list(_sessions.items()):
-        if s.live > 0 and s.control is not None and not s.closed:
+        if s.live > 0 and s.control is not None and not s.closed and s.address not in lent:
             try:
                 loan = s.control_call("fork_loan", timeout=5.0)
             except Exception as e:
                 log.debug("no fork loan from %r: %r", s.address, e)
                 continue
+            lent.add(s.address)
             if loan:
                 _fork_loans[key] = loan
 
@@ -340,10 +345,6 @@ def _after_fork_in_child() -> None:
     # garbage collection cannot close a reused descriptor number later
     transport.close_inherited()
     for key, s in list(_sessions.items()):
-        conns = [s.control, getattr(s.tls, "conn", None), *s.stale]
-        for c in conns:
-            if c is not None:
-                c.close()   # closes the child's copy of the fd only
         live = s.live
         s._reset(adopt=_fork_loans.get(key))
         s.live = live

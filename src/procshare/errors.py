@@ -49,7 +49,11 @@ class ProcshareError(Exception):
             setattr(self, key, value)
 
     def __reduce__(self) -> tuple:
-        return _rebuild_error, (type(self), self.args[0] if self.args else "", self.facts)
+        # facts are rebuilt from the arguments; anything else set on the error
+        # (such as the manager-side traceback) travels as state
+        extra = {k: v for k, v in self.__dict__.items() if k not in self.facts and k != "facts"}
+        return (_rebuild_error, (type(self), self.args[0] if self.args else "", self.facts),
+                extra or None)
 
 
 def _rebuild_error(cls: type, message: str, facts: dict) -> ProcshareError:

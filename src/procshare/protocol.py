@@ -37,7 +37,7 @@ RETURN = 10         # body: the result
 ERROR = 11          # body: the exception raised by the referent
 TRACEBACK = 12      # body: str, a formatted traceback (server-side failure)
 PROXY = 13          # body: (proxytype or None, exposed, token, attributes)
-UNSERIALIZABLE = 14  # body: str, why the result could not be serialized
+UNSERIALIZABLE = 14  # body: (message, facts): why the result could not be serialized
 TIMEOUT = 15        # body: str, the server gave up at the deadline; nothing happened
 WARNED = 16         # body: (result, [(warning category, message), ...])
 

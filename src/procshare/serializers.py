@@ -437,6 +437,30 @@ class MsgpackSerializer(Serializer):
         return unpack(body)
 
 
+# -- xmlrpclib, for code written for multiprocessing.managers ---------------------------
+
+class XmlrpcSerializer(Serializer):
+    """The stdlib managers' `serializer='xmlrpclib'`: XML-RPC marshalling.
+
+    Plain data only, as in the stdlib: tuples arrive as lists, and proxies,
+    exceptions (they arrive as RemoteError text) and other objects cannot travel.
+    Loading never runs code.  msgpack does the same job faster and keeps tuples.
+    """
+
+    name = "xmlrpclib"
+    safe = True
+
+    def __init__(self) -> None:
+        import xmlrpc.client
+        self._x = xmlrpc.client
+
+    def dumps(self, obj: Any) -> tuple[bytes, list]:
+        return self._x.dumps((obj,), allow_none=True).encode(), []
+
+    def loads(self, body: bytes, buffers: list) -> Any:
+        return self._x.loads(bytes(body).decode(), use_builtin_types=True)[0][0]
+
+
 # -- user-supplied dumps/loads pairs ------------------------------------------------
 
 class FunctionSerializer(Serializer):
@@ -576,6 +600,7 @@ _REGISTRY: dict[str, Callable[[], Any]] = {
     "cloudpickle": CloudpickleSerializer,
     "dill": DillSerializer,
     "msgpack": MsgpackSerializer,
+    "xmlrpclib": XmlrpcSerializer,
 }
 _PACKAGES = {"cloudpickle": "cloudpickle", "dill": "dill", "msgpack": "msgpack"}
 _INSTANCES: dict[str, Serializer] = {}
@@ -642,9 +667,7 @@ def get_serializer(name: Any) -> Serializer:
         except KeyError:
             raise ValueError(
                 f"unknown serializer {name!r}; the registered ones are {sorted(_REGISTRY)}"
-                + (" ('xmlrpclib' of multiprocessing.managers is not supported: 'msgpack' "
-                   "is the plain-data serializer)" if name == "xmlrpclib" else "")
-                + ". Register your own with "
+                ". Register your own with "
                 "procshare.serializers.register_serializer(name, factory).") from None
         inst = _as_serializer(factory(), name)
     _INSTANCES[name] = inst
