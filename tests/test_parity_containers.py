@@ -18,9 +18,10 @@ import _workers
 PY314 = sys.version_info >= (3, 14)
 
 
-def skip_stdlib_before_314(impl):
-    if impl.__name__ == "multiprocessing.managers" and not PY314:
-        pytest.skip("the stdlib gained this in Python 3.14; procshare has it on 3.10+")
+# The Python 3.14 additions run against the stdlib only where it has them;
+# procshare must have them on every Python it supports.
+only_where_supported = pytest.mark.parametrize(
+    "impl", ["stdlib", "procshare"] if PY314 else ["procshare"], indirect=True)
 
 
 def _catch(log, label, func, *args):
@@ -160,8 +161,8 @@ def test_list_seen_from_child(manager, ctx):
 # -- Python 3.14 additions: procshare has them on 3.10+ ----------------------
 
 
+@only_where_supported
 def test_list_clear_copy_314(impl, manager):
-    skip_stdlib_before_314(impl)
     lst = manager.list([1, 2, 3])
     c = lst.copy()
     assert c == [1, 2, 3] and type(c) is list
@@ -172,8 +173,8 @@ def test_list_clear_copy_314(impl, manager):
     assert lst._getvalue() == []
 
 
+@only_where_supported
 def test_dict_or_ior_fromkeys_reversed_314(impl, manager):
-    skip_stdlib_before_314(impl)
     d = manager.dict({"a": 1, "b": 2})
     merged = d | {"b": 20, "c": 3}
     assert merged == {"a": 1, "b": 20, "c": 3} and type(merged) is dict
@@ -187,8 +188,8 @@ def test_dict_or_ior_fromkeys_reversed_314(impl, manager):
     assert list(reversed(d)) == ["c", "b", "a"]
 
 
+@only_where_supported
 def test_set_314(impl, manager):
-    skip_stdlib_before_314(impl)
     s = manager.set([1, 2])
     s.add(3)
     s.add(3)
@@ -206,8 +207,8 @@ def test_set_314(impl, manager):
     assert sorted(manager.set()._getvalue()) == []
 
 
+@only_where_supported
 def test_lock_locked_314(impl, manager):
-    skip_stdlib_before_314(impl)
     lock = manager.Lock()
     assert lock.locked() is False
     assert lock.acquire() is True
