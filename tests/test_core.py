@@ -263,3 +263,40 @@ def test_dead_clients_blocked_get_does_not_swallow_an_item(method):
         time.sleep(0.5)                        # the manager notices the death
         q.put("precious")
         assert q.get(timeout=5) == "precious"  # not taken by the dead client's get
+
+
+def test_reply_the_client_cannot_deserialize_leaves_the_connection_usable(tmp_path):
+    """The manager returns an instance of a class this process cannot import."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "undeserializable.py"
+    script.write_text(textwrap.dedent("""
+        import sys, types, pickle
+        import procshare
+        mod = types.ModuleType("only_in_manager")
+        exec("class Thing:\\n    pass\\n", mod.__dict__)
+        sys.modules["only_in_manager"] = mod
+        def make():
+            return {"thing": mod.Thing(), "n": 1}
+        class M(procshare.BaseManager):
+            pass
+        M.register("make_holder", make)
+        if __name__ == "__main__":
+            import multiprocessing as mp
+            with M(ctx=mp.get_context("fork")) as m:
+                h = m.make_holder()
+                del sys.modules["only_in_manager"]     # this process forgets the class
+                try:
+                    h._getvalue()
+                except Exception as e:
+                    notes = " ".join(getattr(e, "__notes__", []))
+                    print("ERR", type(e).__name__,
+                          "could not deserialize" in notes or sys.version_info < (3, 11))
+                print("NEXT", h.get("n"))
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=60, env=_workers.subprocess_env())
+    assert "ERR ModuleNotFoundError True" in out.stdout, out.stdout + out.stderr
+    assert "NEXT 1" in out.stdout, out.stdout + out.stderr

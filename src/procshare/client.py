@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import pickle
 import secrets
 import socket
 import threading
@@ -47,7 +46,6 @@ GRACE = 0.025
 _NAN = math.nan
 _CALL = protocol.CALL
 _pack_header = protocol.HEADER.pack
-_NONE_BODY = pickle.dumps(None, 5)
 _monotonic = time.monotonic
 _MAX_STALE = 8      # abandoned connections kept for reuse, per session
 
@@ -67,7 +65,8 @@ def client_id() -> str:
 class Connection:
     """One authenticated channel to a manager, used by one thread at a time."""
 
-    __slots__ = ("ch", "ser", "rid", "pending", "session", "thread", "__weakref__")
+    __slots__ = ("ch", "ser", "rid", "pending", "session", "thread", "none_body",
+                 "__weakref__")
 
     def __init__(self, ch: transport.Channel, ser: Serializer, session: Session) -> None:
         self.ch = ch
@@ -77,6 +76,7 @@ class Connection:
         self.session = session
         # the manager knows a connection's calls as this thread's (lock owners)
         self.thread = threading.get_ident()
+        self.none_body = ser.dumps(None)[0]     # the common reply, decoded without loads
 
     def send_request(self, oid: Any, meth: str, args: tuple, kwds: dict,
                      timeout: float | None, want_reply: bool = True) -> int:
@@ -108,9 +108,17 @@ class Connection:
                 self.pending.add(rid)
                 raise
             if got == rid:
-                if body == _NONE_BODY:
+                if body == self.none_body:
                     return kind, None
-                return kind, self.ser.loads(body, bufs)
+                try:
+                    return kind, self.ser.loads(body, bufs)
+                except Exception as e:   # the frame was read whole: the connection is fine
+                    if hasattr(e, "add_note"):
+                        e.add_note(
+                            f"procshare: this process (pid {os.getpid()}) could not deserialize "
+                            f"a reply with {self.ser.name!r}. Classes of objects the manager "
+                            "returns must be importable here by the same name.")
+                    raise
             self._drop_late(got, kind)
 
     def _drop_late(self, rid: int, kind: int) -> None:

@@ -436,8 +436,9 @@ def run(
             demo.flush()
         demo.line("Summary")
         demo.line("=======")
+        width = max(len(s.name) for s, _ in outcomes)
         for s, ok in outcomes:
-            demo.line(f"  {s.name:<10} {'as expected' if ok else 'NOT as expected'}")
+            demo.line(f"  {s.name:<{width}}  {'as expected' if ok else 'NOT as expected'}")
         demo.flush()
         return 0 if all(ok for _, ok in outcomes) else 1
     finally:
