@@ -225,3 +225,28 @@ def test_long_tmpdir_unix_socket_fallback(impl, ctx, tmp_path):
     else:
         assert proc.returncode == 0, proc.stderr
         assert "VALUE [1, 2, 3]" in proc.stdout
+
+
+def test_client_and_dispatch_like_the_stdlib(impl, ctx):
+    """Code that talks to a manager directly: `manager._Client(...)` and
+    `dispatch(conn, None, name)`, e.g. to check that the manager is alive."""
+    m = impl.SyncManager(ctx=ctx)
+    m.start()
+    try:
+        conn = m._Client(m.address, authkey=m._authkey)
+        try:   # the stdlib serves one request per such connection
+            assert impl.dispatch(conn, None, "dummy") is None
+        finally:
+            conn.close()
+        lst = m.list([1, 2])
+        conn = m._Client(m.address, authkey=m._authkey)
+        try:
+            assert impl.dispatch(conn, None, "number_of_objects") == 1
+        finally:
+            conn.close()
+        del lst
+        _listener, client_factory = impl.listener_client["pickle"]
+        with client_factory(m.address, authkey=m._authkey) as conn:
+            assert impl.dispatch(conn, None, "dummy") is None
+    finally:
+        m.shutdown()

@@ -35,7 +35,7 @@ from . import protocol, transport
 from .errors import ManagerCrashed
 from .serializers import Serializer, decode_hello, encode_hello, get_serializer
 
-__all__ = ["Connection", "Session", "get_session", "client_id", "GRACE"]
+__all__ = ["Connection", "Client", "Session", "get_session", "client_id", "GRACE"]
 
 log = logging.getLogger("procshare.client")
 
@@ -162,6 +162,23 @@ class Connection:
     def close(self) -> None:
         self.ch.close()
         self.pending.add(0)     # never usable again: thread_conn() replaces it
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def Client(address: Any, authkey: bytes | None = None,
+           serializer: str | Serializer = "pickle") -> Connection:
+    """An authenticated connection of its own to the manager at `address`, for
+    `dispatch(conn, None, "dummy")`-style code written for the stdlib
+    (`listener_client[serializer][1]`, `manager._Client`).  Close it after use."""
+    if authkey is None:
+        from multiprocessing import process
+        authkey = process.current_process().authkey
+    return Session(address, bytes(authkey), get_serializer(serializer))._open("call")
 
 
 class Session:

@@ -83,7 +83,8 @@ del _view_type
 
 
 #: serializer name -> (listener type, connect function), as in the stdlib
-listener_client = {"pickle": (transport.Listener, transport.connect)}
+listener_client = {name: (transport.Listener, functools.partial(client.Client, serializer=name))
+                   for name in ("pickle", "xmlrpclib")}
 
 
 def dispatch(c: client.Connection, id: Any, methodname: str, args: tuple = (),
@@ -136,6 +137,8 @@ class BaseManager:
         self._state = State()
         self._state.value = State.INITIAL
         self._serializer = serializer
+        self._Listener = transport.Listener
+        self._Client = functools.partial(client.Client, serializer=serializer)
         self._ctx = ctx or get_context()
         self._shutdown_timeout = shutdown_timeout
         self._call_timeout = call_timeout
