@@ -396,14 +396,18 @@ class Server:
         return (protocol.UNSERIALIZABLE, (text, {
             "direction": "arguments", "serializer": self.serializer.name, "error": error}))
 
+    def _gone_text(self, oid: Any, meth: str) -> str:
+        return (f"KeyError: {oid!r}: {meth}() found no object with this id in the manager at "
+                f"{self.address!r} (pid {os.getpid()}). It was released when no process held "
+                "a proxy to it any more (a proxy rebuilt from a bare Token does not keep its "
+                "object alive), or the manager restarted. Keep a proxy for as long as the "
+                "object is used, or create the object again.\n")
+
     def _slow_call(self, info: ConnInfo, oid: Any, meth: str, args: tuple, kwds: dict) -> tuple:
         """Calls that are not an exposed method: fallbacks and errors."""
         entry = self.objects.objects.get(oid)
         if entry is None:
-            return (protocol.TRACEBACK,
-                    f"KeyError: {oid!r}: the manager at {self.address!r} has no object with "
-                    "this id; it was released because no process held a reference to it any "
-                    "more, or the manager restarted.\n")
+            return (protocol.TRACEBACK, self._gone_text(oid, meth))
         obj = entry.obj
         try:
             if meth == "#GETVALUE":
@@ -454,9 +458,7 @@ class Server:
         try:
             return (protocol.RETURN, getattr(self, meth)(info, *args, **kwds))
         except NoSuchObject as e:
-            return (protocol.TRACEBACK,
-                    f"KeyError: {e.args[0]!r}: the manager has no object with this id "
-                    "(it was released, or the manager restarted).\n")
+            return (protocol.TRACEBACK, self._gone_text(e.args[0], meth))
         except Exception as e:
             return (protocol.ERROR, _with_traceback(e))
 
