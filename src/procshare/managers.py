@@ -338,6 +338,13 @@ class BaseManager:
             return result
         return raise_reply(kind, result, None, name, self._call_timeout)
 
+    def _inspect(self, name: str) -> Any:
+        """An introspection call, sent on the connection that carries this process's
+        decrefs: so it sees every proxy this process has already dropped."""
+        if self._state.value != State.STARTED:
+            return self._control(name)      # raises the state error
+        return self._session().control_call(name, timeout=self._call_timeout)
+
     def _create(self, typeid: str, /, *args: Any, **kwds: Any) -> tuple[Token, tuple]:
         """Create a shared object; return its token and exposed names.  The reference
         the server made for it belongs to this process (adopt it with `_track`)."""
@@ -347,25 +354,25 @@ class BaseManager:
 
     def _debug_info(self) -> str:
         """Some info about the server's shared objects."""
-        return self._control("debug_info")
+        return self._inspect("debug_info")
 
     def _number_of_objects(self) -> int:
         """The number of shared objects."""
-        return self._control("number_of_objects")
+        return self._inspect("number_of_objects")
 
     def objects(self) -> list[dict]:
         """Every shared object with its type, refcount and which clients hold it."""
-        return self._control("list_objects")
+        return self._inspect("list_objects")
 
     def clients(self) -> list[dict]:
         """The processes connected to the manager, with their connections."""
-        return self._control("clients")
+        return self._inspect("clients")
 
     def locks(self) -> list[dict]:
         """Every manager-hosted Lock, RLock, Semaphore, BoundedSemaphore,
         Condition and Barrier: who holds it, who waits and for how long, and
         whether an owner died holding it (JSON-friendly dicts)."""
-        return self._control("locks")
+        return self._inspect("locks")
 
     @classmethod
     def register(cls, typeid: str, callable: Any = None, proxytype: Any = None,
