@@ -300,3 +300,19 @@ def test_reply_the_client_cannot_deserialize_leaves_the_connection_usable(tmp_pa
                          timeout=60, env=_workers.subprocess_env())
     assert "ERR ModuleNotFoundError True" in out.stdout, out.stdout + out.stderr
     assert "NEXT 1" in out.stdout, out.stdout + out.stderr
+
+
+def test_large_message_with_a_proxy_leaves_no_loan_behind():
+    """A message with large buffers is pickled twice (the second time with the
+    buffers out of band); the loans the first pickle took must be given back."""
+    with procshare.Manager() as m:
+        d = m.dict()
+        lst = m.list([1])
+        d["k"] = (lst, b"x" * (1 << 20))          # ~1 MiB: the out-of-band path
+        assert d["k"][1] == b"x" * (1 << 20)
+        del lst
+        assert _count_after(m, 2) == 2             # the dict, and the list stored in it
+        del d["k"]
+        assert _count_after(m, 1) == 1             # the list went with its last holder
+        held = {h for o in m.objects() for h in o["holders"]}
+        assert not any(h.startswith("loan:") for h in held)

@@ -22,6 +22,8 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import collections
+import re
 import threading
 import time
 import types
@@ -31,7 +33,7 @@ from multiprocessing import process
 from multiprocessing.context import get_spawning_popen
 from typing import Any
 
-from . import callctx, protocol
+from . import callctx, protocol, serializers
 from .client import Session, get_session
 from .errors import CallTimeout, RemoteError
 from .protocol import Token
@@ -251,8 +253,12 @@ class BaseProxy:
             kwds["authkey"] = bytes(self._authkey)
         if self._is_local():
             loan = local_server().local_loan(self._id)
+            _recent_loans[loan] = None
         else:
             loan = self._session.control_call("loan", self._id)
+            _recent_loans[loan] = self._session
+        while len(_recent_loans) > _RECENT_LOANS:
+            _recent_loans.popitem(last=False)
         kwds["loan"] = loan
         if self._timeout is not _UNSET:
             kwds["timeout"] = self._timeout
@@ -277,6 +283,33 @@ class BaseProxy:
             return self._callmethod("__repr__")
         except Exception:
             return repr(self)[:-1] + "; '__str__()' failed>"
+
+
+#: loans this process took recently, and the session they came from (None: the
+#: manager running in this process), so that a discarded pickle can return them
+_recent_loans: collections.OrderedDict[str, Session | None] = collections.OrderedDict()
+_RECENT_LOANS = 4096
+_LOAN_ID = re.compile(rb"loan:[0-9a-f]{16}")
+
+
+def release_discarded_loans(body: bytes) -> None:
+    """A serializer pickled a message, threw that pickle away and made another
+    (to send large buffers out of band): give back the loans the discarded one
+    took, which nobody will adopt."""
+    for match in _LOAN_ID.finditer(body):
+        loan = match.group().decode()
+        if loan not in _recent_loans:
+            continue
+        session = _recent_loans.pop(loan)
+        if session is None:
+            server = local_server()
+            if server is not None:
+                server.objects.release_holder(loan)
+        else:
+            session.control_send("release_loan", loan)
+
+
+serializers.discarded_body_hooks.append(release_discarded_loans)
 
 
 def _set_attributes(proxy: BaseProxy, attrs: Any) -> None:

@@ -130,6 +130,11 @@ def _forking_dumps(obj: Any) -> bytes:
     return bytes(ForkingPickler.dumps(obj, 5))
 
 
+#: called with a pickle that was made and then thrown away (proxies in it took
+#: reference loans that must be given back); `proxy` registers the hook
+discarded_body_hooks: list[Callable[[bytes], None]] = []
+
+
 # -- the pickle family ------------------------------------------------------------
 
 class PickleSerializer(Serializer):
@@ -158,7 +163,11 @@ class PickleSerializer(Serializer):
         if len(body) < OOB_THRESHOLD:
             return body, ()
         # large: pickle again, with big buffers out of band
-        return self._out_of_band(_lift_buffers(obj))
+        result = self._out_of_band(_lift_buffers(obj))
+        if b"loan:" in body:
+            for hook in discarded_body_hooks:
+                hook(body)
+        return result
 
     def _out_of_band(self, lifted: Any) -> tuple[bytes, list]:
         buffers: list = []

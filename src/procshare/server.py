@@ -34,7 +34,7 @@ from typing import Any
 from . import callctx, locktable, protocol, transport
 from .callctx import Caller, DeadlineExpired
 from .errors import AuthenticationError, NotExposedError
-from .registry import SERVER_HOLDER, Entry, NoSuchObject, Registry
+from .registry import LOAN_PREFIX, SERVER_HOLDER, Entry, NoSuchObject, Registry
 from .serializers import (
     decode_hello,
     encode_hello,
@@ -130,7 +130,7 @@ class Server:
 
     public = ["shutdown", "create", "accept_connection", "get_methods", "debug_info",
               "number_of_objects", "dummy", "incref", "decref", "loan", "adopt",
-              "fork_loan", "list_objects", "clients", "server_info", "locks"]
+              "fork_loan", "release_loan", "list_objects", "clients", "server_info", "locks"]
 
     def __init__(self, registry: dict, address: Any, authkey: bytes, serializer: Any = "pickle",
                  *, loan_ttl: float = LOAN_TTL) -> None:
@@ -532,6 +532,11 @@ class Server:
 
     def loan(self, c: ConnInfo, ident: str) -> str:
         return self.objects.loan(c.client, ident, self.loan_ttl)
+
+    def release_loan(self, c: ConnInfo, loan: str) -> None:
+        """A loan whose pickle was thrown away before it was sent."""
+        if loan.startswith(LOAN_PREFIX):
+            self.objects.release_holder(loan)
 
     def adopt(self, c: ConnInfo, loan: str, ident: str) -> bool:
         return self.objects.adopt(c.client, loan, ident)
