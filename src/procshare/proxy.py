@@ -296,6 +296,8 @@ def release_discarded_loans(body: bytes) -> None:
     """A serializer pickled a message, threw that pickle away and made another
     (to send large buffers out of band): give back the loans the discarded one
     took, which nobody will adopt."""
+    if not _recent_loans or b"loan:" not in body:
+        return
     for match in _LOAN_ID.finditer(body):
         loan = match.group().decode()
         if loan not in _recent_loans:

@@ -164,9 +164,8 @@ class PickleSerializer(Serializer):
             return body, ()
         # large: pickle again, with big buffers out of band
         result = self._out_of_band(_lift_buffers(obj))
-        if b"loan:" in body:
-            for hook in discarded_body_hooks:
-                hook(body)
+        for hook in discarded_body_hooks:
+            hook(body)
         return result
 
     def _out_of_band(self, lifted: Any) -> tuple[bytes, list]:
