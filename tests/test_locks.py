@@ -24,15 +24,11 @@ WAIT = 15.0
 
 
 @pytest.fixture
-def manager(ctx):
+def impl():
+    """These features are procshare's own: conftest's `manager` runs on procshare only."""
     import procshare.managers as managers
 
-    m = managers.SyncManager(ctx=ctx)
-    m.start()
-    try:
-        yield m
-    finally:
-        m.shutdown()
+    return managers
 
 
 def entry(manager, proxy):

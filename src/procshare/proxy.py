@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 _UNSET = callctx._UNSET
+_scope = callctx._scope
 _RETURN = protocol.RETURN
 
 
@@ -208,7 +209,7 @@ class BaseProxy:
         if conn is None or conn.pending:
             conn = self._session.thread_conn()
         if timeout is _UNSET:
-            timeout = callctx.scoped_timeout()
+            timeout = getattr(_scope, "value", _UNSET)   # callctx.scoped_timeout(), inlined
             if timeout is _UNSET:
                 timeout = self._timeout
                 if timeout is _UNSET:
