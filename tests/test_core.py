@@ -15,40 +15,60 @@ import pytest
 
 import _workers
 import procshare
-from procshare import protocol, transport
-from procshare.registry import Entry, NoSuchObject, Registry
+from procshare.server.registry import Entry, NoSuchObject, Registry
+from procshare.transport import channel as transport
+from procshare.wire import frames
+from procshare.wire.frames import FrameReader, Limits
+from procshare.wire.kinds import Kind
+from procshare.wire.records import Token
+
+#: a small in-band body limit, so a header can claim more than it (the u32 field
+#: cannot exceed the default)
+SMALL = Limits(max_body=1 << 30)
+
+
+def decode_frame(data, limits=frames.DEFAULT_LIMITS):
+    """One frame from the start of `data` through a fresh FrameReader:
+    `((kind, rid, budget, body, buffers), consumed)`, or None if incomplete."""
+    reader = FrameReader(limits)
+    reader.feed(bytes(data))
+    frame = reader.next_frame()
+    if frame is None:
+        return None
+    kind, rid, budget, body, bufs = frame
+    return (kind, rid, budget, bytes(body), list(bufs)), len(data) - reader.buffered
 
 # -- protocol: bytes in, bytes out ---------------------------------------------------------
 
 
 def test_frame_roundtrip_small_and_with_buffers():
     body = pickle.dumps(("id", "m", (1,), {}), 5)
-    (frame,) = protocol.encode_frame(protocol.CALL, 7, body, budget=1.5)
-    (kind, rid, budget, got, bufs), used = protocol.decode_frame(frame)
-    assert (kind, rid, budget, got, bufs, used) == (protocol.CALL, 7, 1.5, body, [], len(frame))
+    (frame,) = frames.encode_frame(Kind.CALL, 7, body, budget=1.5)
+    (kind, rid, budget, got, bufs), used = decode_frame(frame)
+    assert (kind, rid, budget, got, bufs, used) == (Kind.CALL, 7, 1.5, body, [], len(frame))
 
-    pieces = protocol.encode_frame(protocol.RETURN, 9, b"body", [b"abc", bytearray(b"xy")])
+    pieces = frames.encode_frame(Kind.RETURN, 9, b"body", [b"abc", bytearray(b"xy")])
     data = b"".join(bytes(p) for p in pieces)
-    (kind, rid, budget, got, bufs), used = protocol.decode_frame(data + b"next")
-    assert (kind, rid, got, used) == (protocol.RETURN, 9, b"body", len(data))
+    (kind, rid, budget, got, bufs), used = decode_frame(data + b"next")
+    assert (kind, rid, got, used) == (Kind.RETURN, 9, b"body", len(data))
     assert math.isnan(budget) and bufs == [bytearray(b"abc"), bytearray(b"xy")]
 
 
 def test_partial_frames_are_not_decoded():
-    pieces = protocol.encode_frame(protocol.RETURN, 1, b"x" * 100, [b"y" * 50])
+    pieces = frames.encode_frame(Kind.RETURN, 1, b"x" * 100, [b"y" * 50])
     data = b"".join(bytes(p) for p in pieces)
-    for cut in (0, 5, protocol.HEADER.size, protocol.HEADER.size + 8, len(data) - 1):
-        assert protocol.decode_frame(data[:cut]) is None
+    for cut in (0, 5, frames.HEADER.size, frames.HEADER.size + 8, len(data) - 1):
+        assert decode_frame(data[:cut]) is None
 
 
 def test_oversized_frame_is_refused():
-    head = protocol.HEADER.pack(protocol.MAX_BODY + 1, protocol.CALL, 0, 0, 1, math.nan)
-    with pytest.raises(protocol.FrameError, match="over the"):
-        protocol.decode_frame(head)
+    head = frames.HEADER.pack(SMALL.max_body + 1, Kind.CALL, 0, 0, 1, math.nan)
+    with pytest.raises(frames.FrameError, match="over the"):
+        decode_frame(head, SMALL)
 
 
 def test_token_pickles_and_reprs_like_the_stdlib():
-    t = protocol.Token("dict", "/tmp/x.sock", "a1")
+    t = Token("dict", "/tmp/x.sock", "a1")
     assert repr(t) == "Token(typeid='dict', address='/tmp/x.sock', id='a1')"
     u = pickle.loads(pickle.dumps(t))
     assert (u.typeid, u.address, u.id) == ("dict", "/tmp/x.sock", "a1")
@@ -222,9 +242,9 @@ def test_bad_peers_close_only_their_connection():
         transport.client_handshake(ch, bytes(multiprocessing.current_process().authkey),
                                    m.address)
         hello = {"client": "test", "pid": os.getpid(), "serializer": "pickle"}
-        ch.send(protocol.encode_frame(protocol.HELLO, 1, pickle.dumps(hello)))
-        assert ch.recv_frame(time.monotonic() + 5)[0] == protocol.RETURN
-        ch.send(protocol.encode_frame(protocol.RETURN, 2, b"junk"))
+        ch.send(frames.encode_frame(Kind.HELLO, 1, pickle.dumps(hello)))
+        assert ch.recv_frame(time.monotonic() + 5)[0] == Kind.RETURN
+        ch.send(frames.encode_frame(Kind.RETURN, 2, b"junk"))
         with pytest.raises(EOFError):
             ch.recv_frame(time.monotonic() + 5)
         ch.close()
@@ -241,10 +261,10 @@ def test_wrong_authkey_is_refused_and_says_so():
 
 
 def test_frame_over_the_limit_closes_the_connection():
-    ch_a, ch_b = (transport.Channel(s) for s in socket.socketpair())
-    ch_a.send_bytes(protocol.HEADER.pack(protocol.MAX_BODY + 10, protocol.CALL, 0, 0, 1,
+    ch_a, ch_b = (transport.Channel(s, limits=SMALL) for s in socket.socketpair())
+    ch_a.send_bytes(frames.HEADER.pack(SMALL.max_body + 10, Kind.CALL, 0, 0, 1,
                                          math.nan) + b"x" * 10)
-    with pytest.raises(protocol.FrameError):
+    with pytest.raises(frames.FrameError):
         ch_b.recv_frame(time.monotonic() + 2)
     ch_a.close()
     ch_b.close()

@@ -470,7 +470,7 @@ def test_locks_introspection(manager, ctx):
 
 
 def test_demo_scenes(ctx):
-    from procshare import demo
+    from procshare.cli import demo
 
     out = io.StringIO()
     assert demo.run(["deadlock", "owner-died"], start_method=ctx.get_start_method(), out=out) == 0, \

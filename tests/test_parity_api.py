@@ -73,7 +73,17 @@ def test_procshare_class_hierarchy_matches_stdlib():
     assert issubclass(ps.RemoteError, Exception)
 
 
-@pytest.mark.parametrize("name", sorted(REQUIRED))
+# Internals of the managers module: procshare.managers has them (parity), the
+# package's public API does not.
+INTERNAL = set(
+    """
+    Server State SharedMemoryServer RebuildProxy dispatch convert_to_error all_methods
+    public_methods listener_client ProcessLocalSet
+    """.split()
+)
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED - INTERNAL))
 def test_procshare_package_reexports(name):
     import procshare
     import procshare.managers as ps
@@ -81,6 +91,16 @@ def test_procshare_package_reexports(name):
     assert getattr(procshare, name, None) is getattr(ps, name), (
         f"procshare.{name} should be procshare.managers.{name}"
     )
+    assert name in procshare.__all__
+
+
+@pytest.mark.parametrize("name", sorted(INTERNAL))
+def test_procshare_package_keeps_internals_out(name):
+    import procshare
+    import procshare.managers as ps
+
+    assert hasattr(ps, name)
+    assert not hasattr(procshare, name) and name not in procshare.__all__
 
 
 def test_manager_returns_started_syncmanager(impl):

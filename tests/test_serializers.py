@@ -21,7 +21,6 @@ import _error_workers as ew
 import _workers
 import procshare
 from _workers import run_child
-from procshare import protocol, serializers, transport
 from procshare.errors import (
     ArgumentsNotDeserializable,
     ArgumentsNotSerializable,
@@ -29,7 +28,10 @@ from procshare.errors import (
     SerializationError,
     SerializerMismatch,
 )
-from procshare.serializers import (
+from procshare.transport import channel as transport
+from procshare.wire import frames, serializers
+from procshare.wire.kinds import Kind
+from procshare.wire.serializers import (
     OOB_THRESHOLD,
     FunctionSerializer,
     MsgpackSerializer,
@@ -209,13 +211,13 @@ def test_msgpack_never_runs_code_on_load(tmp_path):
                                        mgr.address)
             hello = {"client": "evil", "pid": os.getpid(), "serializer": "msgpack",
                      "role": "call"}
-            ch.send(protocol.encode_frame(protocol.HELLO, 1, serializers.encode_hello(hello)))
-            assert ch.recv_frame(time.monotonic() + 5)[0] == protocol.RETURN
-            ch.send(protocol.encode_frame(protocol.CALL, 2, payload))
+            ch.send(frames.encode_frame(Kind.HELLO, 1, serializers.encode_hello(hello)))
+            assert ch.recv_frame(time.monotonic() + 5)[0] == Kind.RETURN
+            ch.send(frames.encode_frame(Kind.CALL, 2, payload))
             kind, rid, _b, body, bufs = ch.recv_frame(time.monotonic() + 5)
         finally:
             ch.close()
-        assert (kind, rid) == (protocol.UNSERIALIZABLE, 2)
+        assert (kind, rid) == (Kind.UNSERIALIZABLE, 2)
         message, facts = ser.loads(body, bufs)
         assert facts["direction"] == "arguments" and "did not run" in message
     assert not mark.exists()
@@ -245,7 +247,7 @@ def test_the_hello_is_json_whatever_the_serializer():
         "msgpack"
     # a peer that pickles its hello is still understood by a pickle manager
     assert serializers.decode_hello(pickle.dumps(hello), [], get_serializer("pickle")) == hello
-    with pytest.raises(protocol.FrameError):
+    with pytest.raises(frames.FrameError):
         serializers.decode_hello(b"\x93garbage", [], get_serializer("pickle"))
 
 

@@ -4,15 +4,19 @@ A drop-in replacement for `multiprocessing.managers` (use `procshare.managers`)
 where every call can have a deadline, every failure says what happened, calls
 on one object run one at a time, and references are counted per process.
 
-This module is the public API only; each name lives in the module that owns it.
+This module is the public API only: the managers, the errors, `timeout`, and
+the proxy classes users subclass.  Each name lives in the module that owns it;
+internals (`State`, `ProcessLocalSet`, `dispatch`, `Server`, ...) stay in
+`procshare.managers`, which mirrors every public name of
+`multiprocessing.managers`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from . import managers
-from .callctx import timeout
+from . import managers, serializers
+from .client.scope import timeout
 from .errors import (
     ArgumentsNotDeserializable,
     ArgumentsNotSerializable,
@@ -56,31 +60,22 @@ from .managers import (
     Namespace,
     NamespaceProxy,
     PoolProxy,
-    ProcessLocalSet,
-    RebuildProxy,
     SetProxy,
-    State,
     SyncManager,
     Token,
     Value,
     ValueProxy,
-    all_methods,
-    convert_to_error,
-    dispatch,
-    listener_client,
-    public_methods,
 )
-from .server import Server
 
 try:
-    from .managers import SharedMemoryManager, SharedMemoryServer
+    from .managers import SharedMemoryManager
 except ImportError:  # pragma: no cover
     pass
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Manager", "managers", "timeout",
+    "Manager", "managers", "serializers", "timeout",
     # errors (procshare.errors has them all, with the stdlib classes each extends)
     "ProcshareError", "RemoteError", "NotExposedError", "CallTimeout", "ManagerCrashed",
     "ManagerConnectionRefused", "ManagerSocketMissing", "ManagerConnectionReset",
@@ -88,12 +83,13 @@ __all__ = [
     "LocalObjectNotSerializable", "ProcessLocalNotSerializable", "RemoteSerializationError",
     "ResultNotSerializable", "ArgumentsNotDeserializable", "SerializerMismatch",
     "BootstrapError", "DeadlockError", "OwnerDiedWarning", "AuthenticationError",
-    "BaseManager", "SyncManager", "SharedMemoryManager", "Server", "BaseProxy", "AutoProxy",
-    "MakeProxyType", "Token", "Namespace", "Value", "Array", "IteratorProxy", "AcquirerProxy",
+    # managers, and what they share
+    "BaseManager", "SyncManager", "SharedMemoryManager", "Token", "Namespace", "Value", "Array",
+    # proxy classes, to subclass or to check against
+    "BaseProxy", "AutoProxy", "MakeProxyType", "IteratorProxy", "AcquirerProxy",
     "ConditionProxy", "EventProxy", "BarrierProxy", "NamespaceProxy", "ValueProxy",
-    "BaseListProxy", "ListProxy", "DictProxy", "SetProxy", "ArrayProxy", "BasePoolProxy",
-    "PoolProxy", "BaseSetProxy", "ProcessLocalSet", "RebuildProxy", "State", "SharedMemoryServer",
-    "all_methods", "convert_to_error", "dispatch", "listener_client", "public_methods",
+    "BaseListProxy", "ListProxy", "DictProxy", "SetProxy", "BaseSetProxy", "ArrayProxy",
+    "BasePoolProxy", "PoolProxy",
 ]
 
 

@@ -30,10 +30,9 @@ from multiprocessing import pool as mp_pool
 from multiprocessing.context import ProcessError
 from typing import Any
 
-from . import client, errors, primitives, protocol, serializers, transport
-from .errors import RemoteError  # noqa: F401  (re-exported, as in the stdlib)
-from .protocol import Token
-from .proxy import (  # noqa: F401  (the stdlib module has all these names)
+from . import errors
+from .client import session as client
+from .client.proxy import (  # noqa: F401  (the stdlib module has all these names)
     AcquirerProxy,
     ArrayProxy,
     AutoProxy,
@@ -56,7 +55,15 @@ from .proxy import (  # noqa: F401  (the stdlib module has all these names)
     convert_to_error,
     raise_reply,
 )
-from .server import Server, TypeSpec, all_methods, public_methods  # noqa: F401
+from .errors import RemoteError  # noqa: F401  (re-exported, as in the stdlib)
+from .server import primitives
+from .server.server import FRAME_TIMEOUT, Server, TypeSpec, all_methods, public_methods  # noqa: F401
+from .transport import channel as transport
+from .transport.addresses import cleanup_address
+from .wire import serializers
+from .wire.frames import DEFAULT_LIMITS, Limits
+from .wire.kinds import Kind
+from .wire.records import Token
 
 try:
     from multiprocessing import shared_memory
@@ -91,7 +98,7 @@ def dispatch(c: client.Connection, id: Any, methodname: str, args: tuple = (),
              kwds: dict = {}) -> Any:  # noqa: B006
     """Send a request on connection `c` and return the result (stdlib-compatible)."""
     kind, result = c.call(id, methodname, args, kwds, None)
-    if kind == protocol.RETURN:
+    if kind == Kind.RETURN:
         return result
     return raise_reply(kind, result, None, methodname, None)
 
@@ -129,7 +136,9 @@ class BaseManager:
 
     def __init__(self, address: Any = None, authkey: bytes | None = None,
                  serializer: str = "pickle", ctx: Any = None, *,
-                 shutdown_timeout: float = 1.0, call_timeout: float | None = None) -> None:
+                 shutdown_timeout: float = 1.0, call_timeout: float | None = None,
+                 max_message_bytes: int | None = None,
+                 frame_timeout: float | None = FRAME_TIMEOUT) -> None:
         if authkey is None:
             authkey = process.current_process().authkey
         self._address = address
@@ -143,6 +152,10 @@ class BaseManager:
         self._shutdown_timeout = shutdown_timeout
         self._call_timeout = call_timeout
         self._process: Any = None
+        limits = DEFAULT_LIMITS if max_message_bytes is None else Limits(
+            max_body=min(max_message_bytes, DEFAULT_LIMITS.max_body), max_frame=max_message_bytes)
+        #: what the server process is built with, besides the stdlib's arguments
+        self._server_options = {"limits": limits, "frame_timeout": frame_timeout}
 
     # -- server lifecycle ---------------------------------------------------------------
     def get_server(self) -> Server:
@@ -150,7 +163,7 @@ class BaseManager:
         if self._state.value != State.INITIAL:
             raise _state_error(self._state)
         return self._Server(self._registry, self._address, bytes(self._authkey),
-                            self._serializer)
+                            self._serializer, **self._server_options)
 
     def connect(self) -> None:
         """Connect this manager object to a running server."""
@@ -175,8 +188,11 @@ class BaseManager:
                                                   dir=util.get_temp_dir())
         except OSError:
             logdir = None      # no log: crash reports just lack its last lines
-        extra = {"logdir": logdir} if logdir and _accepts(type(self)._run_server, "logdir") \
-            else {}
+        extra: dict[str, Any] = {}
+        if logdir and _accepts(type(self)._run_server, "logdir"):
+            extra["logdir"] = logdir
+        if _accepts(type(self)._run_server, "options"):
+            extra["options"] = self._server_options
         reader, writer = self._ctx.Pipe(duplex=False)
         self._process = self._ctx.Process(
             target=type(self)._run_server,
@@ -227,7 +243,7 @@ class BaseManager:
     @classmethod
     def _run_server(cls, registry: dict, address: Any, authkey: bytes, serializer: Any,
                     writer: Any, initializer: Any = None, initargs: tuple = (),
-                    logdir: str | None = None) -> None:
+                    logdir: str | None = None, options: dict | None = None) -> None:
         """Create a server, report its address and run it (in the child).
 
         With `logdir`, the server's log (procshare's records, uncaught exceptions
@@ -241,7 +257,7 @@ class BaseManager:
             for spec in registry.values():     # per-type serializers, known by name here
                 if getattr(spec, "serializer", None) is not None:
                     serializers.get_serializer(spec.serializer)
-            server = cls._Server(registry, address, authkey, serializer)
+            server = cls._Server(registry, address, authkey, serializer, **(options or {}))
         except BaseException as e:
             _log.info("the manager failed to start: %r", e, exc_info=True)  # file only
             try:
@@ -320,7 +336,7 @@ class BaseManager:
         client.drop_session(address)
         errors.crash_reporters.pop(address, None)
         errors.note_shut_down(address, manager, proc.pid)
-        transport.cleanup_address(address)
+        cleanup_address(address)
         if logdir is not None:
             shutil.rmtree(logdir, ignore_errors=True)
 
@@ -334,7 +350,7 @@ class BaseManager:
                 else ProcessError("server not yet started")
         conn = self._session().thread_conn()
         kind, result = conn.call(None, name, args, kwds, self._call_timeout)
-        if kind == protocol.RETURN:
+        if kind == Kind.RETURN:
             return result
         return raise_reply(kind, result, None, name, self._call_timeout)
 
@@ -431,7 +447,7 @@ def _create_typed(manager: BaseManager, ser: Any, typeid: str, args: tuple,
             else ProcessError("server not yet started")
     conn = client.get_session(manager._address, bytes(manager._authkey), ser).thread_conn()
     kind, result = conn.call(None, "create", (typeid, *args), kwds, manager._call_timeout)
-    if kind != protocol.RETURN:
+    if kind != Kind.RETURN:
         raise_reply(kind, result, None, "create", manager._call_timeout)
     ident, exposed, attrs = result
     manager._last_attributes = attrs
@@ -694,7 +710,7 @@ if HAS_SHMEM:
                     raise ProcessError("SharedMemoryManager has shut down")
                 raise ProcessError(f"Unknown state {self._state.value!r}")
             return self._Server(self._registry, self._address, bytes(self._authkey),
-                                self._serializer)
+                                self._serializer, **self._server_options)
 
         def SharedMemory(self, size: int) -> shared_memory.SharedMemory:
             """A new SharedMemory block of `size` bytes, tracked by the manager."""

@@ -1,8 +1,8 @@
-"""The current call: its deadline and its caller, on both ends of the wire.
+"""The current call inside the manager: its deadline and its caller.
 
 Owns: the thread-local state that says, inside the manager, which client and
-thread a method is running for and when its deadline expires; and, inside a
-client, the scoped default timeout set by `procshare.timeout(...)`.
+thread a method is running for, when its deadline expires, and which lock
+table its primitives belong to.
 
 Rules it keeps:
 - Server side: the dispatcher sets `server.caller` and `server.deadline` before
@@ -16,15 +16,11 @@ Rules it keeps:
 
 from __future__ import annotations
 
-import contextlib
-import math
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-__all__ = ["Caller", "DeadlineExpired", "caller", "wait_limit", "warn", "timeout",
-           "scoped_timeout", "server_state"]
+__all__ = ["Caller", "DeadlineExpired", "caller", "wait_limit", "warn", "server_state"]
 
 
 class Caller(NamedTuple):
@@ -81,40 +77,3 @@ def wait_limit(timeout: float | None) -> tuple[float | None, bool]:
     if timeout is None or left < timeout:
         return left, True
     return max(timeout, 0.0), False
-
-
-# -- client side ------------------------------------------------------------
-_scope = threading.local()
-
-
-def scoped_timeout() -> Any:
-    """The timeout set by the innermost `timeout()` block in this thread, or a
-    sentinel meaning none is set."""
-    return getattr(_scope, "value", _UNSET)
-
-
-class _Unset:
-    def __repr__(self) -> str:
-        return "<unset>"
-
-
-_UNSET: Any = _Unset()
-
-
-@contextlib.contextmanager
-def timeout(seconds: float | None) -> Iterator[None]:
-    """Bound every proxy call made in this thread inside the block.
-
-    `seconds=None` means wait forever, even if an outer block or the proxy sets
-    a limit.
-    """
-    if seconds is not None and (not isinstance(seconds, (int, float)) or math.isnan(seconds)
-                                or seconds < 0):
-        raise ValueError(f"timeout must be a non-negative number of seconds or None, "
-                         f"not {seconds!r}")
-    old = getattr(_scope, "value", _UNSET)
-    _scope.value = seconds
-    try:
-        yield
-    finally:
-        _scope.value = old

@@ -1,9 +1,9 @@
 """Demo scenes for issue 4: a deadlock detected, a lock recovered from a killed owner.
 
 What this module owns: the ``deadlock`` and ``owner-died`` scenes of ``python -m procshare
-demo`` (registered with ``procshare.demo.scene``) and the workers they start.
+demo`` (registered with ``procshare.cli.demo.scene``) and the workers they start.
 
-Rules this module keeps (those of ``procshare.demo``): only the stdlib-compatible API plus
+Rules this module keeps (those of ``procshare.cli.demo``): only the stdlib-compatible API plus
 procshare's two new names (DeadlockError, OwnerDiedWarning); every worker is module-level, so
 fork, spawn and forkserver all work; every wait is bounded, workers that overrun are killed.
 """

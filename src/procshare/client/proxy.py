@@ -27,17 +27,18 @@ import re
 import threading
 import time
 import types
-import warnings
 import weakref
 from multiprocessing import process
 from multiprocessing.context import get_spawning_popen
 from typing import Any
 
-from . import callctx, protocol, serializers
-from .client import Session, get_session
-from .errors import CallTimeout, RemoteError
-from .protocol import Token
-from .server import local_server
+from ..inprocess import local_server
+from ..wire import serializers
+from ..wire.kinds import Kind
+from ..wire.records import Token
+from . import scope
+from .replies import call_timeout, convert_to_error, raise_reply
+from .session import Session, get_session
 
 __all__ = [
     "BaseProxy", "RebuildProxy", "MakeProxyType", "AutoProxy", "IteratorProxy",
@@ -46,82 +47,9 @@ __all__ = [
     "ArrayProxy", "BasePoolProxy", "PoolProxy", "raise_reply", "convert_to_error",
 ]
 
-_UNSET = callctx._UNSET
-_scope = callctx._scope
-_RETURN = protocol.RETURN
-
-
-class RemoteTraceback(Exception):
-    """The manager-side traceback of an exception raised by a referent."""
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-
-def call_timeout(proxy: Any, meth: str, timeout: float | None, server_gave_up: bool,
-                 detail: str = "", session: Session | None = None) -> CallTimeout:
-    """The CallTimeout for `meth` on `proxy` (None for a manager operation)."""
-    if session is None and proxy is not None:
-        session = proxy._session
-    pid = session.server_pid if session is not None else None
-    where = f"the manager (pid {pid})" if pid else "the manager"
-    what = f"manager operation {meth!r}" if proxy is None else (
-        f"{meth}() on {proxy._token.typeid!r} object {proxy._id}")
-    if server_gave_up:
-        outcome = (f"{where} gave up at the deadline, so the call had no effect"
-                   + (f" ({detail})" if detail else ""))
-    else:
-        outcome = (f"no reply came from {where} in time; the call may still complete "
-                   "there. The proxy stays usable")
-    return CallTimeout(
-        f"{what} did not finish within {timeout} s: {outcome}. Raise the limit "
-        "(timeout=..., procshare.timeout(...), or call_timeout= on the manager), or find "
-        "what blocks the call.", method=meth, timeout=timeout,
-        may_complete=not server_gave_up, server_pid=pid)
-
-
-def raise_reply(kind: int, payload: Any, proxy: Any, meth: str, timeout: float | None) -> Any:
-    """Turn a non-RETURN reply into the exception it stands for and raise it
-    (or, for a WARNED reply, issue the warnings and return the result)."""
-    if kind == protocol.ERROR:
-        remote_tb = getattr(payload, "_procshare_remote_tb", None)
-        if remote_tb is not None:
-            try:
-                del payload._procshare_remote_tb
-            except AttributeError:
-                pass
-            payload.__cause__ = RemoteTraceback(remote_tb)
-        try:
-            raise payload
-        finally:
-            del payload
-    if kind == protocol.WARNED:
-        result, issued = payload
-        for category, message in issued:
-            warnings.warn(message, category, stacklevel=4)
-        return result
-    if kind == protocol.TIMEOUT:
-        raise call_timeout(proxy, meth, timeout, True, payload)
-    if kind == protocol.UNSERIALIZABLE:
-        from .errors import remote_serialization_error
-        raise remote_serialization_error(payload, meth)
-    if kind == protocol.TRACEBACK:
-        raise RemoteError(payload)
-    raise ValueError(f"Unrecognized message type {kind!r}")
-
-
-def convert_to_error(kind: str, result: Any) -> Exception:
-    """stdlib-compatible: the exception for a `('#ERROR'|'#TRACEBACK'|...)` reply."""
-    if kind == "#ERROR":
-        return result
-    if kind in ("#TRACEBACK", "#UNSERIALIZABLE"):
-        if not isinstance(result, str):
-            raise TypeError("Result {!r} (kind '{}') type is {}, not str".format(
-                result, kind, type(result)))
-        if kind == "#UNSERIALIZABLE":
-            return RemoteError("Unserializable message: %s\n" % result)
-        return RemoteError(result)
-    return ValueError(f"Unrecognized message type {kind!r}")
+_UNSET = scope.UNSET
+_scope = scope._scope
+_RETURN = Kind.RETURN
 
 
 def _release(session: Session, ident: str, local: bool) -> None:
@@ -140,6 +68,7 @@ class BaseProxy:
 
     _address_to_local: dict = {}
     _mutex = threading.Lock()
+    _procshare_proxy_ = True     # how the wire layer recognises proxies (records.is_proxy)
 
     def __init__(self, token: Token, serializer: Any, manager: Any = None, authkey: Any = None,
                  exposed: Any = None, incref: bool = True, manager_owned: bool = False) -> None:
@@ -209,7 +138,7 @@ class BaseProxy:
         if conn is None or conn.pending:
             conn = self._session.thread_conn()
         if timeout is _UNSET:
-            timeout = getattr(_scope, "value", _UNSET)   # callctx.scoped_timeout(), inlined
+            timeout = getattr(_scope, "value", _UNSET)   # scope.scoped_timeout(), inlined
             if timeout is _UNSET:
                 timeout = self._timeout
                 if timeout is _UNSET:
@@ -220,7 +149,7 @@ class BaseProxy:
             raise call_timeout(self, methodname, timeout, False) from None
         if kind == _RETURN:
             return result
-        if kind == protocol.PROXY:
+        if kind == Kind.PROXY:
             return self._rebuild_returned(result)
         return raise_reply(kind, result, self, methodname, timeout)
 

@@ -34,17 +34,16 @@ import threading
 import time
 from typing import Any
 
+from ..errors import OwnerDiedWarning
 from . import locktable
 from .callctx import DeadlineExpired, caller, wait_limit, warn
-from .errors import OwnerDiedWarning
-from .locktable import Wait
+from .locktable import Wait, current_table
 
 __all__ = ["Lock", "RLock", "Semaphore", "BoundedSemaphore", "Condition", "Event",
            "Barrier", "Queue", "JoinableQueue"]
 
 Owner = tuple  # (client id, thread ident)
 
-_dead = locktable.dead
 _monotonic = time.monotonic
 
 
@@ -53,9 +52,9 @@ def _owner() -> Owner:
     return (c.client, c.thread)
 
 
-def _gone(client: str) -> bool:
-    """Is the client this server thread acts for gone (see locktable.is_gone)?"""
-    return client in _dead and locktable.is_gone(client)
+def _gone(table: locktable.LockTable, client: str) -> bool:
+    """Is the client this server thread acts for gone (see LockTable.is_gone)?"""
+    return client in table.dead and table.is_gone(client)
 
 
 def _check_timeout(blocking: bool, timeout: float | None, lock_style: bool) -> float | None:
@@ -98,7 +97,8 @@ class _Acquirer:
         self.waiters: dict[Owner, Wait] = {}
         self._died: dict | None = None        # an owner died; the next acquirer is told
         self._last_died: dict | None = None   # the last owner that died (introspection)
-        locktable.track(self)
+        self._table = current_table()
+        self._table.track(self)
 
     # -- acquiring ------------------------------------------------------------
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
@@ -120,7 +120,7 @@ class _Acquirer:
                     owners[me] = n + 1
                     return True
             if self._value > 0:
-                if _dead and _gone(me[0]):
+                if self._table.dead and _gone(self._table, me[0]):
                     return False
                 self._value -= 1
                 n = owners.get(me)
@@ -139,12 +139,12 @@ class _Acquirer:
     def _wait(self, me: Owner, who: Any, timeout: float | None, count: int) -> bool:
         """The slow path of `_acquire_as` (called with the mutex held)."""
         limit, by_deadline = wait_limit(timeout)
-        w = locktable.begin_wait(me, who, self, timeout is not None)  # may raise DeadlockError
+        w = self._table.begin_wait(me, who, self, timeout is not None)  # may raise DeadlockError
         self.waiters[me] = w
         endtime = None if limit is None else _monotonic() + limit
         try:
             while True:
-                if _dead and _gone(me[0]):
+                if self._table.dead and _gone(self._table, me[0]):
                     return False    # the client went away while it waited
                 if self._value > 0:
                     break
@@ -154,13 +154,13 @@ class _Acquirer:
                 left = endtime - _monotonic()
                 if left <= 0:
                     if by_deadline:
-                        raise DeadlineExpired(f"still waiting for {locktable.lock_name(self)}")
+                        raise DeadlineExpired(f"still waiting for {self._table.lock_name(self)}")
                     return False
                 self._cond.wait(left)
         finally:
             if self.waiters.get(me) is w:
                 del self.waiters[me]
-            locktable.end_wait(w)
+            self._table.end_wait(w)
         self._value -= 1
         self.owners[me] = self.owners.get(me, 0) + count
         self.since.setdefault(me, (who, _monotonic()))
@@ -172,7 +172,7 @@ class _Acquirer:
         died, self._died = self._died, None
         died["told"] = {"pid": getattr(who, "pid", None),
                         "thread_name": getattr(who, "thread_name", None)}
-        warn(locktable.owner_died_message(self, died), OwnerDiedWarning)
+        warn(self._table.owner_died_message(self, died), OwnerDiedWarning)
 
     # -- releasing ------------------------------------------------------------
     def _release_as(self, me: Owner, n: int = 1) -> None:
@@ -196,7 +196,7 @@ class _Acquirer:
     def _not_strict(self) -> None:
         """A thread that did not take it released it: it is a signal, not a mutex."""
         if self._strict:
-            with locktable.mutex:
+            with self._table.mutex:
                 self._strict = False
 
     def locked(self) -> bool:
@@ -425,7 +425,8 @@ class Condition:
             raise TypeError(f"Condition needs a lock made by this manager, not {lock!r}")
         self._lock = lock
         self._waiters: list[_Sleeper] = []   # guarded by the lock's mutex
-        locktable.track(self)
+        self._table = current_table()
+        self._table.track(self)
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         return self._lock.acquire(blocking, timeout)
@@ -485,9 +486,9 @@ class Condition:
         with self._lock._mutex:
             keep = []
             for s in self._waiters:
-                if n > 0 or (_dead and _gone(s.wait.key[0])):
+                if n > 0 or (self._table.dead and _gone(self._table, s.wait.key[0])):
                     woken.append(s)
-                    if not (_dead and _gone(s.wait.key[0])):
+                    if not (self._table.dead and _gone(self._table, s.wait.key[0])):
                         n -= 1
                 else:
                     keep.append(s)
@@ -511,7 +512,7 @@ class Condition:
         now, wall = _monotonic(), time.time()
         with self._lock._mutex:
             sleepers = [locktable.waiter_info(s.wait, now, wall) for s in self._waiters]
-        info.update(kind="Condition", lock=locktable.lock_name(self._lock),
+        info.update(kind="Condition", lock=self._table.lock_name(self._lock),
                     lock_kind=type(self._lock).__name__,
                     waiters=info["waiters"] + sleepers)
         return info
@@ -560,7 +561,8 @@ class Barrier(threading.Barrier):
         self._ps_waiters: dict[Owner, Wait] = {}
         self._ps_parties: dict[str, int] = {}    # client -> pid, clients that waited here
         self._ps_died: dict | None = None         # the party whose death broke it
-        locktable.track(self)
+        self._table = current_table()
+        self._table.track(self)
 
     def wait(self, timeout: float | None = None) -> int:
         c = caller()
@@ -576,7 +578,7 @@ class Barrier(threading.Barrier):
             died = self._ps_died
             if died is not None:
                 raise threading.BrokenBarrierError(
-                    locktable.barrier_broken_message(self, died)) from None
+                    self._table.barrier_broken_message(self, died)) from None
             if limit is not None and by_deadline and self.broken:
                 raise DeadlineExpired(
                     "barrier not passed before the deadline; like a timed-out "
@@ -637,7 +639,8 @@ class Queue(queue.Queue):
 
     def __init__(self, maxsize: int = 0) -> None:
         super().__init__(maxsize)
-        locktable.track(self)
+        self._table = current_table()
+        self._table.track(self)
 
     def __repr__(self) -> str:
         return f"<queue.Queue object at {id(self):#x}>"
@@ -657,7 +660,7 @@ class Queue(queue.Queue):
         client = caller().client
         endtime = None if limit is None else time.monotonic() + limit
         while not ready():
-            if locktable.is_gone(client):
+            if self._table.is_gone(client):
                 raise ClientGone(f"the client waiting in {what} has gone away")
             if endtime is None:
                 cond.wait()

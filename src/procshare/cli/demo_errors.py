@@ -7,7 +7,7 @@ that is not exposed.  Each scene makes the failure happen for real, prints the e
 procshare raises, checks that it carries the facts it promises, and (where that is quick
 and cannot hang) shows what the stdlib does in the same situation.
 
-Rules this module keeps: the same as `procshare.demo` (module-level classes, bounded
+Rules this module keeps: the same as `procshare.cli.demo` (module-level classes, bounded
 waits, plain text).  `demo.py` imports this module once, at its end, so the scenes are
 registered after the seed's own two.
 """
@@ -24,7 +24,7 @@ import time
 
 import procshare
 import procshare.managers as managers
-from procshare.demo import Demo, scene
+from procshare.cli.demo import Demo, scene
 
 
 def _show(demo: Demo, label: str, exc: BaseException) -> None:

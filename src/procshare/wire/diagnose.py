@@ -28,7 +28,8 @@ import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import errors
+from .. import errors
+from .records import is_proxy
 from .serializers import PickleSerializer, Serializer, TypedSerializer, get_serializer
 
 __all__ = ["Finding", "find_unserializable", "describe", "alternatives", "hint_for",
@@ -82,11 +83,6 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _is_proxy(obj: Any) -> bool:
-    from .proxy import BaseProxy
-    return isinstance(obj, BaseProxy)
-
-
 class _Search:
     def __init__(self, dumps: Callable[[Any], Any], objects: bool) -> None:
         self.dumps = dumps
@@ -95,7 +91,7 @@ class _Search:
 
     def error(self, obj: Any) -> str | None:
         """Why `obj` cannot be serialized, or None if it can."""
-        if self.objects and _is_proxy(obj):
+        if self.objects and is_proxy(obj):
             return None     # pickling a proxy takes a reference; proxies pickle anyway
         try:
             self.dumps(obj)
@@ -120,7 +116,7 @@ class _Search:
         if isinstance(obj, (set, frozenset)):
             yield from ((" (a set item)", x) for x in obj)
             return
-        if not self.objects or _is_proxy(obj) or \
+        if not self.objects or is_proxy(obj) or \
                 isinstance(obj, (type, types.FunctionType, types.ModuleType)):
             return
         reduce = getattr(obj, "__reduce_ex__", None)
@@ -190,7 +186,6 @@ def trial_dumps(ser: Serializer) -> Callable[[Any], Any]:
     reference for the receiver (which would then be held until it expires)."""
     if not isinstance(ser, PickleSerializer):
         return ser.dumps
-    from .proxy import BaseProxy
     from .serializers import CloudpickleSerializer, DillSerializer
     base: Any
     if isinstance(ser, CloudpickleSerializer):
@@ -206,7 +201,7 @@ def trial_dumps(ser: Serializer) -> Callable[[Any], Any]:
 
     class TrialPickler(base):  # type: ignore[misc, valid-type]
         def reducer_override(self, obj: Any) -> Any:
-            if isinstance(obj, BaseProxy):
+            if is_proxy(obj):
                 return _placeholder, ()
             parent = getattr(super(), "reducer_override", None)
             return parent(obj) if parent is not None else NotImplemented

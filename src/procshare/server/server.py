@@ -31,21 +31,32 @@ import traceback
 from multiprocessing import pool as mp_pool
 from typing import Any
 
-from . import callctx, locktable, protocol, transport
-from .callctx import Caller, DeadlineExpired
-from .errors import AuthenticationError, NotExposedError
-from .registry import LOAN_PREFIX, SERVER_HOLDER, Entry, NoSuchObject, Registry
-from .serializers import (
+from ..errors import AuthenticationError, NotExposedError, arguments_not_deserializable_text
+from ..inprocess import local_server, set_local_server
+from ..transport import channel as transport
+from ..wire.diagnose import result_text
+from ..wire.frames import DEFAULT_LIMITS, NO_DEADLINE, FrameError, Limits, encode_frame, pack_frame
+from ..wire.kinds import Kind, kind_name
+from ..wire.records import Token
+from ..wire.serializers import (
     decode_hello,
     encode_hello,
     get_serializer,
     hello_problem,
     pack_for_type,
 )
+from . import callctx
+from .callctx import Caller, DeadlineExpired
+from .locktable import LockTable, snapshot
+from .registry import LOAN_PREFIX, SERVER_HOLDER, Entry, NoSuchObject, Registry
 
 __all__ = ["Server", "TypeSpec", "public_methods", "all_methods", "local_server"]
 
 log = logging.getLogger("procshare.server")
+
+#: how long a peer may stall in the middle of a frame before its connection is
+#: closed (`frame_timeout=` on the manager)
+FRAME_TIMEOUT = 30.0
 
 #: how long a reference in transit (a pickled proxy, a forked child's
 #: inheritance) waits to be adopted before it is released
@@ -59,14 +70,6 @@ _PRIMITIVE_TYPES: tuple = (
 _THREAD_SAFE_TYPES: tuple = (
     queue.Queue, queue.SimpleQueue, mp_pool.Pool, mp_pool.ApplyResult, *_PRIMITIVE_TYPES,
 )
-
-_local_server: Server | None = None
-
-
-def local_server() -> Server | None:
-    """The server running in this process, if any."""
-    return _local_server
-
 
 def all_methods(obj: Any) -> list[str]:
     """Names of the methods of `obj`."""
@@ -133,13 +136,19 @@ class Server:
               "fork_loan", "release_loan", "list_objects", "clients", "server_info", "locks"]
 
     def __init__(self, registry: dict, address: Any, authkey: bytes, serializer: Any = "pickle",
-                 *, loan_ttl: float = LOAN_TTL) -> None:
+                 *, loan_ttl: float = LOAN_TTL, limits: Limits = DEFAULT_LIMITS,
+                 frame_timeout: float | None = FRAME_TIMEOUT) -> None:
         if not isinstance(authkey, bytes):
-            raise TypeError("Authkey {!r} is type {!s}, not bytes".format(authkey, type(authkey)))
+            raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")
         self.registry = registry
         self.authkey = bytes(authkey)
         self.serializer = get_serializer(serializer)
-        self.listener = transport.Listener(address=address, backlog=128)
+        self.limits = limits
+        self.frame_timeout = frame_timeout
+        self.locks = LockTable(self)
+        self.control_ops = self.control_table()
+        self.listener = transport.Listener(address=address, backlog=128, limits=limits,
+                                           frame_timeout=frame_timeout)
         self.address = self.listener.address
         self.objects = Registry()
         self.mutex = self.objects.mutex
@@ -154,8 +163,7 @@ class Server:
     # -- running ---------------------------------------------------------------
     def serve_forever(self) -> None:
         """Run the server until `shutdown` is called."""
-        global _local_server
-        _local_server = self
+        set_local_server(self)
         try:
             accepter = threading.Thread(target=self.accepter, name="procshare-accepter",
                                         daemon=True)
@@ -193,38 +201,47 @@ class Server:
         try:
             transport.server_handshake(ch, self.authkey)
             kind, rid, _b, body, bufs = ch.recv_frame(time.monotonic() + 20)
-            if kind != protocol.HELLO:
-                raise protocol.FrameError(f"expected a hello frame, got kind {kind}")
+            if kind != Kind.HELLO:
+                raise FrameError(f"expected a HELLO frame, got {kind_name(kind)}")
             hello = decode_hello(body, bufs, self.serializer)    # JSON, whatever the serializer
             theirs = hello.get("serializer") if isinstance(hello, dict) else None
             problem = hello_problem(self.serializer, theirs)
             if problem is not None:
                 self.note(f"refused a client that uses serializer {theirs!r} (this manager "
                           f"uses {self.serializer.name!r}): {problem}")
-                ch.send(protocol.encode_frame(protocol.TRACEBACK, rid, encode_hello({
+                ch.send(encode_frame(Kind.TRACEBACK, rid, encode_hello({
                     "error": "serializer", "manager_serializer": self.serializer.name,
                     "client_serializer": theirs,
                     "reason": None if problem == "different serializers" else problem})))
                 return
-            info = ConnInfo(hello, ch)
+            try:
+                info = ConnInfo(hello, ch)
+            except (AttributeError, TypeError, KeyError, ValueError) as e:
+                raise FrameError(f"a hello that does not describe a client ({e!r})") from None
             with self.conn_mutex:
                 self.connections[id(ch)] = info
             if hello.get("adopt"):
                 self.objects.adopt(info.client, hello["adopt"])
             if info.role == "control":
                 log.info("client pid %d connected (%s)", info.pid, info.client)
-            ch.send(protocol.encode_frame(protocol.RETURN, rid, encode_hello(
+            ch.send(encode_frame(Kind.RETURN, rid, encode_hello(
                 {"pid": os.getpid(), "address": self.address})))
             self.serve_client(ch, info)
         except (EOFError, ConnectionError, TimeoutError):
             pass
         except AuthenticationError as e:
             self.note(f"refused a connection from {ch.peer!r}: {e}")
-        except protocol.FrameError as e:
+        except FrameError as e:
             self.note(f"closed a connection that sent a bad frame: {e}")
         except OSError as e:
             if not self.stop_event.is_set():
                 self.note(f"connection error: {e!r}")
+        except MemoryError:
+            self.note(f"closed the connection from {ch.peer!r}: out of memory while receiving "
+                      f"a frame (limits: {self.limits})")
+        except Exception as e:   # a bug here must cost one connection, not the server
+            log.warning("closed a connection after an unexpected error", exc_info=True)
+            self.note(f"closed a connection after an unexpected error: {e!r}")
         finally:
             ch.close()
             if info is not None:
@@ -245,7 +262,7 @@ class Server:
 
     def client_gone(self, client: str, pid: int) -> None:
         """`client` (process `pid`) has died or disconnected: release what it held."""
-        locks = locktable.client_gone(client, pid)
+        locks = self.locks.client_gone(client, pid)
         if locks:
             self.note(f"client pid {pid} went away; released or woke it in {locks} lock(s)")
         freed = self.objects.release_holder(client)
@@ -257,31 +274,30 @@ class Server:
         recv = ch.recv_frame
         send = ch.send
         send_bytes = ch.send_bytes
-        pack = protocol.HEADER.pack
-        nan = protocol.NO_DEADLINE
         none_body = self.serializer.dumps(None)[0]
-
-        def none_reply(rid: int) -> bytes:
-            return pack(len(none_body), RETURN, 0, 0, rid, nan) + none_body
         loads = self.serializer.loads
         dumps = self.serializer.dumps
-        encode = protocol.encode_frame
+        encode = encode_frame
+        limits = self.limits
         objects = self.objects.objects
         st = callctx.server_state
         st.caller = info.caller
+        st.locks = self.locks
         st.deadline = None
         warns: list = []
         st.warnings = warns
         monotonic = time.monotonic
-        RETURN, CALL = protocol.RETURN, protocol.CALL
+        RETURN, CALL = Kind.RETURN, Kind.CALL
         stop = self.stop_event
         while not stop.is_set():
             kind, rid, budget, body, bufs = recv()
             if kind != CALL:
-                raise protocol.FrameError(f"unexpected frame kind {kind} from a client")
+                raise FrameError(f"unexpected frame {kind_name(kind)} from a client")
             st.deadline = None if budget != budget else monotonic() + budget
             try:
                 oid, meth, args, kwds = loads(body, bufs)
+                if type(meth) is not str:
+                    raise TypeError(f"the method name is a {type(meth).__name__}, not a str")
             except Exception as e:
                 reply = self._request_undecodable(e)
             else:
@@ -301,33 +317,33 @@ class Server:
                             finally:
                                 lock.release()
                     except DeadlineExpired as e:
-                        reply = (protocol.TIMEOUT, str(e))
+                        reply = (Kind.TIMEOUT, str(e))
                     except TypeError as e:
                         if not callable(fn) and meth in entry.attributes and not args and not kwds:
                             reply = (RETURN, fn)
                         else:
-                            reply = (protocol.ERROR, _with_traceback(e))
+                            reply = (Kind.ERROR, _with_traceback(e))
                     except Exception as e:
-                        reply = (protocol.ERROR, _with_traceback(e))
+                        reply = (Kind.ERROR, _with_traceback(e))
                     else:
                         m2t = entry.method_to_typeid
                         typeid = m2t.get(meth) if m2t else None
                         if typeid:
                             reply = self._proxy_reply(info, typeid, result)
                         elif warns:
-                            reply = (protocol.WARNED, (result, list(warns)))
+                            reply = (Kind.WARNED, (result, list(warns)))
                         else:
                             if not rid:
                                 continue
                             try:
                                 if result is None:
-                                    send_bytes(none_reply(rid))
+                                    send_bytes(pack_frame(RETURN, rid, none_body))
                                     continue
                                 body, bufs = dumps(result)
                                 if bufs:
-                                    send(encode(RETURN, rid, body, bufs))
+                                    send(encode(RETURN, rid, body, bufs, NO_DEADLINE, limits))
                                 else:
-                                    send_bytes(pack(len(body), RETURN, 0, 0, rid, nan) + body)
+                                    send_bytes(pack_frame(RETURN, rid, body))
                                 continue
                             except OSError:
                                 raise
@@ -358,13 +374,13 @@ class Server:
         try:
             body, bufs = self.serializer.dumps(payload)
         except Exception as e:
-            if kind == protocol.ERROR:
-                kind, payload = protocol.TRACEBACK, "".join(
+            if kind == Kind.ERROR:
+                kind, payload = Kind.TRACEBACK, "".join(
                     traceback.format_exception(type(payload), payload, payload.__traceback__))
             else:
                 kind, payload = self._unserializable(e, None, None, payload)
             body, bufs = self.serializer.dumps(payload)
-        ch.send(protocol.encode_frame(kind, rid, body, bufs))
+        ch.send(encode_frame(kind, rid, body, bufs))
 
     def _unserializable(self, e: Exception, oid: Any, meth: Any, value: Any) -> tuple:
         """The reply for a value the manager's serializer cannot carry: packed by
@@ -380,20 +396,18 @@ class Server:
                 try:
                     packed = pack_for_type(value, inner)
                     self.serializer.dumps(packed)
-                    return (protocol.RETURN, packed)
+                    return (Kind.RETURN, packed)
                 except Exception as e2:
                     e, ser = e2, inner
-        from .diagnose import result_text
         text, facts = result_text(e, ser, what, value)
         log.info("%s", text)
-        return (protocol.UNSERIALIZABLE, (text, facts))
+        return (Kind.UNSERIALIZABLE, (text, facts))
 
     def _request_undecodable(self, e: Exception) -> tuple:
-        from .errors import arguments_not_deserializable_text
         error = f"{type(e).__name__}: {e}"
         text = arguments_not_deserializable_text(self.serializer.name, error, os.getpid())
         log.info("%s", text)
-        return (protocol.UNSERIALIZABLE, (text, {
+        return (Kind.UNSERIALIZABLE, (text, {
             "direction": "arguments", "serializer": self.serializer.name, "error": error}))
 
     def _gone_text(self, oid: Any, meth: str) -> str:
@@ -407,23 +421,23 @@ class Server:
         """Calls that are not an exposed method: fallbacks and errors."""
         entry = self.objects.objects.get(oid)
         if entry is None:
-            return (protocol.TRACEBACK, self._gone_text(oid, meth))
+            return (Kind.TRACEBACK, self._gone_text(oid, meth))
         obj = entry.obj
         try:
             if meth == "#GETVALUE":
-                return (protocol.RETURN, obj)
+                return (Kind.RETURN, obj)
             if meth == "__str__":
-                return (protocol.RETURN, str(obj))
+                return (Kind.RETURN, str(obj))
             if meth == "__repr__":
-                return (protocol.RETURN, repr(obj))
+                return (Kind.RETURN, repr(obj))
             if meth == "#UPDATE_ITEM" and "__setitem__" in entry.exposed:
-                return (protocol.RETURN, self._update_item(entry, *args))
+                return (Kind.RETURN, self._update_item(entry, *args))
         except DeadlineExpired as e:
-            return (protocol.TIMEOUT, str(e))
+            return (Kind.TIMEOUT, str(e))
         except Exception as e:
-            return (protocol.ERROR, _with_traceback(e))
+            return (Kind.ERROR, _with_traceback(e))
         exposed = ", ".join(sorted(entry.exposed)) or "(none)"
-        return (protocol.ERROR, NotExposedError(
+        return (Kind.ERROR, NotExposedError(
             f"method {meth!r} of {type(obj).__name__} object (typeid {entry.typeid!r}, "
             f"id {oid}) is not exposed; the exposed ones are: {exposed}. Add it to "
             f"exposed= when registering {entry.typeid!r}, or call one of those.",
@@ -451,26 +465,37 @@ class Server:
         finally:
             lock.release()
 
+    @classmethod
+    def control_table(cls) -> dict[str, Any]:
+        """The manager operations of this server class: name -> function, built
+        once per class from `public` (the stdlib's list, which subclasses extend)."""
+        table = cls.__dict__.get("_control_table")
+        if table is None:
+            table = {name: getattr(cls, name) for name in cls.public}
+            cls._control_table = table
+        return table
+
     def _control(self, info: ConnInfo, meth: str, args: tuple, kwds: dict) -> tuple:
-        if meth not in self.public:
-            return (protocol.TRACEBACK, f"{meth!r} is not a manager operation; the known "
-                                        f"ones are {sorted(self.public)}\n")
+        op = self.control_ops.get(meth)
+        if op is None:
+            return (Kind.TRACEBACK, f"{meth!r} is not a manager operation; the known "
+                                    f"ones are {sorted(self.control_ops)}\n")
         try:
-            return (protocol.RETURN, getattr(self, meth)(info, *args, **kwds))
+            return (Kind.RETURN, op(self, info, *args, **kwds))
         except NoSuchObject as e:
-            return (protocol.TRACEBACK, self._gone_text(e.args[0], meth))
+            return (Kind.TRACEBACK, self._gone_text(e.args[0], meth))
         except Exception as e:
-            return (protocol.ERROR, _with_traceback(e))
+            return (Kind.ERROR, _with_traceback(e))
 
     def _proxy_reply(self, info: ConnInfo, typeid: str, value: Any) -> tuple:
         try:
             ident, exposed, attrs = self._new_object(info.client, typeid, (value,), {})
         except Exception as e:
-            return (protocol.ERROR, _with_traceback(e))
-        token = protocol.Token(typeid, self.address, ident)
+            return (Kind.ERROR, _with_traceback(e))
+        token = Token(typeid, self.address, ident)
         spec = self.registry.get(typeid)
         proxytype = spec[3] if spec is not None else None
-        return (protocol.PROXY, (proxytype, exposed, token, attrs))
+        return (Kind.PROXY, (proxytype, exposed, token, attrs))
 
     # -- objects -----------------------------------------------------------------
     def _new_object(self, holder: str, typeid: str, args: tuple, kwds: dict) -> tuple:
@@ -509,7 +534,7 @@ class Server:
         """Create a new shared object; return `(id, exposed, attributes)`."""
         return self._new_object(c.client, typeid, args, kwds)
 
-    def get_methods(self, c: ConnInfo, token: protocol.Token) -> tuple:
+    def get_methods(self, c: ConnInfo, token: Token) -> tuple:
         return tuple(self.objects.get(token.id).exposed)
 
     def accept_connection(self, c: ConnInfo, name: str) -> None:
@@ -546,7 +571,7 @@ class Server:
 
     def locks(self, c: ConnInfo) -> list[dict]:
         """Every lock-like object with its holders and waiters (see locktable)."""
-        return locktable.snapshot(self.objects)
+        return snapshot(self.objects)
 
     def list_objects(self, c: ConnInfo) -> list[dict]:
         return self.objects.snapshot()

@@ -11,9 +11,11 @@ Rules it keeps:
   of the process, that carries reference traffic (decref, loans) from any
   thread; and one connection per thread for calls.  When all of a process's
   connections close, the manager knows the process is gone.
-- Replies are matched by request id.  A call that was abandoned (deadline,
-  Ctrl-C) leaves its connection *pending*; the connection is set aside and
-  reused once its late reply has arrived and been dropped (and logged).
+- Replies are matched by request id.  A call abandoned at its deadline leaves
+  its connection *pending*; the connection is set aside and reused once its
+  late reply (even one that had started to arrive) has been read and dropped.
+  A call connection interrupted inside a receive (Ctrl-C) is closed and
+  replaced, because bytes may be lost between the kernel and the reader.
 - After fork, the child never touches the parent's sockets: the parent lends
   its references to the child before forking, and the child adopts the loan
   on its first connection.
@@ -22,7 +24,6 @@ Rules it keeps:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import secrets
 import socket
@@ -31,9 +32,12 @@ import time
 from multiprocessing import util as mp_util
 from typing import Any
 
-from . import protocol, transport
-from .errors import ManagerCrashed
-from .serializers import Serializer, decode_hello, encode_hello, get_serializer
+from ..errors import ManagerCrashed, RemoteError, manager_crashed, serializer_mismatch
+from ..transport import channel as transport
+from ..wire.frames import NO_DEADLINE, encode_frame, pack_frame
+from ..wire.kinds import Kind, kind_name
+from ..wire.serializers import Serializer, decode_hello, encode_hello, get_serializer
+from .replies import call_timeout, raise_reply
 
 __all__ = ["Connection", "Client", "Session", "get_session", "client_id", "GRACE"]
 
@@ -43,9 +47,8 @@ log = logging.getLogger("procshare.client")
 #: timeout reply, so that an operation the manager completed at the last
 #: moment is not lost
 GRACE = 0.025
-_NAN = math.nan
-_CALL = protocol.CALL
-_pack_header = protocol.HEADER.pack
+_NAN = NO_DEADLINE
+_CALL = Kind.CALL
 _monotonic = time.monotonic
 _MAX_STALE = 8      # abandoned connections kept for reuse, per session
 
@@ -86,14 +89,14 @@ class Connection:
         try:
             body, bufs = self.ser.dumps((oid, meth, args, kwds))   # nothing sent if this fails
         except Exception as e:
-            from .diagnose import arguments_error
+            from ..wire.diagnose import arguments_error
             raise arguments_error(e, self.ser, oid, meth, args, kwds) from None
         budget = _NAN if timeout is None else timeout
         try:
             if bufs:
-                self.ch.send(protocol.encode_frame(protocol.CALL, rid, body, bufs, budget))
+                self.ch.send(encode_frame(_CALL, rid, body, bufs, budget))
             else:
-                self.ch.send_bytes(_pack_header(len(body), _CALL, 0, 0, rid, budget) + body)
+                self.ch.send_bytes(pack_frame(_CALL, rid, body, budget))
         except BaseException:
             self.close()    # a frame may be half-written (Ctrl-C, broken pipe)
             raise
@@ -104,8 +107,17 @@ class Connection:
         while True:
             try:
                 kind, got, _budget, body, bufs = recv(deadline)
+            except TimeoutError:
+                self.pending.add(rid)   # the reader keeps any partial reply: drain() ends it
+                raise
             except BaseException:
-                self.pending.add(rid)
+                # interrupted inside a receive (Ctrl-C): bytes may be lost between
+                # the kernel and the reader, so a call connection is replaced; the
+                # control connection is kept until it can be replaced safely
+                if self is self.session.control:
+                    self.pending.add(rid)
+                else:
+                    self.close()
                 raise
             if got == rid:
                 if body == self.none_body:
@@ -124,9 +136,10 @@ class Connection:
     def _drop_late(self, rid: int, kind: int) -> None:
         if rid in self.pending:
             self.pending.discard(rid)
-            log.info("dropped the late reply (kind %d) to abandoned request %d", kind, rid)
+            log.info("dropped the late reply (%s) to abandoned request %d",
+                     kind_name(kind), rid)
         else:
-            log.warning("dropped a reply to unknown request %d (kind %d)", rid, kind)
+            log.warning("dropped a reply to unknown request %d (%s)", rid, kind_name(kind))
 
     def call(self, oid: Any, meth: str, args: tuple, kwds: dict,
              timeout: float | None) -> tuple[int, Any]:
@@ -218,7 +231,7 @@ class Session:
                      "role": role, "version": 1}
             if role == "control" and self.adopt:
                 hello["adopt"], self.adopt = self.adopt, None
-            ch.send(protocol.encode_frame(protocol.HELLO, 1, encode_hello(hello)))
+            ch.send_bytes(pack_frame(Kind.HELLO, 1, encode_hello(hello)))
             kind, _rid, _b, body, bufs = ch.recv_frame(time.monotonic() + 20.0)
             info = decode_hello(body, bufs, self.serializer)
         except (EOFError, ConnectionError, TimeoutError) as e:
@@ -227,9 +240,8 @@ class Session:
         except BaseException:
             ch.close()
             raise
-        if kind != protocol.RETURN:
+        if kind != Kind.RETURN:
             ch.close()
-            from .errors import RemoteError, serializer_mismatch
             if isinstance(info, dict) and info.get("error") == "serializer":
                 raise serializer_mismatch(self.address, self.serializer.name,
                                           info.get("manager_serializer"), info.get("reason"))
@@ -279,11 +291,9 @@ class Session:
             try:
                 kind, result = c.call(None, meth, args, {}, timeout)
             except TimeoutError:
-                from .proxy import call_timeout
                 raise call_timeout(None, meth, timeout, False, session=self) from None
-        if kind == protocol.RETURN:
+        if kind == Kind.RETURN:
             return result
-        from .proxy import raise_reply
         return raise_reply(kind, result, None, meth, timeout)
 
     def control_send(self, meth: str, *args: Any) -> None:
@@ -298,7 +308,6 @@ class Session:
     # -- failures -------------------------------------------------------------------
     def crashed(self, cause: BaseException) -> ManagerCrashed:
         """The error for a manager that cannot be reached (see `errors`)."""
-        from .errors import manager_crashed
         return manager_crashed(self.address, cause)
 
     def close(self) -> None:

@@ -1,0 +1,1 @@
+"""procshare's command line (`python -m procshare`) and its demo scenes."""

@@ -1,0 +1,328 @@
+"""Channels: a connected socket that carries frames, and the handshake drivers.
+
+Owns: every byte that crosses a socket after connecting.  Nothing else in
+procshare calls `send`/`recv`.  Frames are laid out and parsed by
+`wire.frames`; the handshake's bytes come from `wire.handshake`; this module
+only moves them.
+
+Rules it keeps:
+- All frame parsing goes through the channel's `FrameReader`: the bytes a
+  receive brings are handed to it, or written straight into the part it is
+  filling (`recv_into`), never parsed here.
+- A deadline (TimeoutError) is only ever raised *before* a receive, so no
+  received byte is lost: a frame interrupted by a deadline resumes at the next
+  `recv_frame`.  Any other exception inside a receive (Ctrl-C, a signal
+  handler's error) may fall between the kernel returning bytes and the reader
+  taking them, so the owner of the channel must close it (`Connection` does).
+- On the server, a frame that has started must keep coming: a peer silent for
+  `frame_timeout` seconds in the middle of a frame gets a FrameError.
+- One write per frame (`sendall` for a small frame, `sendmsg` with the
+  out-of-band buffers for a large one).
+- Authenticate before deserializing anything: the handshake is fixed-size raw
+  bytes, read exactly (never past its end), before the first frame.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+import weakref
+from typing import Any
+
+from ..wire.frames import DEFAULT_LIMITS, FrameError, FrameReader, Limits
+from ..wire.handshake import ClientHandshake, ServerHandshake
+from .addresses import UNIX_PATH_MAX, address_family, arbitrary_address, cleanup_address
+
+__all__ = ["Channel", "Listener", "connect", "server_handshake", "client_handshake",
+           "close_inherited"]
+
+_RECV_CHUNK = 64 * 1024
+_DONTWAIT = socket.MSG_DONTWAIT
+_perf = time.perf_counter
+_monotonic = time.monotonic
+
+#: how long a receive busy-polls before it sleeps (PROCSHARE_SPIN_US, 0 disables;
+#: off on single-CPU machines, where polling would only steal the peer's CPU)
+SPIN_SECONDS = (float(os.environ.get("PROCSHARE_SPIN_US", "50")) / 1e6
+                if (os.cpu_count() or 1) > 1 else 0.0)
+_SPIN_MISSES = 4     # consecutive misses before a channel stops polling...
+_SPIN_REST = 64      # ...for this many receives
+
+
+_open_sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+
+
+def close_inherited() -> None:
+    """In a forked child: close this process's copies of every procshare socket
+    (without unlinking socket files or shutting connections down)."""
+    for sock in list(_open_sockets):
+        try:
+            sock.close()
+        except OSError:
+            pass
+    _open_sockets.clear()
+
+
+class Channel:
+    """One connected socket carrying frames in both directions."""
+
+    __slots__ = ("sock", "reader", "peer", "frame_timeout", "_spin", "_misses", "__weakref__")
+
+    def __init__(self, sock: socket.socket, peer: Any = None, limits: Limits = DEFAULT_LIMITS,
+                 frame_timeout: float | None = None) -> None:
+        self.sock = sock
+        _open_sockets.add(sock)
+        self.reader = FrameReader(limits)
+        self.peer = peer
+        self.frame_timeout = frame_timeout
+        self._spin = SPIN_SECONDS  # how long recv_frame busy-polls before sleeping
+        self._misses = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    @property
+    def closed(self) -> bool:
+        return self.sock.fileno() == -1
+
+    # -- writing -----------------------------------------------------------
+    def send_bytes(self, frame: bytes) -> None:
+        """Write one whole frame that is a single bytes object."""
+        self.sock.sendall(frame)
+
+    def send(self, pieces: list) -> None:
+        """Write one encoded frame (the list `frames.encode_frame` returns)."""
+        if len(pieces) == 1:
+            self.sock.sendall(pieces[0])
+            return
+        views = [memoryview(p).cast("B") for p in pieces]
+        while views:
+            sent = self.sock.sendmsg(views[:512])
+            while sent:
+                n = views[0].nbytes
+                if sent >= n:
+                    sent -= n
+                    views.pop(0)
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
+
+    # -- reading -----------------------------------------------------------
+    def readable(self) -> bool:
+        """True when part of a frame (or EOF) can be read without blocking."""
+        if self.reader.in_frame:
+            return True
+        r, _, _ = select.select([self.sock], [], [], 0)
+        return bool(r)
+
+    def _wait(self, deadline: float | None) -> None:
+        if deadline is None:
+            return
+        left = deadline - _monotonic()
+        if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+            raise TimeoutError("no frame before the deadline")
+
+    def recv_frame(self, deadline: float | None = None) -> tuple:
+        """Read one frame: `(kind, rid, budget, body, buffers)`.
+
+        `deadline` is a `time.monotonic()` value; TimeoutError if no whole frame
+        arrived by then (what did arrive stays with the reader for the next call).
+        """
+        reader = self.reader
+        if not reader.in_frame:
+            # the common case: nothing buffered, one small frame in one read
+            data = self._poll() if self._spin else None
+            if data is None:
+                if self._misses < 0:
+                    self._misses += 1
+                    if not self._misses:
+                        self._spin = SPIN_SECONDS
+                if deadline is not None:
+                    self._wait(deadline)
+                data = self.sock.recv(_RECV_CHUNK)
+                if not data:
+                    raise EOFError("connection closed by peer")
+            reader.feed(data)
+        frame = reader.next_frame()
+        if frame is not None:
+            return frame
+        return self._recv_rest(deadline)
+
+    def _recv_rest(self, deadline: float | None) -> tuple:
+        """Receive until the frame the reader has started is whole."""
+        reader = self.reader
+        sock = self.sock
+        while True:
+            limit, stalled = deadline, False
+            if self.frame_timeout is not None:
+                stall = _monotonic() + self.frame_timeout
+                if limit is None or stall < limit:
+                    limit, stalled = stall, True
+            room = reader.room()
+            try:
+                self._wait(limit)
+            except TimeoutError:
+                if stalled:
+                    raise FrameError(
+                        f"the peer sent part of a frame ({reader.buffered} bytes) and then "
+                        f"nothing for {self.frame_timeout} s") from None
+                raise
+            if room is None:
+                data = sock.recv(_RECV_CHUNK)
+                if not data:
+                    raise EOFError("connection closed by peer in the middle of a frame")
+                reader.feed(data)
+            else:
+                n = sock.recv_into(room)
+                if not n:
+                    raise EOFError("connection closed by peer in the middle of a frame")
+                reader.commit(n)
+            frame = reader.next_frame()
+            if frame is not None:
+                return frame
+
+    def _poll(self) -> bytes | None:
+        """Busy-poll for a moment before sleeping in recv.
+
+        Waking a sleeping process costs tens of microseconds on virtual machines,
+        more than a whole small call, while the reply to a small call (or a
+        client's next call) usually comes within a few.  A channel that keeps
+        missing stops polling for a while, so idle connections cost nothing.
+        """
+        end = _perf() + self._spin
+        recv = self.sock.recv
+        while True:
+            try:
+                data = recv(_RECV_CHUNK, _DONTWAIT)
+            except BlockingIOError:
+                if _perf() < end:
+                    continue
+                self._misses += 1
+                if self._misses >= _SPIN_MISSES:
+                    self._spin = 0.0
+                    self._misses = -_SPIN_REST   # sleep this many receives, then poll again
+                return None
+            if not data:
+                raise EOFError("connection closed by peer")
+            self._misses = 0
+            return data
+
+    # -- handshake ---------------------------------------------------------
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv_raw(self, n: int, deadline: float | None) -> bytes:
+        """Exactly `n` raw bytes (never more: frames follow), or fewer at EOF."""
+        out = b""
+        while len(out) < n:
+            self._wait(deadline)
+            data = self.sock.recv(n - len(out))
+            if not data:
+                break
+            out += data
+        return out
+
+
+def server_handshake(ch: Channel, authkey: bytes, timeout: float = 20.0) -> None:
+    """Challenge the client; on success prove our own knowledge of the key."""
+    deadline = _monotonic() + timeout
+    hs = ServerHandshake(authkey, ch.peer)
+    ch.send_raw(hs.start())
+    reply = ch.recv_raw(hs.need, deadline)
+    if len(reply) < hs.need:
+        raise EOFError("the peer closed the connection during the handshake")
+    answer, error = hs.receive(reply)
+    if answer:
+        ch.send_raw(answer)
+    if error is not None:
+        raise error
+
+
+def client_handshake(ch: Channel, authkey: bytes, address: Any, timeout: float = 20.0) -> None:
+    deadline = _monotonic() + timeout
+    hs = ClientHandshake(authkey, address)
+    try:
+        head = ch.recv_raw(hs.need, deadline)
+    except TimeoutError:
+        head = b""
+    if len(head) < hs.need:
+        raise hs.no_answer()
+    ch.send_raw(hs.challenge(head))
+    hs.answer(ch.recv_raw(hs.answer_size, deadline))
+
+
+class Listener:
+    """A listening socket bound to a Unix or TCP address."""
+
+    def __init__(self, address: Any = None, backlog: int = 128, limits: Limits = DEFAULT_LIMITS,
+                 frame_timeout: float | None = None) -> None:
+        self.limits = limits
+        self.frame_timeout = frame_timeout
+        if address is None:
+            address = arbitrary_address()
+        family = address_family(address)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if family != socket.AF_UNIX:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+        except OSError as e:
+            sock.close()
+            if family == socket.AF_UNIX and "too long" in str(e):
+                raise OSError(e.errno, f"AF_UNIX path too long: {address!r} is "
+                              f"{len(os.fsencode(address))} bytes, the limit is "
+                              f"{UNIX_PATH_MAX}. Pass a shorter address, or address=None "
+                              "to let procshare choose one.") from None
+            raise
+        self._sock = sock
+        _open_sockets.add(sock)
+        self._family = family
+        if family == socket.AF_UNIX:
+            name = sock.getsockname()
+            self.address = name.decode() if isinstance(name, bytes) else name
+            if isinstance(address, str) and address.startswith("\0"):
+                self.address = address
+        else:
+            self.address = sock.getsockname()[:2]
+
+    def accept(self) -> Channel:
+        sock, peer = self._sock.accept()
+        if self._family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return Channel(sock, peer, self.limits, self.frame_timeout)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        try:
+            self._sock.close()
+        finally:
+            cleanup_address(self.address)
+
+
+def connect(address: Any, timeout: float | None = None) -> Channel:
+    """Open a socket to `address` (no handshake yet)."""
+    family = address_family(address)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if timeout is not None:
+            sock.settimeout(timeout)
+        sock.connect(address)
+        sock.settimeout(None)
+        if family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return Channel(sock, address)

@@ -1,0 +1,311 @@
+"""Frames, sans-IO: the byte layout of every message, and the one parser of it.
+
+Owns: the frame header (`HEADER`, packed only here: `pack_frame`,
+`encode_frame`), the size limits a peer must keep (`Limits`), and
+`FrameReader`, the parser both ends use.  It never touches a socket: the
+transport feeds it bytes (or lets it choose where `recv_into` writes) and asks
+for whole frames.
+
+Rules it keeps:
+- A frame is one fixed header, a table of out-of-band buffer lengths, the body
+  and then the buffers.  Everything needed to route a frame (kind, request id,
+  time budget) is in the header, so a body that cannot be deserialized can
+  still be answered by request id.
+- Request id 0 means "no reply wanted" (fire-and-forget: decref).
+- The time budget travels as *remaining seconds*, so it stays meaningful
+  between machines whose clocks differ; NaN means no deadline.  The reader
+  hands out only NaN or a finite budget in [0, MAX_BUDGET]: negative budgets
+  become 0 and absurd ones (inf, > MAX_BUDGET) mean no deadline.
+- The reader keeps every byte it was given until it is part of a frame it has
+  returned: a frame interrupted at any byte resumes where it stopped, and is
+  never misread.  After a `FrameError` the reader is unusable (the stream is
+  out of step by definition) and the connection must be closed.
+- Memory follows the data, not the header's claim: a part larger than
+  `GROW_FROM` starts at that size and at most doubles as it fills, so a peer
+  that claims a gigabyte and sends nothing costs about a megabyte.
+- Limits are checked as soon as the header (or the buffer table) arrives.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "FrameError", "Limits", "DEFAULT_LIMITS", "FrameReader", "pack_frame", "encode_frame",
+    "HEADER", "NO_DEADLINE", "MAX_BUDGET",
+]
+
+NO_DEADLINE = math.nan
+#: budgets above this (about 31 years) mean "no deadline"
+MAX_BUDGET = 1e9
+
+#: body length, kind, flags, number of out-of-band buffers, request id, seconds left
+HEADER = struct.Struct("!IBBHQd")
+_BUFLEN = struct.Struct("!Q")
+_HSIZE = HEADER.size
+_unpack = HEADER.unpack_from
+_pack = HEADER.pack
+
+#: parts up to this size are received whole; larger ones grow from it
+GROW_FROM = 1 << 20
+
+
+class FrameError(ValueError):
+    """A peer sent bytes that are not a valid frame, or broke a limit."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one frame may hold.  A peer that breaks a limit loses its connection.
+
+    The defaults carry payloads of several GiB; the manager takes others as
+    `max_message_bytes=` and `max_buffers=`.
+    """
+
+    max_body: int = (1 << 32) - 1       # the in-band (pickled) body; the header's u32
+    max_frame: int = 16 << 30           # body plus every out-of-band buffer
+    max_buffers: int = 0xFFFF           # out-of-band buffers in one frame
+
+    def __post_init__(self) -> None:
+        for name in ("max_body", "max_frame", "max_buffers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"frame limit {name} must be a non-negative int, not {value!r}")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def pack_frame(kind: int, rid: int, body: bytes, budget: float = NO_DEADLINE) -> bytes:
+    """A frame without out-of-band buffers, as one `bytes` (one write)."""
+    return _pack(len(body), kind, 0, 0, rid, budget) + body
+
+
+def encode_frame(kind: int, rid: int, body: bytes, buffers: list | tuple = (),
+                 budget: float = NO_DEADLINE, limits: Limits = DEFAULT_LIMITS) -> list:
+    """The frame as a list of bytes-like pieces, ready for one `sendmsg`.
+
+    Without buffers the list has one `bytes` (header and body joined).  Raises
+    FrameError, before anything is sent, for a frame over `limits`.
+    """
+    if len(body) > limits.max_body:
+        raise FrameError(f"a message body of {len(body)} bytes is over the "
+                         f"{limits.max_body}-byte limit")
+    if not buffers:
+        return [_pack(len(body), kind, 0, 0, rid, budget) + body]
+    views = [memoryview(b).cast("B") for b in buffers]
+    total = len(body) + sum(v.nbytes for v in views)
+    if len(views) > limits.max_buffers or total > limits.max_frame:
+        raise FrameError(f"a message of {total} bytes in {len(views)} buffers is over the "
+                         f"limit ({limits.max_frame} bytes, {limits.max_buffers} buffers); "
+                         "raise max_message_bytes= on the manager")
+    head = _pack(len(body), kind, 0, len(views), rid, budget)
+    lengths = b"".join(_BUFLEN.pack(v.nbytes) for v in views)
+    return [head + lengths + body, *views]
+
+
+def _budget(budget: float) -> float:
+    if budget != budget:
+        return budget
+    if budget < 0.0:
+        return 0.0
+    return budget if budget <= MAX_BUDGET else NO_DEADLINE
+
+
+class _Part:
+    """One part of a frame being received: grows as its bytes arrive."""
+
+    __slots__ = ("size", "buf", "filled")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.buf = bytearray(min(size, GROW_FROM))
+        self.filled = 0
+
+    def room(self) -> memoryview:
+        """Where the next bytes go (growing the part if it is full)."""
+        buf = self.buf
+        if self.filled == len(buf):
+            grow = min(self.size, 2 * len(buf)) - len(buf)
+            buf += bytes(grow)          # realloc: no copy of what is there
+        return memoryview(buf)[self.filled:]
+
+    def take(self, data: memoryview) -> int:
+        """Copy as much of `data` as fits; return how much was taken."""
+        taken = 0
+        while self.filled < self.size and taken < len(data):
+            with self.room() as room:
+                n = min(len(room), len(data) - taken)
+                room[:n] = data[taken:taken + n]
+            self.filled += n
+            taken += n
+        return taken
+
+
+class FrameReader:
+    """Parse a byte stream into frames: `(kind, rid, budget, body, buffers)`.
+
+    Two ways in: `feed(data)` with bytes already received, or, for large
+    parts, `room()` (a writable view to `recv_into`) followed by
+    `commit(n)`.  Then `next_frame()` returns a frame, or None when more data
+    is needed.  `body` is bytes-like; `buffers` is a tuple of bytearrays.
+    """
+
+    __slots__ = ("limits", "_data", "_head", "_parts", "_done", "_view", "_broken")
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
+        self._data: bytes = b""         # bytes not yet part of a frame in progress
+        self._head: tuple | None = None  # (blen, kind, nbufs, rid, budget) of that frame
+        self._parts: list[_Part] = []    # its parts still to fill, in order
+        self._done: list[Any] = []       # its filled parts
+        self._view: memoryview | None = None
+        self._broken: str | None = None
+
+    # -- state ---------------------------------------------------------------
+    @property
+    def in_frame(self) -> bool:
+        """True while part of a frame has arrived and the rest has not."""
+        return self._head is not None or bool(self._data)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for frames not yet returned."""
+        return len(self._data) + sum(p.filled for p in self._parts) + sum(
+            len(p) for p in self._done)
+
+    # -- input ---------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        """Add received bytes."""
+        if not data:
+            return
+        if self._head is None or not self._parts:
+            self._data = self._data + data if self._data else data
+            return
+        view = memoryview(data)
+        taken = self._fill(view)
+        if taken < len(data):
+            rest = bytes(view[taken:])
+            self._data = self._data + rest if self._data else rest
+
+    def room(self) -> memoryview | None:
+        """A writable view for the next bytes of a large part, or None when the
+        next bytes are better received as a chunk and given to `feed`."""
+        self._release()
+        if self._data or not self._parts:
+            return None
+        part = self._parts[0]
+        if part.size - part.filled < GROW_FROM // 16:
+            return None
+        self._view = part.room()
+        return self._view
+
+    def commit(self, n: int) -> None:
+        """`n` bytes were written into the view `room()` returned."""
+        self._release()
+        self._parts[0].filled += n
+        self._settle()
+
+    def _release(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+
+    # -- output --------------------------------------------------------------
+    def next_frame(self) -> tuple | None:
+        """The next whole frame, or None if more bytes are needed."""
+        if self._broken is not None:
+            raise FrameError(self._broken)
+        if self._head is None:
+            data = self._data
+            if len(data) < _HSIZE:
+                return None
+            blen, kind, _flags, nbufs, rid, budget = _unpack(data, 0)
+            end = _HSIZE + blen
+            if not nbufs and len(data) >= end and blen <= GROW_FROM:
+                # the common case: a small frame, whole
+                self._data = data[end:] if len(data) > end else b""
+                if not (0.0 <= budget <= MAX_BUDGET) and budget == budget:
+                    budget = _budget(budget)
+                return kind, rid, budget, data[_HSIZE:end], ()
+            self._start(blen, kind, nbufs, rid, budget)
+        if self._parts and self._data:
+            data, self._data = self._data, b""
+            with memoryview(data) as view:
+                taken = self._fill(view)
+                if taken < len(data):
+                    self._data = bytes(view[taken:])
+        if self._parts:
+            return None
+        return self._finish()
+
+    # -- internals -----------------------------------------------------------
+    def _fail(self, message: str) -> None:
+        self._broken = message
+        self._data = b""
+        self._parts = []
+        self._done = []
+        raise FrameError(message)
+
+    def _start(self, blen: int, kind: int, nbufs: int, rid: int, budget: float) -> None:
+        lim = self.limits
+        if blen > lim.max_body:
+            self._fail(f"a frame body of {blen} bytes is over the {lim.max_body}-byte limit")
+        if nbufs > lim.max_buffers:
+            self._fail(f"a frame with {nbufs} out-of-band buffers is over the limit of "
+                       f"{lim.max_buffers}")
+        if blen > lim.max_frame:
+            self._fail(f"a frame of {blen} bytes is over the {lim.max_frame}-byte limit")
+        self._head = (blen, kind, nbufs, rid, _budget(budget))
+        self._data = self._data[_HSIZE:]
+        self._done = []
+        self._parts = [_Part(nbufs * _BUFLEN.size)] if nbufs else []
+        self._parts.append(_Part(blen))
+        self._settle()
+
+    def _settle(self) -> None:
+        """Close every part that is complete (empty parts are complete at once)."""
+        parts = self._parts
+        while parts and parts[0].filled == parts[0].size:
+            self._part_done()
+
+    def _fill(self, view: memoryview) -> int:
+        taken = 0
+        while self._parts and taken < len(view):
+            taken += self._parts[0].take(view[taken:])
+            self._settle()
+        return taken
+
+    def _part_done(self) -> None:
+        part = self._parts.pop(0)
+        head = self._head
+        assert head is not None
+        if head[2] and not self._done:
+            # the buffer table: now the sizes of the buffers are known
+            table = part.buf
+            lengths = [_BUFLEN.unpack_from(table, i * _BUFLEN.size)[0] for i in range(head[2])]
+            total = head[0] + sum(lengths)
+            if total > self.limits.max_frame:
+                self._fail(f"a frame of {total} bytes (with its buffers) is over the "
+                           f"{self.limits.max_frame}-byte limit")
+            self._done.append(lengths)
+            self._parts.extend(_Part(n) for n in lengths)
+            return
+        self._done.append(part.buf)
+
+    def _finish(self) -> tuple:
+        head = self._head
+        assert head is not None
+        _blen, kind, nbufs, rid, budget = head
+        done = self._done
+        if nbufs:
+            body, buffers = done[1], tuple(done[2:])
+        else:
+            body, buffers = done[0], ()
+        self._head = None
+        self._done = []
+        return kind, rid, budget, body, buffers
+
