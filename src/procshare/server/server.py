@@ -16,6 +16,13 @@ Rules it keeps:
   that cannot be serialized is reported and the connection stays usable.
 - When the last connection of a client closes, the client is gone: its
   references are released (and its locks, see `locktable`).
+- Manager operations (`create`, `decref`, ...) are dispatched through
+  `control_table()`, built once per class from `public`, never by `getattr`
+  on a name a peer sent.
+- A peer that breaks a frame limit (`limits`), stalls inside a frame for
+  `frame_timeout` seconds, sends a malformed hello, or exhausts memory loses
+  its own connection, with the reason in the log (`note`); the server and its
+  other connections go on.
 """
 
 from __future__ import annotations
