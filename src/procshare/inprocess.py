@@ -5,9 +5,10 @@ Owns: the reference to the in-process server.
 
 Rules it keeps:
 - It imports nothing from procshare.  `server/` registers its server here when
-  it starts serving; `client/` asks here, so a proxy used inside the manager
-  process (a nested proxy, a proxy handed to a hosted object) talks to the
-  server directly instead of through a socket to itself.
+  it starts serving; `client/` asks here, so that a proxy used inside the
+  manager process (a nested proxy, a proxy handed to a hosted object) takes
+  and gives back its references directly in the registry, and a Condition
+  finds the real lock behind a proxy.  Method calls still go through a socket.
 - The client uses only the server's `address`, `objects` and `local_*`
   reference methods.
 """

@@ -1,13 +1,13 @@
 """Demo scenes for failures: ``python -m procshare demo serialization timeout crash ...``.
 
-What this module owns: one scene per failure of the seed document's troubleshooting guide
+Owns: one scene per failure of the seed document's troubleshooting guide
 that procshare explains instead of leaving to the user: an argument that cannot be
 serialized, a call that would hang, a manager that is killed, a wrong authkey and a method
 that is not exposed.  Each scene makes the failure happen for real, prints the error
 procshare raises, checks that it carries the facts it promises, and (where that is quick
 and cannot hang) shows what the stdlib does in the same situation.
 
-Rules this module keeps: the same as `procshare.cli.demo` (module-level classes, bounded
+Rules it keeps: the same as `procshare.cli.demo` (module-level classes, bounded
 waits, plain text).  `demo.py` imports this module once, at its end, so the scenes are
 registered after the seed's own two.
 """
@@ -24,7 +24,7 @@ import time
 
 import procshare
 import procshare.managers as managers
-from procshare.cli.demo import Demo, scene
+from procshare.cli.scenes import Demo, scene
 
 
 def _show(demo: Demo, label: str, exc: BaseException) -> None:

@@ -1,9 +1,9 @@
 """Demo scenes for issue 4: a deadlock detected, a lock recovered from a killed owner.
 
-What this module owns: the ``deadlock`` and ``owner-died`` scenes of ``python -m procshare
-demo`` (registered with ``procshare.cli.demo.scene``) and the workers they start.
+Owns: the ``deadlock`` and ``owner-died`` scenes of ``python -m procshare
+demo`` (registered with ``procshare.cli.scenes.scene``) and the workers they start.
 
-Rules this module keeps (those of ``procshare.cli.demo``): only the stdlib-compatible API plus
+Rules it keeps (those of ``procshare.cli.demo``): only the stdlib-compatible API plus
 procshare's two new names (DeadlockError, OwnerDiedWarning); every worker is module-level, so
 fork, spawn and forkserver all work; every wait is bounded, workers that overrun are killed.
 """
@@ -20,7 +20,7 @@ import warnings
 
 import procshare
 
-from .demo import WIDTH, Demo, run_workers, scene
+from .scenes import WIDTH, Demo, run_workers, scene
 
 WAIT = 20.0  # seconds any one wait of a scene may take
 

@@ -1,11 +1,15 @@
 """Command line: ``python -m procshare`` (also installed as the ``procshare`` script).
 
-What this module owns: argument parsing and dispatch to subcommands. Each subcommand is
+Owns: argument parsing and dispatch to subcommands. Each subcommand is
 an ``add_*`` function that declares its arguments and a handler returning an exit status;
 the work itself lives in other modules, imported only when the subcommand runs, so that
 ``--help`` works even if the rest of the package cannot be imported.
 
 Subcommands: ``demo`` (see procshare.cli.demo).
+
+Rules it keeps:
+- A subcommand's module is imported only when it runs.
+- The exit status is the handler's: 0 for success, 2 for a usage error.
 """
 
 from __future__ import annotations

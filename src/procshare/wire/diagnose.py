@@ -23,6 +23,7 @@ from __future__ import annotations
 import copyreg
 import importlib.util
 import io
+import sys
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -260,24 +261,27 @@ def alternatives(value: Any, in_use: Serializer) -> list[str]:
     return out
 
 
+def _handle_types() -> tuple:
+    """Files and sockets (without importing `socket`: an object can only be a
+    socket if its module was imported already)."""
+    sock = sys.modules.get("socket")
+    return (io.IOBase, sock.socket) if sock is not None else (io.IOBase,)
+
+
 def process_local(obj: Any) -> bool:
     """Objects that mean something in one process only: a copy would be a
     different, unrelated object (dill can copy a lock, but never usefully)."""
-    import io
-    import socket
     import threading
     t = type(obj)
     return (t in (type(threading.Lock()), type(threading.RLock()), threading.Condition,
                   threading.Event, threading.Semaphore, threading.BoundedSemaphore)
             or getattr(t, "__module__", "").startswith(("multiprocessing.synchronize",
                                                          "multiprocessing.queues"))
-            or isinstance(obj, (io.IOBase, socket.socket)))
+            or isinstance(obj, _handle_types()))
 
 
 def hint_for(obj: Any) -> str:
     """Advice for the classic unshareable objects."""
-    import io
-    import socket
     import threading
     t = type(obj)
     if t in (type(threading.Lock()), type(threading.RLock()), threading.Condition,
@@ -290,7 +294,7 @@ def hint_for(obj: Any) -> str:
         return ("multiprocessing's own locks and queues can only be handed to a child "
                 "process when it starts (Process(args=...)); through a manager, use the "
                 "manager's versions: manager.Lock(), manager.Queue(), ...")
-    if isinstance(obj, (io.IOBase, socket.socket)):
+    if isinstance(obj, _handle_types()):
         return ("Open files and sockets belong to one process: send the path or address "
                 "and open it on the other side.")
     if isinstance(obj, types.GeneratorType):
