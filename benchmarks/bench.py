@@ -6,6 +6,21 @@ Run from the repository root, with procshare installed (``pip install -e .``)::
     python benchmarks/bench.py              # every case, both implementations
     python benchmarks/bench.py --quick      # small N, about 20 s
     python benchmarks/bench.py --only call,dict --impl both --start-method spawn
+    python benchmarks/bench.py --cpu        # also CPU time per call, client + manager
+    python benchmarks/bench.py --loaded     # under a background CPU load it starts itself
+
+``--cpu`` brackets every measured round with ``getrusage`` (``RUSAGE_SELF``, plus
+``RUSAGE_CHILDREN`` for the worker processes a case starts and joins) and the manager server's
+``utime + stime`` from ``/proc/<pid>/stat`` (Linux only; clock ticks, usually 10 ms, so each
+figure is a sum over all the measured rounds). A second table shows CPU per unit of work, client
+and manager together, with the ratio. Without ``--quick`` the small-call case covers at least
+20,000 calls per implementation. In the contended case the client side includes the workers'
+start-up (and under forkserver the workers are not our children, so their CPU is not seen).
+
+``--loaded`` starts two busy-loop Python processes per CPU (``os.cpu_count()``), at normal
+priority, before the first case and SIGKILLs their process group after the last one, also on
+errors, Ctrl-C and SIGTERM (they also quit on their own if this process dies).
+``benchmarks/scale.py`` uses the same machinery to scale the client count from 1 to 16.
 
 Rules this file keeps:
 
@@ -29,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import multiprocessing
@@ -36,8 +52,10 @@ import multiprocessing.managers as std_managers
 import os
 import platform
 import queue
+import resource
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -139,6 +157,7 @@ class Env:
     ctx: Any  # multiprocessing context
     quick: bool
     timeout: float  # seconds allowed for one setup, round or teardown
+    cpu: bool = False  # also measure CPU time (client + manager) in every round
 
 
 @dataclass
@@ -185,6 +204,32 @@ def _manager_pid(manager) -> int | None:
     return getattr(proc, "pid", None)
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of process `pid` (all its threads) from /proc/<pid>/stat, in seconds."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    # Fields 14 and 15 (1-based); split after the command name, which may hold spaces or ')'.
+    fields = stat[stat.rindex(b")") + 2 :].split()  # fields[0] is field 3, the state
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def client_cpu_seconds() -> float:
+    """CPU of this process (all threads) plus its terminated and joined children."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def cpu_snapshot(manager_pid: int | None) -> tuple[float, float]:
+    """(client CPU seconds, manager server CPU seconds), both cumulative."""
+    if manager_pid is None:
+        raise RuntimeError("the manager's server pid is unknown: cannot read its CPU time")
+    return client_cpu_seconds(), proc_cpu_seconds(manager_pid)
+
+
 def start_manager(cls, env: Env):
     manager = cls(ctx=env.ctx)
     manager.start()
@@ -209,6 +254,72 @@ def stop_manager(manager, env: Env) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+# Busy loop of one load process: quits by itself once this process is gone (reparented).
+_LOAD_LOOP = """\
+import os, sys
+parent = int(sys.argv[1])
+while os.getppid() == parent:
+    for _ in range(1_000_000):
+        pass
+"""
+
+
+@contextlib.contextmanager
+def background_load(n: int):
+    """Run `n` CPU-bound busy-loop processes, at normal priority, for the duration of the block.
+
+    They share one process group of their own (so a Ctrl-C at the terminal does not reach
+    them), which is SIGKILLed on the way out whatever happened; SIGTERM is turned into
+    SystemExit meanwhile so that it, too, gets here. Yields the list of Popen objects.
+    """
+    owner = os.getpid()
+
+    def on_sigterm(signum, frame):
+        if os.getpid() != owner:  # a forked child inherited this: die as by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise SystemExit(128 + signum)
+
+    procs: list[subprocess.Popen] = []
+    old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        for _ in range(n):
+            group = procs[0].pid if procs else 0  # the first one leads a new group
+            if sys.version_info >= (3, 11):
+                grouping: dict = {"process_group": group}
+            else:
+                grouping = {"preexec_fn": functools.partial(os.setpgid, 0, group)}
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-S", "-c", _LOAD_LOOP, str(owner)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    **grouping,
+                )
+            )
+        time.sleep(0.3)  # let them get going
+        gone = [p for p in procs if p.poll() is not None]
+        if gone:
+            raise RuntimeError(f"a load process exited at once (exit code {gone[0].returncode})")
+        yield procs
+    finally:
+        if procs and procs[0].poll() is None:  # the leader is alive, so the group is ours
+            with contextlib.suppress(OSError):
+                os.killpg(procs[0].pid, signal.SIGKILL)
+        for p in procs:
+            with contextlib.suppress(OSError):
+                p.kill()  # any that left the group; a no-op for those already reaped
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)
+        signal.signal(signal.SIGTERM, old_sigterm)
+
+
+def load_size() -> int:
+    """Load processes for --loaded: two per CPU."""
+    return 2 * (os.cpu_count() or 1)
+
+
 # --------------------------------------------------------------------------------------------
 # Cases. Each has start(impl, env) -> resources, measure(resources, env) -> Sample,
 # stop(resources, env), and a way to show a sample.
@@ -225,9 +336,18 @@ class Case:
     ops = (500, 1000)  # operations per round (quick, full)
     unit = "call"
     uses_counter = False
+    cpu_calls = 0  # with --cpu (not --quick): at least this many units over all rounds
 
     def n_ops(self, env: Env) -> int:
-        return self.ops[0] if env.quick else self.ops[1]
+        if env.quick:
+            return self.ops[0]
+        if env.cpu and self.cpu_calls:
+            return max(self.ops[1], -(-self.cpu_calls // self.n_rounds(env)))
+        return self.ops[1]
+
+    def units_per_round(self, env: Env) -> int:
+        """Units of work (calls, pairs, round trips) in one measured round."""
+        return self.n_ops(env)
 
     def n_rounds(self, env: Env) -> int:
         return self.rounds[0] if env.quick else self.rounds[1]
@@ -257,10 +377,16 @@ class Case:
         stop_manager(res.pop("manager", None), env)
 
     def show(self, seconds: float) -> str:
-        us = seconds * 1e6
-        if us < 1000:
-            return f"{us:.1f} µs/{self.unit}"
-        return f"{us / 1000:.2f} ms/{self.unit}"
+        return per_unit(seconds, self.unit)
+
+
+def short_time(seconds: float) -> str:
+    us = seconds * 1e6
+    return f"{us:.1f} µs" if us < 1000 else f"{us / 1000:.2f} ms"
+
+
+def per_unit(seconds: float, unit: str) -> str:
+    return f"{short_time(seconds)}/{unit}"
 
 
 def _timed_loop(fn, n: int) -> float:
@@ -273,6 +399,7 @@ def _timed_loop(fn, n: int) -> float:
 class CallCase(Case):
     name, group, title = "call", "call", "Counter.increment (registered class)"
     uses_counter = True
+    cpu_calls = 20_000
 
     def prepare(self, res, env):
         res["counter"] = res["manager"].Counter()
@@ -363,6 +490,56 @@ class LockCase(Case):
         return Sample((time.perf_counter() - t0) / n)
 
 
+def run_workers(env: Env, target, worker_args: list[tuple], mark=None) -> tuple[list, list]:
+    """Run target(*args, barrier, results) in one process per tuple of `worker_args`.
+
+    The workers start their work together (a Barrier) and each puts one (pid, t0, t1, error)
+    tuple on `results`; all are joined before this returns, and any still alive on the way out
+    (error, timeout, Ctrl-C) are killed. Returns (the results, marks): with `mark`, a callable,
+    the parent takes part in the barrier and marks = [mark() right after the barrier released
+    the workers, mark() right after the last result arrived]; without it, marks = [].
+    """
+    parties = len(worker_args) + (mark is not None)
+    barrier = env.ctx.Barrier(parties)
+    results = env.ctx.Queue()
+    workers = [
+        env.ctx.Process(target=target, args=(*args, barrier, results), daemon=True)
+        for args in worker_args
+    ]
+    marks = []
+    try:
+        for w in workers:
+            w.start()
+        if mark is not None:
+            barrier.wait(env.timeout)
+            marks.append(mark())
+        got = []
+        limit = time.monotonic() + env.timeout
+        while len(got) < len(workers):
+            try:
+                got.append(results.get(timeout=1.0))
+            except queue.Empty:
+                dead = [w for w in workers if w.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"worker died with exit code {dead[0].exitcode}") from None
+                if time.monotonic() > limit:
+                    raise BenchTimeout("workers did not finish") from None
+        if mark is not None:
+            marks.append(mark())
+        for w in workers:
+            w.join(10)
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+                w.join(5)
+        results.close()
+    errors = [g[3] for g in got if g[3]]
+    if errors:
+        raise RuntimeError(f"worker failed: {errors[0]}")
+    return got, marks
+
+
 class ContendedCase(Case):
     name, group = "counter4", "counter4"
     rounds = (5, 9)
@@ -378,42 +555,13 @@ class ContendedCase(Case):
         c.increment()
         del c
 
+    def units_per_round(self, env):
+        return self.procs * self.n_ops(env)
+
     def measure(self, res, env):
         n = self.n_ops(env)
         counter = res["manager"].Counter()
-        barrier = env.ctx.Barrier(self.procs)
-        results = env.ctx.Queue()
-        workers = [
-            env.ctx.Process(target=_hammer, args=(counter, n, barrier, results), daemon=True)
-            for _ in range(self.procs)
-        ]
-        try:
-            for w in workers:
-                w.start()
-            got = []
-            limit = time.monotonic() + env.timeout
-            while len(got) < self.procs:
-                try:
-                    got.append(results.get(timeout=1.0))
-                except queue.Empty:
-                    dead = [w for w in workers if w.exitcode not in (None, 0)]
-                    if dead:
-                        raise RuntimeError(
-                            f"worker died with exit code {dead[0].exitcode}"
-                        ) from None
-                    if time.monotonic() > limit:
-                        raise BenchTimeout("workers did not finish") from None
-            for w in workers:
-                w.join(10)
-        finally:
-            for w in workers:
-                if w.is_alive():
-                    w.kill()
-                    w.join(5)
-            results.close()
-        errors = [g[3] for g in got if g[3]]
-        if errors:
-            raise RuntimeError(f"worker failed: {errors[0]}")
+        got, _ = run_workers(env, _hammer, [(counter, n)] * self.procs)
         wall = max(g[2] for g in got) - min(g[1] for g in got)
         count = counter.get_count()
         del counter
@@ -489,6 +637,18 @@ class CaseResult:
         s = self.samples.get(impl)
         return statistics.median(x.seconds for x in s) if s else None
 
+    def cpu(self, impl: str) -> tuple[float, float, int] | None:
+        """(client, manager) CPU seconds per unit and the units, summed over all rounds."""
+        s = [x.extra for x in self.samples.get(impl, []) if "cpu_client" in x.extra]
+        units = sum(x["units"] for x in s)
+        if not units:
+            return None
+        return (
+            sum(x["cpu_client"] for x in s) / units,
+            sum(x["cpu_manager"] for x in s) / units,
+            units,
+        )
+
     def spread(self, impl: str) -> float | None:
         """Half the interquartile range, relative to the median."""
         s = [x.seconds for x in self.samples.get(impl, [])]
@@ -506,6 +666,8 @@ def run_case(case: Case, impls: list[Impl], env: Env) -> CaseResult:
         try:
             with deadline(env.timeout, "setup"):
                 resources[impl.name] = case.start(impl, env)
+                if env.cpu:
+                    cpu_snapshot(_manager_pid(resources[impl.name]["manager"]))  # readable?
         except Exception as exc:  # noqa: BLE001
             result.errors[impl.name] = "setup: " + _describe(exc)
     try:
@@ -518,7 +680,16 @@ def run_case(case: Case, impls: list[Impl], env: Env) -> CaseResult:
                 gc.disable()
                 try:
                     with deadline(env.timeout, f"round {r + 1}"):
-                        sample = case.measure(resources[impl.name], env)
+                        res = resources[impl.name]
+                        if env.cpu:
+                            pid = _manager_pid(res["manager"])
+                            before = cpu_snapshot(pid)
+                        sample = case.measure(res, env)
+                        if env.cpu:
+                            after = cpu_snapshot(pid)
+                            sample.extra["cpu_client"] = after[0] - before[0]
+                            sample.extra["cpu_manager"] = after[1] - before[1]
+                            sample.extra["units"] = case.units_per_round(env)
                 except Exception as exc:  # noqa: BLE001
                     result.errors[impl.name] = _describe(exc)
                 else:
@@ -581,6 +752,11 @@ def print_table(results: list[CaseResult], impl_names: list[str]) -> None:
             notes.append(f"{res.case.name}: final count: " + "; ".join(counts))
         for name, err in res.errors.items():
             notes.append(f"{res.case.name}: {name} failed: {err}")
+    print_rows(rows, notes)
+
+
+def print_rows(rows: list[tuple], notes: list[str] | tuple = ()) -> None:
+    """Aligned columns (the first two left-aligned) under a rule, then the notes."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
         print(
@@ -597,6 +773,63 @@ def print_table(results: list[CaseResult], impl_names: list[str]) -> None:
             print(note)
 
 
+def print_cpu_table(results: list[CaseResult], impl_names: list[str], env: Env) -> None:
+    """CPU per unit of work, client + manager, summed over each case's measured rounds."""
+    print(
+        "\nCPU time per unit of work: client (getrusage: self + joined worker children)"
+        " + manager server (/proc/<pid>/stat utime + stime), over all measured rounds."
+    )
+    rows = [("case", "units", *impl_names)]
+    if len(impl_names) == 2:
+        rows[0] += ("ratio",)
+    for res in results:
+        cpus = [res.cpu(name) for name in impl_names]
+        units = sorted({c[2] for c in cpus if c})
+        cells = [
+            "-"
+            if c is None
+            else f"{per_unit(c[0] + c[1], res.case.unit)}"
+            f" = {short_time(c[0])} client + {short_time(c[1])} manager"
+            for c in cpus
+        ]
+        row = (res.case.name, "/".join(f"{u:,}" for u in units) or "-", *cells)
+        if len(impl_names) == 2:
+            a, b = cpus
+            row += (f"{sum(b[:2]) / sum(a[:2]):.2f}" if a and b and sum(a[:2]) else "-",)
+        rows.append(row)
+    notes = []
+    if env.ctx.get_start_method() == "forkserver" and any(
+        isinstance(r.case, ContendedCase) for r in results
+    ):
+        notes.append(
+            "forkserver: worker processes are children of the fork server, not of this"
+            " process, so their CPU is missing from the client column."
+        )
+    print_rows(rows, notes)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """Options shared with scale.py: start method, deadline, background load."""
+    p.add_argument(
+        "--start-method",
+        choices=multiprocessing.get_all_start_methods(),
+        default="fork" if "fork" in multiprocessing.get_all_start_methods() else None,
+        help="multiprocessing start method for managers and workers (default: fork)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds allowed per setup/round (default 60, quick 30)",
+    )
+    p.add_argument(
+        "--loaded",
+        action="store_true",
+        help=f"run under a CPU load started here: {load_size()} busy-loop processes (two per"
+        " CPU, normal priority), stopped at the end, also on errors and Ctrl-C",
+    )
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         description="Benchmark procshare.managers against multiprocessing.managers, side by side."
@@ -610,17 +843,13 @@ def parse_args(argv):
         "'dict' or 'payload' selects all its cases. Cases: " + ", ".join(c.name for c in CASES),
     )
     p.add_argument("--impl", choices=("stdlib", "procshare", "both"), default="both")
+    add_run_args(p)
     p.add_argument(
-        "--start-method",
-        choices=multiprocessing.get_all_start_methods(),
-        default="fork" if "fork" in multiprocessing.get_all_start_methods() else None,
-        help="multiprocessing start method for managers and workers (default: fork)",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=None,
-        help="seconds allowed per setup/round (default 60, quick 30)",
+        "--cpu",
+        action="store_true",
+        help="also report CPU time per unit of work, client + manager server together "
+        "(getrusage + /proc/<pid>/stat; Linux); without --quick the call case then covers "
+        f"at least {CallCase.cpu_calls:,} calls",
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
@@ -640,6 +869,72 @@ def select_cases(only: list[str] | None) -> list[Case]:
     return [c for c in CASES if c.name in wanted or c.group in wanted]
 
 
+def make_env(args, quick: bool, cpu: bool = False) -> Env:
+    return Env(
+        ctx=multiprocessing.get_context(args.start_method),
+        quick=quick,
+        timeout=args.timeout or (30.0 if quick else 60.0),
+        cpu=cpu,
+    )
+
+
+def build_impls(which: str) -> list[Impl] | None:
+    """The implementations to run ("stdlib", "procshare" or "both"); None if none can."""
+    impls: list[Impl] = []
+    if which in ("stdlib", "both"):
+        impls.append(Impl("stdlib", std_managers, StdCounterManager))
+    if which in ("procshare", "both"):
+        if ps_managers is None:
+            print(f"procshare is not importable: {PS_IMPORT_ERROR}", file=sys.stderr)
+            if which == "procshare":
+                return None
+            print("Running the stdlib alone.\n", file=sys.stderr)
+        else:
+            impls.append(Impl("procshare", ps_managers, PsCounterManager))
+    return impls
+
+
+def loaded(on: bool):
+    """background_load(load_size()) if `on`, else a block without load; yields the processes."""
+    return background_load(load_size()) if on else contextlib.nullcontext([])
+
+
+def describe_run(env: Env, load_procs: list) -> list[str]:
+    """Header lines shared with scale.py: interpreter, machine, procshare's path, the load."""
+    lines = [
+        f"python {platform.python_version()} on {platform.system().lower()}, "
+        f"{os.cpu_count()} CPUs, start method {env.ctx.get_start_method()}, "
+        f"{'quick' if env.quick else 'full'} mode"
+    ]
+    if ps_managers is not None:
+        lines.append(f"procshare from {Path(ps_managers.__file__).parent}")
+    if load_procs:
+        lines.append(
+            f"LOADED machine: {len(load_procs)} busy-loop load processes (two per CPU,"
+            " normal priority) ran throughout the measurements."
+        )
+    return lines
+
+
+def load_check(load_procs: list) -> str | None:
+    """One line saying whether the load was still there at the end (None without load)."""
+    if not load_procs:
+        return None
+    alive = sum(1 for p in load_procs if p.poll() is None)
+    return f"load: {alive}/{len(load_procs)} busy-loop processes still running at the end"
+
+
+def procshare_failed(results: list[CaseResult]) -> bool:
+    """True if procshare raised, timed out or lost increments in any case it ran."""
+    for r in results:
+        if "procshare" in r.errors:
+            return True
+        for s in r.samples.get("procshare", []):
+            if "count" in s.extra and s.extra["count"] != s.extra["expected"]:
+                return True
+    return False
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list:
@@ -648,56 +943,47 @@ def main(argv=None) -> int:
             print(f"{c.name:<12} group {c.group:<9} {c.label(env)}")
         return 0
     cases = select_cases(args.only)
-    env = Env(
-        ctx=multiprocessing.get_context(args.start_method),
-        quick=args.quick,
-        timeout=args.timeout or (30.0 if args.quick else 60.0),
-    )
-
-    impls: list[Impl] = []
-    if args.impl in ("stdlib", "both"):
-        impls.append(Impl("stdlib", std_managers, StdCounterManager))
-    if args.impl in ("procshare", "both"):
-        if ps_managers is None:
-            print(f"procshare is not importable: {PS_IMPORT_ERROR}", file=sys.stderr)
-            if args.impl == "procshare":
-                return 2
-            print("Running the stdlib alone.\n", file=sys.stderr)
-        else:
-            impls.append(Impl("procshare", ps_managers, PsCounterManager))
-
+    if args.cpu and not os.path.exists("/proc/self/stat"):
+        raise SystemExit("bench.py: --cpu reads the manager's CPU time from /proc (Linux only)")
+    env = make_env(args, args.quick, cpu=args.cpu)
+    impls = build_impls(args.impl)
+    if impls is None:
+        return 2
     names = [i.name for i in impls]
-    print("procshare benchmarks: multiprocessing.managers (stdlib) vs procshare.managers")
-    print(
-        f"python {platform.python_version()} on {platform.system().lower()}, "
-        f"{os.cpu_count()} CPUs, start method {env.ctx.get_start_method()}, "
-        f"{'quick' if env.quick else 'full'} mode"
-    )
-    if ps_managers is not None:
-        print(f"procshare from {Path(ps_managers.__file__).parent}")
-    print(
-        "Each cell: median over rounds (± half the interquartile range); the implementations"
-        " run in alternating rounds."
-    )
-    if len(names) == 2:
-        print(
-            "ratio = procshare time / stdlib time for the same work: lower is better, < 1 is faster."
-        )
-    print(flush=True)
 
     results = []
-    t_start = time.monotonic()
-    for case in cases:
-        print(f"  running {case.name} ...", file=sys.stderr, flush=True)
-        results.append(run_case(case, impls, env))
+    with loaded(args.loaded) as load_procs:
+        print("procshare benchmarks: multiprocessing.managers (stdlib) vs procshare.managers")
+        for line in describe_run(env, load_procs):
+            print(line)
+        print(
+            "Each cell: median over rounds (± half the interquartile range); the implementations"
+            " run in alternating rounds."
+        )
+        if len(names) == 2:
+            print(
+                "ratio = procshare time / stdlib time for the same work: lower is better,"
+                " < 1 is faster."
+            )
+        print(flush=True)
+
+        t_start = time.monotonic()
+        for case in cases:
+            print(f"  running {case.name} ...", file=sys.stderr, flush=True)
+            results.append(run_case(case, impls, env))
+        elapsed = time.monotonic() - t_start
+        load_note = load_check(load_procs)
     print_table(results, names)
-    print(f"\n({time.monotonic() - t_start:.1f} s)")
+    if env.cpu:
+        print_cpu_table(results, names, env)
+    print(f"\n({elapsed:.1f} s" + (f"; {load_note})" if load_note else ")"))
 
     if args.json:
         data = {
             "python": platform.python_version(),
             "start_method": env.ctx.get_start_method(),
             "quick": env.quick,
+            "load_processes": len(load_procs),
             "cases": [
                 {
                     "case": r.case.name,
@@ -711,20 +997,24 @@ def main(argv=None) -> int:
                         if r.median("procshare") and r.median("stdlib")
                         else None
                     ),
+                    **(
+                        {"cpu_seconds_per_unit": {n: _cpu_json(r.cpu(n)) for n in names}}
+                        if env.cpu
+                        else {}
+                    ),
                 }
                 for r in results
             ],
         }
         Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
 
-    bad = False
-    for r in results:
-        if "procshare" in r.errors:
-            bad = True
-        for s in r.samples.get("procshare", []):
-            if "count" in s.extra and s.extra["count"] != s.extra["expected"]:
-                bad = True
-    return 1 if bad else 0
+    return 1 if procshare_failed(results) else 0
+
+
+def _cpu_json(cpu: tuple[float, float, int] | None) -> dict | None:
+    if cpu is None:
+        return None
+    return {"client": cpu[0], "manager": cpu[1], "total": cpu[0] + cpu[1], "units": cpu[2]}
 
 
 if __name__ == "__main__":
