@@ -42,13 +42,6 @@ def _transfer_time(b, n: int) -> float:
     return time.monotonic() - t0
 
 
-def _reader_mid_frame(b) -> bool:
-    """True if this thread's abandoned connection stopped inside a frame."""
-    conns = [b._session.tls.__dict__.get("conn"), *b._session.stale]
-    return any(c is not None and c.pending and c.ch.reader.in_frame and
-               c.ch.reader.buffered > 0 for c in conns)
-
-
 def _hundred_calls(b, n: int) -> None:
     for i in range(100):
         assert b.echo(i) == i
@@ -59,20 +52,24 @@ def _hundred_calls(b, n: int) -> None:
 def test_deadline_inside_a_large_reply_keeps_the_connection_in_step(blob_mgr, n):
     b = blob_mgr.Blob()
     took = max(min(_transfer_time(b, n), _transfer_time(b, n)), 1e-4)
-    mid = 0
+    inside = 0
     # the deadline falls before, at several points inside, and after the transfer
     for frac in (0.05, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.5):
         delay = 0.1
-        try:   # the client waits GRACE past the deadline: take it off
-            got = b._callmethod("blob", (n, delay), timeout=delay + frac * took - GRACE)
+        timeout = delay + frac * took - GRACE   # the client waits GRACE past the deadline
+        t0 = time.monotonic()
+        try:
+            got = b._callmethod("blob", (n, delay), timeout=timeout)
         except procshare.CallTimeout as e:
-            assert e.may_complete
-            mid += _reader_mid_frame(b)
+            assert e.may_complete       # the deadline passed before the reply began
         else:
+            # a reply that had begun to arrive is read to the end and returned:
+            # the call happened, so it is not reported as failed
             assert got == ww.blob_bytes(n)
+            inside += time.monotonic() - t0 > timeout + GRACE
         _hundred_calls(b, n)
     if n >= 16 * MiB:
-        assert mid, "no deadline fell inside the reply: the test did not test anything"
+        assert inside, "no deadline fell inside the reply: the test did not test anything"
 
 
 @pytest.mark.parametrize("n", [16 * MiB, 128 * MiB], ids=["16MiB", "128MiB"])
@@ -86,15 +83,16 @@ def test_ctrl_c_inside_a_large_reply_keeps_the_thread_usable(blob_mgr, n):
     old = signal.signal(signal.SIGALRM, interrupt)
     try:
         for frac in (0.1, 0.5, 0.9):
+            got = None
             signal.setitimer(signal.ITIMER_REAL, 0.05 + frac * took)
             try:
                 got = b.blob(n, 0.05)
+                signal.setitimer(signal.ITIMER_REAL, 0)
             except KeyboardInterrupt:
                 pass
-            else:
-                assert got == ww.blob_bytes(n)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
+            assert got is None or got == ww.blob_bytes(n)
             _hundred_calls(b, n)
     finally:
         signal.signal(signal.SIGALRM, old)

@@ -8,14 +8,21 @@ Rules it keeps:
 - Each process has one client id (new after fork).  Every connection says it
   in its hello, so the manager counts references per process.
 - A session has one *control* connection, opened first and kept for the life
-  of the process, that carries reference traffic (decref, loans) from any
-  thread; and one connection per thread for calls.  When all of a process's
-  connections close, the manager knows the process is gone.
+  of the process, that carries reference traffic (decref, loans, goodbye,
+  cancel) from any thread; and one connection per thread for calls.
 - Replies are matched by request id.  A call abandoned at its deadline leaves
   its connection *pending*; the connection is set aside and reused once its
   late reply (even one that had started to arrive) has been read and dropped.
   A call connection interrupted inside a receive (Ctrl-C) is closed and
   replaced, because bytes may be lost between the kernel and the reader.
+- A process that exits says goodbye (`say_goodbye`): the manager releases its
+  references at once and treats it as exited, not dead.  A control
+  connection that breaks without a goodbye is replaced under the same client
+  id; the manager keeps everything of a live process.
+- A call abandoned by an exception inside its wait (Ctrl-C) is cancelled in
+  the manager by request id (`Connection.abandon`), so it takes nothing.
+- A reply that has started to arrive when the deadline passes is read to the
+  end and returned: a call whose effect happened is never reported as failed.
 - After fork, the child never touches the parent's sockets: the parent lends
   its references to the child before forking, and the child adopts the loan
   on its first connection.
@@ -33,7 +40,9 @@ from multiprocessing import util as mp_util
 from typing import Any
 
 from ..errors import ManagerCrashed, RemoteError, manager_crashed, serializer_mismatch
+from ..inprocess import local_server
 from ..transport import channel as transport
+from ..transport.processes import host_identity
 from ..wire.frames import NO_DEADLINE, encode_frame, pack_frame
 from ..wire.kinds import Kind, kind_name
 from ..wire.serializers import Serializer, decode_hello, encode_hello, get_serializer
@@ -58,6 +67,7 @@ def _new_client_id() -> str:
 
 
 _client_id = _new_client_id()
+_HOST = host_identity()
 
 
 def client_id() -> str:
@@ -68,11 +78,13 @@ def client_id() -> str:
 class Connection:
     """One authenticated channel to a manager, used by one thread at a time."""
 
-    __slots__ = ("ch", "ser", "rid", "pending", "session", "thread", "none_body",
+    __slots__ = ("ch", "ser", "rid", "pending", "session", "thread", "none_body", "no",
                  "__weakref__")
 
-    def __init__(self, ch: transport.Channel, ser: Serializer, session: Session) -> None:
+    def __init__(self, ch: transport.Channel, ser: Serializer, session: Session,
+                 no: int = 0) -> None:
         self.ch = ch
+        self.no = no                     # this connection's number in its session
         self.ser = ser
         self.rid = 0
         self.pending: set[int] = set()   # request ids whose replies were abandoned
@@ -108,16 +120,14 @@ class Connection:
             try:
                 kind, got, _budget, body, bufs = recv(deadline)
             except TimeoutError:
+                if self.ch.reader.started_rid == rid:
+                    # the reply is arriving: the call happened, so read all of it
+                    deadline = None
+                    continue
                 self.pending.add(rid)   # the reader keeps any partial reply: drain() ends it
                 raise
             except BaseException:
-                # interrupted inside a receive (Ctrl-C): bytes may be lost between
-                # the kernel and the reader, so a call connection is replaced; the
-                # control connection is kept until it can be replaced safely
-                if self is self.session.control:
-                    self.pending.add(rid)
-                else:
-                    self.close()
+                self.abandon(rid)
                 raise
             if got == rid:
                 if body == self.none_body:
@@ -132,6 +142,18 @@ class Connection:
                             "returns must be importable here by the same name.")
                     raise
             self._drop_late(got, kind)
+
+    def abandon(self, rid: int) -> None:
+        """The wait for request `rid` was interrupted (Ctrl-C, an exception): have
+        the manager cancel it, so a blocked get or acquire takes nothing.  Bytes
+        may be lost between the kernel and the reader, so a call connection is
+        closed (the next call opens another)."""
+        session = self.session
+        if self is session.control:
+            self.pending.add(rid)   # replaced only once broken (see control_call)
+            return
+        self.close()
+        session.control_send("cancel", self.no, rid)
 
     def _drop_late(self, rid: int, kind: int) -> None:
         if rid in self.pending:
@@ -216,6 +238,7 @@ class Session:
         self.live = 0                         # proxies of this process using the session
         self.server_pid: int | None = None
         self.closed = False
+        self.opened = 0                       # connections opened (their numbers)
 
     # -- connecting -------------------------------------------------------------
     def _open(self, role: str) -> Connection:
@@ -226,9 +249,11 @@ class Session:
         try:
             transport.client_handshake(ch, self.authkey, self.address)
             t = threading.current_thread()
+            self.opened += 1
             hello = {"client": _client_id, "pid": os.getpid(), "thread": t.ident,
                      "thread_name": t.name, "serializer": self.serializer.name,
-                     "role": role, "version": 1}
+                     "role": role, "version": 1, "conn": self.opened,
+                     "host": _HOST[0], "pidns": _HOST[1]}
             if role == "control" and self.adopt:
                 hello["adopt"], self.adopt = self.adopt, None
             ch.send_bytes(pack_frame(Kind.HELLO, 1, encode_hello(hello)))
@@ -247,7 +272,9 @@ class Session:
                                           info.get("manager_serializer"), info.get("reason"))
             raise RemoteError(info.get("message", info) if isinstance(info, dict) else info)
         self.server_pid = info.get("pid")
-        return Connection(ch, self.serializer, self)
+        if role == "control":
+            _goodbye_at_exit()
+        return Connection(ch, self.serializer, self, self.opened)
 
     def _control_conn(self) -> Connection:
         c = self.control
@@ -345,6 +372,36 @@ def drop_session(address: Any) -> None:
     with _sessions_mutex:
         gone = [_sessions.pop(k) for k in list(_sessions) if k[0] == address]
     for s in gone:
+        s.close()
+
+
+# -- exit -------------------------------------------------------------------------
+_goodbye_pid: int | None = None
+
+
+def _goodbye_at_exit() -> None:
+    """Make sure this process says goodbye to its managers when it exits."""
+    global _goodbye_pid
+    if _goodbye_pid != os.getpid():
+        _goodbye_pid = os.getpid()
+        # multiprocessing runs these at interpreter exit and at the end of a
+        # child process (where atexit does not run); before managers shut down
+        mp_util.Finalize(None, say_goodbye, exitpriority=10)
+
+
+def say_goodbye() -> None:
+    """This process is exiting: tell every manager it uses, so that its
+    references are released and nothing it holds counts as an owner that
+    died (its locks stay held, as with threading, for another to release)."""
+    server = local_server()
+    for s in list(_sessions.values()):
+        if s.closed or s.control is None or (server is not None and
+                                             server.address == s.address):
+            continue
+        try:
+            s.control_call("goodbye", timeout=1.0)
+        except Exception as e:
+            log.debug("no goodbye to %r: %r", s.address, e)
         s.close()
 
 

@@ -12,15 +12,20 @@ Rules it keeps:
 - Server-side code can `warn()`; the warning is raised in the client when the
   call returns (it travels in a WARNED reply).
 - Deadlines are `time.monotonic()` values local to the process that holds them.
+- A cancelled call (`CallState.cancel`) makes a blocking primitive give up
+  with `Cancelled` having taken nothing; primitives check `check_cancelled`
+  every time they wake, and register a `waker` while they block.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
-__all__ = ["Caller", "DeadlineExpired", "caller", "wait_limit", "warn", "server_state"]
+__all__ = ["Caller", "DeadlineExpired", "Cancelled", "CallState", "caller", "wait_limit", "warn",
+           "server_state", "current_call", "check_cancelled"]
 
 
 class Caller(NamedTuple):
@@ -77,3 +82,47 @@ def wait_limit(timeout: float | None) -> tuple[float | None, bool]:
     if timeout is None or left < timeout:
         return left, True
     return max(timeout, 0.0), False
+
+
+# -- cancellation ---------------------------------------------------------------------
+class Cancelled(DeadlineExpired):
+    """Raised inside the manager when the client abandoned the call (Ctrl-C, an
+    exception, an asyncio cancel) or its process went away: nobody awaits it.
+    Like a deadline, it means the call gave up and took nothing."""
+
+
+class CallState:
+    """The call a server connection thread is running, for cancellation.
+
+    One per connection, reused for each call: `rid` is the request running
+    now; `cancel_rid` the last request the client cancelled (a cancel can
+    arrive before its call is read); `waker`, set by a blocking primitive
+    while it waits, wakes it so it sees the cancel at once."""
+
+    __slots__ = ("rid", "cancel_rid", "waker")
+
+    def __init__(self) -> None:
+        self.rid = 0
+        self.cancel_rid = -1
+        self.waker: Callable[[], None] | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_rid == self.rid
+
+    def cancel(self, rid: int | None = None) -> None:
+        """Cancel request `rid` (None: whatever runs now) and wake its wait."""
+        self.cancel_rid = self.rid if rid is None else rid
+        waker = self.waker
+        if waker is not None and self.cancel_rid == self.rid:
+            waker()
+
+
+def current_call() -> CallState | None:
+    """The call this server thread runs (None outside a server call)."""
+    return getattr(server_state, "call", None)
+
+
+def check_cancelled(call: CallState | None, what: str) -> None:
+    if call is not None and call.cancel_rid == call.rid:
+        raise Cancelled(f"{what}: the client abandoned the call; it took nothing")

@@ -111,8 +111,12 @@ class LockTable:
         self.server = server     # for names of objects and live connections (or None)
         #: guards `waiting` and the strictness of locks; taken after a primitive's mutex
         self.mutex = threading.Lock()
-        #: client id -> pid, for every client `client_gone` has released
-        self.dead: dict[str, int] = {}
+        #: True once any client of this server has exited or died (a cheap guard
+        #: before asking `is_gone` on the hot path)
+        self.dead = False
+        #: client id -> how it went ("exited" or "died"), for a table without a
+        #: server (a server's leases know it)
+        self._gone: dict[str, str] = {}
         #: thread -> what it is waiting to acquire
         self.waiting: dict[Owner, Wait] = {}
         self._tracked: weakref.WeakSet = weakref.WeakSet()
@@ -123,31 +127,35 @@ class LockTable:
         with self._tracked_mutex:
             self._tracked.add(obj)
 
-    def client_gone(self, client: str, pid: int) -> int:
-        """`client` (process `pid`) died or disconnected: release what it holds in
-        every primitive, wake what it waits for.  Returns how many primitives it
-        held or waited in."""
-        self.dead[client] = pid
+    def client_gone(self, client: str, pid: int, how: str = "died") -> int:
+        """`client` (process `pid`) exited or died (`how`): wake what it waits
+        for (its waits give up), and let acquirers take over what it holds.
+        Returns how many primitives it held or waited in."""
+        self.dead = True
+        leases = getattr(self.server, "leases", None)
+        if leases is None:
+            self._gone[client] = how
         with self._tracked_mutex:
             objs = list(self._tracked)
         n = 0
         for obj in objs:
             try:
-                n += obj._client_gone(client, pid) or 0
+                n += obj._client_gone(client, pid, how) or 0
             except Exception:  # one broken primitive must not stop the others
                 log.exception("releasing %r for gone client pid %s failed", obj, pid)
         return n
 
     def is_gone(self, client: str) -> bool:
-        """True if `client` was released by `client_gone` and has not come back
-        (a live client always keeps its control connection open)."""
-        if client not in self.dead:
-            return False
-        srv = self.server
-        if srv is None:
-            return True
-        conns = list(srv.connections.values())
-        return not any(ci.client == client and ci.role == "control" for ci in conns)
+        """True if `client` exited or died and has not come back."""
+        leases = getattr(self.server, "leases", None)
+        if leases is not None:
+            return leases.is_gone(client)
+        return client in self._gone
+
+    def how_gone(self, client: str) -> str:
+        leases = getattr(self.server, "leases", None)
+        how = leases.how_gone(client) if leases is not None else self._gone.get(client)
+        return "exited" if how == "exited" else "died"
 
     def begin_wait(self, key: Owner, who: Any, prim: Any, timed: bool) -> Wait:
         """Record that `key` starts waiting for `prim` (the caller holds prim's mutex).
@@ -186,7 +194,7 @@ class LockTable:
             if k in deps or k in free:
                 continue
             w = self.waiting.get(k)
-            if w is None or w.timed or (k[0] in self.dead and self.is_gone(k[0])):
+            if w is None or w.timed or (self.dead and self.is_gone(k[0])):
                 free.add(k)
                 continue
             hs = _holders_waited_on(k, w.prim)
@@ -292,19 +300,24 @@ class LockTable:
             held = "held it"
         else:
             held = f"held {count} permit{'s' if count != 1 else ''} of it"
+        if died["how"] == "exited":
+            end = "exited without releasing it"
+        else:
+            end = "died (killed, crashed, or lost without a goodbye)"
         return (
-            f"{self.lock_name(prim)} was acquired after its owner died: pid {died['pid']} "
-            f"(thread {threads}) {held} when its process died or disconnected, and the "
-            "manager released it. The data this lock protects may be half-updated: check "
-            "and repair it before relying on it (like EOWNERDEAD from a robust mutex).")
+            f"{self.lock_name(prim)} was taken over from an owner that is gone: pid "
+            f"{died['pid']} (thread {threads}) {held} and its process {end}, so this "
+            "acquire would have waited forever. The data this lock protects may be "
+            "half-updated: check and repair it before relying on it (like EOWNERDEAD "
+            "from a robust mutex). To hand a lock over on purpose, release it from the "
+            "other process instead of acquiring it.")
 
     def barrier_broken_message(self, barrier: Any, died: dict) -> str:
-        where = "while waiting at it" if died.get("waiting") else "before arriving at it"
         return (
-            f"{self.lock_name(barrier)} is broken: pid {died['pid']}, one of its parties, died or "
-            f"disconnected {where}, so the barrier can never fill up. The work of that "
-            "party's round may be missing; call reset() (with a replacement party) to use it "
-            "again.")
+            f"{self.lock_name(barrier)} is broken: pid {died['pid']}, one of its parties, "
+            "died while waiting at it, so the barrier can never fill up. The work of that "
+            "party's round may be missing; call reset() (with a replacement party) to use "
+            "it again.")
 
 
 _default = LockTable()

@@ -36,7 +36,14 @@ from typing import Any
 
 from ..errors import OwnerDiedWarning
 from . import locktable
-from .callctx import DeadlineExpired, caller, wait_limit, warn
+from .callctx import (
+    DeadlineExpired,
+    caller,
+    check_cancelled,
+    current_call,
+    wait_limit,
+    warn,
+)
 from .locktable import Wait, current_table
 
 __all__ = ["Lock", "RLock", "Semaphore", "BoundedSemaphore", "Condition", "Event",
@@ -53,8 +60,8 @@ def _owner() -> Owner:
 
 
 def _gone(table: locktable.LockTable, client: str) -> bool:
-    """Is the client this server thread acts for gone (see LockTable.is_gone)?"""
-    return client in table.dead and table.is_gone(client)
+    """Has `client` exited or died (see LockTable.is_gone)?"""
+    return table.is_gone(client)
 
 
 def _check_timeout(blocking: bool, timeout: float | None, lock_style: bool) -> float | None:
@@ -109,9 +116,10 @@ class _Acquirer:
     __enter__ = acquire
 
     def _acquire_as(self, me: Owner, who: Any, blocking: bool, timeout: float | None,
-                    count: int = 1) -> bool:
+                    count: int = 1, restore: bool = False) -> bool:
         """Take the lock for thread `me` (`count` times when restoring a
-        Condition's lock); False if not taken."""
+        Condition's lock, which ignores the call's deadline and cancellation,
+        as threading does); False if not taken."""
         with self._mutex:
             owners = self.owners
             if self._reentrant:
@@ -119,35 +127,73 @@ class _Acquirer:
                 if n:
                     owners[me] = n + 1
                     return True
+            if self._value <= 0 and self._table.dead:
+                self._take_over(who)
             if self._value > 0:
                 if self._table.dead and _gone(self._table, me[0]):
                     return False
-                self._value -= 1
-                n = owners.get(me)
-                if n:
-                    owners[me] = n + count
-                else:
-                    owners[me] = count
-                    self.since[me] = (who, _monotonic())
-                if self._died is not None:
-                    self._tell_owner_died(who)
+                self._take(me, who, count)
                 return True
             if not blocking:
                 return False
-            return self._wait(me, who, timeout, count)
+            return self._wait(me, who, timeout, count, restore)
 
-    def _wait(self, me: Owner, who: Any, timeout: float | None, count: int) -> bool:
+    def _take(self, me: Owner, who: Any, count: int) -> None:
+        """(mutex held, a permit free) `me` takes it."""
+        self._value -= 1
+        n = self.owners.get(me)
+        if n:
+            self.owners[me] = n + count
+        else:
+            self.owners[me] = count
+            self.since[me] = (who, _monotonic())
+        if self._died is not None:
+            self._tell_owner_died(who)
+
+    def _take_over(self, who: Any) -> None:
+        """(mutex held, no permit free) Free what exited or dead owners hold, so
+        that an acquire that would wait forever gets it (with OwnerDiedWarning)."""
+        table = self._table
+        gone = [k for k in self.owners if table.is_gone(k[0])]
+        if not gone or (not self._lock_style and not self._restore):
+            return
+        if self._lock_style and len(gone) < len(self.owners):
+            return      # a live holder remains: it can still release the lock
+        count, threads, holder = 0, [], None
+        for k in gone:
+            count += self.owners.pop(k)
+            who_k, _t = self.since.pop(k, (None, 0.0))
+            holder = holder or who_k
+            threads.append(getattr(who_k, "thread_name", "?"))
+        if self._lock_style:
+            self._value = 1
+        else:
+            self._value = min(self._value + count, self._initial)
+        self._died = self._last_died = {
+            "pid": getattr(holder, "pid", None), "client": gone[0][0], "threads": threads,
+            "count": count, "how": table.how_gone(gone[0][0]), "at": time.time(),
+            "told": None}
+
+    def _wait(self, me: Owner, who: Any, timeout: float | None, count: int,
+              restore: bool = False) -> bool:
         """The slow path of `_acquire_as` (called with the mutex held)."""
-        limit, by_deadline = wait_limit(timeout)
+        limit, by_deadline = (None, False) if restore else wait_limit(timeout)
+        call = None if restore else current_call()
         w = self._table.begin_wait(me, who, self, timeout is not None)  # may raise DeadlockError
         self.waiters[me] = w
         endtime = None if limit is None else _monotonic() + limit
+        if call is not None:
+            call.waker = self._wake
         try:
             while True:
-                if self._table.dead and _gone(self._table, me[0]):
-                    return False    # the client went away while it waited
+                if self._table.dead:
+                    if _gone(self._table, me[0]):
+                        return False    # the client went away while it waited
+                    if self._value <= 0:
+                        self._take_over(who)
                 if self._value > 0:
                     break
+                check_cancelled(call, f"acquire of {self._table.lock_name(self)}")
                 if endtime is None:
                     self._cond.wait()
                     continue
@@ -158,15 +204,17 @@ class _Acquirer:
                     return False
                 self._cond.wait(left)
         finally:
+            if call is not None:
+                call.waker = None
             if self.waiters.get(me) is w:
                 del self.waiters[me]
             self._table.end_wait(w)
-        self._value -= 1
-        self.owners[me] = self.owners.get(me, 0) + count
-        self.since.setdefault(me, (who, _monotonic()))
-        if self._died is not None:
-            self._tell_owner_died(who)
+        self._take(me, who, count)
         return True
+
+    def _wake(self) -> None:
+        with self._mutex:
+            self._cond.notify_all()
 
     def _tell_owner_died(self, who: Any) -> None:
         died, self._died = self._died, None
@@ -216,38 +264,23 @@ class _Acquirer:
         return count
 
     def _acquire_restore(self, me: Owner, who: Any, count: int) -> bool:
-        return self._acquire_as(me, who, True, None, max(count, 1))
+        return self._acquire_as(me, who, True, None, max(count, 1), restore=True)
 
     def holders(self) -> dict[Owner, int]:
         with self._mutex:
             return dict(self.owners)
 
     # -- owners that go away ------------------------------------------------------------
-    def _client_gone(self, client: str, pid: int) -> int:
+    def _client_gone(self, client: str, pid: int, how: str) -> int:
+        """`client` exited or died.  What it holds stays held (another process may
+        release it, as with threading); its waits give up, and an acquirer
+        that would wait forever takes over (`_take_over`)."""
         with self._mutex:
-            gone = [k for k in self.owners if k[0] == client]
-            if not gone:
-                if any(k[0] == client for k in self.waiters):
-                    self._cond.notify_all()   # they give up (see _wait)
-                    return 1
-                return 0
-            count, threads = 0, []
-            for k in gone:
-                count += self.owners.pop(k)
-                who, _t = self.since.pop(k, (None, 0.0))
-                threads.append(getattr(who, "thread_name", "?"))
-            if self._give_back(count):
-                self._died = self._last_died = {
-                    "pid": pid, "client": client, "threads": threads, "count": count,
-                    "at": time.time(), "told": None}
-            self._cond.notify_all()
-            return 1
-
-    def _give_back(self, count: int) -> bool:
-        """Make the `count` holds of a dead owner available again; True if
-        the next acquirer should be told."""
-        self._value = 1
-        return True
+            involved = any(k[0] == client for k in self.owners) or \
+                any(k[0] == client for k in self.waiters)
+            if involved:
+                self._cond.notify_all()
+        return 1 if involved else 0
 
     # -- introspection ----------------------------------------------------------------
     def _procshare_lock_info(self) -> dict:
@@ -374,12 +407,6 @@ class Semaphore(_Acquirer):
             if self.waiters:
                 self._cond.notify(n)
 
-    def _give_back(self, count: int) -> bool:
-        if not self._restore:
-            return False
-        self._value = min(self._value + count, self._initial)
-        return True
-
     def __repr__(self) -> str:
         return f"<threading.{type(self).__name__} at {id(self):#x}: value={self._value}>"
 
@@ -401,12 +428,13 @@ def _local_referent(lock: Any) -> Any:
 class _Sleeper:
     """A thread inside Condition.wait, waiting to be notified."""
 
-    __slots__ = ("gate", "wait")
+    __slots__ = ("gate", "wait", "dropped")
 
     def __init__(self, wait: Wait) -> None:
         self.gate = threading.Lock()
         self.gate.acquire()
         self.wait = wait
+        self.dropped = False    # taken off the list without a notify
 
 
 class Condition:
@@ -453,20 +481,48 @@ class Condition:
             self._waiters.append(sleeper)
         saved = lock._release_save(me)
         limit, by_deadline = wait_limit(timeout)
+        call = current_call()
+        if call is not None:
+            call.waker = lambda: self._drop_sleeper(sleeper)
         got = False
         try:
             got = sleeper.gate.acquire(True, -1 if limit is None else limit)
         finally:
+            if call is not None:
+                call.waker = None
             if not got:
-                with lock._mutex:
-                    try:
-                        self._waiters.remove(sleeper)
-                    except ValueError:
-                        pass
+                self._drop_sleeper(sleeper, release=False)
+            # like threading: the lock is taken again before wait() returns or
+            # raises, whatever ended the wait (the deadline included)
             lock._acquire_restore(me, c, saved)
+        gone = call is not None and call.cancelled or self._table.dead and \
+            _gone(self._table, me[0])
+        if gone:
+            if got and not sleeper.dropped:
+                self._pass_on()     # a notify meant for a live waiter: hand it on
+            check_cancelled(call, "Condition.wait")
         if not got and by_deadline:
             raise DeadlineExpired("condition not notified before the deadline")
         return got
+
+    def _drop_sleeper(self, sleeper: _Sleeper, release: bool = True) -> None:
+        """Take `sleeper` off the list without a notify (cancelled, or its client
+        went away), and wake it if `release`."""
+        with self._lock._mutex:
+            try:
+                self._waiters.remove(sleeper)
+            except ValueError:
+                return      # already notified
+            sleeper.dropped = True
+        if release:
+            sleeper.gate.release()
+
+    def _pass_on(self) -> None:
+        with self._lock._mutex:
+            if not self._waiters:
+                return
+            s = self._waiters.pop(0)
+        s.gate.release()
 
     def wait_for(self, predicate: Any, timeout: float | None = None) -> Any:
         endtime = None if timeout is None else time.monotonic() + timeout
@@ -482,14 +538,19 @@ class Condition:
     def notify(self, n: int = 1) -> None:
         if not self._lock._is_owned_by(_owner()):
             raise RuntimeError("cannot notify on un-acquired lock")
+        table = self._table
         woken = []
         with self._lock._mutex:
             keep = []
             for s in self._waiters:
-                if n > 0 or (self._table.dead and _gone(self._table, s.wait.key[0])):
+                # a sleeper whose client is gone is woken (it gives up) and does
+                # not count: the notify goes to a live one
+                if table.dead and _gone(table, s.wait.key[0]):
+                    s.dropped = True
                     woken.append(s)
-                    if not (self._table.dead and _gone(self._table, s.wait.key[0])):
-                        n -= 1
+                elif n > 0:
+                    woken.append(s)
+                    n -= 1
                 else:
                     keep.append(s)
             self._waiters[:] = keep
@@ -499,12 +560,11 @@ class Condition:
     def notify_all(self) -> None:
         self.notify(len(self._waiters))
 
-    def _client_gone(self, client: str, pid: int) -> int:
+    def _client_gone(self, client: str, pid: int, how: str) -> int:
         with self._lock._mutex:
             gone = [s for s in self._waiters if s.wait.key[0] == client]
-            for s in gone:
-                self._waiters.remove(s)
-                s.gate.release()
+        for s in gone:
+            self._drop_sleeper(s)
         return 1 if gone else 0
 
     def _procshare_lock_info(self) -> dict:
@@ -535,22 +595,50 @@ class Event(threading.Event):
 
     def wait(self, timeout: float | None = None) -> bool:
         limit, by_deadline = wait_limit(timeout)
-        if super().wait(limit):
+        call = current_call()
+        if call is None:
+            got = super().wait(limit)
+        else:
+            got = self._wait_cancellable(call, limit)
+        if got:
             return True
         if by_deadline:
             raise DeadlineExpired("event not set before the deadline")
         return False
 
+    def _wait_cancellable(self, call: Any, limit: float | None) -> bool:
+        cond = self._cond
+        endtime = None if limit is None else _monotonic() + limit
+
+        def wake() -> None:
+            with cond:
+                cond.notify_all()
+        call.waker = wake
+        try:
+            with cond:
+                while not self._flag:
+                    check_cancelled(call, "Event.wait")
+                    if endtime is None:
+                        cond.wait()
+                        continue
+                    left = endtime - _monotonic()
+                    if left <= 0:
+                        break
+                    cond.wait(left)
+                return self._flag
+        finally:
+            call.waker = None
+
 
 class Barrier(threading.Barrier):
     """threading.Barrier whose wait honours the call's deadline, and which
-    breaks when one of its parties goes away.
+    breaks when a party dies while waiting at it.
 
-    A party is a client that has waited at the barrier.  When a client goes
-    away while it waits here, or while other parties wait for it, the barrier
-    is aborted: the waiters get BrokenBarrierError saying which pid died,
-    instead of waiting forever.  (A process that dies before it ever reached
-    the barrier is not known as a party: use a timeout for that.)"""
+    Only death breaks it: a process that passed the barrier and exited (with
+    or without a goodbye) is no reason to break the next round, and a
+    process that dies before it reaches the barrier is not known as a party
+    (use a timeout for that).  A cancelled wait (Ctrl-C in the client) breaks
+    it too, as a timed-out threading.Barrier.wait does."""
 
     _procshare_concurrent_ = True
     __repr__ = _threading_repr
@@ -572,9 +660,13 @@ class Barrier(threading.Barrier):
             self._ps_waiters[me] = w
             self._ps_parties[c.client] = c.pid
         limit, by_deadline = wait_limit(timeout)
+        call = current_call()
+        if call is not None:
+            call.waker = self.abort
         try:
             return super().wait(limit if by_deadline else timeout)
         except threading.BrokenBarrierError:
+            check_cancelled(call, "Barrier.wait")
             died = self._ps_died
             if died is not None:
                 raise threading.BrokenBarrierError(
@@ -585,6 +677,8 @@ class Barrier(threading.Barrier):
                     "threading.Barrier.wait, this broke the barrier") from None
             raise
         finally:
+            if call is not None:
+                call.waker = None
             with self._ps_mutex:
                 if self._ps_waiters.get(me) is w:
                     del self._ps_waiters[me]
@@ -594,15 +688,14 @@ class Barrier(threading.Barrier):
             self._ps_died = None
         super().reset()
 
-    def _client_gone(self, client: str, pid: int) -> int:
+    def _client_gone(self, client: str, pid: int, how: str) -> int:
         with self._ps_mutex:
+            self._ps_parties.pop(client, None)
             waiting = any(k[0] == client for k in self._ps_waiters)
-            others = any(k[0] != client for k in self._ps_waiters)
-            party = self._ps_parties.pop(client, None) is not None
-            if not (waiting or (party and others)):
+            if not waiting or how != "died":
                 return 0
             if self._ps_died is None and not self.broken:
-                self._ps_died = {"pid": pid, "client": client, "waiting": waiting,
+                self._ps_died = {"pid": pid, "client": client, "waiting": True,
                                  "at": time.time()}
         self.abort()
         return 1
@@ -645,12 +738,15 @@ class Queue(queue.Queue):
     def __repr__(self) -> str:
         return f"<queue.Queue object at {id(self):#x}>"
 
-    def _client_gone(self, client: str, pid: int) -> int:
-        with self.mutex:       # wake every waiter; the dead client's give up
+    def _client_gone(self, client: str, pid: int, how: str) -> int:
+        self._wake()    # every waiter re-checks; the gone client's give up
+        return 0
+
+    def _wake(self) -> None:
+        with self.mutex:
             self.not_empty.notify_all()
             self.not_full.notify_all()
             self.all_tasks_done.notify_all()
-        return 0
 
     def _wait(self, cond: threading.Condition, ready: Any, timeout: float | None,
               what: str) -> bool:
@@ -658,19 +754,27 @@ class Queue(queue.Queue):
         method's own timeout ran out; DeadlineExpired at the call's deadline."""
         limit, by_deadline = _queue_limit(True, timeout)
         client = caller().client
+        call = current_call()
         endtime = None if limit is None else time.monotonic() + limit
-        while not ready():
-            if self._table.is_gone(client):
-                raise ClientGone(f"the client waiting in {what} has gone away")
-            if endtime is None:
-                cond.wait()
-                continue
-            left = endtime - time.monotonic()
-            if left <= 0:
-                if by_deadline:
-                    raise DeadlineExpired(f"queue {what}: still not possible at the deadline")
-                return False
-            cond.wait(left)
+        if call is not None:
+            call.waker = self._wake
+        try:
+            while not ready():
+                if self._table.dead and self._table.is_gone(client):
+                    raise ClientGone(f"the client waiting in {what} has gone away")
+                check_cancelled(call, f"queue {what}")
+                if endtime is None:
+                    cond.wait()
+                    continue
+                left = endtime - time.monotonic()
+                if left <= 0:
+                    if by_deadline:
+                        raise DeadlineExpired(f"queue {what}: still not possible at the deadline")
+                    return False
+                cond.wait(left)
+        finally:
+            if call is not None:
+                call.waker = None
         return True
 
     def _shut_down(self) -> bool:   # Queue.shutdown() exists from Python 3.13

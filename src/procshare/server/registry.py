@@ -45,6 +45,8 @@ class Entry:
     lock: threading.Lock | None          # held while a method runs (serial objects)
     attributes: frozenset = frozenset()  # exposed names that are data, not methods
     created: float = field(default_factory=time.time)
+    running: str | None = None           # the method holding `lock` now (serial objects)
+    owner: int = 0                       # the server thread that runs it
 
 
 class Registry:

@@ -38,7 +38,12 @@ import traceback
 from multiprocessing import pool as mp_pool
 from typing import Any
 
-from ..errors import AuthenticationError, NotExposedError, arguments_not_deserializable_text
+from ..errors import (
+    AuthenticationError,
+    NotExposedError,
+    ProcshareError,
+    arguments_not_deserializable_text,
+)
 from ..inprocess import local_server, set_local_server
 from ..transport import channel as transport
 from ..wire.diagnose import result_text
@@ -53,7 +58,9 @@ from ..wire.serializers import (
     pack_for_type,
 )
 from . import callctx
-from .callctx import Caller, DeadlineExpired
+from .callctx import Caller, CallState, DeadlineExpired
+from .leases import GRACE as LEASE_GRACE
+from .leases import Leases
 from .locktable import LockTable, snapshot
 from .registry import LOAN_PREFIX, SERVER_HOLDER, Entry, NoSuchObject, Registry
 
@@ -68,6 +75,10 @@ FRAME_TIMEOUT = 30.0
 #: how long a reference in transit (a pickled proxy, a forked child's
 #: inheritance) waits to be adopted before it is released
 LOAN_TTL = 600.0
+
+# what the call loop does with a reply it made: send the packed value, send None,
+# or nothing (a call that wants no reply)
+_PACKED, _NONE, _ONEWAY = object(), object(), object()
 
 #: threading primitives: an object holding one synchronizes itself
 _PRIMITIVE_TYPES: tuple = (
@@ -123,7 +134,7 @@ def is_thread_safe(obj: Any) -> bool:
 class ConnInfo:
     """What the server knows about one connection."""
 
-    __slots__ = ("client", "pid", "caller", "channel", "opened", "role")
+    __slots__ = ("client", "pid", "caller", "channel", "opened", "role", "conn", "call")
 
     def __init__(self, hello: dict, channel: transport.Channel) -> None:
         self.client = str(hello["client"])
@@ -133,6 +144,8 @@ class ConnInfo:
         self.channel = channel
         self.opened = time.time()
         self.role = hello.get("role", "call")
+        self.conn = int(hello.get("conn", 0))
+        self.call = CallState()
 
 
 class Server:
@@ -140,11 +153,13 @@ class Server:
 
     public = ["shutdown", "create", "accept_connection", "get_methods", "debug_info",
               "number_of_objects", "dummy", "incref", "decref", "loan", "adopt",
-              "fork_loan", "release_loan", "list_objects", "clients", "server_info", "locks"]
+              "fork_loan", "release_loan", "list_objects", "clients", "server_info", "locks",
+              "goodbye", "cancel", "object_state"]
 
     def __init__(self, registry: dict, address: Any, authkey: bytes, serializer: Any = "pickle",
                  *, loan_ttl: float = LOAN_TTL, limits: Limits = DEFAULT_LIMITS,
-                 frame_timeout: float | None = FRAME_TIMEOUT) -> None:
+                 frame_timeout: float | None = FRAME_TIMEOUT,
+                 lease_grace: float = LEASE_GRACE) -> None:
         if not isinstance(authkey, bytes):
             raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")
         self.registry = registry
@@ -163,7 +178,9 @@ class Server:
         self.stop_event = threading.Event()
         self.connections: dict[int, ConnInfo] = {}
         self.conn_mutex = threading.Lock()
-        self.gone: set[str] = set()     # clients already released
+        self.leases = Leases(self._lease_ended, grace=lease_grace)
+        #: (client, connection number) -> the call that connection runs, to cancel it
+        self.calls: dict[tuple[str, int], CallState] = {}
         self._update_lock = threading.Lock()
         self.recent_log: collections.deque[str] = collections.deque(maxlen=50)
 
@@ -227,6 +244,9 @@ class Server:
                 raise FrameError(f"a hello that does not describe a client ({e!r})") from None
             with self.conn_mutex:
                 self.connections[id(ch)] = info
+                self.calls[(info.client, info.conn)] = info.call
+            if info.role == "control":
+                self.leases.control_opened(info.client, info.pid, hello)
             if hello.get("adopt"):
                 self.objects.adopt(info.client, hello["adopt"])
             if info.role == "control":
@@ -255,26 +275,28 @@ class Server:
                 self._connection_closed(info)
 
     def _connection_closed(self, info: ConnInfo) -> None:
-        """A client is gone when its control connection closes (it lives as long
-        as the process), or when its last connection closes."""
+        """A connection closed.  Only a control connection matters for the
+        client's lease (see `leases`); any call still running on this
+        connection is abandoned, so it is cancelled."""
         with self.conn_mutex:
             self.connections.pop(id(info.channel), None)
-            alive = info.role != "control" and any(
-                c.client == info.client for c in self.connections.values())
-            if alive or info.client in self.gone:
-                return
-            self.gone.add(info.client)
-        if not self.stop_event.is_set():
-            self.client_gone(info.client, info.pid)
+            self.calls.pop((info.client, info.conn), None)
+        info.call.cancel()
+        if info.role == "control" and not self.stop_event.is_set():
+            self.leases.control_closed(info.client)
 
-    def client_gone(self, client: str, pid: int) -> None:
-        """`client` (process `pid`) has died or disconnected: release what it held."""
-        locks = self.locks.client_gone(client, pid)
-        if locks:
-            self.note(f"client pid {pid} went away; released or woke it in {locks} lock(s)")
+    def _lease_ended(self, client: str, pid: int, how: str) -> None:
+        """`client` (process `pid`) exited (said goodbye) or died: release its
+        references, cancel its calls, and let its locks be taken over."""
+        locks = self.locks.client_gone(client, pid, how)   # first: it says why
+        with self.conn_mutex:
+            calls = [c for k, c in self.calls.items() if k[0] == client]
+        for call in calls:
+            call.cancel()
         freed = self.objects.release_holder(client)
-        if freed:
-            self.note(f"client pid {pid} went away; released {freed} object(s) it held")
+        verb = "exited" if how == "exited" else "died"
+        self.note(f"client pid {pid} {verb}; released {freed} object(s) it held"
+                  + (f"; it held or waited for {locks} lock(s)" if locks else ""))
 
     # -- the call loop -----------------------------------------------------------
     def serve_client(self, ch: transport.Channel, info: ConnInfo) -> None:
@@ -290,7 +312,9 @@ class Server:
         st = callctx.server_state
         st.caller = info.caller
         st.locks = self.locks
+        st.call = call = info.call
         st.deadline = None
+        me = threading.get_ident()
         warns: list = []
         st.warnings = warns
         monotonic = time.monotonic
@@ -298,6 +322,7 @@ class Server:
         stop = self.stop_event
         while not stop.is_set():
             kind, rid, budget, body, bufs = recv()
+            call.rid = rid
             if kind != CALL:
                 raise FrameError(f"unexpected frame {kind_name(kind)} from a client")
             st.deadline = None if budget != budget else monotonic() + budget
@@ -310,19 +335,37 @@ class Server:
             else:
                 entry = objects.get(oid) if oid is not None else None
                 if entry is not None and meth in entry.exposed:
-                    # the hot path: a call on an exposed method
+                    # the hot path: a call on an exposed method.  On a serial object
+                    # the reply is made (serialized) before its lock is released, so
+                    # a returned internal value cannot change while it is pickled.
                     fn = None
+                    lock = entry.lock
+                    held = False
                     try:
                         fn = getattr(entry.obj, meth)
-                        lock = entry.lock
-                        if lock is None:
-                            result = fn(*args, **kwds)
+                        if lock is not None:
+                            held = lock.acquire(False) or self._enter(
+                                entry, info, st.deadline, oid, meth)
+                            if held:
+                                entry.running = meth
+                                entry.owner = me
+                        result = fn(*args, **kwds)
+                        m2t = entry.method_to_typeid
+                        typeid = m2t.get(meth) if m2t else None
+                        if typeid:
+                            reply = self._proxy_reply(info, typeid, result)
+                        elif warns:
+                            reply = (Kind.WARNED, (result, list(warns)))
+                        elif not rid:
+                            reply = _ONEWAY
+                        elif result is None:
+                            reply = _NONE
                         else:
-                            self._enter(lock, st.deadline, oid, meth)
                             try:
-                                result = fn(*args, **kwds)
-                            finally:
-                                lock.release()
+                                packed = dumps(result)
+                                reply = _PACKED
+                            except Exception as e:
+                                reply = self._unserializable(e, oid, meth, result)
                     except DeadlineExpired as e:
                         reply = (Kind.TIMEOUT, str(e))
                     except TypeError as e:
@@ -332,30 +375,23 @@ class Server:
                             reply = (Kind.ERROR, _with_traceback(e))
                     except Exception as e:
                         reply = (Kind.ERROR, _with_traceback(e))
-                    else:
-                        m2t = entry.method_to_typeid
-                        typeid = m2t.get(meth) if m2t else None
-                        if typeid:
-                            reply = self._proxy_reply(info, typeid, result)
-                        elif warns:
-                            reply = (Kind.WARNED, (result, list(warns)))
+                    finally:
+                        if held:
+                            entry.running = None
+                            lock.release()
+                    if reply is _PACKED:
+                        body, bufs = packed
+                        if bufs:
+                            send(encode(RETURN, rid, body, bufs, NO_DEADLINE, limits))
                         else:
-                            if not rid:
-                                continue
-                            try:
-                                if result is None:
-                                    send_bytes(pack_frame(RETURN, rid, none_body))
-                                    continue
-                                body, bufs = dumps(result)
-                                if bufs:
-                                    send(encode(RETURN, rid, body, bufs, NO_DEADLINE, limits))
-                                else:
-                                    send_bytes(pack_frame(RETURN, rid, body))
-                                continue
-                            except OSError:
-                                raise
-                            except Exception as e:
-                                reply = self._unserializable(e, oid, meth, result)
+                            send_bytes(pack_frame(RETURN, rid, body))
+                        continue
+                    if reply is _NONE:
+                        send_bytes(pack_frame(RETURN, rid, none_body))
+                        continue
+                    if reply is _ONEWAY:
+                        warns.clear()
+                        continue
                 elif oid is None:
                     if meth == "shutdown":
                         reply = self._control(info, meth, args, kwds)
@@ -369,15 +405,29 @@ class Server:
             if rid:
                 self._reply(ch, rid, *reply)
 
-    def _enter(self, lock: threading.Lock, deadline: float | None, oid: str, meth: str) -> None:
-        if deadline is None:
-            lock.acquire()
-        elif not lock.acquire(True, max(deadline - time.monotonic(), 0.0)):
+    def _enter(self, entry: Entry, info: ConnInfo, deadline: float | None, oid: str,
+               meth: str) -> bool:
+        """Take a busy serial object's lock, waiting until the call's deadline.
+        False (run without the lock) for a call its own running method made
+        from inside the manager (through a proxy to itself): waiting would
+        deadlock, and that method is waiting for this call anyway."""
+        if info.pid == os.getpid() and info.caller.thread == entry.owner and entry.running:
+            return False
+        lock = entry.lock
+        assert lock is not None
+        if not _acquire_until(lock, deadline):
+            running = entry.running
             raise DeadlineExpired(
-                f"object {oid} was still busy with another call at the deadline "
-                "(calls on it run one at a time)")
+                f"{entry.typeid!r} object {oid} was still busy with another call at the "
+                "deadline" + (f" (running {running}())" if running else "")
+                + ": calls on it run one at a time, and this one waited behind it")
+        return True
 
-    def _reply(self, ch: transport.Channel, rid: int, kind: int, payload: Any) -> None:
+    def _reply(self, ch: transport.Channel, rid: int, kind: Any, payload: Any) -> None:
+        if kind is _PACKED:     # a value serialized already (under its object's lock)
+            body, bufs = payload
+            ch.send(encode_frame(Kind.RETURN, rid, body, bufs, NO_DEADLINE, self.limits))
+            return
         try:
             body, bufs = self.serializer.dumps(payload)
         except Exception as e:
@@ -430,34 +480,56 @@ class Server:
         if entry is None:
             return (Kind.TRACEBACK, self._gone_text(oid, meth))
         obj = entry.obj
+        if meth == "#UPDATE_ITEM" and "__setitem__" in entry.exposed:
+            try:
+                return (Kind.RETURN, self._update_item(entry, info, *args))
+            except DeadlineExpired as e:
+                return (Kind.TIMEOUT, str(e))
+            except Exception as e:
+                return (Kind.ERROR, _with_traceback(e))
+        if meth not in ("#GETVALUE", "__str__", "__repr__"):
+            exposed = ", ".join(sorted(entry.exposed)) or "(none)"
+            return (Kind.ERROR, NotExposedError(
+                f"method {meth!r} of {type(obj).__name__} object (typeid {entry.typeid!r}, "
+                f"id {oid}) is not exposed; the exposed ones are: {exposed}. Add it to "
+                f"exposed= when registering {entry.typeid!r}, or call one of those.",
+                typeid=entry.typeid, method=meth, exposed=tuple(sorted(entry.exposed))))
+        # a copy or a text of the whole object: under its lock, like any call on it,
+        # and serialized before the lock is released
+        lock = entry.lock
+        held = False
         try:
-            if meth == "#GETVALUE":
-                return (Kind.RETURN, obj)
-            if meth == "__str__":
-                return (Kind.RETURN, str(obj))
-            if meth == "__repr__":
-                return (Kind.RETURN, repr(obj))
-            if meth == "#UPDATE_ITEM" and "__setitem__" in entry.exposed:
-                return (Kind.RETURN, self._update_item(entry, *args))
+            if lock is not None:
+                held = self._enter(entry, info, callctx.server_state.deadline, oid, meth)
+            value = obj if meth == "#GETVALUE" else str(obj) if meth == "__str__" else repr(obj)
+            try:
+                return (_PACKED, self.serializer.dumps(value))
+            except Exception as e:
+                return self._unserializable(e, oid, meth, value)
         except DeadlineExpired as e:
             return (Kind.TIMEOUT, str(e))
         except Exception as e:
             return (Kind.ERROR, _with_traceback(e))
-        exposed = ", ".join(sorted(entry.exposed)) or "(none)"
-        return (Kind.ERROR, NotExposedError(
-            f"method {meth!r} of {type(obj).__name__} object (typeid {entry.typeid!r}, "
-            f"id {oid}) is not exposed; the exposed ones are: {exposed}. Add it to "
-            f"exposed= when registering {entry.typeid!r}, or call one of those.",
-            typeid=entry.typeid, method=meth, exposed=tuple(sorted(entry.exposed))))
+        finally:
+            if held:
+                lock.release()
 
-    def _update_item(self, entry: Entry, key: Any, func: Any, default: Any,
+    def _update_item(self, entry: Entry, info: ConnInfo, key: Any, func: Any, default: Any,
                      use_default: bool) -> Any:
         """`obj[key] = func(obj[key])` as one step (the helper behind
         `DictProxy.update_item`): no other call on a serial object runs in
         between; on a concurrent object, no other update_item does."""
         obj = entry.obj
-        lock = entry.lock or self._update_lock
-        self._enter(lock, callctx.server_state.deadline, "?", "update_item")
+        deadline = callctx.server_state.deadline
+        if entry.lock is not None:
+            held = self._enter(entry, info, deadline, "?", "update_item")
+            lock = entry.lock
+        else:
+            lock = self._update_lock
+            held = _acquire_until(lock, deadline)
+            if not held:
+                raise DeadlineExpired("another update_item() on this object was still "
+                                      "running at the deadline")
         try:
             if use_default:
                 try:
@@ -470,7 +542,8 @@ class Server:
             obj[key] = new
             return new
         finally:
-            lock.release()
+            if held:
+                lock.release()
 
     @classmethod
     def control_table(cls) -> dict[str, Any]:
@@ -491,8 +564,12 @@ class Server:
             return (Kind.RETURN, op(self, info, *args, **kwds))
         except NoSuchObject as e:
             return (Kind.TRACEBACK, self._gone_text(e.args[0], meth))
-        except Exception as e:
+        except ProcshareError as e:
             return (Kind.ERROR, _with_traceback(e))
+        except Exception:
+            # like the stdlib: a manager operation that fails (a constructor that
+            # raises, an unknown typeid) is a RemoteError carrying the traceback
+            return (Kind.TRACEBACK, traceback.format_exc())
 
     def _proxy_reply(self, info: ConnInfo, typeid: str, value: Any) -> tuple:
         try:
@@ -584,6 +661,7 @@ class Server:
         return self.objects.snapshot()
 
     def clients(self, c: ConnInfo) -> list[dict]:
+        """The connected processes, with their connections and threads."""
         with self.conn_mutex:
             conns = list(self.connections.values())
         out: dict[str, dict] = {}
@@ -593,6 +671,24 @@ class Server:
             d["connections"] += 1
             d["threads"].append(ci.caller.thread_name)
         return list(out.values())
+
+    def goodbye(self, c: ConnInfo) -> None:
+        """The client process is exiting: its references are released; its locks
+        and permits stay held (another process may release them)."""
+        self.leases.goodbye(c.client)
+
+    def cancel(self, c: ConnInfo, conn: int, rid: int) -> None:
+        """The client abandoned request `rid` on its connection number `conn`."""
+        with self.conn_mutex:
+            call = self.calls.get((c.client, conn))
+        if call is not None:
+            call.cancel(rid)
+
+    def object_state(self, c: ConnInfo, ident: str) -> dict:
+        """Whether an object runs calls one at a time, and what it runs now."""
+        entry = self.objects.get(ident)
+        return {"typeid": entry.typeid, "serial": entry.lock is not None,
+                "running": entry.running}
 
     def server_info(self, c: ConnInfo) -> dict:
         return {"pid": os.getpid(), "address": self.address,
@@ -613,6 +709,13 @@ class Server:
 
     def local_adopt(self, loan: str, ident: str) -> bool:
         return self.objects.adopt(SERVER_HOLDER, loan, ident)
+
+
+def _acquire_until(lock: threading.Lock, deadline: float | None) -> bool:
+    """Acquire `lock`, waiting at most until `deadline` (monotonic; None: forever)."""
+    if deadline is None:
+        return lock.acquire()
+    return lock.acquire(True, max(deadline - time.monotonic(), 0.0))
 
 
 def _with_traceback(e: BaseException) -> BaseException:

@@ -172,6 +172,11 @@ class FrameReader:
         return self._head is not None or bool(self._data)
 
     @property
+    def started_rid(self) -> int | None:
+        """The request id of the frame being received (None between frames)."""
+        return self._head[3] if self._head is not None else None
+
+    @property
     def buffered(self) -> int:
         """Bytes held for frames not yet returned."""
         return len(self._data) + sum(p.filled for p in self._parts) + sum(

@@ -1,0 +1,89 @@
+"""Processes: is a client process on this host still alive, and waiting until it is not.
+
+Owns: `host_identity()` (which processes can see each other's pids) and
+`ProcessHandle`, the one place that watches another process: a pidfd where
+the kernel has them, else `kill(pid, 0)` and `/proc`.
+
+Rules it keeps:
+- A handle is opened while the process is known to be alive (it just
+  connected), so a pid reused later cannot fool a pidfd.
+- A zombie (exited, not yet reaped by its parent) counts as dead.
+- Waiting is bounded by the caller's timeout; nothing here blocks forever.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+
+__all__ = ["host_identity", "ProcessHandle"]
+
+
+def host_identity() -> tuple[str, str | None]:
+    """(hostname, pid namespace): processes that share both can see each other's pids."""
+    try:
+        ns: str | None = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        ns = None
+    return socket.gethostname(), ns
+
+
+def _proc_state(pid: int) -> str | None:
+    """The state letter of `pid` from /proc (None if unknown or gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return _proc_state(pid) not in ("Z", "X")
+
+
+class ProcessHandle:
+    """Another process on this host, by pid."""
+
+    __slots__ = ("pid", "_fd")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._fd: int | None = None
+        if hasattr(os, "pidfd_open"):
+            try:
+                self._fd = os.pidfd_open(pid)
+            except OSError:
+                self._fd = None
+
+    def alive(self) -> bool:
+        return not self.wait(0.0)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the process to end; True if it has."""
+        fd = self._fd
+        if fd is not None:
+            try:
+                return bool(select.select([fd], [], [], timeout)[0])
+            except (OSError, ValueError):
+                pass
+        if not _pid_alive(self.pid):
+            return True
+        if timeout > 0:
+            select.select([], [], [], min(timeout, 0.1))
+            return not _pid_alive(self.pid)
+        return False
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
