@@ -94,6 +94,11 @@ class ManagerCrashed(ProcshareError, ConnectionError, EOFError):
     `except FileNotFoundError:` (a Unix socket that is gone) keep working.
     """
 
+    def __str__(self) -> str:
+        # an OSError with errno set would print "[Errno N] strerror": the message
+        # is the explanation, and e.errno is there for code that checks it
+        return str(self.args[0]) if self.args else ""
+
 
 class ManagerConnectionRefused(ManagerCrashed, ConnectionRefusedError):
     """ManagerCrashed where the stdlib raises ConnectionRefusedError: nothing
@@ -340,6 +345,9 @@ def manager_crashed(address: Any, cause: BaseException | None) -> ManagerCrashed
     facts: dict[str, Any] = {"address": address}
     if cause is not None:
         facts["cause"] = f"{type(cause).__name__}: {cause}"
+    if isinstance(cause, OSError) and cause.errno is not None:
+        # code written for the stdlib checks e.errno (ECONNREFUSED, ENOENT, ...)
+        facts["errno"], facts["strerror"] = cause.errno, cause.strerror
 
     gone = shut_down_managers.get(address)
     if gone is not None and address not in crash_reporters:
@@ -371,6 +379,15 @@ def manager_crashed(address: Any, cause: BaseException | None) -> ManagerCrashed
     elif report is not None and facts.get("alive"):
         what = (f"{who} at {address!r}{pid} is still running but cannot be reached{why}; "
                 "it may be overloaded, or it closed this connection.")
+    elif report is None and isinstance(cause, (ConnectionRefusedError, FileNotFoundError)):
+        # not a manager this process started, and nothing listens there: it may
+        # never have run, so say nothing about lost objects
+        return cls(
+            f"no manager is listening at {address!r}, so it cannot be reached{why}. "
+            "Check the address (and, for "
+            "TCP, the port), and that the manager was started (manager.start(), or "
+            "get_server().serve_forever()) before this process connects; if it was "
+            "running, it has exited.", **facts)
     else:
         what = (f"{who} at {address!r} cannot be reached{why}: it has crashed or shut "
                 "down, or nothing ever listened at this address.")

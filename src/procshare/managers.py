@@ -364,9 +364,13 @@ class BaseManager:
     def _create(self, typeid: str, /, *args: Any, **kwds: Any) -> tuple[Token, tuple]:
         """Create a shared object; return its token and exposed names.  The reference
         the server made for it belongs to this process (adopt it with `_track`)."""
+        token, exposed, _attrs = self._create_full(typeid, args, kwds)
+        return token, exposed
+
+    def _create_full(self, typeid: str, args: tuple, kwds: dict) -> tuple[Token, tuple, tuple]:
+        """`_create`, with the names of exposed data attributes too."""
         ident, exposed, attrs = self._control("create", typeid, *args, **kwds)
-        self._last_attributes = attrs
-        return Token(typeid, self._address, ident), exposed
+        return Token(typeid, self._address, ident), exposed, attrs
 
     def _debug_info(self) -> str:
         """Some info about the server's shared objects."""
@@ -425,11 +429,11 @@ class BaseManager:
                 util.debug("requesting creation of a shared %r object", typeid)
                 ser = self._serializer
                 if serializer is None:
-                    token, exp = self._create(typeid, *args, **kwds)
+                    token, exp, attrs = self._create_full(typeid, args, kwds)
                 else:
                     ser = serializers.typed_serializer(ser, serializer)
-                    token, exp = _create_typed(self, ser, typeid, args, kwds)
-                extra = {"attributes": self._last_attributes} if proxytype is AutoProxy else {}
+                    token, exp, attrs = _create_typed(self, ser, typeid, args, kwds)
+                extra = {"attributes": attrs} if proxytype is AutoProxy else {}
                 proxy = proxytype(token, ser, manager=self,
                                   authkey=self._authkey, exposed=exp, incref=False, **extra)
                 proxy._track()
@@ -439,7 +443,7 @@ class BaseManager:
 
 
 def _create_typed(manager: BaseManager, ser: Any, typeid: str, args: tuple,
-                  kwds: dict) -> tuple[Token, tuple]:
+                  kwds: dict) -> tuple[Token, tuple, tuple]:
     """`manager._create` for a type with its own serializer: the constructor's
     arguments go through that type's connection, so they may use it too."""
     if manager._state.value != State.STARTED:
@@ -450,8 +454,7 @@ def _create_typed(manager: BaseManager, ser: Any, typeid: str, args: tuple,
     if kind != Kind.RETURN:
         raise_reply(kind, result, None, "create", manager._call_timeout)
     ident, exposed, attrs = result
-    manager._last_attributes = attrs
-    return Token(typeid, manager._address, ident), exposed
+    return Token(typeid, manager._address, ident), exposed, attrs
 
 
 def _accepts(func: Any, name: str) -> bool:

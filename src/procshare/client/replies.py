@@ -45,11 +45,29 @@ def call_timeout(proxy: Any, meth: str, timeout: float | None, server_gave_up: b
     else:
         outcome = (f"no reply came from {where} in time; the call may still complete "
                    "there. The proxy stays usable")
+        state = _object_state(proxy)
+        if state is not None and state.get("serial") and state.get("running"):
+            outcome += (
+                f". {state['running']}() is still running in the manager, and calls on "
+                f"this {proxy._token.typeid!r} object run one at a time: the next ones "
+                "queue behind it until it returns (each waits at most until its own "
+                "deadline)")
     return CallTimeout(
         f"{what} did not finish within {timeout} s: {outcome}. Raise the limit "
         "(timeout=..., procshare.timeout(...), or call_timeout= on the manager), or find "
         "what blocks the call.", method=meth, timeout=timeout,
         may_complete=not server_gave_up, server_pid=pid)
+
+
+def _object_state(proxy: Any) -> dict | None:
+    """What the manager says the proxy's object is doing (None if it cannot say
+    at once): asked only after a call timed out in the client."""
+    if proxy is None:
+        return None
+    try:
+        return proxy._session.control_call("object_state", proxy._id, timeout=0.5)
+    except Exception:
+        return None
 
 
 def raise_reply(kind: int, payload: Any, proxy: Any, meth: str, timeout: float | None) -> Any:

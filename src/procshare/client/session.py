@@ -21,8 +21,12 @@ Rules it keeps:
   id; the manager keeps everything of a live process.
 - A call abandoned by an exception inside its wait (Ctrl-C) is cancelled in
   the manager by request id (`Connection.abandon`), so it takes nothing.
-- A reply that has started to arrive when the deadline passes is read to the
-  end and returned: a call whose effect happened is never reported as failed.
+- At a call's deadline the client asks the manager to cancel it (`_settle`):
+  a call that finished, or that gave up in a blocking wait, is answered and
+  that answer is returned, so a call whose effect happened is never reported
+  as failed; only a call still running uncancellable code (a user method)
+  raises CallTimeout saying it may still complete.  A reply that has started
+  to arrive is always read to the end.
 - After fork, the child never touches the parent's sockets: the parent lends
   its references to the child before forking, and the child adopts the loan
   on its first connection.
@@ -48,14 +52,14 @@ from ..wire.kinds import Kind, kind_name
 from ..wire.serializers import Serializer, decode_hello, encode_hello, get_serializer
 from .replies import call_timeout, raise_reply
 
-__all__ = ["Connection", "Client", "Session", "get_session", "client_id", "GRACE"]
+__all__ = ["Connection", "Client", "Session", "get_session", "client_id"]
 
 log = logging.getLogger("procshare.client")
 
-#: how long past a call's deadline the client waits for the manager's own
-#: timeout reply, so that an operation the manager completed at the last
-#: moment is not lost
-GRACE = 0.025
+#: how long the client waits for the manager to answer a cancel at a deadline,
+#: and then for the reply that answer promised
+SETTLE = 2.0
+LATE_REPLY = 30.0
 _NAN = NO_DEADLINE
 _CALL = Kind.CALL
 _monotonic = time.monotonic
@@ -153,7 +157,10 @@ class Connection:
             self.pending.add(rid)   # replaced only once broken (see control_call)
             return
         self.close()
-        session.control_send("cancel", self.no, rid)
+        try:    # a round trip, so that the cancel is in force before the next call
+            session.control_call("cancel", self.no, rid, timeout=1.0)
+        except Exception as e:
+            log.debug("cancel of request %d not delivered: %r", rid, e)
 
     def _drop_late(self, rid: int, kind: int) -> None:
         if rid in self.pending:
@@ -170,14 +177,36 @@ class Connection:
             rid = self.send_request(oid, meth, args, kwds, timeout)
         except (EOFError, OSError) as e:
             raise self.session.crashed(e) from None
-        deadline = None if timeout is None else _monotonic() + timeout + GRACE
+        deadline = None if timeout is None else _monotonic() + timeout
         try:
-            return self.wait_reply(rid, deadline)
+            try:
+                return self.wait_reply(rid, deadline)
+            except TimeoutError:
+                if not self._settle(rid):
+                    raise           # the caller says which call timed out
+                # the manager finished the call or gave it up: its reply is coming
+                self.pending.discard(rid)
+                return self.wait_reply(rid, _monotonic() + LATE_REPLY)
         except TimeoutError:
             raise                   # the caller says which call timed out
         except (EOFError, OSError) as e:
             self.close()
             raise self.session.crashed(e) from None
+
+    def _settle(self, rid: int) -> bool:
+        """The deadline of request `rid` passed with no reply: ask the manager to
+        cancel it.  True if a reply is now certain to come at once (the call had
+        finished, or it was waiting and gave up having taken nothing); False if
+        it is still running code that cannot be interrupted, or the manager
+        does not answer."""
+        if self is self.session.control:
+            return False
+        try:
+            state = self.session.control_call("cancel", self.no, rid, timeout=SETTLE)
+        except Exception as e:
+            log.debug("could not settle request %d: %r", rid, e)
+            return False
+        return state in ("done", "cancelled", "not started")
 
     def drain(self, block: bool = False) -> bool:
         """Read and drop late replies (waiting for them if `block`); True when

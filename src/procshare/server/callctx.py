@@ -92,17 +92,19 @@ class Cancelled(DeadlineExpired):
 
 
 class CallState:
-    """The call a server connection thread is running, for cancellation.
+    """The calls of one server connection, for cancellation.
 
     One per connection, reused for each call: `rid` is the request running
-    now; `cancel_rid` the last request the client cancelled (a cancel can
-    arrive before its call is read); `waker`, set by a blocking primitive
+    (or last run); `done_rid` the last one whose reply is made; `cancel_rid`
+    the last one the client cancelled (a cancel can arrive before its call is
+    read: that call then does not run); `waker`, set by a blocking primitive
     while it waits, wakes it so it sees the cancel at once."""
 
-    __slots__ = ("rid", "cancel_rid", "waker")
+    __slots__ = ("rid", "done_rid", "cancel_rid", "waker")
 
     def __init__(self) -> None:
         self.rid = 0
+        self.done_rid = 0
         self.cancel_rid = -1
         self.waker: Callable[[], None] | None = None
 
@@ -110,12 +112,29 @@ class CallState:
     def cancelled(self) -> bool:
         return self.cancel_rid == self.rid
 
-    def cancel(self, rid: int | None = None) -> None:
-        """Cancel request `rid` (None: whatever runs now) and wake its wait."""
-        self.cancel_rid = self.rid if rid is None else rid
+    def cancel(self, rid: int | None = None) -> str:
+        """Cancel request `rid` (None: whatever runs now).  Returns "done" (its
+        reply is made), "cancelled" (it was waiting and gives up now), "not
+        started" (it will not run) or "running" (running code that cannot be
+        interrupted: it completes)."""
+        if rid is None:
+            rid = self.rid
+        if self.done_rid >= rid:
+            return "done"
+        self.cancel_rid = rid
+        if self.rid < rid:
+            return "not started"
         waker = self.waker
-        if waker is not None and self.cancel_rid == self.rid:
+        if waker is not None:
             waker()
+            return "cancelled"
+        # running code that does not wait: it may be about to finish
+        end = time.monotonic() + 0.02
+        while self.done_rid < rid:
+            if time.monotonic() > end or self.rid != rid:
+                return "done" if self.done_rid >= rid else "running"
+            time.sleep(0.0005)
+        return "done"
 
 
 def current_call() -> CallState | None:

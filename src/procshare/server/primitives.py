@@ -188,12 +188,15 @@ class _Acquirer:
             while True:
                 if self._table.dead:
                     if _gone(self._table, me[0]):
+                        self._cond.notify()     # whatever woke it goes to another
                         return False    # the client went away while it waited
                     if self._value <= 0:
                         self._take_over(who)
+                if call is not None and call.cancelled:
+                    self._cond.notify()
+                    check_cancelled(call, f"acquire of {self._table.lock_name(self)}")
                 if self._value > 0:
                     break
-                check_cancelled(call, f"acquire of {self._table.lock_name(self)}")
                 if endtime is None:
                     self._cond.wait()
                     continue
@@ -759,10 +762,16 @@ class Queue(queue.Queue):
         if call is not None:
             call.waker = self._wake
         try:
-            while not ready():
+            while True:
+                # a waiter that gave up takes nothing, and hands on the wakeup
                 if self._table.dead and self._table.is_gone(client):
+                    cond.notify()
                     raise ClientGone(f"the client waiting in {what} has gone away")
-                check_cancelled(call, f"queue {what}")
+                if call is not None and call.cancelled:
+                    cond.notify()
+                    check_cancelled(call, f"queue {what}")
+                if ready():
+                    break
                 if endtime is None:
                     cond.wait()
                     continue

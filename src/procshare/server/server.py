@@ -28,6 +28,7 @@ Rules it keeps:
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import queue
@@ -205,13 +206,21 @@ class Server:
             sys.exit(0)
 
     def accepter(self) -> None:
+        pause = 0.0
         while not self.stop_event.is_set():
             try:
                 ch = self.listener.accept()
-            except OSError:
+            except OSError as e:
                 if self.stop_event.is_set() or self.listener.fileno() == -1:
                     return
+                # out of descriptors (EMFILE, ENFILE) or memory: back off, up to a
+                # second, instead of spinning; connections wait in the backlog
+                pause = min(max(pause * 2, 0.01), 1.0)
+                if pause >= 1.0 or e.errno in (errno.EMFILE, errno.ENFILE):
+                    self.note(f"cannot accept connections ({e}); retrying in {pause:.2f} s")
+                self.stop_event.wait(pause)
                 continue
+            pause = 0.0
             threading.Thread(target=self.handle_connection, args=(ch,), daemon=True,
                              name="procshare-conn").start()
 
@@ -240,13 +249,15 @@ class Server:
                 return
             try:
                 info = ConnInfo(hello, ch)
-            except (AttributeError, TypeError, KeyError, ValueError) as e:
+            except (AttributeError, TypeError, KeyError, ValueError, OverflowError) as e:
                 raise FrameError(f"a hello that does not describe a client ({e!r})") from None
             with self.conn_mutex:
                 self.connections[id(ch)] = info
                 self.calls[(info.client, info.conn)] = info.call
             if info.role == "control":
                 self.leases.control_opened(info.client, info.pid, hello)
+            if hello.get("adopt") and not isinstance(hello["adopt"], str):
+                raise FrameError(f"a hello whose loan is a {type(hello['adopt']).__name__}")
             if hello.get("adopt"):
                 self.objects.adopt(info.client, hello["adopt"])
             if info.role == "control":
@@ -325,11 +336,17 @@ class Server:
             call.rid = rid
             if kind != CALL:
                 raise FrameError(f"unexpected frame {kind_name(kind)} from a client")
+            if rid == call.cancel_rid:      # cancelled before it was read: it does not run
+                call.done_rid = rid
+                self._reply(ch, rid, Kind.TIMEOUT, "the client cancelled the call before "
+                            "it started; it had no effect")
+                continue
             st.deadline = None if budget != budget else monotonic() + budget
             try:
                 oid, meth, args, kwds = loads(body, bufs)
-                if type(meth) is not str:
-                    raise TypeError(f"the method name is a {type(meth).__name__}, not a str")
+                if type(meth) is not str or (oid is not None and type(oid) is not str):
+                    raise TypeError(f"a call names object {oid!r:.40} and method {meth!r:.40}; "
+                                    "both must be str (the object id may be None)")
             except Exception as e:
                 reply = self._request_undecodable(e)
             else:
@@ -350,6 +367,7 @@ class Server:
                                 entry.running = meth
                                 entry.owner = me
                         result = fn(*args, **kwds)
+                        call.done_rid = rid     # it happened: a cancel is too late now
                         m2t = entry.method_to_typeid
                         typeid = m2t.get(meth) if m2t else None
                         if typeid:
@@ -379,6 +397,7 @@ class Server:
                         if held:
                             entry.running = None
                             lock.release()
+                    call.done_rid = rid         # the reply is made: a cancel is too late
                     if reply is _PACKED:
                         body, bufs = packed
                         if bufs:
@@ -402,6 +421,7 @@ class Server:
                 else:
                     reply = self._slow_call(info, oid, meth, args, kwds)
             warns.clear()
+            call.done_rid = rid
             if rid:
                 self._reply(ch, rid, *reply)
 
@@ -677,12 +697,14 @@ class Server:
         and permits stay held (another process may release them)."""
         self.leases.goodbye(c.client)
 
-    def cancel(self, c: ConnInfo, conn: int, rid: int) -> None:
-        """The client abandoned request `rid` on its connection number `conn`."""
+    def cancel(self, c: ConnInfo, conn: int, rid: int) -> str:
+        """The client abandoned request `rid` on its connection number `conn`
+        (see `CallState.cancel` for the answer)."""
         with self.conn_mutex:
             call = self.calls.get((c.client, conn))
-        if call is not None:
-            call.cancel(rid)
+        if call is None:
+            return "done"       # the connection is closed: nothing runs for it
+        return call.cancel(rid)
 
     def object_state(self, c: ConnInfo, ident: str) -> dict:
         """Whether an object runs calls one at a time, and what it runs now."""

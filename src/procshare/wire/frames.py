@@ -20,9 +20,10 @@ Rules it keeps:
   returned: a frame interrupted at any byte resumes where it stopped, and is
   never misread.  After a `FrameError` the reader is unusable (the stream is
   out of step by definition) and the connection must be closed.
-- Memory follows the data, not the header's claim: a part larger than
-  `GROW_FROM` starts at that size and at most doubles as it fills, so a peer
-  that claims a gigabyte and sends nothing costs about a megabyte.
+- Memory follows the data, not the header's claim: a part allocates nothing
+  until its first byte arrives, then `GROW_FROM` (or less), and at most
+  doubles as it fills, so a peer that claims gigabytes, in one part or in
+  thousands of buffers, and sends nothing costs about a megabyte.
 - Limits are checked as soon as the header (or the buffer table) arrives.
 """
 
@@ -91,9 +92,9 @@ def encode_frame(kind: int, rid: int, body: bytes, buffers: list | tuple = (),
     Without buffers the list has one `bytes` (header and body joined).  Raises
     FrameError, before anything is sent, for a frame over `limits`.
     """
-    if len(body) > limits.max_body:
+    if len(body) > min(limits.max_body, limits.max_frame):
         raise FrameError(f"a message body of {len(body)} bytes is over the "
-                         f"{limits.max_body}-byte limit")
+                         f"{min(limits.max_body, limits.max_frame)}-byte limit")
     if not buffers:
         return [_pack(len(body), kind, 0, 0, rid, budget) + body]
     views = [memoryview(b).cast("B") for b in buffers]
@@ -122,14 +123,14 @@ class _Part:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.buf = bytearray(min(size, GROW_FROM))
+        self.buf = bytearray()      # nothing until its first byte arrives
         self.filled = 0
 
     def room(self) -> memoryview:
         """Where the next bytes go (growing the part if it is full)."""
         buf = self.buf
         if self.filled == len(buf):
-            grow = min(self.size, 2 * len(buf)) - len(buf)
+            grow = min(self.size, max(2 * len(buf), GROW_FROM)) - len(buf)
             buf += bytes(grow)          # realloc: no copy of what is there
         return memoryview(buf)[self.filled:]
 
@@ -154,10 +155,13 @@ class FrameReader:
     is needed.  `body` is bytes-like; `buffers` is a tuple of bytearrays.
     """
 
-    __slots__ = ("limits", "_data", "_head", "_parts", "_done", "_view", "_broken")
+    __slots__ = ("limits", "_fast_max", "_data", "_head", "_parts", "_done", "_view",
+                 "_broken")
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self.limits = limits
+        #: the largest body the fast path may return without the limit checks
+        self._fast_max = min(GROW_FROM, limits.max_body, limits.max_frame)
         self._data: bytes = b""         # bytes not yet part of a frame in progress
         self._head: tuple | None = None  # (blen, kind, nbufs, rid, budget) of that frame
         self._parts: list[_Part] = []    # its parts still to fill, in order
@@ -179,12 +183,15 @@ class FrameReader:
     @property
     def buffered(self) -> int:
         """Bytes held for frames not yet returned."""
-        return len(self._data) + sum(p.filled for p in self._parts) + sum(
-            len(p) for p in self._done)
+        done = self._done
+        table = 8 * len(done[0]) if done and isinstance(done[0], list) else 0
+        return len(self._data) + sum(p.filled for p in self._parts) + table + sum(
+            len(p) for p in done if not isinstance(p, list))
 
     # -- input ---------------------------------------------------------------
     def feed(self, data: bytes) -> None:
         """Add received bytes."""
+        self._release()
         if not data:
             return
         if self._head is None or not self._parts:
@@ -230,7 +237,7 @@ class FrameReader:
                 return None
             blen, kind, _flags, nbufs, rid, budget = _unpack(data, 0)
             end = _HSIZE + blen
-            if not nbufs and len(data) >= end and blen <= GROW_FROM:
+            if not nbufs and len(data) >= end and blen <= self._fast_max:
                 # the common case: a small frame, whole
                 self._data = data[end:] if len(data) > end else b""
                 if not (0.0 <= budget <= MAX_BUDGET) and budget == budget:

@@ -1,0 +1,354 @@
+"""Lifetimes: exit is not death, abandoned calls are cancelled, and the
+defects found in the manager's call path stay fixed.  procshare only: in each
+of these cases the stdlib hangs, loses data or releases nothing."""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+import warnings
+
+import pytest
+
+import _lifetime_workers as lw
+import _workers
+import procshare
+from _helpers import poll
+
+WAIT = 15.0
+
+
+@pytest.fixture
+def lmgr():
+    with lw.LifetimeManager(ctx=multiprocessing.get_context("fork")) as m:
+        yield m
+
+
+@pytest.fixture
+def sync():
+    with procshare.Manager(ctx=multiprocessing.get_context("fork")) as m:
+        yield m
+
+
+def interrupt_after(seconds: float, fn, *args):
+    """Call `fn(*args)` and raise KeyboardInterrupt in it after `seconds`
+    (a real signal, as Ctrl-C delivers one); return its result or the interrupt."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            result = fn(*args)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            return result
+        except KeyboardInterrupt as e:
+            return e
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# -- case 4: Ctrl-C cancels the call in the manager ---------------------------------------
+
+def test_interrupted_get_does_not_swallow_a_later_item(sync):
+    q = sync.Queue()
+    assert isinstance(interrupt_after(0.3, q.get), KeyboardInterrupt)
+    q.put("later")
+    assert q.get(timeout=5) == "later"
+    assert q.qsize() == 0
+
+
+def test_interrupted_acquire_does_not_take_the_lock_later(sync, ctx=None):
+    lock = sync.Lock()
+    ready = sync.Event()
+    release = sync.Event()
+    holder = _workers.start_child(multiprocessing.get_context("fork"), lw_hold, lock, ready,
+                                  release)
+    try:
+        assert ready.wait(WAIT)
+        assert isinstance(interrupt_after(0.3, lock.acquire), KeyboardInterrupt)
+        release.set()
+        assert holder.result(WAIT) is True
+        # the abandoned acquire did not take it when the holder let go
+        assert lock.acquire(timeout=5)
+        lock.release()
+    finally:
+        release.set()
+
+
+def lw_hold(lock, ready, release):
+    lock.acquire()
+    ready.set()
+    release.wait(WAIT)
+    lock.release()
+    return True
+
+
+def test_interrupted_event_and_condition_waits_take_nothing(sync):
+    ev = sync.Event()
+    assert isinstance(interrupt_after(0.3, ev.wait), KeyboardInterrupt)
+    cond = sync.Condition()
+    cond.acquire()
+    assert isinstance(interrupt_after(0.3, cond.wait), KeyboardInterrupt)
+    # like threading, the lock is held again when the interrupted wait returns
+    cond.release()
+    got = []
+    t = threading.Thread(target=lambda: got.append(cond.acquire(timeout=5)))
+    t.start()
+    t.join(WAIT)
+    assert got == [True]
+
+
+# -- case 5: a reply that has begun is read to the end ------------------------------------
+
+def test_timed_out_gets_of_large_items_lose_nothing(sync):
+    q = sync.Queue()
+    sizes = [(32 + 3 * i) << 20 for i in range(12)]
+    for i, n in enumerate(sizes):
+        q.put(bytes([i + 1]) * n)
+    got, timeouts = [], 0
+    for i in range(len(sizes)):
+        try:
+            got.append(q._callmethod("get", (), {}, timeout=0.001 * (i % 4)))
+        except procshare.CallTimeout:
+            timeouts += 1
+    while True:
+        try:
+            got.append(q.get(timeout=2))
+        except Exception:
+            break
+    assert sorted(len(x) for x in got) == sizes
+    assert sorted(x[0] for x in got) == list(range(1, 13))
+
+
+# -- case 6: a broken control connection is not death ------------------------------------
+
+def test_replaced_control_connection_keeps_this_process_objects(sync):
+    lst = sync.list([1, 2])
+    session = lst._session
+    before = sync._number_of_objects()
+    session.control.ch.sock.shutdown(socket.SHUT_RDWR)      # broken, no goodbye
+    session.control.pending.add(1)                          # so it is replaced
+    lst.append(3)
+    assert list(lst) == [1, 2, 3]
+    assert poll(lambda: sync._number_of_objects() == before, 3)
+    assert list(lst) == [1, 2, 3]
+
+
+# -- case 7: a timed-out call on a serial object says it still runs there ----------------
+
+def test_timeout_on_a_serial_object_says_calls_queue_behind_it(lmgr):
+    s = lmgr.Stateful()
+    with pytest.raises(procshare.CallTimeout) as info:
+        s._callmethod("hang", (2.0,), {}, timeout=0.3)
+    text = str(info.value)
+    assert "hang() is still running in the manager" in text
+    assert "run one at a time" in text and "queue behind it" in text
+    t0 = time.monotonic()
+    with pytest.raises(procshare.CallTimeout) as info:
+        s._callmethod("echo", (1,), {}, timeout=0.3)
+    assert time.monotonic() - t0 < 1.5
+    assert "busy with another call" in str(info.value) and "running hang()" in str(info.value)
+    assert s._callmethod("echo", (2,), {}, timeout=10) == 2
+
+
+# -- case 8: defects found by reading the code -------------------------------------------
+
+def test_condition_wait_at_the_deadline_takes_the_lock_back(sync):
+    cond = sync.Condition()
+    with pytest.raises(procshare.CallTimeout):
+        with procshare.timeout(0.3):
+            with cond:          # __exit__ must find the lock held again
+                cond.wait()
+    got = []
+    t = threading.Thread(target=lambda: got.append(cond.acquire(timeout=5)))
+    t.start()
+    t.join(WAIT)
+    assert got == [True]
+
+
+def test_serial_reply_is_serialized_under_the_lock(lmgr):
+    s = lmgr.Stateful()
+    s.grow(1000)
+    errors = []
+
+    def grow():
+        try:
+            for _ in range(200):
+                s.grow(50)
+        except Exception as e:
+            errors.append(e)
+
+    t = threading.Thread(target=grow)
+    t.start()
+    sizes = []
+    while t.is_alive():
+        sizes.append(len(s.get_d()))    # a dict that must not change while pickled
+    t.join(WAIT)
+    assert not errors and sizes and sizes == sorted(sizes)
+
+
+def test_getvalue_repr_and_str_wait_for_a_running_call(lmgr):
+    s = lmgr.Stateful()
+    t = threading.Thread(target=s.work, args=(1.0,))
+    t.start()
+    assert poll(lambda: lmgr._control("object_state", s._id)["running"] == "work", 5)
+    assert s._getvalue().busy is False
+    t.join(WAIT)
+    assert "Stateful object" in repr(s._getvalue()) and str(s)
+
+
+def test_a_method_calling_back_into_its_own_object_runs(lmgr):
+    s = lmgr.Stateful()
+    assert s._callmethod("call_me", (s, 7), {}, timeout=10) == 7
+
+
+def test_concurrent_creation_does_not_swap_attributes(lmgr):
+    ones, twos = [], []
+    t1 = threading.Thread(target=lw.make_many, args=(lmgr, "Attrs1", 150, ones))
+    t2 = threading.Thread(target=lw.make_many, args=(lmgr, "Attrs2", 150, twos))
+    t1.start()
+    t2.start()
+    t1.join(60)
+    t2.join(60)
+    assert len(ones) == len(twos) == 150
+    assert all(p._attributes_ == ("kind",) for p in ones)
+    assert all(p._attributes_ == ("size", "other") for p in twos)
+    assert ones[0].kind == "one" and twos[0].size == 2
+
+
+def test_a_notify_taken_by_a_gone_waiter_reaches_a_live_one(sync):
+    ctx = multiprocessing.get_context("fork")
+    cond = sync.Condition()
+    ready = sync.Event()
+    # a child waits on the condition, then dies; a live thread here waits too
+    child = _workers.start_child(ctx, cond_wait_forever, cond, ready)
+    assert ready.wait(WAIT)
+    got = []
+
+    def live_wait():
+        with cond:
+            got.append(cond.wait(10))
+
+    t = threading.Thread(target=live_wait)
+    t.start()
+    assert poll(lambda: _waiters(sync, cond) == 2, WAIT)
+    child.kill()
+    with cond:
+        cond.notify()       # one notify: it must reach the live waiter
+    t.join(WAIT)
+    assert got == [True]
+
+
+def cond_wait_forever(cond, ready):
+    with cond:
+        ready.set()
+        cond.wait(60)
+
+
+def _waiters(m, cond) -> int:
+    for d in m.locks():
+        if d["id"] == cond._id:
+            return len(d["waiters"])
+    return -1
+
+
+def test_errors_for_an_address_where_no_manager_runs(tmp_path):
+    address = str(tmp_path / "nothing.sock")
+    m = procshare.SyncManager(address=address, authkey=b"k")
+    with pytest.raises(procshare.ManagerCrashed) as info:
+        m.connect()
+    e = info.value
+    assert isinstance(e, FileNotFoundError) and e.errno == errno.ENOENT
+    assert "no manager is listening" in str(e) and "gone" not in str(e)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    srv.close()
+    m = procshare.SyncManager(address=("127.0.0.1", port), authkey=b"k")
+    with pytest.raises(ConnectionRefusedError) as info:
+        m.connect()
+    assert info.value.errno == errno.ECONNREFUSED
+
+
+def test_authkey_type_error_keeps_the_key_secret():
+    from procshare.managers import Server
+    with pytest.raises(TypeError) as info:
+        Server({}, None, "s3cret-key")
+    assert "s3cret" not in str(info.value) and "str" in str(info.value)
+
+
+def test_accept_loop_backs_off_when_out_of_descriptors():
+    from procshare.managers import Server
+    srv = Server({}, None, b"k")
+    calls = []
+
+    def accept():
+        calls.append(time.monotonic())
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    srv.listener.accept = accept
+    t = threading.Thread(target=srv.accepter, daemon=True)
+    t.start()
+    time.sleep(0.5)
+    srv.stop_event.set()
+    t.join(5)
+    srv.listener.close()
+    assert 3 <= len(calls) <= 20, len(calls)     # backing off, not spinning
+
+
+def test_ended_leases_do_not_grow_without_bound():
+    from procshare.server import leases
+    ended = []
+    table = leases.Leases(lambda c, p, how: ended.append(c))
+    for i in range(leases.KEEP_ENDED + 500):
+        table.control_opened(f"c{i}", 0, {})
+        table.goodbye(f"c{i}")
+    assert len(ended) == leases.KEEP_ENDED + 500
+    assert len(table.records) <= leases.KEEP_ENDED
+
+
+# -- exit against death, for locks ---------------------------------------------------------
+
+def test_lock_of_an_exited_owner_is_taken_over_by_a_waiting_acquire(sync):
+    ctx = multiprocessing.get_context("fork")
+    lock = sync.Lock()
+    assert _workers.run_child(ctx, lw.acquire_and_exit, lock) == "held"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert lock.acquire(timeout=5)
+    lock.release()
+    texts = [str(w.message) for w in caught if w.category is procshare.OwnerDiedWarning]
+    assert texts and "exited without releasing it" in texts[0]
+
+
+def test_this_process_is_not_dead_while_it_lives(sync):
+    # a child whose control connection breaks keeps its lock (it is alive)
+    lock = sync.Lock()
+    lock.acquire()
+    session = lock._session
+    session.control.ch.sock.shutdown(socket.SHUT_RDWR)
+    session.control.pending.add(1)
+    assert sync._number_of_objects() >= 1      # replaced the control connection
+    got = []
+    t = threading.Thread(target=lambda: got.append(
+        _workers.run_child(multiprocessing.get_context("fork"), try_lock, lock)))
+    t.start()
+    t.join(WAIT)
+    assert got == [False]       # nobody took it over from a live owner
+    lock.release()
+
+
+def try_lock(lock):
+    return lock.acquire(timeout=0.5)
+
+
+def test_os_pid_is_ours():
+    assert os.getpid() > 0

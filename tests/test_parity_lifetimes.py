@@ -1,0 +1,58 @@
+"""Parity: what the stdlib allows around a process's exit must work the same.
+
+A child that takes a Lock or BoundedSemaphore and exits normally leaves it
+held; another process may release it (threading allows any thread to release
+a Lock).  Barrier parties that pass the barrier and exit break nothing.  An
+error raised while the manager creates an object is a RemoteError."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import _lifetime_workers as lw
+import _workers
+
+
+@pytest.mark.parametrize("kind", ["Lock", "BoundedSemaphore"])
+def test_lock_handed_off_by_a_child_that_exits(manager, ctx, kind):
+    lock = getattr(manager, kind)()
+    assert _workers.run_child(ctx, lw.acquire_and_exit, lock) == "held"
+    # the child exited normally, holding it; this process may release it, as
+    # with threading (procshare must not have released it behind its back)
+    lock.release()
+    assert lock.acquire(timeout=5)
+    lock.release()
+    if kind == "BoundedSemaphore":
+        with pytest.raises(ValueError):
+            lock.release()
+    else:
+        with pytest.raises(RuntimeError):
+            lock.release()
+
+
+def test_barrier_parties_that_exit_break_nothing(manager, ctx):
+    rounds = 40 if ctx.get_start_method() == "fork" else 6
+    barrier = manager.Barrier(5)
+    broken = 0
+    for _ in range(rounds):
+        children = [_workers.start_child(ctx, lw.barrier_once, barrier) for _ in range(4)]
+        try:
+            barrier.wait(30)
+        except threading.BrokenBarrierError:
+            broken += 1
+            barrier.reset()
+        for c in children:
+            try:
+                c.result(30)
+            except _workers.ChildFailed:
+                broken += 1
+    assert broken == 0
+    assert barrier.broken is False
+
+
+def test_error_while_creating_an_object_is_a_remote_error(manager, impl):
+    with pytest.raises(impl.RemoteError) as info:
+        manager.Pool(0)
+    assert "Number of processes must be at least 1" in str(info.value)
