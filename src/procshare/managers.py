@@ -57,6 +57,7 @@ from .client.proxy import (  # noqa: F401  (the stdlib module has all these name
 )
 from .errors import RemoteError  # noqa: F401  (re-exported, as in the stdlib)
 from .server import primitives
+from .server.leases import GRACE as LEASE_GRACE
 from .server.server import FRAME_TIMEOUT, Server, TypeSpec, all_methods, public_methods  # noqa: F401
 from .transport import channel as transport
 from .transport.addresses import cleanup_address
@@ -129,7 +130,14 @@ def _state_error(state: State, what: str = "server") -> ProcessError:
 
 
 class BaseManager:
-    """Base class for managers."""
+    """Base class for managers.
+
+    The stdlib's arguments, plus procshare's keyword-only options:
+    `shutdown_timeout`, `call_timeout` (the default deadline of every call),
+    `max_message_bytes` and `frame_timeout` (what a peer may send, and how
+    long it may stall inside a frame) and `lease_grace` (how long a client on
+    another host may stay disconnected before it counts as dead).
+    """
 
     _registry: dict = {}
     _Server = Server
@@ -138,7 +146,8 @@ class BaseManager:
                  serializer: str = "pickle", ctx: Any = None, *,
                  shutdown_timeout: float = 1.0, call_timeout: float | None = None,
                  max_message_bytes: int | None = None,
-                 frame_timeout: float | None = FRAME_TIMEOUT) -> None:
+                 frame_timeout: float | None = FRAME_TIMEOUT,
+                 lease_grace: float = LEASE_GRACE) -> None:
         if authkey is None:
             authkey = process.current_process().authkey
         self._address = address
@@ -155,7 +164,8 @@ class BaseManager:
         limits = DEFAULT_LIMITS if max_message_bytes is None else Limits(
             max_body=min(max_message_bytes, DEFAULT_LIMITS.max_body), max_frame=max_message_bytes)
         #: what the server process is built with, besides the stdlib's arguments
-        self._server_options = {"limits": limits, "frame_timeout": frame_timeout}
+        self._server_options = {"limits": limits, "frame_timeout": frame_timeout,
+                                "lease_grace": lease_grace}
 
     # -- server lifecycle ---------------------------------------------------------------
     def get_server(self) -> Server:
