@@ -1,12 +1,16 @@
 """Shared fixtures for the procshare test suite.
 
 Parity tests run one scenario against the stdlib (``multiprocessing.managers``)
-and against ``procshare.managers``, under real ``fork`` and ``spawn`` processes:
+and against ``procshare.managers``, under real ``fork``, ``spawn`` and
+``forkserver`` processes:
 
 * ``impl``    -- the managers module under test, ids ``stdlib`` / ``procshare``;
                  procshare is imported lazily, so a missing or broken
                  implementation fails only the procshare cases.
-* ``ctx``     -- ``multiprocessing.get_context('fork' | 'spawn')``.
+* ``ctx``     -- ``multiprocessing.get_context(method)``: every method in
+                 ``START_METHODS`` for the parity tests (``test_parity_*.py``),
+                 ``OTHER_START_METHODS`` for the other test files that use it
+                 (see ``pytest_generate_tests`` below).
 * ``manager`` -- a started ``impl.SyncManager(ctx=ctx)``, shut down afterwards.
 
 Every test is also checked for leaks by an autouse fixture: no child process,
@@ -63,7 +67,14 @@ multiprocessing.util.Finalize(
 )
 
 IMPL_IDS = ("stdlib", "procshare")
-START_METHODS = ("fork", "spawn")
+# Parity tests run under every start method Linux has.
+START_METHODS = ("fork", "spawn", "forkserver")
+# Other test files that use the ``ctx`` fixture (e.g. test_locks.py) keep to
+# fork and spawn: a third method would add its minutes to every CI run on
+# every Python, for scenarios whose start-method coverage is the parity
+# tests' job.
+OTHER_START_METHODS = ("fork", "spawn")
+PARITY_PREFIX = "test_parity_"
 LEAK_WAIT = 3.0  # seconds: bounded wait for children / files to go away
 
 
@@ -81,9 +92,36 @@ def impl(request):
     return load_impl(request.param)
 
 
-@pytest.fixture(params=START_METHODS)
+@pytest.fixture
 def ctx(request):
+    """``multiprocessing.get_context(method)``; parametrised by
+    ``pytest_generate_tests`` (the methods depend on the test file)."""
     return multiprocessing.get_context(request.param)
+
+
+def start_methods_for(path: Path) -> tuple[str, ...]:
+    """The start methods the ``ctx`` fixture runs for tests in ``path``."""
+    return START_METHODS if path.name.startswith(PARITY_PREFIX) else OTHER_START_METHODS
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrise this conftest's ``ctx`` fixture (used directly or through
+    ``manager``) by test file.  A module or class that defines its own ``ctx``
+    fixture (e.g. test_timeouts.py) parametrises it itself; a test that
+    parametrises ``ctx`` with a mark keeps its own values."""
+    if "ctx" not in metafunc.fixturenames:
+        return
+    if "ctx" in vars(metafunc.module) or (
+        metafunc.cls is not None and hasattr(metafunc.cls, "ctx")
+    ):
+        return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0] if mark.args else mark.kwargs.get("argnames", ())
+        if isinstance(names, str):
+            names = names.split(",")
+        if "ctx" in {name.strip() for name in names}:
+            return
+    metafunc.parametrize("ctx", start_methods_for(metafunc.definition.path), indirect=True)
 
 
 @pytest.fixture
@@ -153,6 +191,33 @@ def _helper_paths() -> set[str]:
     except Exception:
         pass
     return paths
+
+
+def _bound_unix_paths() -> set[str]:
+    """Paths of the unix sockets some process has bound, from /proc/net/unix."""
+    try:
+        with open("/proc/net/unix") as f:
+            next(f, None)
+            return {parts[7] for parts in (line.split() for line in f) if len(parts) >= 8}
+    except OSError:
+        return set()
+
+
+def _stale_forkserver_listeners(paths: set[str]) -> set[str]:
+    """Under forkserver, a manager server that starts processes itself (a Pool)
+    starts a stdlib forkserver of its own.  Its ``listener-*`` socket lands in
+    this process's pymp-* dir (children inherit the tempdir setting), and the
+    stdlib unlinks it only in ``forkserver._stop`` or with that dir at this
+    process's exit -- for the stdlib and procshare alike, so it is no leak of
+    the code under test.  Returned: such sockets that no process still binds."""
+    own = multiprocessing.util.get_temp_dir()
+    bound = _bound_unix_paths()
+    return {
+        p for p in paths
+        if os.path.dirname(p) == own
+        and os.path.basename(p).startswith("listener-")
+        and p not in bound
+    }
 
 
 _PATTERNS = ("pymp-", "procshare")
@@ -238,6 +303,14 @@ def no_leaks(request):
         top_after, socks_after = _tmp_snapshot()
         new_files = (top_after - top_before) | (socks_after - socks_before)
         new_files -= ignore_paths
+        if "forkserver" in getattr(getattr(request.node, "callspec", None), "params", {}).values():
+            stale = _stale_forkserver_listeners(new_files)
+            for path in stale:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            new_files -= stale
         if not (new_shm or new_files) or time.monotonic() >= deadline:
             break
         time.sleep(0.05)

@@ -240,7 +240,10 @@ def test_a_notify_taken_by_a_gone_waiter_reaches_a_live_one(sync):
     t = threading.Thread(target=live_wait)
     t.start()
     assert poll(lambda: _waiters(sync, cond) == 2, WAIT)
+    pid = child.process.pid
     child.kill()
+    # the manager has seen the death (its lease ended): now one notify
+    assert poll(lambda: all(c["pid"] != pid for c in sync.clients()), WAIT)
     with cond:
         cond.notify()       # one notify: it must reach the live waiter
     t.join(WAIT)

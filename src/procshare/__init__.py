@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import managers, serializers
+from . import aio, managers, serializers
+from .client.pipeline import async_, oneway
 from .client.scope import timeout
 from .errors import (
     ArgumentsNotDeserializable,
@@ -75,7 +76,7 @@ except ImportError:  # pragma: no cover
 __version__ = "0.1.0"
 
 __all__ = [
-    "Manager", "managers", "serializers", "timeout",
+    "Manager", "managers", "serializers", "timeout", "async_", "oneway", "aio",
     # errors (procshare.errors has them all, with the stdlib classes each extends)
     "ProcshareError", "RemoteError", "NotExposedError", "CallTimeout", "ManagerCrashed",
     "ManagerConnectionRefused", "ManagerSocketMissing", "ManagerConnectionReset",

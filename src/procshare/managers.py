@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -84,10 +85,14 @@ def rebuild_as_list(obj: Any) -> tuple:
 
 
 # like the stdlib: dict views travel as lists
-for _view_type in (type({}.keys()), type({}.values()), type({}.items())):
+#: Python 3.10's multiprocessing.managers has this public name (3.11 deleted it)
+view_types = [type(getattr({}, name)()) for name in ("items", "keys", "values")]
+for _view_type in view_types:
     reduction.register(_view_type, rebuild_as_list)
 reduction.register(array.array, reduce_array)
 del _view_type
+if sys.version_info >= (3, 11):
+    del view_types
 
 
 #: serializer name -> (listener type, connect function), as in the stdlib

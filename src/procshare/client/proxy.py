@@ -138,15 +138,29 @@ class BaseProxy:
         if conn is None or conn.pending:
             conn = self._session.thread_conn()
         if timeout is _UNSET:
-            timeout = getattr(_scope, "value", _UNSET)   # scope.scoped_timeout(), inlined
-            if timeout is _UNSET:
-                timeout = self._timeout
-                if timeout is _UNSET:
-                    timeout = None
+            timeout = self._deadline_for(timeout)
         try:
             kind, result = conn.call(self._id, methodname, args, kwds, timeout)
         except TimeoutError:
             raise call_timeout(self, methodname, timeout, False) from None
+        if kind == _RETURN:
+            return result
+        return self._outcome(kind, result, methodname, timeout)
+
+    def _deadline_for(self, timeout: Any) -> float | None:
+        """The timeout a call gets: its own, else the innermost
+        `procshare.timeout()` block, the proxy's, the manager's; None: forever."""
+        if timeout is _UNSET:
+            timeout = getattr(_scope, "value", _UNSET)
+            if timeout is _UNSET:
+                timeout = self._timeout
+                if timeout is _UNSET:
+                    timeout = None
+        return timeout
+
+    def _outcome(self, kind: int, result: Any, methodname: str, timeout: float | None) -> Any:
+        """What a reply that is not a plain RETURN means: a new proxy, or the
+        error it stands for (raised)."""
         if kind == _RETURN:
             return result
         if kind == Kind.PROXY:

@@ -34,12 +34,14 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
 import socket
 import threading
 import time
+import weakref
 from multiprocessing import util as mp_util
 from typing import Any
 
@@ -267,7 +269,8 @@ class Session:
         self.live = 0                         # proxies of this process using the session
         self.server_pid: int | None = None
         self.closed = False
-        self.opened = 0                       # connections opened (their numbers)
+        self._numbers = itertools.count(1)    # connection numbers (the manager's cancel key)
+        self.pipes: weakref.WeakSet = weakref.WeakSet()   # pipelined connections
 
     # -- connecting -------------------------------------------------------------
     def _open(self, role: str) -> Connection:
@@ -278,10 +281,10 @@ class Session:
         try:
             transport.client_handshake(ch, self.authkey, self.address)
             t = threading.current_thread()
-            self.opened += 1
+            no = next(self._numbers)
             hello = {"client": _client_id, "pid": os.getpid(), "thread": t.ident,
                      "thread_name": t.name, "serializer": self.serializer.name,
-                     "role": role, "version": 1, "conn": self.opened,
+                     "role": role, "version": 1, "conn": no,
                      "host": _HOST[0], "pidns": _HOST[1]}
             if role == "control" and self.adopt:
                 hello["adopt"], self.adopt = self.adopt, None
@@ -303,7 +306,7 @@ class Session:
         self.server_pid = info.get("pid")
         if role == "control":
             _goodbye_at_exit()
-        return Connection(ch, self.serializer, self, self.opened)
+        return Connection(ch, self.serializer, self, no)
 
     def _control_conn(self) -> Connection:
         c = self.control
@@ -367,6 +370,8 @@ class Session:
         return manager_crashed(self.address, cause)
 
     def close(self) -> None:
+        for pipe in list(self.pipes):
+            pipe.close()
         with self.lock:
             conns = [self.control, getattr(self.tls, "conn", None), *self.stale]
             self.control = None

@@ -681,15 +681,20 @@ class Server:
         return self.objects.snapshot()
 
     def clients(self, c: ConnInfo) -> list[dict]:
-        """The connected processes, with their connections and threads."""
+        """The client processes whose lease runs: connected ones with their
+        connections and threads, and disconnected ones not yet known dead."""
         with self.conn_mutex:
             conns = list(self.connections.values())
         out: dict[str, dict] = {}
         for ci in conns:
             d = out.setdefault(ci.client, {"client": ci.client, "pid": ci.pid,
-                                           "connections": 0, "threads": []})
+                                           "state": "live", "connections": 0, "threads": []})
             d["connections"] += 1
             d["threads"].append(ci.caller.thread_name)
+        for rec in self.leases.snapshot():
+            if rec["state"] == "disconnected" and rec["client"] not in out:
+                out[rec["client"]] = {"client": rec["client"], "pid": rec["pid"],
+                                      "state": "disconnected", "connections": 0, "threads": []}
         return list(out.values())
 
     def goodbye(self, c: ConnInfo) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 from ..wire.frames import DEFAULT_LIMITS, FrameError, FrameReader, Limits
 from ..wire.handshake import ClientHandshake, ServerHandshake
 from .addresses import UNIX_PATH_MAX, address_family, arbitrary_address, cleanup_address
+from .spin import SpinPolicy
 
 __all__ = ["Channel", "Listener", "connect", "server_handshake", "client_handshake",
            "close_inherited"]
@@ -42,14 +43,6 @@ _RECV_CHUNK = 64 * 1024
 _DONTWAIT = socket.MSG_DONTWAIT
 _perf = time.perf_counter
 _monotonic = time.monotonic
-
-#: how long a receive busy-polls before it sleeps (PROCSHARE_SPIN_US, 0 disables;
-#: off on single-CPU machines, where polling would only steal the peer's CPU)
-SPIN_SECONDS = (float(os.environ.get("PROCSHARE_SPIN_US", "50")) / 1e6
-                if (os.cpu_count() or 1) > 1 else 0.0)
-_SPIN_MISSES = 4     # consecutive misses before a channel stops polling...
-_SPIN_REST = 64      # ...for this many receives
-
 
 _open_sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 
@@ -68,7 +61,7 @@ def close_inherited() -> None:
 class Channel:
     """One connected socket carrying frames in both directions."""
 
-    __slots__ = ("sock", "reader", "peer", "frame_timeout", "_spin", "_misses", "__weakref__")
+    __slots__ = ("sock", "reader", "peer", "frame_timeout", "spin", "__weakref__")
 
     def __init__(self, sock: socket.socket, peer: Any = None, limits: Limits = DEFAULT_LIMITS,
                  frame_timeout: float | None = None) -> None:
@@ -77,8 +70,7 @@ class Channel:
         self.reader = FrameReader(limits)
         self.peer = peer
         self.frame_timeout = frame_timeout
-        self._spin = SPIN_SECONDS  # how long recv_frame busy-polls before sleeping
-        self._misses = 0
+        self.spin = SpinPolicy()   # how long recv_frame busy-polls before sleeping
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -97,6 +89,14 @@ class Channel:
     def send_bytes(self, frame: bytes) -> None:
         """Write one whole frame that is a single bytes object."""
         self.sock.sendall(frame)
+
+    def send_nowait(self, data: bytes) -> int:
+        """Write as much of `data` as the socket takes without blocking; return
+        how many bytes that was (the caller sends the rest later, in order)."""
+        try:
+            return self.sock.send(data, _DONTWAIT)
+        except BlockingIOError:
+            return 0
 
     def send(self, pieces: list) -> None:
         """Write one encoded frame (the list `frames.encode_frame` returns)."""
@@ -139,19 +139,17 @@ class Channel:
         reader = self.reader
         if not reader.in_frame:
             # the common case: nothing buffered, one small frame in one read
-            data = self._poll() if self._spin else None
+            spin = self.spin.budget()
+            data = self._poll(spin) if spin else None
             if data is None:
-                if self._misses < 0:
-                    self._misses += 1
-                    if not self._misses:
-                        self._spin = SPIN_SECONDS
                 if deadline is not None:
                     self._wait(deadline)
                 data = self.sock.recv(_RECV_CHUNK)
                 if not data:
                     raise EOFError("connection closed by peer")
-            reader.feed(data)
-        frame = reader.next_frame()
+            frame = reader.parse(data)
+        else:
+            frame = reader.next_frame()
         if frame is not None:
             return frame
         return self._recv_rest(deadline)
@@ -189,15 +187,11 @@ class Channel:
             if frame is not None:
                 return frame
 
-    def _poll(self) -> bytes | None:
-        """Busy-poll for a moment before sleeping in recv.
-
-        Waking a sleeping process costs tens of microseconds on virtual machines,
-        more than a whole small call, while the reply to a small call (or a
-        client's next call) usually comes within a few.  A channel that keeps
-        missing stops polling for a while, so idle connections cost nothing.
-        """
-        end = _perf() + self._spin
+    def _poll(self, spin: float) -> bytes | None:
+        """Busy-poll for up to `spin` seconds before sleeping in recv (see
+        `transport.spin` for when and how long)."""
+        start = _perf()
+        end = start + spin
         recv = self.sock.recv
         while True:
             try:
@@ -205,14 +199,11 @@ class Channel:
             except BlockingIOError:
                 if _perf() < end:
                     continue
-                self._misses += 1
-                if self._misses >= _SPIN_MISSES:
-                    self._spin = 0.0
-                    self._misses = -_SPIN_REST   # sleep this many receives, then poll again
+                self.spin.miss()
                 return None
             if not data:
                 raise EOFError("connection closed by peer")
-            self._misses = 0
+            self.spin.hit(_perf() - start)
             return data
 
     # -- handshake ---------------------------------------------------------

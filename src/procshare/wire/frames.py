@@ -203,6 +203,14 @@ class FrameReader:
             rest = bytes(view[taken:])
             self._data = self._data + rest if self._data else rest
 
+    def parse(self, data: bytes) -> tuple | None:
+        """`feed(data)` then `next_frame()`, in one call (the receive path)."""
+        if self._head is None and not self._data and self._view is None:
+            self._data = data
+        else:
+            self.feed(data)
+        return self.next_frame()
+
     def room(self) -> memoryview | None:
         """A writable view for the next bytes of a large part, or None when the
         next bytes are better received as a chunk and given to `feed`."""

@@ -1,0 +1,326 @@
+"""Pipelined calls: many requests in flight on one connection, each answered in a Future.
+
+Owns: `Pipe` (one per session and thread: a connection of its own, a reader
+thread that resolves futures by request id), `CallFuture`, and the public
+wrappers `async_(proxy)` and `oneway(proxy)`.
+
+Rules it keeps:
+- Requests leave in the order they are made, on one connection, so the
+  manager runs the calls of a thread in that order (per proxy, and across
+  proxies of that manager).  A request goes out at once if the socket takes
+  it; otherwise a writer thread sends it with the others that queued up
+  meanwhile (many calls, few writes).  The caller never blocks on the socket,
+  and the reader thread never writes, so a full socket cannot deadlock them.
+- A request whose arguments cannot be serialized raises at once, in the
+  caller, and nothing is sent.
+- Deadlines apply as to a plain call (the call's own, `procshare.timeout()`,
+  the proxy's, the manager's).  At the deadline the pipe settles the call as
+  a plain call does (a cancel round trip): a call that happened delivers its
+  result; otherwise the future gets `CallTimeout`.
+- `CallFuture.cancel()` cancels the call in the manager, by request id, and
+  returns once the manager has it (one round trip): a blocked get or acquire
+  then takes nothing, even from a put made right after.
+- A oneway call gets no reply and no future; its errors are only logged by
+  the manager.
+- If the connection breaks, every outstanding future gets `ManagerCrashed`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import heapq
+import logging
+import threading
+import time
+from typing import Any
+
+from ..wire.diagnose import arguments_error
+from ..wire.frames import NO_DEADLINE, encode_frame, pack_frame
+from ..wire.kinds import Kind
+from .replies import call_timeout
+from .scope import UNSET
+
+__all__ = ["async_", "oneway", "CallFuture", "Pipe"]
+
+log = logging.getLogger("procshare.client")
+
+_CALL = Kind.CALL
+_RETURN = Kind.RETURN
+_monotonic = time.monotonic
+
+
+class CallFuture(concurrent.futures.Future):
+    """The future of one pipelined call."""
+
+    def __init__(self, pipe: Pipe, rid: int, proxy: Any, meth: str,
+                 timeout: float | None) -> None:
+        super().__init__()
+        self._pipe = pipe
+        self._rid = rid
+        self._proxy = proxy
+        self._meth = meth
+        self._timeout = timeout
+
+    def cancel(self) -> bool:
+        """Cancel the call here and in the manager (a blocked call takes nothing)."""
+        if not super().cancel():
+            return False
+        self._pipe.abandon(self._rid)
+        return True
+
+
+class Pipe:
+    """Pipelined calls of one thread to one manager."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.conn = session._open("call")       # a connection of its own
+        self.ch = self.conn.ch
+        self.ser = self.conn.ser
+        self.none_body = self.conn.none_body    # the common reply, read without loads
+        self.lock = threading.Lock()            # everything below; never held for I/O
+        self.wake = threading.Condition(self.lock)
+        self.rid = 0
+        self.futures: dict[int, CallFuture] = {}
+        self.out: list[Any] = []                # requests the writer has yet to send
+        self.writing = False
+        self.idle_writer = False                # the writer waits for work: notify it
+        self.deadlines: list[tuple[float, int]] = []   # heap of (deadline, rid)
+        self.broken: BaseException | None = None
+        for target, name in ((self._read, "reader"), (self._write, "writer")):
+            threading.Thread(target=target, daemon=True, name=f"procshare-pipe-{name}").start()
+
+    # -- sending ---------------------------------------------------------------------
+    def submit(self, proxy: Any, meth: str, args: tuple, kwds: dict,
+               timeout: float | None, want_reply: bool = True) -> CallFuture | None:
+        try:
+            body, bufs = self.ser.dumps((proxy._id, meth, args, kwds))   # nothing sent if this fails
+        except Exception as e:
+            raise arguments_error(e, self.ser, proxy._id, meth, args, kwds) from None
+        budget = NO_DEADLINE if timeout is None else timeout
+        with self.lock:
+            if self.broken is not None:
+                raise self.session.crashed(self.broken)
+            rid = 0
+            fut = None
+            if want_reply:
+                rid = self.rid = self.rid + 1
+                fut = self.futures[rid] = CallFuture(self, rid, proxy, meth, timeout)
+                if timeout is not None:
+                    heapq.heappush(self.deadlines, (_monotonic() + timeout, rid))
+            if bufs:
+                self.out.append(encode_frame(_CALL, rid, body, bufs, budget))
+            else:
+                frame = pack_frame(_CALL, rid, body, budget)
+                if len(self.futures) <= 1 and not self.out and not self.writing:
+                    # an idle pipe: send it now (lowest latency), never blocking
+                    # here; the writer thread finishes what does not fit
+                    try:
+                        sent = self.ch.send_nowait(frame)
+                    except OSError as e:
+                        self._break_locked(e)
+                        raise self.session.crashed(e) from None
+                    if sent == len(frame):
+                        return fut
+                    frame = frame[sent:]
+                # calls in flight: queue it; the writer sends the queue in one write
+                self.out.append(frame)
+            if self.idle_writer:
+                self.idle_writer = False
+                self.wake.notify()
+        return fut
+
+    def _write(self) -> None:
+        """The writer thread: sends what `submit` queued, many requests per write."""
+        ch = self.ch
+        while True:
+            with self.lock:
+                while not self.out and self.broken is None:
+                    self.idle_writer = True
+                    self.wake.wait()
+                self.idle_writer = False
+                if self.broken is not None:
+                    return
+                batch, self.out = self.out, []
+                self.writing = True
+            try:
+                small: list[bytes] = []
+                for item in batch:
+                    if isinstance(item, bytes):
+                        small.append(item)
+                        continue
+                    if small:
+                        ch.send_bytes(b"".join(small))
+                        small = []
+                    ch.send(item)               # a frame with out-of-band buffers
+                if small:
+                    ch.send_bytes(b"".join(small))
+            except OSError as e:
+                self._break(e)
+                return
+            finally:
+                with self.lock:
+                    self.writing = False
+
+    # -- receiving -------------------------------------------------------------------
+    def _read(self) -> None:
+        ch = self.ch
+        try:
+            while True:
+                due = None
+                if self.deadlines:
+                    with self.lock:
+                        due = self.deadlines[0][0] if self.deadlines else None
+                try:
+                    kind, rid, _b, body, bufs = ch.recv_frame(due)
+                except TimeoutError:
+                    self._expire()
+                    continue
+                self._deliver(kind, rid, body, bufs)
+        except (EOFError, OSError) as e:
+            self._break(e)
+        except Exception as e:       # a frame error: the connection is unusable
+            log.warning("pipelined connection to %r failed: %r", self.session.address, e)
+            self._break(e)
+
+    def _deliver(self, kind: int, rid: int, body: Any, bufs: Any) -> None:
+        fut = self.futures.pop(rid, None)     # atomic: no lock on the reader's path
+        if fut is None:
+            return          # cancelled, or settled already
+        try:
+            if kind == _RETURN:
+                value = None if body == self.none_body else self.ser.loads(body, bufs)
+            else:
+                value = fut._proxy._outcome(kind, self.ser.loads(body, bufs), fut._meth,
+                                            fut._timeout)
+        except BaseException as e:
+            _settle_future(fut, e, True)
+        else:
+            _settle_future(fut, value, False)
+
+    def _expire(self) -> None:
+        """Settle the calls whose deadline passed (in a thread of their own:
+        settling waits for the manager's answer)."""
+        now = _monotonic()
+        expired = []
+        with self.lock:
+            while self.deadlines and self.deadlines[0][0] <= now:
+                _d, rid = heapq.heappop(self.deadlines)
+                if rid in self.futures:
+                    expired.append(rid)
+        for rid in expired:
+            threading.Thread(target=self._settle, args=(rid,), daemon=True).start()
+
+    def _settle(self, rid: int) -> None:
+        try:
+            state = self.session.control_call("cancel", self.conn.no, rid, timeout=2.0)
+        except Exception:
+            state = None
+        if state in ("done", "cancelled", "not started"):
+            return      # its reply is coming, and resolves the future
+        with self.lock:
+            fut = self.futures.pop(rid, None)
+        if fut is not None:
+            _settle_future(fut, call_timeout(fut._proxy, fut._meth, fut._timeout, False), True)
+
+    def abandon(self, rid: int) -> None:
+        """A future was cancelled: cancel its call in the manager, and wait for
+        the manager to confirm (one round trip), so that what the caller does
+        next cannot be overtaken by the call it gave up."""
+        with self.lock:
+            self.futures.pop(rid, None)
+        try:
+            self.session.control_call("cancel", self.conn.no, rid, timeout=1.0)
+        except Exception as e:
+            log.debug("cancel of pipelined request %d not delivered: %r", rid, e)
+
+    def _break(self, cause: BaseException) -> None:
+        with self.lock:
+            futures = self._break_locked(cause)
+        self.conn.close()
+        if futures:
+            error = self.session.crashed(cause)
+            for fut in futures:
+                _settle_future(fut, error, True)
+
+    def _break_locked(self, cause: BaseException) -> list[CallFuture]:
+        """(lock held) The connection is unusable: stop the threads; the
+        outstanding futures are returned, to be failed outside the lock."""
+        if self.broken is None:
+            self.broken = cause
+        futures = list(self.futures.values())
+        self.futures.clear()
+        self.out.clear()
+        self.wake.notify_all()
+        return futures
+
+    def close(self) -> None:
+        self._break(EOFError("the session was closed"))
+
+
+def _settle_future(fut: CallFuture, value: Any, failed: bool) -> None:
+    """Complete `fut` unless it was cancelled (set_* refuse a cancelled one)."""
+    try:
+        if failed:
+            fut.set_exception(value)
+        else:
+            fut.set_result(value)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+def _pipe(proxy: Any) -> Pipe:
+    """This thread's pipe to the proxy's manager (opened on first use)."""
+    tls = proxy._session.tls
+    pipe = getattr(tls, "pipe", None)
+    if pipe is None or pipe.broken is not None:
+        pipe = tls.pipe = Pipe(proxy._session)
+        proxy._session.pipes.add(pipe)
+    return pipe
+
+
+class _Calls:
+    """`async_(proxy).method(...)`: each method call returns a Future."""
+
+    __slots__ = ("_proxy", "_timeout", "_want_reply", "__dict__")
+
+    def __init__(self, proxy: Any, timeout: Any, want_reply: bool) -> None:
+        if not getattr(type(proxy), "_procshare_proxy_", False):
+            raise TypeError(f"async_() and oneway() take a procshare proxy, not "
+                            f"{type(proxy).__name__}")
+        self._proxy = proxy
+        self._timeout = timeout
+        self._want_reply = want_reply
+
+    def __getattr__(self, name: str) -> Any:
+        proxy = self._proxy
+
+        timeout_, want_reply = self._timeout, self._want_reply
+
+        def call(*args: Any, **kwds: Any) -> Any:
+            timeout = proxy._deadline_for(timeout_)
+            return _pipe(proxy).submit(proxy, name, args, kwds, timeout, want_reply)
+        call.__name__ = name
+        self.__dict__[name] = call      # the next lookup finds it without __getattr__
+        return call
+
+    def __repr__(self) -> str:
+        kind = "async_" if self._want_reply else "oneway"
+        return f"{kind}({self._proxy!r})"
+
+
+def async_(proxy: Any, timeout: Any = UNSET) -> Any:
+    """`async_(proxy).method(*args, **kwds)` sends the call at once and returns a
+    `concurrent.futures.Future` of its result; many can be in flight.
+
+    `timeout=` (seconds, or None for no limit) bounds each call made through
+    it; by default the scoped, per-proxy and per-manager timeouts apply as to
+    a plain call.
+    """
+    return _Calls(proxy, timeout, True)
+
+
+def oneway(proxy: Any) -> Any:
+    """`oneway(proxy).method(*args, **kwds)` sends the call and returns None at
+    once: no reply is sent back, so its result and errors are not seen."""
+    return _Calls(proxy, UNSET, False)

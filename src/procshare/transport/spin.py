@@ -1,0 +1,88 @@
+"""Spinning: whether a receive should busy-poll before it sleeps, and for how long.
+
+Owns: the per-channel spin budget (`SpinPolicy`) and the machine-wide check
+that a core is free (`core_free`).  The channel does the polling; this module
+only decides.
+
+Rules it keeps:
+- On a virtual machine a wakeup costs more than a whole small call, so a
+  receive that expects its data within microseconds polls for it first.
+  Polling only pays when the peer has a core to run on: with more runnable
+  threads than cores (`/proc/loadavg`, read at most every `LOAD_EVERY`
+  seconds) nobody spins, so a busy machine's CPU goes to the work.
+- A channel spins for about three times the wait it usually sees, never more
+  than `SPIN_SECONDS` (`PROCSHARE_SPIN_US`, 0 disables).  A channel whose waits
+  are longer than that stops spinning for `REST` receives, then tries again,
+  so idle connections cost nothing.
+- Single-CPU machines never spin.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+__all__ = ["SpinPolicy", "core_free", "SPIN_SECONDS"]
+
+_NCPU = os.cpu_count() or 1
+#: the longest a receive busy-polls (PROCSHARE_SPIN_US, microseconds; 0 disables)
+SPIN_SECONDS = float(os.environ.get("PROCSHARE_SPIN_US", "50")) / 1e6 if _NCPU > 1 else 0.0
+LOAD_EVERY = 0.01       # seconds between readings of the run queue
+MISSES = 4              # consecutive misses before a channel rests...
+REST = 64               # ...for this many receives
+_FLOOR = 5e-6           # the shortest spin worth starting
+
+_perf = time.perf_counter
+_load_at = -1.0
+_free = True
+
+
+def _runnable() -> int:
+    """Threads running or ready to run now (Linux); 0 where unknown."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            return int(f.read().split()[3].split(b"/")[0])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def core_free() -> bool:
+    """Is there a core for the peer while we spin?  (Cached for LOAD_EVERY.)"""
+    global _load_at, _free
+    now = _perf()
+    if now - _load_at > LOAD_EVERY:
+        _load_at = now
+        _free = _runnable() <= _NCPU
+    return _free
+
+
+class SpinPolicy:
+    """How long one channel's next receive should poll."""
+
+    __slots__ = ("typical", "misses")
+
+    def __init__(self) -> None:
+        self.typical = 0.0      # EWMA of the waits that polling caught (seconds)
+        self.misses = 0         # > 0: consecutive misses; < 0: receives left to rest
+
+    def budget(self) -> float:
+        """Seconds to poll before sleeping (0: sleep at once)."""
+        if self.misses < 0:
+            self.misses += 1
+            return 0.0
+        if not SPIN_SECONDS or not core_free():
+            return 0.0
+        typical = self.typical
+        if not typical:
+            return SPIN_SECONDS
+        return min(SPIN_SECONDS, max(3.0 * typical, _FLOOR))
+
+    def hit(self, waited: float) -> None:
+        self.misses = 0
+        self.typical = waited if not self.typical else 0.8 * self.typical + 0.2 * waited
+
+    def miss(self) -> None:
+        self.misses += 1
+        if self.misses >= MISSES:
+            self.misses = -REST
+            self.typical = 0.0

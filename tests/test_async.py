@@ -1,0 +1,169 @@
+"""Pipelined and asyncio calls: procshare.async_, procshare.oneway, procshare.aio.
+Correctness only (ordering, results, errors, deadlines, cancellation), under
+fork and spawn; speed is measured by benchmarks/, not here."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import multiprocessing
+import threading
+
+import pytest
+
+import _async_workers as aw
+import _workers
+import procshare
+from procshare.managers import BaseManager
+
+
+class BoomManager(BaseManager):
+    pass
+
+
+BoomManager.register("Boom", aw.Boom)
+
+
+@pytest.fixture(params=["fork", "spawn"])
+def mp_ctx(request):
+    return multiprocessing.get_context(request.param)
+
+
+@pytest.fixture
+def sync():
+    with procshare.Manager(ctx=multiprocessing.get_context("fork")) as m:
+        yield m
+
+
+def test_futures_keep_call_order_and_return_results(sync):
+    lst = sync.list()
+    a = procshare.async_(lst)
+    futs = [a.append(i) for i in range(2000)]
+    assert all(isinstance(f, concurrent.futures.Future) for f in futs)
+    assert [f.result(30) for f in futs] == [None] * 2000
+    assert list(lst) == list(range(2000))
+    d = sync.dict()
+    futs = [procshare.async_(d).setdefault(i % 7, i) for i in range(50)]
+    assert [f.result(30) for f in futs] == [i % 7 for i in range(50)]
+
+
+def test_errors_arrive_in_their_futures():
+    with BoomManager(ctx=multiprocessing.get_context("fork")) as m:
+        b = m.Boom()
+        ok, bad = procshare.async_(b).echo(1), procshare.async_(b).fail("no")
+        assert ok.result(10) == 1
+        with pytest.raises(ValueError, match="no") as info:
+            bad.result(10)
+        assert "In the manager process" in str(info.value.__cause__)
+        # an argument that cannot be serialized raises at once, and nothing is sent
+        with pytest.raises(procshare.ArgumentsNotSerializable):
+            procshare.async_(b).echo(threading.Lock())
+        assert procshare.async_(b).echo(2).result(10) == 2
+
+
+def test_deadline_gives_call_timeout_and_takes_nothing(sync):
+    q = sync.Queue()
+    fut = procshare.async_(q, timeout=0.3).get()
+    with pytest.raises(procshare.CallTimeout):
+        fut.result(10)
+    q.put("later")
+    assert q.get(timeout=5) == "later"
+    # a get whose item was there before the deadline delivers it
+    q.put("now")
+    assert procshare.async_(q, timeout=5).get().result(10) == "now"
+
+
+def test_cancel_cancels_in_the_manager(sync):
+    q = sync.Queue()
+    fut = procshare.async_(q).get()
+    assert fut.cancel()
+    assert fut.cancelled()
+    # cancel() returned once the manager had it, so the abandoned get cannot
+    # take an item put now
+    q.put("item")
+    assert q.get(timeout=5) == "item"
+
+
+
+def test_oneway_calls_are_ordered_with_later_calls(sync):
+    lst = sync.list()
+    ow = procshare.oneway(lst)
+    for i in range(500):
+        assert ow.append(i) is None
+    assert procshare.async_(lst).__len__().result(10) == 500
+    assert list(lst) == list(range(500))
+
+
+def test_futures_in_child_processes(sync, mp_ctx):
+    lst = sync.list()
+    assert _workers.run_child(mp_ctx, aw.pipelined_appends, lst, 300, timeout=60) == 300
+    assert list(lst) == list(range(300))
+
+
+def test_aio_many_calls_from_many_tasks(sync):
+    d = sync.dict()
+
+    async def main():
+        p = procshare.aio.wrap(d)
+        await asyncio.gather(*(p.__setitem__(i, i) for i in range(300)))
+        values = await asyncio.gather(*(p.get(i) for i in range(300)))
+        return values, await p.__len__()
+
+    values, n = asyncio.run(main())
+    assert values == list(range(300)) and n == 300
+
+
+def test_aio_cancel_cancels_the_call_in_the_manager(sync):
+    q = sync.Queue()
+
+    async def main():
+        p = procshare.aio.wrap(q)
+        task = asyncio.ensure_future(p.get())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return True
+
+    assert asyncio.run(main())
+    q.put("item")
+    assert q.get(timeout=5) == "item"
+
+
+def test_aio_timeout_and_errors():
+    with BoomManager(ctx=multiprocessing.get_context("fork")) as m:
+        b = m.Boom()
+
+        async def main():
+            p = procshare.aio.wrap(b)
+            with pytest.raises(ValueError):
+                await p.fail("x")
+            return await p.echo(5)
+
+        assert asyncio.run(main()) == 5
+
+
+def test_aio_in_child_processes(sync, mp_ctx):
+    d = sync.dict()
+    assert _workers.run_child(mp_ctx, aw.aio_in_child, d, 100, timeout=60) == 100
+
+
+def test_aio_with_uvloop(sync):
+    uvloop = pytest.importorskip("uvloop", reason="uvloop is optional (pip install uvloop)")
+    d = sync.dict()
+
+    async def main():
+        p = procshare.aio.wrap(d)
+        await asyncio.gather(*(p.__setitem__(i, -i) for i in range(100)))
+        return await p.__len__()
+
+    loop = uvloop.new_event_loop()
+    try:
+        assert loop.run_until_complete(main()) == 100
+    finally:
+        loop.close()
+
+
+def test_async_refuses_what_is_not_a_proxy():
+    with pytest.raises(TypeError, match="procshare proxy"):
+        procshare.async_({"a": 1})
