@@ -33,6 +33,7 @@ from typing import Any
 
 from . import errors
 from .client import session as client
+from .client import sharedarray as shared_arrays
 from .client.proxy import (  # noqa: F401  (the stdlib module has all these names)
     AcquirerProxy,
     ArrayProxy,
@@ -60,6 +61,7 @@ from .errors import RemoteError  # noqa: F401  (re-exported, as in the stdlib)
 from .server import primitives
 from .server.leases import GRACE as LEASE_GRACE
 from .server.server import FRAME_TIMEOUT, Server, TypeSpec, all_methods, public_methods  # noqa: F401
+from .server.sharedarray import SharedBlock
 from .transport import channel as transport
 from .transport.addresses import cleanup_address
 from .wire import serializers
@@ -618,7 +620,15 @@ def Array(typecode: Any, sequence: Any, lock: bool = True) -> array.array:
 
 class SyncManager(BaseManager):
     """A manager with the types used to synchronize processes, plus `dict`,
-    `list`, `set` and `Namespace`.  `procshare.Manager()` returns a started one."""
+    `list`, `set` and `Namespace`.  `procshare.Manager()` returns a started one.
+
+    procshare adds `SharedArray(typecode_or_type, size_or_initializer, lock=True)`
+    (the interface of `multiprocessing.Array`) and `ndarray(shape, dtype=float)`
+    (a numpy array): memory that every process maps, whose lifetime the manager
+    counts like any other object's."""
+
+    SharedArray = shared_arrays.shared_array
+    ndarray = shared_arrays.ndarray
 
 
 SyncManager.register("Queue", primitives.Queue)
@@ -637,6 +647,8 @@ SyncManager.register("set", set, SetProxy)
 SyncManager.register("Value", Value, ValueProxy)
 SyncManager.register("Array", Array, ArrayProxy)
 SyncManager.register("Namespace", Namespace, NamespaceProxy)
+SyncManager.register(shared_arrays.TYPEID, SharedBlock, shared_arrays.SharedArrayProxy,
+                     create_method=False)
 # types returned by methods of PoolProxy and DictProxy
 SyncManager.register("Iterator", proxytype=IteratorProxy, create_method=False)
 SyncManager.register("AsyncResult", create_method=False)

@@ -30,6 +30,9 @@ Rules it keeps:
 - After fork, the child never touches the parent's sockets: the parent lends
   its references to the child before forking, and the child adopts the loan
   on its first connection.
+- File descriptors (a shared array's memory) arrive only as the reply to a
+  control call made with `control_call_fds`, read with `recvmsg` from an
+  empty reader, so none is dropped; they are the caller's to close.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from typing import Any
 from ..errors import ManagerCrashed, RemoteError, manager_crashed, serializer_mismatch
 from ..inprocess import local_server
 from ..transport import channel as transport
+from ..transport import shm
 from ..transport.processes import host_identity
 from ..wire.frames import NO_DEADLINE, encode_frame, pack_frame
 from ..wire.kinds import Kind, kind_name
@@ -354,6 +358,44 @@ class Session:
         if kind == Kind.RETURN:
             return result
         return raise_reply(kind, result, None, meth, timeout)
+
+    def control_call_fds(self, meth: str, *args: Any, timeout: float | None = None,
+                         maxfds: int = 4) -> tuple[Any, list[int]]:
+        """A control call whose reply carries file descriptors (SCM_RIGHTS on its
+        first byte): `(result, fds)`.  The fds are the caller's to close."""
+        with self.lock:
+            c = self._control_conn()
+            if c.pending and not c.drain(block=True):
+                c = self.control = self._open("control")
+            try:
+                rid = c.send_request(None, meth, args, {}, timeout)
+            except (EOFError, OSError) as e:
+                raise self.crashed(e) from None
+            deadline = None if timeout is None else _monotonic() + timeout
+            try:
+                kind, got, _b, body, bufs, fds = shm.recv_frame_fds(c.ch, deadline, maxfds)
+            except TimeoutError:
+                c.pending.add(rid)      # its descriptors, if any, are dropped with it
+                raise call_timeout(None, meth, timeout, False, session=self) from None
+            except (EOFError, OSError) as e:
+                c.close()
+                raise self.crashed(e) from None
+            except BaseException:
+                c.close()   # bytes (and descriptors) may be lost: the next call replaces it
+                raise
+            try:
+                if got != rid:
+                    c.close()
+                    raise RuntimeError(f"a reply to request {got} came for {meth} "
+                                       f"(request {rid}) on the control connection")
+                result = None if body == c.none_body else c.ser.loads(body, bufs)
+                if kind != Kind.RETURN:
+                    raise_reply(kind, result, None, meth, timeout)
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+        return result, fds
 
     def control_send(self, meth: str, *args: Any) -> None:
         """Fire-and-forget (no reply); errors are ignored: used for decref."""

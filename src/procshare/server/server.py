@@ -19,6 +19,9 @@ Rules it keeps:
 - Manager operations (`create`, `decref`, ...) are dispatched through
   `control_table()`, built once per class from `public`, never by `getattr`
   on a name a peer sent.
+- File descriptors leave the manager only on the reply to `shm_fd` (a shared
+  array's memory, for a client holding a reference, on a Unix socket): the
+  reply frame's first byte carries them; the duplicates sent are closed at once.
 - A peer that breaks a frame limit (`limits`), stalls inside a frame for
   `frame_timeout` seconds, sends a malformed hello, or exhausts memory loses
   its own connection, with the reason in the log (`note`); the server and its
@@ -47,6 +50,7 @@ from ..errors import (
 )
 from ..inprocess import local_server, set_local_server
 from ..transport import channel as transport
+from ..transport.shm import WithFds, send_frame_fds
 from ..wire.diagnose import result_text
 from ..wire.frames import DEFAULT_LIMITS, NO_DEADLINE, FrameError, Limits, encode_frame, pack_frame
 from ..wire.kinds import Kind, kind_name
@@ -58,7 +62,7 @@ from ..wire.serializers import (
     hello_problem,
     pack_for_type,
 )
-from . import callctx
+from . import callctx, sharedarray
 from .callctx import Caller, CallState, DeadlineExpired
 from .leases import GRACE as LEASE_GRACE
 from .leases import Leases
@@ -155,7 +159,7 @@ class Server:
     public = ["shutdown", "create", "accept_connection", "get_methods", "debug_info",
               "number_of_objects", "dummy", "incref", "decref", "loan", "adopt",
               "fork_loan", "release_loan", "list_objects", "clients", "server_info", "locks",
-              "goodbye", "cancel", "object_state"]
+              "goodbye", "cancel", "object_state", "shm_fd"]
 
     def __init__(self, registry: dict, address: Any, authkey: bytes, serializer: Any = "pickle",
                  *, loan_ttl: float = LOAN_TTL, limits: Limits = DEFAULT_LIMITS,
@@ -448,16 +452,26 @@ class Server:
             body, bufs = payload
             ch.send(encode_frame(Kind.RETURN, rid, body, bufs, NO_DEADLINE, self.limits))
             return
+        fds = None
+        if type(payload) is WithFds:    # descriptors ride on the frame (shm_fd)
+            fds, payload = payload, payload.value
         try:
-            body, bufs = self.serializer.dumps(payload)
-        except Exception as e:
-            if kind == Kind.ERROR:
-                kind, payload = Kind.TRACEBACK, "".join(
-                    traceback.format_exception(type(payload), payload, payload.__traceback__))
+            try:
+                body, bufs = self.serializer.dumps(payload)
+            except Exception as e:
+                if kind == Kind.ERROR:
+                    kind, payload = Kind.TRACEBACK, "".join(
+                        traceback.format_exception(type(payload), payload, payload.__traceback__))
+                else:
+                    kind, payload = self._unserializable(e, None, None, payload)
+                body, bufs = self.serializer.dumps(payload)
+            if fds is not None and kind == Kind.RETURN:
+                send_frame_fds(ch, encode_frame(kind, rid, body, bufs), fds.fds)
             else:
-                kind, payload = self._unserializable(e, None, None, payload)
-            body, bufs = self.serializer.dumps(payload)
-        ch.send(encode_frame(kind, rid, body, bufs))
+                ch.send(encode_frame(kind, rid, body, bufs))
+        finally:
+            if fds is not None:
+                fds.close()
 
     def _unserializable(self, e: Exception, oid: Any, meth: Any, value: Any) -> tuple:
         """The reply for a value the manager's serializer cannot carry: packed by
@@ -710,6 +724,12 @@ class Server:
         if call is None:
             return "done"       # the connection is closed: nothing runs for it
         return call.cancel(rid)
+
+    def shm_fd(self, c: ConnInfo, ident: str) -> WithFds:
+        """The memory of shared array `ident` (`SharedArray`, `ndarray`): its
+        sizes, with its descriptor on the reply.  Only for a client that holds
+        a reference to it, on a Unix socket (see `sharedarray.fd_reply`)."""
+        return sharedarray.fd_reply(self.objects, c.client, ident, c.channel)
 
     def object_state(self, c: ConnInfo, ident: str) -> dict:
         """Whether an object runs calls one at a time, and what it runs now."""
