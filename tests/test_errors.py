@@ -42,7 +42,7 @@ from procshare.errors import (
 
 @pytest.fixture(params=["fork", "spawn"])
 def box_manager(request):
-    m = ew.BoxManager(ctx=multiprocessing.get_context(request.param))
+    m = ew.BoxManager(ctx=multiprocessing.get_context(request.param), restart="never")
     m.start()
     try:
         yield m
@@ -52,7 +52,7 @@ def box_manager(request):
 
 @pytest.fixture
 def sync_manager():
-    m = procshare.SyncManager()
+    m = procshare.SyncManager(restart="never")
     m.start()
     try:
         yield m
@@ -206,7 +206,9 @@ def test_builtin_exception_from_a_container_keeps_its_type(sync_manager):
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_sigkilled_manager_raises_manager_crashed_within_a_second(start_method):
-    with procshare.SyncManager(ctx=multiprocessing.get_context(start_method)) as m:
+    # restart="never": the crash report itself (restarts: tests/test_restart.py)
+    with procshare.SyncManager(ctx=multiprocessing.get_context(start_method),
+                               restart="never") as m:
         q = m.Queue()
         q.put(1)
         address, pid = m.address, m.pid
@@ -241,7 +243,8 @@ def _blocked_get(q, out):
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_call_blocked_in_the_manager_gets_manager_crashed(start_method):
-    with procshare.SyncManager(ctx=multiprocessing.get_context(start_method)) as m:
+    with procshare.SyncManager(ctx=multiprocessing.get_context(start_method),
+                               restart="never") as m:
         q = m.Queue()
         out: list = []
         t = threading.Thread(target=_blocked_get, args=(q, out), daemon=True)

@@ -32,6 +32,7 @@ from .errors import (
     ManagerCrashed,
     ManagerSocketMissing,
     NotExposedError,
+    ObjectLost,
     OwnerDiedWarning,
     ProcessLocalNotSerializable,
     ProcshareError,
@@ -79,6 +80,7 @@ __all__ = [
     "Manager", "managers", "serializers", "timeout", "async_", "oneway", "aio",
     # errors (procshare.errors has them all, with the stdlib classes each extends)
     "ProcshareError", "RemoteError", "NotExposedError", "CallTimeout", "ManagerCrashed",
+    "ObjectLost",
     "ManagerConnectionRefused", "ManagerSocketMissing", "ManagerConnectionReset",
     "ManagerBrokenPipe", "SerializationError", "ArgumentsNotSerializable",
     "LocalObjectNotSerializable", "ProcessLocalNotSerializable", "RemoteSerializationError",

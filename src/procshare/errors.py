@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 __all__ = [
-    "ProcshareError", "RemoteError", "NotExposedError", "CallTimeout",
+    "ProcshareError", "RemoteError", "NotExposedError", "CallTimeout", "ObjectLost",
     "ManagerCrashed", "ManagerConnectionRefused", "ManagerSocketMissing",
     "ManagerConnectionReset", "ManagerBrokenPipe",
     "SerializationError", "ArgumentsNotSerializable", "LocalObjectNotSerializable",
@@ -98,6 +98,12 @@ class ManagerCrashed(ProcshareError, ConnectionError, EOFError):
         # an OSError with errno set would print "[Errno N] strerror": the message
         # is the explanation, and e.errno is there for code that checks it
         return str(self.args[0]) if self.args else ""
+
+
+class ObjectLost(ManagerCrashed):
+    """The manager restarted after a crash, and this object did not survive it
+    (it was not durable).  A ManagerCrashed, so a ConnectionError and an
+    EOFError: what the stdlib raises when its manager has gone away."""
 
 
 class ManagerConnectionRefused(ManagerCrashed, ConnectionRefusedError):
@@ -429,3 +435,27 @@ def manager_died_starting(manager: str, pid: int | None, exitcode: int, start_me
         f"the {manager} server process (pid {pid}) {how} before it was ready; its error "
         f"is printed above (on its stderr).{hint}" + tail,
         manager=manager, pid=pid, exitcode=exitcode, log=list(log))
+
+
+def object_lost(typeid: str, ident: str, address: Any, incarnation: int,
+                restarted_at: float | None, method: str) -> ObjectLost:
+    """The error for a call on an object the manager lost when it restarted."""
+    when = (time.strftime("%H:%M:%S", time.localtime(restarted_at))
+            if restarted_at else "since")
+    how = ""
+    report = crash_reporters.get(address)
+    if report is not None:
+        try:
+            last = report().get("last_exit")
+        except Exception:
+            last = None
+        if last:
+            how = f" (its server {last})"
+    return ObjectLost(
+        f"{method}() on {typeid!r} object {ident} failed: the manager at {address!r} "
+        f"crashed{how} and was restarted {when} (restart {incarnation}), and this object "
+        "was lost with it (only durable objects survive a restart). Create it again on "
+        "the restarted manager, which is serving, or make it durable "
+        f"(manager.{typeid}(..., durable=True), or register(..., durable=...)) so that "
+        "it survives the next crash.", typeid=typeid, id=ident, address=address,
+        restart=incarnation)

@@ -62,8 +62,10 @@ from .server import primitives
 from .server.leases import GRACE as LEASE_GRACE
 from .server.server import FRAME_TIMEOUT, Server, TypeSpec, all_methods, public_methods  # noqa: F401
 from .server.sharedarray import SharedBlock
+from .supervisor import RESTART_POLICIES, Supervisor
 from .transport import channel as transport
 from .transport.addresses import cleanup_address
+from .transport.processes import ProcessHandle
 from .wire import serializers
 from .wire.frames import DEFAULT_LIMITS, Limits
 from .wire.kinds import Kind
@@ -142,8 +144,10 @@ class BaseManager:
     The stdlib's arguments, plus procshare's keyword-only options:
     `shutdown_timeout`, `call_timeout` (the default deadline of every call),
     `max_message_bytes` and `frame_timeout` (what a peer may send, and how
-    long it may stall inside a frame) and `lease_grace` (how long a client on
-    another host may stay disconnected before it counts as dead).
+    long it may stall inside a frame), `lease_grace` (how long a client on
+    another host may stay disconnected before it counts as dead), and
+    `restart="on-failure"|"never"`, `max_restarts`, `restart_window` (what the
+    supervisor does when the server process of a started manager dies).
     """
 
     _registry: dict = {}
@@ -154,7 +158,8 @@ class BaseManager:
                  shutdown_timeout: float = 1.0, call_timeout: float | None = None,
                  max_message_bytes: int | None = None,
                  frame_timeout: float | None = FRAME_TIMEOUT,
-                 lease_grace: float = LEASE_GRACE) -> None:
+                 lease_grace: float = LEASE_GRACE, restart: str = "on-failure",
+                 max_restarts: int = 5, restart_window: float = 60.0) -> None:
         if authkey is None:
             authkey = process.current_process().authkey
         self._address = address
@@ -168,6 +173,10 @@ class BaseManager:
         self._shutdown_timeout = shutdown_timeout
         self._call_timeout = call_timeout
         self._process: Any = None
+        if restart not in RESTART_POLICIES:
+            raise ValueError(f"restart must be one of {RESTART_POLICIES}, not {restart!r}")
+        self._restart, self._max_restarts = restart, max_restarts
+        self._restart_window = restart_window
         limits = DEFAULT_LIMITS if max_message_bytes is None else Limits(
             max_body=min(max_message_bytes, DEFAULT_LIMITS.max_body), max_frame=max_message_bytes)
         #: what the server process is built with, besides the stdlib's arguments
@@ -189,7 +198,8 @@ class BaseManager:
         self._state.value = State.STARTED
 
     def start(self, initializer: Any = None, initargs: tuple = ()) -> None:
-        """Spawn a server process for this manager object."""
+        """Spawn a server process for this manager object, supervised by this process
+        (see `restart=`): a server that dies is restarted on the same address."""
         if self._state.value != State.INITIAL:
             raise _state_error(self._state)
         if initializer is not None and not callable(initializer):
@@ -205,46 +215,18 @@ class BaseManager:
                                                   dir=util.get_temp_dir())
         except OSError:
             logdir = None      # no log: crash reports just lack its last lines
-        extra: dict[str, Any] = {}
-        if logdir and _accepts(type(self)._run_server, "logdir"):
-            extra["logdir"] = logdir
-        if _accepts(type(self)._run_server, "options"):
-            extra["options"] = self._server_options
-        reader, writer = self._ctx.Pipe(duplex=False)
-        self._process = self._ctx.Process(
-            target=type(self)._run_server,
-            args=(self._registry, self._address, bytes(self._authkey), self._serializer,
-                  writer, initializer, initargs),
-            kwargs=extra,
-        )
-        ident = ":".join(str(i) for i in self._process._identity)
-        self._process.name = name + "-" + ident
+        self._launch_with = (initializer, initargs, logdir, name)
         try:
-            try:
-                self._process.start()
-            finally:
-                writer.close()
-            try:
-                ok, value = reader.recv()
-            except EOFError:
-                self._process.join(1.0)
-                code = self._process.exitcode
-                if code is None:
-                    raise errors.manager_crashed(self._address, None) from None
-                raise errors.manager_died_starting(
-                    name, self._process.pid, code, self._ctx.get_start_method(),
-                    _log_tail(logdir)) from None
-            finally:
-                reader.close()
-            if not ok:
-                self._process.join(self._shutdown_timeout)
-                raise value
+            first = self._launch(0)
         except BaseException:
             if logdir is not None:
                 shutil.rmtree(logdir, ignore_errors=True)
             raise
-        self._address = value
         self._state.value = State.STARTED
+        self._supervisor = Supervisor(first, self._launch, restart=self._restart,
+                                      max_restarts=self._max_restarts,
+                                      restart_window=self._restart_window)
+        self._process = _ServerProcess(self._supervisor)
         errors.shut_down_managers.pop(self._address, None)
         errors.crash_reporters[self._address] = functools.partial(
             _process_facts, self._process, logdir, name)
@@ -257,6 +239,56 @@ class BaseManager:
             exitpriority=0,
         )
 
+    def _launch(self, incarnation: int) -> Any:
+        """Start one server process (the first, or a restart on the same address)
+        and wait until it serves; return it."""
+        initializer, initargs, logdir, name = self._launch_with
+        extra: dict[str, Any] = {}
+        if logdir and _accepts(type(self)._run_server, "logdir"):
+            extra["logdir"] = logdir
+        if _accepts(type(self)._run_server, "options"):
+            extra["options"] = dict(self._server_options, supervisor_pid=os.getpid(),
+                                    will_restart=self._restart != "never",
+                                    incarnation=incarnation,
+                                    restarted_at=time.time() if incarnation else None)
+        reader, writer = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(
+            target=type(self)._run_server,
+            args=(self._registry, self._address, bytes(self._authkey), self._serializer,
+                  writer, initializer, initargs),
+            kwargs=extra,
+        )
+        ident = ":".join(str(i) for i in proc._identity)
+        proc.name = name + "-" + ident
+        try:
+            with client.forking_server():
+                proc.start()
+        finally:
+            writer.close()
+        try:
+            ok, value = reader.recv()
+        except EOFError:
+            proc.join(1.0)
+            code = proc.exitcode
+            if code is None:
+                raise errors.manager_crashed(self._address, None) from None
+            raise errors.manager_died_starting(
+                name, proc.pid, code, self._ctx.get_start_method(),
+                _log_tail(logdir)) from None
+        finally:
+            reader.close()
+        if not ok:
+            proc.join(self._shutdown_timeout)
+            raise value
+        self._address = value
+        return proc
+
+    @property
+    def restarts(self) -> int:
+        """How many times the supervisor restarted this manager's server."""
+        sup = getattr(self, "_supervisor", None)
+        return sup.restarts if sup is not None else 0
+
     @classmethod
     def _run_server(cls, registry: dict, address: Any, authkey: bytes, serializer: Any,
                     writer: Any, initializer: Any = None, initargs: tuple = (),
@@ -268,13 +300,24 @@ class BaseManager:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if logdir is not None:
             _start_server_log(logdir)
+        options = dict(options or {})
+        supervisor_pid = options.pop("supervisor_pid", None)
+        will_restart = options.pop("will_restart", False)
+        incarnation = options.pop("incarnation", 0)
+        restarted_at = options.pop("restarted_at", None)
         try:
             if initializer is not None:
                 initializer(*initargs)
             for spec in registry.values():     # per-type serializers, known by name here
                 if getattr(spec, "serializer", None) is not None:
                     serializers.get_serializer(spec.serializer)
-            server = cls._Server(registry, address, authkey, serializer, **(options or {}))
+            if incarnation and isinstance(address, str) and address[:1] != "\0":
+                transport.remove_stale_socket(address)    # the dead server's socket file
+            server = cls._Server(registry, address, authkey, serializer, **options)
+            server.incarnation, server.restarted_at = incarnation, restarted_at
+            server.supervised = will_restart
+            if supervisor_pid is not None:
+                _watch_supervisor(server, supervisor_pid)
         except BaseException as e:
             _log.info("the manager failed to start: %r", e, exc_info=True)  # file only
             try:
@@ -299,7 +342,8 @@ class BaseManager:
 
     @property
     def pid(self) -> int | None:
-        """The server's process id, or None when this object did not start it."""
+        """The process id of the server running now, or None when this object did
+        not start it."""
         return self._process.pid if self._process is not None else None
 
     @property
@@ -330,6 +374,9 @@ class BaseManager:
                           serializer: Any, shutdown_timeout: float, *,
                           logdir: str | None = None, manager: str = "manager") -> None:
         """Shut the manager process down; registered as a finalizer."""
+        supervisor = getattr(proc, "supervisor", None)
+        if supervisor is not None:
+            supervisor.stop()       # its exit now is no crash
         if proc.is_alive():
             util.info("sending shutdown message to manager")
             try:
@@ -365,8 +412,14 @@ class BaseManager:
         if self._state.value != State.STARTED:
             raise _state_error(self._state) if self._state.value == State.SHUTDOWN \
                 else ProcessError("server not yet started")
-        conn = self._session().thread_conn()
-        kind, result = conn.call(None, name, args, kwds, self._call_timeout)
+        try:
+            kind, result = self._session().thread_conn().call(
+                None, name, args, kwds, self._call_timeout)
+        except errors.ObjectLost:
+            # the manager restarted under this thread's connection; the operation
+            # never reached the new one: send it again there
+            kind, result = self._session().thread_conn().call(
+                None, name, args, kwds, self._call_timeout)
         if kind == Kind.RETURN:
             return result
         return raise_reply(kind, result, None, name, self._call_timeout)
@@ -560,6 +613,33 @@ def _log_tail(logdir: str | None, n: int = 10) -> list[str]:
     return lines[-n:]
 
 
+class _ServerProcess:
+    """The manager's server process as the supervisor has it now (a restart
+    replaces it): every attribute is the current process's."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.supervisor.process, name)
+
+
+def _watch_supervisor(server: Server, pid: int) -> None:
+    """In the server: stop serving (and remove the socket file) as soon as the
+    supervising process is gone, so a killed program leaves no orphan."""
+    watched = ProcessHandle(pid)
+
+    def watch() -> None:
+        while not server.stop_event.is_set():
+            if watched.wait(1.0):
+                _log.warning("the supervising process (pid %d) is gone: stopping", pid)
+                server.stop_event.set()
+                server.listener.close()
+                return
+
+    threading.Thread(target=watch, daemon=True, name="procshare-supervised").start()
+
+
 def _process_facts(proc: Any, logdir: str | None = None, manager: str = "manager") -> dict:
     """What `errors.manager_crashed` says about a manager this process started:
     its pid, its exit code (waiting briefly for a dying one), its log's tail."""
@@ -575,6 +655,14 @@ def _process_facts(proc: Any, logdir: str | None = None, manager: str = "manager
             facts["alive"] = code is None
     except Exception:
         pass
+    supervisor = getattr(proc, "supervisor", None)
+    if supervisor is not None:
+        facts["restarts"] = supervisor.restarts
+        if supervisor.exits:
+            facts["last_exit"] = supervisor.exits[-1][1]
+        if supervisor.gave_up:
+            facts["gave_up"] = supervisor.gave_up
+            facts["exits"] = supervisor.exit_report()
     facts["log"] = _log_tail(logdir)
     if logdir:
         facts["logfile"] = os.path.join(logdir, _LOG_FILE)

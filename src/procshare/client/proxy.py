@@ -32,6 +32,7 @@ from multiprocessing import process
 from multiprocessing.context import get_spawning_popen
 from typing import Any
 
+from ..errors import ObjectLost, object_lost
 from ..inprocess import local_server
 from ..wire import serializers
 from ..wire.kinds import Kind
@@ -85,6 +86,7 @@ class BaseProxy:
             self._authkey = process.current_process().authkey
         self._session = get_session(token.address, bytes(self._authkey), serializer)
         self._tls = self._session.tls
+        self._epoch = self._session.epoch     # the manager's life this proxy belongs to
         self._timeout = getattr(manager, "_call_timeout", _UNSET) if manager is not None \
             else _UNSET
         self._close = None
@@ -143,9 +145,21 @@ class BaseProxy:
             kind, result = conn.call(self._id, methodname, args, kwds, timeout)
         except TimeoutError:
             raise call_timeout(self, methodname, timeout, False) from None
+        except ObjectLost:
+            if self._epoch != self._session.epoch:
+                raise self._lost(methodname) from None
+            # made after the restart, called on a connection from before it: the
+            # call never reached the new manager; send it again there
+            kind, result = self._session.thread_conn().call(
+                self._id, methodname, args, kwds, timeout)
         if kind == _RETURN:
             return result
         return self._outcome(kind, result, methodname, timeout)
+
+    def _lost(self, methodname: str) -> ObjectLost:
+        s = self._session
+        return object_lost(self._token.typeid, self._id, self._token.address,
+                           s.incarnation or 0, None, methodname)
 
     def _deadline_for(self, timeout: Any) -> float | None:
         """The timeout a call gets: its own, else the innermost
@@ -165,6 +179,8 @@ class BaseProxy:
             return result
         if kind == Kind.PROXY:
             return self._rebuild_returned(result)
+        if kind == Kind.TRACEBACK and self._epoch != self._session.epoch:
+            raise self._lost(methodname)    # made before the manager restarted
         return raise_reply(kind, result, self, methodname, timeout)
 
     def _rebuild_returned(self, result: tuple) -> BaseProxy:

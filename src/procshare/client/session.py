@@ -48,7 +48,14 @@ import weakref
 from multiprocessing import util as mp_util
 from typing import Any
 
-from ..errors import ManagerCrashed, RemoteError, manager_crashed, serializer_mismatch
+from ..errors import (
+    AuthenticationError,
+    ManagerCrashed,
+    ObjectLost,
+    RemoteError,
+    manager_crashed,
+    serializer_mismatch,
+)
 from ..inprocess import local_server
 from ..transport import channel as transport
 from ..transport import shm
@@ -62,6 +69,8 @@ __all__ = ["Connection", "Client", "Session", "get_session", "client_id"]
 
 log = logging.getLogger("procshare.client")
 
+#: how long a client keeps reconnecting to a supervised manager that restarts
+RECONNECT = 5.0
 #: how long the client waits for the manager to answer a cancel at a deadline,
 #: and then for the reply that answer promised
 SETTLE = 2.0
@@ -89,12 +98,13 @@ class Connection:
     """One authenticated channel to a manager, used by one thread at a time."""
 
     __slots__ = ("ch", "ser", "rid", "pending", "session", "thread", "none_body", "no",
-                 "__weakref__")
+                 "epoch", "__weakref__")
 
     def __init__(self, ch: transport.Channel, ser: Serializer, session: Session,
                  no: int = 0) -> None:
         self.ch = ch
         self.no = no                     # this connection's number in its session
+        self.epoch = session.epoch       # which incarnation of the manager it talks to
         self.ser = ser
         self.rid = 0
         self.pending: set[int] = set()   # request ids whose replies were abandoned
@@ -136,6 +146,8 @@ class Connection:
                     continue
                 self.pending.add(rid)   # the reader keeps any partial reply: drain() ends it
                 raise
+            except (EOFError, OSError):
+                raise               # the connection broke: nothing to cancel on it
             except BaseException:
                 self.abandon(rid)
                 raise
@@ -182,7 +194,7 @@ class Connection:
         try:
             rid = self.send_request(oid, meth, args, kwds, timeout)
         except (EOFError, OSError) as e:
-            raise self.session.crashed(e) from None
+            raise self._broken(e) from None
         deadline = None if timeout is None else _monotonic() + timeout
         try:
             try:
@@ -197,7 +209,15 @@ class Connection:
             raise                   # the caller says which call timed out
         except (EOFError, OSError) as e:
             self.close()
-            raise self.session.crashed(e) from None
+            raise self._broken(e) from None
+
+    def _broken(self, cause: BaseException) -> ManagerCrashed:
+        """The error for a call whose connection broke: ObjectLost (without the
+        object's details, which the proxy adds) if a supervised manager came
+        back as a new incarnation, else ManagerCrashed."""
+        if self.epoch != self.session.epoch or self.session.recover():
+            return ObjectLost("the manager restarted; the call's object did not survive")
+        return self.session.crashed(cause)
 
     def _settle(self, rid: int) -> bool:
         """The deadline of request `rid` passed with no reply: ask the manager to
@@ -272,16 +292,34 @@ class Session:
         self.stale: list[Connection] = []     # connections with abandoned requests
         self.live = 0                         # proxies of this process using the session
         self.server_pid: int | None = None
+        self.incarnation: int | None = None   # the manager's restart count, from its hello
+        self.supervised = False               # it will be restarted if it dies
+        self.epoch = 0                        # +1 each time the manager came back
         self.closed = False
         self._numbers = itertools.count(1)    # connection numbers (the manager's cancel key)
         self.pipes: weakref.WeakSet = weakref.WeakSet()   # pipelined connections
 
     # -- connecting -------------------------------------------------------------
     def _open(self, role: str) -> Connection:
-        try:
-            ch = transport.connect(self.address, timeout=20.0)
-        except OSError as e:
-            raise self.crashed(e) from None
+        end = None
+        while True:
+            try:
+                return self._open_once(role)
+            except (ManagerCrashed, AuthenticationError) as e:
+                # the manager died during the handshake: a supervised one comes back
+                cause = e.__cause__ or e.__context__
+                died = getattr(e, "no_answer", False) or isinstance(
+                    cause, (EOFError, ConnectionError))
+                if not self.supervised or getattr(_no_recover, "on", False) or not died:
+                    raise
+                now = time.monotonic()
+                end = end or now + RECONNECT
+                if now >= end:
+                    raise
+                time.sleep(0.02)
+
+    def _open_once(self, role: str) -> Connection:
+        ch = self._connect()
         try:
             transport.client_handshake(ch, self.authkey, self.address)
             t = threading.current_thread()
@@ -308,9 +346,65 @@ class Session:
                                           info.get("manager_serializer"), info.get("reason"))
             raise RemoteError(info.get("message", info) if isinstance(info, dict) else info)
         self.server_pid = info.get("pid")
+        self.supervised = bool(info.get("supervised"))
+        incarnation = info.get("incarnation", 0)
+        if incarnation != self.incarnation:
+            if self.incarnation is not None:
+                self._restarted(incarnation)
+            self.incarnation = incarnation
         if role == "control":
             _goodbye_at_exit()
         return Connection(ch, self.serializer, self, no)
+
+    def _connect(self) -> transport.Channel:
+        """A socket to the manager.  While a supervised manager restarts, nothing
+        listens for a moment: keep trying for RECONNECT seconds."""
+        end = None
+        pause = 0.01
+        while True:
+            try:
+                return transport.connect(self.address, timeout=20.0)
+            except (ConnectionRefusedError, FileNotFoundError, ConnectionResetError) as e:
+                if not self.supervised or getattr(_no_recover, "on", False):
+                    raise self.crashed(e) from None
+                now = time.monotonic()
+                if end is None:
+                    end = now + RECONNECT
+                if now >= end:
+                    raise self.crashed(e) from None
+                time.sleep(min(pause, end - now))
+                pause = min(pause * 2, 0.1)
+            except OSError as e:
+                raise self.crashed(e) from None
+
+    def _restarted(self, incarnation: int) -> None:
+        """The manager came back after a crash: every connection made to the
+        dead one is closed, so each thread opens a new one at its next call."""
+        log.warning("the manager at %r was restarted (restart %d): objects that were "
+                    "not durable are lost", self.address, incarnation)
+        old = [self.control, *self.stale]
+        self.control = None
+        self.stale = []
+        for c in old:
+            if c is not None:
+                c.close()
+        self.epoch += 1     # per-thread connections from before are stale
+
+    def recover(self) -> bool:
+        """A connection to a supervised manager broke: wait (up to RECONNECT
+        seconds) for it to come back.  True if it did, as a new incarnation."""
+        if not self.supervised or getattr(_no_recover, "on", False):
+            return False
+        before = self.incarnation
+        with self.lock:
+            if self.control is not None:
+                self.control.close()
+                self.control = None
+            try:
+                self._control_conn()
+            except ManagerCrashed:
+                return False
+        return self.incarnation != before
 
     def _control_conn(self) -> Connection:
         c = self.control
@@ -321,8 +415,10 @@ class Session:
     def thread_conn(self) -> Connection:
         """This thread's call connection, opening or recycling one if needed."""
         c = getattr(self.tls, "conn", None)
-        if c is not None and not c.pending:
+        if c is not None and not c.pending and c.epoch == self.epoch:
             return c
+        if c is not None and c.epoch != self.epoch:
+            c.close()       # made to a manager that has since restarted
         with self.lock:
             self._control_conn()           # the control connection always comes first
             if c is not None:
@@ -486,9 +582,37 @@ def say_goodbye() -> None:
 _fork_loans: dict[Any, str] = {}
 
 
+#: set in a thread that must not wait for a manager to come back (fork hooks)
+_no_recover = threading.local()
+
+
 def _before_fork() -> None:
     """Lend the child our references, once per manager address (a loan covers
-    every reference of this process there, whichever session made it)."""
+    every reference of this process there, whichever session made it).  A
+    manager that is down is skipped at once: the fork may be the one that
+    restarts it."""
+    if getattr(_no_recover, "forking_server", False):
+        return      # the child is a manager's server: it holds no proxies
+    _no_recover.on = True
+    try:
+        _lend_before_fork()
+    finally:
+        _no_recover.on = False
+
+
+class forking_server:
+    """`with forking_server():` around starting a manager's server process: the
+    fork lends no references (and waits for no manager), whatever this
+    process's other sessions are doing."""
+
+    def __enter__(self) -> None:
+        _no_recover.forking_server = True
+
+    def __exit__(self, *exc: Any) -> None:
+        _no_recover.forking_server = False
+
+
+def _lend_before_fork() -> None:
     _fork_loans.clear()
     lent: set = set()
     for key, s in list(_sessions.items()):

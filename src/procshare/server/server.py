@@ -184,6 +184,11 @@ class Server:
         self.connections: dict[int, ConnInfo] = {}
         self.conn_mutex = threading.Lock()
         self.leases = Leases(self._lease_ended, grace=lease_grace)
+        #: how many times a supervisor restarted this manager before this server,
+        #: and when (set by the process that runs it)
+        self.incarnation = 0
+        self.restarted_at: float | None = None
+        self.supervised = False         # a supervisor restarts it if it dies
         #: (client, connection number) -> the call that connection runs, to cancel it
         self.calls: dict[tuple[str, int], CallState] = {}
         self._update_lock = threading.Lock()
@@ -267,7 +272,8 @@ class Server:
             if info.role == "control":
                 log.info("client pid %d connected (%s)", info.pid, info.client)
             ch.send(encode_frame(Kind.RETURN, rid, encode_hello(
-                {"pid": os.getpid(), "address": self.address})))
+                {"pid": os.getpid(), "address": self.address, "incarnation": self.incarnation,
+                 "supervised": self.supervised})))
             self.serve_client(ch, info)
         except (EOFError, ConnectionError, TimeoutError):
             pass

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import stat
 import time
 import weakref
 from typing import Any
@@ -37,7 +38,7 @@ from .addresses import UNIX_PATH_MAX, address_family, arbitrary_address, cleanup
 from .spin import SpinPolicy
 
 __all__ = ["Channel", "Listener", "connect", "server_handshake", "client_handshake",
-           "close_inherited"]
+           "close_inherited", "remove_stale_socket"]
 
 _RECV_CHUNK = 64 * 1024
 _DONTWAIT = socket.MSG_DONTWAIT
@@ -247,7 +248,13 @@ def client_handshake(ch: Channel, authkey: bytes, address: Any, timeout: float =
     if len(head) < hs.need:
         raise hs.no_answer()
     ch.send_raw(hs.challenge(head))
-    hs.answer(ch.recv_raw(hs.answer_size, deadline))
+    try:
+        answer = ch.recv_raw(hs.answer_size, deadline)
+    except (TimeoutError, ConnectionError):
+        answer = b""
+    if not answer:
+        raise hs.no_answer()        # gone before answering (a "NO" is never empty)
+    hs.answer(answer)
 
 
 class Listener:
@@ -300,6 +307,27 @@ class Listener:
             self._sock.close()
         finally:
             cleanup_address(self.address)
+
+
+def remove_stale_socket(path: str) -> bool:
+    """Remove the Unix socket file at `path` if no process listens on it (a
+    server that died left it); True if it was removed."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        cleanup_address(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return False
 
 
 def connect(address: Any, timeout: float | None = None) -> Channel:

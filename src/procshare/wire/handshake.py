@@ -124,4 +124,5 @@ class ClientHandshake:
         """The error for a server that closed or said nothing before authenticating."""
         return AuthenticationError(
             f"the server at {self.address!r} closed the connection or sent nothing before "
-            "authenticating; is it a procshare manager?")
+            "authenticating; is it a procshare manager?", address=self.address,
+            no_answer=True)

@@ -1,0 +1,167 @@
+"""A crashed manager comes back: the supervisor restarts it on the same
+address, proxies reconnect, lost (non-durable) objects say so, a crash loop
+gives up, and a killed supervisor leaves no orphan.  Real SIGKILLs, bounded waits."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import _workers
+import procshare
+from _helpers import poll
+
+
+@pytest.fixture(params=["fork", "spawn"])
+def mp_ctx(request):
+    return multiprocessing.get_context(request.param)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def test_killed_manager_is_restarted_and_lost_objects_say_so(mp_ctx):
+    with procshare.SyncManager(ctx=mp_ctx) as m:
+        d = m.dict(a=1)
+        address, pid0 = m.address, m.pid
+        os.kill(pid0, signal.SIGKILL)
+        t0 = time.monotonic()
+        assert poll(lambda: m.pid != pid0 and not _gone(m.pid), 5)
+        # a new object works at once, on the same address
+        new = m.dict(b=2)
+        took = time.monotonic() - t0
+        assert dict(new) == {"b": 2} and m.address == address and m.restarts == 1
+        assert took < 2.0, took
+        # the old one was not durable: ObjectLost, which is what the stdlib raises
+        # when its manager has gone away (a ConnectionError and an EOFError)
+        t0 = time.monotonic()
+        with pytest.raises(procshare.ObjectLost) as info:
+            d["a"]
+        assert time.monotonic() - t0 < 2.0
+        e = info.value
+        assert isinstance(e, ConnectionError) and isinstance(e, EOFError)
+        text = str(e)
+        assert "'dict'" in text and d._id in text and "restarted" in text
+        assert "durable" in text
+
+
+def test_a_call_in_flight_at_the_crash_raises_object_lost():
+    with procshare.SyncManager(ctx=multiprocessing.get_context("fork")) as m:
+        q = m.Queue()
+        pid0 = m.pid
+        t, out = _in_thread(q.get)
+        assert poll(lambda: _waiting_gets(m, q), 5)
+        os.kill(pid0, signal.SIGKILL)
+        t.join(10)
+        assert out and isinstance(out[0], procshare.ObjectLost), out
+        assert m.restarts == 1
+
+
+def _waiting_gets(m, q) -> bool:
+    return any(c["connections"] >= 2 for c in m.clients())
+
+
+def _in_thread(fn, *args):
+    import threading
+    out = []
+
+    def run():
+        try:
+            out.append(fn(*args))
+        except BaseException as e:
+            out.append(e)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def test_child_processes_reconnect_to_the_restarted_manager():
+    ctx = multiprocessing.get_context("fork")
+    with procshare.SyncManager(ctx=ctx) as m:
+        ns = m.Namespace(x=1)
+        assert _workers.run_child(ctx, _read_x, ns) == 1
+        pid0 = m.pid
+        os.kill(pid0, signal.SIGKILL)
+        assert poll(lambda: m.pid != pid0, 5)
+        fresh = m.Namespace(x=2)
+        assert _workers.run_child(ctx, _read_x, fresh) == 2
+
+
+def _read_x(ns):
+    return ns.x
+
+
+def test_crash_loop_gives_up_and_names_every_exit():
+    ctx = multiprocessing.get_context("fork")
+    with procshare.SyncManager(ctx=ctx, max_restarts=2, restart_window=60) as m:
+        for _ in range(3):
+            pid = m.pid
+            os.kill(pid, signal.SIGKILL)
+            poll(lambda pid=pid: m.pid != pid or m._supervisor.gave_up, 5)
+        assert poll(lambda: m._supervisor.gave_up is not None, 5)
+        assert m.restarts == 2
+        with pytest.raises(procshare.ManagerCrashed) as info:
+            m.dict()
+        text = str(info.value)
+        assert "SIGKILL" in text
+        assert info.value.facts.get("gave_up") and len(info.value.facts["exits"]) == 3
+
+
+def test_restart_never_keeps_the_old_behaviour():
+    with procshare.SyncManager(ctx=multiprocessing.get_context("fork"), restart="never") as m:
+        lst = m.list([1])
+        os.kill(m.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(procshare.ManagerCrashed) as info:
+            lst.append(2)
+        assert time.monotonic() - t0 < 1.5
+        assert "SIGKILL" in str(info.value) and m.restarts == 0
+
+
+def test_restart_options_are_checked():
+    with pytest.raises(ValueError, match="restart must be one of"):
+        procshare.SyncManager(restart="always")
+
+
+SUPERVISOR_SCRIPT = textwrap.dedent("""
+    import multiprocessing, sys, time
+    import procshare
+    if __name__ == "__main__":
+        m = procshare.SyncManager(ctx=multiprocessing.get_context({method!r}))
+        m.start()
+        print(m.pid, m.address, flush=True)
+        time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_killed_supervisor_leaves_no_orphan(method, tmp_path):
+    script = tmp_path / "supervisor.py"
+    script.write_text(SUPERVISOR_SCRIPT.format(method=method))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env=_workers.subprocess_env())
+    try:
+        line = proc.stdout.readline().split()
+        server_pid, address = int(line[0]), line[1]
+        assert os.path.exists(address) and not _gone(server_pid)
+        proc.kill()
+        proc.wait(10)
+        t0 = time.monotonic()
+        assert poll(lambda: _gone(server_pid), 5)
+        assert time.monotonic() - t0 < 1.5
+        assert poll(lambda: not os.path.exists(address), 2)
+    finally:
+        proc.kill()
+        proc.wait(10)
