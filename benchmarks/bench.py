@@ -409,6 +409,39 @@ class CallCase(Case):
         return Sample(_timed_loop(res["counter"].increment, self.n_ops(env)))
 
 
+class PipelinedCase(Case):
+    """10,000 increments: the stdlib makes them one by one (it has no other way);
+    procshare issues them all through procshare.async_ and then waits for them."""
+
+    name, group, title = "pipelined", "call", "10,000 Counter.increment: stdlib sync vs async_"
+    uses_counter = True
+    rounds = (5, 9)
+    ops = (10_000, 10_000)
+
+    def prepare(self, res, env):
+        res["counter"] = res["manager"].Counter()
+        _timed_loop(res["counter"].increment, 50)
+        if _is_procshare(res["manager"]):
+            import procshare
+            res["async"] = procshare.async_(res["counter"])
+            res["async"].increment().result(30)       # opens the pipelined connection
+
+    def measure(self, res, env):
+        n = self.n_ops(env)
+        calls = res.get("async")
+        if calls is None:
+            return Sample(_timed_loop(res["counter"].increment, n))
+        t0 = time.perf_counter()
+        futures = [calls.increment() for _ in range(n)]
+        for f in futures:
+            f.result(60)
+        return Sample((time.perf_counter() - t0) / n)
+
+
+def _is_procshare(manager) -> bool:
+    return not isinstance(manager, std_managers.BaseManager)
+
+
 class DictSetCase(Case):
     name, group, title = "dict_set", "dict", "dict d[k] = v"
 
@@ -611,6 +644,7 @@ class PayloadCase(Case):
 
 CASES: list[Case] = [
     CallCase(),
+    PipelinedCase(),
     DictSetCase(),
     DictGetCase(),
     ProxyCase(),

@@ -27,6 +27,9 @@ Rules it keeps:
   as failed; only a call still running uncancellable code (a user method)
   raises CallTimeout saying it may still complete.  A reply that has started
   to arrive is always read to the end.
+- An address that starts with a prefix registered with
+  `register_session_factory` (procshare.ray's `ray://`) gets that transport's
+  session from `get_session`; nothing else here sees it.
 - After fork, the child never touches the parent's sockets: the parent lends
   its references to the child before forking, and the child adopts the loan
   on its first connection.
@@ -525,8 +528,23 @@ _sessions: dict[Any, Session] = {}
 _sessions_mutex = threading.Lock()
 
 
+#: address prefix -> factory(address, authkey, serializer) of a session of another
+#: transport; procshare.ray registers "ray://" when it is imported
+_session_factories: dict[str, Any] = {}
+
+
+def register_session_factory(prefix: str, factory: Any) -> None:
+    """Route string addresses that start with `prefix` to `factory(address, authkey,
+    serializer)`, which returns (and caches) a session-like object for them."""
+    _session_factories[prefix] = factory
+
+
 def get_session(address: Any, authkey: bytes, serializer: str | Serializer = "pickle") -> Session:
     """The session for `address`, created on first use."""
+    if _session_factories and isinstance(address, str):
+        for prefix, factory in _session_factories.items():
+            if address.startswith(prefix):
+                return factory(address, authkey, serializer)
     ser = get_serializer(serializer)
     key = (address, bytes(authkey), ser.name)
     s = _sessions.get(key)
