@@ -62,6 +62,7 @@ from .server import primitives
 from .server.leases import GRACE as LEASE_GRACE
 from .server.server import FRAME_TIMEOUT, Server, TypeSpec, all_methods, public_methods  # noqa: F401
 from .server.sharedarray import SharedBlock
+from .stdtypes import Array, Namespace, Value
 from .supervisor import RESTART_POLICIES, Supervisor
 from .transport import channel as transport
 from .transport.addresses import cleanup_address
@@ -670,41 +671,6 @@ def _process_facts(proc: Any, logdir: str | None = None, manager: str = "manager
 
 
 # -- types registered with SyncManager ---------------------------------------------------
-
-class Namespace:
-    def __init__(self, /, **kwds: Any) -> None:
-        self.__dict__.update(kwds)
-
-    def __repr__(self) -> str:
-        items = list(self.__dict__.items())
-        temp = []
-        for name, value in items:
-            if not name.startswith("_"):
-                temp.append("%s=%r" % (name, value))
-        temp.sort()
-        return "%s(%s)" % (self.__class__.__name__, ", ".join(temp))
-
-
-class Value:
-    def __init__(self, typecode: Any, value: Any, lock: bool = True) -> None:
-        self._typecode = typecode
-        self._value = value
-
-    def get(self) -> Any:
-        return self._value
-
-    def set(self, value: Any) -> None:
-        self._value = value
-
-    def __repr__(self) -> str:
-        return "%s(%r, %r)" % (type(self).__name__, self._typecode, self._value)
-
-    value = property(get, set)
-
-
-def Array(typecode: Any, sequence: Any, lock: bool = True) -> array.array:
-    return array.array(typecode, sequence)
-
 
 class SyncManager(BaseManager):
     """A manager with the types used to synchronize processes, plus `dict`,

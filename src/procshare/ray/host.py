@@ -36,6 +36,7 @@ Rules it keeps:
 from __future__ import annotations
 
 import collections.abc
+import functools
 import inspect
 import os
 import queue
@@ -52,6 +53,7 @@ from ray import cloudpickle
 
 from ..client.session import client_id
 from ..errors import NotExposedError
+from ..stdtypes import update_item
 from ..wire.kinds import Kind
 from ..wire.records import Token
 from .durable import Replies, SnapshotStore
@@ -376,18 +378,7 @@ class _HostCore:
 
 
 def _update_item_of(obj: Any) -> Any:
-    def update_item(key: Any, func: Any, default: Any, use_default: bool) -> Any:
-        if use_default:
-            try:
-                old = obj[key]
-            except (KeyError, IndexError):
-                old = default
-        else:
-            old = obj[key]
-        new = func(old)
-        obj[key] = new
-        return new
-    return update_item
+    return functools.partial(update_item, obj)
 
 
 class ProcshareHost(_HostCore):

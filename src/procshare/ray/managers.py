@@ -31,7 +31,6 @@ Rules it keeps:
 
 from __future__ import annotations
 
-import array
 import atexit
 import inspect
 import os
@@ -61,6 +60,7 @@ from ..client.proxy import (
     SetProxy,
     ValueProxy,
 )
+from ..stdtypes import Array, Namespace, Value
 from ..wire.records import Token
 from . import cluster, primitives
 from .cluster import RayAddress
@@ -449,41 +449,6 @@ def _shutdown_at_exit(ref: weakref.ref) -> None:
 
 
 # -- the SyncManager types that are not primitives ----------------------------------------------
-
-class Namespace:
-    def __init__(self, /, **kwds: Any) -> None:
-        self.__dict__.update(kwds)
-
-    def __repr__(self) -> str:
-        items = list(self.__dict__.items())
-        temp = []
-        for name, value in items:
-            if not name.startswith("_"):
-                temp.append("%s=%r" % (name, value))
-        temp.sort()
-        return "%s(%s)" % (self.__class__.__name__, ", ".join(temp))
-
-
-class Value:
-    def __init__(self, typecode: Any, value: Any, lock: bool = True) -> None:
-        self._typecode = typecode
-        self._value = value
-
-    def get(self) -> Any:
-        return self._value
-
-    def set(self, value: Any) -> None:
-        self._value = value
-
-    def __repr__(self) -> str:
-        return "%s(%r, %r)" % (type(self).__name__, self._typecode, self._value)
-
-    value = property(get, set)
-
-
-def Array(typecode: Any, sequence: Any, lock: bool = True) -> array.array:
-    return array.array(typecode, sequence)
-
 
 class RayManager(RayBaseManager):
     """`SyncManager` on Ray: dict, list, set, Namespace, Value, Array, Queue,

@@ -36,6 +36,7 @@ import threading
 import time
 from typing import Any
 
+from ..stdtypes import check_acquire_args
 from ..wire.kinds import Kind
 from ..wire.records import is_proxy
 
@@ -121,19 +122,6 @@ async def _until(pred: Any, limit: float | None, waiters: _Waiters) -> bool:
     return True
 
 
-def _check_timeout(blocking: bool, timeout: float | None, lock_style: bool) -> float | None:
-    """Validate acquire() arguments like threading does; None means forever."""
-    if lock_style:
-        if timeout is None:
-            timeout = -1
-        if not blocking and timeout != -1:
-            raise ValueError("can't specify a timeout for a non-blocking call")
-        if timeout < 0 and timeout != -1:
-            raise ValueError("timeout value must be a non-negative number")
-        return None if timeout == -1 else float(timeout)
-    if not blocking and timeout is not None:
-        raise ValueError("can't specify timeout for non-blocking acquire")
-    return timeout
 
 
 def _gave_up(what: str) -> DeadlineExpired:
@@ -161,7 +149,7 @@ class _Acquirer:
         self._waiters = _Waiters()
 
     async def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
-        timeout = _check_timeout(blocking, timeout, self._lock_style)
+        timeout = check_acquire_args(blocking, timeout, self._lock_style)
         return await self._acquire_as(caller(), blocking, timeout)
 
     async def _acquire_as(self, me: Owner, blocking: bool, timeout: float | None,

@@ -45,6 +45,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..stdtypes import update_item
+
 __all__ = ["Kind", "SNAPSHOT", "SAME_OBJECT", "BUILTIN_KINDS", "ReplayError", "kind_for",
            "durable_apply", "replay", "state_of", "restore"]
 
@@ -133,18 +135,6 @@ def _pairs_via(method: str, args: tuple, kwds: dict) -> tuple[list, BaseExceptio
     return list(tmp.items()), None
 
 
-def _update_item(obj: Any, key: Any, func: Any, default: Any, use_default: bool,
-                 missing: tuple) -> Any:
-    if use_default:
-        try:
-            old = obj[key]
-        except missing:
-            old = default
-    else:
-        old = obj[key]
-    new = func(old)
-    obj[key] = new
-    return new
 
 
 class DictKind(Kind):
@@ -190,7 +180,7 @@ class DictKind(Kind):
                 raise err
             return None if m == "update" else d
         if m == "#UPDATE_ITEM":
-            new = _update_item(d, *a, missing=(KeyError,), **k)
+            new = update_item(d, *a, missing=(KeyError,), **k)
             emit(("set", a[0], new))
             return new
         return _native(d, m, a, k)
@@ -291,7 +281,7 @@ class ListKind(Kind):
             emit(("imul", a[0]))
             return r
         if m == "#UPDATE_ITEM":
-            new = _update_item(x, *a, missing=(IndexError,), **k)
+            new = update_item(x, *a, missing=(IndexError,), **k)
             emit(("set", a[0], new))
             return new
         return _native(x, m, a, k)
@@ -493,7 +483,7 @@ class ArrayKind(Kind):
             emit(("del", a[0]))
             return None
         if m == "#UPDATE_ITEM":
-            new = _update_item(arr, *a, missing=(IndexError,), **k)
+            new = update_item(arr, *a, missing=(IndexError,), **k)
             emit(("set", a[0], new))
             return new
         try:

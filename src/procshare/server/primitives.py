@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 from ..errors import OwnerDiedWarning
+from ..stdtypes import check_acquire_args
 from . import locktable
 from .callctx import (
     DeadlineExpired,
@@ -64,19 +65,6 @@ def _gone(table: locktable.LockTable, client: str) -> bool:
     return table.is_gone(client)
 
 
-def _check_timeout(blocking: bool, timeout: float | None, lock_style: bool) -> float | None:
-    """Validate acquire() arguments like threading does; None means forever."""
-    if lock_style:
-        if timeout is None:
-            timeout = -1
-        if not blocking and timeout != -1:
-            raise ValueError("can't specify a timeout for a non-blocking call")
-        if timeout < 0 and timeout != -1:
-            raise ValueError("timeout value must be a non-negative number")
-        return None if timeout == -1 else float(timeout)
-    if not blocking and timeout is not None:
-        raise ValueError("can't specify timeout for non-blocking acquire")
-    return timeout
 
 
 class _Acquirer:
@@ -109,7 +97,7 @@ class _Acquirer:
 
     # -- acquiring ------------------------------------------------------------
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
-        timeout = _check_timeout(blocking, timeout, self._lock_style)
+        timeout = check_acquire_args(blocking, timeout, self._lock_style)
         c = caller()
         return self._acquire_as((c.client, c.thread), c, blocking, timeout)
 

@@ -49,6 +49,7 @@ from ..errors import (
     arguments_not_deserializable_text,
 )
 from ..inprocess import local_server, set_local_server
+from ..stdtypes import update_item
 from ..transport import channel as transport
 from ..transport.shm import WithFds, send_frame_fds
 from ..wire.diagnose import result_text
@@ -571,16 +572,7 @@ class Server:
                 raise DeadlineExpired("another update_item() on this object was still "
                                       "running at the deadline")
         try:
-            if use_default:
-                try:
-                    old = obj[key]
-                except (KeyError, IndexError):
-                    old = default
-            else:
-                old = obj[key]
-            new = func(old)
-            obj[key] = new
-            return new
+            return update_item(obj, key, func, default, use_default)
         finally:
             if held:
                 lock.release()
