@@ -17,7 +17,12 @@ Rules it keeps:
 - On the server, a frame that has started must keep coming: a peer silent for
   `frame_timeout` seconds in the middle of a frame gets a FrameError.
 - One write per frame (`sendall` for a small frame, `sendmsg` with the
-  out-of-band buffers for a large one).
+  out-of-band buffers for a large one, or, on a connection that agreed to
+  use shared memory (`attach_slots`), `sendall` of a frame whose buffers
+  were copied into slots: `send_buffers`).
+- Notices owed to the peer (slot releases, `transport.slots`) ride only on
+  whole frames this channel writes with `send_bytes` or `send_buffers`,
+  never inside another frame; a channel without slots checks one slot.
 - Authenticate before deserializing anything: the handshake is fixed-size raw
   bytes, read exactly (never past its end), before the first frame.
 """
@@ -32,7 +37,14 @@ import time
 import weakref
 from typing import Any
 
-from ..wire.frames import DEFAULT_LIMITS, FrameError, FrameReader, Limits
+from ..wire.frames import (
+    DEFAULT_LIMITS,
+    NO_DEADLINE,
+    FrameError,
+    FrameReader,
+    Limits,
+    encode_frame,
+)
 from ..wire.handshake import ClientHandshake, ServerHandshake
 from .addresses import UNIX_PATH_MAX, address_family, arbitrary_address, cleanup_address
 from .spin import SpinPolicy
@@ -62,7 +74,8 @@ def close_inherited() -> None:
 class Channel:
     """One connected socket carrying frames in both directions."""
 
-    __slots__ = ("sock", "reader", "peer", "frame_timeout", "spin", "__weakref__")
+    __slots__ = ("sock", "reader", "peer", "frame_timeout", "spin", "slots", "notices",
+                 "__weakref__")
 
     def __init__(self, sock: socket.socket, peer: Any = None, limits: Limits = DEFAULT_LIMITS,
                  frame_timeout: float | None = None) -> None:
@@ -72,6 +85,8 @@ class Channel:
         self.peer = peer
         self.frame_timeout = frame_timeout
         self.spin = SpinPolicy()   # how long recv_frame busy-polls before sleeping
+        self.slots: Any = None     # the transport.slots.SlotLink, once agreed on
+        self.notices: Any = None   # its queue of notices for the peer (checked per frame)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -89,7 +104,32 @@ class Channel:
     # -- writing -----------------------------------------------------------
     def send_bytes(self, frame: bytes) -> None:
         """Write one whole frame that is a single bytes object."""
+        if self.notices:
+            frame = self.slots.with_notices(frame)
         self.sock.sendall(frame)
+
+    def send_buffers(self, kind: int, rid: int, body: bytes, bufs: Any,
+                     budget: float = NO_DEADLINE, limits: Limits = DEFAULT_LIMITS) -> None:
+        """Write one frame with out-of-band buffers: through shared-memory slots
+        on a channel that has them (and buffers worth it), else with the
+        buffers on the socket."""
+        link = self.slots
+        if link is not None and bufs:
+            frame = link.encode(kind, rid, body, bufs, budget, limits)
+            if frame is not None:
+                self.sock.sendall(frame)
+                return
+        pieces = encode_frame(kind, rid, body, bufs, budget, limits)
+        if len(pieces) == 1:
+            self.send_bytes(pieces[0])
+        else:
+            self.send(pieces)
+
+    def attach_slots(self, link: Any) -> None:
+        """From now on, buffers may travel in shared memory (both ends agreed)."""
+        self.slots = link
+        self.notices = link.notices
+        self.reader.on_slots = link.on_slots
 
     def send_nowait(self, data: bytes) -> int:
         """Write as much of `data` as the socket takes without blocking; return
@@ -156,37 +196,45 @@ class Channel:
         return self._recv_rest(deadline)
 
     def _recv_rest(self, deadline: float | None) -> tuple:
-        """Receive until the frame the reader has started is whole."""
+        """Receive until the frame the reader has started is whole.  Bytes that
+        are already there are taken at once; only an empty socket is waited on
+        (up to the deadline, and on a server up to `frame_timeout`)."""
         reader = self.reader
         sock = self.sock
         while True:
-            limit, stalled = deadline, False
-            if self.frame_timeout is not None:
-                stall = _monotonic() + self.frame_timeout
-                if limit is None or stall < limit:
-                    limit, stalled = stall, True
             room = reader.room()
             try:
-                self._wait(limit)
-            except TimeoutError:
-                if stalled:
-                    raise FrameError(
-                        f"the peer sent part of a frame ({reader.buffered} bytes) and then "
-                        f"nothing for {self.frame_timeout} s") from None
-                raise
+                got = sock.recv(_RECV_CHUNK, _DONTWAIT) if room is None \
+                    else sock.recv_into(room, 0, _DONTWAIT)
+            except BlockingIOError:
+                self._wait_in_frame(deadline)
+                got = sock.recv(_RECV_CHUNK) if room is None else sock.recv_into(room)
+            if not got:
+                raise EOFError("connection closed by peer in the middle of a frame")
             if room is None:
-                data = sock.recv(_RECV_CHUNK)
-                if not data:
-                    raise EOFError("connection closed by peer in the middle of a frame")
-                reader.feed(data)
+                reader.feed(got)
             else:
-                n = sock.recv_into(room)
-                if not n:
-                    raise EOFError("connection closed by peer in the middle of a frame")
-                reader.commit(n)
+                reader.commit(got)
             frame = reader.next_frame()
             if frame is not None:
                 return frame
+
+    def _wait_in_frame(self, deadline: float | None) -> None:
+        """Wait for more of a frame: TimeoutError at the deadline; FrameError on a
+        server whose peer stalls for `frame_timeout` in the middle of a frame."""
+        limit, stalled = deadline, False
+        if self.frame_timeout is not None:
+            stall = _monotonic() + self.frame_timeout
+            if limit is None or stall < limit:
+                limit, stalled = stall, True
+        try:
+            self._wait(limit)
+        except TimeoutError:
+            if stalled:
+                raise FrameError(
+                    f"the peer sent part of a frame ({self.reader.buffered} bytes) and then "
+                    f"nothing for {self.frame_timeout} s") from None
+            raise
 
     def _poll(self, spin: float) -> bytes | None:
         """Busy-poll for up to `spin` seconds before sleeping in recv (see

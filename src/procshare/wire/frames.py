@@ -11,6 +11,18 @@ Rules it keeps:
   and then the buffers.  Everything needed to route a frame (kind, request id,
   time budget) is in the header, so a body that cannot be deserialized can
   still be answered by request id.
+- One header flag changes the layout (`FLAG_SLOTS`, shared memory): the table
+  then holds slot entries (`SLOT`: op, type, arena, offset, length) and no
+  buffer bytes follow the body.  An entry is a buffer of the frame, in the
+  sender's arena (`OP_BUFFER`), or a notice about the receiver's memory
+  (`OP_RELEASE`: the sender is done with that slot; `OP_RETIRE`: the sender
+  closed that arena).  Such a frame is handed to the reader's `on_slots`
+  hook, set by the transport once shared memory is negotiated; without the
+  hook, or with an unknown flag, op, type or a nonzero reserved field, it is a
+  FrameError.  Flags are read only in frames that have a table (nbufs > 0),
+  so frames without one are parsed exactly as before.  The reader checks the
+  entries' form and sizes; whether a slot is really the peer's is the hook's
+  business (`transport.shm.SlotClaimError`).
 - Request id 0 means "no reply wanted" (fire-and-forget: decref).
 - The time budget travels as *remaining seconds*, so it stays meaningful
   between machines whose clocks differ; NaN means no deadline.  The reader
@@ -36,7 +48,9 @@ from typing import Any
 
 __all__ = [
     "FrameError", "Limits", "DEFAULT_LIMITS", "FrameReader", "pack_frame", "encode_frame",
-    "HEADER", "NO_DEADLINE", "MAX_BUDGET",
+    "HEADER", "NO_DEADLINE", "MAX_BUDGET", "FLAG_SLOTS", "SLOT", "SlotRef",
+    "OP_BUFFER", "OP_RELEASE", "OP_RETIRE", "TYPE_OTHER", "TYPE_BYTES", "TYPE_BYTEARRAY",
+    "encode_slot_frame", "add_slot_entries",
 ]
 
 NO_DEADLINE = math.nan
@@ -52,6 +66,18 @@ _pack = HEADER.pack
 
 #: parts up to this size are received whole; larger ones grow from it
 GROW_FROM = 1 << 20
+
+#: header flag: the table holds slot entries and the buffers are in shared memory
+FLAG_SLOTS = 0x01
+#: one slot entry: op, type, reserved (0), arena, offset, length
+SLOT = struct.Struct("!BBHIQQ")
+#: entry ops: a buffer of this frame (in the sender's arena); a slot of the
+#: receiver's that the sender is done with; an arena of the sender's it closed
+OP_BUFFER, OP_RELEASE, OP_RETIRE = 1, 2, 3
+#: what a buffer will become (its rebuild copies bytes and bytearray anyway;
+#: anything else, such as an ndarray, may be lent the memory)
+TYPE_OTHER, TYPE_BYTES, TYPE_BYTEARRAY = 0, 1, 2
+_MAX_U64 = (1 << 64) - 1
 
 
 class FrameError(ValueError):
@@ -108,6 +134,51 @@ def encode_frame(kind: int, rid: int, body: bytes, buffers: list | tuple = (),
     return [head + lengths + body, *views]
 
 
+class SlotRef(tuple):
+    """`(arena, offset, length)` of shared memory named by a frame, with `type`
+    (one of the TYPE_ values; 0 for notices)."""
+
+    __slots__ = ()
+
+    def __new__(cls, arena: int, offset: int, length: int, type: int = TYPE_OTHER) -> SlotRef:
+        return tuple.__new__(cls, (arena, offset, length, type))
+
+    arena = property(lambda self: self[0])
+    offset = property(lambda self: self[1])
+    length = property(lambda self: self[2])
+    type = property(lambda self: self[3])
+
+    def __repr__(self) -> str:
+        return f"SlotRef(arena={self[0]}, offset={self[1]}, length={self[2]}, type={self[3]})"
+
+
+def encode_slot_frame(kind: int, rid: int, body: bytes, entries: list | tuple,
+                      budget: float = NO_DEADLINE, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """A frame whose table holds slot entries `(op, type, arena, offset, length)`,
+    as one `bytes`.  FrameError, before anything is sent, for a frame over
+    `limits` (the buffers in slots count towards `max_frame`)."""
+    if not entries:
+        raise ValueError("a slot frame needs at least one entry")
+    total = len(body) + sum(e[4] for e in entries if e[0] == OP_BUFFER)
+    if (len(body) > min(limits.max_body, limits.max_frame) or total > limits.max_frame
+            or len(entries) > limits.max_buffers):
+        raise FrameError(f"a message of {total} bytes in {len(entries)} slots is over the "
+                         f"limit ({limits.max_frame} bytes, {limits.max_buffers} buffers); "
+                         "raise max_message_bytes= on the manager")
+    pack = SLOT.pack
+    table = b"".join([pack(op, typ, 0, arena, offset, length)
+                      for op, typ, arena, offset, length in entries])
+    return _pack(len(body), kind, FLAG_SLOTS, len(entries), rid, budget) + table + body
+
+
+def add_slot_entries(frame: bytes, entries: list | tuple) -> bytes:
+    """A frame made by `pack_frame` (no table), with slot entries (notices) added."""
+    blen, kind, flags, nbufs, rid, budget = _unpack(frame, 0)
+    if flags or nbufs:
+        raise ValueError("only a frame without a table can take slot entries")
+    return encode_slot_frame(kind, rid, frame[_HSIZE:], entries, budget)
+
+
 def _budget(budget: float) -> float:
     if budget != budget:
         return budget
@@ -130,8 +201,11 @@ class _Part:
         """Where the next bytes go (growing the part if it is full)."""
         buf = self.buf
         if self.filled == len(buf):
-            grow = min(self.size, max(2 * len(buf), GROW_FROM)) - len(buf)
-            buf += bytes(grow)          # realloc: no copy of what is there
+            if not buf:         # its first bytes: allocate as much as may come at once
+                buf = self.buf = bytearray(min(self.size, GROW_FROM))
+            else:
+                grow = min(self.size, 2 * len(buf)) - len(buf)
+                buf += bytes(grow)          # realloc: no copy of what is there
         return memoryview(buf)[self.filled:]
 
     def take(self, data: memoryview) -> int:
@@ -153,10 +227,16 @@ class FrameReader:
     parts, `room()` (a writable view to `recv_into`) followed by
     `commit(n)`.  Then `next_frame()` returns a frame, or None when more data
     is needed.  `body` is bytes-like; `buffers` is a tuple of bytearrays.
+
+    A frame with slot entries (`FLAG_SLOTS`) is given, once whole, to
+    `on_slots(kind, rid, budget, body, buffers, notices)` (`buffers`: a tuple
+    of `SlotRef`; `notices`: a tuple of `(op, SlotRef)`), whose result is
+    returned instead; a result of None means the frame only carried notices,
+    and the reader goes on to the next frame.
     """
 
     __slots__ = ("limits", "_fast_max", "_data", "_head", "_parts", "_done", "_view",
-                 "_broken")
+                 "_broken", "on_slots", "_slots")
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self.limits = limits
@@ -168,6 +248,9 @@ class FrameReader:
         self._done: list[Any] = []       # its filled parts
         self._view: memoryview | None = None
         self._broken: str | None = None
+        #: the transport's handler of frames with slot entries (None: refused)
+        self.on_slots: Any = None
+        self._slots: tuple | None = None  # (buffers, notices) of the frame in progress
 
     # -- state ---------------------------------------------------------------
     @property
@@ -185,6 +268,8 @@ class FrameReader:
         """Bytes held for frames not yet returned."""
         done = self._done
         table = 8 * len(done[0]) if done and isinstance(done[0], list) else 0
+        if self._slots is not None:
+            table = SLOT.size * (len(self._slots[0]) + len(self._slots[1]))
         return len(self._data) + sum(p.filled for p in self._parts) + table + sum(
             len(p) for p in done if not isinstance(p, list))
 
@@ -243,7 +328,7 @@ class FrameReader:
             data = self._data
             if len(data) < _HSIZE:
                 return None
-            blen, kind, _flags, nbufs, rid, budget = _unpack(data, 0)
+            blen, kind, flags, nbufs, rid, budget = _unpack(data, 0)
             end = _HSIZE + blen
             if not nbufs and len(data) >= end and blen <= self._fast_max:
                 # the common case: a small frame, whole
@@ -251,16 +336,29 @@ class FrameReader:
                 if not (0.0 <= budget <= MAX_BUDGET) and budget == budget:
                     budget = _budget(budget)
                 return kind, rid, budget, data[_HSIZE:end], ()
-            self._start(blen, kind, nbufs, rid, budget)
-        if self._parts and self._data:
-            data, self._data = self._data, b""
-            with memoryview(data) as view:
-                taken = self._fill(view)
-                if taken < len(data):
-                    self._data = bytes(view[taken:])
-        if self._parts:
-            return None
-        return self._finish()
+            self._start(blen, kind, nbufs, rid, budget, flags)
+        return self._rest()
+
+    def _rest(self) -> tuple | None:
+        """Fill the frame in progress; return it once whole (going on to the
+        next frame after one that `on_slots` took)."""
+        while True:
+            if self._parts and self._data:
+                data, self._data = self._data, b""
+                with memoryview(data) as view:
+                    taken = self._fill(view)
+                    if taken < len(data):
+                        self._data = bytes(view[taken:])
+            if self._parts:
+                return None
+            frame = self._finish()
+            if frame is not None:
+                return frame
+            data = self._data       # a frame of notices only: on to the next one
+            if len(data) < _HSIZE:
+                return None
+            blen, kind, flags, nbufs, rid, budget = _unpack(data, 0)
+            self._start(blen, kind, nbufs, rid, budget, flags)
 
     # -- internals -----------------------------------------------------------
     def _fail(self, message: str) -> None:
@@ -268,9 +366,11 @@ class FrameReader:
         self._data = b""
         self._parts = []
         self._done = []
+        self._slots = None
         raise FrameError(message)
 
-    def _start(self, blen: int, kind: int, nbufs: int, rid: int, budget: float) -> None:
+    def _start(self, blen: int, kind: int, nbufs: int, rid: int, budget: float,
+               flags: int = 0) -> None:
         lim = self.limits
         if blen > lim.max_body:
             self._fail(f"a frame body of {blen} bytes is over the {lim.max_body}-byte limit")
@@ -279,10 +379,21 @@ class FrameReader:
                        f"{lim.max_buffers}")
         if blen > lim.max_frame:
             self._fail(f"a frame of {blen} bytes is over the {lim.max_frame}-byte limit")
+        slots = False
+        if nbufs and flags:
+            if flags != FLAG_SLOTS:
+                self._fail(f"a frame with unknown flags {flags:#04x}")
+            if self.on_slots is None:
+                self._fail("a frame whose buffers are in shared memory, on a connection "
+                           "that did not agree to use shared memory")
+            slots = True
         self._head = (blen, kind, nbufs, rid, _budget(budget))
         self._data = self._data[_HSIZE:]
         self._done = []
-        self._parts = [_Part(nbufs * _BUFLEN.size)] if nbufs else []
+        self._slots = None
+        self._parts = [_Part(nbufs * (SLOT.size if slots else _BUFLEN.size))] if nbufs else []
+        if slots:
+            self._slots = ((), ())      # the table is read when it is whole
         self._parts.append(_Part(blen))
         self._settle()
 
@@ -303,6 +414,10 @@ class FrameReader:
         part = self._parts.pop(0)
         head = self._head
         assert head is not None
+        if head[2] and not self._done and self._slots is not None:
+            self._slots = self._slot_table(part.buf, head[2], head[0])
+            self._done.append([])
+            return
         if head[2] and not self._done:
             # the buffer table: now the sizes of the buffers are known
             table = part.buf
@@ -316,16 +431,49 @@ class FrameReader:
             return
         self._done.append(part.buf)
 
-    def _finish(self) -> tuple:
+    def _slot_table(self, table: bytearray, n: int, blen: int) -> tuple:
+        """Check and split a table of slot entries: `(buffers, notices)`."""
+        buffers: list = []
+        notices: list = []
+        total = blen
+        unpack = SLOT.unpack_from
+        for i in range(n):
+            op, typ, zero, arena, offset, length = unpack(table, i * SLOT.size)
+            if zero or op not in (OP_BUFFER, OP_RELEASE, OP_RETIRE) or typ > TYPE_BYTEARRAY:
+                self._fail(f"slot entry {i} is malformed (op {op}, type {typ}, reserved {zero})")
+            if op != OP_BUFFER and typ:
+                self._fail(f"slot entry {i}: a notice has no type (got {typ})")
+            if offset + length > _MAX_U64:
+                self._fail(f"slot entry {i}: offset {offset} + length {length} overflows")
+            if op == OP_BUFFER:
+                total += length
+                buffers.append(SlotRef(arena, offset, length, typ))
+            else:
+                notices.append((op, SlotRef(arena, offset, length)))
+        if total > self.limits.max_frame:
+            self._fail(f"a frame of {total} bytes (with its buffers in shared memory) is over "
+                       f"the {self.limits.max_frame}-byte limit")
+        return tuple(buffers), tuple(notices)
+
+    def _finish(self) -> tuple | None:
         head = self._head
         assert head is not None
         _blen, kind, nbufs, rid, budget = head
         done = self._done
+        slots = self._slots
         if nbufs:
             body, buffers = done[1], tuple(done[2:])
         else:
             body, buffers = done[0], ()
         self._head = None
         self._done = []
+        if slots is not None:
+            self._slots = None
+            try:
+                return self.on_slots(kind, rid, budget, body, *slots)
+            except FrameError as e:    # a bad claim: the stream is no longer trusted
+                self._broken = str(e)
+                self._data = b""
+                raise
         return kind, rid, budget, body, buffers
 
