@@ -613,3 +613,21 @@ def update_item_many(d, n):
 def block_in_get(q, ready):
     ready.set()
     return q.get()
+
+
+def call_after_manager_shutdown(d, conn):
+    """Use `d`, say so on `conn`, wait until the parent has shut the manager
+    down, then time one more call: (the exception's class name, seconds)."""
+    len(d)
+    conn.send("ready")
+    if not conn.poll(10):
+        raise TimeoutError("the parent never shut the manager down")
+    conn.recv()
+    t0 = time.monotonic()
+    try:
+        d["a"]
+    except Exception as e:
+        return type(e).__name__, time.monotonic() - t0
+    finally:
+        conn.close()
+    return None, time.monotonic() - t0

@@ -165,3 +165,28 @@ def test_a_killed_supervisor_leaves_no_orphan(method, tmp_path):
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_a_shut_down_manager_is_not_waited_for(mp_ctx):
+    """Only a crashed manager comes back: after a shutdown, a call in this
+    process, a dropped proxy's decref, and a call from another process all
+    fail at once, not after the reconnect window."""
+    m = procshare.SyncManager(ctx=mp_ctx)
+    m.start()
+    try:
+        d, kept = m.dict(a=1), m.list()
+        mine, theirs = mp_ctx.Pipe()
+        child = _workers.start_child(mp_ctx, _workers.call_after_manager_shutdown, d, theirs)
+        theirs.close()
+        assert mine.poll(15) and mine.recv() == "ready"
+    finally:
+        m.shutdown()
+    mine.send("go")
+    name, took = child.result(15)
+    mine.close()
+    assert name is not None and took < 1.0, (name, took)
+    t0 = time.monotonic()
+    with pytest.raises(procshare.ManagerCrashed):
+        d["a"]
+    del kept                     # its decref finds no manager and does not wait
+    assert time.monotonic() - t0 < 1.0

@@ -312,8 +312,8 @@ class BaseManager:
             for spec in registry.values():     # per-type serializers, known by name here
                 if getattr(spec, "serializer", None) is not None:
                     serializers.get_serializer(spec.serializer)
-            if incarnation and isinstance(address, str) and address[:1] != "\0":
-                transport.remove_stale_socket(address)    # the dead server's socket file
+            if incarnation:     # the dead server's socket file is replaced, never missing
+                options["replace_stale"] = True
             server = cls._Server(registry, address, authkey, serializer, **options)
             server.incarnation, server.restarted_at = incarnation, restarted_at
             server.supervised = will_restart

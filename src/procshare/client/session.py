@@ -58,6 +58,7 @@ from ..errors import (
     RemoteError,
     manager_crashed,
     serializer_mismatch,
+    shut_down_managers,
 )
 from ..inprocess import local_server
 from ..transport import channel as transport
@@ -361,14 +362,18 @@ class Session:
 
     def _connect(self) -> transport.Channel:
         """A socket to the manager.  While a supervised manager restarts, nothing
-        listens for a moment: keep trying for RECONNECT seconds."""
+        listens for a moment: keep trying for RECONNECT seconds.  A manager that
+        was shut down is not waited for: this process shut it down, or its
+        socket file is gone (a restarting server keeps the file in place)."""
         end = None
         pause = 0.01
         while True:
             try:
                 return transport.connect(self.address, timeout=20.0)
             except (ConnectionRefusedError, FileNotFoundError, ConnectionResetError) as e:
-                if not self.supervised or getattr(_no_recover, "on", False):
+                if (not self.supervised or getattr(_no_recover, "on", False)
+                        or isinstance(e, FileNotFoundError)
+                        or self.address in shut_down_managers):
                     raise self.crashed(e) from None
                 now = time.monotonic()
                 if end is None:
@@ -497,13 +502,19 @@ class Session:
         return result, fds
 
     def control_send(self, meth: str, *args: Any) -> None:
-        """Fire-and-forget (no reply); errors are ignored: used for decref."""
+        """Fire-and-forget (no reply); errors are ignored: used for decref, often
+        from a finalizer, so it never waits for a manager to come back (one that
+        restarted has lost the references anyway)."""
+        was = getattr(_no_recover, "on", False)
+        _no_recover.on = True
         try:
             with self.lock:
                 c = self._control_conn()
                 c.send_request(None, meth, args, {}, None, want_reply=False)
         except Exception as e:  # the manager may be gone; nothing to release then
             log.debug("%s%r not delivered: %r", meth, args, e)
+        finally:
+            _no_recover.on = was
 
     # -- failures -------------------------------------------------------------------
     def crashed(self, cause: BaseException) -> ManagerCrashed:

@@ -165,7 +165,7 @@ class Server:
     def __init__(self, registry: dict, address: Any, authkey: bytes, serializer: Any = "pickle",
                  *, loan_ttl: float = LOAN_TTL, limits: Limits = DEFAULT_LIMITS,
                  frame_timeout: float | None = FRAME_TIMEOUT,
-                 lease_grace: float = LEASE_GRACE) -> None:
+                 lease_grace: float = LEASE_GRACE, replace_stale: bool = False) -> None:
         if not isinstance(authkey, bytes):
             raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")
         self.registry = registry
@@ -176,7 +176,8 @@ class Server:
         self.locks = LockTable(self)
         self.control_ops = self.control_table()
         self.listener = transport.Listener(address=address, backlog=128, limits=limits,
-                                           frame_timeout=frame_timeout)
+                                           frame_timeout=frame_timeout,
+                                           replace_stale=replace_stale)
         self.address = self.listener.address
         self.objects = Registry()
         self.mutex = self.objects.mutex

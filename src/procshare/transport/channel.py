@@ -309,21 +309,40 @@ class Listener:
     """A listening socket bound to a Unix or TCP address."""
 
     def __init__(self, address: Any = None, backlog: int = 128, limits: Limits = DEFAULT_LIMITS,
-                 frame_timeout: float | None = None) -> None:
+                 frame_timeout: float | None = None, replace_stale: bool = False) -> None:
+        """`replace_stale=True` (a restarted server): a socket file at `address`
+        that no process listens on is replaced atomically (bind beside it, then
+        rename over it), so a client never finds the path missing while the
+        server comes back; a missing path means a manager that was shut down."""
         self.limits = limits
         self.frame_timeout = frame_timeout
         if address is None:
             address = arbitrary_address()
         family = address_family(address)
         sock = socket.socket(family, socket.SOCK_STREAM)
+        beside = None
+        if (replace_stale and family == socket.AF_UNIX and isinstance(address, str)
+                and address[:1] != "\0" and _is_stale_socket(address)):
+            beside = f"{address}.{os.getpid()}.new"
+            if len(os.fsencode(beside)) > UNIX_PATH_MAX:
+                beside = None
+                cleanup_address(address)
         try:
             if family != socket.AF_UNIX:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.bind(address)
-            sock.listen(backlog)
+            if beside is not None:
+                cleanup_address(beside)
+                sock.bind(beside)
+                sock.listen(backlog)
+                os.rename(beside, address)
+            else:
+                sock.bind(address)
+                sock.listen(backlog)
         except OSError as e:
             sock.close()
+            if beside is not None:
+                cleanup_address(beside)
             if family == socket.AF_UNIX and "too long" in str(e):
                 raise OSError(e.errno, f"AF_UNIX path too long: {address!r} is "
                               f"{len(os.fsencode(address))} bytes, the limit is "
@@ -336,7 +355,7 @@ class Listener:
         if family == socket.AF_UNIX:
             name = sock.getsockname()
             self.address = name.decode() if isinstance(name, bytes) else name
-            if isinstance(address, str) and address.startswith("\0"):
+            if isinstance(address, str) and (address.startswith("\0") or beside is not None):
                 self.address = address
         else:
             self.address = sock.getsockname()[:2]
@@ -357,9 +376,9 @@ class Listener:
             cleanup_address(self.address)
 
 
-def remove_stale_socket(path: str) -> bool:
-    """Remove the Unix socket file at `path` if no process listens on it (a
-    server that died left it); True if it was removed."""
+def _is_stale_socket(path: str) -> bool:
+    """True if `path` is a Unix socket file that no process listens on (a
+    server that died left it)."""
     try:
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             return False
@@ -369,12 +388,20 @@ def remove_stale_socket(path: str) -> bool:
     try:
         probe.connect(path)
     except ConnectionRefusedError:
-        cleanup_address(path)
         return True
     except OSError:
         return False
     finally:
         probe.close()
+    return False
+
+
+def remove_stale_socket(path: str) -> bool:
+    """Remove the Unix socket file at `path` if no process listens on it (a
+    server that died left it); True if it was removed."""
+    if _is_stale_socket(path):
+        cleanup_address(path)
+        return True
     return False
 
 
