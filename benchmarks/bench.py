@@ -642,6 +642,57 @@ class PayloadCase(Case):
         return f"{seconds * 1e3:.2f} ms ({gbps:.2f} GB/s)"
 
 
+def _set_many(d, n, barrier, results):
+    """Worker of the durable cases: n sets of its own key after all are ready."""
+    try:
+        barrier.wait(60)
+        key = os.getpid()
+        t0 = time.monotonic()
+        for i in range(n):
+            d[key] = i
+        results.put((os.getpid(), t0, time.monotonic(), None))
+    except BaseException as exc:  # noqa: BLE001 - report it to the parent, never hang it
+        results.put((os.getpid(), 0.0, 0.0, f"{type(exc).__name__}: {exc}"))
+
+
+class DurableSetCase(Case):
+    """d[k] = v on a dict made with durable=True (procshare: journaled, one commit per
+    set, shared by concurrent writers) or without; the stdlib has no durable objects,
+    so its rows are its plain dict on both lines."""
+
+    group = "durable"
+    rounds = (5, 9)
+    ops = (500, 2000)
+
+    def __init__(self, procs: int, durable: bool):
+        self.procs, self.durable = procs, durable
+        kind = "durable" if durable else "plain"
+        self.name = f"{kind}{procs}"
+        self.title = (f"{kind} dict d[k] = v, {procs} client" + ("s" if procs > 1 else "")
+                      + (" (stdlib: plain)" if durable else ""))
+        self.unit = "set"
+
+    def prepare(self, res, env):
+        m = res["manager"]
+        res["dict"] = m.dict(durable=True) if self.durable and _is_procshare(m) else m.dict()
+        for i in range(50):
+            res["dict"]["warm"] = i
+
+    def units_per_round(self, env):
+        return self.procs * self.n_ops(env)
+
+    def measure(self, res, env):
+        d, n = res["dict"], self.n_ops(env)
+        if self.procs == 1:
+            t0 = time.perf_counter()
+            for i in range(n):
+                d["k"] = i
+            return Sample((time.perf_counter() - t0) / n)
+        got, _ = run_workers(env, _set_many, [(d, n)] * self.procs)
+        wall = max(g[2] for g in got) - min(g[1] for g in got)
+        return Sample(wall / (self.procs * n))
+
+
 CASES: list[Case] = [
     CallCase(),
     PipelinedCase(),
@@ -652,6 +703,10 @@ CASES: list[Case] = [
     LockCase(),
     PayloadCase(1 * MiB, rounds=(15, 31), reps=(4, 8)),
     PayloadCase(64 * MiB, rounds=(5, 9), reps=(1, 1)),
+    DurableSetCase(1, durable=False),
+    DurableSetCase(1, durable=True),
+    DurableSetCase(4, durable=False),
+    DurableSetCase(4, durable=True),
 ]
 
 
@@ -786,7 +841,24 @@ def print_table(results: list[CaseResult], impl_names: list[str]) -> None:
             notes.append(f"{res.case.name}: final count: " + "; ".join(counts))
         for name, err in res.errors.items():
             notes.append(f"{res.case.name}: {name} failed: {err}")
+    notes.extend(durability_cost(results))
     print_rows(rows, notes)
+
+
+def durability_cost(results: list[CaseResult]) -> list[str]:
+    """procshare's durable dict against its plain one, from the durable cases."""
+    by_name = {r.case.name: r for r in results}
+    out = []
+    for procs in (1, 4):
+        plain, durable = by_name.get(f"plain{procs}"), by_name.get(f"durable{procs}")
+        if plain is None or durable is None:
+            continue
+        a, b = plain.median("procshare"), durable.median("procshare")
+        if a and b:
+            out.append(f"durability, {procs} client{'s' if procs > 1 else ''}: a durable set "
+                       f"costs {b / a:.2f}x a plain one (throughput {a / b * 100:.0f}% of "
+                       "plain)")
+    return out
 
 
 def print_rows(rows: list[tuple], notes: list[str] | tuple = ()) -> None:

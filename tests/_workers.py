@@ -631,3 +631,47 @@ def call_after_manager_shutdown(d, conn):
     finally:
         conn.close()
     return None, time.monotonic() - t0
+
+
+def durable_manager_class():
+    """A procshare SyncManager with the seed's Counter registered as durable
+    (snapshot mode: `get_count` is a read, `increment` a mutator)."""
+    cls = globals().get("DurableCounterManager")
+    if cls is None:
+        import procshare
+
+        class DurableCounterManager(procshare.SyncManager):
+            pass
+
+        DurableCounterManager.register("Counter", Counter, durable="snapshot",
+                                       mutators=("increment",))
+        DurableCounterManager.__module__ = __name__
+        globals()["DurableCounterManager"] = cls = DurableCounterManager
+    return cls
+
+
+def chaos_worker(w, counter, lst, q, d, stop, ops_done):
+    """Until `stop` is set: increment, append, put+get and set, recording
+    what each acknowledged call did.  Any error is recorded too: the test
+    expects none (calls in flight at a crash are re-sent)."""
+    acked = {"inc": 0, "append": [], "put": [], "got": [], "set": [], "errors": []}
+    i = 0
+    while not stop.is_set() and i < 100000:
+        i += 1
+        try:
+            counter.increment()
+            acked["inc"] += 1
+            lst.append((w, i))
+            acked["append"].append((w, i))
+            q.put((w, i))
+            acked["put"].append((w, i))
+            acked["got"].append(q.get(timeout=10))
+            d[f"{w}:{i}"] = i
+            acked["set"].append(f"{w}:{i}")
+        except Exception as e:
+            acked["errors"].append(f"op {i}: {type(e).__name__}: {e}"[:300])
+            if len(acked["errors"]) > 5:
+                break
+        with ops_done.get_lock():
+            ops_done.value += 1
+    return acked

@@ -59,6 +59,7 @@ from .client.proxy import (  # noqa: F401  (the stdlib module has all these name
 )
 from .errors import RemoteError  # noqa: F401  (re-exported, as in the stdlib)
 from .server import primitives
+from .server.journal import check_state_dir
 from .server.leases import GRACE as LEASE_GRACE
 from .server.server import FRAME_TIMEOUT, Server, TypeSpec, all_methods, public_methods  # noqa: F401
 from .server.sharedarray import SharedBlock
@@ -148,7 +149,12 @@ class BaseManager:
     long it may stall inside a frame), `lease_grace` (how long a client on
     another host may stay disconnected before it counts as dead), and
     `restart="on-failure"|"never"`, `max_restarts`, `restart_window` (what the
-    supervisor does when the server process of a started manager dies).
+    supervisor does when the server process of a started manager dies), and
+    `state_dir` / `fsync` (where durable objects keep their journal, and
+    whether its commits survive power loss, `"full"`, or only crashes of the
+    process, `"normal"`).  Without `state_dir`, durable objects live in a
+    private directory removed at shutdown: they survive crashes of the manager
+    process, not of the program.
     """
 
     _registry: dict = {}
@@ -160,7 +166,8 @@ class BaseManager:
                  max_message_bytes: int | None = None,
                  frame_timeout: float | None = FRAME_TIMEOUT,
                  lease_grace: float = LEASE_GRACE, restart: str = "on-failure",
-                 max_restarts: int = 5, restart_window: float = 60.0) -> None:
+                 max_restarts: int = 5, restart_window: float = 60.0,
+                 state_dir: str | os.PathLike | None = None, fsync: str = "normal") -> None:
         if authkey is None:
             authkey = process.current_process().authkey
         self._address = address
@@ -181,8 +188,12 @@ class BaseManager:
         limits = DEFAULT_LIMITS if max_message_bytes is None else Limits(
             max_body=min(max_message_bytes, DEFAULT_LIMITS.max_body), max_frame=max_message_bytes)
         #: what the server process is built with, besides the stdlib's arguments
+        if fsync not in ("normal", "full"):
+            raise ValueError(f"fsync must be 'normal' or 'full', not {fsync!r}")
         self._server_options = {"limits": limits, "frame_timeout": frame_timeout,
-                                "lease_grace": lease_grace}
+                                "lease_grace": lease_grace, "fsync": fsync}
+        if state_dir is not None:
+            self._server_options["state_dir"] = os.fspath(state_dir)
 
     # -- server lifecycle ---------------------------------------------------------------
     def get_server(self) -> Server:
@@ -210,12 +221,18 @@ class BaseManager:
             # manager at import time (the stdlib's "bootstrapping phase" error)
             raise errors.bootstrap_error(type(self).__name__)
         name = type(self).__name__
+        state_dir = self._server_options.get("state_dir")
+        if state_dir is not None:
+            check_state_dir(state_dir)      # refused here, before a server starts
         # the server's log (for crash reports), in a private dir removed at shutdown
         try:
             logdir: str | None = tempfile.mkdtemp(prefix="procshare-log-",
                                                   dir=util.get_temp_dir())
         except OSError:
             logdir = None      # no log: crash reports just lack its last lines
+        if state_dir is None and logdir is not None:
+            # durable objects outlive a crashed server, not the program
+            self._server_options["state_dir"] = os.path.join(logdir, "state")
         self._launch_with = (initializer, initargs, logdir, name)
         try:
             first = self._launch(0)
@@ -304,7 +321,7 @@ class BaseManager:
         options = dict(options or {})
         supervisor_pid = options.pop("supervisor_pid", None)
         will_restart = options.pop("will_restart", False)
-        incarnation = options.pop("incarnation", 0)
+        incarnation = options.get("incarnation", 0)
         restarted_at = options.pop("restarted_at", None)
         try:
             if initializer is not None:
@@ -315,7 +332,7 @@ class BaseManager:
             if incarnation:     # the dead server's socket file is replaced, never missing
                 options["replace_stale"] = True
             server = cls._Server(registry, address, authkey, serializer, **options)
-            server.incarnation, server.restarted_at = incarnation, restarted_at
+            server.restarted_at = restarted_at
             server.supervised = will_restart
             if supervisor_pid is not None:
                 _watch_supervisor(server, supervisor_pid)
@@ -409,7 +426,7 @@ class BaseManager:
     def _session(self) -> client.Session:
         return client.get_session(self._address, bytes(self._authkey), self._serializer)
 
-    def _control(self, name: str, *args: Any, **kwds: Any) -> Any:
+    def _control(self, name: str, /, *args: Any, **kwds: Any) -> Any:
         if self._state.value != State.STARTED:
             raise _state_error(self._state) if self._state.value == State.SHUTDOWN \
                 else ProcessError("server not yet started")
@@ -469,7 +486,8 @@ class BaseManager:
     def register(cls, typeid: str, callable: Any = None, proxytype: Any = None,
                  exposed: Any = None, method_to_typeid: dict | None = None,
                  create_method: bool = True, *, serial: bool | None = None,
-                 serializer: Any = None) -> None:
+                 serializer: Any = None, durable: bool | str | None = None,
+                 mutators: Any = None) -> None:
         """Register a type (or callable) with the manager class.
 
         `serial` (procshare): True runs calls on one object one at a time, False
@@ -482,7 +500,17 @@ class BaseManager:
         carry, e.g. "cloudpickle" for a type whose methods take lambdas.  Such a
         value is packed by it inside the manager's message, so the manager's
         serializer stays in charge (a msgpack manager accepts only safe ones).
+
+        `durable` (procshare): every object of this type survives crashes of
+        the manager (see `state_dir`).  `"snapshot"` (or True) stores the
+        pickled object after each call of a method in `mutators` (default:
+        every exposed method); `"journal"` stores those calls and replays
+        them, for a class whose methods are deterministic.
         """
+        if durable not in (None, False, True, "snapshot", "journal"):
+            raise ValueError(f"durable must be True, 'snapshot' or 'journal', not {durable!r}")
+        if mutators is not None:
+            mutators = tuple(mutators)
         if "_registry" not in cls.__dict__:
             cls._registry = cls._registry.copy()
         if proxytype is None:
@@ -494,7 +522,8 @@ class BaseManager:
                 assert type(key) is str, "%r is not a string" % key
                 assert type(value) is str, "%r is not a string" % value
         cls._registry[typeid] = TypeSpec((callable, exposed, method_to_typeid, proxytype),
-                                         serial=serial, serializer=serializer)
+                                         serial=serial, serializer=serializer,
+                                         durable=durable or None, mutators=mutators)
         if create_method:
             def temp(self: BaseManager, /, *args: Any, **kwds: Any) -> Any:
                 util.debug("requesting creation of a shared %r object", typeid)

@@ -49,6 +49,10 @@ __all__ = [
 ]
 
 _UNSET = scope.UNSET
+#: the id prefix of durable objects (`server.durables`), the same after a restart
+DURABLE_PREFIX = "D:"
+#: how many restarts in a row a call on a durable object is re-sent across
+RESEND_LIMIT = 8
 _scope = scope._scope
 _RETURN = Kind.RETURN
 
@@ -56,6 +60,8 @@ _RETURN = Kind.RETURN
 def _release(session: Session, ident: str, local: bool) -> None:
     """Finalizer of a proxy: give its reference back."""
     session.live -= 1
+    if ident.startswith(DURABLE_PREFIX):
+        session.durable_dropped(ident)
     if local:
         server = local_server()
         if server is not None:
@@ -103,6 +109,8 @@ class BaseProxy:
         if self._close is not None:
             return
         self._session.live += 1
+        if self._id.startswith(DURABLE_PREFIX):
+            self._session.durable_held(self._id)
         self._close = weakref.finalize(self, _release, self._session, self._id,
                                        self._is_local())
         self._close.atexit = False
@@ -146,6 +154,8 @@ class BaseProxy:
         except TimeoutError:
             raise call_timeout(self, methodname, timeout, False) from None
         except ObjectLost:
+            if self._id.startswith(DURABLE_PREFIX):
+                return self._resend(conn, methodname, args, kwds, timeout)
             if self._epoch != self._session.epoch:
                 raise self._lost(methodname) from None
             # made after the restart, called on a connection from before it: the
@@ -155,6 +165,26 @@ class BaseProxy:
         if kind == _RETURN:
             return result
         return self._outcome(kind, result, methodname, timeout)
+
+    def _resend(self, conn: Any, methodname: str, args: tuple, kwds: dict,
+                timeout: float | None) -> Any:
+        """A call on a durable object whose manager crashed while it was in
+        flight: send it again to the restarted manager under the key of its
+        first sending, so that it takes effect exactly once (the manager
+        answers from its journal if it had already run)."""
+        first = (conn.no, conn.rid)
+        for _ in range(RESEND_LIMIT):
+            try:
+                kind, result = self._session.thread_conn().call(
+                    self._id, "#RETRY", (*first, methodname, args, kwds), {}, timeout)
+            except TimeoutError:
+                raise call_timeout(self, methodname, timeout, False) from None
+            except ObjectLost:
+                continue        # it crashed again: the supervisor gives up in the end
+            if kind == _RETURN:
+                return result
+            return self._outcome(kind, result, methodname, timeout)
+        raise self._lost(methodname)
 
     def _lost(self, methodname: str) -> ObjectLost:
         s = self._session

@@ -297,11 +297,17 @@ class Session:
         self.live = 0                         # proxies of this process using the session
         self.server_pid: int | None = None
         self.incarnation: int | None = None   # the manager's restart count, from its hello
+        self.boot: str | None = None          # the server process's own id, from its hello
         self.supervised = False               # it will be restarted if it dies
         self.epoch = 0                        # +1 each time the manager came back
         self.closed = False
         self._numbers = itertools.count(1)    # connection numbers (the manager's cancel key)
+        self.token = secrets.token_hex(4)     # with them, the key of a durable call
         self.pipes: weakref.WeakSet = weakref.WeakSet()   # pipelined connections
+        #: durable object id -> proxies of this process holding it (re-attached
+        #: to a restarted manager); and whether that is due
+        self.durable: dict[str, int] = getattr(self, "durable", {})
+        self.reattach_due = False
 
     # -- connecting -------------------------------------------------------------
     def _open(self, role: str) -> Connection:
@@ -330,7 +336,7 @@ class Session:
             no = next(self._numbers)
             hello = {"client": _client_id, "pid": os.getpid(), "thread": t.ident,
                      "thread_name": t.name, "serializer": self.serializer.name,
-                     "role": role, "version": 1, "conn": no,
+                     "role": role, "version": 1, "conn": no, "session": self.token,
                      "host": _HOST[0], "pidns": _HOST[1]}
             if role == "control" and self.adopt:
                 hello["adopt"], self.adopt = self.adopt, None
@@ -352,13 +358,45 @@ class Session:
         self.server_pid = info.get("pid")
         self.supervised = bool(info.get("supervised"))
         incarnation = info.get("incarnation", 0)
-        if incarnation != self.incarnation:
-            if self.incarnation is not None:
+        boot = info.get("boot")
+        if boot != self.boot:       # another server process: it restarted
+            if self.boot is not None:
                 self._restarted(incarnation)
-            self.incarnation = incarnation
+            self.boot = boot
+        self.incarnation = incarnation
         if role == "control":
             _goodbye_at_exit()
-        return Connection(ch, self.serializer, self, no)
+        conn = Connection(ch, self.serializer, self, no)
+        if role == "control" and self.reattach_due:
+            self._reattach(conn)
+        return conn
+
+    def _reattach(self, conn: Connection) -> None:
+        """On the first control connection to a restarted manager: take back
+        the references of this process's proxies to durable objects."""
+        self.reattach_due = False
+        idents = [i for i, n in list(self.durable.items()) if n > 0]
+        if not idents:
+            return
+        try:
+            kind, missing = conn.call(None, "reattach", (idents,), {}, 20.0)
+        except Exception as e:
+            log.warning("could not re-attach %d durable object(s) to the restarted manager "
+                        "at %r: %r", len(idents), self.address, e)
+            return
+        if kind == Kind.RETURN and missing:
+            log.warning("the restarted manager at %r no longer has %d durable object(s) "
+                        "this process holds: %s", self.address, len(missing), missing[:5])
+
+    def durable_held(self, ident: str) -> None:
+        self.durable[ident] = self.durable.get(ident, 0) + 1
+
+    def durable_dropped(self, ident: str) -> None:
+        n = self.durable.get(ident, 0) - 1
+        if n > 0:
+            self.durable[ident] = n
+        else:
+            self.durable.pop(ident, None)
 
     def _connect(self) -> transport.Channel:
         """A socket to the manager.  While a supervised manager restarts, nothing
@@ -393,6 +431,7 @@ class Session:
         old = [self.control, *self.stale]
         self.control = None
         self.stale = []
+        self.reattach_due = True
         for c in old:
             if c is not None:
                 c.close()
@@ -403,7 +442,7 @@ class Session:
         seconds) for it to come back.  True if it did, as a new incarnation."""
         if not self.supervised or getattr(_no_recover, "on", False):
             return False
-        before = self.incarnation
+        before = self.boot
         with self.lock:
             if self.control is not None:
                 self.control.close()
@@ -412,7 +451,7 @@ class Session:
                 self._control_conn()
             except ManagerCrashed:
                 return False
-        return self.incarnation != before
+        return self.boot != before
 
     def _control_conn(self) -> Connection:
         c = self.control

@@ -657,7 +657,8 @@ class Barrier(threading.Barrier):
         try:
             return super().wait(limit if by_deadline else timeout)
         except threading.BrokenBarrierError:
-            check_cancelled(call, "Barrier.wait")
+            check_cancelled(call, "Barrier.wait (like a timed-out threading.Barrier.wait, "
+                                  "this broke the barrier)")
             died = self._ps_died
             if died is not None:
                 raise threading.BrokenBarrierError(

@@ -13,12 +13,14 @@ Rules it keeps:
   handed to another process stays valid even if the sender drops its own proxy
   at once.
 - Objects are dropped outside the mutex: dropping one may release nested
-  proxies, which come back here.
+  proxies, which come back here.  So do the drop hooks (`add(on_drop=)`,
+  how a durable object leaves the journal).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import secrets
 import threading
 import time
@@ -26,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["Entry", "Registry", "SERVER_HOLDER", "NoSuchObject"]
+
+log = logging.getLogger("procshare.server")
 
 SERVER_HOLDER = "@server"
 LOAN_PREFIX = "loan:"
@@ -47,6 +51,32 @@ class Entry:
     created: float = field(default_factory=time.time)
     running: str | None = None           # the method holding `lock` now (serial objects)
     owner: int = 0                       # the server thread that runs it
+    durable: Any = None                  # its journal handle (`durables`), if durable
+
+
+class _Hook:
+    """`hook(entry)`, to run once the mutex is released (`Registry.add`'s
+    `on_drop`)."""
+    __slots__ = ("hook", "entry")
+
+    def __init__(self, hook: Any, entry: Any) -> None:
+        self.hook, self.entry = hook, entry
+
+
+def _let_go(dropped: list) -> int:
+    """Outside the mutex: run the drop hooks and let the dropped objects go;
+    returns how many objects were dropped."""
+    count = 0
+    for item in dropped:
+        if type(item) is _Hook:
+            try:
+                item.hook(item.entry)
+            except Exception:
+                log.warning("a drop hook failed", exc_info=True)
+        else:
+            count += 1
+    dropped.clear()
+    return count
 
 
 class Registry:
@@ -58,12 +88,21 @@ class Registry:
         self.loan_expiry: dict[str, float] = {}
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(2)
+        self.on_drop: dict[str, Any] = {}     # id -> called when its last reference goes
 
     # -- objects -------------------------------------------------------------
-    def add(self, entry: Entry, holder: str) -> str:
-        """Store a new object with one reference owned by `holder`; return its id."""
+    def add(self, entry: Entry, holder: str, ident: str | None = None,
+            on_drop: Any = None) -> str:
+        """Store a new object with one reference owned by `holder`; return its id
+        (`ident`, if given: a durable object's lasting id).  `on_drop(entry)` is
+        called, outside the mutex, when its last reference goes."""
         with self.mutex:
-            ident = f"{self._prefix}{next(self._ids):x}"
+            if ident is None:
+                ident = f"{self._prefix}{next(self._ids):x}"
+            elif ident in self.objects:
+                raise ValueError(f"object id {ident!r} is taken")
+            if on_drop is not None:
+                self.on_drop[ident] = on_drop
             self.objects[ident] = entry
             self.refcount[ident] = 0
             self._incref(holder, ident)
@@ -103,7 +142,11 @@ class Registry:
             self.refcount[ident] = left
         else:
             del self.refcount[ident]
-            dropped.append(self.objects.pop(ident, None))
+            entry = self.objects.pop(ident, None)
+            dropped.append(entry)
+            hook = self.on_drop.pop(ident, None)
+            if hook is not None:
+                dropped.append(_Hook(hook, entry))
 
     def incref(self, holder: str, ident: str) -> None:
         with self.mutex:
@@ -113,7 +156,7 @@ class Registry:
         dropped: list = []
         with self.mutex:
             self._decref(holder, ident, 1, dropped)
-        del dropped  # drop the objects outside the mutex
+        _let_go(dropped)  # drop the objects outside the mutex
 
     def release_holder(self, holder: str) -> int:
         """Drop every reference `holder` has; return how many objects died."""
@@ -122,9 +165,7 @@ class Registry:
             for ident, n in list(self.holders.get(holder, {}).items()):
                 self._decref(holder, ident, n, dropped)
             self.loan_expiry.pop(holder, None)
-        count = len(dropped)
-        del dropped
-        return count
+        return _let_go(dropped)
 
     def held_by(self, holder: str) -> dict[str, int]:
         with self.mutex:
@@ -171,6 +212,7 @@ class Registry:
                 self._decref(loan, oid, n, dropped)
             if loan not in self.holders:
                 self.loan_expiry.pop(loan, None)
+        _let_go(dropped)
         return True
 
     def expire_loans(self, now: float | None = None) -> int:

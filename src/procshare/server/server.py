@@ -16,6 +16,10 @@ Rules it keeps:
   that cannot be serialized is reported and the connection stays usable.
 - When the last connection of a client closes, the client is gone: its
   references are released (and its locks, see `locktable`).
+- A call on a durable object (`durables`) leaves the hot path: it is
+  journaled and its reply waits for the commit; `create(..., durable=...)`
+  and registered durable types make such objects.  Everything else never
+  touches the journal.
 - Manager operations (`create`, `decref`, ...) are dispatched through
   `control_table()`, built once per class from `public`, never by `getattr`
   on a name a peer sent.
@@ -35,6 +39,7 @@ import errno
 import logging
 import os
 import queue
+import secrets
 import sys
 import threading
 import time
@@ -65,6 +70,7 @@ from ..wire.serializers import (
 )
 from . import callctx, sharedarray
 from .callctx import Caller, CallState, DeadlineExpired
+from .durables import DurableObjects, durable_option
 from .leases import GRACE as LEASE_GRACE
 from .leases import Leases
 from .locktable import LockTable, snapshot
@@ -111,16 +117,22 @@ class TypeSpec(tuple):
 
     serial: bool | None
     serializer: str | None
+    durable: str | bool | None
+    mutators: tuple | None
 
     def __new__(cls, items: tuple, serial: bool | None = None,
-                serializer: str | None = None) -> TypeSpec:
+                serializer: str | None = None, durable: str | bool | None = None,
+                mutators: tuple | None = None) -> TypeSpec:
         self = super().__new__(cls, items)
         self.serial = serial
         self.serializer = serializer
+        self.durable = durable
+        self.mutators = mutators
         return self
 
     def __reduce__(self) -> tuple:
-        return TypeSpec, (tuple(self), self.serial, self.serializer)
+        return TypeSpec, (tuple(self), self.serial, self.serializer, self.durable,
+                          self.mutators)
 
 
 def is_thread_safe(obj: Any) -> bool:
@@ -140,7 +152,8 @@ def is_thread_safe(obj: Any) -> bool:
 class ConnInfo:
     """What the server knows about one connection."""
 
-    __slots__ = ("client", "pid", "caller", "channel", "opened", "role", "conn", "call")
+    __slots__ = ("client", "pid", "caller", "channel", "opened", "role", "conn", "call",
+                 "session")
 
     def __init__(self, hello: dict, channel: transport.Channel) -> None:
         self.client = str(hello["client"])
@@ -151,6 +164,7 @@ class ConnInfo:
         self.opened = time.time()
         self.role = hello.get("role", "call")
         self.conn = int(hello.get("conn", 0))
+        self.session = str(hello.get("session", ""))[:32]   # one of the client's sessions
         self.call = CallState()
 
 
@@ -160,12 +174,15 @@ class Server:
     public = ["shutdown", "create", "accept_connection", "get_methods", "debug_info",
               "number_of_objects", "dummy", "incref", "decref", "loan", "adopt",
               "fork_loan", "release_loan", "list_objects", "clients", "server_info", "locks",
-              "goodbye", "cancel", "object_state", "shm_fd"]
+              "goodbye", "cancel", "object_state", "shm_fd", "reattach"]
+    PACKED = _PACKED    # a reply kind: the value serialized already
 
     def __init__(self, registry: dict, address: Any, authkey: bytes, serializer: Any = "pickle",
                  *, loan_ttl: float = LOAN_TTL, limits: Limits = DEFAULT_LIMITS,
                  frame_timeout: float | None = FRAME_TIMEOUT,
-                 lease_grace: float = LEASE_GRACE, replace_stale: bool = False) -> None:
+                 lease_grace: float = LEASE_GRACE, replace_stale: bool = False,
+                 state_dir: str | None = None, fsync: str = "normal",
+                 incarnation: int = 0) -> None:
         if not isinstance(authkey, bytes):
             raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")
         self.registry = registry
@@ -188,13 +205,16 @@ class Server:
         self.leases = Leases(self._lease_ended, grace=lease_grace)
         #: how many times a supervisor restarted this manager before this server,
         #: and when (set by the process that runs it)
-        self.incarnation = 0
         self.restarted_at: float | None = None
         self.supervised = False         # a supervisor restarts it if it dies
         #: (client, connection number) -> the call that connection runs, to cancel it
         self.calls: dict[tuple[str, int], CallState] = {}
         self._update_lock = threading.Lock()
         self.recent_log: collections.deque[str] = collections.deque(maxlen=50)
+        self.incarnation = incarnation
+        self.boot = secrets.token_hex(8)     # clients see a restart by its change
+        #: durable objects: recovered now if the state directory holds a journal
+        self.durables = DurableObjects(self, state_dir, fsync, fresh=not incarnation)
 
     # -- running ---------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -211,6 +231,7 @@ class Server:
                 pass
         finally:
             self.listener.close()
+            self.durables.close()
             if sys.stdout != sys.__stdout__:
                 sys.stdout = sys.__stdout__
                 sys.stderr = sys.__stderr__
@@ -275,7 +296,7 @@ class Server:
                 log.info("client pid %d connected (%s)", info.pid, info.client)
             ch.send(encode_frame(Kind.RETURN, rid, encode_hello(
                 {"pid": os.getpid(), "address": self.address, "incarnation": self.incarnation,
-                 "supervised": self.supervised})))
+                 "supervised": self.supervised, "boot": self.boot})))
             self.serve_client(ch, info)
         except (EOFError, ConnectionError, TimeoutError):
             pass
@@ -317,6 +338,7 @@ class Server:
         for call in calls:
             call.cancel()
         freed = self.objects.release_holder(client)
+        self.durables.forget_client(client)
         verb = "exited" if how == "exited" else "died"
         self.note(f"client pid {pid} {verb}; released {freed} object(s) it held"
                   + (f"; it held or waited for {locks} lock(s)" if locks else ""))
@@ -363,7 +385,7 @@ class Server:
                 reply = self._request_undecodable(e)
             else:
                 entry = objects.get(oid) if oid is not None else None
-                if entry is not None and meth in entry.exposed:
+                if entry is not None and meth in entry.exposed and entry.durable is None:
                     # the hot path: a call on an exposed method.  On a serial object
                     # the reply is made (serialized) before its lock is released, so
                     # a returned internal value cannot change while it is pickled.
@@ -516,11 +538,15 @@ class Server:
                 "object alive), or the manager restarted. Keep a proxy for as long as the "
                 "object is used, or create the object again.\n")
 
-    def _slow_call(self, info: ConnInfo, oid: Any, meth: str, args: tuple, kwds: dict) -> tuple:
-        """Calls that are not an exposed method: fallbacks and errors."""
+    def _slow_call(self, info: ConnInfo, oid: Any, meth: str, args: tuple, kwds: dict,
+                   durable: bool = True) -> tuple:
+        """Calls that are not an exposed method (fallbacks and errors), and every
+        call on a durable object (`durables`)."""
         entry = self.objects.objects.get(oid)
         if entry is None:
             return (Kind.TRACEBACK, self._gone_text(oid, meth))
+        if durable and entry.durable is not None:
+            return self.durables.call(entry, info, oid, meth, args, kwds)
         obj = entry.obj
         if meth == "#UPDATE_ITEM" and "__setitem__" in entry.exposed:
             try:
@@ -621,13 +647,25 @@ class Server:
         except KeyError:
             raise KeyError(f"typeid {typeid!r} is not registered with this manager; "
                            f"registered: {sorted(self.registry)}") from None
-        callable_, exposed, method_to_typeid, _proxytype = spec[:4]
+        callable_ = spec[0]
         if callable_ is None:
             if kwds or len(args) != 1:
                 raise ValueError("Without callable, must have one non-keyword argument")
             obj = args[0]
         else:
             obj = callable_(*args, **kwds)
+        exposed, attrs, method_to_typeid = self.describe(typeid, spec, obj)
+        serial = getattr(spec, "serial", None)
+        if serial is None:
+            serial = not is_thread_safe(obj)
+        entry = Entry(obj, typeid, frozenset(exposed), method_to_typeid,
+                      threading.Lock() if serial else None, frozenset(attrs))
+        ident = self.objects.add(entry, holder)
+        return ident, exposed, attrs
+
+    def describe(self, typeid: str, spec: Any, obj: Any) -> tuple[tuple, tuple, Any]:
+        """`(exposed, attributes, method_to_typeid)` of a new object of `typeid`."""
+        _callable, exposed, method_to_typeid = spec[:3]
         if exposed is None:
             exposed = public_methods(obj)
         if method_to_typeid is not None:
@@ -638,18 +676,35 @@ class Server:
         exposed = tuple(exposed)
         attrs = tuple(n for n in exposed
                       if hasattr(obj, n) and not callable(getattr(obj, n, None)))
-        serial = getattr(spec, "serial", None)
-        if serial is None:
-            serial = not is_thread_safe(obj)
-        entry = Entry(obj, typeid, frozenset(exposed), method_to_typeid,
-                      threading.Lock() if serial else None, frozenset(attrs))
-        ident = self.objects.add(entry, holder)
-        return ident, exposed, attrs
+        return exposed, attrs, method_to_typeid
 
     # -- control operations (called as `dispatch(conn, None, name, args)`) -------
     def create(self, c: ConnInfo, typeid: str, /, *args: Any, **kwds: Any) -> tuple:
-        """Create a new shared object; return `(id, exposed, attributes)`."""
+        """Create a new shared object; return `(id, exposed, attributes)`.
+
+        `durable=True` (or a mode, `"snapshot"`/`"journal"`) with an optional
+        `name=` makes it durable (`durables`); a typeid registered with
+        `durable=` is always durable.  A `durable=` that is not one of those
+        values is the constructor's own keyword."""
+        mode = durable_option(kwds["durable"]) if "durable" in kwds else None
+        if mode is not None:
+            kwds = dict(kwds)
+            del kwds["durable"]
+            name = kwds.pop("name", None)
+            if mode:
+                return self.durables.create(c.client, typeid, mode, name, args, kwds)
+        elif getattr(self.registry.get(typeid), "durable", None):
+            return self.durables.create(c.client, typeid, True, None, args, kwds)
         return self._new_object(c.client, typeid, args, kwds)
+
+    def reattach(self, c: ConnInfo, idents: list) -> list:
+        """After a restart: this client's proxies to durable objects take their
+        references back; returns the ids that are not here."""
+        return self.durables.reattach(c.client, idents)
+
+    def error_reply(self, e: BaseException) -> tuple:
+        """The reply for an exception a method raised."""
+        return (Kind.ERROR, _with_traceback(e))
 
     def get_methods(self, c: ConnInfo, token: Token) -> tuple:
         return tuple(self.objects.get(token.id).exposed)

@@ -1,0 +1,270 @@
+"""Durable objects in a running manager: the journal wired into the server.
+
+Owns: `DurableObjects`, one per server: the journal (opened at the first
+durable object, or at start when the state directory already holds one),
+recovery at start, creating a durable object or attaching to one by name,
+the call path of a durable object (apply and stage under its lock, wait for
+the commit outside it, exactly once per `(client, request)`), re-sent calls
+(`#RETRY`), re-attaching proxies after a restart, forgetting a client's
+stored replies when its lease ends, and closing the journal.  What a call
+changes and how it replays is `durable.py`'s job; storage is `journal.py`'s.
+
+Rules it keeps:
+- A durable object's id is `D:` + its name, the same in every incarnation of
+  the manager, so a proxy made before a crash finds its object again.
+- A reply leaves the manager only after the call's effect is committed
+  (`Journal.wait`); a read waits for the object's last staged change.
+- A call's key is `(client id, "<session>:<connection>:<request>")`.  A call re-sent
+  after a restart (`#RETRY`) carries the key of its first sending, so it is
+  answered from the stored reply and never applied twice.
+- Holders: a named object is held by the journal (`@durable`) until it is
+  dropped, so a later program attaches to it by name; an unnamed one lives
+  while proxies hold it, like any object, and leaves the journal with its
+  last reference.  After a crash, every recovered object is also held by
+  `@recovered` until the manager shuts down cleanly: its clients come back
+  one by one and re-attach under their own ids (`reattach`).
+- A fresh start (not a restart) drops the unnamed objects an earlier program
+  left in a state directory: no proxy can name them any more.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+from typing import Any
+
+from ..wire.kinds import Kind
+from . import callctx, journal
+from .registry import Entry
+
+__all__ = ["DurableObjects", "DURABLE_PREFIX", "durable_option", "MODES"]
+
+log = logging.getLogger("procshare.durable")
+
+DURABLE_PREFIX = "D:"
+NAMED_HOLDER = "@durable"
+RECOVERED_HOLDER = "@recovered"
+MODES = ("snapshot", "journal")
+
+
+def durable_option(value: Any) -> str | bool | None:
+    """What a `durable=` keyword means: False/None (not durable), True (the
+    typeid's default mode) or a mode name; None for a value that is not a
+    durability option (then the keyword belongs to the constructor)."""
+    if value is True or value is False:
+        return value
+    if isinstance(value, str) and value in MODES:
+        return value
+    return None
+
+
+class DurableObjects:
+    """The durable objects of one server (see the module docstring)."""
+
+    def __init__(self, server: Any, state_dir: str | None, fsync: str = "normal",
+                 fresh: bool = True) -> None:
+        self.server = server
+        self.state_dir = state_dir
+        self.fsync = fsync
+        self.journal: journal.Journal | None = None
+        self._private: str | None = None    # a directory of our own, removed at close
+        self._mu = threading.Lock()
+        if state_dir is not None and os.path.exists(os.path.join(state_dir, journal.FILENAME)):
+            self._open()
+            self._recover(fresh)
+
+    # -- the journal ---------------------------------------------------------------
+    def _open(self) -> journal.Journal:
+        if self.journal is None:
+            if self.state_dir is None:      # a server run by hand, without state_dir=
+                self.state_dir = self._private = journal.private_state_dir()
+            self.journal = journal.Journal(self.state_dir, self.server.authkey,
+                                           fsync=self.fsync)
+        return self.journal
+
+    def _factory(self, typeid: str, args: tuple, kwds: dict) -> Any:
+        spec = self.server.registry.get(typeid)
+        if spec is None or spec[0] is None:
+            raise KeyError(f"typeid {typeid!r} is not registered with this manager (it "
+                           "was when the object was made durable)")
+        return spec[0](*args, **kwds)
+
+    def _recover(self, fresh: bool) -> None:
+        j = self._open()
+        if fresh:
+            for name in j.names():
+                if name.startswith("~"):
+                    j.wait(j.drop(name))    # unnamed, from an earlier program
+        handles = j.recover(self._factory)
+        for name, h in handles.items():
+            holders = [NAMED_HOLDER] if not name.startswith("~") else []
+            if not fresh:
+                holders.append(RECOVERED_HOLDER)
+            if not holders:
+                continue
+            self._register(h, holders[0])
+            for extra in holders[1:]:
+                self.server.objects.incref(extra, DURABLE_PREFIX + name)
+        if handles:
+            self.server.note(f"recovered {len(handles)} durable object(s) from "
+                             f"{j.path}")
+
+    def _register(self, h: journal.Durable, holder: str) -> tuple:
+        server = self.server
+        spec = server.registry.get(h.typeid)
+        exposed, attrs, m2t = server.describe(h.typeid, spec, h.obj)
+        lock = None if h.kind.immediate else threading.Lock()
+        entry = Entry(h.obj, h.typeid, frozenset(exposed), m2t, lock, frozenset(attrs))
+        entry.durable = h
+        ident = server.objects.add(entry, holder, ident=DURABLE_PREFIX + h.name,
+                                   on_drop=self._dropped)
+        return ident, exposed, attrs
+
+    def _dropped(self, entry: Entry) -> None:
+        """The last reference to a durable object went: it leaves the journal."""
+        h = entry.durable
+        j = self.journal
+        if j is None or h is None or h.dropped:
+            return
+        try:
+            j.drop(h.name)
+        except KeyError:
+            pass
+
+    # -- creating ------------------------------------------------------------------
+    def create(self, holder: str, typeid: str, mode: str | bool, name: str | None,
+               args: tuple, kwds: dict) -> tuple:
+        """A new durable object, or the existing one called `name` (a new
+        reference for `holder` either way): `(id, exposed, attributes)`."""
+        server = self.server
+        spec = server.registry.get(typeid)
+        if spec is None:
+            raise KeyError(f"typeid {typeid!r} is not registered with this manager; "
+                           f"registered: {sorted(server.registry)}")
+        if spec[0] is None:
+            raise ValueError(f"typeid {typeid!r} has no callable, so it cannot be durable")
+        if mode is True:    # the typeid's own mode (register(durable=)), else its default
+            mode = getattr(spec, "durable", None)
+            mode = mode if isinstance(mode, str) else None
+        if name is not None and (not isinstance(name, str) or not name or name[0] == "~"):
+            raise ValueError(f"a durable object's name must be a non-empty str not starting "
+                             f"with '~', not {name!r}")
+        with self._mu:
+            j = self._open()
+            h = j.get(name) if name is not None else None
+            if h is not None:
+                if h.typeid != typeid:
+                    raise TypeError(f"the durable object named {name!r} is a {h.typeid!r}, "
+                                    f"not a {typeid!r}")
+                ident = DURABLE_PREFIX + name
+                server.objects.incref(holder, ident)
+                entry = server.objects.get(ident)
+                return ident, tuple(entry.exposed), tuple(entry.attributes)
+            obj = spec[0](*args, **kwds)
+            h = j.create(name if name is not None else "~" + secrets.token_hex(8), typeid, obj,
+                         args=args, kwds=kwds, mode=mode,
+                         mutators=getattr(spec, "mutators", None))
+            if name is not None:
+                got = self._register(h, NAMED_HOLDER)
+                server.objects.incref(holder, got[0])
+            else:
+                got = self._register(h, holder)
+        j.wait(h.last_ticket)       # the object exists for good before anyone hears of it
+        return got
+
+    # -- calls ---------------------------------------------------------------------
+    def call(self, entry: Entry, info: Any, oid: str, meth: str, args: tuple,
+             kwds: dict) -> tuple:
+        """Run one call on a durable object: a reply `(kind, payload)` for the
+        server to send, after the call's effect is committed."""
+        server = self.server
+        h = entry.durable
+        rid = info.call.rid
+        request = f"{info.session}:{info.conn}:{rid}" if rid else None
+        if meth == "#RETRY":
+            conn, rid, meth, args, kwds = args
+            request = f"{info.session}:{int(conn)}:{int(rid)}"
+        if meth not in entry.exposed and meth != "#UPDATE_ITEM":
+            reply = server._slow_call(info, oid, meth, args, kwds, durable=False)
+            self.sync(entry)    # what it read is committed before anyone sees it
+            return reply
+        deadline = callctx.server_state.deadline
+        lock = entry.lock
+        held = False
+        try:
+            if lock is not None:
+                held = lock.acquire(False) or server._enter(entry, info, deadline, oid, meth)
+                if held:
+                    entry.running = meth
+                    entry.owner = threading.get_ident()
+            done = h.call(meth, args, kwds, client=info.client, request=request)
+            reply = None
+            if done.ok:
+                m2t = entry.method_to_typeid
+                if not (m2t and m2t.get(meth)) and done.value is not None:
+                    try:    # serialized under the lock: a returned value cannot change
+                        reply = (server.PACKED, server.serializer.dumps(done.value))
+                    except Exception as e:
+                        reply = server._unserializable(e, oid, meth, done.value)
+        except callctx.DeadlineExpired as e:
+            return (Kind.TIMEOUT, str(e))
+        finally:
+            if held:
+                entry.running = None
+                lock.release()
+        try:
+            self.journal.wait(done.ticket)
+        except journal.JournalBroken as e:
+            return self._broken(e)
+        if not done.ok:
+            if isinstance(done.value, callctx.DeadlineExpired):    # gave up, took nothing
+                return (Kind.TIMEOUT, str(done.value))
+            return server.error_reply(done.value)
+        m2t = entry.method_to_typeid
+        if m2t and m2t.get(meth):
+            return server._proxy_reply(info, m2t[meth], done.value)
+        return (Kind.RETURN, None) if reply is None else reply
+
+    def sync(self, entry: Entry) -> None:
+        """Before a read of the whole object (`#GETVALUE`, repr): its last
+        change is committed."""
+        if self.journal is not None:
+            entry.durable.sync()
+
+    def _broken(self, e: BaseException) -> tuple:
+        self.server.note(f"the journal failed ({e}); the manager restarts to recover it")
+        if self.server.supervised:
+            threading.Timer(0.05, os._exit, (70,)).start()
+        return (Kind.ERROR, e)
+
+    # -- clients -------------------------------------------------------------------
+    def reattach(self, holder: str, idents: list) -> list:
+        """After a restart: `holder` has proxies to these durable objects; give it
+        its references back.  Returns the ids that are not here."""
+        missing = []
+        for ident in idents:
+            if not isinstance(ident, str) or not ident.startswith(DURABLE_PREFIX):
+                continue
+            try:
+                self.server.objects.incref(holder, ident)
+            except KeyError:
+                missing.append(ident)
+        return missing
+
+    def forget_client(self, client: str) -> None:
+        if self.journal is not None:
+            self.journal.forget_client(client)
+
+    def close(self) -> None:
+        """At a clean shutdown: commit and close the journal (a private
+        directory goes with it)."""
+        j, self.journal = self.journal, None
+        if j is not None:
+            try:
+                j.close()
+            except Exception as e:
+                log.warning("closing the journal failed: %r", e)
+        if self._private is not None:
+            journal.remove_private_state_dir(self._private)

@@ -1,0 +1,251 @@
+"""Durable objects: they survive SIGKILLs of the manager with no acknowledged
+write lost and none applied twice, re-attach by name across program runs,
+and their state directory is guarded.  Real SIGKILLs, bounded waits."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import _workers
+import procshare
+from _helpers import poll
+from procshare.server.journal import UnsafeStateDir
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def _kill_and_wait(m, timeout: float = 5.0) -> float:
+    """SIGKILL the manager's server; return when its successor runs."""
+    pid0 = m.pid
+    os.kill(pid0, signal.SIGKILL)
+    t0 = time.monotonic()
+    assert poll(lambda: m.pid != pid0 and not _gone(m.pid), timeout), "no restart"
+    return time.monotonic() - t0
+
+
+@pytest.fixture(params=["fork", "spawn"])
+def mp_ctx(request):
+    return multiprocessing.get_context(request.param)
+
+
+def test_every_builtin_survives_a_sigkill_and_the_others_say_lost(mp_ctx):
+    with procshare.SyncManager(ctx=mp_ctx) as m:
+        d = m.dict({"a": 1}, durable=True)
+        lst = m.list([1, 2], durable=True)
+        s = m.set({1}, durable=True)
+        q = m.Queue(durable=True)
+        jq = m.JoinableQueue(durable=True)
+        ns = m.Namespace(durable=True)
+        v = m.Value("i", 7, durable=True)
+        arr = m.Array("d", [0.5, 1.5], durable=True)
+        plain = m.dict(b=2)
+        d["k"] = "v"
+        del d["a"]
+        lst.append(3)
+        lst[0] = 10
+        s.add(2)
+        q.put("first")
+        q.put("second")
+        assert q.get() == "first"
+        jq.put("job")
+        ns.x = 5
+        v.value = 8
+        arr[1] = 2.5
+        _kill_and_wait(m)
+        t0 = time.monotonic()
+        assert dict(d) == {"k": "v"}
+        assert time.monotonic() - t0 < 2.0
+        assert list(lst) == [10, 2, 3]
+        assert s._getvalue() == {1, 2}
+        assert q.get(timeout=2) == "second" and q.empty()
+        assert jq.get(timeout=2) == "job"
+        jq.task_done()
+        jq.join()
+        assert ns.x == 5 and v.value == 8 and list(arr) == [0.5, 2.5]
+        with pytest.raises(procshare.ObjectLost) as info:
+            plain["b"]
+        assert "durable" in str(info.value)
+        # they go on working, and survive the next crash too
+        d["after"] = 1
+        _kill_and_wait(m)
+        assert dict(d) == {"k": "v", "after": 1}
+
+
+def test_a_registered_durable_class_ends_exactly_right_across_a_crash():
+    """The seed's Counter, registered durable, from 4 processes that each
+    increment 250 times while the manager is SIGKILLed: exactly 1000."""
+    manager_cls = _workers.durable_manager_class()
+    ctx = multiprocessing.get_context("fork")
+    with manager_cls(ctx=ctx) as m:
+        counter = m.Counter()
+        children = [_workers.start_child(ctx, _workers.increment_counter, counter, 250)
+                    for _ in range(4)]
+        assert poll(lambda: counter.get_count() >= 100, 15)
+        _kill_and_wait(m)
+        for c in children:
+            c.result(30)
+        assert counter.get_count() == 1000
+        assert m.restarts == 1
+
+
+def test_chaos_twenty_sigkills_lose_no_acknowledged_write():
+    """Four workers increment a durable Counter, append to a durable list, put
+    and get on a durable Queue and set keys of a durable dict, recording every
+    acknowledged call, while the manager is SIGKILLed 20 times at random."""
+    manager_cls = _workers.durable_manager_class()
+    ctx = multiprocessing.get_context("fork")
+    rng = random.Random(1234)
+    with manager_cls(ctx=ctx, max_restarts=100, restart_window=1.0) as m:
+        counter, lst = m.Counter(), m.list(durable=True)
+        q, d = m.Queue(durable=True), m.dict(durable=True)
+        stop, ops = ctx.Event(), ctx.Value("i", 0)
+        workers = [_workers.start_child(ctx, _workers.chaos_worker, w, counter, lst, q, d,
+                                        stop, ops) for w in range(4)]
+        try:
+            assert poll(lambda: ops.value >= 20, 15)
+            recoveries = []
+            for _ in range(20):
+                before = ops.value
+                time.sleep(rng.uniform(0.0, 0.15))      # a random moment of the workload
+                recoveries.append(_kill_and_wait(m))
+                # the workers go on after each restart (bounded wait)
+                assert poll(lambda b=before: ops.value > b + 4, 10), "the workers stalled"
+        finally:
+            stop.set()
+        results = [w.result(30) for w in workers]
+        assert m.restarts == 20
+        final_count = counter.get_count()
+        final_list = [tuple(x) for x in lst]
+        left = []
+        while not q.empty():
+            left.append(tuple(q.get(timeout=2)))
+        final_dict = d._getvalue()
+    errors = [e for r in results for e in r["errors"]]
+    assert not errors, errors
+    increments = sum(r["inc"] for r in results)
+    appended = [tuple(x) for r in results for x in r["append"]]
+    puts = [tuple(x) for r in results for x in r["put"]]
+    got = [tuple(x) for r in results for x in r["got"]]
+    sets = {k: int(k.split(":")[1]) for r in results for k in r["set"]}
+    assert increments > 100
+    # every acknowledged write is there exactly once, and nothing else
+    assert final_count == increments
+    assert sorted(final_list) == sorted(appended) and len(set(final_list)) == len(final_list)
+    # no queue item lost or delivered twice
+    assert sorted(got + left) == sorted(puts) and len(set(got + left)) == len(puts)
+    assert final_dict == sets
+    assert max(recoveries) < 2.0, recoveries
+
+
+def test_a_named_object_outlives_the_program_with_state_dir(tmp_path):
+    state = tmp_path / "state"
+    with procshare.SyncManager(state_dir=state) as m:
+        results = m.dict(durable=True, name="results")
+        results["run1"] = 42
+        scratch = m.list([1], durable=True)     # unnamed: lives with its proxies
+        scratch.append(2)
+    assert oct(os.stat(state).st_mode & 0o777) == "0o700"
+    with procshare.SyncManager(state_dir=state) as m:
+        again = m.dict(durable=True, name="results")
+        assert dict(again) == {"run1": 42}
+        again["run2"] = 43
+        same = m.dict(durable=True, name="results")
+        assert same._id == again._id and dict(same) == {"run1": 42, "run2": 43}
+        with pytest.raises(procshare.RemoteError, match="is a 'dict', not a 'list'"):
+            m.list(durable=True, name="results")    # errors of create: RemoteError
+        ids = {o["id"] for o in m.objects()}
+        assert ids == {again._id}       # the unnamed list of the first run is gone
+
+
+def test_an_unsafe_state_dir_is_refused(tmp_path):
+    state = tmp_path / "shared"
+    state.mkdir(mode=0o777)
+    os.chmod(state, 0o777)
+    with pytest.raises(UnsafeStateDir) as info:
+        procshare.SyncManager(state_dir=state).start()
+    assert "writable" in str(info.value)
+
+
+def test_a_constructor_keyword_called_durable_is_left_alone():
+    with procshare.SyncManager() as m:
+        assert dict(m.dict(durable="yes")) == {"durable": "yes"}
+        assert dict(m.dict(name="x")) == {"name": "x"}
+        assert dict(m.dict(durable=False, name="n")) == {}
+
+
+def _serve(address: str, state: str, key: str):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "procshare", "serve", address, "--state-dir", state],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=_workers.subprocess_env(PROCSHARE_AUTHKEY=key))
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    line = proc.stdout.readline() if ready else ""
+    if "serving at" not in line:
+        proc.kill()
+        out, err = proc.communicate(timeout=10)
+        pytest.fail(f"procshare serve did not start: {line!r} {err[-2000:]}")
+    assert key not in line
+    return proc
+
+
+def test_serve_keeps_durable_objects_across_its_own_restarts(tmp_path):
+    """`python -m procshare serve ADDRESS --state-dir DIR`: a standalone manager
+    that restarts nothing by itself; run again on the same state dir (after a
+    Ctrl-C or a SIGKILL), it has every durable write."""
+    address, state, key = str(tmp_path / "m.sock"), str(tmp_path / "state"), "s3cret-key"
+    proc = _serve(address, state, key)
+    try:
+        m = procshare.SyncManager(address=address, authkey=key.encode())
+        m.connect()
+        jobs = m.dict(durable=True, name="jobs")
+        for i in range(50):
+            jobs[i] = f"done {i}"
+        proc.send_signal(signal.SIGINT)                 # Ctrl-C: a clean stop
+        assert proc.wait(10) == 0
+        proc = _serve(address, state, key)
+        jobs = m.dict(durable=True, name="jobs")
+        assert len(jobs) == 50 and jobs[49] == "done 49"
+        jobs[50] = "done 50"
+        proc.kill()                                     # SIGKILL: nothing restarts it
+        proc.wait(10)
+        with pytest.raises(procshare.ManagerCrashed):
+            jobs[51] = "lost"
+        proc = _serve(address, state, key)
+        jobs = m.dict(durable=True, name="jobs")
+        assert len(jobs) == 51 and jobs[50] == "done 50"
+        del jobs
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert not os.path.exists(address)
+
+
+def test_a_durable_queue_get_honours_its_deadline_and_takes_nothing():
+    with procshare.SyncManager() as m:
+        q = m.Queue(durable=True)
+        with pytest.raises(procshare.CallTimeout):
+            with procshare.timeout(0.3):
+                q.get()
+        q.put("x")
+        assert q.get(timeout=2) == "x"
