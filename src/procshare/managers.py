@@ -27,7 +27,6 @@ import tempfile
 import threading
 import time
 from multiprocessing import get_context, process, reduction, util
-from multiprocessing import pool as mp_pool
 from multiprocessing.context import ProcessError
 from typing import Any
 
@@ -723,7 +722,7 @@ SyncManager.register("Semaphore", primitives.Semaphore, AcquirerProxy)
 SyncManager.register("BoundedSemaphore", primitives.BoundedSemaphore, AcquirerProxy)
 SyncManager.register("Condition", primitives.Condition, ConditionProxy)
 SyncManager.register("Barrier", primitives.Barrier, BarrierProxy)
-SyncManager.register("Pool", mp_pool.Pool, PoolProxy)
+SyncManager.register("Pool", primitives.Pool, PoolProxy)
 SyncManager.register("list", list, ListProxy)
 SyncManager.register("dict", dict, DictProxy)
 SyncManager.register("set", set, SetProxy)

@@ -1,8 +1,8 @@
 """Manager-hosted synchronization primitives and queues.
 
 Owns: the objects behind `SyncManager.Lock()`, `RLock`, `Semaphore`,
-`BoundedSemaphore`, `Condition`, `Event`, `Barrier`, `Queue` and
-`JoinableQueue`.  They behave like their `threading`/`queue` namesakes, and in
+`BoundedSemaphore`, `Condition`, `Event`, `Barrier`, `Queue`,
+`JoinableQueue` and `Pool`.  They behave like their `threading`/`queue` namesakes, and in
 addition:
 - every blocking operation honours the call's deadline (`callctx.wait_limit`):
   when the deadline passes it raises `DeadlineExpired` *without* having done
@@ -32,6 +32,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from multiprocessing import pool as mp_pool
 from typing import Any
 
 from ..errors import OwnerDiedWarning
@@ -813,3 +814,28 @@ class Queue(queue.Queue):
 
 
 JoinableQueue = Queue
+
+
+#: how long `Pool.terminate` waits for idle workers to exit at their sentinels
+POOL_IDLE_EXIT = 5.0
+
+
+class Pool(mp_pool.Pool):
+    """multiprocessing.pool.Pool whose terminate() does not hang on an idle pool.
+
+    The stdlib's terminate() SIGTERMs the workers while they may hold the
+    pool's queue locks, and then it can wait forever for a lock a killed
+    worker held (cpython#78178, cpython#96995): in a manager, a call that
+    never returns (`with manager.Pool() as pool:` ends with terminate).  With
+    no task outstanding, this terminate first closes the pool and gives its
+    workers `POOL_IDLE_EXIT` seconds to exit at their sentinels, holding
+    nothing; the stdlib's terminate then only cleans up.  With tasks
+    outstanding, or workers that do not exit, it is the stdlib's terminate."""
+
+    def terminate(self) -> None:
+        if self._state == mp_pool.RUN and not self._cache:
+            self.close()
+            end = time.monotonic() + POOL_IDLE_EXIT
+            for p in list(self._pool):
+                p.join(max(0.0, end - time.monotonic()))
+        super().terminate()
