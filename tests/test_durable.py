@@ -249,3 +249,15 @@ def test_a_durable_queue_get_honours_its_deadline_and_takes_nothing():
                 q.get()
         q.put("x")
         assert q.get(timeout=2) == "x"
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_child_whose_first_call_meets_a_restart_waits_for_it(method):
+    """A child that has never connected yet, started while the manager is down,
+    waits for the supervised manager to come back (it knows its socket file)."""
+    ctx = multiprocessing.get_context(method)
+    with procshare.SyncManager(ctx=ctx) as m:
+        d = m.dict({"n": 0}, durable=True)
+        os.kill(m.pid, signal.SIGKILL)
+        _workers.run_child(ctx, _workers.update_item_many, d, 10, timeout=30)
+        assert d["n"] == 10

@@ -207,6 +207,45 @@ def test_call_async_pipelines_in_order(manager):
     del lst, d
 
 
+def test_async_oneway_and_aio_work_on_ray_proxies(manager):
+    """The local backend's pipelining API, unchanged: procshare.async_ futures,
+    procshare.oneway and procshare.aio on a RayManager's proxies."""
+    import asyncio
+
+    counter = manager.Counter()
+    calls = procshare.async_(counter)
+    futures = [calls.increment() for _ in range(200)]
+    assert [f.result(60) for f in futures] == [None] * 200
+    assert calls.get_count().result(30) == 200
+    procshare.oneway(counter).increment()
+    assert poll(lambda: counter.get_count() == 201, 30)
+    d = manager.dict()
+    with pytest.raises(KeyError):
+        procshare.async_(d).__getitem__("missing").result(30)
+    q = manager.Queue()
+    with pytest.raises(procshare.CallTimeout):
+        procshare.async_(q, timeout=0.3).get().result(10)
+
+    async def main():
+        p = procshare.aio.wrap(counter)
+        await asyncio.gather(*(p.increment() for _ in range(50)))
+        return await p.get_count()
+
+    assert asyncio.run(main()) == 251
+
+    async def cancelled_get():
+        task = asyncio.ensure_future(procshare.aio.wrap(q).get())
+        await asyncio.sleep(0.5)            # the get waits in the queue's actor
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled_get())
+    q.put("kept")                           # the cancelled get took nothing
+    assert q.get(timeout=10) == "kept"
+    counter = calls = futures = d = q = None   # give back what the test created
+
+
 # -- durable objects ----------------------------------------------------------------------------------
 
 def test_durable_dict_and_counter_survive_a_worker_kill(ray_cluster, rw, tmp_path):
@@ -550,3 +589,14 @@ def test_queue_module_exceptions_cross(manager):
     with pytest.raises(queue.Full):
         q.put_nowait(2)
     del q
+
+
+def test_demo_ray_scene(ray_cluster):
+    """`python -m procshare demo ray`: the seed's Counter from 4 Ray tasks, exact."""
+    import io
+
+    from procshare.cli import demo
+
+    out = io.StringIO()
+    assert demo.run(["ray"], compare_stdlib=False, out=out) == 0, out.getvalue()
+    assert "final count 4000 (expected 4000)" in out.getvalue()

@@ -297,8 +297,12 @@ class _Calls:
 
         timeout_, want_reply = self._timeout, self._want_reply
 
+        submit = getattr(proxy._session, "submit_pipelined", None)
+
         def call(*args: Any, **kwds: Any) -> Any:
             timeout = proxy._deadline_for(timeout_)
+            if submit is not None:      # a session with pipelining of its own (Ray)
+                return submit(proxy, name, args, kwds, timeout, want_reply)
             return _pipe(proxy).submit(proxy, name, args, kwds, timeout, want_reply)
         call.__name__ = name
         self.__dict__[name] = call      # the next lookup finds it without __getattr__

@@ -45,6 +45,7 @@ import logging
 import os
 import secrets
 import socket
+import stat
 import threading
 import time
 import weakref
@@ -83,6 +84,16 @@ _NAN = NO_DEADLINE
 _CALL = Kind.CALL
 _monotonic = time.monotonic
 _MAX_STALE = 8      # abandoned connections kept for reuse, per session
+
+
+def _is_socket_file(address: Any) -> bool:
+    """Is `address` a Unix socket path whose file exists?"""
+    if not isinstance(address, str) or address[:1] in ("", "\0"):
+        return False
+    try:
+        return stat.S_ISSOCK(os.stat(address).st_mode)
+    except OSError:
+        return False
 
 
 def _new_client_id() -> str:
@@ -297,9 +308,11 @@ class Session:
         self.live = 0                         # proxies of this process using the session
         self.server_pid: int | None = None
         self.incarnation: int | None = None   # the manager's restart count, from its hello
-        self.boot: str | None = None          # the server process's own id, from its hello
-        self.supervised = False               # it will be restarted if it dies
-        self.epoch = 0                        # +1 each time the manager came back
+        # the server process's own id, from its hello (a forked child keeps its parent's)
+        self.boot: str | None = getattr(self, "boot", None)
+        # it will be restarted if it dies (a forked child keeps what its parent knew)
+        self.supervised = getattr(self, "supervised", False)
+        self.epoch = getattr(self, "epoch", 0)   # +1 each time the manager came back
         self.closed = False
         self._numbers = itertools.count(1)    # connection numbers (the manager's cancel key)
         self.token = secrets.token_hex(4)     # with them, the key of a durable call
@@ -409,7 +422,11 @@ class Session:
             try:
                 return transport.connect(self.address, timeout=20.0)
             except (ConnectionRefusedError, FileNotFoundError, ConnectionResetError) as e:
-                if (not self.supervised or getattr(_no_recover, "on", False)
+                # never connected yet (a spawned child, say): a socket file that
+                # refuses is a server that died there, and it may be restarting
+                may_return = self.supervised or (self.boot is None and _is_socket_file(
+                    self.address))
+                if (not may_return or getattr(_no_recover, "on", False)
                         or isinstance(e, FileNotFoundError)
                         or self.address in shut_down_managers):
                     raise self.crashed(e) from None
@@ -495,7 +512,13 @@ class Session:
                 # is gone, so it is only replaced once it is already broken
                 c = self.control = self._open("control")
             try:
-                kind, result = c.call(None, meth, args, {}, timeout)
+                try:
+                    kind, result = c.call(None, meth, args, {}, timeout)
+                except ObjectLost:
+                    # the manager restarted under the old control connection, and
+                    # recover() opened one to the new server: a manager operation
+                    # (a loan of a durable object, say) is sent again there
+                    kind, result = self._control_conn().call(None, meth, args, {}, timeout)
             except TimeoutError:
                 raise call_timeout(None, meth, timeout, False, session=self) from None
         if kind == Kind.RETURN:

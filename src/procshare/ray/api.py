@@ -4,10 +4,10 @@ Owns: `call_async(proxy, method, *args)` (a `concurrent.futures.Future` of
 the result, on top of Ray object refs) and `actor_info(proxy)`.
 
 Rules it keeps:
-- A future resolves exactly as `proxy._callmethod` would return or raise:
-  the same reply handling (`raise_reply`), the same CallTimeout text, the same
-  deadline precedence (`timeout=`, `procshare.timeout()`, the proxy's, the
-  manager's).
+- A future resolves exactly as `proxy._callmethod` would return or raise
+  (`RaySession.submit_pipelined`, which `procshare.async_` uses too), with
+  the same deadline precedence (`timeout=`, `procshare.timeout()`, the
+  proxy's, the manager's).
 - Nothing here blocks Ray's callback thread: futures resolve from it with
   values only.
 """
@@ -18,8 +18,6 @@ import concurrent.futures
 from typing import Any
 
 from ..client import scope
-from ..client.replies import call_timeout, raise_reply
-from ..wire.kinds import Kind
 from .session import RaySession
 
 __all__ = ["call_async", "actor_info"]
@@ -47,31 +45,7 @@ def call_async(proxy: Any, methodname: str, /, *args: Any, timeout: Any = _UNSET
         timeout = scope.scoped_timeout()
         if timeout is _UNSET:
             timeout = proxy._timeout if proxy._timeout is not _UNSET else None
-    raw = session.call_async(proxy._id, methodname, args, kwds, timeout)
-    out: concurrent.futures.Future = concurrent.futures.Future()
-
-    def done(f: concurrent.futures.Future) -> None:
-        failed = f.exception()      # not raised here (see RaySession.call_async)
-        if isinstance(failed, TimeoutError):    # the deadline passed; it may still complete
-            out.set_exception(call_timeout(proxy, methodname, timeout, False))
-            return
-        if failed is not None:
-            out.set_exception(failed)
-            return
-        kind, payload = f.result()
-        try:
-            if kind == Kind.RETURN:
-                out.set_result(payload)
-            elif kind == Kind.PROXY:
-                out.set_result(proxy._rebuild_returned(payload))
-            else:
-                out.set_result(raise_reply(kind, payload, proxy, methodname, timeout))
-        except BaseException as e:
-            # without this callback's frames: they hold the proxy (and the future)
-            out.set_exception(e.with_traceback(None))
-
-    raw.add_done_callback(done)
-    return out
+    return session.submit_pipelined(proxy, methodname, args, kwds, timeout)
 
 
 def actor_info(proxy: Any) -> dict:

@@ -46,6 +46,7 @@ import os
 import platform
 import threading
 import time
+import weakref
 from multiprocessing import util as mp_util
 from typing import Any
 
@@ -54,7 +55,7 @@ from ray import exceptions as rex
 
 from .. import errors
 from ..client import session as core_session
-from ..client.replies import raise_reply
+from ..client.replies import call_timeout, raise_reply
 from ..client.session import client_id
 from ..wire.kinds import Kind
 from . import cluster
@@ -358,6 +359,61 @@ class RaySession:
         return errors.manager_crashed(self.address, cause)
 
     # -- pipelined calls ------------------------------------------------------------------------
+    def submit_pipelined(self, proxy: Any, methodname: str, args: tuple, kwds: dict,
+                         timeout: float | None,
+                         want_reply: bool = True) -> concurrent.futures.Future | None:
+        """`procshare.async_(proxy).method(...)` (and `call_async`) on a proxy of a
+        Ray manager: a Future that resolves exactly as `proxy._callmethod` would
+        return or raise.  `want_reply=False` (`procshare.oneway`): None."""
+        raw = self.call_async(proxy._id, methodname, args, kwds, timeout)
+        if not want_reply:
+            return None
+        out: concurrent.futures.Future = concurrent.futures.Future()
+
+        def done(f: concurrent.futures.Future) -> None:
+            try:
+                settle(f)
+            except concurrent.futures.InvalidStateError:
+                pass        # cancelled by its caller meanwhile: nobody wants the outcome
+
+        def settle(f: concurrent.futures.Future) -> None:
+            if out.done():              # cancelled by its caller: nobody wants the outcome
+                return
+            failed = f.exception()      # not raised here (see call_async)
+            if isinstance(failed, TimeoutError):    # the deadline passed; it may still complete
+                out.set_exception(call_timeout(proxy, methodname, timeout, False))
+                return
+            if failed is not None:
+                out.set_exception(failed)
+                return
+            kind, payload = f.result()
+            try:
+                if kind == RETURN:
+                    out.set_result(payload)
+                elif kind == Kind.PROXY:
+                    out.set_result(proxy._rebuild_returned(payload))
+                else:
+                    out.set_result(raise_reply(kind, payload, proxy, methodname, timeout))
+            except concurrent.futures.InvalidStateError:
+                raise
+            except BaseException as e:
+                # without this callback's frames: they hold the proxy (and the future)
+                out.set_exception(e.with_traceback(None))
+
+        raw.add_done_callback(done)
+
+        pending = weakref.ref(raw)     # alive while Ray still runs the call
+
+        def cancelled(f: concurrent.futures.Future) -> None:
+            # an asyncio task that awaited it was cancelled: so is the actor's call
+            call = pending()
+            ref = getattr(call, "ray_ref", None)
+            if f.cancelled() and ref is not None and not call.done():
+                _cancel(ref)
+
+        out.add_done_callback(cancelled)
+        return out
+
     def call_async(self, oid: str, meth: str, args: tuple, kwds: dict,
                    timeout: float | None) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -394,6 +450,7 @@ class RaySession:
                 _background(lambda: _resolve(fut, lambda: self._retry_or_fail(
                     oid, meth, args, kwds, left, ctx, failed)))
 
+        fut.ray_ref = ref       # so that cancelling the caller's future can cancel it
         ref.future().add_done_callback(done)
         if timeout is not None:
             self._at(_monotonic() + timeout, lambda: self._async_deadline(fut, ref, meth))
