@@ -73,7 +73,10 @@ multiprocessing.util.Finalize(
 IMPL_IDS = tuple(i for i in os.environ.get("PROCSHARE_TEST_IMPLS", "stdlib,procshare").split(",")
                  if i in ("stdlib", "procshare")) or ("stdlib", "procshare")
 # Parity tests run under every start method Linux has.
-START_METHODS = ("fork", "spawn", "forkserver")
+# CI's runs on the other Pythons may narrow them (PROCSHARE_TEST_START_METHODS).
+START_METHODS = tuple(m for m in os.environ.get(
+    "PROCSHARE_TEST_START_METHODS", "fork,spawn,forkserver").split(",")
+    if m in ("fork", "spawn", "forkserver")) or ("fork", "spawn", "forkserver")
 # Other test files that use the ``ctx`` fixture (e.g. test_locks.py) keep to
 # fork and spawn: a third method would add its minutes to every CI run on
 # every Python, for scenarios whose start-method coverage is the parity

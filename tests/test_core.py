@@ -3,6 +3,7 @@ counting and loans, references across fork and process death, bad frames."""
 
 from __future__ import annotations
 
+import gc
 import math
 import multiprocessing
 import os
@@ -129,6 +130,7 @@ def test_fork_loan_copies_every_reference():
 
 
 def _count_after(manager, expected, limit=3.0):
+    gc.collect()    # a dropped proxy caught in a reference cycle goes only with it
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         n = manager._number_of_objects()
@@ -181,7 +183,7 @@ def test_plain_os_fork_child_adopts_inherited_references():
         assert os.waitstatus_to_exitcode(status) == 0
         os.close(r)
         os.close(w)
-        assert _count_after(m, 0) == 0            # the child's exit released it
+        assert _count_after(m, 0) == 0, m.objects()   # the child's exit released it
 
 
 def test_update_item_is_atomic_across_processes():
@@ -336,3 +338,20 @@ def test_large_message_with_a_proxy_leaves_no_loan_behind():
         assert _count_after(m, 1) == 1             # the list went with its last holder
         held = {h for o in m.objects() for h in o["holders"]}
         assert not any(h.startswith("loan:") for h in held)
+
+
+def test_an_idle_pool_ends_cleanly_by_terminate_and_by_its_last_proxy():
+    """The manager's Pool lets idle workers exit before the stdlib's terminate
+    (cpython#78178: it can hang when it SIGTERMs a worker holding a queue lock),
+    both through terminate() and when its last proxy is dropped."""
+    from _helpers import poll
+
+    with procshare.SyncManager() as m:
+        for _ in range(3):
+            with m.Pool(2) as pool:
+                assert pool.map(_workers.square, range(6)) == [x * x for x in range(6)]
+            pool = m.Pool(2)
+            assert pool.apply(_workers.square, (7,)) == 49
+            del pool
+            gc.collect()            # a proxy in a reference cycle goes only with it
+            assert poll(lambda: not m.objects(), 10), m.objects()

@@ -28,38 +28,12 @@ import procshare
 import procshare.managers as managers
 
 from .scenes import Demo, get_scene, list_scenes, run, run_workers, scene  # noqa: F401
+from .seed import Counter, SlowCounter  # the seed's classes (demo_ray uses them too)
+
 
 # --------------------------------------------------------------------------------------------
 # Scene 1: the shared counter
 # --------------------------------------------------------------------------------------------
-
-
-class Counter:
-    """The seed document's Counter, unchanged."""
-
-    def __init__(self):
-        self.count = 0
-
-    def increment(self):
-        self.count += 1
-
-    def get_count(self):
-        return self.count
-
-
-class SlowCounter(Counter):
-    """The same Counter, with an increment that lets other threads run in the middle.
-
-    Real methods do this all the time: they log, take a lock, touch a file. Each one is a
-    moment where another call on the same object can slip in.
-    """
-
-    def increment(self):
-        value = self.count
-        time.sleep(0)  # yield to other threads, as any I/O would
-        self.count = value + 1
-
-
 class CounterManager(managers.BaseManager):
     """The seed's ``MyManager``, on procshare."""
 

@@ -64,7 +64,7 @@ def ray_scene(demo: Demo) -> bool:
         demo.result("Ray", f"not installed here ({e}): pip install 'procshare[ray]', then "
                            "python -m procshare demo ray", None)
         return True
-    from .demo import Counter
+    from .seed import Counter
 
     class CounterManager(RayManager):
         pass

@@ -74,6 +74,11 @@ __all__ = ["Connection", "Client", "Session", "get_session", "client_id"]
 
 log = logging.getLogger("procshare.client")
 
+#: control operations sent again to a manager that restarted while they were in
+#: flight: each is harmless if the first one had arrived
+_RESENDABLE = frozenset({"loan", "incref", "adopt", "cancel", "dummy", "object_state",
+                         "number_of_objects", "list_objects", "clients", "locks",
+                         "debug_info", "server_info", "get_methods"})
 #: how long a client keeps reconnecting to a supervised manager that restarts
 RECONNECT = 5.0
 #: how long the client waits for the manager to answer a cancel at a deadline,
@@ -230,7 +235,7 @@ class Connection:
         """The error for a call whose connection broke: ObjectLost (without the
         object's details, which the proxy adds) if a supervised manager came
         back as a new incarnation, else ManagerCrashed."""
-        if self.epoch != self.session.epoch or self.session.recover():
+        if self.epoch != self.session.epoch or self.session.recover(self.epoch):
             return ObjectLost("the manager restarted; the call's object did not survive")
         return self.session.crashed(cause)
 
@@ -372,11 +377,12 @@ class Session:
         self.supervised = bool(info.get("supervised"))
         incarnation = info.get("incarnation", 0)
         boot = info.get("boot")
-        if boot != self.boot:       # another server process: it restarted
-            if self.boot is not None:
-                self._restarted(incarnation)
-            self.boot = boot
-        self.incarnation = incarnation
+        with self.lock:                 # one thread notices a restart, once
+            if boot != self.boot:       # another server process: it restarted
+                if self.boot is not None:
+                    self._restarted(incarnation)
+                self.boot = boot
+            self.incarnation = incarnation
         if role == "control":
             _goodbye_at_exit()
         conn = Connection(ch, self.serializer, self, no)
@@ -388,7 +394,7 @@ class Session:
         """On the first control connection to a restarted manager: take back
         the references of this process's proxies to durable objects."""
         self.reattach_due = False
-        idents = [i for i, n in list(self.durable.items()) if n > 0]
+        idents = [(i, n) for i, n in list(self.durable.items()) if n > 0]
         if not idents:
             return
         try:
@@ -454,13 +460,16 @@ class Session:
                 c.close()
         self.epoch += 1     # per-thread connections from before are stale
 
-    def recover(self) -> bool:
-        """A connection to a supervised manager broke: wait (up to RECONNECT
-        seconds) for it to come back.  True if it did, as a new incarnation."""
+    def recover(self, epoch: int | None = None) -> bool:
+        """A connection (made in `epoch`) to a supervised manager broke: wait (up
+        to RECONNECT seconds) for it to come back.  True if it did, as a new
+        incarnation (maybe noticed by another thread meanwhile)."""
         if not self.supervised or getattr(_no_recover, "on", False):
             return False
-        before = self.boot
         with self.lock:
+            if epoch is not None and epoch != self.epoch:
+                return True         # another thread saw the restart already
+            before = self.boot
             if self.control is not None:
                 self.control.close()
                 self.control = None
@@ -516,8 +525,10 @@ class Session:
                     kind, result = c.call(None, meth, args, {}, timeout)
                 except ObjectLost:
                     # the manager restarted under the old control connection, and
-                    # recover() opened one to the new server: a manager operation
-                    # (a loan of a durable object, say) is sent again there
+                    # recover() opened one to the new server: an operation that is
+                    # harmless twice (a loan of a durable object, say) is sent again
+                    if meth not in _RESENDABLE:
+                        raise
                     kind, result = self._control_conn().call(None, meth, args, {}, timeout)
             except TimeoutError:
                 raise call_timeout(None, meth, timeout, False, session=self) from None
@@ -565,8 +576,9 @@ class Session:
 
     def control_send(self, meth: str, *args: Any) -> None:
         """Fire-and-forget (no reply); errors are ignored: used for decref, often
-        from a finalizer, so it never waits for a manager to come back (one that
-        restarted has lost the references anyway)."""
+        from a finalizer, so it never waits for a manager to come back (a
+        restarted one lost the references of other objects anyway, and holds
+        durable ones until its clean shutdown)."""
         was = getattr(_no_recover, "on", False)
         _no_recover.on = True
         try:

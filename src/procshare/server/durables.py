@@ -17,12 +17,17 @@ Rules it keeps:
 - A call's key is `(client id, "<session>:<connection>:<request>")`.  A call re-sent
   after a restart (`#RETRY`) carries the key of its first sending, so it is
   answered from the stored reply and never applied twice.
-- Holders: a named object is held by the journal (`@durable`) until it is
-  dropped, so a later program attaches to it by name; an unnamed one lives
-  while proxies hold it, like any object, and leaves the journal with its
-  last reference.  After a crash, every recovered object is also held by
-  `@recovered` until the manager shuts down cleanly: its clients come back
-  one by one and re-attach under their own ids (`reattach`).
+- Holders: a named object is held by the journal (`@durable`) for good, so
+  a later program attaches to it by name (and waits for its creation to be
+  committed); an unnamed one lives while proxies hold it, like any object,
+  and leaves the journal with its last reference.  After a crash, every
+  recovered object is also held by `@recovered` until the manager shuts
+  down cleanly: its clients come back one by one and re-attach under their
+  own ids, one reference per proxy (`reattach`); so an unnamed object that
+  lived through a crash stays until then.
+- A journal that fails (`JournalError`) costs the call, never the
+  connection; a broken one (`JournalBroken`) makes a supervised manager exit,
+  so that its successor recovers from the file.
 - A fresh start (not a restart) drops the unnamed objects an earlier program
   left in a state directory: no proxy can name them any more.
 """
@@ -104,7 +109,11 @@ class DurableObjects:
                 holders.append(RECOVERED_HOLDER)
             if not holders:
                 continue
-            self._register(h, holders[0])
+            try:
+                self._register(h, holders[0])
+            except journal.JournalError as e:
+                self.server.note(str(e))
+                continue
             for extra in holders[1:]:
                 self.server.objects.incref(extra, DURABLE_PREFIX + name)
         if handles:
@@ -114,6 +123,10 @@ class DurableObjects:
     def _register(self, h: journal.Durable, holder: str) -> tuple:
         server = self.server
         spec = server.registry.get(h.typeid)
+        if spec is None:
+            raise journal.JournalError(
+                f"durable object {h.name!r} is a {h.typeid!r}, which this manager does not "
+                "register any more: register it again (it was skipped)")
         exposed, attrs, m2t = server.describe(h.typeid, spec, h.obj)
         lock = None if h.kind.immediate else threading.Lock()
         entry = Entry(h.obj, h.typeid, frozenset(exposed), m2t, lock, frozenset(attrs))
@@ -161,17 +174,18 @@ class DurableObjects:
                 ident = DURABLE_PREFIX + name
                 server.objects.incref(holder, ident)
                 entry = server.objects.get(ident)
-                return ident, tuple(entry.exposed), tuple(entry.attributes)
-            obj = spec[0](*args, **kwds)
-            h = j.create(name if name is not None else "~" + secrets.token_hex(8), typeid, obj,
-                         args=args, kwds=kwds, mode=mode,
-                         mutators=getattr(spec, "mutators", None))
-            if name is not None:
-                got = self._register(h, NAMED_HOLDER)
-                server.objects.incref(holder, got[0])
+                got = ident, tuple(entry.exposed), tuple(entry.attributes)
             else:
-                got = self._register(h, holder)
-        j.wait(h.last_ticket)       # the object exists for good before anyone hears of it
+                obj = spec[0](*args, **kwds)
+                h = j.create(name if name is not None else "~" + secrets.token_hex(8), typeid,
+                             obj, args=args, kwds=kwds, mode=mode,
+                             mutators=getattr(spec, "mutators", None))
+                if name is not None:
+                    got = self._register(h, NAMED_HOLDER)
+                    server.objects.incref(holder, got[0])
+                else:
+                    got = self._register(h, holder)
+        h.sync()        # the object exists for good before anyone hears of it
         return got
 
     # -- calls ---------------------------------------------------------------------
@@ -188,7 +202,10 @@ class DurableObjects:
             request = f"{info.session}:{int(conn)}:{int(rid)}"
         if meth not in entry.exposed and meth != "#UPDATE_ITEM":
             reply = server._slow_call(info, oid, meth, args, kwds, durable=False)
-            self.sync(entry)    # what it read is committed before anyone sees it
+            try:
+                self.sync(entry)    # what it read is committed before anyone sees it
+            except journal.JournalError as e:
+                return self._broken(e)
             return reply
         deadline = callctx.server_state.deadline
         lock = entry.lock
@@ -199,7 +216,10 @@ class DurableObjects:
                 if held:
                     entry.running = meth
                     entry.owner = threading.get_ident()
-            done = h.call(meth, args, kwds, client=info.client, request=request)
+            try:
+                done = h.call(meth, args, kwds, client=info.client, request=request)
+            except journal.JournalError as e:
+                return self._broken(e)
             reply = None
             if done.ok:
                 m2t = entry.method_to_typeid
@@ -216,7 +236,7 @@ class DurableObjects:
                 lock.release()
         try:
             self.journal.wait(done.ticket)
-        except journal.JournalBroken as e:
+        except journal.JournalError as e:
             return self._broken(e)
         if not done.ok:
             if isinstance(done.value, callctx.DeadlineExpired):    # gave up, took nothing
@@ -234,27 +254,35 @@ class DurableObjects:
             entry.durable.sync()
 
     def _broken(self, e: BaseException) -> tuple:
-        self.server.note(f"the journal failed ({e}); the manager restarts to recover it")
-        if self.server.supervised:
+        """The journal failed: memory may be ahead of the file.  A supervised
+        manager exits so that its successor recovers from the file."""
+        if isinstance(e, journal.JournalBroken) and self.server.supervised:
+            self.server.note(f"the journal failed ({e}); the manager restarts to recover it")
             threading.Timer(0.05, os._exit, (70,)).start()
-        return (Kind.ERROR, e)
+        else:
+            self.server.note(f"a durable call failed in the journal: {e}")
+        return self.server.error_reply(e)
 
     # -- clients -------------------------------------------------------------------
-    def reattach(self, holder: str, idents: list) -> list:
-        """After a restart: `holder` has proxies to these durable objects; give it
-        its references back.  Returns the ids that are not here."""
+    def reattach(self, holder: str, held: list) -> list:
+        """After a restart: `holder` has `n` proxies to each durable object of
+        `held` (`[(id, n)]`); give it its references back.  Returns the ids
+        that are not here."""
         missing = []
-        for ident in idents:
+        for item in held:
+            ident, n = item if isinstance(item, (tuple, list)) else (item, 1)
             if not isinstance(ident, str) or not ident.startswith(DURABLE_PREFIX):
                 continue
             try:
-                self.server.objects.incref(holder, ident)
+                for _ in range(max(1, min(int(n), 1 << 20))):
+                    self.server.objects.incref(holder, ident)
             except KeyError:
                 missing.append(ident)
         return missing
 
     def forget_client(self, client: str) -> None:
-        if self.journal is not None:
+        """`client` is gone for good: its stored replies go (if it has any)."""
+        if self.journal is not None and self.journal.has_replies(client):
             self.journal.forget_client(client)
 
     def close(self) -> None:

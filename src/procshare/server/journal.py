@@ -45,7 +45,7 @@ Rules it keeps:
   row, so a reply never shows a value that a crash could still take back.
 - Replies kept: for each client, the replies of its last `keep_replies`
   mutating calls that had an effect, until `forget_client` (remembered in
-  the `forgotten` table while rows of that client remain).  A re-sent call
+  the `forgotten` table while rows of that client remain; `has_replies`).  A re-sent call
   that is still running waits for the first one and gets its reply.
 - A log row is deleted once it holds nothing needed (its effects are covered
   by a snapshot, its reply was evicted or it had none), in batches of
@@ -929,6 +929,13 @@ class Journal:
         if self._running_waiters:
             with self._mu:
                 self._running_cv.notify_all()
+
+    def has_replies(self, client: str) -> bool:
+        """Does the journal keep (or is about to keep) replies of `client`?"""
+        if client in self._order:
+            return True
+        with self._mu:
+            return any(k[0] == client for k in self._pending_replies)
 
     def forget_client(self, client: str) -> None:
         """Drop the stored replies of a client that is gone for good (in the

@@ -2,8 +2,9 @@
 
 Owns: the objects behind `SyncManager.Lock()`, `RLock`, `Semaphore`,
 `BoundedSemaphore`, `Condition`, `Event`, `Barrier`, `Queue`,
-`JoinableQueue` and `Pool`.  They behave like their `threading`/`queue` namesakes, and in
-addition:
+`JoinableQueue`, which behave like their `threading`/`queue` namesakes, and in
+addition (`Pool` is the stdlib's, with a termination that cannot hang on an idle
+pool):
 - every blocking operation honours the call's deadline (`callctx.wait_limit`):
   when the deadline passes it raises `DeadlineExpired` *without* having done
   anything, so a timed-out `get` loses no item and a timed-out `acquire` leaves
@@ -24,7 +25,9 @@ Rules it keeps:
   lock table is entered only to wait (see `locktable` for the lock order).
 - A server thread acting for a client that is gone never ends up owning a
   lock: it checks after every wakeup, under the primitive's mutex.
-- Objects of this module run concurrently in the server (`_procshare_concurrent_`).
+- Objects of this module run concurrently in the server (`_procshare_concurrent_`,
+  or as a thread-safe stdlib type); `Pool` keeps the stdlib's methods and
+  only makes its termination safe.
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ import queue
 import threading
 import time
 from multiprocessing import pool as mp_pool
+from multiprocessing import util as mp_util
 from typing import Any
 
 from ..errors import OwnerDiedWarning
 from ..stdtypes import check_acquire_args
 from . import locktable
 from .callctx import (
+    Cancelled,
     DeadlineExpired,
     caller,
     check_cancelled,
@@ -658,8 +663,10 @@ class Barrier(threading.Barrier):
         try:
             return super().wait(limit if by_deadline else timeout)
         except threading.BrokenBarrierError:
-            check_cancelled(call, "Barrier.wait (like a timed-out threading.Barrier.wait, "
-                                  "this broke the barrier)")
+            if call is not None and call.cancel_rid == call.rid:
+                raise Cancelled("Barrier.wait: the client abandoned the call; like a "
+                                "timed-out threading.Barrier.wait, this broke the barrier"
+                                ) from None
             died = self._ps_died
             if died is not None:
                 raise threading.BrokenBarrierError(
@@ -821,21 +828,37 @@ POOL_IDLE_EXIT = 5.0
 
 
 class Pool(mp_pool.Pool):
-    """multiprocessing.pool.Pool whose terminate() does not hang on an idle pool.
+    """multiprocessing.pool.Pool whose termination does not hang on an idle pool.
 
     The stdlib's terminate() SIGTERMs the workers while they may hold the
     pool's queue locks, and then it can wait forever for a lock a killed
     worker held (cpython#78178, cpython#96995): in a manager, a call that
-    never returns (`with manager.Pool() as pool:` ends with terminate).  With
-    no task outstanding, this terminate first closes the pool and gives its
-    workers `POOL_IDLE_EXIT` seconds to exit at their sentinels, holding
-    nothing; the stdlib's terminate then only cleans up.  With tasks
-    outstanding, or workers that do not exit, it is the stdlib's terminate."""
+    never returns (`with manager.Pool() as pool:` ends with terminate), or a
+    connection thread stuck when the last proxy goes.  Here, termination of a
+    pool with no task outstanding (terminate(), or the pool's finalizer when
+    its last reference goes) first lets the workers exit at their sentinels,
+    holding nothing, for up to `POOL_IDLE_EXIT` seconds; the stdlib's
+    termination then only cleans up.  With tasks outstanding, or workers that
+    do not exit, it is the stdlib's.  Unlike the other objects here, a Pool's
+    methods do not watch the call's deadline: they are the stdlib's."""
 
-    def terminate(self) -> None:
-        if self._state == mp_pool.RUN and not self._cache:
-            self.close()
-            end = time.monotonic() + POOL_IDLE_EXIT
-            for p in list(self._pool):
-                p.join(max(0.0, end - time.monotonic()))
-        super().terminate()
+    def __init__(self, *args: Any, **kwds: Any) -> None:
+        super().__init__(*args, **kwds)
+        stdlib = self._terminate
+        args = stdlib._args                 # cancel() forgets them
+        stdlib.cancel()
+        self._terminate = mp_util.Finalize(self, _terminate_idle_first, args=args,
+                                           exitpriority=15)
+
+
+def _terminate_idle_first(taskqueue: Any, inqueue: Any, outqueue: Any, pool: list,
+                          change_notifier: Any, worker_handler: Any, task_handler: Any,
+                          result_handler: Any, cache: Any) -> None:
+    if not cache and worker_handler._state == mp_pool.RUN:
+        worker_handler._state = mp_pool.CLOSE      # as close(): sentinels to the workers
+        change_notifier.put(None)
+        end = time.monotonic() + POOL_IDLE_EXIT
+        for p in list(pool):
+            p.join(max(0.0, end - time.monotonic()))
+    mp_pool.Pool._terminate_pool(taskqueue, inqueue, outqueue, pool, change_notifier,
+                                 worker_handler, task_handler, result_handler, cache)

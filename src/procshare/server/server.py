@@ -18,8 +18,8 @@ Rules it keeps:
   references are released (and its locks, see `locktable`).
 - A call on a durable object (`durables`) leaves the hot path: it is
   journaled and its reply waits for the commit; `create(..., durable=...)`
-  and registered durable types make such objects.  Everything else never
-  touches the journal.
+  and registered durable types make such objects.  Other calls never touch
+  the journal (a client's end drops its stored replies, if it has any).
 - Manager operations (`create`, `decref`, ...) are dispatched through
   `control_table()`, built once per class from `public`, never by `getattr`
   on a name a peer sent.
@@ -684,14 +684,15 @@ class Server:
 
         `durable=True` (or a mode, `"snapshot"`/`"journal"`) with an optional
         `name=` makes it durable (`durables`); a typeid registered with
-        `durable=` is always durable.  A `durable=` that is not one of those
-        values is the constructor's own keyword."""
+        `durable=` is durable unless the call says `durable=False`.  A
+        `durable=` that is not one of those values, and `name=` without a true
+        `durable=`, are the constructor's own keywords."""
         mode = durable_option(kwds["durable"]) if "durable" in kwds else None
         if mode is not None:
             kwds = dict(kwds)
             del kwds["durable"]
-            name = kwds.pop("name", None)
             if mode:
+                name = kwds.pop("name", None)
                 return self.durables.create(c.client, typeid, mode, name, args, kwds)
         elif getattr(self.registry.get(typeid), "durable", None):
             return self.durables.create(c.client, typeid, True, None, args, kwds)

@@ -30,6 +30,7 @@ Rules it keeps:
 from __future__ import annotations
 
 import os
+import secrets
 import select
 import socket
 import stat
@@ -323,9 +324,10 @@ class Listener:
         beside = None
         if (replace_stale and family == socket.AF_UNIX and isinstance(address, str)
                 and address[:1] != "\0" and _is_stale_socket(address)):
-            beside = f"{address}.{os.getpid()}.new"
+            beside = os.path.join(os.path.dirname(address) or ".",
+                                  f".ps-{os.getpid()}-{secrets.token_hex(3)}")
             if len(os.fsencode(beside)) > UNIX_PATH_MAX:
-                beside = None
+                beside = None       # no room for a name beside it: a moment without one
                 cleanup_address(address)
         try:
             if family != socket.AF_UNIX:
