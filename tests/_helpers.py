@@ -11,6 +11,15 @@ def is_stdlib(impl) -> bool:
     return impl.__name__ == "multiprocessing.managers"
 
 
+def process_gone(pid: int) -> bool:
+    """The process `pid` has exited (a zombie counts as gone), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
 def poll(predicate, timeout: float = 3.0, interval: float = 0.02) -> bool:
     """Bounded wait for ``predicate()`` to become true."""
     deadline = time.monotonic() + timeout

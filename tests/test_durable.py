@@ -17,16 +17,8 @@ import pytest
 
 import _workers
 import procshare
-from _helpers import poll
+from _helpers import poll, process_gone
 from procshare.server.journal import UnsafeStateDir
-
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
 
 
 def _kill_and_wait(m, timeout: float = 5.0) -> float:
@@ -34,7 +26,7 @@ def _kill_and_wait(m, timeout: float = 5.0) -> float:
     pid0 = m.pid
     os.kill(pid0, signal.SIGKILL)
     t0 = time.monotonic()
-    assert poll(lambda: m.pid != pid0 and not _gone(m.pid), timeout), "no restart"
+    assert poll(lambda: m.pid != pid0 and not process_gone(m.pid), timeout), "no restart"
     return time.monotonic() - t0
 
 

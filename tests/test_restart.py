@@ -16,20 +16,12 @@ import pytest
 
 import _workers
 import procshare
-from _helpers import poll
+from _helpers import poll, process_gone
 
 
 @pytest.fixture(params=["fork", "spawn"])
 def mp_ctx(request):
     return multiprocessing.get_context(request.param)
-
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
 
 
 def test_killed_manager_is_restarted_and_lost_objects_say_so(mp_ctx):
@@ -38,7 +30,7 @@ def test_killed_manager_is_restarted_and_lost_objects_say_so(mp_ctx):
         address, pid0 = m.address, m.pid
         os.kill(pid0, signal.SIGKILL)
         t0 = time.monotonic()
-        assert poll(lambda: m.pid != pid0 and not _gone(m.pid), 5)
+        assert poll(lambda: m.pid != pid0 and not process_gone(m.pid), 5)
         # a new object works at once, on the same address
         new = m.dict(b=2)
         took = time.monotonic() - t0
@@ -155,11 +147,11 @@ def test_a_killed_supervisor_leaves_no_orphan(method, tmp_path):
     try:
         line = proc.stdout.readline().split()
         server_pid, address = int(line[0]), line[1]
-        assert os.path.exists(address) and not _gone(server_pid)
+        assert os.path.exists(address) and not process_gone(server_pid)
         proc.kill()
         proc.wait(10)
         t0 = time.monotonic()
-        assert poll(lambda: _gone(server_pid), 5)
+        assert poll(lambda: process_gone(server_pid), 5)
         assert time.monotonic() - t0 < 1.5
         assert poll(lambda: not os.path.exists(address), 2)
     finally:

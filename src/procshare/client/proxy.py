@@ -36,7 +36,7 @@ from ..errors import ObjectLost, object_lost
 from ..inprocess import local_server
 from ..wire import serializers
 from ..wire.kinds import Kind
-from ..wire.records import Token
+from ..wire.records import DURABLE_PREFIX, Token
 from . import scope
 from .replies import call_timeout, convert_to_error, raise_reply
 from .session import Session, get_session
@@ -49,8 +49,6 @@ __all__ = [
 ]
 
 _UNSET = scope.UNSET
-#: the id prefix of durable objects (`server.durables`), the same after a restart
-DURABLE_PREFIX = "D:"
 #: how many restarts in a row a call on a durable object is re-sent across
 RESEND_LIMIT = 8
 _scope = scope._scope

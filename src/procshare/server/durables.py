@@ -41,6 +41,7 @@ import threading
 from typing import Any
 
 from ..wire.kinds import Kind
+from ..wire.records import DURABLE_PREFIX
 from . import callctx, journal
 from .registry import Entry
 
@@ -48,7 +49,6 @@ __all__ = ["DurableObjects", "DURABLE_PREFIX", "durable_option", "MODES"]
 
 log = logging.getLogger("procshare.durable")
 
-DURABLE_PREFIX = "D:"
 NAMED_HOLDER = "@durable"
 RECOVERED_HOLDER = "@recovered"
 MODES = ("snapshot", "journal")
@@ -197,9 +197,14 @@ class DurableObjects:
         h = entry.durable
         rid = info.call.rid
         request = f"{info.session}:{info.conn}:{rid}" if rid else None
-        if meth == "#RETRY":
-            conn, rid, meth, args, kwds = args
-            request = f"{info.session}:{int(conn)}:{int(rid)}"
+        if meth == "#RETRY":    # (first connection, first request, method, args, kwds)
+            try:
+                conn, rid, meth, args, kwds = args
+                request = f"{info.session}:{int(conn)}:{int(rid)}"
+            except (TypeError, ValueError):
+                return server.error_reply(TypeError(
+                    f"a re-sent call on durable object {oid} must carry (connection, "
+                    f"request, method, args, kwds), not {args!r:.80}"))
         if meth not in entry.exposed and meth != "#UPDATE_ITEM":
             reply = server._slow_call(info, oid, meth, args, kwds, durable=False)
             try:

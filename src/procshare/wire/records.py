@@ -19,7 +19,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Token", "is_proxy", "is_proxy_type"]
+__all__ = ["Token", "is_proxy", "is_proxy_type", "DURABLE_PREFIX"]
+
+#: the id prefix of durable objects: their ids stay the same across restarts of
+#: the manager (`server.durables`), and the client re-attaches and re-sends by it
+DURABLE_PREFIX = "D:"
 
 
 class Token:
