@@ -632,10 +632,13 @@ class PayloadCase(Case):
             d["blob"] = payload
             got = d["blob"]
             total += time.perf_counter() - t0
-            if len(got) != self.size:
-                raise AssertionError("payload came back with the wrong size")
+            self.check(got)
             del got
-        return Sample(total / n)
+        return Sample(total / n, {"memcpy2": memcpy_reference(self.size)})
+
+    def check(self, got):
+        if len(got) != self.size:
+            raise AssertionError("payload came back with the wrong size")
 
     def show(self, seconds):
         gbps = 2 * self.size / seconds / 1e9  # the payload crosses the wire twice
@@ -693,6 +696,57 @@ class DurableSetCase(Case):
         return Sample(wall / (self.procs * n))
 
 
+class NdarrayCase(PayloadCase):
+    """The same round trip with a numpy array (float64) of `size` bytes."""
+
+    def __init__(self, size: int, rounds: tuple[int, int], reps: tuple[int, int]):
+        super().__init__(size, rounds, reps)
+        self.name = f"ndarray_{size // MiB}m"
+        self.title = f"ndarray {size // MiB} MiB: d[k] = a; d[k]"
+
+    def prepare(self, res, env):
+        import numpy
+
+        res["payload"] = numpy.full(self.size // 8, 1.5)
+        d = res["dict"] = res["manager"].dict()
+        d["blob"] = res["payload"]
+        self.check(d["blob"])
+
+    def check(self, got):
+        if got.nbytes != self.size or got[-1] != 1.5:
+            raise AssertionError("array came back wrong")
+
+
+_memcpy_buffers: dict[int, tuple[bytes, bytearray]] = {}
+
+
+def memcpy_reference(size: int) -> float:
+    """Seconds for two local copies of `size` bytes into memory already
+    faulted in (the floor any transport is measured against), best of three."""
+    if size not in _memcpy_buffers:
+        _memcpy_buffers.clear()
+        dst = bytearray(size)
+        dst[::4096] = b"\1" * len(dst[::4096])
+        _memcpy_buffers[size] = (b"\x5a" * size, dst)
+    src, dst = _memcpy_buffers[size]
+    view = memoryview(dst)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        view[:] = src
+        view[:] = src
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _have_numpy() -> bool:
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 CASES: list[Case] = [
     CallCase(),
     PipelinedCase(),
@@ -707,6 +761,14 @@ CASES: list[Case] = [
     DurableSetCase(1, durable=True),
     DurableSetCase(4, durable=False),
     DurableSetCase(4, durable=True),
+    *(
+        [
+            NdarrayCase(1 * MiB, rounds=(15, 31), reps=(4, 8)),
+            NdarrayCase(64 * MiB, rounds=(5, 9), reps=(1, 1)),
+        ]
+        if _have_numpy()
+        else []
+    ),
 ]
 
 
@@ -1080,6 +1142,7 @@ def main(argv=None) -> int:
         elapsed = time.monotonic() - t_start
         load_note = load_check(load_procs)
     print_table(results, names)
+    print_memcpy_notes(results)
     if env.cpu:
         print_cpu_table(results, names, env)
     print(f"\n({elapsed:.1f} s" + (f"; {load_note})" if load_note else ")"))
@@ -1115,6 +1178,24 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
 
     return 1 if procshare_failed(results) else 0
+
+
+def print_memcpy_notes(results: list[CaseResult]) -> None:
+    """For payload cases: the time of two local memcpys of the payload, and
+    each implementation's round trip as a multiple of it."""
+    lines = []
+    for r in results:
+        refs = [x.extra["memcpy2"] for s in r.samples.values() for x in s if "memcpy2" in x.extra]
+        if not refs:
+            continue
+        ref = statistics.median(refs)
+        times = ", ".join(
+            f"{n} {r.median(n) / ref:.1f}x" for n in r.samples if r.median(n) is not None
+        )
+        lines.append(f"  {r.case.name}: two local memcpys {short_time(ref)}; round trip = {times}")
+    if lines:
+        print("\nreference (same run): the payload copied twice in this process, warm memory")
+        print("\n".join(lines))
 
 
 def _cpu_json(cpu: tuple[float, float, int] | None) -> dict | None:

@@ -1,7 +1,7 @@
 """The procshare demo: ``python -m procshare demo``.
 
 Owns: the seed document's two scenes (registered with `scenes.scene`); importing
-it registers every scene (it imports `demo_errors`, `demo_locks` and `demo_ray`). Each scene is a short story that starts
+it registers every scene (it imports `demo_errors`, `demo_locks`, `demo_ray` and `demo_large`). Each scene is a short story that starts
 real processes, uses procshare the way a newcomer would, checks what came out, and says in
 plain words what happened and why. The first two scenes are the seed document's examples
 (the shared Counter and the shared Array); later issues add one scene per failure mode
@@ -258,3 +258,4 @@ def shared_array_scene(demo: Demo) -> bool:
 from . import demo_errors  # noqa: E402,F401,I001  (registers the failure scenes)
 from . import demo_locks  # noqa: E402,F401  (registers the lock scenes)
 from . import demo_ray  # noqa: E402,F401  (registers the Ray scene; Ray itself is optional)
+from . import demo_large  # noqa: E402,F401  (registers the large-data scene)

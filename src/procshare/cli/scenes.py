@@ -2,8 +2,8 @@
 
 Owns: the `Scene` registry (`@scene`), `Demo` (where a scene prints), `run_workers`
 (bounded worker processes for scenes) and `run`/`list_scenes`.  The scenes themselves
-live in `demo` (the seed's examples), `demo_errors`, `demo_locks` and `demo_ray`, which import
-this module; `demo` imports the others so that every scene is registered.
+live in `demo` (the seed's examples), `demo_errors`, `demo_locks`, `demo_ray` and
+`demo_large`, which import this module; `demo` imports the others so that every scene is registered.
 
 Rules it keeps:
 - A scene returns True when it saw what it promised; `run` returns 0 only if

@@ -35,7 +35,10 @@ Rules it keeps:
   on its first connection.
 - File descriptors (a shared array's memory) arrive only as the reply to a
   control call made with `control_call_fds`, read with `recvmsg` from an
-  empty reader, so none is dropped; they are the caller's to close.
+  empty reader, so none is dropped; they are the caller's to close.  Those of
+  shared-memory arenas (large payloads) travel on side connections of their
+  own (`bulk`): the hello of a Unix-socket connection asks for shared memory,
+  and a connection the manager agreed on carries large buffers in slots.
 """
 
 from __future__ import annotations
@@ -65,9 +68,10 @@ from ..inprocess import local_server
 from ..transport import channel as transport
 from ..transport import shm
 from ..transport.processes import host_identity
-from ..wire.frames import NO_DEADLINE, encode_frame, pack_frame
+from ..wire.frames import NO_DEADLINE, pack_frame
 from ..wire.kinds import Kind, kind_name
 from ..wire.serializers import Serializer, decode_hello, encode_hello, get_serializer
+from . import bulk
 from .replies import call_timeout, raise_reply
 
 __all__ = ["Connection", "Client", "Session", "get_session", "client_id"]
@@ -145,8 +149,8 @@ class Connection:
             raise arguments_error(e, self.ser, oid, meth, args, kwds) from None
         budget = _NAN if timeout is None else timeout
         try:
-            if bufs:
-                self.ch.send(encode_frame(_CALL, rid, body, bufs, budget))
+            if bufs:    # through shared-memory slots where the connection has them
+                self.ch.send_buffers(_CALL, rid, body, bufs, budget)
             else:
                 self.ch.send_bytes(pack_frame(_CALL, rid, body, budget))
         except BaseException:
@@ -358,6 +362,7 @@ class Session:
                      "host": _HOST[0], "pidns": _HOST[1]}
             if role == "control" and self.adopt:
                 hello["adopt"], self.adopt = self.adopt, None
+            bulk.ask(ch, hello)
             ch.send_bytes(pack_frame(Kind.HELLO, 1, encode_hello(hello)))
             kind, _rid, _b, body, bufs = ch.recv_frame(time.monotonic() + 20.0)
             info = decode_hello(body, bufs, self.serializer)
@@ -385,6 +390,7 @@ class Session:
             self.incarnation = incarnation
         if role == "control":
             _goodbye_at_exit()
+        bulk.agree(self, ch, info, client_id)
         conn = Connection(ch, self.serializer, self, no)
         if role == "control" and self.reattach_due:
             self._reattach(conn)
@@ -607,6 +613,7 @@ class Session:
         for c in conns:
             if c is not None:
                 c.close()
+        bulk.session_closed(self)
 
 
 _sessions: dict[Any, Session] = {}

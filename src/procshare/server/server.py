@@ -26,6 +26,12 @@ Rules it keeps:
 - File descriptors leave the manager only on the reply to `shm_fd` (a shared
   array's memory, for a client holding a reference, on a Unix socket): the
   reply frame's first byte carries them; the duplicates sent are closed at once.
+  Arena descriptors for large payloads come and go only on shared-memory side
+  connections (hello role "shm", `transport.slots.ManagerSlots.exchange`);
+  the descriptors any other hello carries are closed unread.
+- Large out-of-band buffers travel in shared-memory slots on the Unix-socket
+  connections whose hello asked for it (`_shm_agree`); the client's slots
+  are freed when its lease ends.
 - A peer that breaks a frame limit (`limits`), stalls inside a frame for
   `frame_timeout` seconds, sends a malformed hello, or exhausts memory loses
   its own connection, with the reason in the log (`note`); the server and its
@@ -56,7 +62,14 @@ from ..errors import (
 from ..inprocess import local_server, set_local_server
 from ..stdtypes import update_item
 from ..transport import channel as transport
-from ..transport.shm import WithFds, send_frame_fds
+from ..transport.shm import (
+    SlotClaimError,
+    WithFds,
+    can_pass_fds,
+    recv_frame_fds,
+    send_frame_fds,
+)
+from ..transport.slots import ManagerSlots, unavailable_reason
 from ..wire.diagnose import result_text
 from ..wire.frames import DEFAULT_LIMITS, NO_DEADLINE, FrameError, Limits, encode_frame, pack_frame
 from ..wire.kinds import Kind, kind_name
@@ -263,9 +276,10 @@ class Server:
 
     def handle_connection(self, ch: transport.Channel) -> None:
         info = None
+        fds: list[int] = []
         try:
             transport.server_handshake(ch, self.authkey)
-            kind, rid, _b, body, bufs = ch.recv_frame(time.monotonic() + 20)
+            kind, rid, _b, body, bufs, fds = recv_frame_fds(ch, time.monotonic() + 20, 16)
             if kind != Kind.HELLO:
                 raise FrameError(f"expected a HELLO frame, got {kind_name(kind)}")
             hello = decode_hello(body, bufs, self.serializer)    # JSON, whatever the serializer
@@ -279,6 +293,13 @@ class Server:
                     "client_serializer": theirs,
                     "reason": None if problem == "different serializers" else problem})))
                 return
+            if hello.get("role") == "shm":      # arena descriptors, then nothing else
+                fds, side = [], fds
+                self._shm_side(ch, rid, hello, side)
+                return
+            fds, extra = [], fds
+            for fd in extra:
+                os.close(fd)
             try:
                 info = ConnInfo(hello, ch)
             except (AttributeError, TypeError, KeyError, ValueError, OverflowError) as e:
@@ -296,7 +317,8 @@ class Server:
                 log.info("client pid %d connected (%s)", info.pid, info.client)
             ch.send(encode_frame(Kind.RETURN, rid, encode_hello(
                 {"pid": os.getpid(), "address": self.address, "incarnation": self.incarnation,
-                 "supervised": self.supervised, "boot": self.boot})))
+                 "supervised": self.supervised, "boot": self.boot,
+                 **self._shm_agree(ch, info, hello)})))
             self.serve_client(ch, info)
         except (EOFError, ConnectionError, TimeoutError):
             pass
@@ -314,6 +336,8 @@ class Server:
             log.warning("closed a connection after an unexpected error", exc_info=True)
             self.note(f"closed a connection after an unexpected error: {e!r}")
         finally:
+            for fd in fds:
+                os.close(fd)
             ch.close()
             if info is not None:
                 self._connection_closed(info)
@@ -339,6 +363,8 @@ class Server:
             call.cancel()
         freed = self.objects.release_holder(client)
         self.durables.forget_client(client)
+        if "_slots_" in self.__dict__:
+            self._slots.client_gone(client)     # its shared-memory slots and arenas
         verb = "exited" if how == "exited" else "died"
         self.note(f"client pid {pid} {verb}; released {freed} object(s) it held"
                   + (f"; it held or waited for {locks} lock(s)" if locks else ""))
@@ -346,12 +372,11 @@ class Server:
     # -- the call loop -----------------------------------------------------------
     def serve_client(self, ch: transport.Channel, info: ConnInfo) -> None:
         recv = ch.recv_frame
-        send = ch.send
+        send_buffers = ch.send_buffers
         send_bytes = ch.send_bytes
         none_body = self.serializer.dumps(None)[0]
         loads = self.serializer.loads
         dumps = self.serializer.dumps
-        encode = encode_frame
         limits = self.limits
         objects = self.objects.objects
         st = callctx.server_state
@@ -435,7 +460,7 @@ class Server:
                     if reply is _PACKED:
                         body, bufs = packed
                         if bufs:
-                            send(encode(RETURN, rid, body, bufs, NO_DEADLINE, limits))
+                            send_buffers(RETURN, rid, body, bufs, NO_DEADLINE, limits)
                         else:
                             send_bytes(pack_frame(RETURN, rid, body))
                         continue
@@ -459,6 +484,48 @@ class Server:
             if rid:
                 self._reply(ch, rid, *reply)
 
+    # -- large data through shared memory ----------------------------------------
+    @property
+    def _slots(self) -> ManagerSlots:
+        """The manager's shared-memory slots (made on first use)."""
+        slots = self.__dict__.get("_slots_")
+        if slots is None:
+            slots = self.__dict__.setdefault("_slots_", ManagerSlots(self.note))
+        return slots
+
+    def _shm_agree(self, ch: transport.Channel, info: ConnInfo, hello: dict) -> dict:
+        """The hello answer's part about shared memory, and the link attached to
+        `ch` if the client asked, on a Unix socket, and this machine has it."""
+        if not hello.get("shm") or not can_pass_fds(ch):
+            return {}
+        reason = unavailable_reason()
+        if reason is not None:
+            if not getattr(self, "_shm_refused", False):
+                self._shm_refused = True
+                self.note(f"large data goes through the socket: {reason}")
+            return {"shm": {"refused": reason}}
+        ch.attach_slots(self._slots.link(info.client))
+        return {"shm": {"server": self._slots.nonce}}
+
+    def _shm_side(self, ch: transport.Channel, rid: int, hello: dict, fds: list[int]) -> None:
+        """A side connection: a client announces arenas or fetches ours."""
+        client = hello.get("client")
+        try:
+            if not isinstance(client, str):
+                for fd in fds:
+                    os.close(fd)
+                raise SlotClaimError("a shared-memory request without a client id")
+            answer, out = self._slots.exchange(client, hello, fds)    # it closes fds
+        except SlotClaimError as e:
+            self.note(f"refused a shared-memory request of client {client!r:.60}: {e}")
+            ch.send(encode_frame(Kind.TRACEBACK, rid, encode_hello({"message": str(e)})))
+            return
+        try:
+            send_frame_fds(ch, encode_frame(Kind.RETURN, rid, encode_hello(answer)), out)
+        finally:
+            for fd in out:
+                os.close(fd)
+
     def _enter(self, entry: Entry, info: ConnInfo, deadline: float | None, oid: str,
                meth: str) -> bool:
         """Take a busy serial object's lock, waiting until the call's deadline.
@@ -480,7 +547,7 @@ class Server:
     def _reply(self, ch: transport.Channel, rid: int, kind: Any, payload: Any) -> None:
         if kind is _PACKED:     # a value serialized already (under its object's lock)
             body, bufs = payload
-            ch.send(encode_frame(Kind.RETURN, rid, body, bufs, NO_DEADLINE, self.limits))
+            ch.send_buffers(Kind.RETURN, rid, body, bufs, NO_DEADLINE, self.limits)
             return
         fds = None
         if type(payload) is WithFds:    # descriptors ride on the frame (shm_fd)
@@ -498,7 +565,7 @@ class Server:
             if fds is not None and kind == Kind.RETURN:
                 send_frame_fds(ch, encode_frame(kind, rid, body, bufs), fds.fds)
             else:
-                ch.send(encode_frame(kind, rid, body, bufs))
+                ch.send_buffers(kind, rid, body, bufs)
         finally:
             if fds is not None:
                 fds.close()

@@ -118,6 +118,7 @@ class Channel:
         if link is not None and bufs:
             frame = link.encode(kind, rid, body, bufs, budget, limits)
             if frame is not None:
+                self.spin.long()
                 self.sock.sendall(frame)
                 return
         pieces = encode_frame(kind, rid, body, bufs, budget, limits)
@@ -130,7 +131,13 @@ class Channel:
         """From now on, buffers may travel in shared memory (both ends agreed)."""
         self.slots = link
         self.notices = link.notices
-        self.reader.on_slots = link.on_slots
+        self.reader.on_slots = self._on_slots
+
+    def _on_slots(self, kind: int, rid: int, budget: float, body: Any, buffers: tuple,
+                  notices: tuple) -> tuple | None:
+        if buffers:
+            self.spin.long()
+        return self.slots.on_slots(kind, rid, budget, body, buffers, notices)
 
     def send_nowait(self, data: bytes) -> int:
         """Write as much of `data` as the socket takes without blocking; return
@@ -145,7 +152,7 @@ class Channel:
         if len(pieces) == 1:
             self.sock.sendall(pieces[0])
             return
-        views = [memoryview(p).cast("B") for p in pieces]
+        views = [v for v in (memoryview(p).cast("B") for p in pieces) if v.nbytes]
         while views:
             sent = self.sock.sendmsg(views[:512])
             while sent:

@@ -40,7 +40,8 @@ Rules it keeps:
   claim on a retired arena fails too.
 - Empty arenas are kept warm up to `keep_bytes`; an arena that empties beyond
   that budget is unmapped and closed at once (`on_retire` is told), so memory
-  taken for a burst, or by a client that died, goes back to the system.
+  taken for a burst, or by a client that died, goes back to the system;
+  `shrink` retires empty arenas down to any budget (an idle manager: 0).
 - Descriptors received here are close-on-exec, and a truncated batch
   (`MSG_CTRUNC`) is an error, never a silent partial list.
 """
@@ -340,6 +341,7 @@ class Arena:
         self.min_slot = min_slot
         self.top = (size // min_slot).bit_length() - 1     # the order of the whole arena
         self.segment = Segment.create(size, f"{name}-{arena_id}", prefault=prefault)
+        self.whole = self.segment.view()                  # sliced for every slot
         self._free: list[set[int]] = [set() for _ in range(self.top + 1)]
         self._free[self.top].add(0)
         self.leases: dict[int, _Lease] = {}                # offset -> lease
@@ -438,13 +440,14 @@ class Arena:
 
     def view(self, slot: Slot) -> memoryview:
         """The `slot.length` bytes of a slot (no ownership check)."""
-        return self.segment.view()[slot.offset:slot.offset + slot.length]
+        return self.whole[slot.offset:slot.offset + slot.length]
 
     @property
     def empty(self) -> bool:
         return not self.leases
 
     def close(self) -> None:
+        self.whole.release()
         self.segment.close()
 
     def __repr__(self) -> str:
@@ -555,6 +558,11 @@ class ArenaPool:
         with self.mutex:
             return self._arena(slot).view(slot)
 
+    def write(self, slot: Slot, data: Any) -> None:
+        """Copy `data` into a slot this process holds leased (no lock: an arena
+        with a leased slot is never retired)."""
+        self.arenas[slot.arena].whole[slot.offset:slot.offset + slot.length] = data
+
     def fd(self, arena_id: int) -> int:
         with self.mutex:
             return self.arenas[arena_id].fd
@@ -573,6 +581,33 @@ class ArenaPool:
         del self.arenas[arena.id]
         arena.close()
         return [arena.id]
+
+    def shrink(self, keep_bytes: int = 0) -> list[int]:
+        """Retire empty arenas until at most `keep_bytes` of them stay (the
+        largest go first); return the ids retired."""
+        retired = []
+        with self.mutex:
+            empty = sorted((a for a in self.arenas.values() if a.empty),
+                           key=lambda a: a.size, reverse=True)
+            idle = sum(a.size for a in empty)
+            for arena in empty:
+                if idle <= keep_bytes:
+                    break
+                del self.arenas[arena.id]
+                arena.close()
+                idle -= arena.size
+                retired.append(arena.id)
+        self._tell(retired)
+        return retired
+
+    def abandon_after_fork(self) -> None:
+        """In a forked child: close this process's copies of the parent's
+        arenas (descriptors and mappings) without touching its leases."""
+        arenas, self.arenas = list(self.arenas.values()), {}
+        self.mutex = threading.Lock()       # another thread may have held it at the fork
+        self.on_retire = None
+        for arena in arenas:
+            arena.close()
 
     def _tell(self, retired: Iterable[int]) -> None:
         if self.on_retire is not None:

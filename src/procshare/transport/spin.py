@@ -11,7 +11,9 @@ Rules it keeps:
   threads than cores (`/proc/loadavg`, read at most every `LOAD_EVERY`
   seconds) nobody spins, so a busy machine's CPU goes to the work.
 - A channel spins for about three times the wait it usually sees, never more
-  than `SPIN_SECONDS` (`PROCSHARE_SPIN_US`, 0 disables).  A channel whose waits
+  than its cap: `SPIN_SECONDS` (`PROCSHARE_SPIN_US`, 0 disables), or
+  `LONG_SPIN_SECONDS` once it carried payloads in shared memory (`long()`),
+  whose waits include copying them (about 50 us per MiB here).  A channel whose waits
   are longer than that stops spinning for `REST` receives, then tries again,
   so idle connections cost nothing.
 - Single-CPU machines never spin.
@@ -22,11 +24,13 @@ from __future__ import annotations
 import os
 import time
 
-__all__ = ["SpinPolicy", "core_free", "SPIN_SECONDS"]
+__all__ = ["SpinPolicy", "core_free", "SPIN_SECONDS", "LONG_SPIN_SECONDS"]
 
 _NCPU = os.cpu_count() or 1
 #: the longest a receive busy-polls (PROCSHARE_SPIN_US, microseconds; 0 disables)
 SPIN_SECONDS = float(os.environ.get("PROCSHARE_SPIN_US", "50")) / 1e6 if _NCPU > 1 else 0.0
+#: the cap of a channel that carries large payloads
+LONG_SPIN_SECONDS = 4 * SPIN_SECONDS
 LOAD_EVERY = 0.01       # seconds between readings of the run queue
 MISSES = 4              # consecutive misses before a channel rests...
 REST = 64               # ...for this many receives
@@ -59,11 +63,16 @@ def core_free() -> bool:
 class SpinPolicy:
     """How long one channel's next receive should poll."""
 
-    __slots__ = ("typical", "misses")
+    __slots__ = ("typical", "misses", "cap")
 
     def __init__(self) -> None:
         self.typical = 0.0      # EWMA of the waits that polling caught (seconds)
         self.misses = 0         # > 0: consecutive misses; < 0: receives left to rest
+        self.cap = SPIN_SECONDS
+
+    def long(self) -> None:
+        """This channel carries large payloads: its waits may be longer."""
+        self.cap = LONG_SPIN_SECONDS
 
     def budget(self) -> float:
         """Seconds to poll before sleeping (0: sleep at once)."""
@@ -75,7 +84,7 @@ class SpinPolicy:
         typical = self.typical
         if not typical:
             return SPIN_SECONDS
-        return min(SPIN_SECONDS, max(3.0 * typical, _FLOOR))
+        return min(self.cap, max(3.0 * typical, _FLOOR))
 
     def hit(self, waited: float) -> None:
         self.misses = 0

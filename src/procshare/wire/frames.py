@@ -336,8 +336,37 @@ class FrameReader:
                 if not (0.0 <= budget <= MAX_BUDGET) and budget == budget:
                     budget = _budget(budget)
                 return kind, rid, budget, data[_HSIZE:end], ()
+            if flags == FLAG_SLOTS and self.on_slots is not None:
+                return self._slot_frames()
             self._start(blen, kind, nbufs, rid, budget, flags)
         return self._rest()
+
+    def _slot_frames(self) -> tuple | None:
+        """Frames with slot entries that are here whole (the common case: a
+        header, a short table and a small body), without the parts machinery;
+        anything else goes the general way."""
+        hook = self.on_slots
+        while True:
+            data = self._data
+            if len(data) < _HSIZE:
+                return None
+            blen, kind, flags, nbufs, rid, budget = _unpack(data, 0)
+            table_end = _HSIZE + nbufs * SLOT.size
+            end = table_end + blen
+            if (flags != FLAG_SLOTS or not nbufs or nbufs > self.limits.max_buffers
+                    or blen > self._fast_max or len(data) < end):
+                self._start(blen, kind, nbufs, rid, budget, flags)
+                return self._rest()
+            self._data = data[end:] if len(data) > end else b""
+            buffers, notices = self._slot_table(data[_HSIZE:table_end], nbufs, blen)
+            try:
+                frame = hook(kind, rid, _budget(budget), data[table_end:end], buffers, notices)
+            except FrameError as e:
+                self._broken = str(e)
+                self._data = b""
+                raise
+            if frame is not None:
+                return frame
 
     def _rest(self) -> tuple | None:
         """Fill the frame in progress; return it once whole (going on to the

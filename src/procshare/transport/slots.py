@@ -1,0 +1,812 @@
+"""Large payloads through shared memory: the slot side of a connection.
+
+A frame's out-of-band buffers (pickle-5 buffers of large bytes, bytearrays,
+memoryviews, ndarrays) can travel in shared memory instead of the socket: the
+sender copies each into a slot of an arena it owns and the frame carries
+slot entries (`wire.frames.FLAG_SLOTS`); the receiver takes each buffer out
+of the sender's arena, which it mapped once, and tells the sender when it is
+done with the slot (an `OP_RELEASE` notice, riding on its next frame).
+
+Owns: `SlotLink`, what one process knows about the other of a pair (a client
+session and its manager; the manager and one client): the pool it writes
+into, the peer's arenas it mapped, the notices it owes the peer, and the
+per-frame work (`encode`, `on_slots`, `with_notices`); `ManagerSlots`, the
+manager's pool and its links by client, with the exchange of arena
+descriptors; the copies a receiver makes (`fresh_bytes`, `fresh_buffer`:
+huge pages for large ones); and, in a forked child, replacing lent memory by
+a private copy.
+
+Rules it keeps:
+- A process writes only into arenas it owns; every slot it fills for the
+  peer stays leased to the peer (`ArenaPool` owner) until the peer releases
+  it, or the link goes (the manager: when the client's lease ends; a client:
+  when its session closes or the manager restarted).
+- Descriptors never ride on call frames (a plain `recv` would drop them):
+  arena descriptors travel on short side connections whose first frame is
+  read with `recvmsg` (`ManagerSlots.exchange`).  A client announces an arena
+  before the first frame that uses it; it fetches a manager arena when a
+  frame first names it, and gets it only while it holds a slot there.
+- A claim is checked before use: a buffer must lie inside an arena the peer
+  announced (manager) or that the manager gave (client), and a release must
+  name a slot leased to the peer (`ArenaPool.free`); anything else is a
+  `SlotClaimError` (a FrameError): the connection is closed, with the reason
+  in the log.  A manager maps a client's arena only if it is sealed against
+  shrinking where the platform has seals, so a client cannot fault it.
+- The manager never lends: it copies what it receives (a bytes buffer into a
+  bytes object, anything else into a private bytearray or mapping) and queues
+  the release before the call runs, so the release rides on the call's reply.  A client copies
+  bytes and bytearray buffers (their rebuild would copy anyway) and lends the
+  memory of any other buffer of at least `LEND_MIN` bytes (an ndarray,
+  memoryview): a mapping of that slot alone, which every view made from it
+  keeps alive; the slot is released when the last view goes.
+- In a forked child, lent memory is replaced by a private copy at the same
+  address (the child's arrays stay valid and its own, as after any fork),
+  and the parent's arenas are closed: the child makes links of its own.
+- A client's allocator is left alone: a large copy is a mapping of its own
+  that asks for huge pages, because its cost is page faults.  The manager,
+  once it carries large data, pins glibc's mmap and trim thresholds
+  (`pin_malloc`): left to move, the trim threshold (inherited from a forked
+  parent, or raised by glibc itself) let thread arenas keep a dead client's
+  payloads (measured: 20 MiB of 110 kept after a kill).  It also gives free heap memory back (`malloc_trim`) when a client's lease
+  ends and when large traffic stops.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import ctypes.util
+import logging
+import mmap
+import os
+import secrets
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from ..wire.frames import (
+    OP_BUFFER,
+    OP_RELEASE,
+    OP_RETIRE,
+    TYPE_BYTEARRAY,
+    TYPE_BYTES,
+    TYPE_OTHER,
+    add_slot_entries,
+    encode_slot_frame,
+)
+from ..wire.kinds import Kind
+from . import shm
+from .shm import ArenaPool, Slot, SlotClaimError
+
+__all__ = ["SlotLink", "ManagerSlots", "client_link", "fresh_bytes", "fresh_buffer",
+           "SLOT_MIN", "LEND_MIN", "unavailable_reason"]
+
+log = logging.getLogger("procshare.slots")
+
+#: frames whose out-of-band buffers total at least this go through slots
+SLOT_MIN = 64 * 1024
+#: a client lends the slot's memory to a buffer (ndarray...) at least this large;
+#: smaller ones are copied
+LEND_MIN = 1 << 20
+#: bytes objects at least this large are made with huge pages (`fresh_bytes`)
+HUGE_MIN = 32 << 20
+#: the smallest arena (a larger buffer gets an arena of the next power of two)
+ARENA_MIN = 4 << 20
+#: empty arenas a pool keeps mapped and warm
+KEEP_WARM = 64 << 20
+#: notices carried by one frame at most (the rest ride on the next)
+MAX_NOTICES = 1024
+#: lent mappings a process keeps at most (each holds a descriptor); beyond, copy
+MAX_LENT = 512
+#: the manager gives memory back after this long without slot traffic
+IDLE_TRIM = 2.0
+#: the manager's glibc thresholds (`pin_malloc`): allocations this large are
+#: mappings of their own (glibc's own ceiling for its moving threshold) ...
+MMAP_PIN = 32 << 20
+#: ... and the free memory a heap keeps at its top, beyond which it is given back
+TRIM_PIN = 4 << 20
+
+_PROT_R = mmap.PROT_READ
+_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+_MADV_POPULATE_READ = 22 if sys.platform.startswith("linux") else None
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_TYPES = {bytes: TYPE_BYTES, bytearray: TYPE_BYTEARRAY}
+_NOTICE = Kind.NOTICE
+
+
+# -- process-wide facts ----------------------------------------------------------------------
+
+_libc: Any = None
+_warned = False
+
+
+def _c() -> Any:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    return _libc
+
+
+def unavailable_reason() -> str | None:
+    """Why this process cannot move large data through shared memory (None: it can)."""
+    ok = shm.available()
+    return None if ok else ok.reason
+
+
+def warn_unavailable(reason: str) -> None:
+    """One warning per process: large data goes through the socket."""
+    global _warned
+    if not _warned:
+        _warned = True
+        import warnings
+        warnings.warn(f"procshare: {reason}", RuntimeWarning, stacklevel=3)
+
+
+def _thp_usable() -> bool:
+    if sys.implementation.name != "cpython" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+_THP = _thp_usable()
+_BYTES_DATA = bytes.__basicsize__ - 1       # where a bytes object's data starts (CPython)
+_HUGE = 2 << 20
+
+
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int),
+                ("ndim", ctypes.c_int), ("format", ctypes.c_void_p), ("shape", ctypes.c_void_p),
+                ("strides", ctypes.c_void_p), ("suboffsets", ctypes.c_void_p),
+                ("internal", ctypes.c_void_p)]
+
+
+_api: Any = None
+
+
+def _address(view: memoryview) -> int:
+    """Where the (contiguous) bytes of `view` are; valid while `view` is."""
+    global _api
+    api = _api
+    if api is None:
+        api = ctypes.PyDLL(None)        # our own handle: argtypes set here stay here
+        api.PyObject_GetBuffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer),
+                                           ctypes.c_int]
+        api.PyBuffer_Release.argtypes = [ctypes.POINTER(_PyBuffer)]
+        _api = api
+    pb = _PyBuffer()
+    if api.PyObject_GetBuffer(view, ctypes.byref(pb), 0) != 0:
+        raise BufferError("no address for this buffer")
+    try:
+        return pb.buf or 0
+    finally:
+        api.PyBuffer_Release(ctypes.byref(pb))
+
+
+def fresh_bytes(view: memoryview) -> bytes:
+    """`bytes(view)`, with huge pages for a large one.
+
+    The cost of a large fresh object is its page faults, not the copy (here,
+    64 MiB: about 45 ms, of which the copy is 12).  `bytes(n)` is calloc'd, so
+    its pages are untouched; asking for huge pages on them before the copy
+    makes the faults 512 times fewer (about 19 ms in all).  Only for objects
+    above glibc's largest mmap threshold, so the memory is a mapping of its
+    own and unmapped when the object goes, and on CPython (which lays bytes
+    out this way); nothing else about the process's memory changes."""
+    n = view.nbytes
+    if n < HUGE_MIN or not _THP:
+        return bytes(view)
+    out = bytes(n)
+    addr = id(out) + _BYTES_DATA
+    lo = (addr + _HUGE - 1) & ~(_HUGE - 1)
+    hi = (addr + n) & ~(_HUGE - 1)
+    libc = _c()
+    if hi > lo:
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 14)   # MADV_HUGEPAGE
+    ctypes.memmove(addr, _address(view), n)
+    return out
+
+
+def fresh_buffer(view: memoryview) -> Any:
+    """A private, writable copy of `view`: a bytearray, or for a large one an
+    anonymous mapping with huge pages (unmapped when its last user goes)."""
+    n = view.nbytes
+    if n < HUGE_MIN or not _THP or _MADV_HUGEPAGE is None:
+        return bytearray(view)
+    out = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=_PROT_RW)
+    try:
+        out.madvise(_MADV_HUGEPAGE)
+    except OSError:
+        pass
+    with memoryview(out) as dst:
+        dst[:] = view
+    return out
+
+
+def pin_malloc() -> None:
+    """Fix glibc's mmap and trim thresholds (`MMAP_PIN`, `TRIM_PIN`) instead
+    of letting them move: glibc raises the trim threshold to twice the
+    largest block it ever unmapped, and a thread arena's top is trimmed only
+    down to it (`malloc_trim` does not touch that top), so a client's
+    payloads could leave up to 64 MiB per connection thread behind."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = _c()
+        libc.mallopt(-3, MMAP_PIN)      # M_MMAP_THRESHOLD
+        libc.mallopt(-1, TRIM_PIN)      # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def malloc_trim() -> None:
+    """Give the heap's free memory back to the system (glibc; the manager
+    calls it when a client's lease ended and when large traffic stopped)."""
+    try:
+        _c().malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# -- mappings of the peer's arenas -----------------------------------------------------------
+
+class _Mapped:
+    """A peer's arena mapped here, read-only (`fd` kept only where slots are
+    lent from it: a lent slot is a mapping of its own)."""
+
+    __slots__ = ("size", "mm", "view", "fd")
+
+    def __init__(self, fd: int, size: int, keep_fd: bool) -> None:
+        actual = os.fstat(fd).st_size
+        if size <= 0 or actual < size:
+            raise SlotClaimError(f"an arena of {size} bytes whose file has {actual}")
+        self.size = size
+        self.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=_PROT_R)
+        if _MADV_POPULATE_READ is not None:
+            try:
+                self.mm.madvise(_MADV_POPULATE_READ)
+            except OSError:
+                pass
+        self.view = memoryview(self.mm)
+        self.fd = fd if keep_fd else -1
+
+    def close(self) -> None:
+        mm, self.mm = self.mm, None
+        if mm is not None:
+            self.view.release()
+            try:
+                mm.close()
+            except BufferError:
+                pass        # a view is still being read: unmapped when it goes
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def _sealed(fd: int) -> bool:
+    """True if the file cannot shrink (or this platform has no seals to check)."""
+    import fcntl
+    get = getattr(fcntl, "F_GET_SEALS", None)
+    shrink = getattr(fcntl, "F_SEAL_SHRINK", None)
+    if get is None or shrink is None:
+        return True
+    try:
+        return bool(fcntl.fcntl(fd, get) & shrink)
+    except OSError:
+        return False
+
+
+# -- one link --------------------------------------------------------------------------------
+
+_links: weakref.WeakSet[SlotLink] = weakref.WeakSet()
+_lent: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
+
+
+class SlotLink:
+    """What this process knows about one peer, shared by all the channels
+    between the two.
+
+    `pool`: the arenas this process writes into for the peer, whose slots are
+    leased to `owner`.  `lend`: a client lends slot memory to large
+    non-bytes buffers; the manager copies everything.  `announce(arenas, fds)`
+    tells the peer about arenas of ours (client); `fetch(ids) -> (arenas, fds)`
+    gets the peer's (client).  On the manager both are None: clients announce
+    and fetch through `ManagerSlots.exchange`.
+    """
+
+    def __init__(self, pool: ArenaPool, owner: str, *, lend: bool,
+                 announce: Callable[[list, list], None] | None = None,
+                 fetch: Callable[[list], tuple[list, list]] | None = None,
+                 name: str = "") -> None:
+        self.pool = pool
+        self.owner = owner
+        self.lend = lend
+        self.announce = announce
+        self.fetch = fetch
+        self.name = name
+        self.peer_arenas: dict[int, _Mapped] = {}
+        self.announced: set[int] = set()
+        self.notices: collections.deque = collections.deque()
+        self.lock = threading.RLock()
+        self.pid = os.getpid()
+        self.closed = False
+        self.last_used = time.monotonic()
+        _links.add(self)
+
+    # -- sending ---------------------------------------------------------------------
+    def encode(self, kind: int, rid: int, body: bytes, bufs: Any, budget: float,
+               limits: Any) -> bytes | None:
+        """The frame with its buffers copied into slots, and the notices owed to
+        the peer; None when the buffers are better sent through the socket
+        (small, or no room for them here)."""
+        views = [memoryview(b) for b in bufs]
+        if sum(v.nbytes for v in views) < SLOT_MIN or self.closed:
+            return None
+        pool = self.pool
+        taken: list[Slot] = []
+        try:
+            entries = []
+            for b, v in zip(bufs, views):
+                if v.ndim != 1 or v.format != "B":
+                    v = v.cast("B")
+                slot = pool.alloc(v.nbytes, self.owner)
+                taken.append(slot)
+                if self.announce is not None and slot.arena not in self.announced:
+                    self._announce(slot.arena)
+                pool.write(slot, v)
+                entries.append((OP_BUFFER, _TYPES.get(type(getattr(b, "obj", None)), TYPE_OTHER),
+                                slot.arena, slot.offset, slot.length))
+            entries += self._take_notices()
+            frame = encode_slot_frame(kind, rid, body, entries, budget, limits)
+        except (MemoryError, OSError, ValueError) as e:
+            for slot in taken:
+                pool.free(slot, self.owner)
+            if isinstance(e, (MemoryError, OSError)) and not isinstance(e, ConnectionError):
+                log.info("large data through the socket: no shared memory for it (%s)", e)
+                return None
+            raise
+        except BaseException:
+            for slot in taken:
+                pool.free(slot, self.owner)
+            raise
+        self.last_used = time.monotonic()
+        return frame
+
+    def _announce(self, arena_id: int) -> None:
+        with self.lock:
+            if arena_id in self.announced:
+                return
+            size = self.pool.arena_size_of(arena_id)
+            fd = os.dup(self.pool.fd(arena_id))
+            try:
+                self.announce([[arena_id, size]], [fd])     # type: ignore[misc]
+            finally:
+                os.close(fd)
+            self.announced.add(arena_id)
+
+    def _take_notices(self) -> list:
+        out = []
+        notices = self.notices
+        while notices and len(out) < MAX_NOTICES:
+            try:
+                out.append(notices.popleft())
+            except IndexError:
+                break
+        return out
+
+    def with_notices(self, frame: bytes) -> bytes:
+        """A plain frame (from `pack_frame`) carrying the notices owed to the peer."""
+        entries = self._take_notices()
+        if not entries:
+            return frame
+        try:
+            return add_slot_entries(frame, entries)
+        except ValueError:      # a frame with a table: the notices go in a frame before it
+            return encode_slot_frame(_NOTICE, 0, b"", entries) + frame
+
+    def notice_frame(self) -> bytes | None:
+        entries = self._take_notices()
+        return encode_slot_frame(_NOTICE, 0, b"", entries) if entries else None
+
+    # -- receiving -------------------------------------------------------------------
+    def on_slots(self, kind: int, rid: int, budget: float, body: Any, buffers: tuple,
+                 notices: tuple) -> tuple | None:
+        """`FrameReader.on_slots`: apply the notices, take the buffers."""
+        for op, ref in notices:
+            if op == OP_RELEASE:
+                self.pool.free(Slot(ref[0], ref[1], ref[2]), self.owner)
+            elif op == OP_RETIRE:
+                self._drop_peer_arena(ref[0])
+        if not buffers:
+            return None if kind == _NOTICE else (kind, rid, budget, body, ())
+        self.last_used = time.monotonic()
+        return kind, rid, budget, body, tuple([self._take(ref) for ref in buffers])
+
+    def _mapped(self, arena_id: int) -> _Mapped:
+        m = self.peer_arenas.get(arena_id)
+        if m is not None:
+            return m
+        if self.fetch is None:
+            raise SlotClaimError(f"slot claim in arena {arena_id}, which this client never "
+                                 "announced")
+        with self.lock:
+            m = self.peer_arenas.get(arena_id)
+            if m is None:
+                arenas, fds = self.fetch([arena_id])
+                try:
+                    for (aid, size), fd in zip(arenas, fds):
+                        if aid == arena_id and aid not in self.peer_arenas:
+                            self.peer_arenas[aid] = _Mapped(fd, size, keep_fd=self.lend)
+                            if self.lend:
+                                fds[fds.index(fd)] = -1     # kept by the mapping
+                finally:
+                    for fd in fds:
+                        if fd >= 0:
+                            os.close(fd)
+                m = self.peer_arenas.get(arena_id)
+                if m is None:
+                    raise SlotClaimError(f"the manager did not give arena {arena_id}")
+        return m
+
+    def _take(self, ref: tuple) -> Any:
+        arena_id, offset, length, typ = ref
+        m = self._mapped(arena_id)
+        if offset + length > m.size:
+            raise SlotClaimError(f"slot ({arena_id}, {offset}, {length}) runs past the end "
+                                 f"of arena {arena_id} ({m.size} bytes)")
+        if m.mm is None:
+            raise SlotClaimError(f"slot claim in arena {arena_id}, which was retired")
+        if (self.lend and typ == TYPE_OTHER and length >= LEND_MIN and m.fd >= 0
+                and offset % mmap.ALLOCATIONGRANULARITY == 0 and len(_lent) < MAX_LENT):
+            lent = self._lend(m, arena_id, offset, length)
+            if lent is not None:
+                return lent
+        with m.view[offset:offset + length] as view:
+            if typ == TYPE_BYTES:
+                out: Any = fresh_bytes(view)
+            elif typ == TYPE_BYTEARRAY:
+                out = bytearray(view)
+            else:
+                out = fresh_buffer(view)
+        self.notices.append((OP_RELEASE, 0, arena_id, offset, length))
+        return out
+
+    def _lend(self, m: _Mapped, arena_id: int, offset: int, length: int) -> Any:
+        try:
+            lent = mmap.mmap(m.fd, length, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=_PROT_RW,
+                             offset=offset)
+        except OSError as e:        # out of descriptors or address space: copy instead
+            log.debug("copying a buffer instead of lending it: %r", e)
+            return None
+        _lent.add(lent)
+        f = weakref.finalize(lent, _lent_gone, weakref.ref(self), self.pid, arena_id, offset,
+                             length)
+        f.atexit = False
+        return lent
+
+    def _drop_peer_arena(self, arena_id: int) -> None:
+        with self.lock:
+            m = self.peer_arenas.pop(arena_id, None)
+        if m is not None:
+            m.close()
+
+    # -- lifetime --------------------------------------------------------------------
+    def close(self) -> None:
+        """Forget the peer (its arenas are unmapped; lent slots stay mapped
+        until their views go)."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            arenas, self.peer_arenas = list(self.peer_arenas.values()), {}
+        for m in arenas:
+            m.close()
+
+    def abandon_after_fork(self) -> None:
+        """In a forked child: close what the parent's link held, touching
+        nothing the parent uses (its slots stay its own)."""
+        self.closed = True
+        for m in self.peer_arenas.values():
+            m.close()
+        self.peer_arenas = {}
+
+    def __repr__(self) -> str:
+        return (f"<SlotLink {self.name or self.owner}: {len(self.peer_arenas)} peer arenas, "
+                f"{len(self.notices)} notices>")
+
+
+def _lent_gone(link_ref: Callable[[], SlotLink | None], pid: int, arena_id: int, offset: int,
+               length: int) -> None:
+    """The last view of a lent slot went: release it (not in a forked child)."""
+    link = link_ref()
+    if link is not None and not link.closed and os.getpid() == pid:
+        link.notices.append((OP_RELEASE, 0, arena_id, offset, length))
+
+
+# -- clients ---------------------------------------------------------------------------------
+
+_client_links: dict[int, SlotLink] = {}
+_client_mutex = threading.Lock()
+
+
+def client_link(key: Any, server: str, announce: Callable, fetch: Callable) -> SlotLink:
+    """The link of this process to the manager instance `server` (its nonce)
+    for the session `key` (the session object, kept weakly): made on first use,
+    again after a fork or when the manager restarted."""
+    with _client_mutex:
+        link = _client_links.get(id(key))
+        if (link is not None and link.name == server and link.pid == os.getpid()
+                and not link.closed):
+            return link
+        if link is not None and link.pid == os.getpid():
+            link.close()
+            link.pool.close()
+        pool = ArenaPool(ARENA_MIN, keep_bytes=KEEP_WARM, name="procshare-slots")
+        link = SlotLink(pool, "manager", lend=True, announce=announce, fetch=fetch,
+                        name=server)
+        pool.on_retire = _retired_by(link)
+        _client_links[id(key)] = link
+        weakref.finalize(key, _drop_client_link, id(key), link).atexit = False
+        return link
+
+
+def drop_client_link(key: Any) -> None:
+    """The session `key` closed: its arenas are closed."""
+    with _client_mutex:
+        link = _client_links.get(id(key))
+    if link is not None:
+        _drop_client_link(id(key), link)
+
+
+def _drop_client_link(k: int, link: SlotLink) -> None:
+    with _client_mutex:
+        if _client_links.get(k) is link:
+            del _client_links[k]
+    if link.pid == os.getpid():
+        link.close()
+        link.pool.close()
+
+
+def _retired_by(link: SlotLink) -> Callable[[int], None]:
+    ref = weakref.ref(link)
+
+    def on_retire(arena_id: int) -> None:
+        lk = ref()
+        if lk is not None and arena_id in lk.announced:
+            lk.announced.discard(arena_id)
+            lk.notices.append((OP_RETIRE, 0, arena_id, 0, 0))
+    return on_retire
+
+
+# -- the manager -----------------------------------------------------------------------------
+
+class ManagerSlots:
+    """The manager's side: one pool whose slots are leased to clients, one
+    link per client, and the exchange of arena descriptors."""
+
+    def __init__(self, note: Callable[[str], None] | None = None) -> None:
+        self.nonce = secrets.token_hex(8)       # this manager instance, for clients
+        self.note = note or log.info
+        self.links: dict[str, SlotLink] = {}
+        self.mutex = threading.Lock()
+        self.fetched: dict[int, set[str]] = {}  # arena -> clients that mapped it
+        self._pool: ArenaPool | None = None
+        self._trimmer: threading.Thread | None = None
+        self._idle_since: float | None = None
+        self.pid = os.getpid()
+        _managers.add(self)
+        pin_malloc()
+
+    @property
+    def pool(self) -> ArenaPool:
+        pool = self._pool
+        if pool is None:
+            with self.mutex:
+                if self._pool is None:
+                    self._pool = ArenaPool(ARENA_MIN, keep_bytes=KEEP_WARM,
+                                           name="procshare-slots", on_retire=self._retired)
+                    self._start_trimmer()
+                pool = self._pool
+        return pool
+
+    def link(self, client: str) -> SlotLink:
+        """The link to `client` (made on its first connection that asks for it)."""
+        self.pool   # noqa: B018  (made first: the property takes the mutex)
+        with self.mutex:
+            link = self.links.get(client)
+            if link is None:
+                link = self.links[client] = SlotLink(self.pool, client, lend=False,
+                                                     name=client)
+            return link
+
+    def exchange(self, client: str, hello: dict, fds: list[int]) -> tuple[dict, list[int]]:
+        """A side connection's request: `announce` (the client's arenas, with
+        their descriptors) or `fetch` (descriptors of arenas of ours in which
+        the client holds a slot).  Returns `(answer, fds to send)`; SlotClaimError
+        for a claim that does not hold.  Takes ownership of `fds`."""
+        try:
+            if hello.get("server") != self.nonce:
+                raise SlotClaimError("a shared-memory request for another manager instance "
+                                     "(this one restarted)")
+            op = hello.get("op")
+            if op == "announce":
+                self._announce(client, hello.get("arenas"), fds)   # mapped: fds closed below
+                return {"ok": True}, []
+            if op == "fetch":
+                return self._give(client, hello.get("want"))
+            raise SlotClaimError(f"unknown shared-memory request {op!r:.40}")
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _announce(self, client: str, arenas: Any, fds: list[int]) -> None:
+        if not isinstance(arenas, list) or len(arenas) != len(fds) or not fds:
+            raise SlotClaimError(f"an arena announcement must pair each [id, size] with "
+                                 f"one descriptor ({len(fds)} came)")
+        link = self.link(client)
+        for item, fd in zip(arenas, fds):
+            if (not isinstance(item, list) or len(item) != 2
+                    or not all(type(x) is int and x > 0 for x in item)):
+                raise SlotClaimError(f"a bad arena announcement: {item!r:.60}")
+            arena_id, size = item
+            if not _sealed(fd):
+                raise SlotClaimError(f"arena {arena_id} of client {client} is not sealed "
+                                     "against shrinking")
+            with link.lock:
+                if arena_id in link.peer_arenas:
+                    raise SlotClaimError(f"arena {arena_id} was announced twice")
+                try:
+                    link.peer_arenas[arena_id] = _Mapped(fd, size, keep_fd=False)
+                except (OSError, ValueError) as e:
+                    raise SlotClaimError(f"cannot map arena {arena_id}: {e}") from None
+
+    def _give(self, client: str, want: Any) -> tuple[dict, list[int]]:
+        if not isinstance(want, list) or not want or len(want) > 16:
+            raise SlotClaimError(f"a bad request for arenas: {want!r:.60}")
+        pool = self.pool
+        arenas, fds = [], []
+        try:
+            with pool.mutex:
+                for arena_id in want:
+                    arena = pool.arenas.get(arena_id) if type(arena_id) is int else None
+                    if arena is None or client not in arena.owners:
+                        raise SlotClaimError(f"client {client} holds no slot in arena "
+                                             f"{arena_id!r:.20}")
+                    fds.append(os.dup(arena.fd))
+                    arenas.append([arena_id, arena.size])
+                    self.fetched.setdefault(arena_id, set()).add(client)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return {"ok": True, "arenas": arenas}, fds
+
+    def _retired(self, arena_id: int) -> None:
+        with self.mutex:
+            clients = self.fetched.pop(arena_id, ())
+            links = [self.links.get(c) for c in clients]
+        for link in links:
+            if link is not None:
+                link.notices.append((OP_RETIRE, 0, arena_id, 0, 0))
+
+    def client_gone(self, client: str) -> None:
+        """The client's lease ended: free every slot it held, unmap its arenas,
+        give the memory back."""
+        with self.mutex:
+            link = self.links.pop(client, None)
+            for clients in self.fetched.values():
+                clients.discard(client)
+        if link is None:
+            return
+        link.close()
+        freed = self.pool.free_owner(client)
+        if freed:
+            self.note(f"freed {freed >> 20} MiB of shared memory client {client} held")
+        malloc_trim()
+
+    # -- giving memory back when idle ----------------------------------------------------
+    def _start_trimmer(self) -> None:
+        t = threading.Thread(target=self._trim_when_idle, name="procshare-trim", daemon=True)
+        self._trimmer = t
+        t.start()
+
+    def _trim_when_idle(self) -> None:
+        """Once large traffic stopped for `IDLE_TRIM` seconds: retire the empty
+        arenas and give freed heap memory back."""
+        trimmed = True
+        while True:
+            time.sleep(IDLE_TRIM / 2)
+            if os.getpid() != self.pid:
+                return
+            with self.mutex:
+                links = list(self.links.values())
+            last = max((lk.last_used for lk in links), default=0.0)
+            if time.monotonic() - last < IDLE_TRIM:
+                trimmed = False
+                continue
+            if not trimmed:
+                trimmed = True
+                pool = self._pool
+                if pool is not None:
+                    pool.shrink(0)
+                malloc_trim()
+
+    def abandon_after_fork(self) -> None:
+        for link in list(self.links.values()):
+            link.abandon_after_fork()
+        self.links = {}
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.abandon_after_fork()
+
+
+_managers: weakref.WeakSet[ManagerSlots] = weakref.WeakSet()
+
+
+# -- fork ------------------------------------------------------------------------------------
+
+def _privatize(mm: mmap.mmap) -> None:
+    """Replace the shared pages under `mm` by a private copy at the same address."""
+    n = len(mm)
+    size = -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
+    libc = _c()
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    anon = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    src = ctypes.c_char.from_buffer(mm)
+    addr = ctypes.addressof(src)
+    try:
+        tmp = libc.mmap(None, size, _PROT_RW, anon, -1, 0)
+        if tmp in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap")
+        ctypes.memmove(tmp, addr, n)
+        mremap = getattr(libc, "mremap", None)
+        if mremap is not None:
+            mremap.restype = ctypes.c_void_p
+            mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
+                               ctypes.c_void_p]
+            got = mremap(tmp, size, size, 1 | 2, addr)     # MREMAP_MAYMOVE | MREMAP_FIXED
+            if got != addr:
+                raise OSError(ctypes.get_errno(), "mremap")
+        else:       # no mremap: fresh private pages in place, then the copy back
+            got = libc.mmap(addr, size, _PROT_RW, anon | 0x10, -1, 0)   # MAP_FIXED
+            if got != addr:
+                raise OSError(ctypes.get_errno(), "mmap")
+            ctypes.memmove(addr, tmp, n)
+            libc.munmap(ctypes.c_void_p(tmp), ctypes.c_size_t(size))
+    finally:
+        del src
+
+
+def _after_fork_in_child() -> None:
+    for mm in list(_lent):
+        try:
+            _privatize(mm)
+        except (OSError, ValueError, BufferError) as e:
+            log.warning("a forked child shares %d bytes of lent memory with its parent: %r",
+                        len(mm), e)
+    _lent.clear()
+    global _client_mutex
+    _client_mutex = threading.Lock()     # another thread may have held it at the fork
+    for link in list(_links):
+        if link.pid != os.getpid():
+            link.abandon_after_fork()
+            if link.announce is not None:       # a client's own pool
+                link.pool.abandon_after_fork()
+    for ms in list(_managers):
+        if ms.pid != os.getpid():
+            ms.abandon_after_fork()
+    _client_links.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,129 @@
+"""Module-level pieces for test_large.py: the values that must round-trip, the
+exact comparison, and what child processes run (importable under spawn).
+
+procshare and numpy are imported inside functions only (as in ``_workers``)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+KiB, MiB = 1 << 10, 1 << 20
+#: sizes around the out-of-band / shared-memory threshold (64 KiB) and the
+#: lending threshold (1 MiB), plus one above the huge-page threshold (32 MiB)
+SIZES = (0, 1, 64 * KiB - 1, 64 * KiB, 64 * KiB + 1, 128 * KiB + 3, MiB - 8, MiB, MiB + 8,
+         3 * MiB + 5, 33 * MiB)
+
+
+def pattern(n: int, seed: int = 0) -> bytes:
+    """`n` bytes that differ from position to position and from seed to seed."""
+    block = bytes((i * 7 + seed * 13) & 0xFF for i in range(251))
+    return (block * (n // 251 + 1))[:n]
+
+
+def values(sizes=SIZES, seed: int = 0) -> list:
+    """(label, value) pairs: bytes, bytearray, memoryview and ndarrays of each size."""
+    out = []
+    for n in sizes:
+        data = pattern(n, seed)
+        out.append((f"bytes-{n}", data))
+        out.append((f"bytearray-{n}", bytearray(data)))
+        out.append((f"memoryview-{n}", memoryview(data)))
+        try:
+            import numpy as np
+        except ImportError:
+            continue
+        u8 = np.frombuffer(data, dtype=np.uint8).copy()
+        out.append((f"ndarray-u8-{n}", u8))
+        if n >= 8:
+            f64 = np.frombuffer(data[: n - n % 8], dtype=np.float64).copy()
+            out.append((f"ndarray-f64-{n}", f64))
+            if f64.size >= 4 and f64.size % 2 == 0:
+                out.append((f"ndarray-fortran-{n}", np.asfortranarray(f64.reshape(2, -1))))
+    return out
+
+
+def same(a, b) -> bool:
+    """Equal in type, value and (for arrays) dtype, shape and memory order."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, memoryview):
+        return a.format == b.format and a.shape == b.shape and a.tobytes() == b.tobytes()
+    if type(a).__module__ == "numpy":
+        return (a.dtype == b.dtype and a.shape == b.shape
+                and a.flags.f_contiguous == b.flags.f_contiguous
+                and a.tobytes() == b.tobytes() and b.flags.writeable)
+    return a == b
+
+
+def roundtrip(d, sizes=SIZES, seed: int = 0) -> list:
+    """Set every value into the managed dict `d` and read it back, both ways:
+    the labels of those that did not come back the same (empty: all did)."""
+    bad = []
+    for label, v in values(sizes, seed):
+        d[label] = v
+        if not same(v, d[label]):
+            bad.append(f"{label} (get)")
+        if not same(v, d.pop(label)):
+            bad.append(f"{label} (pop)")
+    return bad
+
+
+def child_roundtrip(address, authkey, sizes, seed) -> list:
+    """In a child that connects to the manager: `roundtrip` on a dict of its own."""
+    from procshare.managers import SyncManager
+    m = SyncManager(address=address, authkey=authkey)
+    m.connect()
+    return roundtrip(m.dict(), sizes, seed)
+
+
+def inherited_roundtrip(d, sizes, seed) -> list:
+    """In a child that got the proxy as an argument (fork or spawn)."""
+    return roundtrip(d, sizes, seed)
+
+
+def status(pid: int) -> dict:
+    """VmRSS and RssShmem of process `pid`, in KiB."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "RssShmem"):
+                out[key] = int(rest.split()[0])
+    return out
+
+
+def upload(address, authkey, count, size, progress) -> None:
+    """Upload `count` payloads of `size` bytes into a dict of this client's,
+    reporting each to `progress` (a Queue); meant to be SIGKILLed midway."""
+    from procshare.managers import SyncManager
+    m = SyncManager(address=address, authkey=authkey)
+    m.connect()
+    d = m.dict()
+    base = pattern(size)
+    for i in range(count):
+        d[i] = base[:-1] + bytes([i & 0xFF])
+        progress.put(i)
+    progress.put("done")
+    time.sleep(600)
+
+
+def hold_from(box, count, key, progress) -> None:
+    """Like `hold`, with the dict proxy as an argument."""
+    held = []
+    for i in range(count):
+        held.append(box[key])
+        progress.put(i)
+    progress.put(("done", os.getpid()))
+    time.sleep(600)
+
+
+def check_inherited(arr, seed) -> tuple:
+    """In a forked child: is the inherited array (lent from the manager's
+    arena in the parent) still what it was, after the parent dropped it and
+    the manager reused its slot?  Then write into it (the parent must not see)."""
+    import numpy as np
+    expected = np.frombuffer(pattern(arr.nbytes, seed), dtype=arr.dtype)
+    ok = bool((arr == expected).all())
+    arr[:] = 0
+    return ok, os.getpid()

@@ -1,0 +1,469 @@
+"""Large payloads through shared memory (transport/slots.py, client/bulk.py).
+
+Values of many sizes around the thresholds round-trip exactly, both ways,
+under fork and spawn, and through TCP (the socket path); ndarrays are lent
+the slot's memory, and a forked child keeps a private copy; a client killed
+while uploading or holding 100 payloads of 8 MiB gives the manager's memory
+back; bad slot claims close that connection with a logged reason;
+PROCSHARE_SHM=none falls back to the socket with one warning.
+
+Timings and memory figures are printed (run with -s), only memory is asserted."""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import _large_workers as lw
+import _workers
+from _helpers import poll
+from procshare.transport import shm, slots
+from procshare.wire import frames
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="memfd and /proc (Linux)")
+
+MiB = 1 << 20
+WAIT = 30.0
+
+
+def _has_numpy() -> bool:
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_numpy = pytest.mark.skipif(not _has_numpy(), reason="numpy is not installed")
+
+
+def report(*parts) -> None:
+    print("\n[large]", *parts, flush=True)
+
+
+def dev_shm() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except OSError:
+        return set()
+
+
+def link_of(proxy):
+    """The slot link of this thread's connection to the proxy's manager (None: socket)."""
+    return proxy._session.thread_conn().ch.slots
+
+
+@pytest.fixture
+def fmgr():
+    from procshare.managers import SyncManager
+    with SyncManager(ctx=multiprocessing.get_context("fork")) as m:
+        yield m
+
+
+@pytest.fixture
+def smgr(ctx):
+    from procshare.managers import SyncManager
+    with SyncManager(ctx=ctx) as m:
+        yield m
+
+
+# -- the frame format ----------------------------------------------------------------------
+
+def test_slot_frames_parse_and_are_refused_without_the_hook():
+    entries = [(frames.OP_BUFFER, frames.TYPE_BYTES, 1, 0, 70000),
+               (frames.OP_RELEASE, 0, 3, 65536, 65536)]
+    data = frames.encode_slot_frame(10, 7, b"body", entries, 1.5)
+    seen = []
+
+    def hook(kind, rid, budget, body, buffers, notices):
+        seen.append((kind, rid, budget, bytes(body), buffers, notices))
+        return kind, rid, budget, body, ("taken",)
+
+    r = frames.FrameReader()
+    r.on_slots = hook
+    for i in range(len(data)):          # byte by byte: never misread
+        r.feed(data[i:i + 1])
+        frame = r.next_frame()
+        assert (frame is None) == (i < len(data) - 1)
+    assert frame[4] == ("taken",)
+    kind, rid, budget, body, buffers, notices = seen[0]
+    assert (kind, rid, budget, body) == (10, 7, 1.5, b"body")
+    assert buffers == (frames.SlotRef(1, 0, 70000, frames.TYPE_BYTES),)
+    assert notices == ((frames.OP_RELEASE, frames.SlotRef(3, 65536, 65536)),)
+    plain = frames.FrameReader()        # no shared memory agreed: refused
+    with pytest.raises(frames.FrameError, match="did not agree to use shared memory"):
+        plain.parse(data)
+
+
+def test_notice_only_frames_are_taken_and_the_next_frame_follows():
+    notice = frames.encode_slot_frame(3, 0, b"", [(frames.OP_RELEASE, 0, 1, 0, 65536)])
+    call = frames.pack_frame(1, 5, b"xyz")
+    merged = frames.add_slot_entries(call, [(frames.OP_RELEASE, 0, 1, 65536, 65536)])
+    got = []
+    r = frames.FrameReader()
+    r.on_slots = lambda k, rid, b, body, bufs, notes: (
+        got.append(notes) or (None if k == 3 else (k, rid, b, body, bufs)))
+    first = r.parse(notice + call + merged)      # the notice frame is taken on the way
+    assert first[1] == 5 and bytes(first[3]) == b"xyz" and len(got) == 1
+    second = r.next_frame()                      # the call, with a notice riding on it
+    assert second[1] == 5 and bytes(second[3]) == b"xyz" and len(got) == 2
+    assert r.next_frame() is None and not r.in_frame
+
+
+@pytest.mark.parametrize("entry, words", [
+    ((9, 0, 1, 0, 1), "malformed"),                      # unknown op
+    ((frames.OP_BUFFER, 7, 1, 0, 1), "malformed"),       # unknown type
+    ((frames.OP_RELEASE, 1, 1, 0, 1), "a notice has no type"),
+    ((frames.OP_BUFFER, 0, 1, (1 << 64) - 1, 2), "overflows"),
+    ((frames.OP_BUFFER, 0, 1, 0, 1 << 40), "over the"),  # over max_frame
+])
+def test_malformed_slot_entries_are_frame_errors(entry, words):
+    lim = frames.Limits(max_frame=1 << 30)
+    data = frames.encode_slot_frame(1, 1, b"", [(frames.OP_RELEASE, 0, 1, 0, 1)])
+    head, table = data[:frames.HEADER.size], bytearray(data[frames.HEADER.size:])
+    table[:] = frames.SLOT.pack(*entry[:2], 0, *entry[2:])
+    r = frames.FrameReader(lim)
+    r.on_slots = lambda *a: pytest.fail("a malformed frame reached the hook")
+    with pytest.raises(frames.FrameError, match=words):
+        r.parse(head + bytes(table))
+
+
+# -- round trips ---------------------------------------------------------------------------
+
+def test_values_round_trip_exactly_through_slots(fmgr):
+    d = fmgr.dict()
+    assert link_of(d) is not None, "a Unix-socket connection uses shared memory"
+    t0 = time.perf_counter()
+    assert lw.roundtrip(d) == []
+    report(f"{len(lw.values())} values, both ways, in {time.perf_counter() - t0:.2f} s")
+    link = link_of(d)
+    assert link.pool.stats()["arenas"] >= 1 and link.peer_arenas, "slots were used"
+    # nested in containers, several buffers in one frame
+    big = [lw.pattern(70_000, 1), {"k": bytearray(lw.pattern(200_000, 2))},
+           (memoryview(lw.pattern(3 * MiB, 3)), b"small")]
+    d["nested"] = big
+    got = d["nested"]
+    assert got[0] == big[0] and got[1] == big[1] and got[2][1] == b"small"
+    assert got[2][0].tobytes() == big[2][0].tobytes()
+
+
+@pytest.mark.parametrize("how", ["inherited", "connect"])
+def test_round_trips_in_child_processes(smgr, ctx, how):
+    sizes = (64 * 1024 - 1, 64 * 1024, 200_000, MiB, 5 * MiB + 1)
+    if how == "inherited":
+        bad = _workers.run_child(ctx, lw.inherited_roundtrip, smgr.dict(), sizes, 5,
+                                 timeout=120)
+    else:
+        bad = _workers.run_child(ctx, lw.child_roundtrip, smgr.address,
+                                 bytes(smgr._authkey), sizes, 6, timeout=120)
+    assert bad == []
+
+
+def test_tcp_keeps_the_socket_path():
+    from procshare.managers import SyncManager
+    with SyncManager(address=("127.0.0.1", 0)) as m:
+        d = m.dict()
+        assert link_of(d) is None
+        assert lw.roundtrip(d, sizes=(0, 65536, 65537, 2 * MiB + 1)) == []
+
+
+def test_pipelined_calls_get_large_replies(fmgr):
+    import procshare
+    d = fmgr.dict()
+    values = [lw.pattern(n, i) for i, n in enumerate((70_000, MiB, 3 * MiB, 100))]
+    futures = [procshare.async_(d).__setitem__(i, v) for i, v in enumerate(values)]
+    for f in futures:
+        f.result(WAIT)
+    gets = [procshare.async_(d).__getitem__(i) for i in range(len(values))] * 3
+    assert [f.result(WAIT) for f in gets] == values * 3
+
+
+# -- lending -------------------------------------------------------------------------------
+
+def _exporter(a):
+    """What finally owns the memory of array `a`."""
+    while True:
+        nxt = a.obj if isinstance(a, memoryview) else getattr(a, "base", None)
+        if nxt is None:
+            return a
+        a = nxt
+
+
+@needs_numpy
+def test_ndarrays_are_lent_and_their_slot_released_when_they_go(fmgr):
+    import numpy
+    d = fmgr.dict()
+    d["a"] = numpy.arange(MiB, dtype=numpy.float64)      # 8 MiB
+    a = d["a"]
+    assert isinstance(_exporter(a), mmap.mmap), "the array is the slot's memory"
+    assert a.flags.writeable and a[123] == 123.0
+    link = link_of(d)
+    before = len(link.notices)
+    del a
+    assert len(link.notices) == before + 1, "its release is queued when it goes"
+    d["x"] = 1                                          # and travels on the next frame
+    assert len(link.notices) == 0
+
+
+@needs_numpy
+def test_a_forked_child_keeps_a_private_copy_of_lent_memory(fmgr):
+    import numpy
+    d = fmgr.dict()
+    first = numpy.frombuffer(lw.pattern(8 * MiB, 1), dtype=numpy.int64).copy()
+    d["a"] = first
+    a = d["a"]
+    fork = multiprocessing.get_context("fork")
+    child = _workers.start_child(fork, lw.check_inherited, a, 1, gate=True)
+    child.wait_ready()
+    del a           # the parent lets go: the manager may reuse the slot ...
+    second = numpy.frombuffer(lw.pattern(8 * MiB, 2), dtype=numpy.int64).copy()
+    d["a"] = second
+    held = [d["a"] for _ in range(4)]                   # ... and it does, for new data
+    child.go()
+    ok, _pid = child.result(WAIT)
+    assert ok, "the child's inherited array changed under it"
+    assert all((h == second).all() for h in held), "the parent saw the child's writes"
+
+
+# -- faults --------------------------------------------------------------------------------
+
+def _wait_gone(manager, pid: int) -> bool:
+    return poll(lambda: all(c["pid"] != pid for c in manager.clients()), WAIT, 0.1)
+
+
+def _settled(pid: int, limit: dict, seconds: float) -> dict:
+    """The manager's memory once it stops falling (at most `seconds`)."""
+    end = time.monotonic() + seconds
+    now = lw.status(pid)
+    while time.monotonic() < end:
+        if now["VmRSS"] <= limit["VmRSS"] and now["RssShmem"] <= limit["RssShmem"]:
+            break
+        time.sleep(0.25)
+        now = lw.status(pid)
+    return now
+
+
+def _limits(before: dict, peak: dict) -> dict:
+    return {"VmRSS": int(before["VmRSS"] * 1.10),
+            "RssShmem": before["RssShmem"] + int(0.10 * max(peak["RssShmem"] - before["RssShmem"],
+                                                            0))}
+
+
+@pytest.mark.parametrize("when", ["uploading", "done"])
+def test_a_client_killed_while_uploading_gives_memory_back(fmgr, when):
+    ctx = multiprocessing.get_context("fork")
+    pid = fmgr.pid
+    shm_before = dev_shm()
+    mine = fmgr.dict()
+    mine["warm"] = lw.pattern(8 * MiB, 9)           # this process's own traffic, first
+    assert mine["warm"] == lw.pattern(8 * MiB, 9)
+    time.sleep(slots.IDLE_TRIM * 1.5)
+    before = lw.status(pid)
+    progress = ctx.Queue()
+    child = _workers.start_child(ctx, lw.upload, fmgr.address, bytes(fmgr._authkey), 100,
+                                 8 * MiB, progress)
+    try:
+        target = 50 if when == "uploading" else "done"
+        while True:
+            got = progress.get(timeout=WAIT * 4)
+            if got == target:
+                break
+        peak = lw.status(pid)
+        os.kill(child.process.pid, signal.SIGKILL)
+        child.process.join(WAIT)
+        assert _wait_gone(fmgr, child.process.pid)
+        mine["after"] = lw.pattern(3 * MiB, 4)      # other clients are unaffected
+        assert mine["after"] == lw.pattern(3 * MiB, 4) and mine["warm"] == lw.pattern(8 * MiB, 9)
+        limit = _limits(before, peak)
+        after = _settled(pid, limit, slots.IDLE_TRIM * 3 + 5)
+    finally:
+        child.kill()
+        progress.close()
+    report(f"killed while {when}: manager VmRSS {before['VmRSS'] >> 10} MiB before, "
+           f"{peak['VmRSS'] >> 10} MiB at the kill, {after['VmRSS'] >> 10} MiB after; "
+           f"RssShmem {before['RssShmem'] >> 10} / {peak['RssShmem'] >> 10} / "
+           f"{after['RssShmem'] >> 10} MiB")
+    assert peak["VmRSS"] - before["VmRSS"] > 100 * 1024, "the uploads reached the manager"
+    assert after["VmRSS"] <= limit["VmRSS"], (before, peak, after)
+    assert after["RssShmem"] <= limit["RssShmem"], (before, peak, after)
+    assert dev_shm() == shm_before
+
+
+@needs_numpy
+def test_a_client_killed_while_holding_lent_payloads_gives_memory_back(fmgr):
+    import numpy
+    ctx = multiprocessing.get_context("fork")
+    pid = fmgr.pid
+    shm_before = dev_shm()
+    box = fmgr.dict()
+    box["a"] = numpy.frombuffer(lw.pattern(8 * MiB, 7), dtype=numpy.uint8).copy()
+    mine = box["a"]                                  # this process holds one too
+    time.sleep(slots.IDLE_TRIM * 1.5)
+    before = lw.status(pid)
+    progress = ctx.Queue()
+    child = _workers.start_child(ctx, lw.hold_from, box, 100, "a", progress)
+    try:
+        while progress.get(timeout=WAIT * 4) != 99:
+            pass
+        assert progress.get(timeout=WAIT)[0] == "done"
+        peak = lw.status(pid)
+        os.kill(child.process.pid, signal.SIGKILL)
+        child.process.join(WAIT)
+        assert _wait_gone(fmgr, child.process.pid)
+        again = box["a"]                             # other clients are unaffected
+        assert (again == mine).all() and mine[5] == lw.pattern(8, 7)[5]
+        del again
+        box.get("nothing")                           # its release rides on this call
+        limit = _limits(before, peak)
+        after = _settled(pid, limit, slots.IDLE_TRIM * 3 + 5)
+    finally:
+        child.kill()
+        progress.close()
+    report(f"killed holding 100 x 8 MiB lent arrays: manager RssShmem "
+           f"{before['RssShmem'] >> 10} MiB before, {peak['RssShmem'] >> 10} MiB held, "
+           f"{after['RssShmem'] >> 10} MiB after; VmRSS {before['VmRSS'] >> 10} / "
+           f"{peak['VmRSS'] >> 10} / {after['VmRSS'] >> 10} MiB")
+    assert peak["RssShmem"] - before["RssShmem"] >= 700 * 1024, "100 slots of 8 MiB were held"
+    assert after["VmRSS"] <= limit["VmRSS"], (before, peak, after)
+    assert after["RssShmem"] <= limit["RssShmem"], (before, peak, after)
+    assert dev_shm() == shm_before
+
+
+def _raw_connection(manager):
+    """A connection of this process's own, with shared memory agreed."""
+    from procshare.client.session import Session
+    from procshare.wire.serializers import get_serializer
+    s = Session(manager.address, bytes(manager._authkey), get_serializer("pickle"))
+    conn = s._open("call")
+    assert conn.ch.slots is not None
+    return s, conn
+
+
+def _closed_with(manager, conn, words: str) -> None:
+    ch = conn.ch
+    ch.sock.settimeout(WAIT)
+    assert ch.sock.recv(1) == b"", "the manager closed the connection"
+    log = manager._control("server_info")["log"]
+    assert any(words in line for line in log), log[-5:]
+
+
+@pytest.mark.parametrize("claim, words", [
+    ("unknown-arena", "never announced"),
+    ("past-the-end", "runs past the end"),
+    ("release-not-held", "not the start of a leased slot"),
+])
+def test_bad_slot_claims_close_that_connection(fmgr, claim, words):
+    import numpy
+    d = fmgr.dict()
+    d["a"] = numpy.zeros(2 * MiB // 8)
+    held = d["a"]                                   # a slot leased to this process
+    s, conn = _raw_connection(fmgr)
+    try:
+        if claim == "unknown-arena":
+            entries = [(frames.OP_BUFFER, 0, 77, 0, 70000)]
+        elif claim == "past-the-end":
+            fd, _ = shm.create_fd(4 * MiB, "procshare-test-arena")
+            try:
+                conn.ch.slots.announce([[901, 4 * MiB]], [fd])
+            finally:
+                os.close(fd)
+            entries = [(frames.OP_BUFFER, 0, 901, 4 * MiB - 4096, 70000)]
+        else:
+            arena = next(iter(link_of(d).peer_arenas))
+            entries = [(frames.OP_RELEASE, 0, arena, 4096, 65536)]
+        conn.ch.sock.sendall(frames.encode_slot_frame(1, 1, b"", entries))
+        _closed_with(fmgr, conn, words)
+        assert (d["a"] == held).all(), "this process's other connections are unaffected"
+    finally:
+        conn.close()
+        s.close()
+
+
+def _release_foreign_slot(address, authkey, arena, offset, length) -> str:
+    """In another client: claim (release) a slot leased to the parent."""
+    from procshare.client.session import Session
+    from procshare.wire.serializers import get_serializer
+    s = Session(address, authkey, get_serializer("pickle"))
+    conn = s._open("call")
+    conn.ch.sock.sendall(frames.encode_slot_frame(
+        1, 1, b"", [(frames.OP_RELEASE, 0, arena, offset, length)]))
+    conn.ch.sock.settimeout(WAIT)
+    got = conn.ch.sock.recv(1)
+    s.close()
+    return "closed" if got == b"" else f"got {got!r}"
+
+
+@needs_numpy
+def test_another_client_cannot_release_my_slot(fmgr):
+    import numpy
+    d = fmgr.dict()
+    value = numpy.arange(MiB // 8, dtype=numpy.int64)   # 1 MiB: lent
+    d["a"] = value
+    held = d["a"]
+    arena, offset = next(iter(link_of(d).peer_arenas)), 0
+    fork = multiprocessing.get_context("fork")
+    assert _workers.run_child(fork, _release_foreign_slot, fmgr.address, bytes(fmgr._authkey),
+                              arena, offset, MiB, timeout=WAIT) == "closed"
+    log = fmgr._control("server_info")["log"]
+    assert any("leased to another client" in line for line in log), log[-5:]
+    assert (held == value).all() and (d["a"] == value).all()
+
+
+def test_no_shared_memory_means_the_socket_and_one_warning(tmp_path):
+    script = tmp_path / "noshm.py"
+    script.write_text(textwrap.dedent("""
+        import warnings
+        warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught:
+            from procshare.managers import SyncManager
+            with SyncManager() as m:
+                d = m.dict()
+                for n in (70_000, 2 << 20, 9 << 20):
+                    for _ in range(2):
+                        v = bytes(range(256)) * (n // 256)
+                        d["k"] = v
+                        assert d["k"] == v
+                assert d._session.thread_conn().ch.slots is None
+        mine = [str(w.message) for w in caught if "procshare" in str(w.message)]
+        print(len(mine), mine[0] if mine else "")
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120, env=_workers.subprocess_env(PROCSHARE_SHM="none"))
+    assert out.returncode == 0, out.stderr
+    count, _, text = out.stdout.strip().partition(" ")
+    assert count == "1", out.stdout
+    assert "PROCSHARE_SHM=none" in text and "through the socket" in text
+
+
+def test_arenas_are_memfds_never_in_dev_shm(fmgr):
+    """A small /dev/shm (a container's 64 MiB) cannot matter: memfd segments
+    are not files there.  Here: every arena is a memfd, and /dev/shm is untouched."""
+    before = dev_shm()
+    d = fmgr.dict()
+    d["k"] = lw.pattern(96 * MiB, 3)                 # more than a container's /dev/shm
+    assert d["k"] == lw.pattern(96 * MiB, 3)
+    link = link_of(d)
+    for arena_id in list(link.pool.arenas):
+        fd = link.pool.fd(arena_id)
+        assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:procshare-slots")
+    assert dev_shm() == before
+
+
+def test_demo_scene(ctx):
+    import io
+
+    from procshare.cli import demo
+    out = io.StringIO()
+    assert demo.run(["large"], start_method=ctx.get_start_method(), out=out) == 0, \
+        out.getvalue()
+    text = out.getvalue()
+    assert "SharedArray" in text and "stdlib" in text and "procshare" in text
