@@ -253,3 +253,80 @@ def test_a_child_whose_first_call_meets_a_restart_waits_for_it(method):
         os.kill(m.pid, signal.SIGKILL)
         _workers.run_child(ctx, _workers.update_item_many, d, 10, timeout=30)
         assert d["n"] == 10
+
+
+def test_a_resent_call_keeps_the_deadline_it_had():
+    """A durable call in flight at a crash is re-sent with what is left of
+    its deadline, not a new one; the re-sent get then takes nothing."""
+    import threading
+    with procshare.SyncManager() as m:
+        q = m.Queue(durable=True)
+        box: dict = {}
+
+        def get_one():
+            box["t0"] = time.monotonic()
+            try:
+                with procshare.timeout(3.0):
+                    q.get()
+            except procshare.CallTimeout as e:
+                box["err"] = e
+            box["took"] = time.monotonic() - box["t0"]
+
+        t = threading.Thread(target=get_one, name="getter", daemon=True)
+        t.start()
+        assert poll(lambda: "t0" in box and time.monotonic() - box["t0"] >= 1.5 and any(
+            "getter" in name for c in m.clients() for name in c["threads"]), 10)
+        _kill_and_wait(m)
+        t.join(10)
+        assert not t.is_alive()
+        assert isinstance(box.get("err"), procshare.CallTimeout), box
+        assert box["took"] < 4.0, f"the re-sent get waited a new deadline: {box['took']:.2f} s"
+        q.put("x")
+        assert q.get(timeout=2) == "x"
+
+
+def test_an_unnamed_create_sent_again_after_a_crash_finds_the_first_object():
+    """The client keys an unnamed durable create, so a create whose reply the
+    crash swallowed, sent again, gets the object the first one made (not a
+    second object, with the first leaked)."""
+    from procshare.managers import DictProxy
+    from procshare.server.durables import UNNAMED_KEY
+    with procshare.SyncManager() as m:
+        assert m._unnamed_durable("dict", {"durable": True})
+        assert not m._unnamed_durable("dict", {"durable": True, "name": "x"})
+        assert not m._unnamed_durable("dict", {})
+        first, _exposed, _attrs = m._control("create", "dict", durable=True,
+                                             **{UNNAMED_KEY: "5eed"})
+        d = DictProxy(procshare.managers.Token("dict", m.address, first), m._serializer,
+                      manager=m, authkey=m._authkey, incref=False)
+        d["k"] = "v"
+        _kill_and_wait(m)
+        again, _exposed, _attrs = m._control("create", "dict", durable=True,
+                                             **{UNNAMED_KEY: "5eed"})
+        assert again == first
+        assert d["k"] == "v"
+        assert sum(o["id"] == first for o in m.objects()) == 1
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_pipelined_calls_on_a_durable_object_are_sent_again_exactly_once(method):
+    """async_ appends in flight when the manager is SIGKILLed are sent again,
+    in order, on a new connection: every future succeeds and the list holds
+    each item once, in order; a pipelined call on a plain object says ObjectLost."""
+    with procshare.SyncManager(ctx=multiprocessing.get_context(method)) as m:
+        items = m.list(durable=True)
+        plain = m.dict()
+        n = 3000
+        futures = [procshare.async_(items).append(i) for i in range(n // 2)]
+        lost = procshare.async_(plain).get("x", 1)
+        futures += [procshare.async_(items).append(i) for i in range(n // 2, n)]
+        assert poll(lambda: sum(f.done() for f in futures) >= 50, 10)
+        _kill_and_wait(m)
+        for f in futures:
+            f.result(30)        # none raised
+        procshare.async_(items).append(n).result(10)
+        assert list(items) == list(range(n + 1))
+        if not lost.done() or lost.exception(10) is not None:
+            with pytest.raises(procshare.ObjectLost):
+                lost.result(10)
+        assert m.restarts == 1

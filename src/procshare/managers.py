@@ -20,6 +20,7 @@ import functools
 import inspect
 import logging
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -58,6 +59,7 @@ from .client.proxy import (  # noqa: F401  (the stdlib module has all these name
 )
 from .errors import RemoteError  # noqa: F401  (re-exported, as in the stdlib)
 from .server import primitives
+from .server.durables import UNNAMED_KEY, durable_option
 from .server.journal import check_state_dir
 from .server.leases import GRACE as LEASE_GRACE
 from .server.server import FRAME_TIMEOUT, Server, TypeSpec, all_methods, public_methods  # noqa: F401
@@ -455,9 +457,20 @@ class BaseManager:
         return token, exposed
 
     def _create_full(self, typeid: str, args: tuple, kwds: dict) -> tuple[Token, tuple, tuple]:
-        """`_create`, with the names of exposed data attributes too."""
+        """`_create`, with the names of exposed data attributes too.  An unnamed
+        durable object gets a key made here, so that a create sent again after
+        a crash finds the object the first one made, if it did."""
+        if self._unnamed_durable(typeid, kwds):
+            kwds = {**kwds, UNNAMED_KEY: secrets.token_hex(8)}
         ident, exposed, attrs = self._control("create", typeid, *args, **kwds)
         return Token(typeid, self._address, ident), exposed, attrs
+
+    def _unnamed_durable(self, typeid: str, kwds: dict) -> bool:
+        """Does this create make a durable object without a name (see `Server.create`)?"""
+        if "durable" in kwds:
+            mode = durable_option(kwds["durable"])
+            return bool(mode) and "name" not in kwds
+        return bool(getattr(self._registry.get(typeid), "durable", None))
 
     def _debug_info(self) -> str:
         """Some info about the server's shared objects."""

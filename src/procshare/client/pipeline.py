@@ -22,12 +22,18 @@ Rules it keeps:
   then takes nothing, even from a put made right after.
 - A oneway call gets no reply and no future; its errors are only logged by
   the manager.
-- If the connection breaks, every outstanding future gets `ManagerCrashed`.
+- If the connection breaks, every outstanding future gets `ManagerCrashed`;
+  when the manager restarted, `ObjectLost`, except the calls on durable
+  objects: those are sent again, in their order and before any later call of
+  the thread, on a new connection (`successor`), under the key of their
+  first sending (`#RETRY`), with what is left of their deadlines, so that
+  each takes effect exactly once.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import heapq
 import logging
 import threading
@@ -37,6 +43,7 @@ from typing import Any
 from ..wire.diagnose import arguments_error
 from ..wire.frames import NO_DEADLINE, encode_frame, pack_frame
 from ..wire.kinds import Kind
+from ..wire.records import DURABLE_PREFIX
 from .replies import call_timeout
 from .scope import UNSET
 
@@ -47,6 +54,9 @@ log = logging.getLogger("procshare.client")
 _CALL = Kind.CALL
 _RETURN = Kind.RETURN
 _monotonic = time.monotonic
+#: the longest a thread's next call waits for a broken pipe's re-sends to be on their
+#: way (they wait for a restarting manager: session.RECONNECT, 5 s, at most)
+_HANDOVER_WAIT = 15.0
 
 
 class CallFuture(concurrent.futures.Future):
@@ -60,12 +70,19 @@ class CallFuture(concurrent.futures.Future):
         self._proxy = proxy
         self._meth = meth
         self._timeout = timeout
+        self._deadline: float | None = None
+        self._resend: tuple | None = None   # (args, kwds) of a call on a durable object
+        self._replaced_by: CallFuture | None = None
 
     def cancel(self) -> bool:
         """Cancel the call here and in the manager (a blocked call takes nothing)."""
         if not super().cancel():
             return False
-        self._pipe.abandon(self._rid)
+        then = self._replaced_by
+        if then is not None:
+            then.cancel()
+        else:
+            self._pipe.abandon(self._rid)
         return True
 
 
@@ -87,6 +104,9 @@ class Pipe:
         self.idle_writer = False                # the writer waits for work: notify it
         self.deadlines: list[tuple[float, int]] = []   # heap of (deadline, rid)
         self.broken: BaseException | None = None
+        #: set once this broken pipe's re-sends are on a new one (None: none)
+        self.successor: Pipe | None = None
+        self.handed_over = threading.Event()
         for target, name in ((self._read, "reader"), (self._write, "writer")):
             threading.Thread(target=target, daemon=True, name=f"procshare-pipe-{name}").start()
 
@@ -107,7 +127,10 @@ class Pipe:
                 rid = self.rid = self.rid + 1
                 fut = self.futures[rid] = CallFuture(self, rid, proxy, meth, timeout)
                 if timeout is not None:
-                    heapq.heappush(self.deadlines, (_monotonic() + timeout, rid))
+                    fut._deadline = _monotonic() + timeout
+                    heapq.heappush(self.deadlines, (fut._deadline, rid))
+                if proxy._id.startswith(DURABLE_PREFIX):
+                    fut._resend = (args, kwds)
             if bufs:
                 self.out.append(encode_frame(_CALL, rid, body, bufs, budget))
             else:
@@ -118,7 +141,8 @@ class Pipe:
                     try:
                         sent = self.ch.send_nowait(frame)
                     except OSError as e:
-                        self._break_locked(e)
+                        self._break_locked(e)   # only this call was in flight
+                        self.handed_over.set()
                         raise self.session.crashed(e) from None
                     if sent == len(frame):
                         return fut
@@ -236,12 +260,61 @@ class Pipe:
 
     def _break(self, cause: BaseException) -> None:
         with self.lock:
+            first = self.broken is None
             futures = self._break_locked(cause)
-        self.conn.close()
-        if futures:
-            error = self.session.crashed(cause)
+        if not first:
+            return          # the first break hands over (reader and writer both see it)
+        try:
+            self.conn.close()
+            if not futures:
+                return
+            session = self.session
+            restarted = not getattr(session, "closed", False) and (
+                self.conn.epoch != session.epoch or session.recover(self.conn.epoch))
+            if not restarted:
+                error = session.crashed(cause)
+                for fut in futures:
+                    _settle_future(fut, error, True)
+                return
+            again = sorted((f for f in futures if f._resend is not None), key=lambda f: f._rid)
             for fut in futures:
-                _settle_future(fut, error, True)
+                if fut._resend is None:
+                    _settle_future(fut, fut._proxy._lost(fut._meth), True)
+            if again:
+                self._send_again(again)
+        finally:
+            self.handed_over.set()
+
+    def _send_again(self, futures: list[CallFuture]) -> None:
+        """Calls on durable objects that were in flight when the manager
+        crashed: send them again, in order, on a new pipe that this thread's
+        later calls will use too."""
+        try:
+            pipe = self.successor = Pipe(self.session)
+            self.session.pipes.add(pipe)
+        except Exception as e:
+            for fut in futures:
+                _settle_future(fut, e, True)
+            return
+        for fut in futures:
+            if fut.done():
+                continue        # cancelled meanwhile
+            left = None if fut._deadline is None else fut._deadline - _monotonic()
+            if left is not None and left <= 0:
+                _settle_future(fut, call_timeout(fut._proxy, fut._meth, fut._timeout, False),
+                               True)
+                continue
+            args, kwds = fut._resend
+            try:
+                new = pipe.submit(fut._proxy, "#RETRY",
+                                  (self.conn.no, fut._rid, fut._meth, args, kwds), {}, left)
+            except Exception as e:
+                _settle_future(fut, e, True)
+                continue
+            assert new is not None
+            new._meth, new._timeout = fut._meth, fut._timeout
+            fut._replaced_by = new
+            new.add_done_callback(functools.partial(_pass_on, fut))
 
     def _break_locked(self, cause: BaseException) -> list[CallFuture]:
         """(lock held) The connection is unusable: stop the threads; the
@@ -269,13 +342,29 @@ def _settle_future(fut: CallFuture, value: Any, failed: bool) -> None:
         pass
 
 
+def _pass_on(old: CallFuture, new: CallFuture) -> None:
+    """A re-sent call finished: its first future gets the outcome."""
+    if new.cancelled():
+        old.cancel()
+    elif new.exception() is not None:
+        _settle_future(old, new.exception(), True)
+    else:
+        _settle_future(old, new.result(), False)
+
+
 def _pipe(proxy: Any) -> Pipe:
-    """This thread's pipe to the proxy's manager (opened on first use)."""
+    """This thread's pipe to the proxy's manager (opened on first use; after
+    a break, the one that carries the broken pipe's re-sent calls)."""
     tls = proxy._session.tls
     pipe = getattr(tls, "pipe", None)
-    if pipe is None or pipe.broken is not None:
-        pipe = tls.pipe = Pipe(proxy._session)
+    while pipe is not None and pipe.broken is not None:
+        # calls re-sent after a restart go first: wait until they are on their way
+        pipe.handed_over.wait(_HANDOVER_WAIT)
+        pipe = pipe.successor
+    if pipe is None:
+        pipe = Pipe(proxy._session)
         proxy._session.pipes.add(pipe)
+    tls.pipe = pipe
     return pipe
 
 

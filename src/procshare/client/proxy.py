@@ -151,9 +151,10 @@ class BaseProxy:
             kind, result = conn.call(self._id, methodname, args, kwds, timeout)
         except TimeoutError:
             raise call_timeout(self, methodname, timeout, False) from None
-        except ObjectLost:
+        except ObjectLost as e:
             if self._id.startswith(DURABLE_PREFIX):
-                return self._resend(conn, methodname, args, kwds, timeout)
+                return self._resend(conn, methodname, args, kwds, timeout,
+                                    getattr(e, "deadline", None))
             if self._epoch != self._session.epoch:
                 raise self._lost(methodname) from None
             # made after the restart, called on a connection from before it: the
@@ -165,16 +166,20 @@ class BaseProxy:
         return self._outcome(kind, result, methodname, timeout)
 
     def _resend(self, conn: Any, methodname: str, args: tuple, kwds: dict,
-                timeout: float | None) -> Any:
+                timeout: float | None, deadline: float | None) -> Any:
         """A call on a durable object whose manager crashed while it was in
         flight: send it again to the restarted manager under the key of its
         first sending, so that it takes effect exactly once (the manager
-        answers from its journal if it had already run)."""
+        answers from its journal if it had already run).  The re-sends share
+        the first sending's deadline."""
         first = (conn.no, conn.rid)
         for _ in range(RESEND_LIMIT):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise call_timeout(self, methodname, timeout, False)
             try:
                 kind, result = self._session.thread_conn().call(
-                    self._id, "#RETRY", (*first, methodname, args, kwds), {}, timeout)
+                    self._id, "#RETRY", (*first, methodname, args, kwds), {}, left)
             except TimeoutError:
                 raise call_timeout(self, methodname, timeout, False) from None
             except ObjectLost:

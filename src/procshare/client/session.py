@@ -215,11 +215,11 @@ class Connection:
     def call(self, oid: Any, meth: str, args: tuple, kwds: dict,
              timeout: float | None) -> tuple[int, Any]:
         """Send one request and wait for its reply: `(kind, payload)`."""
+        deadline = None if timeout is None else _monotonic() + timeout
         try:
             rid = self.send_request(oid, meth, args, kwds, timeout)
         except (EOFError, OSError) as e:
-            raise self._broken(e) from None
-        deadline = None if timeout is None else _monotonic() + timeout
+            raise self._broken(e, deadline) from None
         try:
             try:
                 return self.wait_reply(rid, deadline)
@@ -233,14 +233,17 @@ class Connection:
             raise                   # the caller says which call timed out
         except (EOFError, OSError) as e:
             self.close()
-            raise self._broken(e) from None
+            raise self._broken(e, deadline) from None
 
-    def _broken(self, cause: BaseException) -> ManagerCrashed:
+    def _broken(self, cause: BaseException, deadline: float | None = None) -> ManagerCrashed:
         """The error for a call whose connection broke: ObjectLost (without the
-        object's details, which the proxy adds) if a supervised manager came
-        back as a new incarnation, else ManagerCrashed."""
+        object's details, which the proxy adds; its `deadline` is the call's,
+        for a re-send) if a supervised manager came back as a new incarnation,
+        else ManagerCrashed."""
         if self.epoch != self.session.epoch or self.session.recover(self.epoch):
-            return ObjectLost("the manager restarted; the call's object did not survive")
+            lost = ObjectLost("the manager restarted; the call's object did not survive")
+            lost.deadline = deadline
+            return lost
         return self.session.crashed(cause)
 
     def _settle(self, rid: int) -> bool:

@@ -54,6 +54,12 @@ RECOVERED_HOLDER = "@recovered"
 MODES = ("snapshot", "journal")
 
 
+#: the create keyword with the client's key for an unnamed durable object
+#: (`managers.BaseManager._create_full`): a create sent again after a crash
+#: finds the object the first one made
+UNNAMED_KEY = "#unnamed"
+
+
 def durable_option(value: Any) -> str | bool | None:
     """What a `durable=` keyword means: False/None (not durable), True (the
     typeid's default mode) or a mode name; None for a value that is not a
@@ -148,9 +154,11 @@ class DurableObjects:
 
     # -- creating ------------------------------------------------------------------
     def create(self, holder: str, typeid: str, mode: str | bool, name: str | None,
-               args: tuple, kwds: dict) -> tuple:
+               args: tuple, kwds: dict, unnamed: Any = None) -> tuple:
         """A new durable object, or the existing one called `name` (a new
-        reference for `holder` either way): `(id, exposed, attributes)`."""
+        reference for `holder` either way): `(id, exposed, attributes)`.
+        `unnamed`: the client's key for an object without a name; a second
+        create with the same key (re-sent after a crash) gets the same object."""
         server = self.server
         spec = server.registry.get(typeid)
         if spec is None:
@@ -164,10 +172,28 @@ class DurableObjects:
         if name is not None and (not isinstance(name, str) or not name or name[0] == "~"):
             raise ValueError(f"a durable object's name must be a non-empty str not starting "
                              f"with '~', not {name!r}")
+        key = None
+        if name is None and unnamed is not None:
+            if not (isinstance(unnamed, str) and 0 < len(unnamed) <= 64
+                    and all(ch in "0123456789abcdef" for ch in unnamed)):
+                raise ValueError(f"the key of an unnamed durable object must be a short hex "
+                                 f"str, not {unnamed!r:.80}")
+            key = "~" + unnamed
         with self._mu:
             j = self._open()
-            h = j.get(name) if name is not None else None
-            if h is not None:
+            h = j.get(name if key is None else key) if name is not None or key else None
+            if h is not None and key is not None:
+                if h.typeid != typeid:
+                    raise TypeError(f"the durable object with key {unnamed!r} is a "
+                                    f"{h.typeid!r}, not a {typeid!r}")
+                ident = DURABLE_PREFIX + key
+                if ident not in server.objects.objects:     # its last holder let go already
+                    got = self._register(h, holder)
+                else:
+                    server.objects.incref(holder, ident)
+                    entry = server.objects.get(ident)
+                    got = ident, tuple(entry.exposed), tuple(entry.attributes)
+            elif h is not None:
                 if h.typeid != typeid:
                     raise TypeError(f"the durable object named {name!r} is a {h.typeid!r}, "
                                     f"not a {typeid!r}")
@@ -177,7 +203,8 @@ class DurableObjects:
                 got = ident, tuple(entry.exposed), tuple(entry.attributes)
             else:
                 obj = spec[0](*args, **kwds)
-                h = j.create(name if name is not None else "~" + secrets.token_hex(8), typeid,
+                h = j.create(name if name is not None else key or "~" + secrets.token_hex(8),
+                             typeid,
                              obj, args=args, kwds=kwds, mode=mode,
                              mutators=getattr(spec, "mutators", None))
                 if name is not None:

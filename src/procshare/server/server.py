@@ -83,7 +83,7 @@ from ..wire.serializers import (
 )
 from . import callctx, sharedarray
 from .callctx import Caller, CallState, DeadlineExpired
-from .durables import DurableObjects, durable_option
+from .durables import UNNAMED_KEY, DurableObjects, durable_option
 from .leases import GRACE as LEASE_GRACE
 from .leases import Leases
 from .locktable import LockTable, snapshot
@@ -754,15 +754,19 @@ class Server:
         `durable=` is durable unless the call says `durable=False`.  A
         `durable=` that is not one of those values, and `name=` without a true
         `durable=`, are the constructor's own keywords."""
+        unnamed = None
+        if UNNAMED_KEY in kwds:     # procshare's own, never the constructor's
+            kwds = dict(kwds)
+            unnamed = kwds.pop(UNNAMED_KEY)
         mode = durable_option(kwds["durable"]) if "durable" in kwds else None
         if mode is not None:
             kwds = dict(kwds)
             del kwds["durable"]
             if mode:
                 name = kwds.pop("name", None)
-                return self.durables.create(c.client, typeid, mode, name, args, kwds)
+                return self.durables.create(c.client, typeid, mode, name, args, kwds, unnamed)
         elif getattr(self.registry.get(typeid), "durable", None):
-            return self.durables.create(c.client, typeid, True, None, args, kwds)
+            return self.durables.create(c.client, typeid, True, None, args, kwds, unnamed)
         return self._new_object(c.client, typeid, args, kwds)
 
     def reattach(self, c: ConnInfo, idents: list) -> list:
