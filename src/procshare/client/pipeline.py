@@ -106,6 +106,7 @@ class Pipe:
         self.broken: BaseException | None = None
         #: set once this broken pipe's re-sends are on a new one (None: none)
         self.successor: Pipe | None = None
+        self.closing = False
         self.handed_over = threading.Event()
         for target, name in ((self._read, "reader"), (self._write, "writer")):
             threading.Thread(target=target, daemon=True, name=f"procshare-pipe-{name}").start()
@@ -269,7 +270,7 @@ class Pipe:
             if not futures:
                 return
             session = self.session
-            restarted = not getattr(session, "closed", False) and (
+            restarted = not self.closing and not getattr(session, "closed", False) and (
                 self.conn.epoch != session.epoch or session.recover(self.conn.epoch))
             if not restarted:
                 error = session.crashed(cause)
@@ -328,6 +329,7 @@ class Pipe:
         return futures
 
     def close(self) -> None:
+        self.closing = True     # not a crash: nothing is sent again
         self._break(EOFError("the session was closed"))
 
 
