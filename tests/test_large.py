@@ -187,6 +187,52 @@ def test_pipelined_calls_get_large_replies(fmgr):
     assert [f.result(WAIT) for f in gets] == values * 3
 
 
+def test_pipelined_calls_and_slot_releases_never_mix(fmgr):
+    """Releases of slots ride in frames of their own between the pipeline's
+    requests (never inside a batch of them), and a pipeline alone sends them."""
+    import procshare
+    d = fmgr.dict()
+    big = lw.pattern(200_000, 7)
+    d["big"] = big
+    link = link_of(d)
+    futures = []
+    for i in range(300):
+        futures.append(("big", procshare.async_(d).get("big")))
+        futures += [(None, procshare.async_(d).__setitem__(i * 5 + j, j)) for j in range(5)]
+    for what, f in futures:
+        got = f.result(WAIT)
+        if what == "big":
+            assert got == big
+    assert len(d) == 1 + 1500
+    # a pipeline on its own, one call at a time (the idle path): releases go too
+    for _ in range(50):
+        assert procshare.async_(d).get("big").result(WAIT) == big
+    assert len(link.notices) <= 1
+
+
+def test_two_sessions_of_one_process_keep_their_slots_apart(fmgr):
+    """A process may hold two sessions with one manager (per-type serializers,
+    `Client()`): each has its own arenas, numbered from 1, and its own releases."""
+    from procshare.client.session import Session
+    from procshare.wire.kinds import Kind
+    from procshare.wire.serializers import get_serializer
+    d = fmgr.dict()
+    other = Session(fmgr.address, bytes(fmgr._authkey), get_serializer("pickle"))
+    try:
+        conn = other.thread_conn()
+        for i in range(20):
+            mine, theirs = lw.pattern(300_000, i), lw.pattern(400_000, 100 + i)
+            d["mine"] = mine
+            assert conn.call(d._id, "__setitem__", ("theirs", theirs), {}, WAIT)[0] == Kind.RETURN
+            assert d["theirs"] == theirs
+            assert conn.call(d._id, "__getitem__", ("mine",), {}, WAIT) == (Kind.RETURN, mine)
+        assert conn.ch.slots is not None and conn.ch.slots is not link_of(d)
+    finally:
+        other.close()
+    d["after"] = lw.pattern(300_000, 99)
+    assert d["after"] == lw.pattern(300_000, 99)
+
+
 # -- lending -------------------------------------------------------------------------------
 
 def _exporter(a):
@@ -442,6 +488,34 @@ def test_no_shared_memory_means_the_socket_and_one_warning(tmp_path):
     count, _, text = out.stdout.strip().partition(" ")
     assert count == "1", out.stdout
     assert "PROCSHARE_SHM=none" in text and "through the socket" in text
+
+
+def test_arenas_the_manager_cannot_seal_mean_uploads_through_the_socket(tmp_path):
+    """shm_open segments cannot be sealed: the manager refuses to map a client's
+    (a client could shrink it under a reader).  Uploads then go through the
+    socket with one warning; nothing fails."""
+    script = tmp_path / "unsealed.py"
+    script.write_text(textwrap.dedent("""
+        import warnings
+        warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught:
+            from procshare.managers import SyncManager
+            with SyncManager() as m:
+                d = m.dict()
+                for n in (70_000, 2 << 20, 9 << 20):
+                    for _ in range(2):
+                        v = bytes(range(256)) * (n // 256)
+                        d["k"] = v
+                        assert d["k"] == v
+        mine = [str(w.message) for w in caught if "procshare" in str(w.message)]
+        print(len(mine), mine[0] if mine else "")
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120, env=_workers.subprocess_env(PROCSHARE_SHM="shm_open"))
+    assert out.returncode == 0, out.stderr
+    count, _, text = out.stdout.strip().partition(" ")
+    assert count == "1", out.stdout
+    assert "through the socket" in text and "sealed" in text, text
 
 
 def test_arenas_are_memfds_never_in_dev_shm(fmgr):

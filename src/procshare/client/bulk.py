@@ -82,7 +82,8 @@ def _side(session: Any, client_id: Callable[[], str], request: dict, fds: list
     try:
         transport.client_handshake(ch, session.authkey, session.address)
         hello = {"client": client_id(), "pid": os.getpid(), "role": "shm", "version": 1,
-                 "serializer": session.serializer.name, **request}
+                 "session": session.token, "serializer": session.serializer.name,
+                 **request}
         shm.send_frame_fds(ch, [pack_frame(Kind.HELLO, 1, encode_hello(hello))], fds)
         kind, _rid, _b, body, bufs, got = shm.recv_frame_fds(
             ch, time.monotonic() + _SIDE_TIMEOUT, maxfds=16)

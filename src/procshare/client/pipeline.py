@@ -59,6 +59,10 @@ _monotonic = time.monotonic
 _HANDOVER_WAIT = 15.0
 
 
+class _Tail(bytes):
+    """The rest of a frame that `send_nowait` began: nothing may go before it."""
+
+
 class CallFuture(concurrent.futures.Future):
     """The future of one pipelined call."""
 
@@ -138,7 +142,9 @@ class Pipe:
                 frame = pack_frame(_CALL, rid, body, budget)
                 if len(self.futures) <= 1 and not self.out and not self.writing:
                     # an idle pipe: send it now (lowest latency), never blocking
-                    # here; the writer thread finishes what does not fit
+                    # here; the writer thread finishes what does not fit.  The
+                    # stream is between frames: releases of slots may go first
+                    frame = self.ch.notice_prefix() + frame
                     try:
                         sent = self.ch.send_nowait(frame)
                     except OSError as e:
@@ -147,7 +153,7 @@ class Pipe:
                         raise self.session.crashed(e) from None
                     if sent == len(frame):
                         return fut
-                    frame = frame[sent:]
+                    frame = _Tail(frame[sent:])     # the rest of a frame already begun
                 # calls in flight: queue it; the writer sends the queue in one write
                 self.out.append(frame)
             if self.idle_writer:
@@ -175,11 +181,11 @@ class Pipe:
                         small.append(item)
                         continue
                     if small:
-                        ch.send_bytes(b"".join(small))
+                        ch.send_frames(b"".join(small), type(small[0]) is not _Tail)
                         small = []
                     ch.send(item)               # a frame with out-of-band buffers
                 if small:
-                    ch.send_bytes(b"".join(small))
+                    ch.send_frames(b"".join(small), type(small[0]) is not _Tail)
             except OSError as e:
                 self._break(e)
                 return

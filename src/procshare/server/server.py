@@ -504,7 +504,7 @@ class Server:
                 self._shm_refused = True
                 self.note(f"large data goes through the socket: {reason}")
             return {"shm": {"refused": reason}}
-        ch.attach_slots(self._slots.link(info.client))
+        ch.attach_slots(self._slots.link(info.client, info.session))
         return {"shm": {"server": self._slots.nonce}}
 
     def _shm_side(self, ch: transport.Channel, rid: int, hello: dict, fds: list[int]) -> None:

@@ -109,6 +109,24 @@ class Channel:
             frame = self.slots.with_notices(frame)
         self.sock.sendall(frame)
 
+    def send_frames(self, data: bytes, boundary: bool = True) -> None:
+        """Write whole frames joined together (`boundary`: the stream is between
+        frames here; False: `data` starts with the rest of a frame already
+        partly written).  Notices owed to the peer go in a frame of their own
+        in front, only at a boundary: never inside another frame."""
+        if boundary and self.notices:
+            front = self.slots.notice_frame()
+            if front is not None:
+                data = front + data
+        self.sock.sendall(data)
+
+    def notice_prefix(self) -> bytes:
+        """A frame of the notices owed to the peer, to send at a frame
+        boundary by a caller that writes raw (b"" if none)."""
+        if self.notices:
+            return self.slots.notice_frame() or b""
+        return b""
+
     def send_buffers(self, kind: int, rid: int, body: bytes, bufs: Any,
                      budget: float = NO_DEADLINE, limits: Limits = DEFAULT_LIMITS) -> None:
         """Write one frame with out-of-band buffers: through shared-memory slots

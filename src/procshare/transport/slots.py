@@ -336,6 +336,9 @@ class SlotLink:
         self.announced: set[int] = set()
         self.notices: collections.deque = collections.deque()
         self.lock = threading.RLock()
+        self.idle = threading.Condition(self.lock)  # no encode in progress (`busy`)
+        self.busy = 0
+        self.refused: str | None = None     # why the peer refused our arenas, if it did
         self.pid = os.getpid()
         self.closed = False
         self.last_used = time.monotonic()
@@ -348,8 +351,29 @@ class SlotLink:
         the peer; None when the buffers are better sent through the socket
         (small, or no room for them here)."""
         views = [memoryview(b) for b in bufs]
-        if sum(v.nbytes for v in views) < SLOT_MIN or self.closed:
+        if sum(v.nbytes for v in views) < SLOT_MIN or self.closed or self.refused:
             return None
+        with self.lock:
+            if self.closed:
+                return None
+            self.busy += 1      # `close_and_wait` frees nothing under a copy in progress
+        try:
+            return self._encode(kind, rid, body, bufs, views, budget, limits)
+        except SlotClaimError as e:
+            if self.announce is None:
+                raise
+            # the manager refused our arena (one it cannot map safely): the socket
+            self.refused = str(e)
+            warn_unavailable(f"large data goes through the socket: {e}")
+            return None
+        finally:
+            with self.lock:
+                self.busy -= 1
+                if not self.busy:
+                    self.idle.notify_all()
+
+    def _encode(self, kind: int, rid: int, body: bytes, bufs: Any, views: list,
+                budget: float, limits: Any) -> bytes | None:
         pool = self.pool
         taken: list[Slot] = []
         try:
@@ -510,6 +534,12 @@ class SlotLink:
         for m in arenas:
             m.close()
 
+    def close_and_wait(self, timeout: float = 10.0) -> None:
+        """`close`, then wait (bounded) until no encode is copying into a slot."""
+        self.close()
+        with self.lock:
+            self.idle.wait_for(lambda: not self.busy, timeout)
+
     def abandon_after_fork(self) -> None:
         """In a forked child: close what the parent's link held, touching
         nothing the parent uses (its slots stay its own)."""
@@ -595,9 +625,12 @@ class ManagerSlots:
     def __init__(self, note: Callable[[str], None] | None = None) -> None:
         self.nonce = secrets.token_hex(8)       # this manager instance, for clients
         self.note = note or log.info
-        self.links: dict[str, SlotLink] = {}
+        #: one link per client session (a process may have several sessions with
+        #: this manager: each has its own arenas and its own releases)
+        self.links: dict[tuple[str, str], SlotLink] = {}
         self.mutex = threading.Lock()
-        self.fetched: dict[int, set[str]] = {}  # arena -> clients that mapped it
+        #: arena -> the sessions that mapped it (for retirement notices)
+        self.fetched: dict[int, set[tuple[str, str]]] = {}
         self._pool: ArenaPool | None = None
         self._trimmer: threading.Thread | None = None
         self._idle_since: float | None = None
@@ -617,14 +650,16 @@ class ManagerSlots:
                 pool = self._pool
         return pool
 
-    def link(self, client: str) -> SlotLink:
-        """The link to `client` (made on its first connection that asks for it)."""
+    def link(self, client: str, session: str = "") -> SlotLink:
+        """The link to one session of `client` (made on its first connection that
+        asks for it).  Its slots are leased to the client: freed when its
+        lease ends."""
         self.pool   # noqa: B018  (made first: the property takes the mutex)
         with self.mutex:
-            link = self.links.get(client)
+            link = self.links.get((client, session))
             if link is None:
-                link = self.links[client] = SlotLink(self.pool, client, lend=False,
-                                                     name=client)
+                link = self.links[client, session] = SlotLink(self.pool, client, lend=False,
+                                                              name=client)
             return link
 
     def exchange(self, client: str, hello: dict, fds: list[int]) -> tuple[dict, list[int]]:
@@ -637,21 +672,22 @@ class ManagerSlots:
                 raise SlotClaimError("a shared-memory request for another manager instance "
                                      "(this one restarted)")
             op = hello.get("op")
+            session = str(hello.get("session", ""))[:32]
             if op == "announce":
-                self._announce(client, hello.get("arenas"), fds)   # mapped: fds closed below
+                self._announce(client, session, hello.get("arenas"), fds)  # fds closed below
                 return {"ok": True}, []
             if op == "fetch":
-                return self._give(client, hello.get("want"))
+                return self._give(client, session, hello.get("want"))
             raise SlotClaimError(f"unknown shared-memory request {op!r:.40}")
         finally:
             for fd in fds:
                 os.close(fd)
 
-    def _announce(self, client: str, arenas: Any, fds: list[int]) -> None:
+    def _announce(self, client: str, session: str, arenas: Any, fds: list[int]) -> None:
         if not isinstance(arenas, list) or len(arenas) != len(fds) or not fds:
             raise SlotClaimError(f"an arena announcement must pair each [id, size] with "
                                  f"one descriptor ({len(fds)} came)")
-        link = self.link(client)
+        link = self.link(client, session)
         for item, fd in zip(arenas, fds):
             if (not isinstance(item, list) or len(item) != 2
                     or not all(type(x) is int and x > 0 for x in item)):
@@ -668,7 +704,7 @@ class ManagerSlots:
                 except (OSError, ValueError) as e:
                     raise SlotClaimError(f"cannot map arena {arena_id}: {e}") from None
 
-    def _give(self, client: str, want: Any) -> tuple[dict, list[int]]:
+    def _give(self, client: str, session: str, want: Any) -> tuple[dict, list[int]]:
         if not isinstance(want, list) or not want or len(want) > 16:
             raise SlotClaimError(f"a bad request for arenas: {want!r:.60}")
         pool = self.pool
@@ -682,17 +718,19 @@ class ManagerSlots:
                                              f"{arena_id!r:.20}")
                     fds.append(os.dup(arena.fd))
                     arenas.append([arena_id, arena.size])
-                    self.fetched.setdefault(arena_id, set()).add(client)
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
+        with self.mutex:
+            for arena_id, _size in arenas:
+                self.fetched.setdefault(arena_id, set()).add((client, session))
         return {"ok": True, "arenas": arenas}, fds
 
     def _retired(self, arena_id: int) -> None:
         with self.mutex:
-            clients = self.fetched.pop(arena_id, ())
-            links = [self.links.get(c) for c in clients]
+            keys = self.fetched.pop(arena_id, ())
+            links = [self.links.get(k) for k in keys]
         for link in links:
             if link is not None:
                 link.notices.append((OP_RETIRE, 0, arena_id, 0, 0))
@@ -701,12 +739,14 @@ class ManagerSlots:
         """The client's lease ended: free every slot it held, unmap its arenas,
         give the memory back."""
         with self.mutex:
-            link = self.links.pop(client, None)
-            for clients in self.fetched.values():
-                clients.discard(client)
-        if link is None:
+            gone = [k for k in self.links if k[0] == client]
+            links = [self.links.pop(k) for k in gone]
+            for keys in self.fetched.values():
+                keys.difference_update(gone)
+        if not links:
             return
-        link.close()
+        for link in links:
+            link.close_and_wait()       # no copy is under way into a slot freed below
         freed = self.pool.free_owner(client)
         if freed:
             self.note(f"freed {freed >> 20} MiB of shared memory client {client} held")

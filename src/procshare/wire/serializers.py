@@ -292,9 +292,18 @@ class PickleSerializer(Serializer):
         return _forking_dumps(obj), ()
 
     def _out_of_band(self, lifted: Any) -> tuple[bytes, list]:
+        """Pickle with buffers of `OOB_THRESHOLD` bytes or more out of band
+        (small ones stay in the body: each buffer out of band costs a slot)."""
         buffers: list = []
         keep = buffers.append
-        body = self._dumps(lifted, 5, buffer_callback=lambda b: keep(b.raw()))
+
+        def callback(b: pickle.PickleBuffer) -> bool:
+            raw = b.raw()
+            if raw.nbytes < OOB_THRESHOLD:
+                return True
+            keep(raw)
+            return False
+        body = self._dumps(lifted, 5, buffer_callback=callback)
         return body, buffers
 
     def loads(self, body: bytes, buffers: list) -> Any:
