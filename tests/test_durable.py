@@ -330,3 +330,21 @@ def test_pipelined_calls_on_a_durable_object_are_sent_again_exactly_once(method)
             with pytest.raises(procshare.ObjectLost):
                 lost.result(10)
         assert m.restarts == 1
+
+
+def test_pipelined_calls_sent_again_survive_a_second_crash():
+    """Calls re-sent after one crash and caught by a second are sent again
+    under the key of their first sending: each item still lands once, in order."""
+    with procshare.SyncManager() as m:
+        items = m.list(durable=True)
+        n = 6000
+        futures = [procshare.async_(items).append(i) for i in range(n)]
+        assert poll(lambda: sum(f.done() for f in futures) >= 50, 10)
+        _kill_and_wait(m)
+        done = sum(f.done() for f in futures)
+        assert poll(lambda: sum(f.done() for f in futures) >= done + 50, 20)
+        _kill_and_wait(m)
+        for f in futures:
+            f.result(60)
+        assert list(items) == list(range(n))
+        assert m.restarts == 2

@@ -76,6 +76,7 @@ class CallFuture(concurrent.futures.Future):
         self._timeout = timeout
         self._deadline: float | None = None
         self._resend: tuple | None = None   # (args, kwds) of a call on a durable object
+        self._first: tuple | None = None    # a re-send: (connection, request) of the first
         self._replaced_by: CallFuture | None = None
 
     def cancel(self) -> bool:
@@ -187,7 +188,11 @@ class Pipe:
                 if small:
                     ch.send_frames(b"".join(small), type(small[0]) is not _Tail)
             except OSError as e:
-                self._break(e)
+                # the peer is gone, but replies it sent may still be waiting to be
+                # read: the reader reads them, then breaks the pipe at EOF (a break
+                # here would send again calls whose replies are on their way)
+                log.debug("pipelined connection to %r: a write failed: %r",
+                          self.session.address, e)
                 return
             finally:
                 with self.lock:
@@ -312,14 +317,26 @@ class Pipe:
                                True)
                 continue
             args, kwds = fut._resend
-            try:
-                new = pipe.submit(fut._proxy, "#RETRY",
-                                  (self.conn.no, fut._rid, fut._meth, args, kwds), {}, left)
-            except Exception as e:
-                _settle_future(fut, e, True)
+            first = fut._first or (self.conn.no, fut._rid)     # a re-send keeps the first key
+            new = None
+            while new is None:
+                try:
+                    new = pipe.submit(fut._proxy, "#RETRY", (*first, fut._meth, args, kwds), {},
+                                      left)
+                except Exception as e:
+                    # the new pipe broke too (another crash): once it has sent its own
+                    # calls again, the rest follow them on its successor
+                    nxt = None
+                    if pipe.broken is not None and pipe.handed_over.wait(_HANDOVER_WAIT):
+                        nxt = pipe.successor
+                    if nxt is None:
+                        _settle_future(fut, e, True)
+                        break
+                    pipe = nxt
+            if new is None:
                 continue
-            assert new is not None
             new._meth, new._timeout = fut._meth, fut._timeout
+            new._resend, new._first = fut._resend, first
             fut._replaced_by = new
             new.add_done_callback(functools.partial(_pass_on, fut))
 
