@@ -467,9 +467,9 @@ class BaseManager:
 
     def _unnamed_durable(self, typeid: str, kwds: dict) -> bool:
         """Does this create make a durable object without a name (see `Server.create`)?"""
-        if "durable" in kwds:
-            mode = durable_option(kwds["durable"])
-            return bool(mode) and "name" not in kwds
+        mode = durable_option(kwds["durable"]) if "durable" in kwds else None
+        if mode is not None:        # as the server reads it (`Server.create`)
+            return bool(mode) and kwds.get("name") is None
         return bool(getattr(self._registry.get(typeid), "durable", None))
 
     def _debug_info(self) -> str:

@@ -75,7 +75,10 @@ class CallFuture(concurrent.futures.Future):
         self._meth = meth
         self._timeout = timeout
         self._deadline: float | None = None
-        self._resend: tuple | None = None   # (args, kwds) of a call on a durable object
+        #: a call on a durable object: its request as first serialized (body,
+        #: buffers), so that a re-send carries what was sent, whatever the caller
+        #: did to its arguments since; dropped once the future is settled
+        self._resend: tuple | None = None
         self._first: tuple | None = None    # a re-send: (connection, request) of the first
         self._replaced_by: CallFuture | None = None
 
@@ -94,9 +97,11 @@ class CallFuture(concurrent.futures.Future):
 class Pipe:
     """Pipelined calls of one thread to one manager."""
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Any, thread: threading.Thread | None = None) -> None:
         self.session = session
-        self.conn = session._open("call")       # a connection of its own
+        #: whose calls these are (the manager knows lock owners by thread)
+        self.thread = thread or threading.current_thread()
+        self.conn = session._open("call", self.thread)   # a connection of its own
         self.ch = self.conn.ch
         self.ser = self.conn.ser
         self.none_body = self.conn.none_body    # the common reply, read without loads
@@ -118,7 +123,8 @@ class Pipe:
 
     # -- sending ---------------------------------------------------------------------
     def submit(self, proxy: Any, meth: str, args: tuple, kwds: dict,
-               timeout: float | None, want_reply: bool = True) -> CallFuture | None:
+               timeout: float | None, want_reply: bool = True,
+               resend_of: CallFuture | None = None) -> CallFuture | None:
         try:
             body, bufs = self.ser.dumps((proxy._id, meth, args, kwds))   # nothing sent if this fails
         except Exception as e:
@@ -135,8 +141,11 @@ class Pipe:
                 if timeout is not None:
                     fut._deadline = _monotonic() + timeout
                     heapq.heappush(self.deadlines, (fut._deadline, rid))
-                if proxy._id.startswith(DURABLE_PREFIX):
-                    fut._resend = (args, kwds)
+                if resend_of is not None:   # set before anything is sent: see _send_again
+                    fut._meth, fut._timeout = resend_of._meth, resend_of._timeout
+                    fut._resend, fut._first = resend_of._resend, resend_of._first
+                elif proxy._id.startswith(DURABLE_PREFIX):
+                    fut._resend = (body, [bytes(memoryview(b).cast("B")) for b in bufs])
             if bufs:
                 self.out.append(encode_frame(_CALL, rid, body, bufs, budget))
             else:
@@ -149,8 +158,10 @@ class Pipe:
                     try:
                         sent = self.ch.send_nowait(frame)
                     except OSError as e:
-                        self._break_locked(e)   # only this call was in flight
-                        self.handed_over.set()
+                        # this call fails; calls in flight are the reader's to settle
+                        # (it breaks the pipe at EOF, after reading what came)
+                        if fut is not None:
+                            self.futures.pop(rid, None)
                         raise self.session.crashed(e) from None
                     if sent == len(frame):
                         return fut
@@ -281,8 +292,13 @@ class Pipe:
             if not futures:
                 return
             session = self.session
-            restarted = not self.closing and not getattr(session, "closed", False) and (
-                self.conn.epoch != session.epoch or session.recover(self.conn.epoch))
+            try:
+                restarted = not self.closing and not getattr(session, "closed", False) and (
+                    self.conn.epoch != session.epoch or session.recover(self.conn.epoch))
+            except Exception as e:      # reconnecting failed some other way: say so
+                for fut in futures:
+                    _settle_future(fut, e, True)
+                return
             if not restarted:
                 error = session.crashed(cause)
                 for fut in futures:
@@ -300,29 +316,35 @@ class Pipe:
     def _send_again(self, futures: list[CallFuture]) -> None:
         """Calls on durable objects that were in flight when the manager
         crashed: send them again, in order, on a new pipe that this thread's
-        later calls will use too."""
+        later calls will use too (published once they are all queued)."""
         try:
-            pipe = self.successor = Pipe(self.session)
+            pipe = Pipe(self.session, self.thread)
             self.session.pipes.add(pipe)
         except Exception as e:
             for fut in futures:
                 _settle_future(fut, e, True)
             return
+        first_pipe = pipe
         for fut in futures:
-            if fut.done():
+            if fut.done() or fut._resend is None:
                 continue        # cancelled meanwhile
             left = None if fut._deadline is None else fut._deadline - _monotonic()
             if left is not None and left <= 0:
                 _settle_future(fut, call_timeout(fut._proxy, fut._meth, fut._timeout, False),
                                True)
                 continue
-            args, kwds = fut._resend
-            first = fut._first or (self.conn.no, fut._rid)     # a re-send keeps the first key
+            if fut._first is None:
+                fut._first = (self.conn.no, fut._rid)      # a re-send keeps the first key
+            try:
+                _oid, meth, args, kwds = self.ser.loads(*fut._resend)
+            except Exception as e:
+                _settle_future(fut, e, True)
+                continue
             new = None
             while new is None:
                 try:
-                    new = pipe.submit(fut._proxy, "#RETRY", (*first, fut._meth, args, kwds), {},
-                                      left)
+                    new = pipe.submit(fut._proxy, "#RETRY", (*fut._first, meth, args, kwds), {},
+                                      left, resend_of=fut)
                 except Exception as e:
                     # the new pipe broke too (another crash): once it has sent its own
                     # calls again, the rest follow them on its successor
@@ -335,10 +357,11 @@ class Pipe:
                     pipe = nxt
             if new is None:
                 continue
-            new._meth, new._timeout = fut._meth, fut._timeout
-            new._resend, new._first = fut._resend, first
             fut._replaced_by = new
             new.add_done_callback(functools.partial(_pass_on, fut))
+            if fut.cancelled():         # cancelled while it was being sent again
+                new.cancel()
+        self.successor = first_pipe
 
     def _break_locked(self, cause: BaseException) -> list[CallFuture]:
         """(lock held) The connection is unusable: stop the threads; the
@@ -358,6 +381,7 @@ class Pipe:
 
 def _settle_future(fut: CallFuture, value: Any, failed: bool) -> None:
     """Complete `fut` unless it was cancelled (set_* refuse a cancelled one)."""
+    fut._resend = None      # nothing is sent again once it is settled
     try:
         if failed:
             fut.set_exception(value)
@@ -384,7 +408,8 @@ def _pipe(proxy: Any) -> Pipe:
     pipe = getattr(tls, "pipe", None)
     while pipe is not None and pipe.broken is not None:
         # calls re-sent after a restart go first: wait until they are on their way
-        pipe.handed_over.wait(_HANDOVER_WAIT)
+        if not pipe.handed_over.wait(_HANDOVER_WAIT):
+            raise proxy._session.crashed(pipe.broken)
         pipe = pipe.successor
     if pipe is None:
         pipe = Pipe(proxy._session)

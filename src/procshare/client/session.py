@@ -335,11 +335,12 @@ class Session:
         self.reattach_due = False
 
     # -- connecting -------------------------------------------------------------
-    def _open(self, role: str) -> Connection:
+    def _open(self, role: str, thread: threading.Thread | None = None) -> Connection:
+        """A new connection for `role`; its calls are `thread`'s (default: this one)."""
         end = None
         while True:
             try:
-                return self._open_once(role)
+                return self._open_once(role, thread)
             except (ManagerCrashed, AuthenticationError) as e:
                 # the manager died during the handshake: a supervised one comes back
                 cause = e.__cause__ or e.__context__
@@ -353,11 +354,11 @@ class Session:
                     raise
                 time.sleep(0.02)
 
-    def _open_once(self, role: str) -> Connection:
+    def _open_once(self, role: str, thread: threading.Thread | None = None) -> Connection:
         ch = self._connect()
         try:
             transport.client_handshake(ch, self.authkey, self.address)
-            t = threading.current_thread()
+            t = thread or threading.current_thread()
             no = next(self._numbers)
             hello = {"client": _client_id, "pid": os.getpid(), "thread": t.ident,
                      "thread_name": t.name, "serializer": self.serializer.name,
