@@ -464,9 +464,11 @@ def test_another_client_cannot_release_my_slot(fmgr):
     assert (held == value).all() and (d["a"] == value).all()
 
 
-def test_no_shared_memory_means_the_socket_and_one_warning(tmp_path):
-    script = tmp_path / "noshm.py"
-    script.write_text(textwrap.dedent("""
+def _round_trips_with(tmp_path, shm_method: str, check_no_link: bool) -> tuple[str, str]:
+    """Round trips around the thresholds in a fresh process whose
+    PROCSHARE_SHM is `shm_method`: `(number of procshare warnings, the first)`."""
+    script = tmp_path / "roundtrips.py"
+    script.write_text(textwrap.dedent(f"""
         import warnings
         warnings.simplefilter("always")
         with warnings.catch_warnings(record=True) as caught:
@@ -478,15 +480,21 @@ def test_no_shared_memory_means_the_socket_and_one_warning(tmp_path):
                         v = bytes(range(256)) * (n // 256)
                         d["k"] = v
                         assert d["k"] == v
-                assert d._session.thread_conn().ch.slots is None
+                if {check_no_link!r}:
+                    assert d._session.thread_conn().ch.slots is None
         mine = [str(w.message) for w in caught if "procshare" in str(w.message)]
         print(len(mine), mine[0] if mine else "")
     """))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=120, env=_workers.subprocess_env(PROCSHARE_SHM="none"))
+                         timeout=120, env=_workers.subprocess_env(PROCSHARE_SHM=shm_method))
     assert out.returncode == 0, out.stderr
     count, _, text = out.stdout.strip().partition(" ")
-    assert count == "1", out.stdout
+    return count, text
+
+
+def test_no_shared_memory_means_the_socket_and_one_warning(tmp_path):
+    count, text = _round_trips_with(tmp_path, "none", check_no_link=True)
+    assert count == "1", text
     assert "PROCSHARE_SHM=none" in text and "through the socket" in text
 
 
@@ -494,27 +502,8 @@ def test_arenas_the_manager_cannot_seal_mean_uploads_through_the_socket(tmp_path
     """shm_open segments cannot be sealed: the manager refuses to map a client's
     (a client could shrink it under a reader).  Uploads then go through the
     socket with one warning; nothing fails."""
-    script = tmp_path / "unsealed.py"
-    script.write_text(textwrap.dedent("""
-        import warnings
-        warnings.simplefilter("always")
-        with warnings.catch_warnings(record=True) as caught:
-            from procshare.managers import SyncManager
-            with SyncManager() as m:
-                d = m.dict()
-                for n in (70_000, 2 << 20, 9 << 20):
-                    for _ in range(2):
-                        v = bytes(range(256)) * (n // 256)
-                        d["k"] = v
-                        assert d["k"] == v
-        mine = [str(w.message) for w in caught if "procshare" in str(w.message)]
-        print(len(mine), mine[0] if mine else "")
-    """))
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=120, env=_workers.subprocess_env(PROCSHARE_SHM="shm_open"))
-    assert out.returncode == 0, out.stderr
-    count, _, text = out.stdout.strip().partition(" ")
-    assert count == "1", out.stdout
+    count, text = _round_trips_with(tmp_path, "shm_open", check_no_link=False)
+    assert count == "1", text
     assert "through the socket" in text and "sealed" in text, text
 
 
