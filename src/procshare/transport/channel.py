@@ -21,8 +21,10 @@ Rules it keeps:
   use shared memory (`attach_slots`), `sendall` of a frame whose buffers
   were copied into slots: `send_buffers`).
 - Notices owed to the peer (slot releases, `transport.slots`) ride only on
-  whole frames this channel writes with `send_bytes` or `send_buffers`,
-  never inside another frame; a channel without slots checks one slot.
+  whole frames this channel writes with `send_bytes` or `send_buffers`, or
+  in a NOTICE frame of their own put in front of frames written together
+  (`send_frames`, `notice_prefix`: at a frame boundary only), never inside
+  another frame; a channel without slots checks one slot.
 - Authenticate before deserializing anything: the handshake is fixed-size raw
   bytes, read exactly (never past its end), before the first frame.
 """
