@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import multiprocessing
 import threading
+import time
 
 import pytest
 
@@ -83,6 +84,53 @@ def test_cancel_cancels_in_the_manager(sync):
     q.put("item")
     assert q.get(timeout=5) == "item"
 
+
+
+def test_a_wakeup_for_another_future_is_not_a_timeout(sync):
+    # the futures of a pipe share one Condition: f2's result() is woken when f1
+    # settles, and must go on waiting for f2 (not raise TimeoutError early)
+    q = sync.Queue()
+    aq = procshare.async_(q)
+    f1, f2 = aq.get(), aq.get()
+    settled = f2._condition
+
+    def put_while_waiting():
+        # once the main thread waits on the Condition, an item settles f1 only
+        end = time.monotonic() + 10
+        while not settled._waiters and time.monotonic() < end:
+            time.sleep(0.001)
+        q.put("one")
+
+    t = threading.Thread(target=put_while_waiting)
+    t.start()
+    start = time.monotonic()
+    with pytest.raises(concurrent.futures.TimeoutError):
+        f2.result(1.0)
+    assert time.monotonic() - start >= 0.9
+    t.join(10)
+    assert f1.result(10) == "one" and not f2.done()
+    with pytest.raises(concurrent.futures.TimeoutError):
+        f2.exception(0.05)
+    q.put("two")
+    assert f2.result(10) == "two" and f2.exception(1) is None
+
+
+def test_call_futures_work_with_wait_and_as_completed(sync):
+    lst = sync.list()
+    a = procshare.async_(lst)
+    futs = [a.append(i) for i in range(200)]
+    done, pending = concurrent.futures.wait(futs, timeout=30)
+    assert len(done) == 200 and not pending
+    futs = [a.__len__() for _ in range(50)]
+    got = [f.result() for f in concurrent.futures.as_completed(futs, timeout=30)]
+    assert got == [200] * 50
+    seen = []
+    called = threading.Event()
+    f = a.__len__()
+    f.add_done_callback(lambda fut: (seen.append(fut.result()), called.set()))
+    assert f.result(10) == 200
+    assert called.wait(10) and seen == [200]
+    assert "finished" in repr(f) and f.done() and not f.running()
 
 
 def test_oneway_calls_are_ordered_with_later_calls(sync):

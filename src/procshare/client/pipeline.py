@@ -33,6 +33,7 @@ Rules it keeps:
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures._base as _futures_base
 import functools
 import heapq
 import logging
@@ -51,6 +52,9 @@ __all__ = ["async_", "oneway", "CallFuture", "Pipe"]
 
 log = logging.getLogger("procshare.client")
 
+_PENDING = _futures_base.PENDING
+_FINISHED = _futures_base.FINISHED
+_CANCELLED_STATES = (_futures_base.CANCELLED, _futures_base.CANCELLED_AND_NOTIFIED)
 _CALL = Kind.CALL
 _RETURN = Kind.RETURN
 _monotonic = time.monotonic
@@ -64,11 +68,24 @@ class _Tail(bytes):
 
 
 class CallFuture(concurrent.futures.Future):
-    """The future of one pipelined call."""
+    """The future of one pipelined call.
+
+    A `concurrent.futures.Future` in every way, except that the futures of one
+    pipe share one Condition (creating a Condition per call cost about as much
+    as the rest of a submit).  So a wakeup may be for another future of the
+    pipe: `result()` and `exception()` wait in a loop until this one is
+    settled or their timeout has passed.
+    """
 
     def __init__(self, pipe: Pipe, rid: int, proxy: Any, meth: str,
                  timeout: float | None) -> None:
-        super().__init__()
+        # the attributes Future.__init__ sets, with the pipe's Condition
+        self._condition = pipe.settled
+        self._state = _PENDING
+        self._result = None
+        self._exception = None
+        self._waiters: list = []
+        self._done_callbacks: list = []
         self._pipe = pipe
         self._rid = rid
         self._proxy = proxy
@@ -81,6 +98,43 @@ class CallFuture(concurrent.futures.Future):
         self._resend: tuple | None = None
         self._first: tuple | None = None    # a re-send: (connection, request) of the first
         self._replaced_by: CallFuture | None = None
+
+    def _wait_settled(self, timeout: float | None) -> None:
+        """(condition held) Wait until settled: CancelledError if cancelled,
+        TimeoutError if `timeout` passes first."""
+        end = None
+        while True:
+            state = self._state
+            if state == _FINISHED:
+                return
+            if state in _CANCELLED_STATES:
+                raise concurrent.futures.CancelledError()
+            if timeout is None:
+                self._condition.wait()
+                continue
+            if end is None:
+                end = _monotonic() + timeout
+            left = end - _monotonic()
+            if left <= 0:
+                raise concurrent.futures.TimeoutError()
+            self._condition.wait(left)
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._state == _FINISHED and self._exception is None:
+            return self._result         # settled already: no lock needed to read it
+        try:
+            with self._condition:
+                self._wait_settled(timeout)
+                if self._exception is not None:
+                    raise self._exception
+                return self._result
+        finally:
+            self = None     # noqa: PLW0642 - as Future.result: no cycle via the traceback
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        with self._condition:
+            self._wait_settled(timeout)
+            return self._exception
 
     def cancel(self) -> bool:
         """Cancel the call here and in the manager (a blocked call takes nothing)."""
@@ -107,6 +161,8 @@ class Pipe:
         self.none_body = self.conn.none_body    # the common reply, read without loads
         self.lock = threading.Lock()            # everything below; never held for I/O
         self.wake = threading.Condition(self.lock)
+        #: the Condition of this pipe's futures (see CallFuture)
+        self.settled = threading.Condition()
         self.rid = 0
         self.futures: dict[int, CallFuture] = {}
         self.out: list[Any] = []                # requests the writer has yet to send

@@ -198,7 +198,7 @@ class BaseProxy:
         """The timeout a call gets: its own, else the innermost
         `procshare.timeout()` block, the proxy's, the manager's; None: forever."""
         if timeout is _UNSET:
-            timeout = getattr(_scope, "value", _UNSET)
+            timeout = _scope.value
             if timeout is _UNSET:
                 timeout = self._timeout
                 if timeout is _UNSET:

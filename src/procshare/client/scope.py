@@ -6,7 +6,8 @@ Owns: the per-thread default deadline that `procshare.timeout()` sets, and
 Rules it keeps:
 - The innermost block wins; `None` means wait forever even inside an outer
   block with a limit.  Blocks are per thread.
-- A proxy call reads `_scope.value` once (see `BaseProxy._callmethod`).
+- A proxy call reads `_scope.value` once (see `BaseProxy._deadline_for`); it
+  is always set (UNSET by default), so the read is a plain attribute read.
 """
 
 from __future__ import annotations
@@ -19,9 +20,6 @@ from typing import Any
 
 __all__ = ["timeout", "scoped_timeout", "UNSET"]
 
-_scope = threading.local()
-
-
 class _Unset:
     def __repr__(self) -> str:
         return "<unset>"
@@ -30,10 +28,19 @@ class _Unset:
 UNSET: Any = _Unset()
 
 
+class _Scope(threading.local):
+    #: a class default: reading it in a thread that never set one is a plain
+    #: attribute read (a missing attribute of a local costs about 1 µs a call)
+    value: Any = UNSET
+
+
+_scope = _Scope()
+
+
 def scoped_timeout() -> Any:
     """The timeout set by the innermost `timeout()` block in this thread, or
     UNSET when none is set."""
-    return getattr(_scope, "value", UNSET)
+    return _scope.value
 
 
 @contextlib.contextmanager
@@ -47,7 +54,7 @@ def timeout(seconds: float | None) -> Iterator[None]:
                                 or seconds < 0):
         raise ValueError(f"timeout must be a non-negative number of seconds or None, "
                          f"not {seconds!r}")
-    old = getattr(_scope, "value", UNSET)
+    old = _scope.value
     _scope.value = seconds
     try:
         yield
