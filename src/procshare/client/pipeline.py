@@ -53,6 +53,7 @@ __all__ = ["async_", "oneway", "CallFuture", "Pipe"]
 log = logging.getLogger("procshare.client")
 
 _PENDING = _futures_base.PENDING
+_RUNNING = _futures_base.RUNNING
 _FINISHED = _futures_base.FINISHED
 _CANCELLED_STATES = (_futures_base.CANCELLED, _futures_base.CANCELLED_AND_NOTIFIED)
 _CALL = Kind.CALL
@@ -77,13 +78,22 @@ class CallFuture(concurrent.futures.Future):
     settled or their timeout has passed.
     """
 
+    # what most futures keep as it is: read from the class until set
+    _result: Any = None
+    _exception: BaseException | None = None
+    _deadline: float | None = None
+    #: a call on a durable object: its request as first serialized (body,
+    #: buffers), so that a re-send carries what was sent, whatever the caller
+    #: did to its arguments since; dropped once the future is settled
+    _resend: tuple | None = None
+    _first: tuple | None = None     # a re-send: (connection, request) of the first
+    _replaced_by: CallFuture | None = None
+
     def __init__(self, pipe: Pipe, rid: int, proxy: Any, meth: str,
                  timeout: float | None) -> None:
         # the attributes Future.__init__ sets, with the pipe's Condition
         self._condition = pipe.settled
         self._state = _PENDING
-        self._result = None
-        self._exception = None
         self._waiters: list = []
         self._done_callbacks: list = []
         self._pipe = pipe
@@ -91,13 +101,34 @@ class CallFuture(concurrent.futures.Future):
         self._proxy = proxy
         self._meth = meth
         self._timeout = timeout
-        self._deadline: float | None = None
-        #: a call on a durable object: its request as first serialized (body,
-        #: buffers), so that a re-send carries what was sent, whatever the caller
-        #: did to its arguments since; dropped once the future is settled
-        self._resend: tuple | None = None
-        self._first: tuple | None = None    # a re-send: (connection, request) of the first
-        self._replaced_by: CallFuture | None = None
+
+    def _settle(self, value: Any, failed: bool) -> None:
+        """Future.set_result / set_exception, without waking a Condition that
+        nobody waits on (the reader settles every call)."""
+        cond = self._condition
+        with cond:
+            if self._state != _PENDING and self._state != _RUNNING:
+                raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
+            if failed:
+                self._exception = value
+            else:
+                self._result = value
+            self._state = _FINISHED
+            for waiter in self._waiters:
+                if failed:
+                    waiter.add_exception(self)
+                else:
+                    waiter.add_result(self)
+            if cond._waiters:
+                cond.notify_all()
+        if self._done_callbacks:
+            self._invoke_callbacks()
+
+    def set_result(self, result: Any) -> None:
+        self._settle(result, False)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        self._settle(exception, True)
 
     def _wait_settled(self, timeout: float | None) -> None:
         """(condition held) Wait until settled: CancelledError if cancelled,
@@ -182,7 +213,7 @@ class Pipe:
                timeout: float | None, want_reply: bool = True,
                resend_of: CallFuture | None = None) -> CallFuture | None:
         try:
-            body, bufs = self.ser.dumps((proxy._id, meth, args, kwds))   # nothing sent if this fails
+            body, bufs = self.ser.dumps_call(proxy._id, meth, args, kwds)  # nothing sent if it fails
         except Exception as e:
             raise arguments_error(e, self.ser, proxy._id, meth, args, kwds) from None
         budget = NO_DEADLINE if timeout is None else timeout

@@ -143,7 +143,7 @@ class Connection:
         if want_reply:
             rid = self.rid = self.rid + 1
         try:
-            body, bufs = self.ser.dumps((oid, meth, args, kwds))   # nothing sent if this fails
+            body, bufs = self.ser.dumps_call(oid, meth, args, kwds)   # nothing sent if this fails
         except Exception as e:
             from ..wire.diagnose import arguments_error
             raise arguments_error(e, self.ser, oid, meth, args, kwds) from None

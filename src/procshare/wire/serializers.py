@@ -49,6 +49,8 @@ __all__ = ["Serializer", "PickleSerializer", "CloudpickleSerializer", "DillSeria
 
 #: values at least this large go out of band
 OOB_THRESHOLD = 64 * 1024
+#: how many bodies of calls without arguments a serializer keeps
+_BARE_CALLS = 4096
 
 
 class Serializer:
@@ -63,6 +65,28 @@ class Serializer:
 
     def loads(self, body: bytes, buffers: list) -> Any:
         raise NotImplementedError
+
+    #: CALL bodies of calls without arguments, by (object id, method): made once
+    _bare_calls: dict | None = None
+
+    def dumps_call(self, oid: Any, meth: str, args: tuple, kwds: dict) -> tuple[bytes, Any]:
+        """`dumps((oid, meth, args, kwds))`, the body of a CALL.  The body of a
+        call without arguments never changes, so it is made once per (object,
+        method) and kept (at most `_BARE_CALLS` of them)."""
+        if args or kwds:
+            return self.dumps((oid, meth, args, kwds))
+        cache = self._bare_calls
+        if cache is None:
+            cache = self._bare_calls = {}
+        key = (oid, meth)
+        got = cache.get(key)
+        if got is None:
+            got = self.dumps((oid, meth, (), {}))
+            if not got[1]:
+                if len(cache) >= _BARE_CALLS:
+                    cache.clear()
+                cache[key] = got
+        return got
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
