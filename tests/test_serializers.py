@@ -103,6 +103,30 @@ def test_every_serializer_round_trips_plain_messages(name):
     assert ser.loads(body, [bytearray(b) for b in bufs]) == big
 
 
+
+@pytest.mark.parametrize("name", ["pickle", "cloudpickle", "dill", "msgpack"])
+def test_call_bodies_without_arguments_are_made_once(name):
+    if name not in INSTALLED:
+        pytest.skip(f"{name} is not installed")
+    from procshare.wire import serializers
+    ser = get_serializer(name)
+    body, bufs = ser.dumps_call("o1", "get", (), {})
+    assert body == ser.dumps(("o1", "get", (), {}))[0] and not bufs
+    assert ser.dumps_call("o1", "get", (), {})[0] is body      # kept, not made again
+    assert ser.dumps_call("o2", "get", (), {})[0] is not body
+    # calls with arguments are serialized each time, as they are
+    args = [1]
+    first = ser.dumps_call("o1", "get", tuple(args), {})
+    args.append(2)
+    second = ser.dumps_call("o1", "get", tuple(args), {"k": 3})
+    assert first[0] == ser.dumps(("o1", "get", (1,), {}))[0]
+    assert second[0] == ser.dumps(("o1", "get", (1, 2), {"k": 3}))[0]
+    # the cache is bounded
+    for i in range(serializers._BARE_CALLS + 10):
+        ser.dumps_call(f"x{i}", "m", (), {})
+    assert len(ser._bare_calls) <= serializers._BARE_CALLS
+
+
 # -- cloudpickle and dill ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["cloudpickle", "dill"])
