@@ -12,6 +12,9 @@ Rules it keeps:
 - Server-side code can `warn()`; the warning is raised in the client when the
   call returns (it travels in a WARNED reply).
 - Deadlines are `time.monotonic()` values local to the process that holds them.
+- A primitive about to block calls `wait_limit()` first; that also takes its
+  connection out of the server's `working` set, so that other connections
+  may busy-poll while it waits.
 - A cancelled call (`CallState.cancel`) makes a blocking primitive give up
   with `Cancelled` having taken nothing; primitives check `check_cancelled`
   every time they wake, and register a `waker` while they block.
@@ -75,6 +78,9 @@ def wait_limit(timeout: float | None) -> tuple[float | None, bool]:
     Returns `(seconds, by_deadline)`: how long the method may block (None for
     forever), and whether that limit comes from the call deadline.
     """
+    working = getattr(server_state, "working", None)
+    if working:     # about to block: this thread is no longer working (see spin)
+        working.discard(server_state.channel)
     deadline = getattr(server_state, "deadline", None)
     if deadline is None:
         return (None if timeout is None else max(timeout, 0.0)), False

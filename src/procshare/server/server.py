@@ -7,6 +7,8 @@ replies, and what happens when a client goes away.
 Rules it keeps:
 - One thread per connection; a call runs on the thread of the connection it
   came on, so the common call costs one read and one write and no hand-off.
+  A connection's receive busy-polls only while no other connection's thread
+  is running a call (`working`): they share one GIL.
 - Calls on one object run one at a time when the object is *serial* (the
   default for registered classes), and concurrently for thread-safe objects:
   the built-in primitives, `queue`/`threading` objects, pools, and objects that
@@ -215,6 +217,9 @@ class Server:
         self.stop_event = threading.Event()
         self.connections: dict[int, ConnInfo] = {}
         self.conn_mutex = threading.Lock()
+        #: the channels whose thread runs a call now (not waiting for a frame or
+        #: blocked in a primitive): a receive spins only while this is empty
+        self.working: set[transport.Channel] = set()
         self.leases = Leases(self._lease_ended, grace=lease_grace)
         #: how many times a supervisor restarted this manager before this server,
         #: and when (set by the process that runs it)
@@ -319,6 +324,7 @@ class Server:
                 {"pid": os.getpid(), "address": self.address, "incarnation": self.incarnation,
                  "supervised": self.supervised, "boot": self.boot,
                  **self._shm_agree(ch, info, hello)})))
+            ch.working = self.working
             self.serve_client(ch, info)
         except (EOFError, ConnectionError, TimeoutError):
             pass
@@ -338,6 +344,7 @@ class Server:
         finally:
             for fd in fds:
                 os.close(fd)
+            self.working.discard(ch)
             ch.close()
             if info is not None:
                 self._connection_closed(info)
@@ -383,6 +390,7 @@ class Server:
         st.caller = info.caller
         st.locks = self.locks
         st.call = call = info.call
+        st.working, st.channel = self.working, ch
         st.deadline = None
         me = threading.get_ident()
         warns: list = []
@@ -536,6 +544,7 @@ class Server:
             return False
         lock = entry.lock
         assert lock is not None
+        self.working.discard(info.channel)      # it waits: others may spin meanwhile
         if not _acquire_until(lock, deadline):
             running = entry.running
             raise DeadlineExpired(

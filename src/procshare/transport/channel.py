@@ -78,7 +78,7 @@ class Channel:
     """One connected socket carrying frames in both directions."""
 
     __slots__ = ("sock", "reader", "peer", "frame_timeout", "spin", "slots", "notices",
-                 "__weakref__")
+                 "working", "__weakref__")
 
     def __init__(self, sock: socket.socket, peer: Any = None, limits: Limits = DEFAULT_LIMITS,
                  frame_timeout: float | None = None) -> None:
@@ -90,6 +90,9 @@ class Channel:
         self.spin = SpinPolicy()   # how long recv_frame busy-polls before sleeping
         self.slots: Any = None     # the transport.slots.SlotLink, once agreed on
         self.notices: Any = None   # its queue of notices for the peer (checked per frame)
+        #: the channels of this process whose threads are working now, not
+        #: waiting for a frame (see `spin`); None: not counted
+        self.working: set | None = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -208,14 +211,26 @@ class Channel:
         reader = self.reader
         if not reader.in_frame:
             # the common case: nothing buffered, one small frame in one read
-            spin = self.spin.budget()
+            working = self.working
+            if working is None:
+                spin = self.spin.budget()
+            else:
+                # threads of one process share a GIL: spinning while another of
+                # them works (or spins) only takes turns from it.  A spinning
+                # channel counts as working; it leaves the set when it sleeps
+                working.add(self)
+                spin = self.spin.budget() if len(working) == 1 else 0.0
             data = self._poll(spin) if spin else None
             if data is None:
+                if working is not None:
+                    working.discard(self)
                 if deadline is not None:
                     self._wait(deadline)
                 data = self.sock.recv(_RECV_CHUNK)
                 if not data:
                     raise EOFError("connection closed by peer")
+                if working is not None:
+                    working.add(self)
             frame = reader.parse(data)
         else:
             frame = reader.next_frame()

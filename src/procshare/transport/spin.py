@@ -17,6 +17,12 @@ Rules it keeps:
   are longer than that stops spinning for `REST` receives, then tries again,
   so idle connections cost nothing.
 - Single-CPU machines never spin.
+- Threads of one process share a GIL, so a receive that spins while another
+  thread of its process works only takes turns from that thread (two clients
+  of one manager: 27k calls/s with the manager's connections spinning, 37k
+  without).  A channel that belongs to a set of `working` channels (the
+  manager's connections) spins only while no other channel of the set is
+  working (a spinning channel counts as working, so one spins at a time).
 """
 
 from __future__ import annotations
