@@ -10,6 +10,9 @@ Rules it keeps:
 - A session has one *control* connection, opened first and kept for the life
   of the process, that carries reference traffic (decref, loans, goodbye,
   cancel) from any thread; and one connection per thread for calls.
+- A connection that calls durable objects polls longer for replies
+  (`SpinPolicy.long`): theirs wait for a journal commit, just past the short
+  cap, and a wakeup after it cost more than the commit.
 - Replies are matched by request id.  A call abandoned at its deadline leaves
   its connection *pending*; the connection is set aside and reused once its
   late reply (even one that had started to arrive) has been read and dropped.
@@ -70,6 +73,7 @@ from ..transport import shm
 from ..transport.processes import host_identity
 from ..wire.frames import NO_DEADLINE, pack_frame
 from ..wire.kinds import Kind, kind_name
+from ..wire.records import DURABLE_PREFIX
 from ..wire.serializers import Serializer, decode_hello, encode_hello, get_serializer
 from . import bulk
 from .replies import call_timeout, raise_reply
@@ -148,6 +152,8 @@ class Connection:
             from ..wire.diagnose import arguments_error
             raise arguments_error(e, self.ser, oid, meth, args, kwds) from None
         budget = _NAN if timeout is None else timeout
+        if oid and oid.startswith(DURABLE_PREFIX):
+            self.ch.spin.long()     # its reply waits for a commit: poll longer for it
         try:
             if bufs:    # through shared-memory slots where the connection has them
                 self.ch.send_buffers(_CALL, rid, body, bufs, budget)

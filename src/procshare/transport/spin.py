@@ -12,8 +12,9 @@ Rules it keeps:
   seconds) nobody spins, so a busy machine's CPU goes to the work.
 - A channel spins for about three times the wait it usually sees, never more
   than its cap: `SPIN_SECONDS` (`PROCSHARE_SPIN_US`, 0 disables), or
-  `LONG_SPIN_SECONDS` once it carried payloads in shared memory (`long()`),
-  whose waits include copying them (about 50 us per MiB here).  A channel whose waits
+  `LONG_SPIN_SECONDS` once it carried payloads in shared memory or called a
+  durable object (`long()`), whose waits include copying the payloads (about
+  50 us per MiB here) or a journal commit.  A channel whose waits
   are longer than that stops spinning for `REST` receives, then tries again,
   so idle connections cost nothing.
 - Single-CPU machines never spin.
