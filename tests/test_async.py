@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import multiprocessing
+import sys
 import threading
 import time
 
@@ -87,12 +88,12 @@ def test_cancel_cancels_in_the_manager(sync):
 
 
 def test_a_wakeup_for_another_future_is_not_a_timeout(sync):
-    # the futures of a pipe share one Condition: f2's result() is woken when f1
-    # settles, and must go on waiting for f2 (not raise TimeoutError early)
+    # result() waits on the pipe's Condition: f2's is woken when f1 settles,
+    # and must go on waiting for f2 (not raise TimeoutError early)
     q = sync.Queue()
     aq = procshare.async_(q)
     f1, f2 = aq.get(), aq.get()
-    settled = f2._condition
+    settled = f2._settled      # the pipe's Condition, which result() waits on
 
     def put_while_waiting():
         # once the main thread waits on the Condition, an item settles f1 only
@@ -131,6 +132,51 @@ def test_call_futures_work_with_wait_and_as_completed(sync):
     assert f.result(10) == 200
     assert called.wait(10) and seen == [200]
     assert "finished" in repr(f) and f.done() and not f.running()
+
+
+def test_waiting_on_futures_of_two_pipes_from_two_threads_does_not_deadlock():
+    # wait() and as_completed() lock each future's Condition in the order of
+    # id(future): that cannot deadlock only if each future has its own (a lock
+    # shared by the futures of a pipe gave two threads opposite orders)
+    from procshare.client.pipeline import CallFuture
+
+    class FakePipe:
+        def __init__(self):
+            self.settled = threading.Condition()
+
+    p, q = FakePipe(), FakePipe()
+    pool = sorted([(CallFuture(p, 0, None, "m", None), "p") for _ in range(50)]
+                  + [(CallFuture(q, 0, None, "m", None), "q") for _ in range(50)],
+                  key=lambda t: id(t[0]))
+    ps = [f for f, n in pool if n == "p"]
+    qs = [f for f, n in pool if n == "q"]
+    first = next([a, b] for a in ps for b in qs if id(a) < id(b))
+    second = next([b, a] for a in ps for b in qs
+                  if id(b) < id(a) and a not in first and b not in first)
+    done = []
+
+    def wait_many(fs):
+        for _ in range(20_000):
+            concurrent.futures.wait(fs, timeout=0)
+        done.append(fs)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=wait_many, args=(fs,), daemon=True)
+                   for fs in (first, second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        sys.setswitchinterval(old)
+    assert len(done) == 2, "two threads waiting on futures of two pipes deadlocked"
+    # and the futures still work: settle them, wait for them
+    for f in first + second:
+        f.set_result(1)
+    assert concurrent.futures.wait(first + second, timeout=5).not_done == set()
+    assert [f.result(1) for f in second] == [1, 1]
 
 
 def test_oneway_calls_are_ordered_with_later_calls(sync):

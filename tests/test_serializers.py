@@ -127,6 +127,25 @@ def test_call_bodies_without_arguments_are_made_once(name):
     assert len(ser._bare_calls) <= serializers._BARE_CALLS
 
 
+def test_a_users_serializer_is_asked_for_every_call_body():
+    # a user's dumps may put a counter or a nonce in each message, or reuse
+    # one buffer: its bodies are never kept
+    out = bytearray()
+    seen = []
+
+    def dumps(obj):
+        seen.append(obj)
+        out[:] = pickle.dumps((len(seen), obj))
+        return out
+
+    ser = FunctionSerializer("counting", dumps, pickle.loads)
+    first = bytes(ser.dumps_call("o1", "get", (), {})[0])
+    ser.dumps_call("o2", "size", (1,), {})
+    again = bytes(ser.dumps_call("o1", "get", (), {})[0])
+    assert len(seen) == 3 and first != again
+    assert pickle.loads(again) == (3, ("o1", "get", (), {}))
+
+
 # -- cloudpickle and dill ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["cloudpickle", "dill"])

@@ -56,6 +56,8 @@ _PENDING = _futures_base.PENDING
 _RUNNING = _futures_base.RUNNING
 _FINISHED = _futures_base.FINISHED
 _CANCELLED_STATES = (_futures_base.CANCELLED, _futures_base.CANCELLED_AND_NOTIFIED)
+#: taken to make a future's own Condition, and to settle one that has none
+_MAKING = threading.Lock()
 _CALL = Kind.CALL
 _RETURN = Kind.RETURN
 _monotonic = time.monotonic
@@ -71,16 +73,21 @@ class _Tail(bytes):
 class CallFuture(concurrent.futures.Future):
     """The future of one pipelined call.
 
-    A `concurrent.futures.Future` in every way, except that the futures of one
-    pipe share one Condition (creating a Condition per call cost about as much
-    as the rest of a submit).  So a wakeup may be for another future of the
-    pipe: `result()` and `exception()` wait in a loop until this one is
-    settled or their timeout has passed.
+    A `concurrent.futures.Future` in every way.  Creating a Condition per call
+    cost about as much as the rest of a submit, so a future makes its own
+    (`_condition`, what Future's methods, `wait()` and `as_completed()` lock)
+    only when something asks for it; the reader settles a future that has
+    none under `_MAKING`, the lock that making one takes.  This class's own
+    `result()` and `exception()` wait on the pipe's Condition (`settled`),
+    which the reader wakes after settling a future, never while it holds a
+    future's: so no lock order exists between them, and one wakeup may be for
+    another future of the pipe (they wait in a loop).
     """
 
     # what most futures keep as it is: read from the class until set
     _result: Any = None
     _exception: BaseException | None = None
+    _cond: threading.Condition | None = None    # made on demand: see `_condition`
     _deadline: float | None = None
     #: a call on a durable object: its request as first serialized (body,
     #: buffers), so that a re-send carries what was sent, whatever the caller
@@ -91,38 +98,66 @@ class CallFuture(concurrent.futures.Future):
 
     def __init__(self, pipe: Pipe, rid: int, proxy: Any, meth: str,
                  timeout: float | None) -> None:
-        # the attributes Future.__init__ sets, with the pipe's Condition
-        self._condition = pipe.settled
+        # the attributes Future.__init__ sets, but the Condition
         self._state = _PENDING
         self._waiters: list = []
         self._done_callbacks: list = []
+        self._settled = pipe.settled
         self._pipe = pipe
         self._rid = rid
         self._proxy = proxy
         self._meth = meth
         self._timeout = timeout
 
+    @property
+    def _condition(self) -> threading.Condition:    # type: ignore[override]
+        """This future's own Condition, made on first use."""
+        cond = self._cond
+        if cond is None:
+            with _MAKING:
+                cond = self._cond
+                if cond is None:
+                    cond = self._cond = threading.Condition()
+        return cond
+
     def _settle(self, value: Any, failed: bool) -> None:
-        """Future.set_result / set_exception, without waking a Condition that
-        nobody waits on (the reader settles every call)."""
-        cond = self._condition
-        with cond:
-            if self._state != _PENDING and self._state != _RUNNING:
-                raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
-            if failed:
-                self._exception = value
-            else:
-                self._result = value
-            self._state = _FINISHED
-            for waiter in self._waiters:
-                if failed:
-                    waiter.add_exception(self)
-                else:
-                    waiter.add_result(self)
-            if cond._waiters:
-                cond.notify_all()
+        """Future.set_result / set_exception, making no Condition for it."""
+        cond = self._cond
+        if cond is None:
+            with _MAKING:
+                cond = self._cond
+                if cond is None:        # nobody holds or waits on one: none exists
+                    self._finish(value, failed)
+        if cond is not None:
+            with cond:
+                self._finish(value, failed)
+                if cond._waiters:
+                    cond.notify_all()
+        self._wake_pipe()
         if self._done_callbacks:
             self._invoke_callbacks()
+
+    def _finish(self, value: Any, failed: bool) -> None:
+        """(the future's lock held) Record the outcome; tell `wait()`'s waiters."""
+        if self._state != _PENDING and self._state != _RUNNING:
+            raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
+        if failed:
+            self._exception = value
+        else:
+            self._result = value
+        self._state = _FINISHED
+        for waiter in self._waiters:
+            if failed:
+                waiter.add_exception(self)
+            else:
+                waiter.add_result(self)
+
+    def _wake_pipe(self) -> None:
+        """Wake this pipe's `result()` / `exception()` waiters (its state is set)."""
+        settled = self._settled
+        with settled:
+            if settled._waiters:
+                settled.notify_all()
 
     def set_result(self, result: Any) -> None:
         self._settle(result, False)
@@ -131,8 +166,8 @@ class CallFuture(concurrent.futures.Future):
         self._settle(exception, True)
 
     def _wait_settled(self, timeout: float | None) -> None:
-        """(condition held) Wait until settled: CancelledError if cancelled,
-        TimeoutError if `timeout` passes first."""
+        """(the pipe's Condition held) Wait until settled: CancelledError if
+        cancelled, TimeoutError if `timeout` passes first."""
         end = None
         while True:
             state = self._state
@@ -141,20 +176,20 @@ class CallFuture(concurrent.futures.Future):
             if state in _CANCELLED_STATES:
                 raise concurrent.futures.CancelledError()
             if timeout is None:
-                self._condition.wait()
+                self._settled.wait()
                 continue
             if end is None:
                 end = _monotonic() + timeout
             left = end - _monotonic()
             if left <= 0:
                 raise concurrent.futures.TimeoutError()
-            self._condition.wait(left)
+            self._settled.wait(left)
 
     def result(self, timeout: float | None = None) -> Any:
         if self._state == _FINISHED and self._exception is None:
             return self._result         # settled already: no lock needed to read it
         try:
-            with self._condition:
+            with self._settled:
                 self._wait_settled(timeout)
                 if self._exception is not None:
                     raise self._exception
@@ -163,7 +198,7 @@ class CallFuture(concurrent.futures.Future):
             self = None     # noqa: PLW0642 - as Future.result: no cycle via the traceback
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        with self._condition:
+        with self._settled:
             self._wait_settled(timeout)
             return self._exception
 
@@ -171,6 +206,7 @@ class CallFuture(concurrent.futures.Future):
         """Cancel the call here and in the manager (a blocked call takes nothing)."""
         if not super().cancel():
             return False
+        self._wake_pipe()
         then = self._replaced_by
         if then is not None:
             then.cancel()
@@ -192,7 +228,7 @@ class Pipe:
         self.none_body = self.conn.none_body    # the common reply, read without loads
         self.lock = threading.Lock()            # everything below; never held for I/O
         self.wake = threading.Condition(self.lock)
-        #: the Condition of this pipe's futures (see CallFuture)
+        #: what this pipe's futures' result() and exception() wait on (see CallFuture)
         self.settled = threading.Condition()
         self.rid = 0
         self.futures: dict[int, CallFuture] = {}

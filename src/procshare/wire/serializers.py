@@ -66,14 +66,20 @@ class Serializer:
     def loads(self, body: bytes, buffers: list) -> Any:
         raise NotImplementedError
 
-    #: CALL bodies of calls without arguments, by (object id, method): made once
+    #: True when `dumps` of the same plain data always gives the same bytes
+    #: (procshare's own serializers): then the bodies of calls without
+    #: arguments are made once.  A user's serializer may not be (a nonce, a
+    #: counter, a reused buffer), so it is asked every time
+    stable_calls = False
+    #: CALL bodies of calls without arguments, by (object id, method)
     _bare_calls: dict | None = None
 
     def dumps_call(self, oid: Any, meth: str, args: tuple, kwds: dict) -> tuple[bytes, Any]:
-        """`dumps((oid, meth, args, kwds))`, the body of a CALL.  The body of a
-        call without arguments never changes, so it is made once per (object,
-        method) and kept (at most `_BARE_CALLS` of them)."""
-        if args or kwds:
+        """`dumps((oid, meth, args, kwds))`, the body of a CALL.  With a
+        `stable_calls` serializer, the body of a call without arguments never
+        changes, so it is made once per (object, method) and kept (at most
+        `_BARE_CALLS` of them)."""
+        if args or kwds or not self.stable_calls:
             return self.dumps((oid, meth, args, kwds))
         cache = self._bare_calls
         if cache is None:
@@ -82,7 +88,7 @@ class Serializer:
         got = cache.get(key)
         if got is None:
             got = self.dumps((oid, meth, (), {}))
-            if not got[1]:
+            if type(got[0]) is bytes and not got[1]:    # immutable, whole
                 if len(cache) >= _BARE_CALLS:
                     cache.clear()
                 cache[key] = got
@@ -237,6 +243,7 @@ class PickleSerializer(Serializer):
     """pickle protocol 5 with out-of-band buffers for large values."""
 
     name = "pickle"
+    stable_calls = True
 
     def __init__(self, pickler_dumps: Callable[..., bytes] = pickle.dumps,
                  loads: Callable[..., Any] = pickle.loads) -> None:
@@ -456,6 +463,7 @@ class MsgpackSerializer(Serializer):
     """
 
     name = "msgpack"
+    stable_calls = True
     safe = True
 
     def __init__(self) -> None:
@@ -609,6 +617,7 @@ class XmlrpcSerializer(Serializer):
     """
 
     name = "xmlrpclib"
+    stable_calls = True
     safe = True
 
     def __init__(self) -> None:
@@ -720,6 +729,7 @@ class TypedSerializer(Serializer):
         self.inner = inner
         self.name = f"{outer.name}+{inner.name}"
         self.safe = outer.safe
+        self.stable_calls = outer.stable_calls     # a call without arguments is outer's
 
     def __reduce__(self) -> tuple:
         return get_serializer, (self.name,)
