@@ -16,7 +16,9 @@ Rules it keeps:
   connection out of the server's `working` set, so that other connections
   may busy-poll while it waits.
 - A cancelled call (`CallState.cancel`) makes a blocking primitive give up
-  with `Cancelled` having taken nothing; primitives check `check_cancelled`
+  with `Cancelled` having taken nothing, and the cancel is answered once it
+  has (up to `CANCEL_WAIT`): an interrupted `Condition.wait` holds its lock
+  again before the client's next call can run; primitives check `check_cancelled`
   every time they wake, and register a `waker` while they block.
 """
 
@@ -97,6 +99,11 @@ class Cancelled(DeadlineExpired):
     Like a deadline, it means the call gave up and took nothing."""
 
 
+#: the longest `CallState.cancel` waits for a woken call to give up (it may wait
+#: for a lock that another call holds)
+CANCEL_WAIT = 1.0
+
+
 class CallState:
     """The calls of one server connection, for cancellation.
 
@@ -133,6 +140,11 @@ class CallState:
         waker = self.waker
         if waker is not None:
             waker()
+            # answer once the call has given up (a condition's wait has taken its
+            # lock back), so that the client's next call cannot overtake it
+            end = time.monotonic() + CANCEL_WAIT
+            while self.done_rid < rid and self.rid == rid and time.monotonic() < end:
+                time.sleep(0.0005)
             return "cancelled"
         # running code that does not wait: it may be about to finish
         end = time.monotonic() + 0.02
