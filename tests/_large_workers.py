@@ -127,3 +127,12 @@ def check_inherited(arr, seed) -> tuple:
     ok = bool((arr == expected).all())
     arr[:] = 0
     return ok, os.getpid()
+
+
+def store_array(box, key, size, seed, progress) -> None:
+    """Store an ndarray of `size` bytes in `box[key]` (it travels through this
+    client's own arena), report it, and wait to be SIGKILLed."""
+    import numpy as np
+    box[key] = np.frombuffer(pattern(size, seed), dtype=np.uint8).copy()
+    progress.put(("stored", os.getpid()))
+    time.sleep(600)

@@ -260,6 +260,56 @@ def test_ndarrays_are_lent_and_their_slot_released_when_they_go(fmgr):
     assert len(link.notices) == 0
 
 
+def _leased_to_manager(link) -> int:
+    """Bytes of this client's arenas that the manager holds (slots not yet released)."""
+    pool = link.pool
+    with pool.mutex:
+        return sum(lease.length for arena in pool.arenas.values()
+                   for lease in arena.leases.values() if lease.owner == "manager")
+
+
+@needs_numpy
+def test_the_manager_keeps_an_uploaded_ndarray_in_the_senders_slot(fmgr):
+    import numpy
+    d = fmgr.dict()
+    link = link_of(d)
+    held = _leased_to_manager(link)
+    mine = numpy.arange(MiB, dtype=numpy.float64)      # 8 MiB
+    d["a"] = mine
+    assert _leased_to_manager(link) == held + 8 * MiB, "the manager did not copy it"
+    mine[:] = -1                                        # my own array, not the slot
+    got = d["a"]
+    assert got[123] == 123.0 and got[-1] == MiB - 1
+    del got
+    d["small"] = numpy.arange(1000)                     # copied: released at once
+    assert _leased_to_manager(link) == held + 8 * MiB
+    del d["a"]                                          # the manager lets go ...
+    d["x"] = 1                                          # ... its release rides on a reply
+    assert _leased_to_manager(link) == held
+
+
+@needs_numpy
+def test_an_uploaded_ndarray_outlives_the_client_that_sent_it(fmgr):
+    import numpy
+    ctx = multiprocessing.get_context("fork")
+    box = fmgr.dict()
+    progress = ctx.Queue()
+    child = _workers.start_child(ctx, lw.store_array, box, "a", 8 * MiB, 5, progress)
+    try:
+        what, pid = progress.get(timeout=WAIT)
+        assert what == "stored"
+        os.kill(pid, signal.SIGKILL)
+        child.process.join(WAIT)
+        assert _wait_gone(fmgr, pid)
+        got = box["a"]
+        assert (got == numpy.frombuffer(lw.pattern(8 * MiB, 5), dtype=numpy.uint8)).all()
+        box["b"] = got                                  # and it travels on, intact
+        assert (box["b"] == got).all()
+    finally:
+        child.kill()
+        progress.close()
+
+
 @needs_numpy
 def test_a_forked_child_keeps_a_private_copy_of_lent_memory(fmgr):
     import numpy

@@ -465,10 +465,15 @@ class Server:
                             entry.running = None
                             lock.release()
                     call.done_rid = rid         # the reply is made: a cancel is too late
+                    # hold no argument or result while waiting for the next call: the
+                    # memory of a large one may be lent, released only when it goes
+                    result = args = kwds = None
                     if reply is _PACKED:
                         body, bufs = packed
+                        packed = None
                         if bufs:
                             send_buffers(RETURN, rid, body, bufs, NO_DEADLINE, limits)
+                            bufs = None
                         else:
                             send_bytes(pack_frame(RETURN, rid, body))
                         continue
@@ -489,8 +494,10 @@ class Server:
                     reply = self._slow_call(info, oid, meth, args, kwds)
             warns.clear()
             call.done_rid = rid
+            args = kwds = bufs = None
             if rid:
                 self._reply(ch, rid, *reply)
+            reply = None
 
     # -- large data through shared memory ----------------------------------------
     @property

@@ -32,16 +32,25 @@ Rules it keeps:
   `SlotClaimError` (a FrameError): the connection is closed, with the reason
   in the log.  A manager maps a client's arena only if it is sealed against
   shrinking where the platform has seals, so a client cannot fault it.
-- The manager never lends: it copies what it receives (a bytes buffer into a
-  bytes object, anything else into a private bytearray or mapping) and queues
-  the release before the call runs, so the release rides on the call's reply.  A client copies
-  bytes and bytearray buffers (their rebuild would copy anyway) and lends the
-  memory of any other buffer of at least `LEND_MIN` bytes (an ndarray,
-  memoryview): a mapping of that slot alone, which every view made from it
-  keeps alive; the slot is released when the last view goes.
-- In a forked child, lent memory is replaced by a private copy at the same
-  address (the child's arrays stay valid and its own, as after any fork),
-  and the parent's arenas are closed: the child makes links of its own.
+- Both ends copy bytes and bytearray buffers (their rebuild would copy
+  anyway) and lend the memory of any other buffer of at least `LEND_MIN`
+  bytes (an ndarray, memoryview): a mapping of that slot alone, which every
+  view made from it keeps alive.  The slot is released when the last view
+  goes, by a notice that rides on the next frame to the peer.  A copied
+  buffer's release is queued at once (on the manager, before the call runs,
+  so it rides on the call's reply).  So an ndarray the manager stores lives
+  in the uploading client's arena until the manager drops it: the client
+  never writes into a slot leased to the manager, and the mapping outlives
+  the client.  Descriptors are bounded: at most `MAX_LENT` lent mappings
+  (each holds a descriptor before Python 3.13) and `MAX_KEPT_FDS` kept
+  arena descriptors per process; beyond either, buffers are copied.
+- In a forked child of a client, lent memory is replaced by a private copy
+  at the same address (the child's arrays stay valid and its own, as after
+  any fork), and the parent's arenas are closed: the child makes links of
+  its own.  A forked child of the manager (a Pool worker) leaves the
+  manager's lent memory shared: a private copy of every stored array in
+  every worker would cost far more than the copy-on-write fork it replaces,
+  and such a child does not write into the manager's objects.
 - A client's allocator is left alone: a large copy is a mapping of its own
   that asks for huge pages, because its cost is page faults.  The manager,
   once it carries large data, pins glibc's mmap and trim thresholds
@@ -88,8 +97,8 @@ log = logging.getLogger("procshare.slots")
 
 #: frames whose out-of-band buffers total at least this go through slots
 SLOT_MIN = 64 * 1024
-#: a client lends the slot's memory to a buffer (ndarray...) at least this large;
-#: smaller ones are copied
+#: the receiver lends the slot's memory to a buffer (ndarray...) at least this
+#: large; smaller ones are copied
 LEND_MIN = 1 << 20
 #: bytes objects at least this large are made with huge pages (`fresh_bytes`)
 HUGE_MIN = 32 << 20
@@ -99,8 +108,11 @@ ARENA_MIN = 4 << 20
 KEEP_WARM = 64 << 20
 #: notices carried by one frame at most (the rest ride on the next)
 MAX_NOTICES = 1024
-#: lent mappings a process keeps at most (each holds a descriptor); beyond, copy
+#: lent mappings a process keeps at most (before Python 3.13 each holds a
+#: descriptor); beyond, copy
 MAX_LENT = 512
+#: descriptors of peer arenas a process keeps for lending at most (beyond, copy)
+MAX_KEPT_FDS = 256
 #: the manager gives memory back after this long without slot traffic
 IDLE_TRIM = 2.0
 #: the manager's glibc thresholds (`pin_malloc`): allocations this large are
@@ -114,6 +126,9 @@ _PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
 _MADV_POPULATE_READ = 22 if sys.platform.startswith("linux") else None
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+#: a lent mapping needs no descriptor of its own where mmap can do without one
+_NO_FD: dict = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+_kept_mutex = threading.Lock()
 _TYPES = {bytes: TYPE_BYTES, bytearray: TYPE_BYTEARRAY}
 _NOTICE = Kind.NOTICE
 
@@ -260,9 +275,12 @@ def malloc_trim() -> None:
 
 class _Mapped:
     """A peer's arena mapped here, read-only (`fd` kept only where slots are
-    lent from it: a lent slot is a mapping of its own)."""
+    lent from it: a lent slot is a mapping of its own; at most `MAX_KEPT_FDS`
+    kept per process, after which the arena's buffers are copied).  The
+    caller closes `fd` unless `self.fd` is it."""
 
     __slots__ = ("size", "mm", "view", "fd")
+    kept = 0        # descriptors kept by all mappings of this process
 
     def __init__(self, fd: int, size: int, keep_fd: bool) -> None:
         actual = os.fstat(fd).st_size
@@ -276,7 +294,12 @@ class _Mapped:
             except OSError:
                 pass
         self.view = memoryview(self.mm)
-        self.fd = fd if keep_fd else -1
+        self.fd = -1
+        if keep_fd:
+            with _kept_mutex:
+                if _Mapped.kept < MAX_KEPT_FDS:
+                    _Mapped.kept += 1
+                    self.fd = fd
 
     def close(self) -> None:
         mm, self.mm = self.mm, None
@@ -288,6 +311,8 @@ class _Mapped:
                 pass        # a view is still being read: unmapped when it goes
         fd, self.fd = self.fd, -1
         if fd >= 0:
+            with _kept_mutex:
+                _Mapped.kept -= 1
             os.close(fd)
 
 
@@ -307,7 +332,10 @@ def _sealed(fd: int) -> bool:
 # -- one link --------------------------------------------------------------------------------
 
 _links: weakref.WeakSet[SlotLink] = weakref.WeakSet()
+#: slots lent to this process's own buffers: a client's (made private in a
+#: forked child) and the manager's (left shared there)
 _lent: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
+_lent_by_manager: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
 
 
 class SlotLink:
@@ -315,8 +343,8 @@ class SlotLink:
     between the two.
 
     `pool`: the arenas this process writes into for the peer, whose slots are
-    leased to `owner`.  `lend`: a client lends slot memory to large
-    non-bytes buffers; the manager copies everything.  `announce(arenas, fds)`
+    leased to `owner`.  `lend`: slot memory is lent to large non-bytes
+    buffers instead of copied (both ends do this; False copies everything).  `announce(arenas, fds)`
     tells the peer about arenas of ours (client); `fetch(ids) -> (arenas, fds)`
     gets the peer's (client).  On the manager both are None: clients announce
     and fetch through `ManagerSlots.exchange`.
@@ -468,8 +496,8 @@ class SlotLink:
                 try:
                     for (aid, size), fd in zip(arenas, fds):
                         if aid == arena_id and aid not in self.peer_arenas:
-                            self.peer_arenas[aid] = _Mapped(fd, size, keep_fd=self.lend)
-                            if self.lend:
+                            m = self.peer_arenas[aid] = _Mapped(fd, size, keep_fd=self.lend)
+                            if m.fd == fd:
                                 fds[fds.index(fd)] = -1     # kept by the mapping
                 finally:
                     for fd in fds:
@@ -489,7 +517,8 @@ class SlotLink:
         if m.mm is None:
             raise SlotClaimError(f"slot claim in arena {arena_id}, which was retired")
         if (self.lend and typ == TYPE_OTHER and length >= LEND_MIN and m.fd >= 0
-                and offset % mmap.ALLOCATIONGRANULARITY == 0 and len(_lent) < MAX_LENT):
+                and offset % mmap.ALLOCATIONGRANULARITY == 0
+                and len(_lent) + len(_lent_by_manager) < MAX_LENT):
             lent = self._lend(m, arena_id, offset, length)
             if lent is not None:
                 return lent
@@ -506,11 +535,11 @@ class SlotLink:
     def _lend(self, m: _Mapped, arena_id: int, offset: int, length: int) -> Any:
         try:
             lent = mmap.mmap(m.fd, length, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=_PROT_RW,
-                             offset=offset)
+                             offset=offset, **_NO_FD)
         except OSError as e:        # out of descriptors or address space: copy instead
             log.debug("copying a buffer instead of lending it: %r", e)
             return None
-        _lent.add(lent)
+        (_lent if self.announce is not None else _lent_by_manager).add(lent)
         f = weakref.finalize(lent, _lent_gone, weakref.ref(self), self.pid, arena_id, offset,
                              length)
         f.atexit = False
@@ -658,7 +687,7 @@ class ManagerSlots:
         with self.mutex:
             link = self.links.get((client, session))
             if link is None:
-                link = self.links[client, session] = SlotLink(self.pool, client, lend=False,
+                link = self.links[client, session] = SlotLink(self.pool, client, lend=True,
                                                               name=client)
             return link
 
@@ -681,7 +710,8 @@ class ManagerSlots:
             raise SlotClaimError(f"unknown shared-memory request {op!r:.40}")
         finally:
             for fd in fds:
-                os.close(fd)
+                if fd >= 0:     # -1: kept by a mapping (`_announce`)
+                    os.close(fd)
 
     def _announce(self, client: str, session: str, arenas: Any, fds: list[int]) -> None:
         if not isinstance(arenas, list) or len(arenas) != len(fds) or not fds:
@@ -700,7 +730,9 @@ class ManagerSlots:
                 if arena_id in link.peer_arenas:
                     raise SlotClaimError(f"arena {arena_id} was announced twice")
                 try:
-                    link.peer_arenas[arena_id] = _Mapped(fd, size, keep_fd=False)
+                    m = link.peer_arenas[arena_id] = _Mapped(fd, size, keep_fd=link.lend)
+                    if m.fd == fd:
+                        fds[fds.index(fd)] = -1     # kept by the mapping
                 except (OSError, ValueError) as e:
                     raise SlotClaimError(f"cannot map arena {arena_id}: {e}") from None
 
@@ -835,8 +867,11 @@ def _after_fork_in_child() -> None:
             log.warning("a forked child shares %d bytes of lent memory with its parent: %r",
                         len(mm), e)
     _lent.clear()
+    _lent_by_manager.clear()        # left shared (see the module's rules)
     global _client_mutex
     _client_mutex = threading.Lock()     # another thread may have held it at the fork
+    global _kept_mutex
+    _kept_mutex = threading.Lock()
     for link in list(_links):
         if link.pid != os.getpid():
             link.abandon_after_fork()
