@@ -102,6 +102,8 @@ class Cancelled(DeadlineExpired):
 #: the longest `CallState.cancel` waits for a woken call to give up (it may wait
 #: for a lock that another call holds)
 CANCEL_WAIT = 1.0
+#: how long a cancel waits for running code that cannot be woken to finish
+FINISH_WAIT = 0.02
 
 
 class CallState:
@@ -142,17 +144,18 @@ class CallState:
             waker()
             # answer once the call has given up (a condition's wait has taken its
             # lock back), so that the client's next call cannot overtake it
-            end = time.monotonic() + CANCEL_WAIT
-            while self.done_rid < rid and self.rid == rid and time.monotonic() < end:
-                time.sleep(0.0005)
+            self._wait_done(rid, CANCEL_WAIT)
             return "cancelled"
         # running code that does not wait: it may be about to finish
-        end = time.monotonic() + 0.02
-        while self.done_rid < rid:
-            if time.monotonic() > end or self.rid != rid:
-                return "done" if self.done_rid >= rid else "running"
+        return "done" if self._wait_done(rid, FINISH_WAIT) else "running"
+
+    def _wait_done(self, rid: int, limit: float) -> bool:
+        """Poll (at most `limit` s) while request `rid` runs without a reply;
+        True once its reply is made."""
+        end = time.monotonic() + limit
+        while self.done_rid < rid and self.rid == rid and time.monotonic() < end:
             time.sleep(0.0005)
-        return "done"
+        return self.done_rid >= rid
 
 
 def current_call() -> CallState | None:
