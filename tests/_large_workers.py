@@ -136,3 +136,29 @@ def store_array(box, key, size, seed, progress) -> None:
     box[key] = np.frombuffer(pattern(size, seed), dtype=np.uint8).copy()
     progress.put(("stored", os.getpid()))
     time.sleep(600)
+
+
+def store_after_big(box, big, small, seed, progress) -> None:
+    """Upload an ndarray of `big` bytes and drop it, then store one of `small`
+    bytes (it may land in the big one's arena), report, and wait to be killed."""
+    import numpy as np
+    box["big"] = np.zeros(big, dtype=np.uint8)
+    del box["big"]
+    box["a"] = np.frombuffer(pattern(small, seed), dtype=np.uint8).copy()
+    progress.put(("stored", os.getpid()))
+    time.sleep(600)
+
+
+def memfd_bytes(pid: int, name: str) -> int:
+    """Bytes of memory behind the memfd mappings of process `pid` whose name
+    contains `name` (each file counted once)."""
+    seen, total = set(), 0
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            if "memfd:" not in line or name not in line:
+                continue
+            st = os.stat(f"/proc/{pid}/map_files/{line.split()[0]}")
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total

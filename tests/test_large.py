@@ -289,6 +289,25 @@ def test_the_manager_keeps_an_uploaded_ndarray_in_the_senders_slot(fmgr):
 
 
 @needs_numpy
+def test_a_value_dropped_through_another_connection_is_released(fmgr):
+    """The connection that stored the array keeps no reference to it between
+    calls, so when another connection drops it, its slot goes back at once."""
+    import threading
+
+    import numpy
+    d = fmgr.dict()
+    link = link_of(d)
+    held = _leased_to_manager(link)
+    t = threading.Thread(target=d.__setitem__, args=("a", numpy.ones(MiB)))  # its own conn
+    t.start()
+    t.join(WAIT)
+    assert _leased_to_manager(link) == held + 8 * MiB
+    del d["a"]
+    d["x"] = 1                                          # the release rides on this reply
+    assert _leased_to_manager(link) == held
+
+
+@needs_numpy
 def test_an_uploaded_ndarray_outlives_the_client_that_sent_it(fmgr):
     import numpy
     ctx = multiprocessing.get_context("fork")
@@ -305,6 +324,38 @@ def test_an_uploaded_ndarray_outlives_the_client_that_sent_it(fmgr):
         assert (got == numpy.frombuffer(lw.pattern(8 * MiB, 5), dtype=numpy.uint8)).all()
         box["b"] = got                                  # and it travels on, intact
         assert (box["b"] == got).all()
+    finally:
+        child.kill()
+        progress.close()
+
+
+@needs_numpy
+def test_a_dead_uploaders_arenas_shrink_to_the_values_stored(fmgr):
+    """An array a client stored stays in that client's arena after it dies;
+    the rest of the arena is given back (here 63 of 64 MiB)."""
+    import numpy
+    ctx = multiprocessing.get_context("fork")
+    box = fmgr.dict()
+    base = lw.memfd_bytes(fmgr.pid, "procshare-slots")     # the manager's own arenas
+    progress = ctx.Queue()
+    child = _workers.start_child(ctx, lw.store_after_big, box, 48 * MiB, MiB, 6, progress)
+    try:
+        what, pid = progress.get(timeout=WAIT)
+        assert what == "stored"
+        held = lw.memfd_bytes(fmgr.pid, "procshare-slots") - base   # and the child's
+        assert held >= 48 * MiB, held
+        os.kill(pid, signal.SIGKILL)
+        child.process.join(WAIT)
+        assert _wait_gone(fmgr, pid)
+        # the lease ends (and the arenas shrink) once the manager sees it gone
+        poll(lambda: lw.memfd_bytes(fmgr.pid, "procshare-slots") - base <= 2 * MiB, WAIT, 0.05)
+        after = lw.memfd_bytes(fmgr.pid, "procshare-slots") - base
+        report(f"a dead uploader's arenas in the manager: {held >> 20} MiB, then "
+               f"{after >> 10} KiB for the 1 MiB array it stored")
+        assert after <= 2 * MiB, after
+        got = box["a"]
+        assert (got == numpy.frombuffer(lw.pattern(MiB, 6), dtype=numpy.uint8)).all()
+        assert any("gave back" in line for line in fmgr._control("server_info")["log"])
     finally:
         child.kill()
         progress.close()

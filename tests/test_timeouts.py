@@ -222,3 +222,47 @@ def test_keyboard_interrupt_leaves_connection_usable(slow_mgr):
     assert s.echo("c") == "c"
     time.sleep(0.6)
     assert [s.echo(i) for i in range(5)] == list(range(5))
+
+
+HIGH_FD_SCRIPT = """
+import multiprocessing, os, resource, sys, threading
+import procshare
+
+if __name__ == "__main__":
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1400
+    if soft < want and (hard == resource.RLIM_INFINITY or hard >= want):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    with procshare.SyncManager(ctx=multiprocessing.get_context("fork")) as m:
+        d = m.dict()
+        filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+        out = []
+
+        def call():     # a new thread: a new connection, on a descriptor past 1024
+            d["k"] = 1
+            out.append((d._callmethod("get", ("k",), timeout=5.0),
+                        m._process.pid is not None))
+        t = threading.Thread(target=call)
+        t.start()
+        t.join(30)
+        for fd in filler:
+            os.close(fd)
+        print(out, min(filler) < 1024 < max(filler), flush=True)
+"""
+
+
+def test_calls_with_deadlines_work_on_descriptors_past_1024(tmp_path):
+    """select() refuses descriptors from 1024 on; a process with many files
+    open still gets its deadlines (procshare waits with poll())."""
+    import resource
+    import subprocess
+    import sys
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1400:
+        pytest.skip(f"RLIMIT_NOFILE's hard limit is {hard}: cannot open 1100 more files")
+    script = tmp_path / "highfd.py"
+    script.write_text(HIGH_FD_SCRIPT)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120, env=_workers.subprocess_env())
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "[(1, True)] True", run.stdout + run.stderr

@@ -467,7 +467,7 @@ class Server:
                     call.done_rid = rid         # the reply is made: a cancel is too late
                     # hold no argument or result while waiting for the next call: the
                     # memory of a large one may be lent, released only when it goes
-                    result = args = kwds = None
+                    result = args = kwds = bufs = None
                     if reply is _PACKED:
                         body, bufs = packed
                         packed = None

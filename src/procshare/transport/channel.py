@@ -53,9 +53,22 @@ from .addresses import UNIX_PATH_MAX, address_family, arbitrary_address, cleanup
 from .spin import SpinPolicy
 
 __all__ = ["Channel", "Listener", "connect", "server_handshake", "client_handshake",
-           "close_inherited", "remove_stale_socket"]
+           "close_inherited", "remove_stale_socket", "readable_within"]
 
 _RECV_CHUNK = 64 * 1024
+_HAS_POLL = hasattr(select, "poll")
+
+
+def readable_within(fd: Any, timeout: float) -> bool:
+    """Can `fd` (a socket or a descriptor) be read, or is it at EOF, within
+    `timeout` seconds?  poll() where there is one: select() refuses descriptors
+    from 1024 on, which a process with many files open reaches."""
+    if not _HAS_POLL:
+        return bool(select.select([fd], [], [], timeout)[0])
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(max(timeout, 0.0) * 1000.0))
+
 _DONTWAIT = socket.MSG_DONTWAIT
 _perf = time.perf_counter
 _monotonic = time.monotonic
@@ -192,14 +205,13 @@ class Channel:
         """True when part of a frame (or EOF) can be read without blocking."""
         if self.reader.in_frame:
             return True
-        r, _, _ = select.select([self.sock], [], [], 0)
-        return bool(r)
+        return readable_within(self.sock, 0.0)
 
     def _wait(self, deadline: float | None) -> None:
         if deadline is None:
             return
         left = deadline - _monotonic()
-        if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+        if left <= 0 or not readable_within(self.sock, left):
             raise TimeoutError("no frame before the deadline")
 
     def recv_frame(self, deadline: float | None = None) -> tuple:

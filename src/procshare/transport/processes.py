@@ -17,6 +17,8 @@ import os
 import select
 import socket
 
+from .channel import readable_within
+
 __all__ = ["host_identity", "ProcessHandle"]
 
 
@@ -70,7 +72,7 @@ class ProcessHandle:
         fd = self._fd
         if fd is not None:
             try:
-                return bool(select.select([fd], [], [], timeout)[0])
+                return readable_within(fd, timeout)
             except (OSError, ValueError):
                 pass
         if not _pid_alive(self.pid):

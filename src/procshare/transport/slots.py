@@ -41,9 +41,12 @@ Rules it keeps:
   so it rides on the call's reply).  So an ndarray the manager stores lives
   in the uploading client's arena until the manager drops it: the client
   never writes into a slot leased to the manager, and the mapping outlives
-  the client.  Descriptors are bounded: at most `MAX_LENT` lent mappings
-  (each holds a descriptor before Python 3.13) and `MAX_KEPT_FDS` kept
-  arena descriptors per process; beyond either, buffers are copied.
+  the client.  When the client's lease ends, the rest of its arenas is given
+  back (`fallocate` punches holes around the lent slots), once no copy out of
+  them is under way.  Descriptors are bounded: at most `_LENT_CAP` lent
+  mappings (each holds a descriptor before Python 3.13) and `_KEPT_CAP` kept
+  arena descriptors per process, a quarter and an eighth of RLIMIT_NOFILE;
+  beyond either, buffers are copied.
 - In a forked child of a client, lent memory is replaced by a private copy
   at the same address (the child's arrays stay valid and its own, as after
   any fork), and the parent's arenas are closed: the child makes links of
@@ -111,7 +114,8 @@ MAX_NOTICES = 1024
 #: lent mappings a process keeps at most (before Python 3.13 each holds a
 #: descriptor); beyond, copy
 MAX_LENT = 512
-#: descriptors of peer arenas a process keeps for lending at most (beyond, copy)
+#: descriptors of peer arenas a process keeps for lending at most (beyond, copy);
+#: both caps shrink to fit a low RLIMIT_NOFILE (`_LENT_CAP`, `_KEPT_CAP`)
 MAX_KEPT_FDS = 256
 #: the manager gives memory back after this long without slot traffic
 IDLE_TRIM = 2.0
@@ -129,6 +133,22 @@ _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 #: a lent mapping needs no descriptor of its own where mmap can do without one
 _NO_FD: dict = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 _kept_mutex = threading.Lock()
+
+
+def _fd_budget() -> int:
+    """The descriptors this process may open (RLIMIT_NOFILE's soft limit)."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 1024
+    return soft if soft > 0 else 1 << 20
+
+
+#: lent mappings at most, and arena descriptors kept at most: a quarter and an
+#: eighth of the descriptors this process may open, the rest for its connections
+_LENT_CAP = MAX_LENT if _NO_FD else min(MAX_LENT, _fd_budget() // 4)
+_KEPT_CAP = min(MAX_KEPT_FDS, _fd_budget() // 8)
 _TYPES = {bytes: TYPE_BYTES, bytearray: TYPE_BYTEARRAY}
 _NOTICE = Kind.NOTICE
 
@@ -297,7 +317,7 @@ class _Mapped:
         self.fd = -1
         if keep_fd:
             with _kept_mutex:
-                if _Mapped.kept < MAX_KEPT_FDS:
+                if _Mapped.kept < _KEPT_CAP:
                     _Mapped.kept += 1
                     self.fd = fd
 
@@ -361,6 +381,8 @@ class SlotLink:
         self.fetch = fetch
         self.name = name
         self.peer_arenas: dict[int, _Mapped] = {}
+        #: slots of the peer's arenas lent here: arena -> {offset: length}
+        self.lent_ranges: dict[int, dict[int, int]] = {}
         self.announced: set[int] = set()
         self.notices: collections.deque = collections.deque()
         self.lock = threading.RLock()
@@ -480,7 +502,17 @@ class SlotLink:
         if not buffers:
             return None if kind == _NOTICE else (kind, rid, budget, body, ())
         self.last_used = time.monotonic()
-        return kind, rid, budget, body, tuple([self._take(ref) for ref in buffers])
+        with self.lock:
+            if self.closed:
+                raise SlotClaimError("shared memory of a client whose lease ended")
+            self.busy += 1      # `close_and_wait` punches nothing under a copy in progress
+        try:
+            return kind, rid, budget, body, tuple([self._take(ref) for ref in buffers])
+        finally:
+            with self.lock:
+                self.busy -= 1
+                if not self.busy:
+                    self.idle.notify_all()
 
     def _mapped(self, arena_id: int) -> _Mapped:
         m = self.peer_arenas.get(arena_id)
@@ -518,7 +550,7 @@ class SlotLink:
             raise SlotClaimError(f"slot claim in arena {arena_id}, which was retired")
         if (self.lend and typ == TYPE_OTHER and length >= LEND_MIN and m.fd >= 0
                 and offset % mmap.ALLOCATIONGRANULARITY == 0
-                and len(_lent) + len(_lent_by_manager) < MAX_LENT):
+                and len(_lent) + len(_lent_by_manager) < _LENT_CAP):
             lent = self._lend(m, arena_id, offset, length)
             if lent is not None:
                 return lent
@@ -533,12 +565,16 @@ class SlotLink:
         return out
 
     def _lend(self, m: _Mapped, arena_id: int, offset: int, length: int) -> Any:
-        try:
-            lent = mmap.mmap(m.fd, length, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=_PROT_RW,
-                             offset=offset, **_NO_FD)
-        except OSError as e:        # out of descriptors or address space: copy instead
-            log.debug("copying a buffer instead of lending it: %r", e)
-            return None
+        with self.lock:     # the mapping's descriptor is closed under this lock only
+            if m.fd < 0 or m.mm is None:
+                return None
+            try:
+                lent = mmap.mmap(m.fd, length, flags=mmap.MAP_SHARED | _MAP_POPULATE,
+                                 prot=_PROT_RW, offset=offset, **_NO_FD)
+            except OSError as e:    # out of descriptors or address space: copy instead
+                log.debug("copying a buffer instead of lending it: %r", e)
+                return None
+            self.lent_ranges.setdefault(arena_id, {})[offset] = length
         (_lent if self.announce is not None else _lent_by_manager).add(lent)
         f = weakref.finalize(lent, _lent_gone, weakref.ref(self), self.pid, arena_id, offset,
                              length)
@@ -548,8 +584,31 @@ class SlotLink:
     def _drop_peer_arena(self, arena_id: int) -> None:
         with self.lock:
             m = self.peer_arenas.pop(arena_id, None)
-        if m is not None:
-            m.close()
+            if m is not None:
+                m.close()
+
+    def _lent_back(self, arena_id: int, offset: int) -> None:
+        with self.lock:
+            ranges = self.lent_ranges.get(arena_id)
+            if ranges is not None:
+                ranges.pop(offset, None)
+                if not ranges:
+                    del self.lent_ranges[arena_id]
+
+    def _punch_unlent(self) -> int:
+        """The peer is gone: give back the memory of its arenas outside the slots
+        lent here (which stay: stored values live in them).  Returns the bytes.
+        Called with the lock held and no copy under way."""
+        freed = 0
+        for arena_id, m in self.peer_arenas.items():
+            if m.fd < 0 or arena_id not in self.lent_ranges:
+                continue
+            start = 0
+            for off, length in sorted(self.lent_ranges[arena_id].items()):
+                freed += _punch(m.fd, start, off - start)
+                start = max(start, -(-(off + length) // mmap.PAGESIZE) * mmap.PAGESIZE)
+            freed += _punch(m.fd, start, m.size - start)
+        return freed
 
     # -- lifetime --------------------------------------------------------------------
     def close(self) -> None:
@@ -560,14 +619,24 @@ class SlotLink:
                 return
             self.closed = True
             arenas, self.peer_arenas = list(self.peer_arenas.values()), {}
-        for m in arenas:
-            m.close()
+            for m in arenas:
+                m.close()
 
-    def close_and_wait(self, timeout: float = 10.0) -> None:
-        """`close`, then wait (bounded) until no encode is copying into a slot."""
-        self.close()
+    def close_and_wait(self, timeout: float = 10.0, punch: bool = False) -> int:
+        """Close once no copy is under way (bounded wait): no encode copying
+        into a slot of ours, no take copying out of the peer's arenas.  With
+        `punch` (the peer is gone), first give back the memory of its arenas
+        that no value lent here uses; returns those bytes."""
         with self.lock:
+            if self.closed:
+                return 0
+            self.closed = True      # nothing new starts: see `encode`, `on_slots`
             self.idle.wait_for(lambda: not self.busy, timeout)
+            punched = self._punch_unlent() if punch and not self.busy else 0
+            arenas, self.peer_arenas = list(self.peer_arenas.values()), {}
+            for m in arenas:
+                m.close()
+        return punched
 
     def abandon_after_fork(self) -> None:
         """In a forked child: close what the parent's link held, touching
@@ -586,8 +655,23 @@ def _lent_gone(link_ref: Callable[[], SlotLink | None], pid: int, arena_id: int,
                length: int) -> None:
     """The last view of a lent slot went: release it (not in a forked child)."""
     link = link_ref()
-    if link is not None and not link.closed and os.getpid() == pid:
+    if link is None or os.getpid() != pid:
+        return
+    link._lent_back(arena_id, offset)
+    if not link.closed:
         link.notices.append((OP_RELEASE, 0, arena_id, offset, length))
+
+
+def _punch(fd: int, offset: int, length: int) -> int:
+    """Free the memory of part of a memfd (its size stays); the bytes freed."""
+    if length <= 0 or not sys.platform.startswith("linux"):
+        return 0
+    try:
+        ok = _c().fallocate(ctypes.c_int(fd), ctypes.c_int(0x03),   # PUNCH_HOLE | KEEP_SIZE
+                            ctypes.c_long(offset), ctypes.c_long(length)) == 0
+    except (OSError, AttributeError):
+        return 0
+    return length if ok else 0
 
 
 # -- clients ---------------------------------------------------------------------------------
@@ -777,8 +861,14 @@ class ManagerSlots:
                 keys.difference_update(gone)
         if not links:
             return
+        punched = 0
         for link in links:
-            link.close_and_wait()       # no copy is under way into a slot freed below
+            # no copy is under way into a slot freed below, nor out of its arenas,
+            # which outlive it only for the values stored here
+            punched += link.close_and_wait(punch=True)
+        if punched:
+            self.note(f"gave back {punched >> 20} MiB of client {client}'s arenas, keeping "
+                      "the slots of values stored here")
         freed = self.pool.free_owner(client)
         if freed:
             self.note(f"freed {freed >> 20} MiB of shared memory client {client} held")
