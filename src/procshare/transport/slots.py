@@ -381,8 +381,9 @@ class SlotLink:
         self.fetch = fetch
         self.name = name
         self.peer_arenas: dict[int, _Mapped] = {}
-        #: slots of the peer's arenas lent here: arena -> {offset: length}
-        self.lent_ranges: dict[int, dict[int, int]] = {}
+        #: slots of the peer's arenas lent here: (arena, offset) -> length (a
+        #: finalizer removes one without a lock: single dict operations)
+        self.lent_ranges: dict[tuple[int, int], int] = {}
         self.announced: set[int] = set()
         self.notices: collections.deque = collections.deque()
         self.lock = threading.RLock()
@@ -574,7 +575,7 @@ class SlotLink:
             except OSError as e:    # out of descriptors or address space: copy instead
                 log.debug("copying a buffer instead of lending it: %r", e)
                 return None
-            self.lent_ranges.setdefault(arena_id, {})[offset] = length
+            self.lent_ranges[arena_id, offset] = length
         (_lent if self.announce is not None else _lent_by_manager).add(lent)
         f = weakref.finalize(lent, _lent_gone, weakref.ref(self), self.pid, arena_id, offset,
                              length)
@@ -587,24 +588,20 @@ class SlotLink:
             if m is not None:
                 m.close()
 
-    def _lent_back(self, arena_id: int, offset: int) -> None:
-        with self.lock:
-            ranges = self.lent_ranges.get(arena_id)
-            if ranges is not None:
-                ranges.pop(offset, None)
-                if not ranges:
-                    del self.lent_ranges[arena_id]
-
     def _punch_unlent(self) -> int:
         """The peer is gone: give back the memory of its arenas outside the slots
         lent here (which stay: stored values live in them).  Returns the bytes.
         Called with the lock held and no copy under way."""
+        by_arena: dict[int, list[tuple[int, int]]] = {}
+        for (arena_id, off), length in list(self.lent_ranges.items()):
+            by_arena.setdefault(arena_id, []).append((off, length))
         freed = 0
-        for arena_id, m in self.peer_arenas.items():
-            if m.fd < 0 or arena_id not in self.lent_ranges:
+        for arena_id, lent in by_arena.items():
+            m = self.peer_arenas.get(arena_id)
+            if m is None or m.fd < 0:
                 continue
             start = 0
-            for off, length in sorted(self.lent_ranges[arena_id].items()):
+            for off, length in sorted(lent):
                 freed += _punch(m.fd, start, off - start)
                 start = max(start, -(-(off + length) // mmap.PAGESIZE) * mmap.PAGESIZE)
             freed += _punch(m.fd, start, m.size - start)
@@ -628,10 +625,10 @@ class SlotLink:
         `punch` (the peer is gone), first give back the memory of its arenas
         that no value lent here uses; returns those bytes."""
         with self.lock:
-            if self.closed:
-                return 0
-            self.closed = True      # nothing new starts: see `encode`, `on_slots`
+            was_closed, self.closed = self.closed, True     # nothing new starts
             self.idle.wait_for(lambda: not self.busy, timeout)
+            if was_closed:
+                return 0
             punched = self._punch_unlent() if punch and not self.busy else 0
             arenas, self.peer_arenas = list(self.peer_arenas.values()), {}
             for m in arenas:
@@ -657,7 +654,7 @@ def _lent_gone(link_ref: Callable[[], SlotLink | None], pid: int, arena_id: int,
     link = link_ref()
     if link is None or os.getpid() != pid:
         return
-    link._lent_back(arena_id, offset)
+    link.lent_ranges.pop((arena_id, offset), None)
     if not link.closed:
         link.notices.append((OP_RELEASE, 0, arena_id, offset, length))
 
