@@ -1,7 +1,8 @@
 """Channels: a connected socket that carries frames, and the handshake drivers.
 
-Owns: every byte that crosses a socket after connecting.  Nothing else in
-procshare calls `send`/`recv`.  Frames are laid out and parsed by
+Owns: every byte that crosses a socket after connecting, and the wait for a
+descriptor to be readable (`readable_within`: poll(), since select() refuses
+descriptors from 1024 on).  Nothing else in procshare calls `send`/`recv`.  Frames are laid out and parsed by
 `wire.frames`; the handshake's bytes come from `wire.handshake`; this module
 only moves them.
 
