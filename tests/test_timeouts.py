@@ -241,7 +241,7 @@ if __name__ == "__main__":
         def call():     # a new thread: a new connection, on a descriptor past 1024
             d["k"] = 1
             out.append((d._callmethod("get", ("k",), timeout=5.0),
-                        m._process.pid is not None))
+                        d._tls.conn.ch.fileno() >= 1024))     # this thread's connection
         t = threading.Thread(target=call)
         t.start()
         t.join(30)

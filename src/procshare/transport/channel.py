@@ -60,15 +60,17 @@ _RECV_CHUNK = 64 * 1024
 _HAS_POLL = hasattr(select, "poll")
 
 
-def readable_within(fd: Any, timeout: float) -> bool:
+def readable_within(fd: Any, timeout: float, poller: Any = None) -> bool:
     """Can `fd` (a socket or a descriptor) be read, or is it at EOF, within
     `timeout` seconds?  poll() where there is one: select() refuses descriptors
-    from 1024 on, which a process with many files open reaches."""
-    if not _HAS_POLL:
-        return bool(select.select([fd], [], [], timeout)[0])
-    p = select.poll()
-    p.register(fd, select.POLLIN)
-    return bool(p.poll(max(timeout, 0.0) * 1000.0))
+    from 1024 on, which a process with many files open reaches.  `poller`: a
+    `select.poll` object with `fd` registered already (`Channel` keeps one)."""
+    if poller is None:
+        if not _HAS_POLL:
+            return bool(select.select([fd], [], [], timeout)[0])
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(timeout, 0.0) * 1000.0))
 
 _DONTWAIT = socket.MSG_DONTWAIT
 _perf = time.perf_counter
@@ -92,7 +94,7 @@ class Channel:
     """One connected socket carrying frames in both directions."""
 
     __slots__ = ("sock", "reader", "peer", "frame_timeout", "spin", "slots", "notices",
-                 "working", "__weakref__")
+                 "working", "_poll_obj", "__weakref__")
 
     def __init__(self, sock: socket.socket, peer: Any = None, limits: Limits = DEFAULT_LIMITS,
                  frame_timeout: float | None = None) -> None:
@@ -107,6 +109,15 @@ class Channel:
         #: the channels of this process whose threads are working now, not
         #: waiting for a frame (see `spin`); None: not counted
         self.working: set | None = None
+        self._poll_obj: Any = None     # select.poll with this socket, made on first wait
+
+    def _poller(self) -> Any:
+        """This channel's `select.poll` object (None where there is no poll())."""
+        p = self._poll_obj
+        if p is None and _HAS_POLL:
+            p = self._poll_obj = select.poll()
+            p.register(self.sock, select.POLLIN)
+        return p
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -206,13 +217,13 @@ class Channel:
         """True when part of a frame (or EOF) can be read without blocking."""
         if self.reader.in_frame:
             return True
-        return readable_within(self.sock, 0.0)
+        return readable_within(self.sock, 0.0, self._poller())
 
     def _wait(self, deadline: float | None) -> None:
         if deadline is None:
             return
         left = deadline - _monotonic()
-        if left <= 0 or not readable_within(self.sock, left):
+        if left <= 0 or not readable_within(self.sock, left, self._poller()):
             raise TimeoutError("no frame before the deadline")
 
     def recv_frame(self, deadline: float | None = None) -> tuple:

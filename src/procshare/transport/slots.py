@@ -404,10 +404,8 @@ class SlotLink:
         views = [memoryview(b) for b in bufs]
         if sum(v.nbytes for v in views) < SLOT_MIN or self.closed or self.refused:
             return None
-        with self.lock:
-            if self.closed:
-                return None
-            self.busy += 1      # `close_and_wait` frees nothing under a copy in progress
+        if not self._begin_copy():
+            return None
         try:
             return self._encode(kind, rid, body, bufs, views, budget, limits)
         except SlotClaimError as e:
@@ -418,10 +416,22 @@ class SlotLink:
             warn_unavailable(f"large data goes through the socket: {e}")
             return None
         finally:
-            with self.lock:
-                self.busy -= 1
-                if not self.busy:
-                    self.idle.notify_all()
+            self._end_copy()
+
+    def _begin_copy(self) -> bool:
+        """A copy into our slots or out of the peer's arenas starts: False if the
+        link is closed.  `close_and_wait` frees and punches nothing under one."""
+        with self.lock:
+            if self.closed:
+                return False
+            self.busy += 1
+            return True
+
+    def _end_copy(self) -> None:
+        with self.lock:
+            self.busy -= 1
+            if not self.busy:
+                self.idle.notify_all()
 
     def _encode(self, kind: int, rid: int, body: bytes, bufs: Any, views: list,
                 budget: float, limits: Any) -> bytes | None:
@@ -503,17 +513,15 @@ class SlotLink:
         if not buffers:
             return None if kind == _NOTICE else (kind, rid, budget, body, ())
         self.last_used = time.monotonic()
-        with self.lock:
-            if self.closed:
-                raise SlotClaimError("shared memory of a client whose lease ended")
-            self.busy += 1      # `close_and_wait` punches nothing under a copy in progress
+        if not self._begin_copy():
+            raise SlotClaimError(
+                f"a frame with buffers in shared memory came on the closed link to "
+                f"{self.name or self.owner!r} (its lease ended or its session closed); "
+                "this connection closes, and the peer's next connection gets a new link")
         try:
             return kind, rid, budget, body, tuple([self._take(ref) for ref in buffers])
         finally:
-            with self.lock:
-                self.busy -= 1
-                if not self.busy:
-                    self.idle.notify_all()
+            self._end_copy()
 
     def _mapped(self, arena_id: int) -> _Mapped:
         m = self.peer_arenas.get(arena_id)
