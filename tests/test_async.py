@@ -145,8 +145,10 @@ def test_waiting_on_futures_of_two_pipes_from_two_threads_does_not_deadlock():
             self.settled = threading.Condition()
 
     p, q = FakePipe(), FakePipe()
-    pool = sorted([(CallFuture(p, 0, None, "m", None), "p") for _ in range(50)]
-                  + [(CallFuture(q, 0, None, "m", None), "q") for _ in range(50)],
+    # made alternately, so that their ids interleave: some p-future lies below a
+    # q-future and another above one, whatever way the allocator goes
+    pool = sorted([(CallFuture(pipe, 0, None, "m", None), name)
+                   for _ in range(50) for pipe, name in ((p, "p"), (q, "q"))],
                   key=lambda t: id(t[0]))
     ps = [f for f, n in pool if n == "p"]
     qs = [f for f, n in pool if n == "q"]
