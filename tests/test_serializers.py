@@ -32,6 +32,7 @@ from procshare.transport import channel as transport
 from procshare.wire import frames, serializers
 from procshare.wire.kinds import Kind
 from procshare.wire.serializers import (
+    IN_BAND_MAX,
     OOB_THRESHOLD,
     FunctionSerializer,
     MsgpackSerializer,
@@ -73,6 +74,27 @@ def test_large_buffers_go_out_of_band_without_copies():
     out = ser.loads(body, [bytearray(b) for b in bufs])
     assert out[2][0] == big and out[2][1] == arr and type(out[2][1]) is bytearray
     assert out[2][2].format == "I" and out[2][2].tolist() == view.tolist()
+
+
+def test_a_pickle_of_at_most_IN_BAND_MAX_keeps_its_bytes_in_band():
+    """Below IN_BAND_MAX the whole message is one body (cheaper through the
+    socket than out of band); above it, large bytes values go out of band, also
+    when each of them is small enough and only their sum is large."""
+    ser = get_serializer("pickle")
+    one = ("id", "set", ("k", b"a" * (OOB_THRESHOLD + 1)), {})
+    body, bufs = ser.dumps(one)
+    assert not bufs and OOB_THRESHOLD < len(body) <= IN_BAND_MAX
+    assert ser.loads(body, bufs) == one
+    arr = ("id", "set", ("k", bytearray(b"b" * OOB_THRESHOLD)), {})
+    body, bufs = ser.dumps(arr)
+    assert not bufs and type(ser.loads(body, bufs)[2][1]) is bytearray
+    big = ("id", "set", ("k", b"c" * (IN_BAND_MAX + 1)), {})
+    body, bufs = ser.dumps(big)
+    assert len(body) < 1024 and len(bufs) == 1 and bufs[0].obj is big[2][1]
+    many = ("id", "set", ("k", [bytes([i]) * OOB_THRESHOLD for i in range(3)]), {})
+    body, bufs = ser.dumps(many)
+    assert len(body) < 1024 and len(bufs) == 3
+    assert ser.loads(body, [bytearray(b) for b in bufs]) == many
 
 
 def test_numpy_arrays_go_out_of_band_and_through_a_manager():
