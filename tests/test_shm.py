@@ -135,6 +135,34 @@ def test_buddy_slots_split_merge_and_are_reused():
         arena.close()
 
 
+def test_freed_blocks_merge_when_a_larger_slot_needs_them():
+    """Frees leave blocks apart (a slot is mostly taken again at its size);
+    they merge with their buddies when nothing free is large enough, so a
+    fragmented arena still serves any slot its free memory allows, and the
+    pool grows no arena for it."""
+    import random
+    rng = random.Random(7)
+    pool = shm.ArenaPool(arena_size=1 * MiB, min_slot=64 * 1024)
+    try:
+        for _ in range(200):
+            live = []
+            for _ in range(rng.randint(1, 12)):
+                try:
+                    live.append(pool.alloc(rng.choice((1, 64 * 1024 + 1, 200_000)), "c"))
+                except MemoryError:
+                    break
+            spans = sorted((s.arena, s.offset, s.offset + max(s.length, 1)) for s in live)
+            assert all(a[0] != b[0] or a[2] <= b[1]                        # no overlap
+                       for a, b in zip(spans, spans[1:]))
+            for s in rng.sample(live, len(live)):
+                pool.free(s, "c")
+        (kept,) = pool.arenas
+        assert pool.alloc(1 * MiB, "c") == shm.Slot(kept, 0, 1 * MiB)    # whole again
+        assert list(pool.arenas) == [kept]
+    finally:
+        pool.close()
+
+
 def test_pool_leases_grows_and_retires_arenas():
     retired = []
     pool = shm.ArenaPool(arena_size=1 * MiB, min_slot=64 * 1024, on_retire=retired.append)
