@@ -938,6 +938,87 @@ def test_wait_is_bounded(tmp_path):
     j.close()
 
 
+def _until(cond, what):
+    deadline = time.monotonic() + WAIT
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.001)
+
+
+def test_a_commit_wakes_the_waiters_it_covers_and_one_to_lead(tmp_path, monkeypatch):
+    """Waiters sleep on locks of their own.  A waiter woken to lead the next
+    commit that is interrupted instead passes the lead on: the others do not
+    sleep until their timeout."""
+    from procshare.server import journal as jmod
+    j = Journal(tmp_path / "s", KEY)
+    h = j.create("d", "dict", {})
+    h.sync(WAIT)
+    release = threading.Event()
+    write = j._write
+
+    def gated(*a):
+        release.wait(WAIT)
+        write(*a)
+
+    j._write = gated
+
+    class Interrupted(Exception):
+        pass
+
+    class Fragile:
+        """A waiter's lock whose wakeup is interrupted (as by a signal)."""
+
+        def __init__(self):
+            self.lock = threading.Lock()
+            self.release = self.lock.release
+            self.taken = 0
+
+        def acquire(self, blocking=True, timeout=-1):
+            got = self.lock.acquire(blocking, timeout)
+            self.taken += 1
+            if got and self.taken == 2:     # the first is taken before sleeping
+                raise Interrupted("woken, then interrupted")
+            return got
+
+    real = jmod._allocate_lock
+    monkeypatch.setattr(jmod, "_allocate_lock",
+                        lambda: Fragile() if threading.current_thread().name == "fragile"
+                        else real())
+    d1 = h.call("__setitem__", ("a", 1))
+    leader = threading.Thread(target=j.wait, args=(d1.ticket, WAIT))
+    leader.start()
+    _until(lambda: j._leading, "the first commit never started")
+    d2 = h.call("__setitem__", ("b", 2))
+    d3 = h.call("__setitem__", ("c", 3))
+    got: dict = {}
+
+    def waiter(name, ticket):
+        t0 = time.monotonic()
+        try:
+            j.wait(ticket, WAIT)
+            got[name] = time.monotonic() - t0
+        except BaseException as e:
+            got[name] = e
+
+    fragile = threading.Thread(target=waiter, args=("fragile", d2.ticket), name="fragile")
+    fragile.start()
+    _until(lambda: len(j._waiters) == 1, "the first waiter never slept")
+    other = threading.Thread(target=waiter, args=("other", d3.ticket), name="other")
+    other.start()
+    _until(lambda: len(j._waiters) == 2, "the second waiter never slept")
+    release.set()       # the first commit covers neither: the first of them is woken to lead
+    for t in (leader, fragile, other):
+        t.join(WAIT + 5)
+    assert isinstance(got["fragile"], Interrupted)
+    assert got["other"] < WAIT / 2, got             # led at once, not after its timeout
+    assert j._done >= d3.ticket and not j._waiters
+    j._write = write
+    j.close()
+    j, hs = reopen(tmp_path / "s")
+    assert hs["d"].obj == {"a": 1, "b": 2, "c": 3}
+    j.close()
+
+
 def test_wait_for_a_ticket_never_issued(tmp_path):
     with Journal(tmp_path / "s", KEY) as j:
         with pytest.raises(ValueError):
