@@ -908,18 +908,25 @@ def test_failed_commit_breaks_the_journal(tmp_path):
     j.close()
 
 
-def test_wait_is_bounded(tmp_path):
+def _gated(tmp_path):
+    """A journal with a dict whose commits wait for `release` (set it to let
+    them through); `write` is the journal's own."""
     j = Journal(tmp_path / "s", KEY)
     h = j.create("d", "dict", {})
     h.sync(WAIT)
     release = threading.Event()
     write = j._write
 
-    def stuck(*a):
+    def gated(*a):
         release.wait(WAIT)
         write(*a)
 
-    j._write = stuck
+    j._write = gated
+    return j, h, release, write
+
+
+def test_wait_is_bounded(tmp_path):
+    j, h, release, write = _gated(tmp_path)
     d1 = h.call("__setitem__", ("a", 1))
     leader = threading.Thread(target=j.wait, args=(d1.ticket, WAIT))
     leader.start()
@@ -950,17 +957,7 @@ def test_a_commit_wakes_the_waiters_it_covers_and_one_to_lead(tmp_path, monkeypa
     commit that is interrupted instead passes the lead on: the others do not
     sleep until their timeout."""
     from procshare.server import journal as jmod
-    j = Journal(tmp_path / "s", KEY)
-    h = j.create("d", "dict", {})
-    h.sync(WAIT)
-    release = threading.Event()
-    write = j._write
-
-    def gated(*a):
-        release.wait(WAIT)
-        write(*a)
-
-    j._write = gated
+    j, h, release, write = _gated(tmp_path)
 
     class Interrupted(Exception):
         pass
