@@ -31,8 +31,9 @@ Rules it keeps:
   ever populated with `madvise`, never written, since others may be using it.
 - Slots are powers of two from `min_slot` up to the arena size, aligned to
   their size (buddy allocation: split on alloc; a freed block is merged with
-  its free buddy lazily, when no free block is large enough).  Every live slot is leased to exactly one owner; `free_owner` frees
-  them all at once when that owner dies.
+  its free buddy lazily, when no free block is large enough).  Every live
+  slot is leased to exactly one owner; `free_owner` frees them all at once
+  when that owner dies.
 - A claim `(arena, offset, length)` is honoured only if it names the start of
   a live slot leased to the claimant and fits inside that slot; anything else
   raises `SlotClaimError` (a `FrameError`, so the server closes that peer's

@@ -17,9 +17,10 @@ Rules it keeps:
   values of 64 KiB or more straight to its file), after which the message is
   pickled again with such values lifted out of band, unless the whole pickle
   is at most `IN_BAND_MAX` bytes: then it stays one body (for a frame of that
-  size the socket costs less than the out-of-band path: 64 KiB set and got
-  back in 130-150 us against 240-250 us, 176 KiB in 185-230 us against
-  265-320 us; from about 200 KiB on, out of band wins).  Pickle-5 buffers
+  size the socket costs less than the out-of-band path: measured, 64 KiB set
+  and got back in 128-160 us against 217-257 us, 176 KiB in 185-233 us against
+  265-319 us; at 200-256 KiB it varied either way.  `IN_BAND_MAX` stays below
+  that, with room under the 208 KiB a Unix socket buffers by default).  Pickle-5 buffers
   (ndarrays) go out of band from `OOB_THRESHOLD` whatever the size: in band
   they are copied into the pickle, and that costs more.  So the transport can
   write them with one `sendmsg`, or copy each once into shared memory, and
