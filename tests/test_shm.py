@@ -144,6 +144,13 @@ def test_freed_blocks_merge_when_a_larger_slot_needs_them():
     rng = random.Random(7)
     pool = shm.ArenaPool(arena_size=1 * MiB, min_slot=64 * 1024)
     try:
+        small = [pool.alloc(64 * 1024, "c") for _ in range(16)]     # the arena, full
+        assert {s.arena for s in small} == {1}
+        for s in small[::2] + small[1::2]:                          # freed apart
+            pool.free(s, "c")
+        assert pool.alloc(512 * 1024, "c") == shm.Slot(1, 0, 512 * 1024)
+        assert list(pool.arenas) == [1]
+        pool.free_owner("c")
         for _ in range(200):
             live = []
             for _ in range(rng.randint(1, 12)):
@@ -151,7 +158,8 @@ def test_freed_blocks_merge_when_a_larger_slot_needs_them():
                     live.append(pool.alloc(rng.choice((1, 64 * 1024 + 1, 200_000)), "c"))
                 except MemoryError:
                     break
-            spans = sorted((s.arena, s.offset, s.offset + max(s.length, 1)) for s in live)
+            spans = sorted((s.arena, s.offset, s.offset + (64 * 1024 << pool.arenas[
+                s.arena].order_for(s.length))) for s in live)
             assert all(a[0] != b[0] or a[2] <= b[1]                        # no overlap
                        for a, b in zip(spans, spans[1:]))
             for s in rng.sample(live, len(live)):
