@@ -135,18 +135,38 @@ def test_buddy_slots_split_merge_and_are_reused():
         arena.close()
 
 
-def test_freed_blocks_merge_when_a_larger_slot_needs_them():
-    """Frees leave blocks apart (a slot is mostly taken again at its size);
-    they merge with their buddies when nothing free is large enough, so a
-    fragmented arena still serves any slot its free memory allows, and the
-    pool grows no arena for it."""
+def test_freed_blocks_merge_so_larger_slots_still_fit():
+    """A freed block merges with its free buddy at once, so what is free stays
+    in the largest blocks it can: a larger slot fits wherever the free memory
+    allows, and a pool grows no arena for it.  (A lazy merge, tried as a
+    speed-up, failed the two placements below: taking a block whose buddy was
+    free, or splitting a larger block while two free buddies waited.)"""
     import random
-    rng = random.Random(7)
-    pool = shm.ArenaPool(arena_size=1 * MiB, min_slot=64 * 1024)
+    K64 = 64 * 1024
+    arena = shm.Arena(1, 16 * K64, K64)
     try:
-        small = [pool.alloc(64 * 1024, "c") for _ in range(16)]     # the arena, full
+        slots = [arena.alloc(K64, "c") for _ in range(16)]
+        for i in (0, 1, 5):
+            arena.free(slots[i], "c")
+        assert arena.alloc(K64, "c").offset == 5 * K64      # not 0, whose buddy is free
+        assert arena.alloc(2 * K64, "c").offset == 0
+    finally:
+        arena.close()
+    arena = shm.Arena(2, 8 * K64, K64)
+    try:
+        slots = [arena.alloc(K64, "c") for _ in range(4)]
+        for s in slots[:2]:
+            arena.free(s, "c")
+        assert arena.alloc(2 * K64, "c").offset == 0        # the two free buddies
+        assert arena.alloc(4 * K64, "c").offset == 4 * K64  # the upper half, whole
+    finally:
+        arena.close()
+    rng = random.Random(7)
+    pool = shm.ArenaPool(arena_size=1 * MiB, min_slot=K64)
+    try:
+        small = [pool.alloc(K64, "c") for _ in range(16)]     # the arena, full
         assert {s.arena for s in small} == {1}
-        for s in small[::2] + small[1::2]:                          # freed apart
+        for s in small[::2] + small[1::2]:                    # freed apart
             pool.free(s, "c")
         assert pool.alloc(512 * 1024, "c") == shm.Slot(1, 0, 512 * 1024)
         assert list(pool.arenas) == [1]
@@ -155,10 +175,10 @@ def test_freed_blocks_merge_when_a_larger_slot_needs_them():
             live = []
             for _ in range(rng.randint(1, 12)):
                 try:
-                    live.append(pool.alloc(rng.choice((1, 64 * 1024 + 1, 200_000)), "c"))
+                    live.append(pool.alloc(rng.choice((1, K64 + 1, 200_000)), "c"))
                 except MemoryError:
                     break
-            spans = sorted((s.arena, s.offset, s.offset + (64 * 1024 << pool.arenas[
+            spans = sorted((s.arena, s.offset, s.offset + (K64 << pool.arenas[
                 s.arena].order_for(s.length))) for s in live)
             assert all(a[0] != b[0] or a[2] <= b[1]                        # no overlap
                        for a, b in zip(spans, spans[1:]))

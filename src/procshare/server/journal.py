@@ -1007,16 +1007,18 @@ class Journal:
                 # commit covers, and the one waiter that is to lead next (_wake)
                 me = (ticket, _allocate_lock())
                 me[1].acquire()
-                self._waiters.append(me)
-                returned = False
-                mu.release()
+                released = returned = False
                 try:
+                    self._waiters.append(me)
+                    mu.release()
+                    released = True
                     me[1].acquire(True, -1 if left is None else left)
                     returned = True
                 finally:
-                    mu.acquire()
+                    if released:
+                        mu.acquire()
                     try:
-                        self._waiters.remove(me)    # still there: it timed out
+                        self._waiters.remove(me)    # still there: timed out or interrupted
                     except ValueError:
                         if not returned:    # woken, maybe to lead, and interrupted:
                             self._wake()    # another waiter leads instead

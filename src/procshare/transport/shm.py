@@ -30,10 +30,9 @@ Rules it keeps:
   segment holds anyway); a segment received from another process is only
   ever populated with `madvise`, never written, since others may be using it.
 - Slots are powers of two from `min_slot` up to the arena size, aligned to
-  their size (buddy allocation: split on alloc; a freed block is merged with
-  its free buddy lazily, when no free block is large enough).  Every live
-  slot is leased to exactly one owner; `free_owner` frees them all at once
-  when that owner dies.
+  their size (buddy allocation: split on alloc, merge with the free buddy on
+  free).  Every live slot is leased to exactly one owner; `free_owner` frees
+  them all at once when that owner dies.
 - A claim `(arena, offset, length)` is honoured only if it names the start of
   a live slot leased to the claimant and fits inside that slot; anything else
   raises `SlotClaimError` (a `FrameError`, so the server closes that peer's
@@ -327,8 +326,7 @@ class Arena:
 
     A slot of order k is `min_slot << k` bytes at an offset that is a multiple
     of its size.  `alloc` takes the smallest free block that fits and splits
-    it; freed blocks are merged with their free buddies when no block is large
-    enough (`_coalesce`)."""
+    it; `free` merges a block with its buddy while the buddy is free."""
 
     def __init__(self, arena_id: int, size: int, min_slot: int = MIN_SLOT, *,
                  name: str = "procshare-arena", prefault: bool = True) -> None:
@@ -364,51 +362,20 @@ class Arena:
         order = self.order_for(nbytes)
         if order > self.top:
             raise ArenaFull(f"{nbytes} bytes do not fit an arena of {self.size}")
-        free = self._free
-        blocks = free[order]
-        if blocks:      # the common case: the size freed last time, taken again as is
-            offset = min(blocks)
-            blocks.discard(offset)
-        else:
-            j = order + 1
-            while j <= self.top and not free[j]:
-                j += 1
-            if j > self.top:
-                if not self._coalesce():
-                    raise ArenaFull(f"no free slot of {self.min_slot << order} bytes in "
-                                    f"arena {self.id}")
-                return self.alloc(nbytes, owner)
-            offset = min(free[j])
-            free[j].discard(offset)
-            while j > order:       # split: keep the lower half, free the upper
-                j -= 1
-                free[j].add(offset + (self.min_slot << j))
+        j = order
+        while j <= self.top and not self._free[j]:
+            j += 1
+        if j > self.top:
+            raise ArenaFull(f"no free slot of {self.min_slot << order} bytes in arena {self.id}")
+        offset = min(self._free[j])
+        self._free[j].discard(offset)
+        while j > order:       # split: keep the lower half, free the upper
+            j -= 1
+            self._free[j].add(offset + (self.min_slot << j))
         self.leases[offset] = _Lease(owner, order, nbytes)
-        offsets = self.owners.get(owner)
-        if offsets is None:
-            offsets = self.owners[owner] = set()
-        offsets.add(offset)
+        self.owners.setdefault(owner, set()).add(offset)
         self.used += self.min_slot << order
         return Slot(self.id, offset, nbytes)
-
-    def _coalesce(self) -> bool:
-        """Merge every free block with its free buddy, smallest first (`free`
-        leaves them apart: a slot freed is mostly taken again at its size, and
-        a split and merge each time cost more than the copy of a small
-        payload).  True if anything merged."""
-        free = self._free
-        merged = False
-        for order in range(self.top):
-            blocks = free[order]
-            size = self.min_slot << order
-            for offset in sorted(blocks):
-                buddy = offset ^ size
-                if offset in blocks and buddy in blocks:
-                    blocks.discard(offset)
-                    blocks.discard(buddy)
-                    free[order + 1].add(min(offset, buddy))
-                    merged = True
-        return merged
 
     def lease(self, slot: Slot, owner: str) -> _Lease:
         """The lease behind a claim, checked (see `SlotClaimError`)."""
@@ -443,9 +410,17 @@ class Arena:
         offsets.discard(offset)
         if not offsets:
             del self.owners[lease.owner]
-        freed = self.min_slot << lease.order
+        order = lease.order
+        freed = self.min_slot << order
         self.used -= freed
-        self._free[lease.order].add(offset)     # merged when needed (_coalesce)
+        while order < self.top:        # merge with the buddy while it is free
+            buddy = offset ^ (self.min_slot << order)
+            if buddy not in self._free[order]:
+                break
+            self._free[order].discard(buddy)
+            offset = min(offset, buddy)
+            order += 1
+        self._free[order].add(offset)
         return freed
 
     def free_owner(self, owner: str) -> int:
