@@ -2,9 +2,9 @@
 
 Owns: every byte that crosses a socket after connecting, and the wait for a
 descriptor to be readable (`readable_within`: poll(), since select() refuses
-descriptors from 1024 on).  Nothing else in procshare calls `send`/`recv`.  Frames are laid out and parsed by
-`wire.frames`; the handshake's bytes come from `wire.handshake`; this module
-only moves them.
+descriptors from 1024 on).  Nothing else in procshare calls `send`/`recv`.
+Frames are laid out and parsed by `wire.frames`; the handshake's bytes come
+from `wire.handshake`; this module only moves them.
 
 Rules it keeps:
 - All frame parsing goes through the channel's `FrameReader`: the bytes a

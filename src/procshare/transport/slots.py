@@ -59,8 +59,9 @@ Rules it keeps:
   once it carries large data, pins glibc's mmap and trim thresholds
   (`pin_malloc`): left to move, the trim threshold (inherited from a forked
   parent, or raised by glibc itself) let thread arenas keep a dead client's
-  payloads (measured: 20 MiB of 110 kept after a kill).  It also gives free heap memory back (`malloc_trim`) when a client's lease
-  ends and when large traffic stops.
+  payloads (measured: 20 MiB of 110 kept after a kill).  It also gives free
+  heap memory back (`malloc_trim`) when a client's lease ends and when large
+  traffic stops.
 """
 
 from __future__ import annotations
@@ -623,9 +624,13 @@ class SlotLink:
             if self.closed:
                 return
             self.closed = True
-            arenas, self.peer_arenas = list(self.peer_arenas.values()), {}
-            for m in arenas:
-                m.close()
+            self._unmap_peer_arenas()
+
+    def _unmap_peer_arenas(self) -> None:
+        """Forget every arena of the peer mapped here (with the lock held)."""
+        arenas, self.peer_arenas = list(self.peer_arenas.values()), {}
+        for m in arenas:
+            m.close()
 
     def close_and_wait(self, timeout: float = 10.0, punch: bool = False) -> int:
         """Close once no copy is under way (bounded wait): no encode copying
@@ -638,9 +643,7 @@ class SlotLink:
             if was_closed:
                 return 0
             punched = self._punch_unlent() if punch and not self.busy else 0
-            arenas, self.peer_arenas = list(self.peer_arenas.values()), {}
-            for m in arenas:
-                m.close()
+            self._unmap_peer_arenas()
         return punched
 
     def abandon_after_fork(self) -> None:
@@ -872,8 +875,8 @@ class ManagerSlots:
             # which outlive it only for the values stored here
             punched += link.close_and_wait(punch=True)
         if punched:
-            self.note(f"gave back {punched >> 20} MiB of client {client}'s arenas, keeping "
-                      "the slots of values stored here")
+            self.note(f"gave back {punched / 2**20:.1f} MiB of client {client}'s arenas, "
+                      "keeping the slots of values stored here")
         freed = self.pool.free_owner(client)
         if freed:
             self.note(f"freed {freed >> 20} MiB of shared memory client {client} held")
