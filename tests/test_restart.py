@@ -182,3 +182,80 @@ def test_a_shut_down_manager_is_not_waited_for(mp_ctx):
         d["a"]
     del kept                     # its decref finds no manager and does not wait
     assert time.monotonic() - t0 < 1.0
+
+
+NO_THREAD_SCRIPT = textwrap.dedent("""
+    import multiprocessing, threading, warnings
+    import procshare
+
+    def child(d):
+        d["child"] = True
+
+    if __name__ == "__main__":
+        ctx = multiprocessing.get_context({method!r})
+        with procshare.SyncManager(ctx=ctx) as m:
+            d = m.dict(a=1)
+            threads = [t.name for t in threading.enumerate()]
+            fork = multiprocessing.get_context("fork")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                p = fork.Process(target=child, args=(d,))
+                p.start()
+                p.join(30)
+            warned = [str(w.message) for w in caught if "multi-threaded" in str(w.message)]
+            print(repr((threads, warned, p.exitcode, dict(d))), flush=True)
+""")
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_the_starting_process_runs_no_thread_for_its_manager(method, tmp_path):
+    """The supervisor is a process of its own: the program that started the
+    manager has no extra thread, so forking it later is as safe as with the
+    stdlib (Python 3.12+ would warn "This process is multi-threaded")."""
+    import ast
+    script = tmp_path / "nothread.py"
+    script.write_text(NO_THREAD_SCRIPT.format(method=method))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=60, env=_workers.subprocess_env())
+    assert out.returncode == 0, out.stderr
+    threads, warned, code, d = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert threads == ["MainThread"], threads
+    assert warned == [] and "multi-threaded" not in out.stderr, (warned, out.stderr)
+    assert code == 0 and d == {"a": 1, "child": True}
+
+
+def test_a_terminated_supervisor_takes_its_server_with_it(mp_ctx):
+    """`manager._process` is the supervisor process (as the stdlib's is the
+    server): terminating it, as a shutdown that timed out does, leaves no
+    server behind and no socket file."""
+    m = procshare.SyncManager(ctx=mp_ctx)
+    m.start()
+    try:
+        server, address = m.pid, m.address
+        assert m._process.pid == server and not process_gone(server)
+        m._process.terminate()
+        m._process.join(10)
+        assert m._process.exitcode == -signal.SIGTERM
+        assert poll(lambda: process_gone(server), 5)
+    finally:
+        m.shutdown()
+    assert not os.path.exists(address)
+
+
+def test_a_killed_supervisor_process_leaves_no_orphan(mp_ctx):
+    """SIGKILL to the supervisor process: its server stops within a second
+    and removes its socket file; calls then fail with ManagerCrashed."""
+    m = procshare.SyncManager(ctx=mp_ctx)
+    m.start()
+    try:
+        d = m.dict(a=1)
+        server, address = m.pid, m.address
+        os.kill(m._process._popen.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        assert poll(lambda: process_gone(server), 5)
+        assert time.monotonic() - t0 < 1.5
+        assert poll(lambda: not os.path.exists(address), 2)
+        with pytest.raises(procshare.ManagerCrashed):
+            d["a"]
+    finally:
+        m.shutdown()

@@ -9,8 +9,10 @@ Rules it keeps:
 - Same signatures, states and error types as the stdlib.  New behaviour comes
   as new keyword-only arguments (`call_timeout=`, `serial=`) and new members
   (`pid`).
-- The manager's server runs in a child process made by `ctx.Process`, or in
-  the caller's process with `get_server().serve_forever()`.
+- `start()` makes one child process with `ctx.Process`: the supervisor
+  (`supervisor`), which forks the server and restarts it; the starting process
+  runs no thread for it.  Or the server runs in the caller's process with
+  `get_server().serve_forever()`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import sys
 import tempfile
 import threading
 import time
-from multiprocessing import get_context, process, reduction, util
+from multiprocessing import connection as mp_connection
+from multiprocessing import get_all_start_methods, get_context, process, reduction, util
 from multiprocessing.context import ProcessError
 from typing import Any
 
@@ -65,7 +68,7 @@ from .server.leases import GRACE as LEASE_GRACE
 from .server.server import FRAME_TIMEOUT, Server, TypeSpec, all_methods, public_methods  # noqa: F401
 from .server.sharedarray import SharedBlock
 from .stdtypes import Array, Namespace, Value
-from .supervisor import RESTART_POLICIES, Supervisor
+from .supervisor import RESTART_POLICIES, Supervisor, SupervisorView, describe_exit, report_to
 from .transport import channel as transport
 from .transport.addresses import cleanup_address
 from .transport.processes import ProcessHandle
@@ -234,17 +237,48 @@ class BaseManager:
         if state_dir is None and logdir is not None:
             # durable objects outlive a crashed server, not the program
             self._server_options["state_dir"] = os.path.join(logdir, "state")
-        self._launch_with = (initializer, initargs, logdir, name)
+        start_method = self._ctx.get_start_method()
+        status_r, status_w = self._ctx.Pipe(duplex=False)
+        control_r, control_w = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(
+            target=_supervise,
+            args=(type(self), self._registry, self._address, bytes(self._authkey),
+                  self._serializer, dict(self._server_options), initializer, initargs,
+                  logdir, name, start_method,
+                  {"restart": self._restart, "max_restarts": self._max_restarts,
+                   "restart_window": self._restart_window},
+                  os.getpid(), status_w, control_r),
+        )
+        ident = ":".join(str(i) for i in proc._identity)
+        proc.name = name + "-" + ident
         try:
-            first = self._launch(0)
+            try:
+                with client.forking_server():
+                    proc.start()
+            finally:
+                status_w.close()
+                control_r.close()
+            try:
+                result = status_r.recv()
+            except EOFError:
+                proc.join(1.0)
+                code = proc.exitcode
+                if code is None:
+                    raise errors.manager_crashed(self._address, None) from None
+                raise errors.manager_died_starting(name, proc.pid, code, start_method,
+                                                   _log_tail(logdir)) from None
+            if result[0] != "up":
+                proc.join(self._shutdown_timeout)
+                raise result[1]
         except BaseException:
+            status_r.close()
+            control_w.close()
             if logdir is not None:
                 shutil.rmtree(logdir, ignore_errors=True)
             raise
+        _, self._address, state = result
         self._state.value = State.STARTED
-        self._supervisor = Supervisor(first, self._launch, restart=self._restart,
-                                      max_restarts=self._max_restarts,
-                                      restart_window=self._restart_window)
+        self._supervisor = SupervisorView(proc, status_r, control_w, state)
         self._process = _ServerProcess(self._supervisor)
         errors.shut_down_managers.pop(self._address, None)
         errors.crash_reporters[self._address] = functools.partial(
@@ -257,50 +291,6 @@ class BaseManager:
             if _accepts(type(self)._finalize_manager, "logdir") else None,
             exitpriority=0,
         )
-
-    def _launch(self, incarnation: int) -> Any:
-        """Start one server process (the first, or a restart on the same address)
-        and wait until it serves; return it."""
-        initializer, initargs, logdir, name = self._launch_with
-        extra: dict[str, Any] = {}
-        if logdir and _accepts(type(self)._run_server, "logdir"):
-            extra["logdir"] = logdir
-        if _accepts(type(self)._run_server, "options"):
-            extra["options"] = dict(self._server_options, supervisor_pid=os.getpid(),
-                                    will_restart=self._restart != "never",
-                                    incarnation=incarnation,
-                                    restarted_at=time.time() if incarnation else None)
-        reader, writer = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(
-            target=type(self)._run_server,
-            args=(self._registry, self._address, bytes(self._authkey), self._serializer,
-                  writer, initializer, initargs),
-            kwargs=extra,
-        )
-        ident = ":".join(str(i) for i in proc._identity)
-        proc.name = name + "-" + ident
-        try:
-            with client.forking_server():
-                proc.start()
-        finally:
-            writer.close()
-        try:
-            ok, value = reader.recv()
-        except EOFError:
-            proc.join(1.0)
-            code = proc.exitcode
-            if code is None:
-                raise errors.manager_crashed(self._address, None) from None
-            raise errors.manager_died_starting(
-                name, proc.pid, code, self._ctx.get_start_method(),
-                _log_tail(logdir)) from None
-        finally:
-            reader.close()
-        if not ok:
-            proc.join(self._shutdown_timeout)
-            raise value
-        self._address = value
-        return proc
 
     @property
     def restarts(self) -> int:
@@ -415,6 +405,8 @@ class BaseManager:
                     if proc.is_alive():
                         proc.kill()
                         proc.join()
+        if supervisor is not None:
+            supervisor.close()
         state.value = State.SHUTDOWN
         client.drop_session(address)
         errors.crash_reporters.pop(address, None)
@@ -656,55 +648,172 @@ def _log_tail(logdir: str | None, n: int = 10) -> list[str]:
 
 
 class _ServerProcess:
-    """The manager's server process as the supervisor has it now (a restart
-    replaces it): every attribute is the current process's."""
+    """The manager's server as the starting process sees it: `pid` is the
+    server running now (a restart replaces it); everything else (`join`,
+    `is_alive`, `exitcode`, `terminate`) is the supervisor process's, which
+    ends with the server at shutdown."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: SupervisorView) -> None:
         self.supervisor = supervisor
+
+    @property
+    def pid(self) -> int | None:
+        return self.supervisor.pid
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.supervisor.process, name)
 
 
-def _watch_supervisor(server: Server, pid: int) -> None:
+def _launch_server(cls: type, ctx: Any, registry: dict, address: Any, authkey: bytes,
+                   serializer: Any, options: dict, initializer: Any, initargs: tuple,
+                   logdir: str | None, name: str, incarnation: int,
+                   watch: list[int], will_restart: bool) -> tuple[Any, Any]:
+    """In the supervisor process: start one server (the first, or a restart on
+    the same address) and wait until it serves; return it and its address."""
+    extra: dict[str, Any] = {}
+    if logdir and _accepts(cls._run_server, "logdir"):
+        extra["logdir"] = logdir
+    if _accepts(cls._run_server, "options"):
+        extra["options"] = dict(options, supervisor_pid=watch, will_restart=will_restart,
+                                incarnation=incarnation,
+                                restarted_at=time.time() if incarnation else None)
+    reader, writer = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=cls._run_server,
+                       args=(registry, address, authkey, serializer, writer, initializer,
+                             initargs),
+                       kwargs=extra)
+    proc.name = process.current_process().name
+    try:
+        with client.forking_server():
+            proc.start()
+    finally:
+        writer.close()
+    try:
+        ok, value = reader.recv()
+    except EOFError:
+        proc.join(1.0)
+        code = proc.exitcode
+        if code is None:
+            raise errors.manager_crashed(address, None) from None
+        raise errors.manager_died_starting(name, proc.pid, code, ctx.get_start_method(),
+                                           _log_tail(logdir)) from None
+    finally:
+        reader.close()
+    if not ok:
+        proc.join(1.0)
+        raise value
+    return proc, value
+
+
+def _supervise(cls: type, registry: dict, address: Any, authkey: bytes, serializer: Any,
+               options: dict, initializer: Any, initargs: tuple, logdir: str | None,
+               name: str, start_method: str, policy: dict, starter: int, status: Any,
+               control: Any) -> None:
+    """The supervisor process (see `supervisor`): start the server, report
+    ("up", address, state) or ("failed", error) on `status`, then keep the
+    server running until told to stop, or the starting process is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watched = ProcessHandle(starter)
+    # each server is forked from here: this process runs no thread, so the fork
+    # is clean, and every incarnation starts from the same state
+    ctx = get_context("fork") if "fork" in get_all_start_methods() \
+        else get_context(start_method)
+    where = {"address": address}
+    will_restart = policy["restart"] != "never"
+
+    def launch(incarnation: int) -> Any:
+        proc, where["address"] = _launch_server(
+            cls, ctx, registry, where["address"], authkey, serializer, options,
+            initializer, initargs, logdir, name, incarnation, [starter, os.getpid()],
+            will_restart)
+        return proc
+
+    try:
+        first = launch(0)
+    except BaseException as e:
+        try:
+            status.send(("failed", e))
+        except Exception:
+            status.send(("failed", RuntimeError(f"manager failed to start: {e!r}")))
+        return
+    sup = Supervisor(first, launch, control=control, watched=watched, **policy)
+    status.send(("up", where["address"], sup.state()))
+    sup._report = report_to(status)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        # the starting process terminates us (a shutdown that did not finish):
+        # the server goes too
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            sup.process.terminate()
+            sup.process.join(1.0)
+        except Exception:
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        sup.run()
+    finally:
+        proc = sup.process
+        if getattr(proc, "exitcode", 1) is None:
+            proc.join(5.0)      # a stop: the server is on its way out
+    os._exit(0)     # not multiprocessing's exit, which would wait for a server still
+    # stopping after its starting process died (it stops by itself)
+
+
+def _watch_supervisor(server: Server, pids: int | list[int]) -> None:
     """In the server: stop serving (and remove the socket file) as soon as the
-    supervising process is gone, so a killed program leaves no orphan."""
-    watched = ProcessHandle(pid)
+    process that started the manager, or its supervisor process, is gone, so a
+    killed program leaves no orphan."""
+    handles = [ProcessHandle(p) for p in ([pids] if isinstance(pids, int) else pids)]
+    fds = [h.fd for h in handles]
+    pollable = all(fd is not None for fd in fds)
 
     def watch() -> None:
         while not server.stop_event.is_set():
-            if watched.wait(1.0):
-                _log.warning("the supervising process (pid %d) is gone: stopping", pid)
-                server.stop_event.set()
-                server.listener.close()
-                return
+            if pollable:
+                try:
+                    mp_connection.wait(fds, 1.0)
+                except (OSError, ValueError):
+                    time.sleep(0.1)
+            else:
+                time.sleep(0.1)
+            for h in handles:
+                if h.wait(0.0):
+                    _log.warning("the supervising process (pid %d) is gone: stopping", h.pid)
+                    server.stop_event.set()
+                    server.listener.close()
+                    return
 
     threading.Thread(target=watch, daemon=True, name="procshare-supervised").start()
 
 
-def _process_facts(proc: Any, logdir: str | None = None, manager: str = "manager") -> dict:
+def _process_facts(proc: _ServerProcess, logdir: str | None = None,
+                   manager: str = "manager") -> dict:
     """What `errors.manager_crashed` says about a manager this process started:
-    its pid, its exit code (waiting briefly for a dying one), its log's tail."""
-    facts: dict[str, Any] = {"pid": proc.pid, "manager": manager}
+    its server's pid, its exit code (waiting briefly for a dying one), the
+    restarts, its log's tail."""
+    supervisor = proc.supervisor
+    pid = supervisor.pid
+    facts: dict[str, Any] = {"pid": pid, "manager": manager}
     try:
-        if getattr(proc, "_parent_pid", None) == os.getpid():
-            code = proc.exitcode
-            deadline = time.monotonic() + 0.5   # its sockets close just before it exits
-            while code is None and time.monotonic() < deadline:
-                time.sleep(0.005)
-                code = proc.exitcode
-            facts["exitcode"] = code
-            facts["alive"] = code is None
+        # its sockets close just before it exits: give the supervisor a moment
+        code = supervisor.exitcode_of(pid, wait=0.5)
+        facts["exitcode"] = code
+        facts["alive"] = code is None
+        gone = supervisor.process.exitcode
+        if code is None and gone is not None:     # the supervisor died: no code to tell
+            facts["alive"] = False
+            facts["supervisor_exit"] = describe_exit(supervisor.process.pid, gone)
     except Exception:
         pass
-    supervisor = getattr(proc, "supervisor", None)
-    if supervisor is not None:
-        facts["restarts"] = supervisor.restarts
-        if supervisor.exits:
-            facts["last_exit"] = supervisor.exits[-1][1]
-        if supervisor.gave_up:
-            facts["gave_up"] = supervisor.gave_up
-            facts["exits"] = supervisor.exit_report()
+    facts["restarts"] = supervisor.restarts
+    exits = supervisor.exits
+    if exits:
+        facts["last_exit"] = exits[-1][1]
+    if supervisor.gave_up:
+        facts["gave_up"] = supervisor.gave_up
+        facts["exits"] = supervisor.exit_report()
     facts["log"] = _log_tail(logdir)
     if logdir:
         facts["logfile"] = os.path.join(logdir, _LOG_FILE)

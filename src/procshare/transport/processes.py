@@ -64,6 +64,11 @@ class ProcessHandle:
             except OSError:
                 self._fd = None
 
+    @property
+    def fd(self) -> int | None:
+        """The pidfd (readable once the process ended), or None where there is none."""
+        return self._fd
+
     def alive(self) -> bool:
         return not self.wait(0.0)
 
