@@ -307,6 +307,47 @@ def test_a_value_dropped_through_another_connection_is_released(fmgr):
     assert _leased_to_manager(link) == held
 
 
+def _arena_bytes(link) -> int:
+    """Bytes of memory behind this client's own arenas."""
+    pool = link.pool
+    with pool.mutex:
+        ids = list(pool.arenas)
+    return sum(os.fstat(pool.fd(a)).st_blocks * 512 for a in ids)
+
+
+def _drop_key(d, key):
+    del d[key]
+
+
+@needs_numpy
+def test_a_silent_uploaders_released_slot_gives_its_memory_back(fmgr):
+    """Another process drops an array this client stored, and this client
+    makes no call, so it does not hear the release: the manager punches the
+    slot's pages within seconds anyway.  The release still comes with the
+    next reply, and the slot is then reused, intact."""
+    import numpy
+    ctx = multiprocessing.get_context("fork")
+    d = fmgr.dict()
+    link = link_of(d)
+    held = _leased_to_manager(link)
+    d["a"] = numpy.ones(2 * MiB)                        # 16 MiB, lent from our arena
+    assert _leased_to_manager(link) == held + 16 * MiB
+    before = _arena_bytes(link)
+    assert before >= 16 * MiB, before
+    _workers.run_child(ctx, _drop_key, d, "a")
+    t0 = time.monotonic()
+    assert poll(lambda: _arena_bytes(link) <= before - 15 * MiB, 10, 0.05), \
+        (before, _arena_bytes(link))
+    report(f"a dropped 16 MiB array: its slot's memory back after "
+           f"{time.monotonic() - t0:.1f} s, with its uploader silent")
+    assert _leased_to_manager(link) == held + 16 * MiB     # the release is still owed
+    d["x"] = 1                                          # ... and rides on this reply
+    assert _leased_to_manager(link) == held
+    d["b"] = numpy.arange(2 * MiB, dtype=numpy.float64)     # the slot again
+    got = d["b"]
+    assert got[0] == 0.0 and got[12345] == 12345.0 and got[-1] == 2 * MiB - 1
+
+
 @needs_numpy
 def test_an_uploaded_ndarray_outlives_the_client_that_sent_it(fmgr):
     import numpy

@@ -36,7 +36,9 @@ Rules it keeps:
   anyway) and lend the memory of any other buffer of at least `LEND_MIN`
   bytes (an ndarray, memoryview): a mapping of that slot alone, which every
   view made from it keeps alive.  The slot is released when the last view
-  goes, by a notice that rides on the next frame to the peer.  A copied
+  goes, by a notice that rides on the next frame to the peer (a manager
+  whose client stays silent punches such a slot's pages after a second or
+  two, `punch_unheard`: the release stays owed).  A copied
   buffer's release is queued at once (on the manager, before the call runs,
   so it rides on the call's reply).  So an ndarray the manager stores lives
   in the uploading client's arena until the manager drops it: the client
@@ -118,8 +120,11 @@ MAX_LENT = 512
 #: descriptors of peer arenas a process keeps for lending at most (beyond, copy);
 #: both caps shrink to fit a low RLIMIT_NOFILE (`_LENT_CAP`, `_KEPT_CAP`)
 MAX_KEPT_FDS = 256
-#: the manager gives memory back after this long without slot traffic
+#: the manager gives memory back after this long without slot traffic, and
+#: punches the slots of releases a silent client has not heard for about as long
 IDLE_TRIM = 2.0
+#: releases of slots at least this large are punched while the client is silent
+PUNCH_MIN = 1 << 20
 #: the manager's glibc thresholds (`pin_malloc`): allocations this large are
 #: mappings of their own (glibc's own ceiling for its moving threshold) ...
 MMAP_PIN = 32 << 20
@@ -394,6 +399,8 @@ class SlotLink:
         self.pid = os.getpid()
         self.closed = False
         self.last_used = time.monotonic()
+        self._unheard: Any = None       # the first notice owed at the last look
+        self._punched: dict[int, tuple] = {}    # owed notices whose slots are punched
         _links.add(self)
 
     # -- sending ---------------------------------------------------------------------
@@ -614,6 +621,49 @@ class SlotLink:
                 freed += _punch(m.fd, start, off - start)
                 start = max(start, -(-(off + length) // mmap.PAGESIZE) * mmap.PAGESIZE)
             freed += _punch(m.fd, start, m.size - start)
+        return freed
+
+    def punch_unheard(self) -> int:
+        """Manager side, called about once a second: a release the peer has not
+        heard since the last call (it sent no call to carry it back) gives the
+        memory of its slot back now, if its arena's descriptor is kept here (a
+        slot that was lent) and the slot is at least `PUNCH_MIN`.  Nothing reads
+        a released slot, and the peer reuses it only once it hears the
+        release, which stays owed: the notices are off the queue, so no frame
+        carries them, while their slots are punched.  Returns the bytes."""
+        notices = self.notices
+        head = notices[0] if notices else None
+        if head is None or head is not self._unheard:
+            self._unheard = head
+            if head is None:
+                self._punched.clear()
+            return 0
+        freed = 0
+        with self.lock:
+            if self.closed:
+                return 0
+            owed = []
+            while notices:
+                try:
+                    owed.append(notices.popleft())
+                except IndexError:
+                    break
+            try:
+                page = mmap.PAGESIZE
+                for n in owed:
+                    op, _, arena_id, offset, length = n
+                    if op != OP_RELEASE or length < PUNCH_MIN or id(n) in self._punched:
+                        continue
+                    m = self.peer_arenas.get(arena_id)
+                    if m is None or m.fd < 0:
+                        continue
+                    lo = -(-offset // page) * page
+                    hi = (offset + length) // page * page
+                    freed += _punch(m.fd, lo, hi - lo)
+                    self._punched[id(n)] = n
+            finally:
+                notices.extendleft(reversed(owed))
+            self._punched = {id(n): n for n in owed if id(n) in self._punched}
         return freed
 
     # -- lifetime --------------------------------------------------------------------
@@ -898,6 +948,10 @@ class ManagerSlots:
                 return
             with self.mutex:
                 links = list(self.links.values())
+            punched = sum(lk.punch_unheard() for lk in links)
+            if punched:
+                log.debug("gave back %.1f MiB of released slots that silent clients "
+                          "have not heard of", punched / (1 << 20))
             last = max((lk.last_used for lk in links), default=0.0)
             if time.monotonic() - last < IDLE_TRIM:
                 trimmed = False
