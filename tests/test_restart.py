@@ -120,11 +120,30 @@ def test_restart_never_keeps_the_old_behaviour():
             lst.append(2)
         assert time.monotonic() - t0 < 1.5
         assert "SIGKILL" in str(info.value) and m.restarts == 0
+        # manager._process tells how the server ended, as the stdlib's does
+        m._process.join(10)
+        assert m._process.exitcode == -signal.SIGKILL
 
 
 def test_restart_options_are_checked():
     with pytest.raises(ValueError, match="restart must be one of"):
         procshare.SyncManager(restart="always")
+    with pytest.raises(ValueError, match="max_restarts must be"):
+        procshare.SyncManager(max_restarts=-1)
+    with pytest.raises(ValueError, match="restart_window > 0"):
+        procshare.SyncManager(restart_window=0)
+
+
+def test_a_shutdown_just_after_a_crash_does_not_wait_for_the_restart():
+    m = procshare.SyncManager(ctx=multiprocessing.get_context("fork"))
+    m.start()
+    server = m.pid
+    os.kill(server, signal.SIGKILL)
+    assert poll(lambda: process_gone(server), 5)
+    t0 = time.monotonic()
+    m.shutdown()
+    assert time.monotonic() - t0 < 1.0
+    assert not m._process.is_alive() and m._process.exitcode == 0
 
 
 SUPERVISOR_SCRIPT = textwrap.dedent("""

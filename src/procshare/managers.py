@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing import connection as mp_connection
 from multiprocessing import get_all_start_methods, get_context, process, reduction, util
 from multiprocessing.context import ProcessError
@@ -68,7 +69,7 @@ from .server.leases import GRACE as LEASE_GRACE
 from .server.server import FRAME_TIMEOUT, Server, TypeSpec, all_methods, public_methods  # noqa: F401
 from .server.sharedarray import SharedBlock
 from .stdtypes import Array, Namespace, Value
-from .supervisor import RESTART_POLICIES, Supervisor, SupervisorView, describe_exit, report_to
+from .supervisor import StateFile, Supervisor, SupervisorView, check_policy, describe_exit
 from .transport import channel as transport
 from .transport.addresses import cleanup_address
 from .transport.processes import ProcessHandle
@@ -185,8 +186,7 @@ class BaseManager:
         self._shutdown_timeout = shutdown_timeout
         self._call_timeout = call_timeout
         self._process: Any = None
-        if restart not in RESTART_POLICIES:
-            raise ValueError(f"restart must be one of {RESTART_POLICIES}, not {restart!r}")
+        check_policy(restart, max_restarts, restart_window)
         self._restart, self._max_restarts = restart, max_restarts
         self._restart_window = restart_window
         limits = DEFAULT_LIMITS if max_message_bytes is None else Limits(
@@ -238,6 +238,7 @@ class BaseManager:
             # durable objects outlive a crashed server, not the program
             self._server_options["state_dir"] = os.path.join(logdir, "state")
         start_method = self._ctx.get_start_method()
+        state_path = os.path.join(logdir, _STATE_FILE) if logdir is not None else None
         status_r, status_w = self._ctx.Pipe(duplex=False)
         control_r, control_w = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
@@ -247,7 +248,8 @@ class BaseManager:
                   logdir, name, start_method,
                   {"restart": self._restart, "max_restarts": self._max_restarts,
                    "restart_window": self._restart_window},
-                  os.getpid(), status_w, control_r),
+                  os.getpid(), status_w, control_r, state_path,
+                  (status_r.fileno(), control_w.fileno())),
         )
         ident = ":".join(str(i) for i in proc._identity)
         proc.name = name + "-" + ident
@@ -271,14 +273,19 @@ class BaseManager:
                 proc.join(self._shutdown_timeout)
                 raise result[1]
         except BaseException:
-            status_r.close()
-            control_w.close()
+            control_w.close()       # (a supervisor still running then stops its server)
+            if proc.is_alive():     # interrupted: nothing of it stays behind
+                proc.terminate()
+                proc.join(self._shutdown_timeout)
             if logdir is not None:
                 shutil.rmtree(logdir, ignore_errors=True)
             raise
+        finally:
+            status_r.close()
         _, self._address, state = result
         self._state.value = State.STARTED
-        self._supervisor = SupervisorView(proc, status_r, control_w, state)
+        self._supervisor = SupervisorView(
+            proc, StateFile(state_path) if state_path is not None else None, control_w, state)
         self._process = _ServerProcess(self._supervisor)
         errors.shut_down_managers.pop(self._address, None)
         errors.crash_reporters[self._address] = functools.partial(
@@ -388,6 +395,8 @@ class BaseManager:
             supervisor.stop()       # its exit now is no crash
         if proc.is_alive():
             util.info("sending shutdown message to manager")
+            was = getattr(client._no_recover, "on", False)
+            client._no_recover.on = True    # a server that just died is not waited for
             try:
                 s = client.Session(address, bytes(authkey), client.get_serializer(serializer))
                 try:
@@ -396,6 +405,8 @@ class BaseManager:
                     s.close()
             except Exception:
                 pass
+            finally:
+                client._no_recover.on = was
             proc.join(timeout=shutdown_timeout)
             if proc.is_alive():
                 util.info("manager still alive")
@@ -574,6 +585,7 @@ def _accepts(func: Any, name: str) -> bool:
 
 _log = logging.getLogger("procshare.manager")
 _LOG_FILE = "server.log"
+_STATE_FILE = "supervisor.state"
 _FAULT_FILE = "fault.log"
 _fault_file: Any = None
 
@@ -664,12 +676,26 @@ class _ServerProcess:
         return getattr(self.supervisor.process, name)
 
 
+def _server_main(cls: type, inherited: tuple, *args: Any, **kwds: Any) -> None:
+    """A server forked by the supervisor: drop what it inherited from the
+    supervisor (its pipe ends, its SIGTERM handler), then run."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for fd in inherited:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    cls._run_server(*args, **kwds)
+
+
 def _launch_server(cls: type, ctx: Any, registry: dict, address: Any, authkey: bytes,
                    serializer: Any, options: dict, initializer: Any, initargs: tuple,
                    logdir: str | None, name: str, incarnation: int,
-                   watch: list[int], will_restart: bool) -> tuple[Any, Any]:
+                   watch: list[int], will_restart: bool, inherited: tuple = (),
+                   started: Callable[[Any], None] | None = None) -> tuple[Any, Any]:
     """In the supervisor process: start one server (the first, or a restart on
-    the same address) and wait until it serves; return it and its address."""
+    the same address) and wait until it serves; return it and its address.
+    `started(process)` is told of it as soon as it runs."""
     extra: dict[str, Any] = {}
     if logdir and _accepts(cls._run_server, "logdir"):
         extra["logdir"] = logdir
@@ -678,14 +704,17 @@ def _launch_server(cls: type, ctx: Any, registry: dict, address: Any, authkey: b
                                 incarnation=incarnation,
                                 restarted_at=time.time() if incarnation else None)
     reader, writer = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=cls._run_server,
-                       args=(registry, address, authkey, serializer, writer, initializer,
-                             initargs),
+    forked = ctx.get_start_method() == "fork"
+    proc = ctx.Process(target=_server_main,
+                       args=(cls, inherited if forked else (), registry, address, authkey,
+                             serializer, writer, initializer, initargs),
                        kwargs=extra)
     proc.name = process.current_process().name
     try:
         with client.forking_server():
             proc.start()
+        if started is not None:
+            started(proc)
     finally:
         writer.close()
     try:
@@ -708,27 +737,59 @@ def _launch_server(cls: type, ctx: Any, registry: dict, address: Any, authkey: b
 def _supervise(cls: type, registry: dict, address: Any, authkey: bytes, serializer: Any,
                options: dict, initializer: Any, initargs: tuple, logdir: str | None,
                name: str, start_method: str, policy: dict, starter: int, status: Any,
-               control: Any) -> None:
+               control: Any, state_path: str | None, parent_ends: tuple) -> None:
     """The supervisor process (see `supervisor`): start the server, report
     ("up", address, state) or ("failed", error) on `status`, then keep the
-    server running until told to stop, or the starting process is gone."""
+    server running until told to stop, or the starting process is gone.  It
+    exits as the last server did if it gave up (0 after a stop)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if start_method == "fork":      # the starting process's own pipe ends: not ours
+        for fd in parent_ends:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
     watched = ProcessHandle(starter)
     # each server is forked from here: this process runs no thread, so the fork
     # is clean, and every incarnation starts from the same state
     ctx = get_context("fork") if "fork" in get_all_start_methods() \
         else get_context(start_method)
-    where = {"address": address}
+    where: dict[str, Any] = {"address": address, "launching": None}
     will_restart = policy["restart"] != "never"
+
+    def inherited() -> tuple:
+        """Our pipe ends that are still open (a forked server closes its copies,
+        so that only this process holds them); asked at each launch, since a
+        closed one's number may be reused by then."""
+        return tuple(c.fileno() for c in (status, control) if not c.closed)
+
+    def started(proc: Any) -> None:
+        where["launching"] = proc
 
     def launch(incarnation: int) -> Any:
         proc, where["address"] = _launch_server(
             cls, ctx, registry, where["address"], authkey, serializer, options,
             initializer, initargs, logdir, name, incarnation, [starter, os.getpid()],
-            will_restart)
+            will_restart, inherited(), started)
+        where["launching"] = None
         return proc
 
+    def on_sigterm(signum: int, frame: Any) -> None:
+        # the starting process terminates us (a shutdown that did not finish):
+        # the server goes too, and one being started
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for p in (where["launching"], getattr(sup, "process", None)):
+            try:
+                p.terminate()
+                p.join(1.0)
+            except Exception:
+                pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    sup: Any = None
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
+        check_policy(policy["restart"], policy["max_restarts"], policy["restart_window"])
         first = launch(0)
     except BaseException as e:
         try:
@@ -736,29 +797,48 @@ def _supervise(cls: type, registry: dict, address: Any, authkey: bytes, serializ
         except Exception:
             status.send(("failed", RuntimeError(f"manager failed to start: {e!r}")))
         return
-    sup = Supervisor(first, launch, control=control, watched=watched, **policy)
-    status.send(("up", where["address"], sup.state()))
-    sup._report = report_to(status)
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        # the starting process terminates us (a shutdown that did not finish):
-        # the server goes too
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        try:
-            sup.process.terminate()
-            sup.process.join(1.0)
-        except Exception:
-            pass
-        os.kill(os.getpid(), signal.SIGTERM)
-    signal.signal(signal.SIGTERM, on_sigterm)
     try:
+        report = StateFile(state_path).write if state_path is not None else None
+        sup = Supervisor(first, launch, control=control, watched=watched, report=report,
+                         **policy)
+        status.send(("up", where["address"], sup.state()))
+        status.close()
         sup.run()
-    finally:
-        proc = sup.process
+    except BaseException:
+        _log.exception("the manager's supervisor failed; its server stops")
+        if sup is None:
+            first.terminate()
+        os._exit(1)
+    proc = sup.process
+    if sup.stopping or sup.gave_up is None:
         if getattr(proc, "exitcode", 1) is None:
             proc.join(5.0)      # a stop: the server is on its way out
-    os._exit(0)     # not multiprocessing's exit, which would wait for a server still
-    # stopping after its starting process died (it stops by itself)
+        code = 0
+    else:
+        code = sup.last_exitcode or 0
+    _exit_as(code)
+
+
+def _exit_as(code: int) -> None:
+    """End this process as a process with exit code `code` ended (negative: by
+    that signal), without multiprocessing's exit, which would wait for a
+    server still stopping after its starting process died (it stops by
+    itself)."""
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:
+            pass
+    if code < 0:
+        try:
+            import resource
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))    # no core of this process
+            signal.signal(-code, signal.SIG_DFL)
+        except (ImportError, OSError, ValueError):
+            pass
+        os.kill(os.getpid(), -code)
+        code = 128 - code
+    os._exit(code)
 
 
 def _watch_supervisor(server: Server, pids: int | list[int]) -> None:
@@ -801,7 +881,7 @@ def _process_facts(proc: _ServerProcess, logdir: str | None = None,
         code = supervisor.exitcode_of(pid, wait=0.5)
         facts["exitcode"] = code
         facts["alive"] = code is None
-        gone = supervisor.process.exitcode
+        gone = supervisor.supervisor_exitcode()
         if code is None and gone is not None:     # the supervisor died: no code to tell
             facts["alive"] = False
             facts["supervisor_exit"] = describe_exit(supervisor.process.pid, gone)

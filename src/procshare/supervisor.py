@@ -10,9 +10,9 @@ Rules it keeps:
 - The starting process runs no thread for its manager.  A thread there would
   make every later `fork()` of that process a fork of a multi-threaded process
   (Python 3.12+ warns; a lock held by another thread stays held in the child),
-  and a restart would fork the user's process from that thread at any moment.
-  The supervisor process is single-threaded, so its forks are clean, and every
-  server incarnation starts from the same state.
+  and a restart would fork the user's program from that thread at any moment.
+  The supervisor runs no thread of its own, so the servers it forks for
+  restarts are forks of a single-threaded process, all from the same state.
 - A death is seen at once (the process sentinel).  The first restart comes
   after `FIRST_BACKOFF` seconds; each restart of a crash loop waits twice as
   long as the one before, up to `MAX_BACKOFF` (like Erlang/OTP supervisors and
@@ -21,15 +21,19 @@ Rules it keeps:
   loop: the supervisor gives up, and the error every caller then gets names
   each exit (pid, exit code or signal) and the log's tail.
 - `restart="never"` restarts nothing; after a `stop` from the starting
-  process, the server's exit is no crash: the supervisor exits 0 with it.
+  process, the server's exit is no crash: the supervisor exits 0 with it.  A
+  supervisor that gave up exits as its last server did (`manager._process`
+  is the supervisor: its `exitcode` says how the server ended, as the
+  stdlib's says of its server).
 - No orphans: the supervisor exits as soon as the starting process is gone,
   and each server watches both (`managers._watch_supervisor`), stopping and
   removing its socket file when either goes.  A SIGTERM to the supervisor
-  terminates its server too.
-- The supervisor reports its whole state each time it changes, as one pickle
-  of at most `PIPE_BUF` bytes written without blocking (so a starting process
-  that never looks cannot stall it); one that did not fit is written again
-  on its next wake-up.  The view keeps the last state read.
+  terminates its server (and one it is starting) too.
+- The supervisor writes its whole state to a file in the manager's private
+  log directory each time it changes (a new file renamed over the old one), so
+  a reader never sees half of it, nothing waits for the starting process to
+  read, and the last state outlives the supervisor.  The view reads the file
+  when asked (only when it changed).
 """
 
 from __future__ import annotations
@@ -39,13 +43,13 @@ import logging
 import os
 import pickle
 import signal
-import threading
 import time
 from collections.abc import Callable
 from multiprocessing import connection
 from typing import Any
 
-__all__ = ["Supervisor", "SupervisorView", "RESTART_POLICIES", "describe_exit"]
+__all__ = ["Supervisor", "SupervisorView", "RESTART_POLICIES", "describe_exit",
+           "check_policy", "StateFile"]
 
 log = logging.getLogger("procshare.supervisor")
 
@@ -54,8 +58,8 @@ FIRST_BACKOFF = 0.1
 MAX_BACKOFF = 2.0
 #: exits a report keeps (the newest)
 KEEP_EXITS = 32
-#: the largest state report: a pipe write of at most this many bytes is atomic
-_REPORT_MAX = 4000
+#: the longest exit description kept (a failed restart's error may be long)
+EXIT_TEXT_MAX = 500
 _STOP = b"stop"
 
 
@@ -74,6 +78,15 @@ def _stamp(t: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(t))
 
 
+def check_policy(restart: str, max_restarts: int, restart_window: float) -> None:
+    """ValueError for restart options that cannot work."""
+    if restart not in RESTART_POLICIES:
+        raise ValueError(f"restart must be one of {RESTART_POLICIES}, not {restart!r}")
+    if max_restarts < 0 or restart_window <= 0:
+        raise ValueError(f"max_restarts must be >= 0 and restart_window > 0, not "
+                         f"{max_restarts!r} and {restart_window!r}")
+
+
 class Supervisor:
     """The watch loop, run by the supervisor process's main thread (see the
     module docstring).  `launch(incarnation)` starts a server and returns it
@@ -83,10 +96,7 @@ class Supervisor:
                  restart: str = "on-failure", max_restarts: int = 5,
                  restart_window: float = 60.0, control: Any = None,
                  watched: Any = None, report: Callable[[dict], bool] | None = None) -> None:
-        if restart not in RESTART_POLICIES:
-            raise ValueError(f"restart must be one of {RESTART_POLICIES}, not {restart!r}")
-        if max_restarts < 0 or restart_window <= 0:
-            raise ValueError("max_restarts must be >= 0 and restart_window > 0")
+        check_policy(restart, max_restarts, restart_window)
         self.process = process
         self.launch = launch
         self.restart = restart
@@ -101,6 +111,16 @@ class Supervisor:
         self.gave_up: str | None = None
         self.stopping = False
         self._dirty = False
+
+    def _exited(self, t: float, text: str) -> None:
+        if len(text) > EXIT_TEXT_MAX:
+            text = text[:EXIT_TEXT_MAX - 3] + "..."
+        self.exits.append((t, text))
+
+    @property
+    def last_exitcode(self) -> int | None:
+        """How the last server ended (None: it runs, or never started)."""
+        return getattr(self.process, "exitcode", None)
 
     # -- reports ------------------------------------------------------------------------
     def state(self) -> dict:
@@ -147,6 +167,8 @@ class Supervisor:
             except (OSError, ValueError):
                 time.sleep(min(left, 0.1))
             self._check_control()
+            if self._dirty:
+                self._send_state()
         return True
 
     def run(self) -> None:
@@ -177,7 +199,7 @@ class Supervisor:
             if self.stopping:
                 self._send_state()
                 return
-            self.exits.append((now, describe_exit(proc.pid, proc.exitcode)))
+            self._exited(now, describe_exit(proc.pid, proc.exitcode))
             log.warning("manager server %s", self.exits[-1][1])
             if self.restart == "never":
                 self.gave_up = "restart='never'"
@@ -201,16 +223,18 @@ class Supervisor:
             try:
                 new = self.launch(self.restarts + 1)
             except Exception as e:      # it could not even start: counts as an exit
-                self.exits.append((time.time(), f"restart failed: {e!r}"))
+                self._exited(time.time(), f"restart failed: {e!r}")
                 log.warning("restarting the manager server failed: %r", e)
                 self.process = _Failed()
                 continue
             self.restarts += 1
             self.process = new
             self._check_control()
-            if self.stopping:       # told to stop while it started: stop it too
-                new.terminate()
-                new.join(5)
+            if self.stopping:       # told to stop while it started: it goes too (the
+                new.join(1.0)       # starting process's shutdown may stop it first)
+                if new.exitcode is None:
+                    new.terminate()
+                    new.join(5)
                 self._send_state()
                 return
             self._send_state()
@@ -235,61 +259,61 @@ class _Failed:
         return False
 
 
-def report_to(conn: Any) -> Callable[[dict], bool]:
-    """`report(state)` for the supervisor: one atomic, non-blocking pipe write
-    of the state (exits trimmed to fit); False if the pipe was full."""
-    try:
-        os.set_blocking(conn.fileno(), False)
-    except OSError:
-        pass
+class StateFile:
+    """The supervisor's state, in a file: written whole (a new file renamed
+    over the old), read only when it changed."""
 
-    def report(state: dict) -> bool:
-        data = pickle.dumps(state)
-        while len(data) > _REPORT_MAX and state["exits"]:
-            state = dict(state, exits=state["exits"][1:])
-            data = pickle.dumps(state)
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._seen: tuple | None = None
+        self._state: dict | None = None
+
+    def write(self, state: dict) -> bool:
+        tmp = f"{self.path}.{os.getpid()}.tmp"
         try:
-            conn.send_bytes(data)
-        except BlockingIOError:
+            with open(tmp, "wb") as f:
+                f.write(pickle.dumps(state))
+            os.replace(tmp, self.path)
+        except OSError as e:
+            log.debug("could not write the supervisor's state: %r", e)
             return False
-        except OSError:
-            return True         # nobody reads any more: nothing to retry
         return True
-    return report
+
+    def read(self) -> dict | None:
+        """The state last written (None if there is none yet)."""
+        try:
+            st = os.stat(self.path)
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if key != self._seen:
+                with open(self.path, "rb") as f:
+                    self._state = pickle.loads(f.read())
+                self._seen = key
+        except (OSError, EOFError, pickle.UnpicklingError):
+            pass
+        return self._state
 
 
 # -- in the starting process ------------------------------------------------------------
 
 class SupervisorView:
     """The starting process's view of its manager's supervisor process (no
-    thread: the state is read from the supervisor's reports when asked)."""
+    thread: the state is read from the supervisor's state file when asked)."""
 
-    def __init__(self, process: Any, status: Any, control: Any, state: dict) -> None:
+    def __init__(self, process: Any, state_file: StateFile | None, control: Any,
+                 state: dict) -> None:
         self.process = process          # the supervisor process
-        self._status = status
+        self._file = state_file
         self._control = control
         self._state = state
-        self._mutex = threading.Lock()
         self._pid = os.getpid()
 
-    def _refresh(self, timeout: float = 0.0) -> dict:
-        """Read every report waiting (waiting up to `timeout` for one).  A
-        forked child of the starting process keeps the state it inherited: it
-        must not take the reports meant for its parent."""
-        with self._mutex:
-            status = self._status
-            if status is None or os.getpid() != self._pid:
-                return self._state
-            try:
-                while status.poll(timeout):
-                    timeout = 0.0
-                    self._state = pickle.loads(status.recv_bytes())
-            except (EOFError, OSError):
-                self._status = None
-                status.close()
-            except Exception as e:      # a report that does not load: keep the last
-                log.debug("an unreadable supervisor report: %r", e)
-            return self._state
+    def _refresh(self) -> dict:
+        f = self._file
+        if f is not None:
+            got = f.read()
+            if got is not None:
+                self._state = got
+        return self._state
 
     @property
     def pid(self) -> int | None:
@@ -312,16 +336,24 @@ class SupervisorView:
 
     def exitcode_of(self, pid: int | None, wait: float = 0.0) -> int | None:
         """The exit code of server `pid`, waiting up to `wait` seconds for the
-        supervisor to see it exit; None while it runs (or if unknown)."""
+        supervisor to see it exit (only in the starting process: elsewhere the
+        file may be gone with the manager); None while it runs (or if unknown)."""
+        if os.getpid() != self._pid:
+            wait = 0.0
         deadline = time.monotonic() + wait
         while True:
-            state = self._refresh()
-            code = state["codes"].get(pid)
-            left = deadline - time.monotonic()
-            if code is not None or left <= 0 or self._status is None \
-                    or os.getpid() != self._pid:
-                return code
-            self._refresh(min(left, 0.05))
+            code = self._refresh()["codes"].get(pid)
+            if code is not None or time.monotonic() >= deadline \
+                    or self.supervisor_exitcode() is not None:
+                return code if code is not None else self._refresh()["codes"].get(pid)
+            time.sleep(0.02)
+
+    def supervisor_exitcode(self) -> int | None:
+        """The supervisor process's exit code (None while it runs, or when asked
+        in another process than the one that started it)."""
+        if os.getpid() != self._pid:
+            return None
+        return self.process.exitcode
 
     def stop(self) -> None:
         """The manager is shutting down: its server's exit is no crash."""
@@ -336,8 +368,7 @@ class SupervisorView:
             control.close()
 
     def close(self) -> None:
+        """After the supervisor exited: its last state is read, and kept."""
         self.stop()
-        with self._mutex:
-            status, self._status = self._status, None
-        if status is not None:
-            status.close()
+        self._refresh()
+        self._file = None
