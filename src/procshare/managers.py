@@ -771,8 +771,7 @@ def _supervise(cls: type, registry: dict, address: Any, authkey: bytes, serializ
             cls, ctx, registry, where["address"], authkey, serializer, options,
             initializer, initargs, logdir, name, incarnation, [starter, os.getpid()],
             will_restart, inherited(), started)
-        where["launching"] = None
-        return proc
+        return proc     # (still "launching" too: until run() has it, a SIGTERM finds it)
 
     def on_sigterm(signum: int, frame: Any) -> None:
         # the starting process terminates us (a shutdown that did not finish):
@@ -782,6 +781,9 @@ def _supervise(cls: type, registry: dict, address: Any, authkey: bytes, serializ
             try:
                 p.terminate()
                 p.join(1.0)
+                if p.exitcode is None:
+                    p.kill()
+                    p.join(1.0)
             except Exception:
                 pass
         os.kill(os.getpid(), signal.SIGTERM)
@@ -806,8 +808,10 @@ def _supervise(cls: type, registry: dict, address: Any, authkey: bytes, serializ
         sup.run()
     except BaseException:
         _log.exception("the manager's supervisor failed; its server stops")
-        if sup is None:
-            first.terminate()
+        try:
+            (first if sup is None else sup.process).terminate()
+        except Exception:
+            pass
         os._exit(1)
     proc = sup.process
     if sup.stopping or sup.gave_up is None:

@@ -33,7 +33,7 @@ Rules it keeps:
   log directory each time it changes (a new file renamed over the old one), so
   a reader never sees half of it, nothing waits for the starting process to
   read, and the last state outlives the supervisor.  The view reads the file
-  when asked (only when it changed).
+  when asked.
 """
 
 from __future__ import annotations
@@ -230,8 +230,8 @@ class Supervisor:
             self.restarts += 1
             self.process = new
             self._check_control()
-            if self.stopping:       # told to stop while it started: it goes too (the
-                new.join(1.0)       # starting process's shutdown may stop it first)
+            if self.stopping:       # told to stop while it started: it goes too (it
+                new.join(0.1)       # has no clients yet; a shutdown may stop it first)
                 if new.exitcode is None:
                     new.terminate()
                     new.join(5)
@@ -265,7 +265,6 @@ class StateFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._seen: tuple | None = None
         self._state: dict | None = None
 
     def write(self, state: dict) -> bool:
@@ -280,14 +279,11 @@ class StateFile:
         return True
 
     def read(self) -> dict | None:
-        """The state last written (None if there is none yet)."""
+        """The state last written (None if there is none yet; the last one read
+        once the file is gone)."""
         try:
-            st = os.stat(self.path)
-            key = (st.st_ino, st.st_mtime_ns, st.st_size)
-            if key != self._seen:
-                with open(self.path, "rb") as f:
-                    self._state = pickle.loads(f.read())
-                self._seen = key
+            with open(self.path, "rb") as f:
+                self._state = pickle.loads(f.read())
         except (OSError, EOFError, pickle.UnpicklingError):
             pass
         return self._state

@@ -632,7 +632,10 @@ class SlotLink:
         release, which stays owed: the notices are off the queue, so no frame
         carries them, while their slots are punched.  Returns the bytes."""
         notices = self.notices
-        head = notices[0] if notices else None
+        try:
+            head = notices[0]
+        except IndexError:      # (a connection thread may take the last one meanwhile)
+            head = None
         if head is None or head is not self._unheard:
             self._unheard = head
             if head is None:
@@ -946,22 +949,27 @@ class ManagerSlots:
             time.sleep(IDLE_TRIM / 2)
             if os.getpid() != self.pid:
                 return
-            with self.mutex:
-                links = list(self.links.values())
-            punched = sum(lk.punch_unheard() for lk in links)
-            if punched:
-                log.debug("gave back %.1f MiB of released slots that silent clients "
-                          "have not heard of", punched / (1 << 20))
-            last = max((lk.last_used for lk in links), default=0.0)
-            if time.monotonic() - last < IDLE_TRIM:
-                trimmed = False
-                continue
-            if not trimmed:
-                trimmed = True
-                pool = self._pool
-                if pool is not None:
-                    pool.shrink(0)
-                malloc_trim()
+            try:
+                trimmed = self._trim_once(trimmed)
+            except Exception:       # this thread must go on: log, and look again later
+                log.exception("giving back idle shared memory failed")
+
+    def _trim_once(self, trimmed: bool) -> bool:
+        with self.mutex:
+            links = list(self.links.values())
+        punched = sum(lk.punch_unheard() for lk in links)
+        if punched:
+            log.debug("gave back %.1f MiB of released slots that silent clients "
+                      "have not heard of", punched / (1 << 20))
+        last = max((lk.last_used for lk in links), default=0.0)
+        if time.monotonic() - last < IDLE_TRIM:
+            return False
+        if not trimmed:
+            pool = self._pool
+            if pool is not None:
+                pool.shrink(0)
+            malloc_trim()
+        return True
 
     def abandon_after_fork(self) -> None:
         for link in list(self.links.values()):
