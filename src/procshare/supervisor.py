@@ -3,8 +3,9 @@
 Owns: `Supervisor`, the watch loop of the supervisor process (started by
 `BaseManager.start()` with the manager's context; it forks each server), and
 `SupervisorView`, what the starting process knows of it: the server's pid, the
-restarts, the exits and whether it gave up, read from the state the
-supervisor last reported.
+restarts, the exits and whether it gave up, read from the state file
+(`StateFile`) the supervisor last wrote; and `check_policy`, the check of the
+restart options.
 
 Rules it keeps:
 - The starting process runs no thread for its manager.  A thread there would
@@ -90,7 +91,8 @@ def check_policy(restart: str, max_restarts: int, restart_window: float) -> None
 class Supervisor:
     """The watch loop, run by the supervisor process's main thread (see the
     module docstring).  `launch(incarnation)` starts a server and returns it
-    once it serves; `report(state)` sends the state to the starting process."""
+    once it serves; `report(state)` records the state for the starting process
+    (False: try again later)."""
 
     def __init__(self, process: Any, launch: Callable[[int], Any], *,
                  restart: str = "on-failure", max_restarts: int = 5,
