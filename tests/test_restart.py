@@ -274,7 +274,8 @@ def test_a_killed_supervisor_process_leaves_no_orphan(mp_ctx):
         assert poll(lambda: process_gone(server), 5)
         assert time.monotonic() - t0 < 1.5
         assert poll(lambda: not os.path.exists(address), 2)
-        with pytest.raises(procshare.ManagerCrashed):
+        with pytest.raises(procshare.ManagerCrashed) as info:
             d["a"]
+        assert "supervisor process" in str(info.value), str(info.value)
     finally:
         m.shutdown()

@@ -382,6 +382,10 @@ def manager_crashed(address: Any, cause: BaseException | None) -> ManagerCrashed
                 + _SIGNAL_CAUSES.get(facts["signal"], ""))
     elif code is not None:
         what = f"{who} at {address!r}{pid} exited with code {code}{why}."
+    elif facts.get("supervisor_exit"):
+        what = (f"{who} at {address!r}{pid} cannot be reached{why}: its supervisor "
+                f"process ({facts['supervisor_exit']}) is gone, so the server stopped and "
+                "nothing restarts it.")
     elif report is not None and facts.get("alive"):
         what = (f"{who} at {address!r}{pid} is still running but cannot be reached{why}; "
                 "it may be overloaded, or it closed this connection.")

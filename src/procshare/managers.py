@@ -260,15 +260,7 @@ class BaseManager:
             finally:
                 status_w.close()
                 control_r.close()
-            try:
-                result = status_r.recv()
-            except EOFError:
-                proc.join(1.0)
-                code = proc.exitcode
-                if code is None:
-                    raise errors.manager_crashed(self._address, None) from None
-                raise errors.manager_died_starting(name, proc.pid, code, start_method,
-                                                   _log_tail(logdir)) from None
+            result = _first_word(status_r, proc, self._address, name, start_method, logdir)
             if result[0] != "up":
                 proc.join(self._shutdown_timeout)
                 raise result[1]
@@ -395,18 +387,16 @@ class BaseManager:
             supervisor.stop()       # its exit now is no crash
         if proc.is_alive():
             util.info("sending shutdown message to manager")
-            was = getattr(client._no_recover, "on", False)
-            client._no_recover.on = True    # a server that just died is not waited for
             try:
-                s = client.Session(address, bytes(authkey), client.get_serializer(serializer))
-                try:
-                    s.control_call("shutdown", timeout=shutdown_timeout)
-                finally:
-                    s.close()
+                with client.no_recover():   # a server that just died is not waited for
+                    s = client.Session(address, bytes(authkey),
+                                       client.get_serializer(serializer))
+                    try:
+                        s.control_call("shutdown", timeout=shutdown_timeout)
+                    finally:
+                        s.close()
             except Exception:
                 pass
-            finally:
-                client._no_recover.on = was
             proc.join(timeout=shutdown_timeout)
             if proc.is_alive():
                 util.info("manager still alive")
@@ -676,15 +666,35 @@ class _ServerProcess:
         return getattr(self.supervisor.process, name)
 
 
-def _server_main(cls: type, inherited: tuple, *args: Any, **kwds: Any) -> None:
-    """A server forked by the supervisor: drop what it inherited from the
-    supervisor (its pipe ends, its SIGTERM handler), then run."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    for fd in inherited:
+def _first_word(reader: Any, proc: Any, address: Any, name: str, start_method: str,
+                logdir: str | None) -> Any:
+    """What a process just started sends first on `reader` (a server: whether it
+    serves; the supervisor: its first server's); ManagerCrashed, naming how it
+    ended, if it died before it said anything."""
+    try:
+        return reader.recv()
+    except EOFError:
+        proc.join(1.0)
+        code = proc.exitcode
+        if code is None:
+            raise errors.manager_crashed(address, None) from None
+        raise errors.manager_died_starting(name, proc.pid, code, start_method,
+                                           _log_tail(logdir)) from None
+
+
+def _close_fds(fds: Any) -> None:
+    for fd in fds:
         try:
             os.close(fd)
         except OSError:
             pass
+
+
+def _server_main(cls: type, inherited: tuple, *args: Any, **kwds: Any) -> None:
+    """A server forked by the supervisor: drop what it inherited from the
+    supervisor (its pipe ends, its SIGTERM handler), then run."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _close_fds(inherited)
     cls._run_server(*args, **kwds)
 
 
@@ -718,14 +728,7 @@ def _launch_server(cls: type, ctx: Any, registry: dict, address: Any, authkey: b
     finally:
         writer.close()
     try:
-        ok, value = reader.recv()
-    except EOFError:
-        proc.join(1.0)
-        code = proc.exitcode
-        if code is None:
-            raise errors.manager_crashed(address, None) from None
-        raise errors.manager_died_starting(name, proc.pid, code, ctx.get_start_method(),
-                                           _log_tail(logdir)) from None
+        ok, value = _first_word(reader, proc, address, name, ctx.get_start_method(), logdir)
     finally:
         reader.close()
     if not ok:
@@ -744,11 +747,7 @@ def _supervise(cls: type, registry: dict, address: Any, authkey: bytes, serializ
     exits as the last server did if it gave up (0 after a stop)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if start_method == "fork":      # the starting process's own pipe ends: not ours
-        for fd in parent_ends:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close_fds(parent_ends)
     watched = ProcessHandle(starter)
     # each server is forked from here: this process runs no thread, so the fork
     # is clean, and every incarnation starts from the same state
@@ -845,11 +844,11 @@ def _exit_as(code: int) -> None:
     os._exit(code)
 
 
-def _watch_supervisor(server: Server, pids: int | list[int]) -> None:
+def _watch_supervisor(server: Server, pids: list[int]) -> None:
     """In the server: stop serving (and remove the socket file) as soon as the
     process that started the manager, or its supervisor process, is gone, so a
     killed program leaves no orphan."""
-    handles = [ProcessHandle(p) for p in ([pids] if isinstance(pids, int) else pids)]
+    handles = [ProcessHandle(p) for p in pids]
     fds = [h.fd for h in handles]
     pollable = all(fd is not None for fd in fds)
 

@@ -133,8 +133,10 @@ class Supervisor:
         self._dirty = self._report is not None and not self._report(self.state())
 
     # -- the loop -----------------------------------------------------------------------
-    def _sources(self) -> list:
-        out = [self.process.sentinel]
+    def _sources(self, server: bool = True) -> list:
+        """What the loop waits on: the server's exit (unless `server` is false),
+        the starting process's messages, and its end."""
+        out = [self.process.sentinel] if server else []
         if self.control is not None:
             out.append(self.control)
         fd = None if self.watched is None else self.watched.fd
@@ -163,7 +165,7 @@ class Supervisor:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            srcs = self._sources()[1:]
+            srcs = self._sources(server=False)
             try:
                 connection.wait(srcs, left) if srcs else time.sleep(left)
             except (OSError, ValueError):
@@ -195,9 +197,10 @@ class Supervisor:
                 continue
             proc.join(1.0)
             now = time.time()
-            self.codes[proc.pid] = proc.exitcode
-            while len(self.codes) > KEEP_EXITS:
-                del self.codes[next(iter(self.codes))]
+            if proc.pid is not None:        # (not a restart that failed to start)
+                self.codes[proc.pid] = proc.exitcode
+                while len(self.codes) > KEEP_EXITS:
+                    del self.codes[next(iter(self.codes))]
             if self.stopping:
                 self._send_state()
                 return

@@ -46,6 +46,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -55,6 +56,7 @@ import stat
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from multiprocessing import util as mp_util
 from typing import Any
 
@@ -595,16 +597,12 @@ class Session:
         from a finalizer, so it never waits for a manager to come back (a
         restarted one lost the references of other objects anyway, and holds
         durable ones until its clean shutdown)."""
-        was = getattr(_no_recover, "on", False)
-        _no_recover.on = True
         try:
-            with self.lock:
+            with no_recover(), self.lock:
                 c = self._control_conn()
                 c.send_request(None, meth, args, {}, None, want_reply=False)
         except Exception as e:  # the manager may be gone; nothing to release then
             log.debug("%s%r not delivered: %r", meth, args, e)
-        finally:
-            _no_recover.on = was
 
     # -- failures -------------------------------------------------------------------
     def crashed(self, cause: BaseException) -> ManagerCrashed:
@@ -706,6 +704,19 @@ _fork_loans: dict[Any, str] = {}
 _no_recover = threading.local()
 
 
+@contextlib.contextmanager
+def no_recover() -> Iterator[None]:
+    """`with no_recover():` calls in this thread fail at once on a manager
+    that is down, instead of waiting for a supervised one to come back (fork
+    hooks, decrefs, a shutdown's last message)."""
+    was = getattr(_no_recover, "on", False)
+    _no_recover.on = True
+    try:
+        yield
+    finally:
+        _no_recover.on = was
+
+
 def _before_fork() -> None:
     """Lend the child our references, once per manager address (a loan covers
     every reference of this process there, whichever session made it).  A
@@ -713,11 +724,8 @@ def _before_fork() -> None:
     restarts it."""
     if getattr(_no_recover, "forking_server", False):
         return      # the child is a manager's server: it holds no proxies
-    _no_recover.on = True
-    try:
+    with no_recover():
         _lend_before_fork()
-    finally:
-        _no_recover.on = False
 
 
 class forking_server:
