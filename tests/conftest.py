@@ -37,6 +37,8 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import FAULT_START_METHODS
+
 TESTS_DIR = Path(__file__).resolve().parent
 SRC_DIR = TESTS_DIR.parent / "src"
 
@@ -77,11 +79,11 @@ IMPL_IDS = tuple(i for i in os.environ.get("PROCSHARE_TEST_IMPLS", "stdlib,procs
 START_METHODS = tuple(m for m in os.environ.get(
     "PROCSHARE_TEST_START_METHODS", "fork,spawn,forkserver").split(",")
     if m in ("fork", "spawn", "forkserver")) or ("fork", "spawn", "forkserver")
-# Other test files that use the ``ctx`` fixture (e.g. test_locks.py) keep to
-# fork and spawn: a third method would add its minutes to every CI run on
-# every Python, for scenarios whose start-method coverage is the parity
-# tests' job.
-OTHER_START_METHODS = ("fork", "spawn")
+# Other test files that use the ``ctx`` fixture (e.g. test_locks.py), and the
+# fault, restart and lifetime tests, run under ``_helpers.FAULT_START_METHODS``:
+# all three here; CI's runs on the other Pythons narrow it to fork and spawn
+# (PROCSHARE_TEST_OTHER_START_METHODS), to stay under 20 minutes.
+OTHER_START_METHODS = FAULT_START_METHODS
 PARITY_PREFIX = "test_parity_"
 LEAK_WAIT = 3.0  # seconds: bounded wait for children / files to go away
 

@@ -16,6 +16,7 @@ import pytest
 import _async_workers as aw
 import _workers
 import procshare
+from _helpers import FAULT_START_METHODS
 from procshare.managers import BaseManager
 
 
@@ -26,7 +27,7 @@ class BoomManager(BaseManager):
 BoomManager.register("Boom", aw.Boom)
 
 
-@pytest.fixture(params=["fork", "spawn"])
+@pytest.fixture(params=FAULT_START_METHODS)
 def mp_ctx(request):
     return multiprocessing.get_context(request.param)
 

@@ -16,6 +16,7 @@ import pytest
 
 import _workers
 import procshare
+from _helpers import FAULT_START_METHODS
 from procshare.server.registry import Entry, NoSuchObject, Registry
 from procshare.transport import channel as transport
 from procshare.wire import frames
@@ -147,7 +148,7 @@ def _use_list_after_parent_dropped(lst, ready, go):
     return list(lst)
 
 
-@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("method", FAULT_START_METHODS)
 def test_dead_client_references_are_reclaimed(method):
     ctx = multiprocessing.get_context(method)
     with procshare.Manager(ctx=ctx) as m:
@@ -272,7 +273,7 @@ def test_frame_over_the_limit_closes_the_connection():
     ch_b.close()
 
 
-@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("method", FAULT_START_METHODS)
 def test_dead_clients_blocked_get_does_not_swallow_an_item(method):
     ctx = multiprocessing.get_context(method)
     with procshare.Manager(ctx=ctx) as m:

@@ -17,7 +17,7 @@ import pytest
 
 import _workers
 import procshare
-from _helpers import poll, process_gone
+from _helpers import FAULT_START_METHODS, poll, process_gone
 from procshare.server.journal import UnsafeStateDir
 
 
@@ -30,7 +30,7 @@ def _kill_and_wait(m, timeout: float = 5.0) -> float:
     return time.monotonic() - t0
 
 
-@pytest.fixture(params=["fork", "spawn"])
+@pytest.fixture(params=FAULT_START_METHODS)
 def mp_ctx(request):
     return multiprocessing.get_context(request.param)
 
@@ -243,7 +243,7 @@ def test_a_durable_queue_get_honours_its_deadline_and_takes_nothing():
         assert q.get(timeout=2) == "x"
 
 
-@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("method", FAULT_START_METHODS)
 def test_a_child_whose_first_call_meets_a_restart_waits_for_it(method):
     """A child that has never connected yet, started while the manager is down,
     waits for the supervised manager to come back (it knows its socket file)."""
@@ -308,7 +308,7 @@ def test_an_unnamed_create_sent_again_after_a_crash_finds_the_first_object():
         assert sum(o["id"] == first for o in m.objects()) == 1
 
 
-@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("method", FAULT_START_METHODS)
 def test_pipelined_calls_on_a_durable_object_are_sent_again_exactly_once(method):
     """async_ appends in flight when the manager is SIGKILLed are sent again,
     in order, on a new connection: every future succeeds and the list holds

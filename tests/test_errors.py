@@ -23,6 +23,7 @@ import pytest
 
 import _error_workers as ew
 import procshare
+from _helpers import FAULT_START_METHODS
 from _workers import subprocess_env
 from procshare import errors
 from procshare.errors import (
@@ -40,7 +41,7 @@ from procshare.errors import (
 )
 
 
-@pytest.fixture(params=["fork", "spawn"])
+@pytest.fixture(params=FAULT_START_METHODS)
 def box_manager(request):
     m = ew.BoxManager(ctx=multiprocessing.get_context(request.param), restart="never")
     m.start()
@@ -204,7 +205,7 @@ def test_builtin_exception_from_a_container_keeps_its_type(sync_manager):
 
 # -- the manager crashes ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+@pytest.mark.parametrize("start_method", FAULT_START_METHODS)
 def test_sigkilled_manager_raises_manager_crashed_within_a_second(start_method):
     # restart="never": the crash report itself (restarts: tests/test_restart.py)
     with procshare.SyncManager(ctx=multiprocessing.get_context(start_method),
@@ -241,7 +242,7 @@ def _blocked_get(q, out):
         out.append(("raised", e, time.monotonic()))
 
 
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+@pytest.mark.parametrize("start_method", FAULT_START_METHODS)
 def test_call_blocked_in_the_manager_gets_manager_crashed(start_method):
     with procshare.SyncManager(ctx=multiprocessing.get_context(start_method),
                                restart="never") as m:

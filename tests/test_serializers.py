@@ -20,6 +20,7 @@ import pytest
 import _error_workers as ew
 import _workers
 import procshare
+from _helpers import FAULT_START_METHODS
 from _workers import run_child
 from procshare.errors import (
     ArgumentsNotDeserializable,
@@ -41,7 +42,7 @@ from procshare.wire.serializers import (
     register_serializer,
 )
 
-START_METHODS = ("fork", "spawn")
+START_METHODS = FAULT_START_METHODS
 INSTALLED = serializers.available_serializers()
 needs = {name: pytest.mark.skipif(name not in INSTALLED, reason=f"{name} is not installed")
          for name in ("cloudpickle", "dill", "msgpack")}

@@ -15,6 +15,7 @@ import pytest
 import _timeout_workers as tw
 import _workers
 import procshare
+from _helpers import FAULT_START_METHODS
 
 # CallTimeout must come by deadline + 50 ms on an idle machine; these shared
 # 2-core machines are not idle, so the tests allow more (the benchmark and the
@@ -22,7 +23,7 @@ import procshare
 SLACK = 0.25
 
 
-@pytest.fixture(params=["fork", "spawn"])
+@pytest.fixture(params=FAULT_START_METHODS)
 def ctx(request):
     return multiprocessing.get_context(request.param)
 
