@@ -162,3 +162,59 @@ def memfd_bytes(pid: int, name: str) -> int:
                 seen.add((st.st_dev, st.st_ino))
                 total += st.st_blocks * 512
     return total
+
+
+class ForkingKeeper:
+    """Lives in a manager: keeps arrays, and forks a child of the manager (as a
+    Pool in a managed object would) that reads one of them when told."""
+
+    def __init__(self) -> None:
+        self.arrays: dict = {}
+        self.child = None
+
+    def put(self, key, arr) -> None:
+        self.arrays[key] = arr
+
+    def drop(self, key) -> None:
+        del self.arrays[key]
+
+    def keys(self) -> list:
+        return sorted(self.arrays)
+
+    def fork_reader(self, key, seed) -> int:
+        import multiprocessing
+        ctx = multiprocessing.get_context("fork")
+        mine, theirs = ctx.Pipe()
+        p = ctx.Process(target=read_when_told, args=(self.arrays[key], seed, theirs, mine))
+        p.start()
+        theirs.close()
+        self.child = (p, mine)
+        return p.pid
+
+    def reader_result(self, timeout: float):
+        p, conn = self.child
+        self.child = None
+        try:
+            conn.send("go")
+            if not conn.poll(timeout):
+                raise TimeoutError("the reader forked by the manager did not answer")
+            return conn.recv()
+        finally:
+            p.join(timeout)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+            conn.close()
+
+
+def read_when_told(arr, seed, conn, parents_end) -> None:
+    """In a child forked by the manager: when told, is the inherited array
+    still what it was when the child was forked?  (Gone within a minute,
+    told or not, and at once when the manager goes.)"""
+    import numpy as np
+    parents_end.close()
+    if not conn.poll(60):
+        return
+    conn.recv()
+    expected = np.frombuffer(pattern(arr.nbytes, seed), dtype=arr.dtype)
+    conn.send((bool((arr == expected).all()), float(arr[0]), float(expected[0])))

@@ -422,6 +422,41 @@ def test_a_forked_child_keeps_a_private_copy_of_lent_memory(fmgr):
     assert all((h == second).all() for h in held), "the parent saw the child's writes"
 
 
+@needs_numpy
+def test_a_child_forked_by_the_manager_keeps_what_was_lent_when_it_forked():
+    """A managed object forks a child (a Pool worker would be one) while an
+    array lent from this client's arena is stored; the manager then drops
+    the array.  The child still reads it as it was: the slot is not released
+    (so neither reused for new data nor punched) until the child has exited,
+    and then it is."""
+    import numpy
+
+    from procshare.managers import SyncManager
+
+    class KeeperManager(SyncManager):
+        pass
+
+    KeeperManager.register("Keeper", lw.ForkingKeeper)
+    with KeeperManager(ctx=multiprocessing.get_context("fork")) as m:
+        k = m.Keeper()
+        link = link_of(k)
+        held = _leased_to_manager(link)
+        k.put("a", numpy.frombuffer(lw.pattern(8 * MiB, 1), dtype=numpy.int64).copy())
+        assert _leased_to_manager(link) == held + 8 * MiB, "not lent: nothing to test"
+        k.fork_reader("a", 1)
+        k.drop("a")                                     # the manager lets go ...
+        k.put("b", numpy.frombuffer(lw.pattern(8 * MiB, 2), dtype=numpy.int64).copy())
+        assert _leased_to_manager(link) == held + 16 * MiB, \
+            "the slot was released while a child forked by the manager holds it"
+        same, got, expected = k.reader_result(WAIT)     # ... and the child reads it
+        assert same, f"the forked child's array changed under it ({got} for {expected})"
+        t0 = time.monotonic()                           # the child is gone: released
+        assert poll(lambda: k.keys() == ["b"] and _leased_to_manager(link) == held + 8 * MiB,
+                    WAIT, 0.05)
+        report(f"a slot held by a child the manager forked: released "
+               f"{time.monotonic() - t0:.1f} s after the child exited")
+
+
 # -- faults --------------------------------------------------------------------------------
 
 def _wait_gone(manager, pid: int) -> bool:

@@ -13,8 +13,9 @@ into, the peer's arenas it mapped, the notices it owes the peer, and the
 per-frame work (`encode`, `on_slots`, `with_notices`); `ManagerSlots`, the
 manager's pool and its links by client, with the exchange of arena
 descriptors; the copies a receiver makes (`fresh_bytes`, `fresh_buffer`:
-huge pages for large ones); and, in a forked child, replacing lent memory by
-a private copy.
+huge pages for large ones); in a forked child, replacing lent memory by
+a private copy; and, in the manager, the holds its forked children keep on
+the slots lent to it (`_ForkHolds`).
 
 Rules it keeps:
 - A process writes only into arenas it owns; every slot it fills for the
@@ -55,7 +56,14 @@ Rules it keeps:
   its own.  A forked child of the manager (a Pool worker) leaves the
   manager's lent memory shared: a private copy of every stored array in
   every worker would cost far more than the copy-on-write fork it replaces,
-  and such a child does not write into the manager's objects.
+  and such a child does not write into the manager's objects.  Such a child
+  holds what was lent when it was forked, as its copy-on-write pages would:
+  a slot the manager drops meanwhile is released only once every child
+  forked while it was lent has exited (`_ForkHolds`; checked by the
+  trimmer, about once a second), so the client neither reuses nor punches
+  memory a child still reads.  Children are found in
+  /proc/self/task/<tid>/children (Linux; elsewhere, or if that fails, a
+  child gets no such hold).
 - A client's allocator is left alone: a large copy is a mapping of its own
   that asks for huge pages, because its cost is page faults.  The manager,
   once it carries large data, pins glibc's mmap and trim thresholds
@@ -71,6 +79,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import ctypes.util
+import itertools
 import logging
 import mmap
 import os
@@ -361,7 +370,9 @@ _links: weakref.WeakSet[SlotLink] = weakref.WeakSet()
 #: slots lent to this process's own buffers: a client's (made private in a
 #: forked child) and the manager's (left shared there)
 _lent: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
-_lent_by_manager: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
+#: the manager's: mapping -> (link serial, arena, offset), for `_ForkHolds`
+_lent_by_manager: weakref.WeakKeyDictionary[mmap.mmap, tuple] = weakref.WeakKeyDictionary()
+_link_serials = itertools.count(1)
 
 
 class SlotLink:
@@ -401,6 +412,7 @@ class SlotLink:
         self.last_used = time.monotonic()
         self._unheard: Any = None       # the first notice owed at the last look
         self._punched: dict[int, tuple] = {}    # owed notices whose slots are punched
+        self.serial = next(_link_serials)
         _links.add(self)
 
     # -- sending ---------------------------------------------------------------------
@@ -592,7 +604,10 @@ class SlotLink:
                 log.debug("copying a buffer instead of lending it: %r", e)
                 return None
             self.lent_ranges[arena_id, offset] = length
-        (_lent if self.announce is not None else _lent_by_manager).add(lent)
+        if self.announce is not None:
+            _lent.add(lent)
+        else:
+            _lent_by_manager[lent] = (self.serial, arena_id, offset)
         f = weakref.finalize(lent, _lent_gone, weakref.ref(self), self.pid, arena_id, offset,
                              length)
         f.atexit = False
@@ -718,9 +733,113 @@ def _lent_gone(link_ref: Callable[[], SlotLink | None], pid: int, arena_id: int,
     link = link_ref()
     if link is None or os.getpid() != pid:
         return
+    if _fork_holds.defer(link, arena_id, offset, length):
+        return          # a forked child of ours may still read it: later
+    _release_lent(link, arena_id, offset, length)
+
+
+def _release_lent(link: SlotLink, arena_id: int, offset: int, length: int) -> None:
     link.lent_ranges.pop((arena_id, offset), None)
     if not link.closed:
         link.notices.append((OP_RELEASE, 0, arena_id, offset, length))
+
+
+def _children(tid: int) -> set[int] | None:
+    """The children thread `tid` of this process forked (Linux), or None."""
+    try:
+        with open(f"/proc/self/task/{tid}/children", "rb") as f:
+            return {int(p) for p in f.read().split()}
+    except (OSError, ValueError):
+        return None
+
+
+def _start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot), None if it is gone
+    or a zombie: a pid reused by another process does not pass for it."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+class _ForkHolds:
+    """The manager's forked children (Pool workers, Processes started by a
+    managed object) and the lent slots each holds: those lent when it was
+    forked, which its copy of the manager's objects may still read.  A slot
+    the manager drops while such a child lives is released when the last of
+    them has exited (`release_ready`, from the trimmer)."""
+
+    def __init__(self) -> None:
+        self.mutex = threading.RLock()      # a finalizer may run under it (gc)
+        self.holders: list[tuple[int, int, frozenset]] = []    # (pid, start, keys)
+        self.deferred: dict[tuple, tuple] = {}     # key -> (link ref, arena, offset, length)
+        self.before: dict[int, set[int] | None] = {}   # forking thread -> its children
+        self.lent_at: dict[int, frozenset] = {}
+
+    def before_fork(self) -> None:
+        if not _lent_by_manager:
+            return
+        tid = threading.get_native_id()
+        keys = frozenset(_lent_by_manager.values())
+        if keys:
+            self.before[tid] = _children(tid)
+            self.lent_at[tid] = keys
+
+    def after_fork_in_parent(self) -> None:
+        if not self.before:
+            return
+        tid = threading.get_native_id()
+        before = self.before.pop(tid, None)
+        keys = self.lent_at.pop(tid, None)
+        now = _children(tid)
+        if before is None or keys is None or now is None:
+            return
+        for pid in now - before:
+            start = _start_time(pid)
+            if start is not None:
+                with self.mutex:
+                    self.holders.append((pid, start, keys))
+
+    def defer(self, link: SlotLink, arena_id: int, offset: int, length: int) -> bool:
+        """Is this dropped slot held by a forked child?  Then keep it lent
+        (`lent_ranges`: not punched either) until `release_ready`."""
+        if not self.holders:
+            return False
+        key = (link.serial, arena_id, offset)
+        with self.mutex:
+            if not any(key in keys for _, _, keys in self.holders):
+                return False
+            self.deferred[key] = (weakref.ref(link), arena_id, offset, length)
+        return True
+
+    def release_ready(self) -> int:
+        """Release the deferred slots no living child holds; returns how many."""
+        if not self.holders:
+            return 0
+        with self.mutex:
+            self.holders = [h for h in self.holders if _start_time(h[0]) == h[1]]
+            held = set().union(*(keys for _, _, keys in self.holders))
+            ready = [self.deferred.pop(k) for k in list(self.deferred) if k not in held]
+        for link_ref, arena_id, offset, length in ready:
+            link = link_ref()
+            if link is not None:
+                _release_lent(link, arena_id, offset, length)
+        return len(ready)
+
+    def forget(self) -> None:
+        """In a forked child: the parent's children and slots are not ours."""
+        self.mutex = threading.RLock()
+        self.holders = []
+        self.deferred = {}
+        self.before = {}
+        self.lent_at = {}
+
+
+_fork_holds = _ForkHolds()
 
 
 def _punch(fd: int, offset: int, length: int) -> int:
@@ -955,6 +1074,10 @@ class ManagerSlots:
                 log.exception("giving back idle shared memory failed")
 
     def _trim_once(self, trimmed: bool) -> bool:
+        released = _fork_holds.release_ready()
+        if released:
+            log.debug("released %d lent slots the forked children that held them "
+                      "no longer do", released)
         with self.mutex:
             links = list(self.links.values())
         punched = sum(lk.punch_unheard() for lk in links)
@@ -1028,6 +1151,7 @@ def _after_fork_in_child() -> None:
                         len(mm), e)
     _lent.clear()
     _lent_by_manager.clear()        # left shared (see the module's rules)
+    _fork_holds.forget()
     global _client_mutex
     _client_mutex = threading.Lock()     # another thread may have held it at the fork
     global _kept_mutex
@@ -1044,4 +1168,6 @@ def _after_fork_in_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_fork_holds.before_fork,
+                        after_in_parent=_fork_holds.after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
