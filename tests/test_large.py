@@ -446,10 +446,11 @@ def test_a_child_forked_by_the_manager_keeps_what_was_lent_when_it_forked():
         k.fork_reader("a", 1)
         k.drop("a")                                     # the manager lets go ...
         k.put("b", numpy.frombuffer(lw.pattern(8 * MiB, 2), dtype=numpy.int64).copy())
-        assert _leased_to_manager(link) == held + 16 * MiB, \
-            "the slot was released while a child forked by the manager holds it"
+        leased = _leased_to_manager(link)
         same, got, expected = k.reader_result(WAIT)     # ... and the child reads it
         assert same, f"the forked child's array changed under it ({got} for {expected})"
+        assert leased == held + 16 * MiB, \
+            "the slot was released while a child forked by the manager held it"
         t0 = time.monotonic()                           # the child is gone: released
         assert poll(lambda: k.keys() == ["b"] and _leased_to_manager(link) == held + 8 * MiB,
                     WAIT, 0.05)

@@ -59,11 +59,10 @@ Rules it keeps:
   and such a child does not write into the manager's objects.  Such a child
   holds what was lent when it was forked, as its copy-on-write pages would:
   a slot the manager drops meanwhile is released only once every child
-  forked while it was lent has exited (`_ForkHolds`; checked by the
-  trimmer, about once a second), so the client neither reuses nor punches
-  memory a child still reads.  Children are found in
-  /proc/self/task/<tid>/children (Linux; elsewhere, or if that fails, a
-  child gets no such hold).
+  forked while it was lent, and every process such a child forked in turn,
+  has exited or exec'd (`_ForkHolds`: a pipe per fork, whose write end only
+  they hold; checked by the trimmer about once a second), so the client
+  neither reuses nor punches memory a child still reads.
 - A client's allocator is left alone: a large copy is a mapping of its own
   that asks for huge pages, because its cost is page faults.  The manager,
   once it carries large data, pins glibc's mmap and trim thresholds
@@ -103,6 +102,7 @@ from ..wire.frames import (
 )
 from ..wire.kinds import Kind
 from . import shm
+from .channel import readable_within
 from .shm import ArenaPool, Slot, SlotClaimError
 
 __all__ = ["SlotLink", "ManagerSlots", "client_link", "fresh_bytes", "fresh_buffer",
@@ -521,7 +521,6 @@ class SlotLink:
         entries = self._take_notices()
         return encode_slot_frame(_NOTICE, 0, b"", entries) if entries else None
 
-    # -- receiving -------------------------------------------------------------------
     def on_slots(self, kind: int, rid: int, budget: float, body: Any, buffers: tuple,
                  notices: tuple) -> tuple | None:
         """`FrameReader.on_slots`: apply the notices, take the buffers."""
@@ -607,7 +606,9 @@ class SlotLink:
         if self.announce is not None:
             _lent.add(lent)
         else:
-            _lent_by_manager[lent] = (self.serial, arena_id, offset)
+            key = (self.serial, arena_id, offset)
+            _lent_by_manager[lent] = key
+            _fork_holds.lent(key)
         f = weakref.finalize(lent, _lent_gone, weakref.ref(self), self.pid, arena_id, offset,
                              length)
         f.atexit = False
@@ -744,85 +745,106 @@ def _release_lent(link: SlotLink, arena_id: int, offset: int, length: int) -> No
         link.notices.append((OP_RELEASE, 0, arena_id, offset, length))
 
 
-def _children(tid: int) -> set[int] | None:
-    """The children thread `tid` of this process forked (Linux), or None."""
-    try:
-        with open(f"/proc/self/task/{tid}/children", "rb") as f:
-            return {int(p) for p in f.read().split()}
-    except (OSError, ValueError):
-        return None
+class _Hold:
+    """The slots one forked child (and the processes it forks in turn) may
+    read: those lent when it was forked.  `alive` is the read end of a pipe
+    whose write end only the child's side holds (close-on-exec), so the
+    hold ends when the last process that inherited it exits or execs."""
 
+    __slots__ = ("alive", "keys", "forming")
 
-def _start_time(pid: int) -> int | None:
-    """When process `pid` started (clock ticks since boot), None if it is gone
-    or a zombie: a pid reused by another process does not pass for it."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[19])
+    def __init__(self, alive: int, keys: set) -> None:
+        self.alive = alive
+        self.keys = keys
+        self.forming = True     # until the fork returned: slots lent meanwhile join it
+
+    def ended(self) -> bool:
+        """Every write end is closed (nothing ever writes to it)."""
+        try:
+            return readable_within(self.alive, 0.0)
+        except (OSError, ValueError):
+            return True
 
 
 class _ForkHolds:
     """The manager's forked children (Pool workers, Processes started by a
     managed object) and the lent slots each holds: those lent when it was
     forked, which its copy of the manager's objects may still read.  A slot
-    the manager drops while such a child lives is released when the last of
-    them has exited (`release_ready`, from the trimmer)."""
+    the manager drops while such a hold lasts is released when the last
+    hold on it has ended (`release_ready`, from the trimmer).
+
+    A hold is made before the fork and covers the fork itself: a slot lent
+    while the fork is under way joins it, and one dropped meanwhile is
+    already held.  Its pipe's write end is inherited by the child (and the
+    child's own children) and closed by an exec, so a program a managed
+    object runs holds nothing, and a Pool worker's own children hold on."""
 
     def __init__(self) -> None:
         self.mutex = threading.RLock()      # a finalizer may run under it (gc)
-        self.holders: list[tuple[int, int, frozenset]] = []    # (pid, start, keys)
+        self.holds: list[_Hold] = []
         self.deferred: dict[tuple, tuple] = {}     # key -> (link ref, arena, offset, length)
-        self.before: dict[int, set[int] | None] = {}   # forking thread -> its children
-        self.lent_at: dict[int, frozenset] = {}
+        self.forming: dict[int, tuple[_Hold, int]] = {}    # forking thread -> (hold, write end)
 
     def before_fork(self) -> None:
         if not _lent_by_manager:
             return
-        tid = threading.get_native_id()
-        keys = frozenset(_lent_by_manager.values())
-        if keys:
-            self.before[tid] = _children(tid)
-            self.lent_at[tid] = keys
+        try:
+            r, w = os.pipe()        # close-on-exec, both
+        except OSError as e:
+            log.warning("a child forked now holds no lent slot (no pipe: %s): one the "
+                        "manager drops may change under it", e)
+            return
+        hold = _Hold(r, set())
+        with self.mutex:
+            # forming first: a slot lent from now on joins the hold (`lent`); one
+            # lent before is in the copy below (made in C: no thread runs meanwhile)
+            self.forming[threading.get_ident()] = (hold, w)
+            self.holds.append(hold)
+            hold.keys.update([v for ref, v in list(_lent_by_manager.data.items())
+                              if ref() is not None])
 
     def after_fork_in_parent(self) -> None:
-        if not self.before:
+        if not self.forming:
             return
-        tid = threading.get_native_id()
-        before = self.before.pop(tid, None)
-        keys = self.lent_at.pop(tid, None)
-        now = _children(tid)
-        if before is None or keys is None or now is None:
-            return
-        for pid in now - before:
-            start = _start_time(pid)
-            if start is not None:
-                with self.mutex:
-                    self.holders.append((pid, start, keys))
+        with self.mutex:
+            got = self.forming.pop(threading.get_ident(), None)
+        if got is not None:
+            hold, w = got
+            hold.forming = False
+            os.close(w)     # the child's copy (if the fork worked) keeps the hold
+
+    def lent(self, key: tuple) -> None:
+        """A slot was just lent: a fork under way may copy it into its child."""
+        if self.forming:
+            with self.mutex:
+                for hold, _w in self.forming.values():
+                    hold.keys.add(key)
 
     def defer(self, link: SlotLink, arena_id: int, offset: int, length: int) -> bool:
         """Is this dropped slot held by a forked child?  Then keep it lent
         (`lent_ranges`: not punched either) until `release_ready`."""
-        if not self.holders:
+        if not self.holds:
             return False
         key = (link.serial, arena_id, offset)
         with self.mutex:
-            if not any(key in keys for _, _, keys in self.holders):
+            if not any(key in h.keys for h in self.holds):
                 return False
             self.deferred[key] = (weakref.ref(link), arena_id, offset, length)
         return True
 
     def release_ready(self) -> int:
-        """Release the deferred slots no living child holds; returns how many."""
-        if not self.holders:
+        """End the holds whose children are all gone, and release the deferred
+        slots no hold covers any more; returns how many."""
+        if not self.holds:
             return 0
         with self.mutex:
-            self.holders = [h for h in self.holders if _start_time(h[0]) == h[1]]
-            held = set().union(*(keys for _, _, keys in self.holders))
+            gone = [h for h in self.holds if not h.forming and h.ended()]
+            if not gone:
+                return 0
+            for h in gone:
+                self.holds.remove(h)
+                os.close(h.alive)
+            held = set().union(*(h.keys for h in self.holds))
             ready = [self.deferred.pop(k) for k in list(self.deferred) if k not in held]
         for link_ref, arena_id, offset, length in ready:
             link = link_ref()
@@ -831,12 +853,17 @@ class _ForkHolds:
         return len(ready)
 
     def forget(self) -> None:
-        """In a forked child: the parent's children and slots are not ours."""
+        """In a forked child: the parent's holds are not ours (the write end
+        this child inherited stays open: it is what holds the slots)."""
+        for h in self.holds:
+            try:
+                os.close(h.alive)
+            except OSError:
+                pass
         self.mutex = threading.RLock()
-        self.holders = []
+        self.holds = []
         self.deferred = {}
-        self.before = {}
-        self.lent_at = {}
+        self.forming = {}
 
 
 _fork_holds = _ForkHolds()
