@@ -218,3 +218,56 @@ def read_when_told(arr, seed, conn, parents_end) -> None:
     conn.recv()
     expected = np.frombuffer(pattern(arr.nbytes, seed), dtype=arr.dtype)
     conn.send((bool((arr == expected).all()), float(arr[0]), float(expected[0])))
+
+
+class BigReply:
+    """Lives in a manager: `big(n)` returns n bytes (through shared-memory
+    slots) once the test releases it, so a client can give up on it first."""
+
+    def __init__(self) -> None:
+        import threading
+        self.started, self.go = threading.Event(), threading.Event()
+        self.gave_up, self.fin = threading.Event(), threading.Event()
+
+    def big(self, n: int) -> bytes:
+        self.started.set()
+        self.go.wait(60)
+        return bytes(n)
+
+    def running(self) -> bool:
+        return self.started.is_set()
+
+    def release(self) -> None:
+        self.go.set()
+
+    def give_up(self) -> None:
+        self.gave_up.set()
+
+    def has_given_up(self) -> bool:
+        return self.gave_up.is_set()
+
+    def wait_finish(self, timeout: float) -> bool:
+        return self.fin.wait(timeout)
+
+    def finish(self) -> None:
+        self.fin.set()
+
+    def slots_used(self) -> int:
+        """Bytes of the manager's own arenas leased to clients (test introspection)."""
+        from procshare.inprocess import local_server
+        slots = local_server().__dict__.get("_slots_")
+        pool = None if slots is None else slots._pool
+        return 0 if pool is None else pool.used
+
+
+def interrupt_big_call(s, n: int) -> str:
+    """Call `s.big(n)` until Ctrl-C (the test sends SIGINT), then say so and
+    stay connected (alive, so the lease lives) until told to finish."""
+    try:
+        s.big(n)
+        return "not interrupted"
+    except KeyboardInterrupt:
+        pass
+    s.give_up()
+    s.wait_finish(30)
+    return "interrupted"

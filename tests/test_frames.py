@@ -515,3 +515,22 @@ def test_encode_frame_refuses_a_frame_over_the_limits():
 def test_encode_frame_refuses_a_body_over_max_frame():
     with pytest.raises(FrameError):
         encode_frame(Kind.CALL, 1, b"x" * 200, limits=Limits(max_body=1000, max_frame=100))
+
+
+def test_unsent_slot_entries_are_those_of_frames_a_write_did_not_finish():
+    """After a write that stopped at `sent` bytes: the slot entries of every
+    frame not wholly written (the peer cannot have read it), none of those
+    written whole, whatever frames lie between (plain, with buffers)."""
+    notice = (frames.OP_RELEASE, 0, 3, 0, 4096)
+    buf = (frames.OP_BUFFER, frames.TYPE_BYTES, 1, 65536, 70000)
+    first = frames.encode_slot_frame(Kind.CALL, 0, b"", [notice])
+    plain = frames.pack_frame(Kind.CALL, 1, b"x" * 50)
+    oob = b"".join(bytes(p) for p in frames.encode_frame(Kind.CALL, 2, b"y", [b"z" * 30]))
+    last = frames.encode_slot_frame(Kind.RETURN, 3, b"body", [buf, notice])
+    data = first + plain + oob + last
+    assert frames.unsent_slot_entries(data, 0) == [notice, buf, notice]
+    assert frames.unsent_slot_entries(data, len(first) - 1) == [notice, buf, notice]
+    assert frames.unsent_slot_entries(data, len(first)) == [buf, notice]
+    assert frames.unsent_slot_entries(data, len(data) - 1) == [buf, notice]
+    assert frames.unsent_slot_entries(data, len(data)) == []
+    assert frames.unsent_slot_entries(plain + oob, 0) == []

@@ -460,6 +460,41 @@ def test_a_child_forked_by_the_manager_keeps_what_was_lent_when_it_forked():
 
 # -- faults --------------------------------------------------------------------------------
 
+def _connections(manager, pid: int) -> int:
+    return sum(c["connections"] for c in manager.clients() if c["pid"] == pid)
+
+
+def test_a_reply_to_a_client_that_gave_up_gives_its_slots_back():
+    """A client gives up on a call (Ctrl-C: its connection closes) whose reply
+    is 1 MiB in the manager's shared memory.  The reply cannot be written,
+    and the slots it took are free again at once; before, they stayed leased
+    to the client until its lease ended."""
+    from procshare.managers import SyncManager
+
+    class BigManager(SyncManager):
+        pass
+
+    BigManager.register("BigReply", lw.BigReply)
+    fork = multiprocessing.get_context("fork")
+    with BigManager(ctx=fork) as m:
+        s = m.BigReply()
+        base = s.slots_used()
+        child = _workers.start_child(fork, lw.interrupt_big_call, s, MiB)
+        try:
+            assert poll(s.running, WAIT)
+            os.kill(child.process.pid, signal.SIGINT)
+            assert poll(s.has_given_up, WAIT)
+            pid = child.process.pid
+            conns = _connections(m, pid)                # the one it gave up on among them
+            s.release()                                 # the reply now has nowhere to go
+            assert poll(lambda: _connections(m, pid) == conns - 1, WAIT, 0.05)  # tried, gone
+            assert s.slots_used() == base, "the unsent reply's slots are still leased"
+            s.finish()
+            assert child.result(WAIT) == "interrupted"
+        finally:
+            child.kill()
+
+
 def _wait_gone(manager, pid: int) -> bool:
     return poll(lambda: all(c["pid"] != pid for c in manager.clients()), WAIT, 0.1)
 

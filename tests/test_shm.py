@@ -350,6 +350,41 @@ def test_too_many_descriptors_are_refused():
             shm.recv_fds(b, maxfds=1)
 
 
+# -- a frame that never left ---------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["buffers", "bytes", "frames"])
+def test_a_frame_that_never_left_gives_its_slots_and_notices_back(path):
+    """The peer's end closed (it gave up on the call, or died): the write of a
+    frame with slot entries fails.  The slots its buffers took are free again
+    and the releases it carried are owed again, for the next frame; before,
+    they stayed leased until the link closed."""
+    from procshare.transport import slots
+    from procshare.transport.channel import Channel
+    from procshare.wire.frames import OP_RELEASE, pack_frame
+
+    pool = shm.ArenaPool(arena_size=4 * MiB)
+    link = slots.SlotLink(pool, "peer", lend=True)
+    mine, theirs = socket.socketpair()
+    ch = Channel(mine)
+    try:
+        ch.attach_slots(link)
+        owed = [(OP_RELEASE, 0, 7, 0, 65536), (OP_RELEASE, 0, 7, 65536, 65536)]
+        link.notices.extend(owed)
+        theirs.close()
+        with pytest.raises(OSError):
+            if path == "buffers":
+                ch.send_buffers(1, 5, b"body", [bytes(200_000), bytearray(100_000)])
+            elif path == "bytes":
+                ch.send_bytes(pack_frame(1, 5, b"body"))
+            else:
+                ch.send_frames(pack_frame(1, 5, b"body") + pack_frame(1, 6, b"more"))
+        assert pool.held_by("peer") == [] and pool.used == 0, "slots still leased"
+        assert list(link.notices) == owed, "the releases it carried were lost"
+    finally:
+        ch.close()
+        pool.shrink(0)
+
+
 # -- a client SIGKILLed while it holds slots -------------------------------------------------
 
 def _serve_slots(pool: shm.ArenaPool, sock: socket.socket, owner: str, log: list) -> None:

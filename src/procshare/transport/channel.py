@@ -20,7 +20,9 @@ Rules it keeps:
 - One write per frame (`sendall` for a small frame, `sendmsg` with the
   out-of-band buffers for a large one, or, on a connection that agreed to
   use shared memory (`attach_slots`), `sendall` of a frame whose buffers
-  were copied into slots: `send_buffers`).
+  were copied into slots: `send_buffers`).  A write of frames with slot
+  entries that fails with an OSError gives the link back the slots and
+  notices of the frames it did not finish (`_send_owning`, `unsent`).
 - Notices owed to the peer (slot releases, `transport.slots`) ride only on
   whole frames this channel writes with `send_bytes` or `send_buffers`, or
   in a NOTICE frame of their own put in front of frames written together
@@ -137,7 +139,9 @@ class Channel:
         """Write one whole frame that is a single bytes object."""
         if self.notices:
             frame = self.slots.with_notices(frame)
-        self.sock.sendall(frame)
+            self._send_owning(frame)
+        else:
+            self.sock.sendall(frame)
 
     def send_frames(self, data: bytes, boundary: bool = True) -> None:
         """Write whole frames joined together (`boundary`: the stream is between
@@ -147,8 +151,33 @@ class Channel:
         if boundary and self.notices:
             front = self.slots.notice_frame()
             if front is not None:
-                data = front + data
+                self._send_owning(front + data)
+                return
         self.sock.sendall(data)
+
+    def _send_owning(self, data: bytes) -> None:
+        """`sendall` of whole frames that may hold slot entries: if it fails with
+        an OSError (a broken connection), the frames it did not finish never
+        reach the peer, so their slots and notices are the link's again
+        (`SlotLink.unsent`).  Any other exception (Ctrl-C) leaves them: the
+        frame may have gone out whole."""
+        sent = 0
+        send = self.sock.send
+        try:
+            sent = send(data)
+            if sent < len(data):
+                with memoryview(data) as view:
+                    while sent < len(data):
+                        sent += send(view[sent:])
+        except OSError:
+            self.unsent(data, sent)
+            raise
+
+    def unsent(self, data: bytes, sent: int) -> None:
+        """Whole frames of `data`, of which a failed write sent `sent` bytes:
+        the link takes back the slots and notices of the frames not finished."""
+        if self.slots is not None:
+            self.slots.unsent(data, sent)
 
     def notice_prefix(self) -> bytes:
         """A frame of the notices owed to the peer, to send at a frame
@@ -167,7 +196,7 @@ class Channel:
             frame = link.encode(kind, rid, body, bufs, budget, limits)
             if frame is not None:
                 self.spin.long()
-                self.sock.sendall(frame)
+                self._send_owning(frame)
                 return
         pieces = encode_frame(kind, rid, body, bufs, budget, limits)
         if len(pieces) == 1:

@@ -99,6 +99,7 @@ from ..wire.frames import (
     TYPE_OTHER,
     add_slot_entries,
     encode_slot_frame,
+    unsent_slot_entries,
 )
 from ..wire.kinds import Kind
 from . import shm
@@ -521,6 +522,28 @@ class SlotLink:
         entries = self._take_notices()
         return encode_slot_frame(_NOTICE, 0, b"", entries) if entries else None
 
+    def unsent(self, data: bytes, sent: int) -> None:
+        """A write of `data` (whole frames made here) failed with an OSError
+        after `sent` bytes: the frames it did not finish never reach the
+        peer.  Their buffers' slots are free again, and their notices are
+        owed again (they ride on the next frame).  Before, those slots stayed
+        leased to the peer, and its slots named in the notices stayed leased
+        to us, until the link closed."""
+        entries = unsent_slot_entries(data, sent)
+        owed = []
+        for op, _typ, arena, offset, length in entries:
+            if op == OP_BUFFER:
+                try:
+                    self.pool.free(Slot(arena, offset, length), self.owner)
+                except SlotClaimError as e:     # not ours to free: leave it
+                    log.warning("a slot of an unsent frame was not leased to %s: %s",
+                                self.owner, e)
+            else:
+                owed.append((op, 0, arena, offset, length))
+        if owed:
+            self.notices.extendleft(reversed(owed))
+
+    # -- receiving -------------------------------------------------------------------
     def on_slots(self, kind: int, rid: int, budget: float, body: Any, buffers: tuple,
                  notices: tuple) -> tuple | None:
         """`FrameReader.on_slots`: apply the notices, take the buffers."""

@@ -50,7 +50,7 @@ __all__ = [
     "FrameError", "Limits", "DEFAULT_LIMITS", "FrameReader", "pack_frame", "encode_frame",
     "HEADER", "NO_DEADLINE", "MAX_BUDGET", "FLAG_SLOTS", "SLOT", "SlotRef",
     "OP_BUFFER", "OP_RELEASE", "OP_RETIRE", "TYPE_OTHER", "TYPE_BYTES", "TYPE_BYTEARRAY",
-    "encode_slot_frame", "add_slot_entries",
+    "encode_slot_frame", "add_slot_entries", "unsent_slot_entries",
 ]
 
 NO_DEADLINE = math.nan
@@ -177,6 +177,31 @@ def add_slot_entries(frame: bytes, entries: list | tuple) -> bytes:
     if flags or nbufs:
         raise ValueError("only a frame without a table can take slot entries")
     return encode_slot_frame(kind, rid, frame[_HSIZE:], entries, budget)
+
+
+def unsent_slot_entries(data: bytes, sent: int) -> list[tuple]:
+    """The slot entries `(op, type, arena, offset, length)` of the frames in
+    `data` (whole frames, as this process encoded them) that a write which
+    stopped after `sent` bytes did not finish: the peer cannot have read
+    them.  Frames written whole are not counted: the peer may have them."""
+    out: list[tuple] = []
+    pos, end = 0, len(data)
+    unpack = SLOT.unpack_from
+    while pos + _HSIZE <= end:
+        blen, _kind, flags, nbufs, _rid, _budget_ = _unpack(data, pos)
+        head = pos + _HSIZE
+        if flags & FLAG_SLOTS:
+            stop = head + nbufs * SLOT.size + blen
+        else:
+            lengths = [_BUFLEN.unpack_from(data, head + 8 * i)[0] for i in range(nbufs)] \
+                if head + 8 * nbufs <= end else []
+            stop = head + 8 * nbufs + blen + sum(lengths)
+        if stop > sent and flags & FLAG_SLOTS:
+            for i in range(nbufs):
+                op, typ, _zero, arena, offset, length = unpack(data, head + i * SLOT.size)
+                out.append((op, typ, arena, offset, length))
+        pos = stop
+    return out
 
 
 def _budget(budget: float) -> float:
