@@ -534,3 +534,6 @@ def test_unsent_slot_entries_are_those_of_frames_a_write_did_not_finish():
     assert frames.unsent_slot_entries(data, len(data) - 1) == [buf, notice]
     assert frames.unsent_slot_entries(data, len(data)) == []
     assert frames.unsent_slot_entries(plain + oob, 0) == []
+    # a frame cut short ends the walk (never raises: it runs while a send fails)
+    assert frames.unsent_slot_entries(data[:len(first) + 5], 0) == [notice]
+    assert frames.unsent_slot_entries(last[:HEADER.size + 3], 0) == []

@@ -282,7 +282,8 @@ class Pipe:
                     try:
                         sent = self.ch.send_nowait(frame)
                     except OSError as e:
-                        self.ch.unsent(frame, 0)    # its notices are owed again
+                        if isinstance(e, ConnectionError):  # the peer is gone: not sent
+                            self.ch.unsent(frame, 0)        # (its notices are owed again)
                         # this call fails; calls in flight are the reader's to settle
                         # (it breaks the pipe at EOF, after reading what came)
                         if fut is not None:

@@ -21,8 +21,9 @@ Rules it keeps:
   out-of-band buffers for a large one, or, on a connection that agreed to
   use shared memory (`attach_slots`), `sendall` of a frame whose buffers
   were copied into slots: `send_buffers`).  A write of frames with slot
-  entries that fails with an OSError gives the link back the slots and
-  notices of the frames it did not finish (`_send_owning`, `unsent`).
+  entries that fails with a ConnectionError gives the link back the slots
+  and notices of the frames it did not finish (`_send_owning`, `unsent`);
+  after any other exception the peer may have the whole frame.
 - Notices owed to the peer (slot releases, `transport.slots`) ride only on
   whole frames this channel writes with `send_bytes` or `send_buffers`, or
   in a NOTICE frame of their own put in front of frames written together
@@ -156,11 +157,13 @@ class Channel:
         self.sock.sendall(data)
 
     def _send_owning(self, data: bytes) -> None:
-        """`sendall` of whole frames that may hold slot entries: if it fails with
-        an OSError (a broken connection), the frames it did not finish never
-        reach the peer, so their slots and notices are the link's again
-        (`SlotLink.unsent`).  Any other exception (Ctrl-C) leaves them: the
-        frame may have gone out whole."""
+        """`sendall` of whole frames that may hold slot entries: if a write fails
+        with a ConnectionError (the peer is gone: EPIPE, ECONNRESET), the frames
+        it did not finish never reach the peer, so their slots and notices are
+        the link's again (`SlotLink.unsent`).  Any other exception leaves them:
+        it may come from a signal handler after the kernel took the whole
+        frame (Ctrl-C, an alarm), and the peer would then use slots freed here
+        and refuse releases owed twice."""
         sent = 0
         send = self.sock.send
         try:
@@ -169,7 +172,7 @@ class Channel:
                 with memoryview(data) as view:
                     while sent < len(data):
                         sent += send(view[sent:])
-        except OSError:
+        except ConnectionError:
             self.unsent(data, sent)
             raise
 

@@ -181,9 +181,10 @@ def add_slot_entries(frame: bytes, entries: list | tuple) -> bytes:
 
 def unsent_slot_entries(data: bytes, sent: int) -> list[tuple]:
     """The slot entries `(op, type, arena, offset, length)` of the frames in
-    `data` (whole frames, as this process encoded them) that a write which
-    stopped after `sent` bytes did not finish: the peer cannot have read
-    them.  Frames written whole are not counted: the peer may have them."""
+    `data` that a write which stopped after `sent` bytes did not finish: the
+    peer cannot have read them.  Frames written whole are not counted: the
+    peer may have them.  `data` is whole frames as this process encoded
+    them, from a frame boundary on; a frame cut short ends the walk."""
     out: list[tuple] = []
     pos, end = 0, len(data)
     unpack = SLOT.unpack_from
@@ -191,16 +192,19 @@ def unsent_slot_entries(data: bytes, sent: int) -> list[tuple]:
         blen, _kind, flags, nbufs, _rid, _budget_ = _unpack(data, pos)
         head = pos + _HSIZE
         if flags & FLAG_SLOTS:
-            stop = head + nbufs * SLOT.size + blen
+            table_end = head + nbufs * SLOT.size
+            if table_end > end:
+                break
+            if table_end + blen > sent:
+                for i in range(nbufs):
+                    op, typ, _zero, arena, offset, length = unpack(data, head + i * SLOT.size)
+                    out.append((op, typ, arena, offset, length))
+            pos = table_end + blen
         else:
-            lengths = [_BUFLEN.unpack_from(data, head + 8 * i)[0] for i in range(nbufs)] \
-                if head + 8 * nbufs <= end else []
-            stop = head + 8 * nbufs + blen + sum(lengths)
-        if stop > sent and flags & FLAG_SLOTS:
-            for i in range(nbufs):
-                op, typ, _zero, arena, offset, length = unpack(data, head + i * SLOT.size)
-                out.append((op, typ, arena, offset, length))
-        pos = stop
+            if head + 8 * nbufs > end:
+                break
+            pos = head + 8 * nbufs + blen + sum(
+                _BUFLEN.unpack_from(data, head + 8 * i)[0] for i in range(nbufs))
     return out
 
 
