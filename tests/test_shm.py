@@ -385,6 +385,73 @@ def test_a_frame_that_never_left_gives_its_slots_and_notices_back(path):
         pool.shrink(0)
 
 
+# -- what a child the manager forks holds -------------------------------------------------
+
+def _manager_lends(link, offset: int):
+    """A mapping lent to the manager from slot (1, offset) of a client's arena,
+    released through `link` when it goes (as `SlotLink._lend` makes them)."""
+    import mmap
+    import weakref
+
+    from procshare.transport import slots
+    m = mmap.mmap(-1, 4096)
+    slots._lent_by_manager[m] = (link.serial, 1, offset)
+    link.lent_ranges[1, offset] = 4096
+    weakref.finalize(m, slots._lent_gone, weakref.ref(link), os.getpid(), 1, offset, 4096)
+    return m
+
+
+def test_a_fork_hold_lasts_while_a_grandchild_runs_and_ends_at_an_exec():
+    """A manager's forked child that forks again and exits: its child still
+    holds the slots lent when the first fork happened.  A program run with
+    exec (a subprocess with preexec_fn runs the fork hooks) holds nothing."""
+    from procshare.transport import slots
+
+    pool = shm.ArenaPool(arena_size=4 * MiB)
+    link = slots.SlotLink(pool, "client", lend=True)     # a manager's link
+    holds = slots._fork_holds
+
+    def released():
+        holds.release_ready()
+        return [n[3] for n in link.notices]
+
+    go_r, go_w = os.pipe()
+    m = _manager_lends(link, 4096)
+    pid = os.fork()
+    if pid == 0:                                    # the child: forks, then exits
+        try:
+            if os.fork() == 0:
+                os.close(go_w)
+                os.read(go_r, 1)                    # the grandchild waits for EOF
+        finally:
+            os._exit(0)
+    os.close(go_r)
+    proc = None
+    try:
+        os.waitpid(pid, 0)                          # the child is gone ...
+        del m                                       # ... and the manager drops the slot
+        assert released() == [], "released while a grandchild of the fork holds it"
+        os.close(go_w)                              # the grandchild exits
+        go_w = -1
+        assert poll(lambda: released() == [4096], 10, 0.02), released()
+
+        m = _manager_lends(link, 8192)
+        proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                                stdin=subprocess.PIPE, close_fds=False,
+                                preexec_fn=lambda: None)
+        del m
+        assert poll(lambda: released() == [4096, 8192], 10, 0.02), \
+            "a program started with exec held a slot"
+        assert proc.poll() is None                  # still running: it never held it
+    finally:
+        if go_w >= 0:
+            os.close(go_w)                          # (never leave the grandchild waiting)
+        if proc is not None:
+            proc.stdin.close()
+            proc.wait(10)
+        pool.shrink(0)
+
+
 # -- a client SIGKILLed while it holds slots -------------------------------------------------
 
 def _serve_slots(pool: shm.ArenaPool, sock: socket.socket, owner: str, log: list) -> None:

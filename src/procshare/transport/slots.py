@@ -523,9 +523,9 @@ class SlotLink:
         return encode_slot_frame(_NOTICE, 0, b"", entries) if entries else None
 
     def unsent(self, data: bytes, sent: int) -> None:
-        """A write of `data` (whole frames made here) failed with an OSError
-        after `sent` bytes: the frames it did not finish never reach the
-        peer.  Their buffers' slots are free again, and their notices are
+        """A write of `data` (whole frames made here) failed with a
+        ConnectionError after `sent` bytes: the frames it did not finish never
+        reach the peer.  Their buffers' slots are free again, and their notices are
         owed again (they ride on the next frame).  Before, those slots stayed
         leased to the peer, and its slots named in the notices stayed leased
         to us, until the link closed."""
