@@ -675,3 +675,23 @@ def chaos_worker(w, counter, lst, q, d, stop, ops_done):
         with ops_done.get_lock():
             ops_done.value += 1
     return acked
+
+
+def hold_unnamed_durable(address, authkey, conn) -> str:
+    """Make an unnamed durable dict, report its id, and keep it; when told
+    ("go"), use it (after the manager restarted: re-attaching) and report its
+    items; then wait to be told to end."""
+    import procshare
+    m = procshare.SyncManager(address=address, authkey=authkey)
+    m.connect()
+    d = m.dict(durable=True)
+    d["x"] = 1
+    conn.send(d._id)
+    if not conn.poll(60):
+        return "never told to go"
+    conn.recv()
+    d["y"] = 2
+    conn.send(sorted(d.items()))
+    if not conn.poll(60):
+        return "never told to end"
+    return "ended"

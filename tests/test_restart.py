@@ -286,3 +286,50 @@ def test_a_killed_supervisor_process_leaves_no_orphan(mp_ctx):
         assert "supervisor process" in str(info.value), str(info.value)
     finally:
         m.shutdown()
+
+
+WAIT = 15.0
+
+
+def test_after_a_crash_what_only_dead_clients_held_goes(monkeypatch):
+    """Unnamed durable objects stay through a crash for the clients that come
+    back.  Once every client of the crashed server is back or dead (and the
+    time a proxy in transit has passed), those only dead clients held are
+    released; a client that is alive but silent keeps them all in place."""
+    from procshare.server.server import Server
+    monkeypatch.setitem(Server.__init__.__kwdefaults__, "loan_ttl", 1.0)
+    fork = multiprocessing.get_context("fork")
+    with procshare.SyncManager(ctx=fork) as m:
+        mine = m.list([1], durable=True)
+        pipes, kids = [], []
+        try:
+            for _ in range(2):
+                a, b = fork.Pipe()
+                kids.append(_workers.start_child(fork, _workers.hold_unnamed_durable,
+                                                 m.address, bytes(m._authkey), b))
+                b.close()
+                pipes.append(a)
+            assert all(p.poll(WAIT) and p.recv() for p in pipes)
+            assert m._number_of_objects() == 3
+            pid0 = m.pid
+            os.kill(pid0, signal.SIGKILL)
+            kids[0].kill()                      # dies while the manager is down
+            mine.append(2)                      # this process comes back (re-attaches)
+            assert m.pid != pid0
+
+            def log():
+                return "\n".join(m._control("server_info")["log"])
+
+            # the other child is alive but silent: everything recovered stays
+            assert poll(lambda: "not back and not known dead" in log(), WAIT), log()
+            assert m._number_of_objects() == 3
+            pipes[1].send("go")                 # it comes back: nobody else is awaited
+            assert pipes[1].poll(WAIT) and pipes[1].recv() == [("x", 1), ("y", 2)]
+            assert poll(lambda: m._number_of_objects() == 2, WAIT), log()
+            assert "released 1 recovered durable object(s)" in log()
+            assert list(mine) == [1, 2]
+            pipes[1].send("end")
+            assert kids[1].result(WAIT) == "ended"
+        finally:
+            for k in kids:
+                k.kill()

@@ -410,11 +410,11 @@ class Session:
 
     def _reattach(self, conn: Connection) -> None:
         """On the first control connection to a restarted manager: take back
-        the references of this process's proxies to durable objects."""
+        the references of this process's proxies to durable objects (also
+        when there are none: the manager then knows that this process holds
+        nothing it kept for it)."""
         self.reattach_due = False
         idents = [(i, n) for i, n in list(self.durable.items()) if n > 0]
-        if not idents:
-            return
         try:
             kind, missing = conn.call(None, "reattach", (idents,), {}, 20.0)
         except Exception as e:

@@ -2,11 +2,13 @@
 
 Owns: `DurableObjects`, one per server: the journal (opened at the first
 durable object, or at start when the state directory already holds one),
-recovery at start, creating a durable object or attaching to one by name,
-the call path of a durable object (apply and stage under its lock, wait for
-the commit outside it, exactly once per `(client, request)`), re-sent calls
-(`#RETRY`), re-attaching proxies after a restart, forgetting a client's
-stored replies when its lease ends, and closing the journal.  What a call
+recovery at start, the record of the clients that may hold unnamed durable
+objects (`holders.json`) and the end of `@recovered` after a crash, creating
+a durable object or attaching to one by name, the call path of a durable
+object (apply and stage under its lock, wait for the commit outside it,
+exactly once per `(client, request)`), re-sent calls (`#RETRY`),
+re-attaching proxies after a restart, forgetting a client's stored replies
+when its lease ends, and closing the journal.  What a call
 changes and how it replays is `durable.py`'s job; storage is `journal.py`'s.
 
 Rules it keeps:
@@ -21,10 +23,17 @@ Rules it keeps:
   a later program attaches to it by name (and waits for its creation to be
   committed); an unnamed one lives while proxies hold it, like any object,
   and leaves the journal with its last reference.  After a crash, every
-  recovered object is also held by `@recovered` until the manager shuts
-  down cleanly: its clients come back one by one and re-attach under their
-  own ids, one reference per proxy (`reattach`); so an unnamed object that
-  lived through a crash stays until then.
+  recovered object is also held by `@recovered`: its clients come back one
+  by one and re-attach under their own ids, one reference per proxy
+  (`reattach`).  `@recovered` lets go once every client that could hold an
+  unnamed durable object before the crash has re-attached or is dead, and
+  `loan_ttl` has passed (a proxy in transit at the crash is adopted within
+  it): so the objects only dead clients held go.  Who could hold one is the
+  `holders.json` file in the state directory (client id, pid, start time;
+  with an HMAC), written before a client's first reference to an unnamed
+  durable object counts; a client on another host, or one that stays away
+  without dying, keeps `@recovered` in place, as does a missing or
+  unverifiable file.
 - A journal that fails (`JournalError`) costs the call, never the
   connection; a broken one (`JournalBroken`) makes a supervised manager exit,
   so that its successor recovers from the file.
@@ -34,12 +43,16 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 import os
 import secrets
 import threading
+import time
 from typing import Any
 
+from ..transport.processes import start_time
 from ..wire.kinds import Kind
 from ..wire.records import DURABLE_PREFIX
 from . import callctx, journal
@@ -51,6 +64,8 @@ log = logging.getLogger("procshare.durable")
 
 NAMED_HOLDER = "@durable"
 RECOVERED_HOLDER = "@recovered"
+#: in the state directory: the clients that may hold unnamed durable objects
+HOLDERS_FILE = "holders.json"
 MODES = ("snapshot", "journal")
 
 
@@ -82,6 +97,15 @@ class DurableObjects:
         self.journal: journal.Journal | None = None
         self._private: str | None = None    # a directory of our own, removed at close
         self._mu = threading.Lock()
+        #: clients that may hold an unnamed durable object: id -> [pid, start, local]
+        self._holders: dict[str, list] = {}
+        #: after a crash: those of the last server not yet back or known dead
+        #: (None: unknown, so `@recovered` stays)
+        self._pending: dict[str, list] | None = None
+        self._recovered_at = 0.0
+        self._told_waiting = False
+        self._holders_mu = threading.Lock()
+        server.objects.watch(DURABLE_PREFIX + "~", self._first_hold)
         if state_dir is not None and os.path.exists(os.path.join(state_dir, journal.FILENAME)):
             self._open()
             self._recover(fresh)
@@ -108,6 +132,11 @@ class DurableObjects:
             for name in j.names():
                 if name.startswith("~"):
                     j.wait(j.drop(name))    # unnamed, from an earlier program
+            self._save_holders()            # nobody holds those any more
+        else:
+            self._pending = self._load_holders()
+            self._holders = dict(self._pending or {})
+            self._recovered_at = time.monotonic()
         handles = j.recover(self._factory)
         for name, h in handles.items():
             holders = [NAMED_HOLDER] if not name.startswith("~") else []
@@ -310,12 +339,124 @@ class DurableObjects:
                     self.server.objects.incref(holder, ident)
             except KeyError:
                 missing.append(ident)
+        with self._holders_mu:
+            if self._pending is not None:
+                self._pending.pop(holder, None)     # back: it holds what it holds
         return missing
 
     def forget_client(self, client: str) -> None:
-        """`client` is gone for good: its stored replies go (if it has any)."""
+        """`client` is gone for good: its stored replies go (if it has any), and
+        it no longer counts as a holder."""
         if self.journal is not None and self.journal.has_replies(client):
             self.journal.forget_client(client)
+        self.server.objects.unwatch(client)
+        with self._holders_mu:
+            if self._pending is not None:
+                self._pending.pop(client, None)
+            if self._holders.pop(client, None) is not None:
+                self._save_holders()
+
+    # -- who may hold an unnamed durable object, across a crash -------------------
+    def _first_hold(self, client: str) -> None:
+        """(under the registry's mutex, before the reference counts) `client`
+        takes its first reference to an unnamed durable object: record it."""
+        rec = self.server.leases.records.get(client)
+        pid = rec.pid if rec is not None else None
+        local = bool(rec is not None and rec.local)
+        start = start_time(pid) if local and pid else None
+        with self._holders_mu:
+            self._holders[client] = [pid, start, local]
+            self._save_holders()
+
+    def _holders_path(self) -> str | None:
+        return None if self.state_dir is None else os.path.join(self.state_dir, HOLDERS_FILE)
+
+    def _holders_mac(self, body: bytes) -> str:
+        j = self._open()
+        return j._mac(b"holders\0" + body).hex()
+
+    def _save_holders(self) -> None:
+        """Replace the file whole (with `_holders_mu` held).  If it cannot be
+        written, none is left: after a crash `@recovered` then stays."""
+        path = self._holders_path()
+        if path is None:
+            return
+        body = json.dumps(self._holders, sort_keys=True).encode()
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                         | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            try:
+                os.write(fd, json.dumps({"clients": body.decode(),
+                                         "mac": self._holders_mac(body)}).encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except (OSError, journal.JournalError) as e:
+            log.warning("could not record the holders of unnamed durable objects in %s "
+                        "(%s): after a crash, they stay until a clean shutdown", path, e)
+            for f in (tmp, path):
+                try:
+                    os.unlink(f)
+                except OSError:
+                    pass
+
+    def _load_holders(self) -> dict[str, list] | None:
+        path = self._holders_path()
+        try:
+            with open(path, "rb") as f:        # type: ignore[arg-type]
+                doc = json.loads(f.read())
+            body = doc["clients"].encode()
+            if not hmac.compare_digest(doc["mac"], self._holders_mac(body)):
+                raise ValueError("its HMAC does not match")
+            got = json.loads(body)
+            if not isinstance(got, dict) or not all(
+                    isinstance(v, list) and len(v) == 3 for v in got.values()):
+                raise ValueError("not a table of clients")
+            return {str(c): list(v) for c, v in got.items()}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            self.server.note(f"the record of the clients that held unnamed durable objects "
+                             f"({path}) is unreadable ({e}): the objects recovered now "
+                             "stay until a clean shutdown")
+            return None
+
+    def settle_recovered(self) -> None:
+        """(about once a second) After a crash: drop the clients of the last
+        server that are dead now; once none is left and `loan_ttl` has passed,
+        `@recovered` lets go, and what only it held goes."""
+        pending = self._pending
+        if pending is None:
+            return
+        try:
+            dead = []
+            with self._holders_mu:
+                for client, (pid, start, local) in list(pending.items()):
+                    if local and pid and start is not None and start_time(pid) != start:
+                        dead.append(client)
+                        del pending[client]
+                        self._holders.pop(client, None)
+                if dead:
+                    self._save_holders()
+                if time.monotonic() - self._recovered_at < self.server.loan_ttl:
+                    return
+                if pending:
+                    if not self._told_waiting:
+                        self._told_waiting = True
+                        pids = sorted(str(v[0]) for v in pending.values())
+                        self.server.note(
+                            f"{len(pending)} client(s) of the crashed server (pid "
+                            f"{', '.join(pids[:5])}) are not back and not known dead: the "
+                            "durable objects recovered stay until they are (or until a "
+                            "clean shutdown)")
+                    return
+                self._pending = None
+            freed = self.server.objects.release_holder(RECOVERED_HOLDER)
+            self.server.note(f"every client of the crashed server is back or gone: released "
+                             f"{freed} recovered durable object(s) that nobody holds")
+        except Exception:       # this runs in the server's main loop: never end it
+            log.warning("settling the recovered durable objects failed", exc_info=True)
 
     def close(self) -> None:
         """At a clean shutdown: commit and close the journal (a private

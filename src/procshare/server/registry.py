@@ -15,6 +15,11 @@ Rules it keeps:
 - Objects are dropped outside the mutex: dropping one may release nested
   proxies, which come back here.  So do the drop hooks (`add(on_drop=)`,
   how a durable object leaves the journal).
+- `watch(prefix, fn)`: `fn(client)` runs, under the mutex and before the
+  reference is counted, the first time a client (not `@...`, not a loan)
+  takes a reference to an object whose id starts with `prefix` (how the
+  durable objects record who may hold one across a crash); `unwatch(client)`
+  forgets it.
 """
 
 from __future__ import annotations
@@ -89,6 +94,16 @@ class Registry:
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(2)
         self.on_drop: dict[str, Any] = {}     # id -> called when its last reference goes
+        self._watch: tuple[str, Any] | None = None  # (id prefix, fn(client))
+        self._watched: set[str] = set()             # clients fn was called for
+
+    def watch(self, prefix: str, fn: Any) -> None:
+        with self.mutex:
+            self._watch = (prefix, fn)
+
+    def unwatch(self, client: str) -> None:
+        with self.mutex:
+            self._watched.discard(client)
 
     # -- objects -------------------------------------------------------------
     def add(self, entry: Entry, holder: str, ident: str | None = None,
@@ -121,6 +136,11 @@ class Registry:
     def _incref(self, holder: str, ident: str, n: int = 1) -> None:
         if ident not in self.refcount:
             raise NoSuchObject(ident)
+        watch = self._watch
+        if (watch is not None and holder not in self._watched and ident.startswith(watch[0])
+                and not holder.startswith(("@", LOAN_PREFIX))):
+            watch[1](holder)        # first: if it raises, nothing is counted
+            self._watched.add(holder)
         self.refcount[ident] += n
         held = self.holders.setdefault(holder, {})
         held[ident] = held.get(ident, 0) + n

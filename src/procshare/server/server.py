@@ -245,6 +245,7 @@ class Server:
             try:
                 while not self.stop_event.wait(1.0):
                     self.objects.expire_loans()
+                    self.durables.settle_recovered()
             except (KeyboardInterrupt, SystemExit):
                 pass
         finally:

@@ -1,8 +1,9 @@
 """Processes: is a client process on this host still alive, and waiting until it is not.
 
-Owns: `host_identity()` (which processes can see each other's pids) and
-`ProcessHandle`, the one place that watches another process: a pidfd where
-the kernel has them, else `kill(pid, 0)` and `/proc`.
+Owns: `host_identity()` (which processes can see each other's pids),
+`start_time()` (with a pid, a name for one process that survives this one),
+and `ProcessHandle`, the one place that watches another process: a pidfd
+where the kernel has them, else `kill(pid, 0)` and `/proc`.
 
 Rules it keeps:
 - A handle is opened while the process is known to be alive (it just
@@ -19,7 +20,7 @@ import socket
 
 from .channel import readable_within
 
-__all__ = ["host_identity", "ProcessHandle"]
+__all__ = ["host_identity", "ProcessHandle", "start_time"]
 
 
 def host_identity() -> tuple[str, str | None]:
@@ -37,6 +38,23 @@ def _proc_state(pid: int) -> str | None:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return f.read().rsplit(b")", 1)[1].split()[0].decode()
     except (OSError, IndexError):
+        return None
+
+
+def start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, from /proc), or None
+    if it is gone, a zombie, or unknown here: with its pid, it names one
+    process for good (a pid reused later has another start time)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if len(fields) < 20 or fields[0] in (b"Z", b"X"):
+        return None
+    try:
+        return int(fields[19])
+    except ValueError:
         return None
 
 
