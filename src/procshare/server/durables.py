@@ -33,7 +33,8 @@ Rules it keeps:
   with an HMAC), written before a client's first reference to an unnamed
   durable object counts; a client on another host, or one that stays away
   without dying, keeps `@recovered` in place, as does a missing or
-  unverifiable file.
+  unverifiable file (after which no file is written until a fresh start:
+  a record made then would omit the holders of before).
 - A journal that fails (`JournalError`) costs the call, never the
   connection; a broken one (`JournalBroken`) makes a supervised manager exit,
   so that its successor recovers from the file.
@@ -104,6 +105,7 @@ class DurableObjects:
         self._pending: dict[str, list] | None = None
         self._recovered_at = 0.0
         self._told_waiting = False
+        self._unknown = False       # a crash found no record: none is trusted again
         self._holders_mu = threading.Lock()
         server.objects.watch(DURABLE_PREFIX + "~", self._first_hold)
         if state_dir is not None and os.path.exists(os.path.join(state_dir, journal.FILENAME)):
@@ -137,6 +139,9 @@ class DurableObjects:
             self._pending = self._load_holders()
             self._holders = dict(self._pending or {})
             self._recovered_at = time.monotonic()
+            # no record: who held what before is unknown, so it stays unknown (no file
+            # is written again) until a fresh start; every crash keeps everything
+            self._unknown = self._pending is None
         handles = j.recover(self._factory)
         for name, h in handles.items():
             holders = [NAMED_HOLDER] if not name.startswith("~") else []
@@ -379,7 +384,9 @@ class DurableObjects:
         """Replace the file whole (with `_holders_mu` held).  If it cannot be
         written, none is left: after a crash `@recovered` then stays."""
         path = self._holders_path()
-        if path is None:
+        if path is None or self.journal is None:    # (closed: a late lease end)
+            return
+        if self._unknown:
             return
         body = json.dumps(self._holders, sort_keys=True).encode()
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -395,7 +402,7 @@ class DurableObjects:
         except (OSError, journal.JournalError) as e:
             log.warning("could not record the holders of unnamed durable objects in %s "
                         "(%s): after a crash, they stay until a clean shutdown", path, e)
-            for f in (tmp, path):
+            for f in (path, tmp):     # none left: a crash then keeps everything
                 try:
                     os.unlink(f)
                 except OSError:
