@@ -335,3 +335,25 @@ def test_after_a_crash_what_only_dead_clients_held_goes(monkeypatch):
                 k.kill()
             for p in pipes:
                 p.close()
+
+
+def test_a_durable_object_holding_a_proxy_to_another_survives_a_crash(monkeypatch):
+    """A durable list holds a proxy to an unnamed durable dict that no client
+    holds.  Recovery rebuilds that proxy before the dict is back: it takes its
+    reference once every object is (the restart gave up here: the rebuilt
+    proxy connected to the server that was still recovering), so the dict
+    outlives the end of `@recovered` too."""
+    from procshare.server.server import Server
+    monkeypatch.setitem(Server.__init__.__kwdefaults__, "loan_ttl", 0.5)
+    with procshare.SyncManager(ctx=multiprocessing.get_context("fork")) as m:
+        outer = m.list(durable=True, name="outer")
+        inner = m.dict(durable=True)
+        inner["k"] = 1
+        outer.append(inner)
+        del inner
+        pid0 = m.pid
+        os.kill(pid0, signal.SIGKILL)
+        assert len(outer) == 1
+        assert m.pid != pid0 and m.restarts == 1
+        assert poll(lambda: "back or gone" in "\n".join(m._control("server_info")["log"]), WAIT)
+        assert dict(outer[0]) == {"k": 1}

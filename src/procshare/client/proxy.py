@@ -33,7 +33,7 @@ from multiprocessing.context import get_spawning_popen
 from typing import Any
 
 from ..errors import ObjectLost, object_lost
-from ..inprocess import local_server
+from ..inprocess import local_server, recovering
 from ..wire import serializers
 from ..wire.kinds import Kind
 from ..wire.records import DURABLE_PREFIX, Token
@@ -323,7 +323,16 @@ def RebuildProxy(func: Any, token: Token, serializer: Any, kwds: dict) -> Any:
     incref = kwds.pop("incref", True)
     if attrs is not None and func is AutoProxy:
         kwds["attributes"] = attrs
-    proxy = func(token, serializer, incref=incref and loan is None, **kwds)
+    rebuilt = recovering()
+    if rebuilt is not None and kwds.get("manager_owned"):
+        # a proxy stored in a durable object, rebuilt while the manager recovers:
+        # its object may not be back yet, so its reference is taken after
+        proxy = func(token, serializer, incref=False, **kwds)
+        proxy._track()
+        rebuilt.append(weakref.ref(proxy))
+        loan = None
+    else:
+        proxy = func(token, serializer, incref=incref and loan is None, **kwds)
     if loan is not None:
         proxy._adopt(loan)
     if timeout is not _UNSET:

@@ -35,6 +35,10 @@ Rules it keeps:
   without dying, keeps `@recovered` in place, as does a missing or
   unverifiable file (after which no file is written until a fresh start:
   a record made then would omit the holders of before).
+- A proxy stored in a durable object (a durable list of durable dicts) is
+  rebuilt during recovery as the server's own (`inprocess.begin_recovery`),
+  without a reference, and takes it once every object is back
+  (`_hold_rebuilt`): its object may be recovered after the one holding it.
 - A journal that fails (`JournalError`) costs the call, never the
   connection; a broken one (`JournalBroken`) makes a supervised manager exit,
   so that its successor recovers from the file.
@@ -53,6 +57,7 @@ import threading
 import time
 from typing import Any
 
+from .. import inprocess
 from ..transport.processes import start_time
 from ..wire.kinds import Kind
 from ..wire.records import DURABLE_PREFIX
@@ -142,7 +147,11 @@ class DurableObjects:
             # no record: who held what before is unknown, so it stays unknown (no file
             # is written again) until a fresh start; every crash keeps everything
             self._unknown = self._pending is None
-        handles = j.recover(self._factory)
+        before = inprocess.begin_recovery(self.server)
+        try:
+            handles = j.recover(self._factory)
+        finally:
+            rebuilt = inprocess.end_recovery(before)
         for name, h in handles.items():
             holders = [NAMED_HOLDER] if not name.startswith("~") else []
             if not fresh:
@@ -156,9 +165,26 @@ class DurableObjects:
                 continue
             for extra in holders[1:]:
                 self.server.objects.incref(extra, DURABLE_PREFIX + name)
+        self._hold_rebuilt(rebuilt)
         if handles:
             self.server.note(f"recovered {len(handles)} durable object(s) from "
                              f"{j.path}")
+
+    def _hold_rebuilt(self, rebuilt: list) -> None:
+        """Proxies that recovered objects hold (a durable list of durable
+        dicts, say) take their references now that every object is back; one
+        whose object did not survive (it was not durable) refers to nothing."""
+        alive = [p for p in (r() for r in rebuilt) if p is not None]
+        lost = set()
+        for proxy in alive:
+            try:
+                self.server.local_incref(proxy._id)
+            except KeyError:
+                lost.add(proxy._id)
+        if lost:
+            self.server.note(f"{len(lost)} object(s) that recovered durable objects refer "
+                             f"to did not survive the crash (they were not durable): "
+                             f"{sorted(lost)[:5]}")
 
     def _register(self, h: journal.Durable, holder: str) -> tuple:
         server = self.server
