@@ -48,6 +48,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import gc
 import hmac
 import json
 import logging
@@ -173,7 +174,13 @@ class DurableObjects:
     def _hold_rebuilt(self, rebuilt: list) -> None:
         """Proxies that recovered objects hold (a durable list of durable
         dicts, say) take their references now that every object is back; one
-        whose object did not survive (it was not durable) refers to nothing."""
+        whose object did not survive (it was not durable) refers to nothing.
+        Garbage goes first: a proxy in a cycle left by the replay would take a
+        reference here and give it back only once this process's server is
+        set again, or never."""
+        if not rebuilt:
+            return
+        gc.collect()
         alive = [p for p in (r() for r in rebuilt) if p is not None]
         lost = set()
         for proxy in alive:
