@@ -43,7 +43,9 @@ Rules it keeps:
   connection; a broken one (`JournalBroken`) makes a supervised manager exit,
   so that its successor recovers from the file.
 - A fresh start (not a restart) drops the unnamed objects an earlier program
-  left in a state directory: no proxy can name them any more.
+  left in a state directory: no client proxy can name them any more (a
+  proxy a named object stored then names a dropped object; see
+  `_hold_rebuilt`).
 """
 
 from __future__ import annotations
