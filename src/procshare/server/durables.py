@@ -436,7 +436,9 @@ class DurableObjects:
             os.replace(tmp, path)
         except (OSError, journal.JournalError) as e:
             log.warning("could not record the holders of unnamed durable objects in %s "
-                        "(%s): after a crash, they stay until a clean shutdown", path, e)
+                        "(%s): after a crash of this manager, every unnamed durable object "
+                        "stays until a clean shutdown, even those only dead clients held. "
+                        "Free space or fix the permissions there.", path, e)
             for f in (path, tmp):     # none left: a crash then keeps everything
                 try:
                     os.unlink(f)

@@ -32,30 +32,30 @@ def host_identity() -> tuple[str, str | None]:
     return socket.gethostname(), ns
 
 
-def _proc_state(pid: int) -> str | None:
-    """The state letter of `pid` from /proc (None if unknown or gone)."""
+def _stat(pid: int) -> list[bytes]:
+    """The fields of /proc/<pid>/stat after the command name (the state letter
+    first); [] if unknown or gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+            return f.read().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
-        return None
+        return []
+
+
+def _proc_state(pid: int) -> str | None:
+    """The state letter of `pid` from /proc (None if unknown or gone)."""
+    fields = _stat(pid)
+    return fields[0].decode() if fields else None
 
 
 def start_time(pid: int) -> int | None:
     """When process `pid` started (clock ticks since boot, from /proc), or None
     if it is gone, a zombie, or unknown here: with its pid, it names one
     process for good (a pid reused later has another start time)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
+    fields = _stat(pid)
+    if len(fields) < 20 or fields[0] in (b"Z", b"X") or not fields[19].isdigit():
         return None
-    if len(fields) < 20 or fields[0] in (b"Z", b"X"):
-        return None
-    try:
-        return int(fields[19])
-    except ValueError:
-        return None
+    return int(fields[19])
 
 
 def _pid_alive(pid: int) -> bool:

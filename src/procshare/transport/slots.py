@@ -774,12 +774,11 @@ class _Hold:
     whose write end only the child's side holds (close-on-exec), so the
     hold ends when the last process that inherited it exits or execs."""
 
-    __slots__ = ("alive", "keys", "forming")
+    __slots__ = ("alive", "keys")
 
     def __init__(self, alive: int, keys: set) -> None:
         self.alive = alive
         self.keys = keys
-        self.forming = True     # until the fork returned: slots lent meanwhile join it
 
     def ended(self) -> bool:
         """Every write end is closed (nothing ever writes to it)."""
@@ -806,7 +805,9 @@ class _ForkHolds:
         self.mutex = threading.RLock()      # a finalizer may run under it (gc)
         self.holds: list[_Hold] = []
         self.deferred: dict[tuple, tuple] = {}     # key -> (link ref, arena, offset, length)
-        self.forming: dict[int, tuple[_Hold, int]] = {}    # forking thread -> (hold, write end)
+        #: forking thread -> (hold, write end), until its fork returned: slots
+        #: lent meanwhile join the hold, and it cannot have ended yet
+        self.forming: dict[int, tuple[_Hold, int]] = {}
 
     def before_fork(self) -> None:
         if not _lent_by_manager:
@@ -814,8 +815,10 @@ class _ForkHolds:
         try:
             r, w = os.pipe()        # close-on-exec, both
         except OSError as e:
-            log.warning("a child forked now holds no lent slot (no pipe: %s): one the "
-                        "manager drops may change under it", e)
+            log.warning("a child forked now by the manager (pid %d) holds no lent slot, for "
+                        "want of a pipe (%s): an array the manager drops may change under "
+                        "it. Raise the open-files limit (ulimit -n) of the manager.",
+                        os.getpid(), e)
             return
         hold = _Hold(r, set())
         with self.mutex:
@@ -832,9 +835,7 @@ class _ForkHolds:
         with self.mutex:
             got = self.forming.pop(threading.get_ident(), None)
         if got is not None:
-            hold, w = got
-            hold.forming = False
-            os.close(w)     # the child's copy (if the fork worked) keeps the hold
+            os.close(got[1])    # the child's copy (if the fork worked) keeps the hold
 
     def lent(self, key: tuple) -> None:
         """A slot was just lent: a fork under way may copy it into its child."""
@@ -861,7 +862,8 @@ class _ForkHolds:
         if not self.holds:
             return 0
         with self.mutex:
-            gone = [h for h in self.holds if not h.forming and h.ended()]
+            forming = [hold for hold, _w in self.forming.values()]
+            gone = [h for h in self.holds if h not in forming and h.ended()]
             if not gone:
                 return 0
             for h in gone:
