@@ -82,6 +82,9 @@ MODES = ("snapshot", "journal")
 #: (`managers.BaseManager._create_full`): a create sent again after a crash
 #: finds the object the first one made
 UNNAMED_KEY = "#unnamed"
+#: `call`'s reply for a call that returned None (the server sends it without
+#: serializing anything)
+RETURN_NONE = (Kind.RETURN, None)
 
 
 def durable_option(value: Any) -> str | bool | None:
@@ -346,7 +349,7 @@ class DurableObjects:
         m2t = entry.method_to_typeid
         if m2t and m2t.get(meth):
             return server._proxy_reply(info, m2t[meth], done.value)
-        return (Kind.RETURN, None) if reply is None else reply
+        return RETURN_NONE if reply is None else reply
 
     def sync(self, entry: Entry) -> None:
         """Before a read of the whole object (`#GETVALUE`, repr): its last

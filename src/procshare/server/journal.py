@@ -114,7 +114,25 @@ _PACK_SNAP = struct.Struct(">Qq").pack
 GC_ROWS = 256                   # rows no longer needed are deleted this many at a time
 _NO_SEQ = -1
 _first = itemgetter(0)
+_MAX_INSERT = 16                # rows one INSERT statement takes (see Journal._write)
+_INSERTS = [""] + ["INSERT INTO log VALUES " + ",".join(["(?,?,?,?,?,?,?,?)"] * _n)
+                   for _n in range(1, _MAX_INSERT + 1)]
 _NO_KWDS: dict = {}
+_DELETE_RUN = "DELETE FROM log WHERE id BETWEEN ? AND ?"
+
+
+def _runs(ids: Iterable[int]) -> list[tuple[int, int]]:
+    """Row ids as `(first, last)` runs of consecutive ids, for `_DELETE_RUN`:
+    a compaction deletes thousands of rows, mostly consecutive ones, and one
+    statement a row cost 1.4 us a durable set (and two GIL releases a row)."""
+    out: list[list[int]] = []
+    for i in sorted(ids):
+        if out and i <= out[-1][1] + 1:
+            if i > out[-1][1]:
+                out[-1][1] = i
+        else:
+            out.append([i, i])
+    return [(a, b) for a, b in out]
 
 
 class _HmacSha256:
@@ -536,6 +554,7 @@ class Journal:
         self._garbage: list[int] = []                       # rows to delete in a later commit
         self._create_file()
         self._db = self._connect()
+        self._cur = self._db.cursor()       # commits: a cursor made once (0.7 us a commit)
         try:
             self._mac = _HmacSha256(self._open_meta(bytes(authkey)))
             self._load_index()
@@ -657,7 +676,7 @@ class Journal:
         dead_snaps = [(oid,) for oid in snap_seq if oid not in live]
         if garbage or dead_snaps or forgotten:
             db.execute("BEGIN")
-            db.executemany("DELETE FROM log WHERE id=?", [(r,) for r in garbage])
+            db.executemany(_DELETE_RUN, _runs(garbage))
             db.executemany("DELETE FROM snapshots WHERE oid=?", dead_snaps)
             db.execute("DELETE FROM forgotten WHERE NOT EXISTS (SELECT 1 FROM log WHERE "
                        "log.client = forgotten.client AND log.id <= forgotten.upto)")
@@ -1172,11 +1191,18 @@ class Journal:
                forgets: list) -> None:
         with self._db_lock:
             db = self._db
-            if len(rows) == 1 and not (snaps or objs or drops or deletes or forgets):
-                # the common case: one row, committed by itself (SQLite's autocommit)
-                db.execute("INSERT INTO log VALUES (?,?,?,?,?,?,?,?)", rows[0])
+            if rows and len(rows) <= _MAX_INSERT and not (snaps or objs or drops or deletes
+                                                           or forgets):
+                # the common case: rows only, committed by one statement in SQLite's
+                # autocommit.  Each statement releases the GIL twice (step, reset), and
+                # with several connection threads each release hands the GIL to one
+                # of them: BEGIN, one INSERT a row and COMMIT cost four writers 82 us
+                # a set, one statement 60.
+                n = len(rows)
+                self._cur.execute(_INSERTS[n], rows[0] if n == 1
+                                  else [v for r in rows for v in r])
                 self.stats["commits"] += 1
-                self.stats["rows"] += 1
+                self.stats["rows"] += n
                 return
             db.execute("BEGIN")
             try:
@@ -1192,7 +1218,7 @@ class Journal:
                 if rows:
                     db.executemany("INSERT INTO log VALUES (?,?,?,?,?,?,?,?)", rows)
                 if deletes:
-                    db.executemany("DELETE FROM log WHERE id=?", [(r,) for r in deletes])
+                    db.executemany(_DELETE_RUN, _runs(deletes))
                 if forgets:
                     db.executemany("INSERT OR REPLACE INTO forgotten VALUES (?,?,?)", forgets)
                 db.execute("COMMIT")

@@ -85,7 +85,7 @@ from ..wire.serializers import (
 )
 from . import callctx, sharedarray
 from .callctx import Caller, CallState, DeadlineExpired
-from .durables import UNNAMED_KEY, DurableObjects, durable_option
+from .durables import RETURN_NONE, UNNAMED_KEY, DurableObjects, durable_option
 from .leases import GRACE as LEASE_GRACE
 from .leases import Leases
 from .locktable import LockTable, snapshot
@@ -491,6 +491,14 @@ class Server:
                         self.stop_event.set()
                         return
                     reply = self._control(info, meth, args, kwds)
+                elif entry is not None and entry.durable is not None:
+                    reply = self.durables.call(entry, info, oid, meth, args, kwds)
+                    if reply is RETURN_NONE and rid:    # a set, an append: no value
+                        warns.clear()
+                        call.done_rid = rid
+                        args = kwds = bufs = None
+                        send_bytes(pack_frame(RETURN, rid, none_body))
+                        continue
                 else:
                     reply = self._slow_call(info, oid, meth, args, kwds)
             warns.clear()
