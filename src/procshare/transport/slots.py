@@ -114,8 +114,13 @@ log = logging.getLogger("procshare.slots")
 #: frames whose out-of-band buffers total at least this go through slots
 SLOT_MIN = 64 * 1024
 #: the receiver lends the slot's memory to a buffer (ndarray...) at least this
-#: large; smaller ones are copied
-LEND_MIN = 1 << 20
+#: large; smaller ones are copied.  A lent slot costs its own mapping: mmap,
+#: populating its page table and unmapping it, about 280 us a MiB here, where
+#: a copy into heap memory costs about 70 (an ndarray's round trip: 1 MiB
+#: 0.17 ms copied, 0.47 lent; 3 MiB 0.44 against 0.86).  From the manager's
+#: trim threshold (`TRIM_PIN`) up, a copy is fresh memory, page faults
+#: included, and lending wins (4 MiB: 1.1 ms lent, 1.8 copied).
+LEND_MIN = 4 << 20
 #: bytes objects at least this large are made with huge pages (`fresh_bytes`)
 HUGE_MIN = 32 << 20
 #: the smallest arena (a larger buffer gets an arena of the next power of two)
