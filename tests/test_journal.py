@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, configuration, given, settings
 from hypothesis import strategies as st
 
 from procshare import managers
-from procshare.server import durable, primitives
+from procshare.server import durable, journal, primitives
 from procshare.server.journal import (
     FILENAME,
     Journal,
@@ -778,6 +778,34 @@ def test_stored_replies_are_bounded_per_client(tmp_path):
     j, _ = reopen(tmp_path / "s", keep_replies=4)
     assert not any(j.lookup_reply("A", r) for r in range(1, 11))
     assert [r for r in range(1, 11) if j.lookup_reply("B", r)] == [7, 8, 9, 10]
+    j.close()
+
+
+def test_rows_are_deleted_by_runs_and_only_those():
+    assert journal._runs([]) == []
+    assert journal._runs([7, 3, 5, 4, 10, 3, 11]) == [(3, 5), (7, 7), (10, 11)]
+
+
+def test_a_compaction_deletes_around_the_rows_still_needed(tmp_path):
+    """Rows go in runs (`DELETE ... BETWEEN`); a row whose reply is still
+    kept sits between deleted ones and stays, in memory and in the file."""
+    j = Journal(tmp_path / "s", KEY, keep_replies=2, compact_bytes=1)
+    h = j.create("d", "dict", {})
+    for r in range(1, 41):
+        call(j, h, "__setitem__", r, r, client="A", request=r)
+        if r % 10 == 0:     # B calls now and then: its rows sit among A's
+            call(j, h, "__setitem__", -r, r, client="B", request=r)
+    j.flush(WAIT)
+    assert j.stats["deleted"] > 30
+    kept = {(c, r) for c, r in j._db.execute("SELECT client, request FROM log")
+            if c is not None}
+    assert {("A", 39), ("A", 40), ("B", 30), ("B", 40)} <= kept      # still needed
+    assert len(kept) <= 6, kept     # at most the last evictions wait for the next delete
+    j.close()
+    j, hs = reopen(tmp_path / "s", keep_replies=2)
+    assert [r for r in range(1, 41) if j.lookup_reply("A", r)] == [39, 40]
+    assert [r for r in range(1, 41) if j.lookup_reply("B", r)] == [30, 40]
+    assert hs["d"].obj == {**{r: r for r in range(1, 41)}, **{-r: r for r in (10, 20, 30, 40)}}
     j.close()
 
 
