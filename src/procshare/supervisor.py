@@ -49,6 +49,8 @@ from collections.abc import Callable
 from multiprocessing import connection
 from typing import Any
 
+from .transport.files import replace_file
+
 __all__ = ["Supervisor", "SupervisorView", "RESTART_POLICIES", "describe_exit",
            "check_policy", "StateFile"]
 
@@ -273,11 +275,8 @@ class StateFile:
         self._state: dict | None = None
 
     def write(self, state: dict) -> bool:
-        tmp = f"{self.path}.{os.getpid()}.tmp"
         try:
-            with open(tmp, "wb") as f:
-                f.write(pickle.dumps(state))
-            os.replace(tmp, self.path)
+            replace_file(self.path, pickle.dumps(state))
         except OSError as e:
             log.debug("could not write the supervisor's state: %r", e)
             return False

@@ -31,10 +31,11 @@ import hashlib
 import hmac
 import os
 import stat
-import tempfile
 from typing import Any
 
 from ray import cloudpickle
+
+from ..transport.files import replace_file
 
 __all__ = ["SnapshotStore", "Replies", "derive_key", "prepare_dir", "StateTampered"]
 
@@ -127,20 +128,7 @@ class SnapshotStore:
     def save(self, state: dict) -> None:
         body = cloudpickle.dumps(state)
         mac = hmac.new(self.key, body, hashlib.sha256).digest()
-        fd, tmp = tempfile.mkstemp(prefix=".snap-", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC + mac + body)
-                if self.fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        replace_file(self.path, MAGIC + mac + body, fsync=self.fsync)
 
     def remove(self) -> None:
         remove_file(self.path)

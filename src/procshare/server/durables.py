@@ -61,6 +61,7 @@ import time
 from typing import Any
 
 from .. import inprocess
+from ..transport.files import replace_file
 from ..transport.processes import start_time
 from ..wire.kinds import Kind
 from ..wire.records import DURABLE_PREFIX
@@ -427,26 +428,18 @@ class DurableObjects:
         if self._unknown:
             return
         body = json.dumps(self._holders, sort_keys=True).encode()
-        tmp = f"{path}.{os.getpid()}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-                         | getattr(os, "O_NOFOLLOW", 0), 0o600)
-            try:
-                os.write(fd, json.dumps({"clients": body.decode(),
-                                         "mac": self._holders_mac(body)}).encode())
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+            replace_file(path, json.dumps({"clients": body.decode(),
+                                           "mac": self._holders_mac(body)}).encode())
         except (OSError, journal.JournalError) as e:
             log.warning("could not record the holders of unnamed durable objects in %s "
                         "(%s): after a crash of this manager, every unnamed durable object "
                         "stays until a clean shutdown, even those only dead clients held. "
                         "Free space or fix the permissions there.", path, e)
-            for f in (path, tmp):     # none left: a crash then keeps everything
-                try:
-                    os.unlink(f)
-                except OSError:
-                    pass
+            try:                        # none left: a crash then keeps everything
+                os.unlink(path)
+            except OSError:
+                pass
 
     def _load_holders(self) -> dict[str, list] | None:
         path = self._holders_path()
