@@ -164,6 +164,35 @@ def test_a_named_object_outlives_the_program_with_state_dir(tmp_path):
         assert ids == {again._id}       # the unnamed list of the first run is gone
 
 
+def test_proxies_in_durable_objects_outlive_the_program_on_a_new_address(tmp_path):
+    """A named durable list holds proxies to named durable objects.  The next
+    program's manager listens at another address: the stored proxies are
+    bound to it (before, they kept the old address, and the manager could
+    not even start: recovery tried to reach the old one)."""
+    state = tmp_path / "state"
+    with procshare.SyncManager(state_dir=state) as m:
+        first = m.address
+        inner = m.dict(durable=True, name="inner")
+        inner["a"] = 1
+        outer = m.list(durable=True, name="outer")
+        outer.append(inner)
+        outer.append({"plain": inner})          # a proxy inside a value
+        assert outer[0]["a"] == 1
+    with procshare.SyncManager(state_dir=state) as m:
+        assert m.address != first
+        outer = m.list(durable=True, name="outer")
+        stored = outer[0]
+        assert stored._token.address == m.address
+        assert stored["a"] == 1
+        stored["b"] = 2
+        assert outer[1]["plain"]["b"] == 2
+        assert dict(m.dict(durable=True, name="inner")) == {"a": 1, "b": 2}
+        assert outer.pop(0)["b"] == 2           # a stored reply with a proxy in it
+    with procshare.SyncManager(state_dir=state) as m:
+        outer = m.list(durable=True, name="outer")
+        assert len(outer) == 1 and dict(outer[0]["plain"]) == {"a": 1, "b": 2}
+
+
 def test_an_unsafe_state_dir_is_refused(tmp_path):
     state = tmp_path / "shared"
     state.mkdir(mode=0o777)

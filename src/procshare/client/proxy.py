@@ -33,7 +33,7 @@ from multiprocessing.context import get_spawning_popen
 from typing import Any
 
 from ..errors import ObjectLost, object_lost
-from ..inprocess import local_server, recovering
+from ..inprocess import local_server, pickling_for_journal, recovering
 from ..wire import serializers
 from ..wire.kinds import Kind
 from ..wire.records import DURABLE_PREFIX, Token
@@ -242,6 +242,13 @@ class BaseProxy:
     # -- pickling -------------------------------------------------------------------
     def __reduce__(self) -> tuple:
         kwds: dict[str, Any] = {}
+        if pickling_for_journal() and self._is_local():
+            # a record of this manager's journal: no address and no loan, so
+            # that the manager that loads it binds the proxy to itself
+            # (RebuildProxy), wherever it listens then
+            token = Token(self._token.typeid, None, self._id)
+            kwds["own"] = True
+            return self._reduced(token, kwds)
         if get_spawning_popen() is not None:
             kwds["authkey"] = bytes(self._authkey)
         if self._is_local():
@@ -253,6 +260,9 @@ class BaseProxy:
         while len(_recent_loans) > _RECENT_LOANS:
             _recent_loans.popitem(last=False)
         kwds["loan"] = loan
+        return self._reduced(self._token, kwds)
+
+    def _reduced(self, token: Token, kwds: dict) -> tuple:
         if self._timeout is not _UNSET:
             kwds["timeout"] = self._timeout
         if getattr(self, "_isauto", False):
@@ -260,8 +270,8 @@ class BaseProxy:
             attrs = getattr(self, "_attributes_", ())
             if attrs:
                 kwds["attributes"] = attrs
-            return (RebuildProxy, (AutoProxy, self._token, self._serializer, kwds))
-        return (RebuildProxy, (type(self), self._token, self._serializer, kwds))
+            return (RebuildProxy, (AutoProxy, token, self._serializer, kwds))
+        return (RebuildProxy, (type(self), token, self._serializer, kwds))
 
     def __deepcopy__(self, memo: dict) -> Any:
         return self._getvalue()
@@ -318,6 +328,13 @@ def RebuildProxy(func: Any, token: Token, serializer: Any, kwds: dict) -> Any:
     timeout = kwds.pop("timeout", _UNSET)
     attrs = kwds.pop("attributes", None)
     server = local_server()
+    if kwds.pop("own", False):
+        # from a manager's journal: a proxy to the manager that loads it
+        if server is None:
+            raise RuntimeError(f"a proxy to {token.typeid} object {token.id!r} stored in a "
+                               "manager's journal can only be loaded by that manager")
+        token = Token(token.typeid, server.address, token.id)
+        kwds["authkey"] = server.authkey
     if server is not None and server.address == token.address:
         kwds["manager_owned"] = True
     incref = kwds.pop("incref", True)
@@ -330,6 +347,13 @@ def RebuildProxy(func: Any, token: Token, serializer: Any, kwds: dict) -> Any:
         proxy = func(token, serializer, incref=False, **kwds)
         proxy._track()
         rebuilt.append(weakref.ref(proxy))
+        loan = None
+    elif rebuilt is not None:
+        # a proxy to another manager, stored in a durable object: its loan
+        # ended long ago, and that manager may be gone; it refers to its
+        # object without a reference of its own (calls on it still work
+        # while that manager keeps the object)
+        proxy = func(token, serializer, incref=False, **kwds)
         loan = None
     else:
         proxy = func(token, serializer, incref=incref and loan is None, **kwds)

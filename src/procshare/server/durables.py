@@ -36,9 +36,13 @@ Rules it keeps:
   unverifiable file (after which no file is written until a fresh start:
   a record made then would omit the holders of before).
 - A proxy stored in a durable object (a durable list of durable dicts) is
+  journaled without this server's address (`inprocess.journal_dumps`), so a
+  later program's manager, listening elsewhere, binds it to itself.  It is
   rebuilt during recovery as the server's own (`inprocess.begin_recovery`),
   without a reference, and takes it once every object is back
   (`_hold_rebuilt`): its object may be recovered after the one holding it.
+  A stored proxy to another manager is rebuilt without a reference (its
+  loan ended long ago).
 - A journal that fails (`JournalError`) costs the call, never the
   connection; a broken one (`JournalBroken`) makes a supervised manager exit,
   so that its successor recovers from the file.
@@ -130,7 +134,7 @@ class DurableObjects:
             if self.state_dir is None:      # a server run by hand, without state_dir=
                 self.state_dir = self._private = journal.private_state_dir()
             self.journal = journal.Journal(self.state_dir, self.server.authkey,
-                                           fsync=self.fsync)
+                                           fsync=self.fsync, dumps=inprocess.journal_dumps)
         return self.journal
 
     def _factory(self, typeid: str, args: tuple, kwds: dict) -> Any:
