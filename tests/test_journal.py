@@ -781,6 +781,23 @@ def test_stored_replies_are_bounded_per_client(tmp_path):
     j.close()
 
 
+def test_a_drop_and_a_new_row_in_one_commit(tmp_path):
+    """A dropped object's rows and a new row of another object in one group
+    commit (the drop of an unnamed object is staged, not waited for): the new
+    row got the id of the dropped object's last row, and the commit failed
+    (UNIQUE constraint), breaking the journal."""
+    j = Journal(tmp_path / "s", KEY)
+    a = j.create("a", "list", [])
+    b = j.create("b", "dict", {})
+    call(j, a, "append", 1, request=1)
+    j.drop("a")
+    assert call(j, b, "__setitem__", "k", 2, request=2) is None
+    j.close()
+    j, hs = reopen(tmp_path / "s")
+    assert sorted(hs) == ["b"] and hs["b"].obj == {"k": 2}
+    j.close()
+
+
 def test_rows_are_deleted_by_runs_and_only_those():
     assert journal._runs([]) == []
     assert journal._runs([7, 3, 5, 4, 10, 3, 11]) == [(3, 5), (7, 7), (10, 11)]

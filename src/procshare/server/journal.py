@@ -1171,8 +1171,8 @@ class Journal:
                     if objs.get(name, (None, None))[1] == oid:
                         del objs[name]
                     snaps.pop(oid, None)
-                    for _, rid in self._obj_rows.pop(oid, ()):
-                        self._unref(rid, deletes)
+                    for _, gone_row in self._obj_rows.pop(oid, ()):     # (not `rid`:
+                        self._unref(gone_row, deletes)      # the next new row's id)
                 elif tag == "F":
                     client = op[1]
                     for request in self._order.pop(client, ()):
