@@ -4,6 +4,7 @@ and their state directory is guarded.  Real SIGKILLs, bounded waits."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import random
@@ -164,6 +165,18 @@ def test_a_named_object_outlives_the_program_with_state_dir(tmp_path):
         assert ids == {again._id}       # the unnamed list of the first run is gone
 
 
+def test_writes_after_an_unnamed_durable_object_goes():
+    """Its drop and the next write share a commit (this broke the journal)."""
+    with procshare.SyncManager() as m:
+        keep = m.dict(durable=True)
+        scratch = m.list(durable=True)
+        scratch.append(1)
+        del scratch
+        keep["a"] = 1
+        keep["b"] = 2
+        assert dict(keep) == {"a": 1, "b": 2} and m.restarts == 0
+
+
 def test_proxies_in_durable_objects_outlive_the_program_on_a_new_address(tmp_path):
     """A named durable list holds proxies to named durable objects.  The next
     program's manager listens at another address: the stored proxies are
@@ -191,6 +204,63 @@ def test_proxies_in_durable_objects_outlive_the_program_on_a_new_address(tmp_pat
     with procshare.SyncManager(state_dir=state) as m:
         outer = m.list(durable=True, name="outer")
         assert len(outer) == 1 and dict(outer[0]["plain"]) == {"a": 1, "b": 2}
+
+
+def test_an_unnamed_object_a_named_one_refers_to_outlives_the_program(tmp_path):
+    """At a fresh start, unnamed durable objects of the earlier program go,
+    except those a kept object holds a proxy to (and what they hold)."""
+    state = tmp_path / "state"
+    with procshare.SyncManager(state_dir=state) as m:
+        rows = m.list(durable=True, name="rows")
+        row = m.dict(durable=True)              # unnamed, held by the named list
+        cell = m.list([1], durable=True)        # unnamed, held by the unnamed dict
+        row["cell"] = cell
+        rows.append(row)
+        m.dict({"x": 1}, durable=True)          # unnamed, held by nobody
+        del row, cell
+    with procshare.SyncManager(state_dir=state) as m:
+        rows = m.list(durable=True, name="rows")
+        row = rows[0]
+        cell = row["cell"]
+        assert cell[0] == 1
+        cell.append(2)
+        ids = {o["id"] for o in m.objects()}
+        assert len(ids) == 3, ids               # rows, row, cell: not the lone dict
+        assert rows.pop()["cell"][1] == 2
+        del row, cell                           # the last references to row and cell
+        gc.collect()
+        assert poll(lambda: len(m.objects()) == 1, 10), m.objects()
+    with procshare.SyncManager(state_dir=state) as m:
+        assert len(m.list(durable=True, name="rows")) == 0
+        assert len(m.objects()) == 1
+
+
+def test_garbage_a_manager_inherits_does_not_hold_recovered_objects(tmp_path):
+    """The server is forked from this process and inherits its garbage: here
+    a proxy to a manager that is gone, in a cycle.  Recovery's collection
+    finalized it in the server, which tried to give its reference back there;
+    the failed attempt left a cycle that held recovery's frame, and with it a
+    rebuilt proxy, so its object outlived its last reference (until the next
+    full collection).  A proxy the server inherits is the parent's: its
+    reference is not given back from the server."""
+    state = tmp_path / "state"
+    with procshare.SyncManager(state_dir=state) as m:
+        rows = m.list(durable=True, name="rows")
+        rows.append(m.dict(durable=True))       # unnamed, held by the named list
+    gc.disable()
+    try:
+        with procshare.SyncManager() as other:
+            junk = [other.dict()]
+            junk.append(junk)                   # a cycle: freed only by a collection
+            del junk
+        with procshare.SyncManager(state_dir=state) as m:    # forked with the cycle
+            gc.enable()
+            rows = m.list(durable=True, name="rows")
+            assert len(m.objects()) == 2
+            rows.pop()
+            assert poll(lambda: len(m.objects()) == 1, 10), m.objects()
+    finally:
+        gc.enable()
 
 
 def test_an_unsafe_state_dir_is_refused(tmp_path):
@@ -377,3 +447,4 @@ def test_pipelined_calls_sent_again_survive_a_second_crash():
             f.result(60)
         assert list(items) == list(range(n))
         assert m.restarts == 2
+

@@ -23,6 +23,7 @@ Rules it keeps:
 from __future__ import annotations
 
 import collections
+import os
 import re
 import threading
 import time
@@ -39,7 +40,7 @@ from ..wire.kinds import Kind
 from ..wire.records import DURABLE_PREFIX, Token
 from . import scope
 from .replies import call_timeout, convert_to_error, raise_reply
-from .session import Session, get_session
+from .session import Session, get_session, inherited_by_server
 
 __all__ = [
     "BaseProxy", "RebuildProxy", "MakeProxyType", "AutoProxy", "IteratorProxy",
@@ -55,8 +56,10 @@ _scope = scope._scope
 _RETURN = Kind.RETURN
 
 
-def _release(session: Session, ident: str, local: bool) -> None:
-    """Finalizer of a proxy: give its reference back."""
+def _release(session: Session, ident: str, local: bool, pid: int) -> None:
+    """Finalizer of a proxy (tracked in process `pid`): give its reference back."""
+    if inherited_by_server(pid):
+        return
     session.live -= 1
     if ident.startswith(DURABLE_PREFIX):
         session.durable_dropped(ident)
@@ -110,7 +113,7 @@ class BaseProxy:
         if self._id.startswith(DURABLE_PREFIX):
             self._session.durable_held(self._id)
         self._close = weakref.finalize(self, _release, self._session, self._id,
-                                       self._is_local())
+                                       self._is_local(), os.getpid())
         self._close.atexit = False
 
     def _incref(self) -> None:

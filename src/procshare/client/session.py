@@ -755,9 +755,24 @@ def _lend_before_fork() -> None:
                 _fork_loans[key] = loan
 
 
+#: in a manager's server (or supervisor) process forked from a client: its pid.
+#: The proxies it inherited are the parent's: their references are not its own
+_server_child_pid: int | None = None
+
+
+def inherited_by_server(pid: int) -> bool:
+    """Was a proxy tracked in process `pid` inherited by this process, a
+    manager's server forked from a client?  Its reference belongs to the
+    parent: giving it back from here would at best be a wasted connection
+    (to a manager that may be gone, during a garbage collection)."""
+    return _server_child_pid is not None and pid != _server_child_pid
+
+
 def _after_fork_in_child() -> None:
-    global _client_id, _sessions_mutex
+    global _client_id, _sessions_mutex, _server_child_pid
     _client_id = _new_client_id()
+    if getattr(_no_recover, "forking_server", False):
+        _server_child_pid = os.getpid()
     _sessions_mutex = threading.Lock()
     # every socket inherited from the parent, including ones only other
     # (now gone) threads referenced: close our copies now, so that a late

@@ -46,10 +46,12 @@ Rules it keeps:
 - A journal that fails (`JournalError`) costs the call, never the
   connection; a broken one (`JournalBroken`) makes a supervised manager exit,
   so that its successor recovers from the file.
-- A fresh start (not a restart) drops the unnamed objects an earlier program
-  left in a state directory: no client proxy can name them any more (a
-  proxy a named object stored then names a dropped object; see
-  `_hold_rebuilt`).
+- A fresh start (not a restart) keeps an unnamed object an earlier program
+  left in the state directory only while a proxy stored in a kept object
+  refers to it (a named list of unnamed dicts): no client proxy can name
+  one any more.  The others are dropped (`FRESH_HOLDER`, let go once the
+  stored proxies hold their references).  Unnamed objects that only refer
+  to each other, in a cycle, stay.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ log = logging.getLogger("procshare.durable")
 
 NAMED_HOLDER = "@durable"
 RECOVERED_HOLDER = "@recovered"
+FRESH_HOLDER = "@starting"       # a fresh start: until the stored proxies hold theirs
 #: in the state directory: the clients that may hold unnamed durable objects
 HOLDERS_FILE = "holders.json"
 MODES = ("snapshot", "journal")
@@ -147,10 +150,7 @@ class DurableObjects:
     def _recover(self, fresh: bool) -> None:
         j = self._open()
         if fresh:
-            for name in j.names():
-                if name.startswith("~"):
-                    j.wait(j.drop(name))    # unnamed, from an earlier program
-            self._save_holders()            # nobody holds those any more
+            self._save_holders()            # no client of an earlier program holds any
         else:
             self._pending = self._load_holders()
             self._holders = dict(self._pending or {})
@@ -164,11 +164,10 @@ class DurableObjects:
         finally:
             rebuilt = inprocess.end_recovery(before)
         for name, h in handles.items():
+            # an unnamed one from an earlier program (fresh) stays only while a
+            # proxy stored in another object refers to it (see _hold_rebuilt)
             holders = [NAMED_HOLDER] if not name.startswith("~") else []
-            if not fresh:
-                holders.append(RECOVERED_HOLDER)
-            if not holders:
-                continue
+            holders.append(FRESH_HOLDER if fresh else RECOVERED_HOLDER)
             try:
                 self._register(h, holders[0])
             except journal.JournalError as e:
@@ -177,6 +176,11 @@ class DurableObjects:
             for extra in holders[1:]:
                 self.server.objects.incref(extra, DURABLE_PREFIX + name)
         self._hold_rebuilt(rebuilt)
+        if fresh:
+            dropped = self.server.objects.release_holder(FRESH_HOLDER)
+            if dropped:
+                self.server.note(f"dropped {dropped} unnamed durable object(s) of an "
+                                 "earlier program that no named one refers to")
         if handles:
             self.server.note(f"recovered {len(handles)} durable object(s) from "
                              f"{j.path}")
@@ -191,13 +195,18 @@ class DurableObjects:
         if not rebuilt:
             return
         gc.collect()
-        alive = [p for p in (r() for r in rebuilt) if p is not None]
         lost = set()
-        for proxy in alive:
+        for ref in rebuilt:
+            ident = getattr(ref(), "_id", None)     # no proxy kept in a local: see below
+            if ident is None:
+                continue
             try:
-                self.server.local_incref(proxy._id)
+                self.server.local_incref(ident)
             except KeyError:
-                lost.add(proxy._id)
+                lost.add(ident)
+        # (a finalizer run by that collection may leave a cycle that holds this
+        # frame, and with it the frame's last locals, until the next one: a
+        # proxy kept here held its object for as long)
         if lost:
             self.server.note(f"{len(lost)} object(s) that recovered durable objects refer "
                              f"to did not survive the crash (they were not durable): "
