@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -99,3 +100,28 @@ class LifetimeManager(BaseManager):
 LifetimeManager.register("Stateful", Stateful)                   # serial
 LifetimeManager.register("Attrs1", Attrs1, exposed=("m", "kind"))
 LifetimeManager.register("Attrs2", Attrs2, exposed=("m", "size", "other"))
+
+
+def inherited_flags(parent: int) -> dict:
+    """In a child forked as a manager's server: whose proxies it owns, here
+    and in a child it forks in turn."""
+    import multiprocessing
+
+    from procshare.client import session
+    me = os.getpid()
+    got = {"parent": session.inherited_by_server(parent),
+           "own": session.inherited_by_server(me),
+           "flag_cleared": not getattr(session._no_recover, "forking_server", False)}
+    r, w = multiprocessing.get_context("fork").Pipe(duplex=False)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            w.send({"grand_parent": session.inherited_by_server(parent),
+                    "grand_server": session.inherited_by_server(me),
+                    "grand_own": session.inherited_by_server(os.getpid())})
+        finally:
+            os._exit(0)
+    w.close()
+    got.update(r.recv())
+    os.waitpid(pid, 0)
+    return got

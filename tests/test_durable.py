@@ -217,6 +217,8 @@ def test_an_unnamed_object_a_named_one_refers_to_outlives_the_program(tmp_path):
         row["cell"] = cell
         rows.append(row)
         m.dict({"x": 1}, durable=True)          # unnamed, held by nobody
+        x = m.dict(durable=True)                # unnamed, held by this program only,
+        x["y"] = m.list([2], durable=True)      # and what it holds
         del row, cell
     with procshare.SyncManager(state_dir=state) as m:
         rows = m.list(durable=True, name="rows")
@@ -225,13 +227,75 @@ def test_an_unnamed_object_a_named_one_refers_to_outlives_the_program(tmp_path):
         assert cell[0] == 1
         cell.append(2)
         ids = {o["id"] for o in m.objects()}
-        assert len(ids) == 3, ids               # rows, row, cell: not the lone dict
+        assert len(ids) == 3, ids               # rows, row, cell: not x, nor what x held
         assert rows.pop()["cell"][1] == 2
         del row, cell                           # the last references to row and cell
         gc.collect()
         assert poll(lambda: len(m.objects()) == 1, 10), m.objects()
     with procshare.SyncManager(state_dir=state) as m:
         assert len(m.list(durable=True, name="rows")) == 0
+        assert len(m.objects()) == 1
+
+
+def test_a_proxy_to_another_manager_in_a_durable_object(tmp_path):
+    """Journaling it takes no loan at that manager (one a change, each held
+    for `loan_ttl`, before); the next program's manager gets it back without
+    a reference, and calls on it work while that manager keeps the object."""
+    state = tmp_path / "state"
+    with procshare.SyncManager() as other:
+        theirs = other.dict({"k": 1})
+        with procshare.SyncManager(state_dir=state) as m:
+            box = m.list(durable=True, name="box")
+            box.append(theirs)
+            box.append(theirs)
+            holders = other.objects()[0]["holders"]
+            assert not [h for h in holders if h.startswith("loan:")], holders
+            assert box[1]["k"] == 1
+        with procshare.SyncManager(state_dir=state) as m:
+            box = m.list(durable=True, name="box")
+            stored = box[0]
+            assert stored._token.address == other.address and stored["k"] == 1
+            stored["k"] = 2
+            assert theirs["k"] == 2
+
+
+def test_a_stored_reply_whose_proxy_is_gone_fails_the_call_not_the_connection(tmp_path):
+    """A re-sent call is answered from its stored reply; a proxy in that reply
+    whose object is gone since then comes back as a proxy that says so."""
+    with procshare.SyncManager() as m:
+        box = m.list(durable=True)
+        box.append(m.dict({"k": 1}, durable=True))
+        conn = box._tls.conn
+        first = (conn.no, conn.rid + 1)
+        gone = box.pop()
+        assert gone["k"] == 1
+        gone_id = gone._id
+        del gone                                # its object goes with its last proxy
+        assert poll(lambda: gone_id not in {o["id"] for o in m.objects()}, 10)
+        again = box._callmethod("#RETRY", (*first, "pop", (), {}))
+        with pytest.raises(procshare.RemoteError, match="found no object with this id"):
+            again["k"]
+        assert len(box) == 0                    # the connection still serves
+
+
+def test_a_fresh_start_drops_an_earlier_unnamed_object_it_cannot_rebuild(tmp_path):
+    """An unnamed object of an earlier program whose type this program does
+    not register costs that object, not the start."""
+    state = tmp_path / "state"
+
+    class WithCounter(procshare.SyncManager):
+        pass
+
+    WithCounter.register("Counter", _workers.Counter, durable=True)
+    with WithCounter(state_dir=state) as m:
+        c = m.Counter()
+        c.increment()
+        named = m.dict(durable=True, name="kept")
+        named["k"] = 1                          # c is held until the end
+    with procshare.SyncManager(state_dir=state) as m:         # no Counter here
+        assert dict(m.dict(durable=True, name="kept")) == {"k": 1}
+        log = "\n".join(m._control("server_info")["log"])
+        assert "cannot be rebuilt" in log and "Counter" in log, log
         assert len(m.objects()) == 1
 
 

@@ -353,3 +353,18 @@ def try_lock(lock):
 
 def test_os_pid_is_ours():
     assert os.getpid() > 0
+
+
+def test_a_forked_server_gives_back_only_references_of_its_own():
+    """The fork that starts a manager's server lends it nothing, so the
+    proxies it inherits are the client's: their finalizers give nothing back
+    there.  Proxies of the server's own, and of processes it forks, are
+    theirs (a Pool worker's proxies are released as anywhere)."""
+    from procshare.client import session
+    fork = multiprocessing.get_context("fork")
+    with session.forking_server():
+        child = _workers.start_child(fork, lw.inherited_flags, os.getpid())
+    assert child.result(15) == {"parent": True, "own": False, "flag_cleared": True,
+                                "grand_parent": True, "grand_server": False,
+                                "grand_own": False}
+    assert not session.inherited_by_server(os.getpid())

@@ -1,10 +1,8 @@
 """The manager server running in this process, if any: the one meeting point
 of `client/` and `server/`.
 
-Owns: the reference to the in-process server, the proxies rebuilt while
-it recovers its durable objects (`begin_recovery`, `recovering`), and the
-flag that says a thread of the server pickles for its journal
-(`journal_dumps`, `pickling_for_journal`).
+Owns: the reference to the in-process server, and the proxies rebuilt while
+it recovers its durable objects (`begin_recovery`, `recovering`).
 
 Rules it keeps:
 - It imports nothing from procshare.  `server/` registers its server here when
@@ -14,22 +12,14 @@ Rules it keeps:
   finds the real lock behind a proxy.  Method calls still go through a socket.
 - The client uses only the server's `address`, `authkey`, `objects` and
   `local_*` reference methods.
-- A proxy to this server pickled for its journal (`journal_dumps`) is stored
-  without the server's address and without a loan: the journal outlives the
-  address (a later program listens elsewhere) and any loan, so the proxy is
-  bound again to whichever server loads it.
 """
 
 from __future__ import annotations
 
-import pickle
-import threading
 from typing import Any
 
 __all__ = ["local_server", "set_local_server", "recovering", "begin_recovery",
-           "end_recovery", "journal_dumps", "pickling_for_journal"]
-
-_tls = threading.local()
+           "end_recovery"]
 
 _server: Any = None
 _recovering: list | None = None     # proxies rebuilt while the server recovers
@@ -67,18 +57,3 @@ def local_server() -> Any:
 def set_local_server(server: Any) -> None:
     global _server
     _server = server
-
-
-def pickling_for_journal() -> bool:
-    """Is this thread pickling a record of the in-process server's journal?"""
-    return getattr(_tls, "journal", False)
-
-
-def journal_dumps(obj: Any) -> bytes:
-    """Pickle `obj` for the journal of the server in this process (see the
-    module docstring for what that changes for proxies)."""
-    _tls.journal = True
-    try:
-        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    finally:
-        _tls.journal = False

@@ -14,7 +14,11 @@ Rules it keeps:
   and the reference a `create` or a method returning a proxy made is adopted
   as is.
 - A pickled proxy carries a *loan*: a reference taken for it by the sender,
-  which the receiver adopts.  So the object cannot die in transit.
+  which the receiver adopts.  So the object cannot die in transit.  The
+  exceptions hold no reference: a proxy in a manager's journal (pickled
+  with no loan, `_procshare_journal_reduce_`; a proxy to another manager
+  comes back from it without a reference), and a proxy a manager's server
+  inherited from the client that forked it (its reference is the client's).
 - The deadline of a call is, in order: the `timeout=` of the call, the
   innermost `procshare.timeout()` block, the proxy's `_timeout`, the
   manager's `call_timeout`; `None` waits forever.
@@ -34,7 +38,7 @@ from multiprocessing.context import get_spawning_popen
 from typing import Any
 
 from ..errors import ObjectLost, object_lost
-from ..inprocess import local_server, pickling_for_journal, recovering
+from ..inprocess import local_server, recovering
 from ..wire import serializers
 from ..wire.kinds import Kind
 from ..wire.records import DURABLE_PREFIX, Token
@@ -243,19 +247,27 @@ class BaseProxy:
         return self._callmethod("#GETVALUE")
 
     # -- pickling -------------------------------------------------------------------
+    def _procshare_journal_reduce_(self) -> tuple:
+        """How a manager's journal pickles this proxy (`server.durables`): with
+        no loan (the record outlives any), and a proxy to that manager also
+        with no address, so that the manager that loads the record binds it
+        to itself (RebuildProxy), wherever it listens then."""
+        if self._is_local():
+            return self._reduced(Token(self._token.typeid, None, self._id), {"own": True})
+        return self._reduced(self._token, {"foreign": True})
+
     def __reduce__(self) -> tuple:
         kwds: dict[str, Any] = {}
-        if pickling_for_journal() and self._is_local():
-            # a record of this manager's journal: no address and no loan, so
-            # that the manager that loads it binds the proxy to itself
-            # (RebuildProxy), wherever it listens then
-            token = Token(self._token.typeid, None, self._id)
-            kwds["own"] = True
-            return self._reduced(token, kwds)
         if get_spawning_popen() is not None:
             kwds["authkey"] = bytes(self._authkey)
         if self._is_local():
-            loan = local_server().local_loan(self._id)
+            try:
+                loan = local_server().local_loan(self._id)
+            except KeyError:
+                # its object is gone (a stored reply sent again): the copy refers to
+                # nothing, and calls on it say so
+                kwds["incref"] = False
+                return self._reduced(self._token, kwds)
             _recent_loans[loan] = None
         else:
             loan = self._session.control_call("loan", self._id)
@@ -331,8 +343,10 @@ def RebuildProxy(func: Any, token: Token, serializer: Any, kwds: dict) -> Any:
     timeout = kwds.pop("timeout", _UNSET)
     attrs = kwds.pop("attributes", None)
     server = local_server()
-    if kwds.pop("own", False):
-        # from a manager's journal: a proxy to the manager that loads it
+    own = kwds.pop("own", False)            # from a manager's journal (see
+    foreign = kwds.pop("foreign", False)    # BaseProxy._procshare_journal_reduce_)
+    if own:
+        # a proxy to the manager that loads it
         if server is None:
             raise RuntimeError(f"a proxy to {token.typeid} object {token.id!r} stored in a "
                                "manager's journal can only be loaded by that manager")
@@ -351,13 +365,21 @@ def RebuildProxy(func: Any, token: Token, serializer: Any, kwds: dict) -> Any:
         proxy._track()
         rebuilt.append(weakref.ref(proxy))
         loan = None
-    elif rebuilt is not None:
-        # a proxy to another manager, stored in a durable object: its loan
-        # ended long ago, and that manager may be gone; it refers to its
-        # object without a reference of its own (calls on it still work
-        # while that manager keeps the object)
+    elif foreign or (rebuilt is not None and loan is not None):
+        # a proxy to another manager, stored in a durable object: it refers to
+        # its object without a reference of its own (an old record's loan ended
+        # long ago, and that manager may be gone); calls on it work while that
+        # manager keeps the object
         proxy = func(token, serializer, incref=False, **kwds)
         loan = None
+    elif own:
+        # a stored reply read again (a re-sent call): its object may be gone;
+        # then calls on the proxy say so
+        proxy = func(token, serializer, incref=False, **kwds)
+        try:
+            proxy._incref()
+        except KeyError:
+            pass
     else:
         proxy = func(token, serializer, incref=incref and loan is None, **kwds)
     if loan is not None:

@@ -35,7 +35,9 @@ Rules it keeps:
   session from `get_session`; nothing else here sees it.
 - After fork, the child never touches the parent's sockets: the parent lends
   its references to the child before forking, and the child adopts the loan
-  on its first connection.
+  on its first connection.  The fork that starts a manager's server (or its
+  supervisor) lends nothing, and the proxies that child inherits give
+  nothing back (`inherited_by_server`): their references are the parent's.
 - File descriptors (a shared array's memory) arrive only as the reply to a
   control call made with `control_call_fds`, read with `recvmsg` from an
   empty reader, so none is dropped; they are the caller's to close.  Those of
@@ -755,24 +757,30 @@ def _lend_before_fork() -> None:
                 _fork_loans[key] = loan
 
 
-#: in a manager's server (or supervisor) process forked from a client: its pid.
-#: The proxies it inherited are the parent's: their references are not its own
-_server_child_pid: int | None = None
+#: None: this process owns the references of every proxy it tracks.  In a
+#: manager's server (or supervisor) forked from a client, and in processes forked
+#: from it in turn: the pids whose tracked proxies' references are this
+#: process's own.  The others were inherited from the client the server was
+#: forked from (that fork lends nothing): their references are the client's
+_owned_pids: frozenset[int] | None = None
 
 
 def inherited_by_server(pid: int) -> bool:
-    """Was a proxy tracked in process `pid` inherited by this process, a
-    manager's server forked from a client?  Its reference belongs to the
-    parent: giving it back from here would at best be a wasted connection
-    (to a manager that may be gone, during a garbage collection)."""
-    return _server_child_pid is not None and pid != _server_child_pid
+    """Was a proxy tracked in process `pid` inherited through the fork of a
+    manager's server?  Its reference belongs to the client that forked it:
+    giving it back from here would at best be a wasted connection (to a
+    manager that may be gone, during a garbage collection)."""
+    return _owned_pids is not None and pid not in _owned_pids
 
 
 def _after_fork_in_child() -> None:
-    global _client_id, _sessions_mutex, _server_child_pid
+    global _client_id, _sessions_mutex, _owned_pids
     _client_id = _new_client_id()
     if getattr(_no_recover, "forking_server", False):
-        _server_child_pid = os.getpid()
+        _no_recover.forking_server = False      # this process's own forks are its own
+        _owned_pids = frozenset((os.getpid(),))
+    elif _owned_pids is not None:
+        _owned_pids = _owned_pids | {os.getpid()}
     _sessions_mutex = threading.Lock()
     # every socket inherited from the parent, including ones only other
     # (now gone) threads referenced: close our copies now, so that a late

@@ -786,9 +786,13 @@ class Journal:
             h.dropped = True
         return self._stage([("D", name, got[0])], None, None)
 
-    def load_all(self) -> list[Stored]:
+    def load_all(self, on_error: Callable[[str, Exception], bool] | None = None
+                 ) -> list[Stored]:
         """Every stored object, with its latest snapshot and the effects after
-        it; every record's HMAC is verified before it is unpickled."""
+        it; every record's HMAC is verified before it is unpickled.  An object
+        that cannot be loaded (a class that is gone) raises JournalError, or
+        is left out if `on_error(name, error)` says so; a record that fails
+        its HMAC always raises."""
         with self._db_lock:
             self._check_open()
             objs = self._db.execute(
@@ -802,44 +806,60 @@ class Journal:
                 rows.setdefault(r[0], []).append(r)
         out = []
         for name, oid, typeid, mode, spec, mac in objs:
-            self._verify(mac, self._mac_object(name, oid, typeid, mode, spec),
-                         f"the object record of {name!r}")
-            info = self._loads(spec)
-            has_snap, state, snap_seq, snap_bytes = False, None, 0, 0
-            if oid in snaps:
-                snap_seq, data, mac = snaps[oid]
-                self._verify(mac, self._mac_snapshot(oid, snap_seq, data),
-                             f"the snapshot of {name!r} (after row {snap_seq})")
-                has_snap, state, snap_bytes = True, self._loads(data), len(data)
-            effects: list = []
-            since, last = 0, snap_seq
-            for _, seq, client, request, eff, rep, mac in sorted(rows.get(oid, ()),
-                                                                  key=lambda r: r[1]):
-                if seq <= snap_seq:
-                    continue        # covered by the snapshot; kept for its reply
-                self._verify(mac, self._mac_row(oid, seq, client, request, eff, rep),
-                             f"log row {seq} of {name!r}")
-                if seq != last + 1:
-                    raise JournalTampered(
-                        f"the log of durable object {name!r} in the journal {self.path} jumps "
-                        f"from row {last} to row {seq}: rows are missing. procshare refuses "
-                        "to rebuild it from an incomplete history. Restore the file from a "
-                        "backup, or drop the object.")
-                effects.extend(self._loads(eff))
-                since += len(eff) + RECORD_OVERHEAD
-                last = seq
-            out.append(Stored(name, oid, typeid, mode, info.get("mutators"), tuple(info["args"]),
-                              dict(info["kwds"]), has_snap, state, snap_seq, effects, last,
-                              snap_bytes, since))
+            try:
+                out.append(self._load_one(name, oid, typeid, mode, spec, mac, snaps, rows))
+            except JournalTampered:
+                raise
+            except Exception as e:
+                if on_error is not None and on_error(name, e):
+                    continue
+                raise JournalError(f"cannot load durable object {name!r} (typeid {typeid!r}) "
+                                   f"from {self.path}: {type(e).__name__}: {e}") from e
         return out
 
-    def recover(self, factory: Callable[[str, tuple, dict], Any]) -> dict[str, Durable]:
+    def _load_one(self, name: str, oid: int, typeid: str, mode: str, spec: bytes, mac: bytes,
+                  snaps: dict, rows: dict) -> Stored:
+        """One stored object (see `load_all`)."""
+        self._verify(mac, self._mac_object(name, oid, typeid, mode, spec),
+                     f"the object record of {name!r}")
+        info = self._loads(spec)
+        has_snap, state, snap_seq, snap_bytes = False, None, 0, 0
+        if oid in snaps:
+            snap_seq, data, mac = snaps[oid]
+            self._verify(mac, self._mac_snapshot(oid, snap_seq, data),
+                         f"the snapshot of {name!r} (after row {snap_seq})")
+            has_snap, state, snap_bytes = True, self._loads(data), len(data)
+        effects: list = []
+        since, last = 0, snap_seq
+        for _, seq, client, request, eff, rep, mac in sorted(rows.get(oid, ()),
+                                                              key=lambda r: r[1]):
+            if seq <= snap_seq:
+                continue        # covered by the snapshot; kept for its reply
+            self._verify(mac, self._mac_row(oid, seq, client, request, eff, rep),
+                         f"log row {seq} of {name!r}")
+            if seq != last + 1:
+                raise JournalTampered(
+                    f"the log of durable object {name!r} in the journal {self.path} jumps "
+                    f"from row {last} to row {seq}: rows are missing. procshare refuses "
+                    "to rebuild it from an incomplete history. Restore the file from a "
+                    "backup, or drop the object.")
+            effects.extend(self._loads(eff))
+            since += len(eff) + RECORD_OVERHEAD
+            last = seq
+        return Stored(name, oid, typeid, mode, info.get("mutators"), tuple(info["args"]),
+                      dict(info["kwds"]), has_snap, state, snap_seq, effects, last,
+                      snap_bytes, since)
+
+    def recover(self, factory: Callable[[str, tuple, dict], Any],
+                on_error: Callable[[str, Exception], bool] | None = None
+                ) -> dict[str, Durable]:
         """Rebuild every stored object not yet live and return their handles by
         name.  `factory(typeid, args, kwds)` makes a fresh object of a typeid
         (the manager's registered callable); snapshot-mode objects come back
-        from their pickles without it."""
+        from their pickles without it.  An object that cannot be rebuilt
+        raises JournalError, or is left out if `on_error(name, error)` says so."""
         out: dict[str, Durable] = {}
-        for st in self.load_all():
+        for st in self.load_all(on_error):
             if st.name in self._handles:
                 continue
             kind = kind_for(st.typeid, st.mode, st.mutators)
@@ -855,6 +875,8 @@ class Journal:
                 for e in st.effects:
                     kind.replay(obj, e)
             except Exception as e:
+                if on_error is not None and on_error(st.name, e):
+                    continue
                 raise JournalError(f"cannot rebuild durable object {st.name!r} (typeid "
                                    f"{st.typeid!r}) from {self.path}: {type(e).__name__}: {e}"
                                    ) from e

@@ -632,8 +632,9 @@ class Server:
 
     def _slow_call(self, info: ConnInfo, oid: Any, meth: str, args: tuple, kwds: dict,
                    durable: bool = True) -> tuple:
-        """Calls that are not an exposed method (fallbacks and errors), and every
-        call on a durable object (`durables`)."""
+        """Calls that are not an exposed method (fallbacks and errors), and
+        calls on a durable object that did not come through `serve_client`'s
+        own dispatch (`durables`)."""
         entry = self.objects.objects.get(oid)
         if entry is None:
             return (Kind.TRACEBACK, self._gone_text(oid, meth))
