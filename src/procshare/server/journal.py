@@ -374,7 +374,8 @@ class Durable:
         j = self.journal
         key = None if client is None or request is None or request == 0 else (client, request)
         if key is not None:
-            _req_bytes(request)
+            if type(request) is not str and type(request) is not int:
+                _req_bytes(request)     # raises TypeError
             hit = j._begin(key, timeout)
             if hit is not None:
                 return hit._replace(value=self.obj) if hit.value is SAME_OBJECT else hit
@@ -458,7 +459,8 @@ class Durable:
         if key is not None:
             client, request = key
             try:
-                rep = dumps((ok, SAME_OBJECT if value is self.obj else value))
+                rep = (j._rep_none if value is None and ok is True
+                       else dumps((ok, SAME_OBJECT if value is self.obj else value)))
             except Exception as e:
                 rep = dumps((False, JournalError(
                     f"the reply of this call could not be stored ({type(e).__name__}: {e}); "
@@ -524,6 +526,7 @@ class Journal:
         self.compact_bytes = compact_bytes
         self._dumps = dumps or (lambda obj: pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
         self._loads = loads or pickle.loads
+        self._rep_none = self._dumps((True, None))     # the reply of most mutating calls
         self.state_dir = check_state_dir(state_dir)
         self.path = os.path.join(self.state_dir, FILENAME)
         # staging and group commit
