@@ -798,6 +798,16 @@ def test_a_drop_and_a_new_row_in_one_commit(tmp_path):
     j.close()
 
 
+def test_the_journal_pickler_is_reused_after_a_failure():
+    from procshare.server.durables import journal_dumps
+    with pytest.raises(TypeError):
+        journal_dumps([1, threading.Lock()])
+    assert pickle.loads(journal_dumps([("set", "k", 1)])) == [("set", "k", 1)]
+    big = b"x" * (3 << 20)                  # a buffer this large is not kept
+    assert pickle.loads(journal_dumps(big)) == big
+    assert pickle.loads(journal_dumps({"a": 1})) == {"a": 1}
+
+
 def test_rows_are_deleted_by_runs_and_only_those():
     assert journal._runs([]) == []
     assert journal._runs([7, 3, 5, 4, 10, 3, 11]) == [(3, 5), (7, 7), (10, 11)]

@@ -97,6 +97,8 @@ MODES = ("snapshot", "journal")
 #: (`managers.BaseManager._create_full`): a create sent again after a crash
 #: finds the object the first one made
 UNNAMED_KEY = "#unnamed"
+
+
 class _JournalPickler(pickle.Pickler):
     """The journal's pickler: a proxy goes as its `_procshare_journal_reduce_`
     says (no loan; a proxy to this manager without its address)."""
@@ -254,6 +256,7 @@ class DurableObjects:
         finally:
             inprocess.set_local_server(prev)
         if dropped:
+            self.journal.flush()        # (a crash before the next commit would keep them)
             self.server.note(f"dropped {dropped} unnamed durable object(s) of an earlier "
                              "program that no kept one refers to")
 
