@@ -396,6 +396,38 @@ def test_serve_keeps_durable_objects_across_its_own_restarts(tmp_path):
     assert not os.path.exists(address)
 
 
+def test_serve_run_again_keeps_the_unnamed_objects_of_connected_clients(tmp_path):
+    """A connected client's unnamed durable object outlives a restart of
+    `serve` (by SIGKILL or Ctrl-C): the new run recovers as after a crash,
+    for the clients that come back (it started fresh, and dropped them)."""
+    address, state, key = str(tmp_path / "m.sock"), str(tmp_path / "state"), "s3cret-key"
+    proc = _serve(address, state, key)
+    try:
+        m = procshare.SyncManager(address=address, authkey=key.encode())
+        m.connect()
+        mine = m.dict(durable=True)
+        mine["a"] = 1
+        proc.kill()
+        proc.wait(10)
+        proc = _serve(address, state, key)              # within the clients' reconnect time
+        mine["b"] = 2
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+        proc = _serve(address, state, key)
+        mine["c"] = 3
+        assert dict(mine) == {"a": 1, "b": 2, "c": 3}
+        del mine
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
 def test_a_durable_queue_get_honours_its_deadline_and_takes_nothing():
     with procshare.SyncManager() as m:
         q = m.Queue(durable=True)

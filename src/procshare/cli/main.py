@@ -88,6 +88,9 @@ def _serve(args: argparse.Namespace) -> int:
                                    fsync=args.fsync)
     # a socket file left by a killed run of this command is replaced, not an error
     manager._server_options["replace_stale"] = True
+    # connected clients come back to a new run of this command: its durable objects,
+    # unnamed ones included, are recovered for them, as after a crash
+    manager._server_options["resume"] = True
     try:
         server = manager.get_server()
     except OSError as e:

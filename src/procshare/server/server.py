@@ -197,7 +197,7 @@ class Server:
                  frame_timeout: float | None = FRAME_TIMEOUT,
                  lease_grace: float = LEASE_GRACE, replace_stale: bool = False,
                  state_dir: str | None = None, fsync: str = "normal",
-                 incarnation: int = 0) -> None:
+                 incarnation: int = 0, resume: bool = False) -> None:
         if not isinstance(authkey, bytes):
             raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")
         self.registry = registry
@@ -231,8 +231,11 @@ class Server:
         self.recent_log: collections.deque[str] = collections.deque(maxlen=50)
         self.incarnation = incarnation
         self.boot = secrets.token_hex(8)     # clients see a restart by its change
-        #: durable objects: recovered now if the state directory holds a journal
-        self.durables = DurableObjects(self, state_dir, fsync, fresh=not incarnation)
+        #: durable objects: recovered now if the state directory holds a journal; as
+        #: after a crash (clients of before may come back) for a restart, and for a
+        #: standalone server run again (`resume`: `python -m procshare serve`)
+        self.durables = DurableObjects(self, state_dir, fsync,
+                                       fresh=not incarnation and not resume)
 
     # -- running ---------------------------------------------------------------
     def serve_forever(self) -> None:
