@@ -291,6 +291,43 @@ def test_a_killed_supervisor_process_leaves_no_orphan(mp_ctx):
 WAIT = 15.0
 
 
+def test_a_crash_before_any_unnamed_object_does_not_keep_later_ones(monkeypatch):
+    """The record of who may hold unnamed durable objects exists from the
+    journal's first use.  It was written at the first unnamed one only, so a
+    crash before that found none, trusted none again, and after every later
+    crash kept what only dead clients held, for good."""
+    from procshare.server.server import Server
+    monkeypatch.setitem(Server.__init__.__kwdefaults__, "loan_ttl", 0.5)
+    fork = multiprocessing.get_context("fork")
+    with procshare.SyncManager(ctx=fork) as m:
+        named = m.dict(durable=True, name="named")
+        named["x"] = 1
+        pid0 = m.pid
+        os.kill(pid0, signal.SIGKILL)           # crash 1: only a named object yet
+        named["y"] = 2
+        assert m.pid != pid0
+        a, b = fork.Pipe()
+        kid = _workers.start_child(fork, _workers.hold_unnamed_durable, m.address,
+                                   bytes(m._authkey), b)
+        b.close()
+        try:
+            assert a.poll(WAIT) and a.recv()
+            pid1 = m.pid
+            os.kill(pid1, signal.SIGKILL)       # crash 2, while the child holds its dict
+            kid.kill()                          # and the child dies meanwhile
+            named["z"] = 3
+            assert m.pid != pid1
+
+            def log():
+                return "\n".join(m._control("server_info")["log"])
+
+            assert poll(lambda: "released 1 recovered durable object(s)" in log(), WAIT), log()
+            assert [o["id"] for o in m.objects()] == ["D:named"]
+        finally:
+            kid.kill()
+            a.close()
+
+
 def test_after_a_crash_what_only_dead_clients_held_goes(monkeypatch):
     """Unnamed durable objects stay through a crash for the clients that come
     back.  Once every client of the crashed server is back or dead (and the

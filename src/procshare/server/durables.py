@@ -173,6 +173,7 @@ class DurableObjects:
         self._unknown = False       # a crash found no record: none is trusted again
         self._holders_mu = threading.Lock()
         server.objects.watch(DURABLE_PREFIX + "~", self._first_hold)
+        self._fresh = fresh
         if state_dir is not None and os.path.exists(os.path.join(state_dir, journal.FILENAME)):
             self._open()
             self._recover(fresh)
@@ -186,6 +187,11 @@ class DurableObjects:
                 self.state_dir = self._private = journal.private_state_dir()
             self.journal = journal.Journal(self.state_dir, self.server.authkey,
                                            fsync=self.fsync, dumps=journal_dumps)
+            if self._fresh:
+                # the record of who may hold unnamed objects exists from the first:
+                # a crash that finds none trusts none again (see `_unknown`)
+                with self._holders_mu:
+                    self._save_holders()
         return self.journal
 
     def _factory(self, typeid: str, args: tuple, kwds: dict) -> Any:
@@ -196,10 +202,8 @@ class DurableObjects:
         return spec[0](*args, **kwds)
 
     def _recover(self, fresh: bool) -> None:
-        j = self._open()
-        if fresh:
-            self._save_holders()            # no client of an earlier program holds any
-        else:
+        j = self._open()            # (fresh: it wrote a record that nobody holds any)
+        if not fresh:
             self._pending = self._load_holders()
             self._holders = dict(self._pending or {})
             self._recovered_at = time.monotonic()
