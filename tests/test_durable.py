@@ -327,6 +327,34 @@ def test_garbage_a_manager_inherits_does_not_hold_recovered_objects(tmp_path):
         gc.enable()
 
 
+def _one_program_run(state) -> None:
+    """A program (its own client id) writes a durable dict and ends."""
+    with procshare.SyncManager(state_dir=state) as m:
+        d = m.dict(durable=True, name="d")
+        for i in range(300):
+            d[i % 10] = "x" * 20_000        # compacted often: replies keep the rows
+
+
+def test_the_journal_does_not_grow_from_program_to_program(tmp_path):
+    """Each program left the stored replies of its client (256 rows, with their
+    effects) in the journal for good: a fresh start forgets them."""
+    import sqlite3
+    fork = multiprocessing.get_context("fork")
+    state = str(tmp_path / "state")
+    rows = []
+    for _ in range(3):
+        run = fork.Process(target=_one_program_run, args=(state,))
+        run.start()
+        run.join(60)
+        assert run.exitcode == 0, run.exitcode
+        db = sqlite3.connect(os.path.join(state, "journal.sqlite3"))
+        try:
+            rows.append(db.execute("SELECT count(*) FROM log").fetchone()[0])
+        finally:
+            db.close()
+    assert rows[2] <= rows[0] + 16, rows
+
+
 def test_an_unsafe_state_dir_is_refused(tmp_path):
     state = tmp_path / "shared"
     state.mkdir(mode=0o777)

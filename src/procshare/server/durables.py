@@ -56,7 +56,10 @@ Rules it keeps:
   own so that a dropped object's stored proxies give theirs back), as is
   one that cannot be rebuilt (its type is no longer registered): that costs
   the object, not the start.  Unnamed objects that only refer to each
-  other, in a cycle, stay.
+  other, in a cycle, stay.  The stored replies of the earlier program's
+  clients go too (none of them re-sends a call to a new program).  A
+  standalone server run again (`resume`) is no fresh start: its clients
+  may come back.
 """
 
 from __future__ import annotations
@@ -179,6 +182,7 @@ class DurableObjects:
             self._recover(fresh)
             if fresh:
                 self._drop_unreferenced()   # (after _recover: its locals hold objects)
+                self.journal.flush()        # (a crash before the next commit would keep them)
 
     # -- the journal ---------------------------------------------------------------
     def _open(self) -> journal.Journal:
@@ -242,6 +246,11 @@ class DurableObjects:
             j.drop(name)
             self.server.note(f"dropped unnamed durable object {name!r} of an earlier "
                              f"program: it cannot be rebuilt ({type(e).__name__}: {e})")
+        if fresh:
+            # no client of an earlier program re-sends a call to this one: their
+            # stored replies go (each program left keep_replies rows per client)
+            for client in j.clients():
+                j.forget_client(client)
         self._hold_rebuilt(rebuilt)
         if handles:
             self.server.note(f"recovered {len(handles)} durable object(s) from "
@@ -260,7 +269,6 @@ class DurableObjects:
         finally:
             inprocess.set_local_server(prev)
         if dropped:
-            self.journal.flush()        # (a crash before the next commit would keep them)
             self.server.note(f"dropped {dropped} unnamed durable object(s) of an earlier "
                              "program that no kept one refers to")
 

@@ -992,6 +992,10 @@ class Journal:
         next commit)."""
         self._stage([("F", client)], None, None)
 
+    def clients(self) -> list[str]:
+        """The clients whose replies the journal keeps (committed ones)."""
+        return list(self._order)
+
     # -- staging and group commit --
 
     def _check_open(self) -> None:
