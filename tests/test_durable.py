@@ -355,6 +355,23 @@ def test_the_journal_does_not_grow_from_program_to_program(tmp_path):
     assert rows[2] <= rows[0] + 16, rows
 
 
+@pytest.mark.parametrize("serializer", ["cloudpickle", "dill"])
+def test_a_durable_object_keeps_what_the_managers_serializer_carries(tmp_path, serializer):
+    """The journal pickles with the manager's serializer's pickler: a lambda
+    set on a durable dict (with cloudpickle) made the dict refuse every later
+    call (NotJournalable: the journal pickled with plain pickle)."""
+    pytest.importorskip(serializer)
+    state = tmp_path / "state"
+    with procshare.SyncManager(state_dir=state, serializer=serializer) as m:
+        d = m.dict(durable=True, name="d")
+        d["f"] = lambda x: x + 1
+        d["a"] = 1
+        assert d["f"](1) == 2 and d["a"] == 1
+    with procshare.SyncManager(state_dir=state, serializer=serializer) as m:
+        d = m.dict(durable=True, name="d")
+        assert d["f"](2) == 3 and d["a"] == 1
+
+
 def test_an_unsafe_state_dir_is_refused(tmp_path):
     state = tmp_path / "shared"
     state.mkdir(mode=0o777)

@@ -9,7 +9,8 @@ object (apply and stage under its lock, wait for the commit outside it,
 exactly once per `(client, request)`), re-sent calls (`#RETRY`),
 re-attaching proxies after a restart, forgetting a client's stored replies
 when its lease ends, closing the journal, and how its records are pickled
-(`journal_dumps`: proxies inside them).  What a call
+(`JournalDumps`: with the manager's serializer's pickler, and proxies inside
+them).  What a call
 changes and how it replays is `durable.py`'s job; storage is `journal.py`'s.
 
 Rules it keeps:
@@ -66,6 +67,7 @@ from __future__ import annotations
 
 import gc
 import hmac
+import importlib
 import io
 import json
 import logging
@@ -102,41 +104,71 @@ MODES = ("snapshot", "journal")
 UNNAMED_KEY = "#unnamed"
 
 
-class _JournalPickler(pickle.Pickler):
-    """The journal's pickler: a proxy goes as its `_procshare_journal_reduce_`
-    says (no loan; a proxy to this manager without its address)."""
-
-    def reducer_override(self, obj: Any) -> Any:
-        if is_proxy_type(type(obj)):
-            return obj._procshare_journal_reduce_()
-        return NotImplemented
-
-
-_pickler = threading.local()        # each thread's idle (buffer, pickler)
-_PICKLER_KEEP = 1 << 20             # a buffer grown past this is not kept
-
-
-def journal_dumps(obj: Any) -> bytes:
-    """Pickle a record of the journal (a pickler per thread, made once: 0.44
-    us for a dict set's effect, against 0.36 for `pickle.dumps` and 0.84 for a
-    new pickler each time).  A pickle made while one is under way (a user's
+class JournalDumps:
+    """Pickles the journal's records with a pickler per thread, made once
+    (0.44 us for a dict set's effect, against 0.36 for `pickle.dumps` and 0.84
+    for a new pickler each time), of class `base` (the stdlib's, cloudpickle's
+    or dill's: the manager's serializer's).  A proxy goes as its
+    `_procshare_journal_reduce_` says: no loan, and a proxy to this manager
+    without its address.  A pickle made while one is under way (a user's
     `__reduce__` calling back) gets a pickler of its own."""
-    idle = getattr(_pickler, "idle", None)
-    if idle is None:
-        buf = io.BytesIO()
-        idle = (buf, _JournalPickler(buf, pickle.HIGHEST_PROTOCOL))
-    _pickler.idle = None
-    buf, p = idle
-    try:
-        p.dump(obj)
-        return buf.getvalue()
-    finally:
-        keep = buf.tell() <= _PICKLER_KEEP
-        buf.seek(0)
-        buf.truncate()
-        p.clear_memo()
-        if keep:
-            _pickler.idle = idle
+
+    def __init__(self, base: type = pickle.Pickler) -> None:
+        parent = getattr(base, "reducer_override", None)
+
+        class JournalPickler(base):     # type: ignore[valid-type, misc]
+            def reducer_override(self, obj: Any) -> Any:
+                if is_proxy_type(type(obj)):
+                    return obj._procshare_journal_reduce_()
+                return NotImplemented if parent is None else parent(self, obj)
+
+        self._pickler = JournalPickler
+        self._idle = threading.local()
+        #: cloudpickle's and dill's picklers keep state of their own across
+        #: dumps (cloudpickle: the globals of the functions it pickled): a new
+        #: one each time, as their own `dumps` makes
+        self._reuse = base is pickle.Pickler
+
+    def __call__(self, obj: Any) -> bytes:
+        if not self._reuse:
+            buf = io.BytesIO()
+            self._pickler(buf, pickle.HIGHEST_PROTOCOL).dump(obj)
+            return buf.getvalue()
+        idle = getattr(self._idle, "pickler", None)
+        if idle is None:
+            buf = io.BytesIO()
+            idle = (buf, self._pickler(buf, pickle.HIGHEST_PROTOCOL))
+        self._idle.pickler = None
+        buf, p = idle
+        try:
+            p.dump(obj)
+            return buf.getvalue()
+        finally:
+            keep = buf.tell() <= _PICKLER_KEEP
+            buf.seek(0)
+            buf.truncate()
+            p.clear_memo()
+            if keep:
+                self._idle.pickler = idle
+
+
+_PICKLER_KEEP = 1 << 20             # a buffer grown past this is not kept
+#: the journal's pickling with the stdlib's pickle (the default serializer's)
+journal_dumps = JournalDumps()
+
+
+def _journal_codec(serializer_name: str) -> tuple[Any, Any]:
+    """(dumps, loads) of the journal of a manager with this serializer: a value
+    the manager's serializer carries (a lambda, with cloudpickle) can be
+    journaled too."""
+    for name in ("cloudpickle", "dill"):
+        if name in serializer_name:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                break
+            return JournalDumps(module.Pickler), getattr(module, "loads", pickle.loads)
+    return journal_dumps, pickle.loads
 
 
 #: `call`'s reply for a call that returned None (the server sends it without
@@ -189,8 +221,9 @@ class DurableObjects:
         if self.journal is None:
             if self.state_dir is None:      # a server run by hand, without state_dir=
                 self.state_dir = self._private = journal.private_state_dir()
+            dumps, loads = _journal_codec(self.server.serializer.name)
             self.journal = journal.Journal(self.state_dir, self.server.authkey,
-                                           fsync=self.fsync, dumps=journal_dumps)
+                                           fsync=self.fsync, dumps=dumps, loads=loads)
             if self._fresh:
                 # the record of who may hold unnamed objects exists from the first:
                 # a crash that finds none trusts none again (see `_unknown`)
