@@ -372,6 +372,20 @@ def test_a_durable_object_keeps_what_the_managers_serializer_carries(tmp_path, s
         assert d["f"](2) == 3 and d["a"] == 1
 
 
+def test_nested_proxies_of_a_manager_with_an_authkey_of_its_own(tmp_path):
+    """A proxy nested in a value the manager returns uses the key this process
+    already uses with that manager (the stdlib, and procshare before, tried
+    the process's default key, and the manager refused it): so a durable list
+    of durable dicts reads back in a program that passes `authkey=`."""
+    state = tmp_path / "state"
+    for run in range(2):
+        with procshare.SyncManager(state_dir=state, authkey=b"k" * 16) as m:
+            rows = m.list(durable=True, name="rows")
+            if run == 0:
+                rows.append(m.dict({"x": 1}, durable=True, name="row"))
+            assert rows[0]["x"] == 1 and rows[0]._authkey == b"k" * 16
+
+
 def test_an_unsafe_state_dir_is_refused(tmp_path):
     state = tmp_path / "shared"
     state.mkdir(mode=0o777)

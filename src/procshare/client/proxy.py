@@ -44,7 +44,7 @@ from ..wire.kinds import Kind
 from ..wire.records import DURABLE_PREFIX, Token
 from . import scope
 from .replies import call_timeout, convert_to_error, raise_reply
-from .session import Session, get_session, inherited_by_server
+from .session import Session, authkey_for, get_session, inherited_by_server
 
 __all__ = [
     "BaseProxy", "RebuildProxy", "MakeProxyType", "AutoProxy", "IteratorProxy",
@@ -354,6 +354,10 @@ def RebuildProxy(func: Any, token: Token, serializer: Any, kwds: dict) -> Any:
         kwds["authkey"] = server.authkey
     if server is not None and server.address == token.address:
         kwds["manager_owned"] = True
+    elif kwds.get("authkey") is None:
+        key = authkey_for(token.address)    # the manager's key, if we use another one
+        if key is not None:
+            kwds["authkey"] = key
     incref = kwds.pop("incref", True)
     if attrs is not None and func is AutoProxy:
         kwds["attributes"] = attrs

@@ -59,6 +59,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
+from multiprocessing import process
 from multiprocessing import util as mp_util
 from typing import Any
 
@@ -657,6 +658,18 @@ def get_session(address: Any, authkey: bytes, serializer: str | Serializer = "pi
         if s is None or s.closed:
             s = _sessions[key] = Session(address, authkey, ser)
         return s
+
+
+def authkey_for(address: Any) -> bytes | None:
+    """The authkey this process uses with the manager at `address`, when it
+    is not this process's own and is the only one: for a proxy that arrives
+    without one (nested in a value the manager returned), which would
+    otherwise try this process's default key, as the stdlib does, and be
+    refused by a manager started with `authkey=`."""
+    keys = {k[1] for k, s in list(_sessions.items()) if k[0] == address and not s.closed}
+    if len(keys) != 1 or bytes(process.current_process().authkey) in keys:
+        return None
+    return keys.pop()
 
 
 def drop_session(address: Any) -> None:
