@@ -33,6 +33,9 @@ Rules it keeps:
 - An address that starts with a prefix registered with
   `register_session_factory` (procshare.ray's `ray://`) gets that transport's
   session from `get_session`; nothing else here sees it.
+- A proxy that arrives without an authkey (nested in a value a manager
+  returned) uses the one this process already uses with that manager, when
+  there is one and it is not the process's default (`authkey_for`).
 - After fork, the child never touches the parent's sockets: the parent lends
   its references to the child before forking, and the child adopts the loan
   on its first connection.  The fork that starts a manager's server (or its
