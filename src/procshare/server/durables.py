@@ -329,8 +329,8 @@ class DurableObjects:
         # proxy kept here held its object for as long)
         if lost:
             self.server.note(f"{len(lost)} object(s) that recovered durable objects refer "
-                             f"to did not survive the crash (they were not durable): "
-                             f"{sorted(lost)[:5]}")
+                             f"to are gone (they were not durable, so they did not outlive "
+                             f"the server that held them): {sorted(lost)[:5]}")
 
     def _register(self, h: journal.Durable, holder: str) -> tuple:
         server = self.server
