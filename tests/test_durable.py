@@ -272,10 +272,25 @@ def test_a_stored_reply_whose_proxy_is_gone_fails_the_call_not_the_connection(tm
         gone_id = gone._id
         del gone                                # its object goes with its last proxy
         assert poll(lambda: gone_id not in {o["id"] for o in m.objects()}, 10)
+        box.append("after")                     # commits the drop too (an earlier ticket)
+        pid0 = m.pid
+        os.kill(pid0, signal.SIGKILL)           # a re-send goes to a restarted manager
+        assert len(box) == 1 and m.pid != pid0
         again = box._callmethod("#RETRY", (*first, "pop", (), {}))
         with pytest.raises(procshare.RemoteError, match="found no object with this id"):
             again["k"]
-        assert len(box) == 0                    # the connection still serves
+        assert list(box) == ["after"]           # the connection still serves
+
+
+def test_a_manager_started_afresh_does_not_run_a_re_sent_call(tmp_path):
+    """A call re-sent to a manager that started afresh on the state directory
+    (not a restart: it keeps no replies of earlier managers' calls) fails,
+    saying so, instead of running a second time."""
+    with procshare.SyncManager(state_dir=tmp_path / "state") as m:
+        box = m.list(durable=True, name="box")
+        with pytest.raises(RuntimeError, match="started afresh"):
+            box._callmethod("#RETRY", (1, 1, "append", ("x",), {}))
+        assert len(box) == 0
 
 
 def test_a_fresh_start_drops_an_earlier_unnamed_object_it_cannot_rebuild(tmp_path):
@@ -453,6 +468,28 @@ def test_serve_keeps_durable_objects_across_its_own_restarts(tmp_path):
         proc.stdout.close()
         proc.stderr.close()
     assert not os.path.exists(address)
+
+
+def test_serve_records_who_may_hold_unnamed_objects_from_the_first(tmp_path):
+    """`serve` never starts afresh, so the record of who may hold unnamed
+    durable objects is written when its journal is new: without it, a later
+    run would trust no record, for good, and keep every unnamed object."""
+    address, state, key = str(tmp_path / "m.sock"), str(tmp_path / "state"), "s3cret-key"
+    proc = _serve(address, state, key)
+    try:
+        m = procshare.SyncManager(address=address, authkey=key.encode())
+        m.connect()
+        m.dict(durable=True, name="named")["x"] = 1     # the journal's first use
+        assert os.path.exists(os.path.join(state, "holders.json"))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 def test_serve_run_again_keeps_the_unnamed_objects_of_connected_clients(tmp_path):

@@ -35,7 +35,7 @@ Rules it keeps:
   session from `get_session`; nothing else here sees it.
 - A proxy that arrives without an authkey (nested in a value a manager
   returned) uses the one this process already uses with that manager, when
-  there is one and it is not the process's default (`authkey_for`).
+  it uses exactly one and it is not the process's default (`authkey_for`).
 - After fork, the child never touches the parent's sockets: the parent lends
   its references to the child before forking, and the child adopts the loan
   on its first connection.  The fork that starts a manager's server (or its

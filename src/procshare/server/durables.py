@@ -39,7 +39,7 @@ Rules it keeps:
   a record made then would omit the holders of before).
 - A proxy stored in a durable object (a durable list of durable dicts) is
   journaled without a loan, and without this server's address
-  (`journal_dumps`), so a later program's manager, listening elsewhere,
+  (`JournalDumps`), so a later program's manager, listening elsewhere,
   binds it to itself.  It is
   rebuilt during recovery as the server's own (`inprocess.begin_recovery`),
   without a reference, and takes it once every object is back
@@ -58,9 +58,15 @@ Rules it keeps:
   one that cannot be rebuilt (its type is no longer registered): that costs
   the object, not the start.  Unnamed objects that only refer to each
   other, in a cycle, stay.  The stored replies of the earlier program's
-  clients go too (none of them re-sends a call to a new program).  A
+  clients go too, so a call re-sent to a manager that started afresh fails
+  instead of running (it cannot tell whether the call took effect).  A
   standalone server run again (`resume`) is no fresh start: its clients
-  may come back.
+  may come back.  Its stored replies of clients that never come back stay
+  (they are not known dead: only holders of unnamed objects are recorded).
+- The record of who may hold unnamed objects is written when the journal is
+  first opened by a fresh server, or is new; it is read once per
+  incarnation, from the journal it belongs to (a clean shutdown that closes
+  the journal meanwhile leaves the file as it was).
 """
 
 from __future__ import annotations
@@ -222,11 +228,13 @@ class DurableObjects:
             if self.state_dir is None:      # a server run by hand, without state_dir=
                 self.state_dir = self._private = journal.private_state_dir()
             dumps, loads = _journal_codec(self.server.serializer.name)
+            new = not os.path.exists(os.path.join(self.state_dir, journal.FILENAME))
             self.journal = journal.Journal(self.state_dir, self.server.authkey,
                                            fsync=self.fsync, dumps=dumps, loads=loads)
-            if self._fresh:
-                # the record of who may hold unnamed objects exists from the first:
-                # a crash that finds none trusts none again (see `_unknown`)
+            if self._fresh or new:
+                # the record of who may hold unnamed objects exists from the first
+                # (a new journal has no earlier holders to leave out): a crash that
+                # finds none trusts none again (see `_unknown`)
                 with self._holders_mu:
                     self._save_holders()
         return self.journal
@@ -438,6 +446,18 @@ class DurableObjects:
                 return server.error_reply(TypeError(
                     f"a re-sent call on durable object {oid} must carry (connection, "
                     f"request, method, args, kwds), not {args!r:.80}"))
+            if self._fresh:
+                # a new program's manager keeps no replies of calls made to an
+                # earlier one (see _recover): it cannot answer this one, and running
+                # it could apply it twice
+                return server.error_reply(RuntimeError(
+                    f"{meth}() on durable object {oid} was sent again after its manager "
+                    f"went away, but the manager at {server.address!r} (pid "
+                    f"{os.getpid()}) started afresh on its state directory: it cannot "
+                    "tell whether the call took effect before, so it did not run it "
+                    "again. Look at the object's state before calling again (a "
+                    "standalone manager run again for its clients, `python -m procshare "
+                    "serve`, recovers instead)."))
         if meth not in entry.exposed and meth != "#UPDATE_ITEM":
             reply = server._slow_call(info, oid, meth, args, kwds, durable=False)
             try:
@@ -550,26 +570,28 @@ class DurableObjects:
     def _holders_path(self) -> str | None:
         return None if self.state_dir is None else os.path.join(self.state_dir, HOLDERS_FILE)
 
-    def _holders_mac(self, body: bytes) -> str:
-        j = self._open()
+    @staticmethod
+    def _holders_mac(j: journal.Journal, body: bytes) -> str:
         return j._mac(b"holders\0" + body).hex()
 
     def _save_holders(self) -> None:
         """Replace the file whole (with `_holders_mu` held).  If it cannot be
         written, none is left: after a crash `@recovered` then stays."""
         path = self._holders_path()
-        if path is None or self.journal is None:    # (closed: a late lease end)
+        j = self.journal            # (once: a clean shutdown may close it meanwhile)
+        if path is None or j is None:       # (closed: a late lease end)
             return
         if self._unknown:
             return
         body = json.dumps(self._holders, sort_keys=True).encode()
         try:
             replace_file(path, json.dumps({"clients": body.decode(),
-                                           "mac": self._holders_mac(body)}).encode())
+                                           "mac": self._holders_mac(j, body)}).encode())
         except (OSError, journal.JournalError) as e:
             log.warning("could not record the holders of unnamed durable objects in %s "
                         "(%s): after a crash of this manager, every unnamed durable object "
-                        "stays until a clean shutdown, even those only dead clients held. "
+                        "stays until the program ends, even those only dead clients held (a "
+                        "standalone `serve` keeps them across its runs). "
                         "Free space or fix the permissions there.", path, e)
             try:                        # none left: a crash then keeps everything
                 os.unlink(path)
@@ -582,7 +604,7 @@ class DurableObjects:
             with open(path, "rb") as f:        # type: ignore[arg-type]
                 doc = json.loads(f.read())
             body = doc["clients"].encode()
-            if not hmac.compare_digest(doc["mac"], self._holders_mac(body)):
+            if not hmac.compare_digest(doc["mac"], self._holders_mac(self._open(), body)):
                 raise ValueError("its HMAC does not match")
             got = json.loads(body)
             if not isinstance(got, dict) or not all(
@@ -594,7 +616,8 @@ class DurableObjects:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             self.server.note(f"the record of the clients that held unnamed durable objects "
                              f"({path}) is unreadable ({e}): the objects recovered now "
-                             "stay until a clean shutdown")
+                             "stay until the program ends (a standalone `serve` keeps them "
+                             "across its runs)")
             return None
 
     def settle_recovered(self) -> None:
@@ -623,8 +646,8 @@ class DurableObjects:
                         self.server.note(
                             f"{len(pending)} client(s) of the crashed server (pid "
                             f"{', '.join(pids[:5])}) are not back and not known dead: the "
-                            "durable objects recovered stay until they are (or until a "
-                            "clean shutdown)")
+                            "durable objects recovered stay until they are (or until the "
+                            "program ends)")
                     return
                 self._pending = None
             freed = self.server.objects.release_holder(RECOVERED_HOLDER)
