@@ -432,6 +432,18 @@ def _serve(address: str, state: str, key: str):
     return proc
 
 
+def _stop_serve(proc) -> None:
+    """Ctrl-C a `_serve` process (a SIGKILL if it does not stop in time)."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    proc.stdout.close()
+    proc.stderr.close()
+
+
 def test_serve_keeps_durable_objects_across_its_own_restarts(tmp_path):
     """`python -m procshare serve ADDRESS --state-dir DIR`: a standalone manager
     that restarts nothing by itself; run again on the same state dir (after a
@@ -459,14 +471,7 @@ def test_serve_keeps_durable_objects_across_its_own_restarts(tmp_path):
         assert len(jobs) == 51 and jobs[50] == "done 50"
         del jobs
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        proc.stdout.close()
-        proc.stderr.close()
+        _stop_serve(proc)
     assert not os.path.exists(address)
 
 
@@ -482,14 +487,7 @@ def test_serve_records_who_may_hold_unnamed_objects_from_the_first(tmp_path):
         m.dict(durable=True, name="named")["x"] = 1     # the journal's first use
         assert os.path.exists(os.path.join(state, "holders.json"))
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        proc.stdout.close()
-        proc.stderr.close()
+        _stop_serve(proc)
 
 
 def test_serve_run_again_keeps_the_unnamed_objects_of_connected_clients(tmp_path):
@@ -514,14 +512,7 @@ def test_serve_run_again_keeps_the_unnamed_objects_of_connected_clients(tmp_path
         assert dict(mine) == {"a": 1, "b": 2, "c": 3}
         del mine
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        proc.stdout.close()
-        proc.stderr.close()
+        _stop_serve(proc)
 
 
 def test_a_durable_queue_get_honours_its_deadline_and_takes_nothing():

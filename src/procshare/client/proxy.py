@@ -349,7 +349,10 @@ def RebuildProxy(func: Any, token: Token, serializer: Any, kwds: dict) -> Any:
         # a proxy to the manager that loads it
         if server is None:
             raise RuntimeError(f"a proxy to {token.typeid} object {token.id!r} stored in a "
-                               "manager's journal can only be loaded by that manager")
+                               f"manager's journal was unpickled in process {os.getpid()}, "
+                               "which runs no manager: only the manager that recovers the "
+                               "journal can bind it. Read the journal through a manager "
+                               "started with that state_dir=")
         token = Token(token.typeid, server.address, token.id)
         kwds["authkey"] = server.authkey
     if server is not None and server.address == token.address:

@@ -817,7 +817,9 @@ class Journal:
                 if on_error is not None and on_error(name, e):
                     continue
                 raise JournalError(f"cannot load durable object {name!r} (typeid {typeid!r}) "
-                                   f"from {self.path}: {type(e).__name__}: {e}") from e
+                                   f"from {self.path}: {type(e).__name__}: {e}. Make the "
+                                   "classes its records name importable in the manager "
+                                   "(the same module and name) and start it again.") from e
         return out
 
     def _load_one(self, name: str, oid: int, typeid: str, mode: str, spec: bytes, mac: bytes,
