@@ -135,6 +135,40 @@ def test_call_futures_work_with_wait_and_as_completed(sync):
     assert "finished" in repr(f) and f.done() and not f.running()
 
 
+def test_replies_that_arrive_together_settle_every_kind_of_future(sync):
+    """The reader settles the replies of one receive together and wakes the
+    pipe's waiters once: futures that nobody holds a Condition of are settled
+    there; those with a callback, in a `wait()`, cancelled, or failing take
+    the general way, amid the others."""
+    lst = sync.list(range(10))
+    a = procshare.async_(lst)
+    seen = []
+    futs, waited, cancelled, failing = [], [], [], []
+    for i in range(600):
+        if i % 97 == 5:
+            f = a.__getitem__(99)       # IndexError, amid the others
+            failing.append(f)
+        else:
+            f = a.__getitem__(i % 10)
+            if i % 7 == 0:
+                f.add_done_callback(lambda fut, i=i: seen.append((i, fut.result())))
+            elif i % 11 == 0:
+                waited.append(f)
+            elif i % 89 == 0 and f.cancel():
+                cancelled.append(f)
+        futs.append(f)
+    assert not concurrent.futures.wait(waited, timeout=30).not_done
+    for i, f in enumerate(futs):
+        if f in failing:
+            with pytest.raises(IndexError):
+                f.result(30)
+        elif f in cancelled:
+            assert f.cancelled()
+        else:
+            assert f.result(30) == i % 10
+    assert sorted(seen) == [(i, i % 10) for i in range(0, 600, 7) if i % 97 != 5]
+
+
 def test_waiting_on_futures_of_two_pipes_from_two_threads_does_not_deadlock():
     # wait() and as_completed() lock each future's Condition in the order of
     # id(future): that cannot deadlock only if each future has its own (a lock

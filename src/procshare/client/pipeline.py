@@ -64,6 +64,8 @@ _monotonic = time.monotonic
 #: the longest a thread's next call waits for a broken pipe's re-sends to be on their
 #: way (they wait for a restarting manager: session.RECONNECT, 5 s, at most)
 _HANDOVER_WAIT = 15.0
+#: the most replies the reader settles before it wakes the pipe's waiters
+_BATCH = 32
 
 
 class _Tail(bytes):
@@ -338,6 +340,9 @@ class Pipe:
     # -- receiving -------------------------------------------------------------------
     def _read(self) -> None:
         ch = self.ch
+        buffered = ch.buffered_frame
+        deliver = self._deliver
+        settled = self.settled
         try:
             while True:
                 due = None
@@ -349,7 +354,19 @@ class Pipe:
                 except TimeoutError:
                     self._expire()
                     continue
-                self._deliver(kind, rid, body, bufs)
+                deliver(kind, rid, body, bufs)
+                # the replies that came in the same receive: settled without a
+                # receive each, and their waiters woken once (at most _BATCH
+                # replies a wakeup, so the first of them waits little)
+                for _ in range(_BATCH - 1):
+                    frame = buffered()
+                    if frame is None:
+                        break
+                    kind, rid, _b, body, bufs = frame
+                    deliver(kind, rid, body, bufs)
+                with settled:
+                    if settled._waiters:
+                        settled.notify_all()
         except (EOFError, OSError) as e:
             self._break(e)
         except Exception as e:       # a frame error: the connection is unusable
@@ -357,6 +374,11 @@ class Pipe:
             self._break(e)
 
     def _deliver(self, kind: int, rid: int, body: Any, bufs: Any) -> None:
+        """Settle the future of one reply.  The common one (a result, for a
+        future nobody holds a Condition of, so no waiter of `wait()` and no
+        callback) is settled here and its `result()` waiter is left for the
+        reader's next wakeup of the pipe (`_read`); any other goes through
+        `CallFuture._settle`, which wakes its waiters itself."""
         fut = self.futures.pop(rid, None)     # atomic: no lock on the reader's path
         if fut is None:
             return          # cancelled, or settled already
@@ -368,8 +390,14 @@ class Pipe:
                                             fut._timeout)
         except BaseException as e:
             _settle_future(fut, e, True)
-        else:
-            _settle_future(fut, value, False)
+            return
+        with _MAKING:       # (what making a future's Condition takes: see CallFuture)
+            if fut._cond is None and fut._state == _PENDING:
+                fut._resend = None
+                fut._result = value
+                fut._state = _FINISHED
+                return
+        _settle_future(fut, value, False)
 
     def _expire(self) -> None:
         """Settle the calls whose deadline passed (in a thread of their own:

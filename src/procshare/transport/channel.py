@@ -294,6 +294,13 @@ class Channel:
             return frame
         return self._recv_rest(deadline)
 
+    def buffered_frame(self) -> tuple | None:
+        """The next frame if it is here whole already (no I/O), else None: a
+        reader that got many frames in one receive takes them without a
+        receive each.  A frame begun but not whole stays for `recv_frame`."""
+        reader = self.reader
+        return reader.next_frame() if reader.in_frame else None
+
     def _recv_rest(self, deadline: float | None) -> tuple:
         """Receive until the frame the reader has started is whole.  Bytes that
         are already there are taken at once; only an empty socket is waited on
