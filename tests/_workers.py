@@ -677,6 +677,23 @@ def chaos_worker(w, counter, lst, q, d, stop, ops_done):
     return acked
 
 
+def write_named_durable(address, authkey, conn) -> str:
+    """Make three sets on the named durable dict "shared" (so the manager
+    stores their replies), report this process's client id, and wait to be
+    told to end."""
+    import procshare
+    from procshare.client import session
+    m = procshare.SyncManager(address=address, authkey=authkey)
+    m.connect()
+    d = m.dict(durable=True, name="shared")
+    for i in range(3):
+        d[f"{os.getpid()}-{i}"] = i
+    conn.send(session.client_id())
+    if not conn.poll(60):
+        return "never told to end"
+    return "ended"
+
+
 def hold_unnamed_durable(address, authkey, conn) -> str:
     """Make an unnamed durable dict, report its id, and keep it; when told
     ("go"), use it (after the manager restarted: re-attaching) and report its

@@ -781,6 +781,72 @@ def test_stored_replies_are_bounded_per_client(tmp_path):
     j.close()
 
 
+def test_who_a_client_is_is_kept_with_its_replies(tmp_path):
+    """`identify` is asked once, at a client's first stored reply; its answer
+    is committed with it, survives a reopen, goes with `forget_client`, and is
+    HMAC-checked.  A client that `identify` does not know (None, or an error)
+    just has no identity."""
+    asked = []
+
+    def identify(client):
+        asked.append(client)
+        if client == "C":
+            raise RuntimeError("no idea")
+        return None if client == "B" else f"who is {client}"
+
+    path = tmp_path / "s"
+    j = Journal(path, KEY, identify=identify)
+    h = j.create("d", "dict", {})
+    for r in range(1, 4):
+        for c in "ABC":
+            call(j, h, "__setitem__", c, r, client=c, request=r)
+    call(j, h, "get", "A", client="D", request=1)     # no effect: no reply stored
+    assert asked == ["A", "B", "C"]
+    assert [j.client_ident(c) for c in "ABCD"] == ["who is A", None, None, None]
+    j.close()
+    j, _ = reopen(path, identify=identify)
+    assert j.client_ident("A") == "who is A" and asked == ["A", "B", "C"]
+    call(j, h := j.get("d"), "__setitem__", "A", 9, client="A", request=4)
+    assert asked == ["A", "B", "C"]          # known already
+    j.forget_client("A")
+    call(j, h, "__setitem__", "E", 1, client="E", request=1)   # a commit with the forget
+    assert j.client_ident("A") is None and j.client_ident("E") == "who is E"
+    j.close()
+    with _db(path) as db:
+        assert sorted(db.execute("SELECT client FROM clients")) == [("E",)]
+        db.execute("UPDATE clients SET ident='who is F' WHERE client='E'")
+    with pytest.raises(JournalTampered, match="the identity record of client 'E'"):
+        Journal(path, KEY)
+
+
+def test_a_client_forgotten_and_back_in_one_commit_keeps_its_identity(tmp_path):
+    """A forget and the same client's next stored reply planned in one commit
+    (in either order): the identity row ends as the index says."""
+    path = tmp_path / "s"
+    j = Journal(path, KEY, identify=lambda c: f"who is {c}")
+    h = j.create("d", "dict", {})
+    call(j, h, "__setitem__", "k", 1, client="A", request=1)
+    with j._mu:         # nothing commits meanwhile: the next three go in one commit
+        j._leading = True
+    try:
+        j.forget_client("A")
+        t1 = h.call("__setitem__", ("k", 2), {}, client="A", request=2).ticket
+        j.forget_client("A")
+        j.forget_client("B")
+        t2 = h.call("__setitem__", ("k", 3), {}, client="B", request=1).ticket
+    finally:
+        with j._mu:
+            j._leading = False
+    j.wait(max(t1, t2), WAIT)
+    assert j.client_ident("A") is None and j.client_ident("B") == "who is B"
+    j.close()
+    with _db(path) as db:
+        assert sorted(db.execute("SELECT client FROM clients")) == [("B",)]
+    j = Journal(path, KEY)
+    assert j.clients() == ["B"] and j.client_ident("B") == "who is B"
+    j.close()
+
+
 def test_a_drop_and_a_new_row_in_one_commit(tmp_path):
     """A dropped object's rows and a new row of another object in one group
     commit (the drop of an unnamed object is staged, not waited for): the new

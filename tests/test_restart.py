@@ -328,6 +328,57 @@ def test_a_crash_before_any_unnamed_object_does_not_keep_later_ones(monkeypatch)
             a.close()
 
 
+def test_after_a_crash_the_stored_replies_of_clients_that_died_meanwhile_go(tmp_path):
+    """A client's stored replies (for re-sent calls) went only when its lease
+    ended.  A client that died while the manager was down never got a lease
+    from the new one, so its replies (and their effects) stayed in the journal
+    for good, after every such crash and every run of `serve`.  Now a client
+    known dead goes; one that is alive but silent keeps them (it may re-send)."""
+    from procshare.server.journal import Journal
+    fork = multiprocessing.get_context("fork")
+    state = str(tmp_path / "state")
+    pipes, kids, ids = [], [], []
+    try:
+        with procshare.SyncManager(ctx=fork, state_dir=state) as m:
+            authkey = bytes(m._authkey)
+            shared = m.dict(durable=True, name="shared")
+            for _ in range(2):
+                a, b = fork.Pipe()
+                kids.append(_workers.start_child(fork, _workers.write_named_durable,
+                                                 m.address, authkey, b))
+                b.close()
+                pipes.append(a)
+            for p in pipes:
+                assert p.poll(WAIT)
+                ids.append(p.recv())
+            for k in kids:                      # both silent from here on
+                os.kill(k.process.pid, signal.SIGSTOP)
+            pid0 = m.pid
+            os.kill(pid0, signal.SIGKILL)
+            assert poll(lambda: m.pid != pid0 and not process_gone(m.pid), WAIT)
+            shared["parent"] = 1                # this process comes back
+            kids[0].kill()                      # one child dies; the other stays stopped
+
+            def log():
+                return "\n".join(m._control("server_info")["log"])
+
+            assert poll(lambda: "forgot the stored replies of 1 client(s)" in log(), WAIT), log()
+            assert len(shared) == 7
+    finally:
+        for k in kids:
+            k.kill()
+        for p in pipes:
+            p.close()
+    j = Journal(state, authkey)
+    try:
+        clients = j.clients()
+        assert ids[0] not in clients            # dead: forgotten
+        assert ids[1] in clients                # alive but silent then: kept
+        assert j.client_ident(ids[0]) is None and j.client_ident(ids[1]) is not None
+    finally:
+        j.close()
+
+
 def test_after_a_crash_what_only_dead_clients_held_goes(monkeypatch):
     """Unnamed durable objects stay through a crash for the clients that come
     back.  Once every client of the crashed server is back or dead (and the

@@ -61,8 +61,13 @@ Rules it keeps:
   clients go too, so a call re-sent to a manager that started afresh fails
   instead of running (it cannot tell whether the call took effect).  A
   standalone server run again (`resume`) is no fresh start: its clients
-  may come back.  Its stored replies of clients that never come back stay
-  (they are not known dead: only holders of unnamed objects are recorded).
+  may come back.
+- After a crash (or a `resume`), the stored replies of a client of an
+  earlier server that never came back go once it is known dead: the journal
+  keeps who each client with replies is (pid, start time, host: `_identify`),
+  and a client whose pid is gone or names another process now, on this host
+  and pid namespace, can re-send nothing (`_forget_dead_repliers`).  One
+  that is alive but silent, or on another host, keeps them.
 - The record of who may hold unnamed objects is written when the journal is
   first opened by a fresh server, or is new; it is read once per
   incarnation, from the journal it belongs to (a clean shutdown that closes
@@ -86,7 +91,7 @@ from typing import Any
 
 from .. import inprocess
 from ..transport.files import replace_file
-from ..transport.processes import start_time
+from ..transport.processes import host_identity, start_time
 from ..wire.kinds import Kind
 from ..wire.records import DURABLE_PREFIX, is_proxy_type
 from . import callctx, journal
@@ -182,6 +187,17 @@ def _journal_codec(serializer_name: str) -> tuple[Any, Any]:
 RETURN_NONE = (Kind.RETURN, None)
 
 
+def _parse_ident(ident: str | None) -> list | None:
+    """`[pid, start, host]` from a stored client identity (None if unusable)."""
+    try:
+        pid, start, host = json.loads(ident) if ident is not None else (None, None, None)
+    except (ValueError, TypeError):
+        return None
+    if type(pid) is not int or type(start) is not int or not isinstance(host, list):
+        return None
+    return [pid, start, host]
+
+
 def durable_option(value: Any) -> str | bool | None:
     """What a `durable=` keyword means: False/None (not durable), True (the
     typeid's default mode) or a mode name; None for a value that is not a
@@ -212,6 +228,10 @@ class DurableObjects:
         self._recovered_at = 0.0
         self._told_waiting = False
         self._unknown = False       # a crash found no record: none is trusted again
+        #: after a crash: clients of earlier servers with stored replies, not yet
+        #: back, whose identity is known (client -> [pid, start, host]): see
+        #: `_forget_dead_repliers`
+        self._absent: dict[str, list] = {}
         self._holders_mu = threading.Lock()
         server.objects.watch(DURABLE_PREFIX + "~", self._first_hold)
         self._fresh = fresh
@@ -230,7 +250,8 @@ class DurableObjects:
             dumps, loads = _journal_codec(self.server.serializer.name)
             new = not os.path.exists(os.path.join(self.state_dir, journal.FILENAME))
             self.journal = journal.Journal(self.state_dir, self.server.authkey,
-                                           fsync=self.fsync, dumps=dumps, loads=loads)
+                                           fsync=self.fsync, dumps=dumps, loads=loads,
+                                           identify=self._identify)
             if self._fresh or new:
                 # the record of who may hold unnamed objects exists from the first
                 # (a new journal has no earlier holders to leave out): a crash that
@@ -292,6 +313,11 @@ class DurableObjects:
             # stored replies go (each program left keep_replies rows per client)
             for client in j.clients():
                 j.forget_client(client)
+        else:
+            for client in j.clients():
+                ident = _parse_ident(j.client_ident(client))
+                if ident is not None:
+                    self._absent[client] = ident
         self._hold_rebuilt(rebuilt)
         if handles:
             self.server.note(f"recovered {len(handles)} durable object(s) from "
@@ -555,6 +581,47 @@ class DurableObjects:
             if self._holders.pop(client, None) is not None:
                 self._save_holders()
 
+    # -- the stored replies of clients that died while the manager was down ----------
+    def _identify(self, client: str) -> str | None:
+        """(the journal asks, at a client's first stored reply) Who `client`
+        is, for a later server to tell whether it still runs: its pid, start
+        time and host; None for a client on another host or pid namespace."""
+        rec = self.server.leases.records.get(client)
+        if rec is None or not rec.local or rec.pid <= 0:
+            return None
+        start = start_time(rec.pid)
+        if start is None:
+            return None
+        return json.dumps([rec.pid, start, list(host_identity())])
+
+    def _forget_dead_repliers(self) -> None:
+        """(about once a second, after a crash) A client of an earlier server
+        that has stored replies and never came back: once it is known dead
+        (its pid is gone or is another process now, on this host and pid
+        namespace), it can re-send nothing, so its replies go.  Without this
+        they stayed in the journal for good (up to `keep_replies` rows each,
+        their effects included), after every crash that a client did not
+        outlive, and every run of `serve`.  One that is alive but silent, or
+        elsewhere, keeps them: it may still re-send a call."""
+        absent = self._absent
+        if not absent:
+            return
+        host = list(host_identity())
+        records = self.server.leases.records
+        dead = []
+        for client, (pid, start, where) in list(absent.items()):
+            if client in records or where != host:
+                del absent[client]      # it came back (its lease forgets it), or elsewhere
+            elif start_time(pid) != start:
+                del absent[client]
+                dead.append(client)
+        for client in dead:
+            self.forget_client(client)
+        if dead:
+            self.server.note(f"forgot the stored replies of {len(dead)} client(s) of an "
+                             "earlier server that died while it was down (they can re-send "
+                             "nothing)")
+
     # -- who may hold an unnamed durable object, across a crash -------------------
     def _first_hold(self, client: str) -> None:
         """(under the registry's mutex, before the reference counts) `client`
@@ -624,6 +691,11 @@ class DurableObjects:
         """(about once a second) After a crash: drop the clients of the last
         server that are dead now; once none is left and `loan_ttl` has passed,
         `@recovered` lets go, and what only it held goes."""
+        if self._absent:
+            try:
+                self._forget_dead_repliers()
+            except Exception:   # this runs in the server's main loop: never end it
+                log.warning("forgetting the replies of dead clients failed", exc_info=True)
         pending = self._pending
         if pending is None:
             return

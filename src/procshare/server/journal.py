@@ -48,7 +48,11 @@ Rules it keeps:
 - Replies kept: for each client, the replies of its last `keep_replies`
   mutating calls that had an effect, until `forget_client` (remembered in
   the `forgotten` table while rows of that client remain; `has_replies`).  A re-sent call
-  that is still running waits for the first one and gets its reply.
+  that is still running waits for the first one and gets its reply.  With a
+  client's first stored reply, the commit stores who the client is (the
+  `identify` callback's answer, in the `clients` table, until it is
+  forgotten; `client_ident`), so that a later manager can tell that a client
+  which never came back is dead, and forget its replies.
 - A log row is deleted once it holds nothing needed (its effects are covered
   by a snapshot, its reply was evicted or it had none), in batches of
   `GC_ROWS` or with the next snapshot; recovery ignores such rows.
@@ -170,6 +174,8 @@ CREATE TABLE IF NOT EXISTS snapshots(oid INTEGER PRIMARY KEY, seq INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS log(id INTEGER PRIMARY KEY, oid INTEGER, seq INTEGER,
     client TEXT, request, effects BLOB, reply BLOB, mac BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS forgotten(client TEXT PRIMARY KEY, upto INTEGER NOT NULL,
+    mac BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS clients(client TEXT PRIMARY KEY, ident TEXT NOT NULL,
     mac BLOB NOT NULL);
 """
 
@@ -514,7 +520,8 @@ class Journal:
     def __init__(self, state_dir: str | os.PathLike, authkey: bytes, *, fsync: str = "normal",
                  keep_replies: int = 256, compact_bytes: int = 1 << 20,
                  dumps: Callable[[Any], bytes] | None = None,
-                 loads: Callable[[bytes], Any] | None = None) -> None:
+                 loads: Callable[[bytes], Any] | None = None,
+                 identify: Callable[[str], str | None] | None = None) -> None:
         if fsync not in ("normal", "full"):
             raise ValueError(f"fsync must be 'normal' or 'full', not {fsync!r}")
         if not isinstance(authkey, (bytes, bytearray)) or not authkey:
@@ -526,6 +533,8 @@ class Journal:
         self.compact_bytes = compact_bytes
         self._dumps = dumps or (lambda obj: pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
         self._loads = loads or pickle.loads
+        #: who a client is (None: unknown), asked at its first stored reply
+        self._identify = identify
         self._rep_none = self._dumps((True, None))     # the reply of most mutating calls
         self.state_dir = check_state_dir(state_dir)
         self.path = os.path.join(self.state_dir, FILENAME)
@@ -553,6 +562,7 @@ class Journal:
         self._reply_row: dict[tuple, int] = {}              # (client, request) -> row id
         self._order: dict[str, deque] = {}                  # client -> requests, oldest first
         self._refs: dict[int, int] = {}                     # row id -> what still needs it
+        self._idents: dict[str, str] = {}                   # client -> identify()'s answer
         self._next_row = 1
         self._garbage: list[int] = []                       # rows to delete in a later commit
         self._create_file()
@@ -676,11 +686,20 @@ class Journal:
         for client, order in self._order.items():
             while len(order) > self.keep_replies:
                 self._unref(self._reply_row.pop((client, order.popleft())), garbage)
+        gone_idents = []
+        for client, ident, mac in db.execute("SELECT client, ident, mac FROM clients"):
+            self._verify(mac, self._mac_ident(client, ident),
+                         f"the identity record of client {client!r}")
+            if client in self._order:
+                self._idents[client] = ident
+            else:       # (its replies went in a commit that a crash cut short)
+                gone_idents.append((client,))
         dead_snaps = [(oid,) for oid in snap_seq if oid not in live]
-        if garbage or dead_snaps or forgotten:
+        if garbage or dead_snaps or forgotten or gone_idents:
             db.execute("BEGIN")
             db.executemany(_DELETE_RUN, _runs(garbage))
             db.executemany("DELETE FROM snapshots WHERE oid=?", dead_snaps)
+            db.executemany("DELETE FROM clients WHERE client=?", gone_idents)
             db.execute("DELETE FROM forgotten WHERE NOT EXISTS (SELECT 1 FROM log WHERE "
                        "log.client = forgotten.client AND log.id <= forgotten.upto)")
             db.execute("COMMIT")
@@ -703,6 +722,10 @@ class Journal:
 
     def _mac_forgotten(self, client: str, upto: int) -> bytes:
         return self._mac(b"F" + struct.pack(">Q", upto) + client.encode())
+
+    def _mac_ident(self, client: str, ident: str) -> bytes:
+        c = client.encode()
+        return self._mac(b"C" + struct.pack(">I", len(c)) + c + ident.encode())
 
     def _mac_snapshot(self, oid: int, seq: int, data: bytes) -> bytes:
         return self._mac(b"S" + _PACK_SNAP(oid, seq) + data)
@@ -998,6 +1021,11 @@ class Journal:
         """The clients whose replies the journal keeps (committed ones)."""
         return list(self._order)
 
+    def client_ident(self, client: str) -> str | None:
+        """What `identify` said of `client` when its first reply was stored
+        (None: nothing, or it has no replies kept)."""
+        return self._idents.get(client)
+
     # -- staging and group commit --
 
     def _check_open(self) -> None:
@@ -1152,6 +1180,7 @@ class Journal:
         drops: list[tuple] = []
         deletes: list[int] = []
         forgets: list[tuple] = []
+        idents: list[tuple] = []
         keep = self.keep_replies
         obj_rows, reply_row, orders = self._obj_rows, self._reply_row, self._order
         rid = self._next_row
@@ -1178,6 +1207,7 @@ class Journal:
                             order = orders.get(client)
                             if order is None:
                                 order = orders[client] = deque()
+                                self._new_client(client, idents)
                             order.append(request)
                             if len(order) > keep:
                                 gone = (client, order.popleft())
@@ -1208,6 +1238,8 @@ class Journal:
                     client = op[1]
                     for request in self._order.pop(client, ()):
                         self._unref(self._reply_row.pop((client, request)), deletes)
+                    if self._idents.pop(client, None) is not None and idents:
+                        idents[:] = [i for i in idents if i[0] != client]
                     upto = self._next_row - 1
                     forgets.append((client, upto, self._mac_forgotten(client, upto)))
         garbage = self._garbage
@@ -1216,14 +1248,27 @@ class Journal:
             self._garbage = []
         else:
             garbage = []
-        return rows, snaps, objs, drops, garbage, forgets
+        return rows, snaps, objs, drops, garbage, forgets, idents
+
+    def _new_client(self, client: str, idents: list) -> None:
+        """(planning) `client`'s first stored reply: who it is goes in the same
+        commit (a failing `identify` only leaves it unknown)."""
+        if self._identify is None:
+            return
+        try:
+            ident = self._identify(client)
+        except Exception:
+            ident = None
+        if ident is not None:
+            self._idents[client] = ident
+            idents.append((client, ident, self._mac_ident(client, ident)))
 
     def _write(self, rows: list, snaps: dict, objs: dict, drops: list, deletes: list,
-               forgets: list) -> None:
+               forgets: list, idents: list) -> None:
         with self._db_lock:
             db = self._db
             if rows and len(rows) <= _MAX_INSERT and not (snaps or objs or drops or deletes
-                                                           or forgets):
+                                                           or forgets or idents):
                 # the common case: rows only, committed by one statement in SQLite's
                 # autocommit.  Each statement releases the GIL twice (step, reset), and
                 # with several connection threads each release hands the GIL to one
@@ -1252,6 +1297,10 @@ class Journal:
                     db.executemany(_DELETE_RUN, _runs(deletes))
                 if forgets:
                     db.executemany("INSERT OR REPLACE INTO forgotten VALUES (?,?,?)", forgets)
+                    db.executemany("DELETE FROM clients WHERE client=?",
+                                   [(f[0],) for f in forgets])
+                if idents:
+                    db.executemany("INSERT OR REPLACE INTO clients VALUES (?,?,?)", idents)
                 db.execute("COMMIT")
             except BaseException:
                 try:
@@ -1285,7 +1334,7 @@ class Journal:
                 try:
                     garbage, self._garbage = self._garbage, []
                     if garbage:
-                        self._write([], {}, {}, [], garbage, [])
+                        self._write([], {}, {}, [], garbage, [], [])
                 finally:
                     with self._mu:
                         self._leading = False
