@@ -21,6 +21,8 @@ import procshare
 from _helpers import FAULT_START_METHODS, poll, process_gone
 from procshare.server.journal import UnsafeStateDir
 
+WAIT = 15.0
+
 
 def _kill_and_wait(m, timeout: float = 5.0) -> float:
     """SIGKILL the manager's server; return when its successor runs."""
@@ -513,6 +515,43 @@ def test_serve_run_again_keeps_the_unnamed_objects_of_connected_clients(tmp_path
         del mine
     finally:
         _stop_serve(proc)
+
+
+def test_serve_run_again_forgets_the_replies_of_clients_that_died_meanwhile(tmp_path):
+    """`serve` resumes as after a crash, so the stored replies of the last
+    run's clients stay for those that come back; a client that died while no
+    server ran (here: SIGKILLed between the runs) goes, replies and identity."""
+    from procshare.server.journal import Journal
+    address, state, key = str(tmp_path / "m.sock"), str(tmp_path / "state"), "s3cret-key"
+    fork = multiprocessing.get_context("fork")
+    proc = _serve(address, state, key)
+    a, b = fork.Pipe()
+    kid = _workers.start_child(fork, _workers.write_named_durable, address, key.encode(), b)
+    b.close()
+    try:
+        assert a.poll(WAIT)
+        dead = a.recv()
+        os.kill(kid.process.pid, signal.SIGSTOP)    # silent: no goodbye, no lease end
+        proc.kill()
+        proc.wait(10)
+        kid.kill()                                  # dies while no server runs
+        proc = _serve(address, state, key)
+        m = procshare.SyncManager(address=address, authkey=key.encode())
+        m.connect()
+        shared = m.dict(durable=True, name="shared")
+        assert len(shared) == 3
+
+        def log():
+            return "\n".join(m._control("server_info")["log"])
+
+        assert poll(lambda: "forgot the stored replies of 1 client(s)" in log(), WAIT), log()
+        shared["after"] = 1                         # (a commit: the forget is in it)
+    finally:
+        kid.kill()
+        a.close()
+        _stop_serve(proc)
+    with Journal(state, key.encode()) as j:
+        assert dead not in j.clients() and j.client_ident(dead) is None
 
 
 def test_a_durable_queue_get_honours_its_deadline_and_takes_nothing():
