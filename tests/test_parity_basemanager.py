@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -265,3 +266,53 @@ def test_client_and_dispatch_like_the_stdlib(impl, ctx):
             assert impl.dispatch(conn, None, "dummy") is None
     finally:
         m.shutdown()
+
+
+class _Maker:
+    def make(self):
+        return [1, 2]
+
+
+def test_a_server_in_this_process_gets_its_references_back(impl):
+    """A server run by `get_server().serve_forever()` in a thread, and a
+    manager of this same process connected to it: dropped proxies (made by a
+    create, or returned by a method_to_typeid method) give their references
+    back.  procshare counted their release against the server's own holder,
+    which had none, so the objects stayed for good."""
+    class M(impl.BaseManager):
+        pass
+
+    M.register("L", list, proxytype=impl.ListProxy)
+    M.register("Maker", _Maker, method_to_typeid={"make": "L"})
+    server = M(address=("127.0.0.1", 0), authkey=b"in-this-process").get_server()
+
+    def serve():
+        try:
+            server.serve_forever()
+        except SystemExit:      # how both end serve_forever() after a shutdown
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        m = M(address=server.address, authkey=b"in-this-process")
+        m.connect()
+        lst = m.L([3])
+        maker = m.Maker()
+        made = maker.make()
+        assert list(made) == [1, 2] and list(lst) == [3]
+        assert m._number_of_objects() == 3
+        del lst, made
+        gc.collect()
+        assert poll(lambda: m._number_of_objects() == 1, 10)
+        del maker
+        gc.collect()
+        assert poll(lambda: m._number_of_objects() == 0, 10)
+    finally:
+        conn = impl.listener_client["pickle"][1](server.address, authkey=b"in-this-process")
+        try:
+            impl.dispatch(conn, None, "shutdown")
+        except Exception:
+            pass
+        conn.close()
+        thread.join(10)

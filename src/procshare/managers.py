@@ -541,7 +541,7 @@ class BaseManager:
                 extra = {"attributes": attrs} if proxytype is AutoProxy else {}
                 proxy = proxytype(token, ser, manager=self,
                                   authkey=self._authkey, exposed=exp, incref=False, **extra)
-                proxy._track()
+                proxy._track(False)     # created for this process's client
                 return proxy
             temp.__name__ = typeid
             setattr(cls, typeid, temp)

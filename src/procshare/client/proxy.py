@@ -109,30 +109,38 @@ class BaseProxy:
         server = local_server()
         return server is not None and server.address == self._token.address
 
-    def _track(self) -> None:
-        """This proxy now owns one reference: give it back when the proxy dies."""
+    def _track(self, local: bool | None = None) -> None:
+        """This proxy now owns one reference: give it back when the proxy dies,
+        the way it was taken: `local` (the server's own, `local_incref`), or
+        this process's client's, through the session (a create, a reply that
+        made a proxy, an incref sent).  None: local if the server of this
+        process is the proxy's manager."""
         if self._close is not None:
             return
         self._session.live += 1
         if self._id.startswith(DURABLE_PREFIX):
             self._session.durable_held(self._id)
+        if local is None:
+            local = self._is_local()
         self._close = weakref.finalize(self, _release, self._session, self._id,
-                                       self._is_local(), os.getpid())
+                                       local, os.getpid())
         self._close.atexit = False
 
     def _incref(self) -> None:
-        if self._is_local():
+        local = self._is_local()
+        if local:
             local_server().local_incref(self._id)
         else:
             self._session.control_call("incref", self._id)
-        self._track()
+        self._track(local)
 
     def _adopt(self, loan: str) -> None:
-        if self._is_local():
+        local = self._is_local()
+        if local:
             local_server().local_adopt(loan, self._id)
         else:
             self._session.control_call("adopt", loan, self._id)
-        self._track()
+        self._track(local)
 
     def _procshare_local_referent(self) -> Any:
         """Inside the manager that holds it: the referent itself."""
@@ -231,7 +239,7 @@ class BaseProxy:
         proxy = proxytype(token, self._serializer, manager=self._manager,
                           authkey=self._authkey, exposed=exposed, incref=False)
         _set_attributes(proxy, attrs)
-        proxy._track()
+        proxy._track(False)     # the manager counted it for this process's client
         proxy._timeout = self._timeout
         return proxy
 

@@ -367,7 +367,7 @@ def _create(manager: Any, nbytes: int, meta: dict, lock: Any) -> SharedArrayProx
     proxy = SharedArrayProxy(token, manager._serializer, manager=manager,
                              authkey=manager._authkey, exposed=exposed, incref=False,
                              shm_info=(meta, lock))
-    proxy._track()
+    proxy._track(False)     # created for this process's client
     return proxy
 
 
