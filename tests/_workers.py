@@ -394,7 +394,13 @@ def ApiManager(m):
     ApiManager.register("Thrower", Thrower, exposed=("boom", "ok"))
     ApiManager.register("Info", Info)
     ApiManager.register("WithAttr", WithAttr, exposed=("attr", "method"))
+    ApiManager.register("Lacking", Obj, exposed=("a", "nosuch"))
+    ApiManager.register("ListIter", _list_iterator, proxytype=m.IteratorProxy)
     return ApiManager
+
+
+def _list_iterator():
+    return iter([1, 2])
 
 
 # ---------------------------------------------------------------------------

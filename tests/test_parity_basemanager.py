@@ -36,6 +36,27 @@ def test_register_exposed_proxytype_create_method(impl, ctx):
         del o, p
 
 
+def test_an_exposed_method_the_object_lacks_is_a_remote_error(impl, ctx):
+    """The stdlib answers with the manager's AttributeError as a RemoteError
+    (procshare's is an AttributeError too, and names the method and typeid)."""
+    cls = _workers.get_class(impl, "ApiManager")
+    with cls(ctx=ctx) as m:
+        o = m.Lacking()
+        assert o.a() == "a"
+        with pytest.raises(impl.RemoteError) as info:
+            o.nosuch()
+        assert "nosuch" in str(info.value)
+        it = m.ListIter()
+        with pytest.raises(impl.RemoteError) as info:
+            it.send(None)       # IteratorProxy exposes send; a list iterator has none
+        assert "send" in str(info.value)
+        assert next(it) == 1    # the object and the connection are fine
+        if not is_stdlib(impl):
+            assert isinstance(info.value, AttributeError)
+            assert "'ListIter'" in str(info.value) and "exposed" in str(info.value)
+        del o, it
+
+
 def test_start_initializer_runs_in_server(impl, ctx):
     cls = _workers.get_class(impl, "ApiManager")
     m = cls(ctx=ctx)

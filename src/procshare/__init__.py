@@ -31,6 +31,7 @@ from .errors import (
     ManagerConnectionReset,
     ManagerCrashed,
     ManagerSocketMissing,
+    MissingMethodError,
     NotExposedError,
     ObjectLost,
     OwnerDiedWarning,
@@ -79,8 +80,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Manager", "managers", "serializers", "timeout", "async_", "oneway", "aio",
     # errors (procshare.errors has them all, with the stdlib classes each extends)
-    "ProcshareError", "RemoteError", "NotExposedError", "CallTimeout", "ManagerCrashed",
-    "ObjectLost",
+    "ProcshareError", "RemoteError", "NotExposedError", "MissingMethodError", "CallTimeout",
+    "ManagerCrashed", "ObjectLost",
     "ManagerConnectionRefused", "ManagerSocketMissing", "ManagerConnectionReset",
     "ManagerBrokenPipe", "SerializationError", "ArgumentsNotSerializable",
     "LocalObjectNotSerializable", "ProcessLocalNotSerializable", "RemoteSerializationError",

@@ -29,7 +29,8 @@ import time
 from typing import Any
 
 __all__ = [
-    "ProcshareError", "RemoteError", "NotExposedError", "CallTimeout", "ObjectLost",
+    "ProcshareError", "RemoteError", "NotExposedError", "MissingMethodError", "CallTimeout",
+    "ObjectLost",
     "ManagerCrashed", "ManagerConnectionRefused", "ManagerSocketMissing",
     "ManagerConnectionReset", "ManagerBrokenPipe",
     "SerializationError", "ArgumentsNotSerializable", "LocalObjectNotSerializable",
@@ -75,6 +76,26 @@ class NotExposedError(ProcshareError, RemoteError, AttributeError):
     what the mistake is."""
 
     __str__ = Exception.__str__
+
+
+class MissingMethodError(ProcshareError, RemoteError, AttributeError):
+    """A proxy called an exposed method that its referent does not have.
+
+    The stdlib raises RemoteError here (the manager's AttributeError, as a
+    traceback); this is also an AttributeError, which is what it is."""
+
+    __str__ = Exception.__str__
+
+
+def missing_method(obj: Any, typeid: str, oid: str, meth: str, error: BaseException,
+                   where: str = "the manager") -> MissingMethodError:
+    """The error for `meth` exposed on `typeid` but missing from `obj`."""
+    return MissingMethodError(
+        f"method {meth!r} of {type(obj).__name__} object (typeid {typeid!r}, id {oid}) is "
+        f"exposed, but the object has no such attribute in {where} "
+        f"({type(error).__name__}: {error}). Register {typeid!r} with exposed= naming only "
+        "methods its objects have, or give them that method.",
+        typeid=typeid, method=meth)
 
 
 class CallTimeout(ProcshareError, TimeoutError):

@@ -52,7 +52,7 @@ import ray
 from ray import cloudpickle
 
 from ..client.session import client_id
-from ..errors import NotExposedError
+from ..errors import NotExposedError, missing_method
 from ..stdtypes import update_item
 from ..wire.kinds import Kind
 from ..wire.records import Token
@@ -251,6 +251,9 @@ class _HostCore:
         if meth in e.exposed:
             try:
                 return None, getattr(e.obj, meth), e
+            except AttributeError as exc:   # exposed, but the object has none
+                return (ERROR, missing_method(e.obj, e.typeid, oid, meth, exc,
+                                              "its Ray actor")), None, e
             except Exception as exc:
                 return (ERROR, self._with_tb(exc, oid)), None, e
         if meth == "#UPDATE_ITEM" and "__setitem__" in e.exposed:

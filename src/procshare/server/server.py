@@ -60,6 +60,7 @@ from ..errors import (
     NotExposedError,
     ProcshareError,
     arguments_not_deserializable_text,
+    missing_method,
 )
 from ..inprocess import local_server, set_local_server
 from ..stdtypes import update_item
@@ -106,6 +107,10 @@ LOAN_TTL = 600.0
 # what the call loop does with a reply it made: send the packed value, send None,
 # or nothing (a call that wants no reply)
 _PACKED, _NONE, _ONEWAY = object(), object(), object()
+
+
+class _MissingMethod(Exception):
+    """(serve_client) An exposed method the referent does not have."""
 
 #: threading primitives: an object holding one synchronizes itself
 _PRIMITIVE_TYPES: tuple = (
@@ -430,7 +435,10 @@ class Server:
                     lock = entry.lock
                     held = False
                     try:
-                        fn = getattr(entry.obj, meth)
+                        try:
+                            fn = getattr(entry.obj, meth)
+                        except AttributeError as e:     # exposed, but the object has none
+                            raise _MissingMethod(e) from None
                         if lock is not None:
                             held = lock.acquire(False) or self._enter(
                                 entry, info, st.deadline, oid, meth)
@@ -457,6 +465,9 @@ class Server:
                                 reply = self._unserializable(e, oid, meth, result)
                     except DeadlineExpired as e:
                         reply = (Kind.TIMEOUT, str(e))
+                    except _MissingMethod as e:
+                        reply = (Kind.ERROR, missing_method(entry.obj, entry.typeid, oid, meth,
+                                                            e.args[0]))
                     except TypeError as e:
                         if not callable(fn) and meth in entry.attributes and not args and not kwds:
                             reply = (RETURN, fn)
