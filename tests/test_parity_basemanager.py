@@ -57,6 +57,35 @@ def test_an_exposed_method_the_object_lacks_is_a_remote_error(impl, ctx):
         del o, it
 
 
+def test_a_manager_used_before_start_or_after_shutdown(impl, ctx):
+    """What the stdlib raises, by what is used: making an object fails its
+    `assert` (AssertionError); inspecting fails to connect (ValueError with no
+    address yet, FileNotFoundError once the socket is gone); join() before
+    start() has no process (AttributeError)."""
+    m = impl.SyncManager(ctx=ctx)
+    with pytest.raises(AssertionError):
+        m.list()
+    with pytest.raises(ValueError):
+        m._number_of_objects()
+    with pytest.raises(ValueError):
+        m._debug_info()
+    with pytest.raises(AttributeError):
+        m.join(0.1)
+    m.start()
+    m.shutdown()
+    with pytest.raises(AssertionError):
+        m.dict()
+    with pytest.raises(FileNotFoundError):
+        m._number_of_objects()
+    m.join(0.1)
+    if not is_stdlib(impl):
+        import procshare
+        with pytest.raises(procshare.ManagerNotRunning, match="has shut down"):
+            m.Lock()
+        with pytest.raises(multiprocessing.ProcessError, match="has shut down"):
+            m._debug_info()
+
+
 def test_start_initializer_runs_in_server(impl, ctx):
     cls = _workers.get_class(impl, "ApiManager")
     m = cls(ctx=ctx)

@@ -30,6 +30,7 @@ from .errors import (
     ManagerConnectionRefused,
     ManagerConnectionReset,
     ManagerCrashed,
+    ManagerNotRunning,
     ManagerSocketMissing,
     MissingMethodError,
     NotExposedError,
@@ -81,7 +82,7 @@ __all__ = [
     "Manager", "managers", "serializers", "timeout", "async_", "oneway", "aio",
     # errors (procshare.errors has them all, with the stdlib classes each extends)
     "ProcshareError", "RemoteError", "NotExposedError", "MissingMethodError", "CallTimeout",
-    "ManagerCrashed", "ObjectLost",
+    "ManagerCrashed", "ObjectLost", "ManagerNotRunning",
     "ManagerConnectionRefused", "ManagerSocketMissing", "ManagerConnectionReset",
     "ManagerBrokenPipe", "SerializationError", "ArgumentsNotSerializable",
     "LocalObjectNotSerializable", "ProcessLocalNotSerializable", "RemoteSerializationError",

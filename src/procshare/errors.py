@@ -37,6 +37,7 @@ __all__ = [
     "ProcessLocalNotSerializable", "RemoteSerializationError", "ResultNotSerializable",
     "ArgumentsNotDeserializable", "SerializerMismatch",
     "BootstrapError", "DeadlockError", "OwnerDiedWarning", "AuthenticationError",
+    "ManagerNotRunning",
 ]
 
 
@@ -211,6 +212,58 @@ class BootstrapError(ProcshareError, RuntimeError):
     """A manager was started while a child process was still importing its
     parent's main module (start methods spawn and forkserver).  The stdlib
     raises RuntimeError ("...bootstrapping phase...") here."""
+
+
+class ManagerNotRunning(ProcshareError, multiprocessing.ProcessError):
+    """The manager object was not started (or connected), or was shut down.
+
+    What is raised is a subclass that is also what the stdlib raises for the
+    same use: an AssertionError to make an object, a ValueError (no address
+    yet), FileNotFoundError or ConnectionRefusedError (nobody listens there)
+    to inspect the manager."""
+
+    __str__ = Exception.__str__
+
+
+class ManagerNotRunningAssertion(ManagerNotRunning, AssertionError):
+    """To make an object: the stdlib's `assert` fails (AssertionError)."""
+
+
+class ManagerNotRunningNoAddress(ManagerNotRunning, ValueError):
+    """To inspect a manager that has no address yet: the stdlib's ValueError."""
+
+
+class ManagerNotRunningNoSocket(ManagerNotRunning, FileNotFoundError):
+    """To inspect it at a Unix socket nobody serves: the stdlib's FileNotFoundError."""
+
+
+class ManagerNotRunningRefused(ManagerNotRunning, ConnectionRefusedError):
+    """To inspect it at a TCP address nobody serves: the stdlib's ConnectionRefusedError."""
+
+
+def not_running(manager: str, shut_down: bool, address: Any, inspect: bool = False
+                ) -> ManagerNotRunning:
+    """The error for using manager `manager` (a class name) at `address`
+    before start()/connect() or after shutdown(): to make an object (the
+    stdlib's AssertionError), or for an operation the stdlib sends on a
+    connection of its own (`inspect`: its error to connect, since it just
+    tries)."""
+    if shut_down:
+        message = (f"{manager} at {address!r} has shut down: objects can no longer be made "
+                   "or inspected through it. Make a new manager (a manager object starts "
+                   "once).")
+    else:
+        message = (f"{manager} is not running: call start(), or connect() to a running "
+                   "manager, before making or inspecting objects through it.")
+    if not inspect:
+        cls: type[ManagerNotRunning] = ManagerNotRunningAssertion
+    elif address is None:
+        cls = ManagerNotRunningNoAddress
+    elif isinstance(address, (str, bytes)):
+        cls = ManagerNotRunningNoSocket
+    else:
+        cls = ManagerNotRunningRefused
+    return cls(message, manager=manager, address=address)
 
 
 class DeadlockError(ProcshareError, RuntimeError):

@@ -137,6 +137,12 @@ class ProcessLocalSet(set):
         return type(self), ()
 
 
+#: control operations the stdlib makes on a connection of their own, with no
+#: state check first: used before start or after shutdown, they fail to connect
+_CONNECTING_OPS = frozenset({"number_of_objects", "debug_info", "track_segment",
+                             "list_objects", "clients", "locks", "server_info"})
+
+
 def _state_error(state: State, what: str = "server") -> ProcessError:
     if state.value == State.STARTED:
         return ProcessError(f"Already started {what}")
@@ -360,6 +366,12 @@ class BaseManager:
 
     def join(self, timeout: float | None = None) -> None:
         """Join the manager process (if it has been spawned)."""
+        if self._process is None and self._state.value != State.SHUTDOWN:
+            # as the stdlib's, whose manager has no process attribute until start()
+            raise AttributeError(
+                f"{type(self).__name__}.join(): this manager object did not start a server "
+                "process (start() was not called; connect() joins nothing), so there is "
+                "no process to join")
         if self._process is not None:
             self._process.join(timeout)
             if not self._process.is_alive():
@@ -422,8 +434,8 @@ class BaseManager:
 
     def _control(self, name: str, /, *args: Any, **kwds: Any) -> Any:
         if self._state.value != State.STARTED:
-            raise _state_error(self._state) if self._state.value == State.SHUTDOWN \
-                else ProcessError("server not yet started")
+            raise errors.not_running(type(self).__name__, self._state.value == State.SHUTDOWN,
+                                     self._address, name in _CONNECTING_OPS)
         try:
             kind, result = self._session().thread_conn().call(
                 None, name, args, kwds, self._call_timeout)
@@ -552,8 +564,8 @@ def _create_typed(manager: BaseManager, ser: Any, typeid: str, args: tuple,
     """`manager._create` for a type with its own serializer: the constructor's
     arguments go through that type's connection, so they may use it too."""
     if manager._state.value != State.STARTED:
-        raise _state_error(manager._state) if manager._state.value == State.SHUTDOWN \
-            else ProcessError("server not yet started")
+        raise errors.not_running(type(manager).__name__,
+                                 manager._state.value == State.SHUTDOWN, manager._address)
     conn = client.get_session(manager._address, bytes(manager._authkey), ser).thread_conn()
     kind, result = conn.call(None, "create", (typeid, *args), kwds, manager._call_timeout)
     if kind != Kind.RETURN:
