@@ -86,6 +86,37 @@ def test_a_manager_used_before_start_or_after_shutdown(impl, ctx):
             m._debug_info()
 
 
+def test_a_server_that_fails_to_start_is_an_eof_error(impl, ctx):
+    """The stdlib's start() raises EOFError when its server fails (address in
+    use, initializer raising), and the manager can be started again
+    (procshare's names the cause, and chains it)."""
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        m = impl.SyncManager(address=busy.getsockname(), ctx=ctx)
+        with pytest.raises(EOFError) as info:
+            m.start()
+        if not is_stdlib(impl):
+            assert "another process listens at" in str(info.value)
+            assert isinstance(info.value.__cause__, OSError)
+    m = impl.SyncManager(ctx=ctx)
+    with pytest.raises(EOFError) as info:
+        m.start(int, ("not a number",))
+    if not is_stdlib(impl):
+        assert "ValueError" in str(info.value) and "initializer" in str(info.value)
+    m.start()           # nothing of the failed start is in the way
+    try:
+        assert m.list([1])[0] == 1
+    finally:
+        m.shutdown()
+
+
+def test_an_unknown_serializer_is_refused_at_once(impl):
+    with pytest.raises(KeyError):
+        impl.SyncManager(serializer="no-such-serializer")
+
+
 def test_start_initializer_runs_in_server(impl, ctx):
     cls = _workers.get_class(impl, "ApiManager")
     m = cls(ctx=ctx)

@@ -32,6 +32,7 @@ from .errors import (
     ManagerCrashed,
     ManagerNotRunning,
     ManagerSocketMissing,
+    ManagerStartFailed,
     MissingMethodError,
     NotExposedError,
     ObjectLost,
@@ -82,7 +83,7 @@ __all__ = [
     "Manager", "managers", "serializers", "timeout", "async_", "oneway", "aio",
     # errors (procshare.errors has them all, with the stdlib classes each extends)
     "ProcshareError", "RemoteError", "NotExposedError", "MissingMethodError", "CallTimeout",
-    "ManagerCrashed", "ObjectLost", "ManagerNotRunning",
+    "ManagerCrashed", "ObjectLost", "ManagerNotRunning", "ManagerStartFailed",
     "ManagerConnectionRefused", "ManagerSocketMissing", "ManagerConnectionReset",
     "ManagerBrokenPipe", "SerializationError", "ArgumentsNotSerializable",
     "LocalObjectNotSerializable", "ProcessLocalNotSerializable", "RemoteSerializationError",

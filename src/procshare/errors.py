@@ -22,6 +22,7 @@ Rules it keeps:
 from __future__ import annotations
 
 import collections
+import errno
 import multiprocessing
 import os
 import pickle
@@ -37,7 +38,7 @@ __all__ = [
     "ProcessLocalNotSerializable", "RemoteSerializationError", "ResultNotSerializable",
     "ArgumentsNotDeserializable", "SerializerMismatch",
     "BootstrapError", "DeadlockError", "OwnerDiedWarning", "AuthenticationError",
-    "ManagerNotRunning",
+    "ManagerNotRunning", "ManagerStartFailed",
 ]
 
 
@@ -212,6 +213,26 @@ class BootstrapError(ProcshareError, RuntimeError):
     """A manager was started while a child process was still importing its
     parent's main module (start methods spawn and forkserver).  The stdlib
     raises RuntimeError ("...bootstrapping phase...") here."""
+
+
+class ManagerStartFailed(ProcshareError, EOFError):
+    """The server of a manager being started failed before it served (the
+    stdlib's start() raises EOFError then); `__cause__` is its error."""
+
+
+def start_failed(manager: str, address: Any, error: BaseException) -> ManagerStartFailed:
+    """The error for a server that raised `error` while starting."""
+    if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
+        what = (f"another process listens at {address!r}: stop it, or give the manager "
+                "another address (or none, for a fresh one)")
+    elif isinstance(error, OSError) and address is not None:
+        what = f"check the address {address!r} (its directory, its permissions)"
+    else:
+        what = ("see the error above; if it came from the initializer given to start(), "
+                "fix that function or its arguments")
+    return ManagerStartFailed(
+        f"the {manager} server could not start ({type(error).__name__}: {error}): {what}.",
+        manager=manager, address=address)
 
 
 class ManagerNotRunning(ProcshareError, multiprocessing.ProcessError):

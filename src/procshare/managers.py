@@ -185,6 +185,7 @@ class BaseManager:
         self._authkey = process.AuthenticationString(authkey)
         self._state = State()
         self._state.value = State.INITIAL
+        client.get_serializer(serializer)   # an unknown one fails here, as in the stdlib
         self._serializer = serializer
         self._Listener = transport.Listener
         self._Client = functools.partial(client.Client, serializer=serializer)
@@ -269,7 +270,11 @@ class BaseManager:
             result = _first_word(status_r, proc, self._address, name, start_method, logdir)
             if result[0] != "up":
                 proc.join(self._shutdown_timeout)
-                raise result[1]
+                error = result[1]
+                if isinstance(error, EOFError):     # (ManagerCrashed: it died)
+                    raise error
+                # the stdlib's start() raises EOFError when its server fails
+                raise errors.start_failed(name, self._address, error) from error
         except BaseException:
             control_w.close()       # (a supervisor still running then stops its server)
             if proc.is_alive():     # interrupted: nothing of it stays behind

@@ -50,7 +50,7 @@ from .records import Token, is_proxy, is_proxy_type
 
 __all__ = ["Serializer", "PickleSerializer", "CloudpickleSerializer", "DillSerializer",
            "MsgpackSerializer", "FunctionSerializer", "TypedSerializer", "Packed",
-           "get_serializer", "register_serializer", "available_serializers",
+           "get_serializer", "register_serializer", "available_serializers", "UnknownSerializer",
            "typed_serializer", "encode_hello", "decode_hello", "hello_problem",
            "OOB_THRESHOLD", "IN_BAND_MAX"]
 
@@ -823,6 +823,12 @@ def _remember(inst: Serializer) -> Serializer:
     return inst
 
 
+class UnknownSerializer(ValueError, KeyError):
+    """No serializer has that name (the stdlib's managers raise KeyError)."""
+
+    __str__ = ValueError.__str__
+
+
 def get_serializer(name: Any) -> Serializer:
     """Return the serializer called `name` (or `name` itself if it is one; an
     object with `dumps`/`loads` is adapted)."""
@@ -848,7 +854,7 @@ def get_serializer(name: Any) -> Serializer:
         try:
             factory = _REGISTRY[name]
         except KeyError:
-            raise ValueError(
+            raise UnknownSerializer(
                 f"unknown serializer {name!r}; the registered ones are {sorted(_REGISTRY)}"
                 ". Register your own with "
                 "procshare.serializers.register_serializer(name, factory).") from None
