@@ -7,6 +7,8 @@ call in its own thread, so its Counter is racy and its calls overlap."""
 
 from __future__ import annotations
 
+import multiprocessing
+
 import _workers
 from _helpers import is_stdlib
 
@@ -95,3 +97,41 @@ def test_procshare_serial_false_lets_calls_overlap(ctx):
     (s1, e1), (s2, e2) = _two_naps(_workers.get_class(ps, "ParallelSleeperManager"), ctx, nap)
     assert s2 < e1, f"calls did not overlap: {(s1, e1)} and {(s2, e2)}"
     assert e2 - s1 < 2 * nap
+
+
+class _Node:
+    def __init__(self, depth=0):
+        self.depth = depth
+
+    def get(self):
+        return self.depth
+
+    def child(self):
+        return self.depth + 1
+
+
+def test_a_proxy_type_defined_in_a_function_works_with_method_to_typeid(impl):
+    """Under fork a manager may register a proxy type that cannot be pickled
+    (defined in a function): the stdlib's client builds a returned proxy from
+    its own registry.  procshare's manager named the type in its reply, and
+    failed to pickle it (ResultNotSerializable)."""
+    class NodeProxy(impl.BaseProxy):
+        _exposed_ = ("get", "child")
+        _method_to_typeid_ = {"child": "Node"}
+
+        def get(self):
+            return self._callmethod("get")
+
+        def child(self):
+            return self._callmethod("child")
+
+    class M(impl.BaseManager):
+        pass
+
+    M.register("Node", _Node, proxytype=NodeProxy)
+    with M(ctx=multiprocessing.get_context("fork")) as m:
+        node = m.Node(3)
+        child = node.child()        # the manager makes _Node(4)
+        assert type(child) is NodeProxy and child.get() == 4
+        assert child.child().get() == 5
+        del node, child

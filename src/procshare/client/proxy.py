@@ -234,7 +234,12 @@ class BaseProxy:
     def _rebuild_returned(self, result: tuple) -> BaseProxy:
         proxytype, exposed, token, attrs = result
         token.address = self._token.address
-        if proxytype is None:
+        # the type this process's manager registered, as the stdlib takes it;
+        # else the one the manager named; else AutoProxy
+        spec = getattr(self._manager, "_registry", {}).get(token.typeid)
+        if spec is not None and spec[-1] is not None:
+            proxytype = spec[-1]
+        elif proxytype is None:
             proxytype = AutoProxy
         proxy = proxytype(token, self._serializer, manager=self._manager,
                           authkey=self._authkey, exposed=exposed, incref=False)

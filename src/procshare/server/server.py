@@ -743,9 +743,27 @@ class Server:
         except Exception as e:
             return (Kind.ERROR, _with_traceback(e))
         token = Token(typeid, self.address, ident)
+        return (Kind.PROXY, (self._proxytype_to_send(typeid), exposed, token, attrs))
+
+    def _proxytype_to_send(self, typeid: str) -> Any:
+        """The proxy type a reply that made a `typeid` object names, for a
+        client without a manager that knows it (an unpickled proxy); None if
+        it cannot travel (a class defined in a function): the client then
+        takes its manager's, as the stdlib's clients always do."""
+        cache = self.__dict__.setdefault("_proxytypes", {})
+        try:
+            return cache[typeid]
+        except KeyError:
+            pass
         spec = self.registry.get(typeid)
         proxytype = spec[3] if spec is not None else None
-        return (Kind.PROXY, (proxytype, exposed, token, attrs))
+        if proxytype is not None:
+            try:
+                self.serializer.dumps(proxytype)
+            except Exception:
+                proxytype = None
+        cache[typeid] = proxytype
+        return proxytype
 
     # -- objects -----------------------------------------------------------------
     def _new_object(self, holder: str, typeid: str, args: tuple, kwds: dict) -> tuple:
