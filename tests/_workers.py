@@ -195,6 +195,46 @@ class Sleeper:
         return (start, time.monotonic())
 
 
+class DictGate:
+    """Keeps its events in a dict: wait() blocks until another call opens it."""
+
+    def __init__(self):
+        self.state = {"opened": threading.Event(), "waiting": threading.Event()}
+
+    def wait(self, timeout):
+        self.state["waiting"].set()
+        return self.state["opened"].wait(timeout)
+
+    def is_waiting(self):
+        return self.state["waiting"].is_set()
+
+    def open(self):
+        self.state["opened"].set()
+
+
+class SlotGate:
+    """The same, with a private slot holding a Condition."""
+
+    __slots__ = ("__cond", "_opened", "_waiting")
+
+    def __init__(self):
+        self.__cond = threading.Condition()
+        self._opened = self._waiting = False
+
+    def wait(self, timeout):
+        with self.__cond:
+            self._waiting = True
+            return self.__cond.wait_for(lambda: self._opened, timeout)
+
+    def is_waiting(self):
+        return self._waiting
+
+    def open(self):
+        with self.__cond:
+            self._opened = True
+            self.__cond.notify_all()
+
+
 class CustomError(Exception):
     pass
 
@@ -334,6 +374,8 @@ def CounterManager(m):
     CounterManager.register("Counter", Counter)
     CounterManager.register("SlowCounter", SlowCounter)
     CounterManager.register("Sleeper", Sleeper)
+    CounterManager.register("DictGate", DictGate)
+    CounterManager.register("SlotGate", SlotGate)
     return CounterManager
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import multiprocessing
 
+import pytest
+
 import _workers
-from _helpers import is_stdlib
+from _helpers import is_stdlib, poll
 
 
 def test_seed_counter(impl, ctx):
@@ -86,6 +88,30 @@ def test_calls_on_one_object_run_one_at_a_time(impl, ctx):
     else:
         assert not overlap, f"calls overlapped: {(s1, e1)} and {(s2, e2)}"
         assert e2 - s1 >= 2 * nap - 0.01
+
+
+@pytest.mark.parametrize("gate", ["DictGate", "SlotGate"])
+def test_an_object_holding_its_own_primitive_deeper_stays_concurrent(impl, ctx, gate):
+    """A class that synchronizes itself with a threading primitive kept in a
+    dict attribute, or in a slot, is concurrent under procshare's rule too:
+    its wait() blocks until another call opens it (serial, the other call
+    queued behind the wait, which timed out)."""
+    import threading
+
+    with _workers.get_class(impl, "CounterManager")(ctx=ctx) as m:
+        g = getattr(m, gate)()
+        got = {}
+
+        def wait(g=g):
+            got["waited"] = g.wait(5)
+
+        t = threading.Thread(target=wait)
+        t.start()
+        assert poll(g.is_waiting, 5)            # answered while wait() runs
+        g.open()
+        t.join(10)
+        assert got == {"waited": True}
+        del g
 
 
 def test_procshare_serial_false_lets_calls_overlap(ctx):

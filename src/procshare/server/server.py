@@ -155,16 +155,44 @@ class TypeSpec(tuple):
                           self.mutators)
 
 
+#: how many items of a container attribute `is_thread_safe` looks at
+_LOOK_INTO = 16
+
+
 def is_thread_safe(obj: Any) -> bool:
     """The rule for `serial=None`: run calls concurrently if the object is a
     thread-safe stdlib type, one of procshare's primitives, declares
-    `_procshare_concurrent_ = True`, or carries its own threading primitive."""
+    `_procshare_concurrent_ = True`, or carries its own threading primitive:
+    as an attribute (in `__dict__` or a slot), or inside a dict, list, tuple
+    or set attribute (its first `_LOOK_INTO` items): it synchronizes itself."""
     if getattr(obj, "_procshare_concurrent_", False) or isinstance(obj, _THREAD_SAFE_TYPES):
         return True
-    attrs = getattr(obj, "__dict__", None)
-    if attrs:
-        for value in attrs.values():
-            if isinstance(value, _PRIMITIVE_TYPES):
+    try:
+        values = list(vars(obj).values())
+    except TypeError:           # no __dict__
+        values = []
+    for cls in type(obj).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name in ("__dict__", "__weakref__"):
+                continue
+            if name.startswith("__") and not name.endswith("__"):
+                name = f"_{cls.__name__.lstrip('_')}{name}"     # (mangled)
+            try:
+                values.append(getattr(obj, name))
+            except Exception:   # (unset)
+                pass
+    for value in values:
+        if isinstance(value, _PRIMITIVE_TYPES):
+            return True
+        if isinstance(value, dict):
+            value = value.values()
+        elif not isinstance(value, (list, tuple, set, frozenset)):
+            continue
+        for i, item in enumerate(value):
+            if i >= _LOOK_INTO:
+                break
+            if isinstance(item, _PRIMITIVE_TYPES):
                 return True
     return False
 
