@@ -234,6 +234,20 @@ def test_repr_and_str(manager):
     assert _shape(str(ev)) == _shape(repr(set_event))
 
 
+def test_str_of_primitives_and_pool_is_what_the_stdlib_shows(manager):
+    """str() of a proxy is the referent's repr: the threading class's of this
+    Python (3.10 shows no value) and multiprocessing.pool.Pool's."""
+    for make, real in [(lambda: manager.Semaphore(2), threading.Semaphore(2)),
+                       (lambda: manager.BoundedSemaphore(1), threading.BoundedSemaphore(1)),
+                       (lambda: manager.Barrier(2), threading.Barrier(2))]:
+        assert _shape(str(make())) == _shape(repr(real))
+    pool = manager.Pool(1)
+    try:
+        assert re.fullmatch(r"<multiprocessing\.pool\.Pool state=RUN pool_size=1>", str(pool))
+    finally:
+        pool.terminate()
+
+
 # -- 14. non-callable attributes (cpython#118231) ---------------------------------
 
 

@@ -33,6 +33,7 @@ Rules it keeps:
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from multiprocessing import pool as mp_pool
@@ -404,12 +405,20 @@ class Semaphore(_Acquirer):
             if self.waiters:
                 self._cond.notify(n)
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:     # threading's, of this Python
+        if sys.version_info < (3, 11):
+            return f"<threading.{type(self).__name__} object at {id(self):#x}>"
         return f"<threading.{type(self).__name__} at {id(self):#x}: value={self._value}>"
 
 
 class BoundedSemaphore(Semaphore):
     """A semaphore that refuses to be released above its initial value."""
+
+    def __repr__(self) -> str:
+        if sys.version_info < (3, 11):
+            return super().__repr__()
+        return (f"<threading.BoundedSemaphore at {id(self):#x}: "
+                f"value={self._value}/{self._initial}>")
 
     def _check_release(self, me: Owner, n: int) -> None:
         if self._value + n > self._initial:
@@ -841,6 +850,11 @@ class Pool(mp_pool.Pool):
     termination then only cleans up.  With tasks outstanding, or workers that
     do not exit, it is the stdlib's.  Unlike the other objects here, a Pool's
     methods do not watch the call's deadline: they are the stdlib's."""
+
+    def __repr__(self) -> str:     # the stdlib's, naming its class
+        cls = type(self)
+        return super().__repr__().replace(f"{cls.__module__}.{cls.__qualname__}",
+                                          "multiprocessing.pool.Pool", 1)
 
     def __init__(self, *args: Any, **kwds: Any) -> None:
         super().__init__(*args, **kwds)
