@@ -429,7 +429,9 @@ def test_xmlrpclib_serializer_parity(impl):
         client.connect()
         q = client.get_queue()
         q.put(tuple(XMLRPC_VALUES))
-        assert q.get() == XMLRPC_VALUES            # tuples arrive as lists, as in the stdlib
+        got = q.get()
+        assert got == XMLRPC_VALUES                 # tuples arrive as lists, as in the stdlib
+        assert type(got[-1]).__name__ == "Binary"   # and bytes as xmlrpc.client.Binary
         with pytest.raises(Exception):             # noqa: B017  (the stdlib's test says so)
             q.put(time.sleep)
         del q

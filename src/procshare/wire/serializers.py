@@ -640,7 +640,8 @@ class XmlrpcSerializer(Serializer):
         return self._x.dumps((obj,), allow_none=True).encode(), []
 
     def loads(self, body: bytes, buffers: list) -> Any:
-        return self._x.loads(bytes(body).decode(), use_builtin_types=True)[0][0]
+        # as the stdlib's: bytes arrive as xmlrpc.client.Binary, datetimes as DateTime
+        return self._x.loads(bytes(body).decode())[0][0]
 
 
 # -- user-supplied dumps/loads pairs ------------------------------------------------
