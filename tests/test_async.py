@@ -169,6 +169,34 @@ def test_replies_that_arrive_together_settle_every_kind_of_future(sync):
     assert sorted(seen) == [(i, i % 10) for i in range(0, 600, 7) if i % 97 != 5]
 
 
+def test_a_waiter_is_woken_when_a_broken_frame_follows_its_reply(monkeypatch):
+    """The reader settles a reply and, in the same batch, meets a frame that
+    breaks the connection: the thread waiting in result() for the settled
+    future is woken all the same (it slept on, its future finished)."""
+    from procshare.client import pipeline
+    from procshare.transport import channel
+    from procshare.wire.frames import FrameError
+
+    def broken(self):
+        raise FrameError("a malformed frame after the reply (simulated)")
+
+    with procshare.SyncManager() as m:
+        ev = m.Event()
+        monkeypatch.setattr(channel.Channel, "buffered_frame", broken)   # before the reader
+        fut = procshare.async_(ev).wait(30)
+        settled = pipeline._pipe(ev).settled
+        got = {}
+        t = threading.Thread(target=lambda: got.setdefault("r", fut.result()), daemon=True)
+        t.start()
+        end = time.monotonic() + 10
+        while not settled._waiters and time.monotonic() < end:
+            time.sleep(0.001)
+        assert settled._waiters
+        threading.Thread(target=ev.set, daemon=True).start()     # its own connection
+        t.join(10)
+        assert not t.is_alive() and got == {"r": True}
+
+
 def test_waiting_on_futures_of_two_pipes_from_two_threads_does_not_deadlock():
     # wait() and as_completed() lock each future's Condition in the order of
     # id(future): that cannot deadlock only if each future has its own (a lock

@@ -368,3 +368,23 @@ def test_a_forked_server_gives_back_only_references_of_its_own():
                                 "grand_parent": True, "grand_server": False,
                                 "grand_own": False}
     assert not session.inherited_by_server(os.getpid())
+
+
+def test_a_process_counts_as_gone_only_when_it_is_known_gone(monkeypatch):
+    """Forgetting a client's stored replies, or releasing what it held, needs
+    it dead: a pid gone, a zombie, or a pid reused by a later process.  Not
+    reading /proc (out of file descriptors) tells nothing: such a client was
+    taken for dead, and a call it re-sent could run twice."""
+    from procshare.transport import processes
+    me = os.getpid()
+    start = processes.start_time(me)
+    assert start is not None
+    assert not processes.is_other_process(me, start)
+    assert processes.is_other_process(me, start + 1)          # the pid reused
+    kid = multiprocessing.get_context("fork").Process(target=os._exit, args=(0,))
+    kid.start()
+    kid.join(WAIT)
+    assert processes.is_other_process(kid.pid, start)         # gone (reaped)
+    monkeypatch.setattr(processes, "_stat", lambda pid: [])   # /proc unreadable (EMFILE)
+    assert processes.start_time(me) is None
+    assert not processes.is_other_process(me, start)

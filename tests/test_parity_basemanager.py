@@ -73,6 +73,8 @@ def test_a_manager_used_before_start_or_after_shutdown(impl, ctx):
         m.join(0.1)
     m.start()
     m.shutdown()
+    m.join(0.1)
+    m.join(0.1)         # again: nothing left to join, no error
     with pytest.raises(AssertionError):
         m.dict()
     with pytest.raises(FileNotFoundError):
@@ -105,6 +107,7 @@ def test_a_server_that_fails_to_start_is_an_eof_error(impl, ctx):
         m.start(int, ("not a number",))
     if not is_stdlib(impl):
         assert "ValueError" in str(info.value) and "initializer" in str(info.value)
+    m.join(0.1)         # start() was called: join() works, as in the stdlib
     m.start()           # nothing of the failed start is in the way
     try:
         assert m.list([1])[0] == 1

@@ -291,6 +291,22 @@ def test_a_killed_supervisor_process_leaves_no_orphan(mp_ctx):
 WAIT = 15.0
 
 
+def test_join_after_the_server_died_for_good_can_be_repeated():
+    """join() of a started manager whose server is gone (restart="never")
+    returns each time, as the stdlib's does (the second one took the manager
+    for one never started, and raised AttributeError)."""
+    m = procshare.SyncManager(restart="never")
+    m.start()
+    try:
+        os.kill(m.pid, signal.SIGKILL)
+        m.join(WAIT)
+        assert m._process is None
+        m.join(0.1)
+        m.join(0.1)
+    finally:
+        m.shutdown()
+
+
 def test_a_crash_before_any_unnamed_object_does_not_keep_later_ones(monkeypatch):
     """The record of who may hold unnamed durable objects exists from the
     journal's first use.  It was written at the first unnamed one only, so a

@@ -193,6 +193,7 @@ class BaseManager:
         self._shutdown_timeout = shutdown_timeout
         self._call_timeout = call_timeout
         self._process: Any = None
+        self._start_called = False      # (join() before start() is an AttributeError)
         check_policy(restart, max_restarts, restart_window)
         self._restart, self._max_restarts = restart, max_restarts
         self._restart_window = restart_window
@@ -227,6 +228,7 @@ class BaseManager:
             raise _state_error(self._state)
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
+        self._start_called = True
         if getattr(process.current_process(), "_inheriting", False):
             # a spawned child importing its parent's main module, which starts a
             # manager at import time (the stdlib's "bootstrapping phase" error)
@@ -371,7 +373,7 @@ class BaseManager:
 
     def join(self, timeout: float | None = None) -> None:
         """Join the manager process (if it has been spawned)."""
-        if self._process is None and self._state.value != State.SHUTDOWN:
+        if not self._start_called:
             # as the stdlib's, whose manager has no process attribute until start()
             raise AttributeError(
                 f"{type(self).__name__}.join(): this manager object did not start a server "

@@ -354,19 +354,22 @@ class Pipe:
                 except TimeoutError:
                     self._expire()
                     continue
-                deliver(kind, rid, body, bufs)
                 # the replies that came in the same receive: settled without a
                 # receive each, and their waiters woken once (at most _BATCH
-                # replies a wakeup, so the first of them waits little)
-                for _ in range(_BATCH - 1):
-                    frame = buffered()
-                    if frame is None:
-                        break
-                    kind, rid, _b, body, bufs = frame
+                # replies a wakeup, so the first of them waits little; woken
+                # too if a frame after them breaks the connection)
+                try:
                     deliver(kind, rid, body, bufs)
-                with settled:
-                    if settled._waiters:
-                        settled.notify_all()
+                    for _ in range(_BATCH - 1):
+                        frame = buffered()
+                        if frame is None:
+                            break
+                        kind, rid, _b, body, bufs = frame
+                        deliver(kind, rid, body, bufs)
+                finally:
+                    with settled:
+                        if settled._waiters:
+                            settled.notify_all()
         except (EOFError, OSError) as e:
             self._break(e)
         except Exception as e:       # a frame error: the connection is unusable
@@ -439,6 +442,8 @@ class Pipe:
         with self.lock:
             first = self.broken is None
             futures = self._break_locked(cause)
+        with self.settled:      # (result() waiters of futures settled before the break)
+            self.settled.notify_all()
         if not first:
             return          # the first break hands over (reader and writer both see it)
         try:

@@ -91,7 +91,7 @@ from typing import Any
 
 from .. import inprocess
 from ..transport.files import replace_file
-from ..transport.processes import host_identity, start_time
+from ..transport.processes import host_identity, is_other_process, start_time
 from ..wire.kinds import Kind
 from ..wire.records import DURABLE_PREFIX, is_proxy_type
 from . import callctx, journal
@@ -612,7 +612,7 @@ class DurableObjects:
         for client, (pid, start, where) in list(absent.items()):
             if client in records or where != host:
                 del absent[client]      # it came back (its lease forgets it), or elsewhere
-            elif start_time(pid) != start:
+            elif is_other_process(pid, start):
                 del absent[client]
                 dead.append(client)
         for client in dead:
@@ -703,7 +703,7 @@ class DurableObjects:
             dead = []
             with self._holders_mu:
                 for client, (pid, start, local) in list(pending.items()):
-                    if local and pid and start is not None and start_time(pid) != start:
+                    if local and pid and start is not None and is_other_process(pid, start):
                         dead.append(client)
                         del pending[client]
                         self._holders.pop(client, None)

@@ -20,7 +20,7 @@ import socket
 
 from .channel import readable_within
 
-__all__ = ["host_identity", "ProcessHandle", "start_time"]
+__all__ = ["host_identity", "ProcessHandle", "start_time", "is_other_process"]
 
 
 def host_identity() -> tuple[str, str | None]:
@@ -56,6 +56,24 @@ def start_time(pid: int) -> int | None:
     if len(fields) < 20 or fields[0] in (b"Z", b"X") or not fields[19].isdigit():
         return None
     return int(fields[19])
+
+
+def is_other_process(pid: int, start: int) -> bool:
+    """Is the process that had pid `pid` and start time `start` known to be
+    gone (no such pid, a zombie, or a pid reused by a later process)?  False
+    when it may still run, or /proc cannot tell (out of file descriptors)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:     # (EPERM: it exists, someone else's)
+        pass
+    fields = _stat(pid)
+    if len(fields) < 20:
+        return not os.path.exists(f"/proc/{pid}") and os.path.isdir("/proc/self")
+    if fields[0] in (b"Z", b"X"):
+        return True
+    return fields[19].isdigit() and int(fields[19]) != start
 
 
 def _pid_alive(pid: int) -> bool:
