@@ -437,12 +437,23 @@ def ApiManager(m):
     ApiManager.register("Info", Info)
     ApiManager.register("WithAttr", WithAttr, exposed=("attr", "method"))
     ApiManager.register("Lacking", Obj, exposed=("a", "nosuch"))
+    ApiManager.register("BrokenProp", BrokenProp, exposed=("a", "size"))
     ApiManager.register("ListIter", _list_iterator, proxytype=m.IteratorProxy)
     return ApiManager
 
 
 def _list_iterator():
     return iter([1, 2])
+
+
+class BrokenProp(Obj):
+    """An exposed property whose getter fails with AttributeError."""
+
+    _data = None
+
+    @property
+    def size(self):
+        return self._data.size
 
 
 # ---------------------------------------------------------------------------

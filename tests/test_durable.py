@@ -670,3 +670,18 @@ def test_pipelined_calls_sent_again_survive_a_second_crash():
         assert list(items) == list(range(n))
         assert m.restarts == 2
 
+
+
+def test_an_exposed_method_a_durable_object_lacks_is_a_missing_method_error():
+    """As for a plain object: a RemoteError (the stdlib's) that is also an
+    AttributeError, naming the method; the object keeps working."""
+    class Lacking(procshare.BaseManager):
+        pass
+
+    Lacking.register("Obj", _workers.Obj, exposed=("a", "nosuch"), durable=True)
+    with Lacking() as m:
+        o = m.Obj()
+        with pytest.raises(procshare.MissingMethodError, match="'nosuch'") as info:
+            o._callmethod("nosuch")
+        assert isinstance(info.value, procshare.RemoteError)
+        assert o.a() == "a"

@@ -54,7 +54,14 @@ def test_an_exposed_method_the_object_lacks_is_a_remote_error(impl, ctx):
         if not is_stdlib(impl):
             assert isinstance(info.value, AttributeError)
             assert "'ListIter'" in str(info.value) and "exposed" in str(info.value)
-        del o, it
+        # a property that fails inside is no missing method: the traceback shows where
+        b = m.BrokenProp()
+        with pytest.raises(impl.RemoteError) as info:
+            b._callmethod("size")
+        assert "'NoneType' object has no attribute 'size'" in str(info.value)
+        assert "return self._data.size" in str(info.value)
+        assert b.a() == "a"
+        del o, it, b
 
 
 def test_a_manager_used_before_start_or_after_shutdown(impl, ctx):

@@ -251,9 +251,11 @@ class _HostCore:
         if meth in e.exposed:
             try:
                 return None, getattr(e.obj, meth), e
-            except AttributeError as exc:   # exposed, but the object has none
-                return (ERROR, missing_method(e.obj, e.typeid, oid, meth, exc,
-                                              "its Ray actor")), None, e
+            except AttributeError as exc:   # the stdlib: a RemoteError
+                if getattr(exc, "name", None) == meth and getattr(exc, "obj", None) is e.obj:
+                    return (ERROR, missing_method(e.obj, e.typeid, oid, meth, exc,
+                                                  "its Ray actor")), None, e
+                return (ERROR, self._with_tb(exc, oid)), None, e
             except Exception as exc:
                 return (ERROR, self._with_tb(exc, oid)), None, e
         if meth == "#UPDATE_ITEM" and "__setitem__" in e.exposed:

@@ -90,6 +90,7 @@ import time
 from typing import Any
 
 from .. import inprocess
+from ..errors import missing_method
 from ..transport.files import replace_file
 from ..transport.processes import host_identity, is_other_process, start_time
 from ..wire.kinds import Kind
@@ -525,9 +526,14 @@ class DurableObjects:
         except journal.JournalError as e:
             return self._broken(e)
         if not done.ok:
-            if isinstance(done.value, callctx.DeadlineExpired):    # gave up, took nothing
-                return (Kind.TIMEOUT, str(done.value))
-            return server.error_reply(done.value)
+            error = done.value
+            if isinstance(error, callctx.DeadlineExpired):    # gave up, took nothing
+                return (Kind.TIMEOUT, str(error))
+            if (isinstance(error, AttributeError) and getattr(error, "name", None) == meth
+                    and getattr(error, "obj", None) is entry.obj):
+                # an exposed method the object lacks (as a plain object's: a RemoteError)
+                return (Kind.ERROR, missing_method(entry.obj, entry.typeid, oid, meth, error))
+            return server.error_reply(error)
         m2t = entry.method_to_typeid
         if m2t and m2t.get(meth):
             return server._proxy_reply(info, m2t[meth], done.value)

@@ -109,8 +109,19 @@ LOAN_TTL = 600.0
 _PACKED, _NONE, _ONEWAY = object(), object(), object()
 
 
-class _MissingMethod(Exception):
-    """(serve_client) An exposed method the referent does not have."""
+class _GetattrFailed(Exception):
+    """(serve_client) Looking up an exposed method raised AttributeError."""
+
+
+def _getattr_failed(entry: Entry, oid: str, meth: str, error: AttributeError) -> tuple:
+    """The reply when looking up exposed method `meth` raised `error`, a
+    RemoteError as in the stdlib: MissingMethodError (an AttributeError too)
+    if the object has no such attribute; else (a property or `__getattr__`
+    that failed inside) the manager's traceback, which shows where."""
+    if getattr(error, "name", None) == meth and getattr(error, "obj", None) is entry.obj:
+        return (Kind.ERROR, missing_method(entry.obj, entry.typeid, oid, meth, error))
+    return (Kind.TRACEBACK, "".join(traceback.format_exception(
+        type(error), error, error.__traceback__)))
 
 #: threading primitives: an object holding one synchronizes itself
 _PRIMITIVE_TYPES: tuple = (
@@ -465,8 +476,8 @@ class Server:
                     try:
                         try:
                             fn = getattr(entry.obj, meth)
-                        except AttributeError as e:     # exposed, but the object has none
-                            raise _MissingMethod(e) from None
+                        except AttributeError as e:     # (the stdlib: a RemoteError)
+                            raise _GetattrFailed(e) from None
                         if lock is not None:
                             held = lock.acquire(False) or self._enter(
                                 entry, info, st.deadline, oid, meth)
@@ -493,9 +504,8 @@ class Server:
                                 reply = self._unserializable(e, oid, meth, result)
                     except DeadlineExpired as e:
                         reply = (Kind.TIMEOUT, str(e))
-                    except _MissingMethod as e:
-                        reply = (Kind.ERROR, missing_method(entry.obj, entry.typeid, oid, meth,
-                                                            e.args[0]))
+                    except _GetattrFailed as e:
+                        reply = _getattr_failed(entry, oid, meth, e.args[0])
                     except TypeError as e:
                         if not callable(fn) and meth in entry.attributes and not args and not kwds:
                             reply = (RETURN, fn)
