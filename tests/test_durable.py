@@ -685,3 +685,17 @@ def test_an_exposed_method_a_durable_object_lacks_is_a_missing_method_error():
             o._callmethod("nosuch")
         assert isinstance(info.value, procshare.RemoteError)
         assert o.a() == "a"
+
+
+def test_a_second_manager_on_a_state_dir_in_use_raises_journal_in_use(tmp_path):
+    """procshare's own errors from a server that cannot start come as they are
+    (`except JournalInUse:` around start() works), not as the EOFError that
+    stands for other failures."""
+    from procshare.server.journal import JournalInUse
+    state = tmp_path / "state"
+    with procshare.SyncManager(state_dir=state) as m:
+        m.dict(durable=True, name="x")["a"] = 1
+        other = procshare.SyncManager(state_dir=state)
+        with pytest.raises(JournalInUse, match="in use by another process"):
+            other.start()
+        assert dict(m.dict(durable=True, name="x")) == {"a": 1}

@@ -220,16 +220,22 @@ class ManagerStartFailed(ProcshareError, EOFError):
     stdlib's start() raises EOFError then); `__cause__` is its error."""
 
 
-def start_failed(manager: str, address: Any, error: BaseException) -> ManagerStartFailed:
-    """The error for a server that raised `error` while starting."""
+def start_failed(manager: str, address: Any, error: BaseException,
+                 initializer: bool = False) -> ManagerStartFailed:
+    """The error for a server that raised `error` while starting (`initializer`:
+    start() was given one, which may have raised it)."""
     if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
         what = (f"another process listens at {address!r}: stop it, or give the manager "
                 "another address (or none, for a fresh one)")
-    elif isinstance(error, OSError) and address is not None:
-        what = f"check the address {address!r} (its directory, its permissions)"
+    elif (isinstance(error, OSError) and address is not None
+          and error.errno in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.EACCES, errno.EPERM,
+                              errno.ENAMETOOLONG)):
+        what = f"check the address {address!r} (its host, its directory, its permissions)"
+    elif initializer:
+        what = ("its traceback is printed above (the server's stderr); if it came from the "
+                "initializer given to start(), fix that function or its arguments")
     else:
-        what = ("see the error above; if it came from the initializer given to start(), "
-                "fix that function or its arguments")
+        what = "its traceback is printed above (the server's stderr)"
     return ManagerStartFailed(
         f"the {manager} server could not start ({type(error).__name__}: {error}): {what}.",
         manager=manager, address=address)

@@ -64,7 +64,7 @@ from .client.proxy import (  # noqa: F401  (the stdlib module has all these name
 from .errors import RemoteError  # noqa: F401  (re-exported, as in the stdlib)
 from .server import primitives
 from .server.durables import UNNAMED_KEY, durable_option
-from .server.journal import check_state_dir
+from .server.journal import JournalError, check_state_dir
 from .server.leases import GRACE as LEASE_GRACE
 from .server.server import FRAME_TIMEOUT, Server, TypeSpec, all_methods, public_methods  # noqa: F401
 from .server.sharedarray import SharedBlock
@@ -273,10 +273,11 @@ class BaseManager:
             if result[0] != "up":
                 proc.join(self._shutdown_timeout)
                 error = result[1]
-                if isinstance(error, EOFError):     # (ManagerCrashed: it died)
-                    raise error
+                if isinstance(error, (EOFError, errors.ProcshareError, JournalError)):
+                    raise error     # it died (ManagerCrashed), or procshare's own say
                 # the stdlib's start() raises EOFError when its server fails
-                raise errors.start_failed(name, self._address, error) from error
+                raise errors.start_failed(name, self._address, error,
+                                          initializer is not None) from error
         except BaseException:
             control_w.close()       # (a supervisor still running then stops its server)
             if proc.is_alive():     # interrupted: nothing of it stays behind
