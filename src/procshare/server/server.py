@@ -278,8 +278,15 @@ class Server:
         #: durable objects: recovered now if the state directory holds a journal; as
         #: after a crash (clients of before may come back) for a restart, and for a
         #: standalone server run again (`resume`: `python -m procshare serve`)
-        self.durables = DurableObjects(self, state_dir, fsync,
-                                       fresh=not incarnation and not resume)
+        try:
+            self.durables = DurableObjects(self, state_dir, fsync,
+                                           fresh=not incarnation and not resume)
+        except BaseException:
+            # (the journal is in use, broken...): no socket of ours stays behind; a
+            # restart leaves the path, which the next attempt replaces (a missing
+            # path tells clients the manager was shut down)
+            self.listener.close(unlink=not replace_stale)
+            raise
 
     # -- running ---------------------------------------------------------------
     def serve_forever(self) -> None:

@@ -476,11 +476,13 @@ class Listener:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def close(self) -> None:
+    def close(self, unlink: bool = True) -> None:
+        """Stop listening; `unlink`: remove a Unix socket's file too."""
         try:
             self._sock.close()
         finally:
-            cleanup_address(self.address)
+            if unlink:
+                cleanup_address(self.address)
 
 
 def _is_stale_socket(path: str) -> bool:
