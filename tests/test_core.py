@@ -356,3 +356,66 @@ def test_an_idle_pool_ends_cleanly_by_terminate_and_by_its_last_proxy():
             del pool
             gc.collect()            # a proxy in a reference cycle goes only with it
             assert poll(lambda: not m.objects(), 10), m.objects()
+
+
+def test_the_concurrency_rule_looks_without_running_the_objects_code():
+    """`is_thread_safe` finds a primitive in a slot or a container attribute,
+    never calls a property or __getattr__ of the object, and survives another
+    thread changing a container it looks into."""
+    import threading as th
+
+    from procshare.stdtypes import is_thread_safe
+
+    ran = []
+
+    class Slotted:
+        __slots__ = ("__gate", "n")
+
+        def __init__(self):
+            self.__gate = th.Event()
+
+    class Shadowed(Slotted):
+        @property
+        def n(self):
+            ran.append("property")
+            return th.Lock()
+
+    class Lazy:
+        def __getattr__(self, name):
+            ran.append(name)
+            raise AttributeError(name)
+
+    class Holder:
+        def __init__(self):
+            self.parts = {"ready": th.Condition()}
+            self.many = [0] * 100 + [th.Lock()]       # beyond the first 16: not seen
+
+    class Flagged:
+        _procshare_concurrent_ = True
+
+    assert is_thread_safe(Slotted()) and is_thread_safe(Shadowed())
+    assert not is_thread_safe(Lazy()) and is_thread_safe(Holder()) and is_thread_safe(Flagged())
+    h = Holder()
+    del h.parts
+    assert not is_thread_safe(h)
+    assert ran == []
+    shared = {"gate": th.Event()}      # first in order, so always among those looked at
+    busy = Holder()
+    busy.parts = shared
+    busy.many = []
+    stop = th.Event()
+
+    def churn():
+        i = 0
+        while not stop.is_set():
+            shared[i % 50] = i
+            shared.pop((i + 25) % 50, None)
+            i += 1
+
+    t = th.Thread(target=churn)
+    t.start()
+    try:
+        assert all(is_thread_safe(busy) for _ in range(5000))
+    finally:
+        stop.set()
+        t.join(10)

@@ -2,22 +2,33 @@
 
 Owns: `Namespace`, `Value` and `Array` (the plain SyncManager types, as
 `multiprocessing.managers` defines them), `update_item` (the one-step update
-behind `DictProxy.update_item`), and `check_acquire_args` (threading's
-validation of `acquire(blocking, timeout)`).
+behind `DictProxy.update_item`), `check_acquire_args` (threading's
+validation of `acquire(blocking, timeout)`), the concurrency rule's test
+(`is_thread_safe`: which objects synchronize themselves) and the method
+listings of a referent (`all_methods`, `public_methods`).
 
 Rules it keeps:
 - It imports nothing from procshare, so the local manager (`managers`,
   `server/`) and the Ray backend (`ray/`) share it without depending on each
   other.
 - Behaviour, reprs and error texts are the stdlib's.
+- `is_thread_safe` runs no code of the object it looks at (no property, no
+  `__getattr__`) and copies what it reads in C, so another thread changing
+  the object cannot break it; what it cannot read counts as no primitive.
 """
 
 from __future__ import annotations
 
 import array
+import queue
+import threading
+from itertools import islice
+from multiprocessing import pool as mp_pool
 from typing import Any
 
-__all__ = ["Namespace", "Value", "Array", "update_item", "check_acquire_args"]
+__all__ = ["Namespace", "Value", "Array", "update_item", "check_acquire_args",
+           "is_thread_safe", "all_methods", "public_methods", "PRIMITIVE_TYPES",
+           "THREAD_SAFE_TYPES"]
 
 
 class Namespace:
@@ -85,3 +96,71 @@ def check_acquire_args(blocking: bool, timeout: float | None, lock_style: bool) 
     if not blocking and timeout is not None:
         raise ValueError("can't specify timeout for non-blocking acquire")
     return timeout
+
+
+# -- the concurrency rule ------------------------------------------------------------
+
+#: threading primitives: an object holding one synchronizes itself
+PRIMITIVE_TYPES: tuple = (
+    threading.Event, threading.Condition, threading.Semaphore, threading.Barrier,
+    type(threading.Lock()), type(threading.RLock()),
+)
+#: thread-safe stdlib types
+THREAD_SAFE_TYPES: tuple = (
+    queue.Queue, queue.SimpleQueue, mp_pool.Pool, mp_pool.ApplyResult, *PRIMITIVE_TYPES,
+)
+#: how many items of a container attribute `is_thread_safe` looks at
+_LOOK_INTO = 16
+_MEMBER = type(type("_Slotted", (), {"__slots__": ("x",)}).__dict__["x"])
+
+
+def is_thread_safe(obj: Any) -> bool:
+    """The rule for `serial=None`: run calls concurrently if the object is a
+    thread-safe stdlib type, one of procshare's primitives, its class declares
+    `_procshare_concurrent_ = True`, or it carries its own threading
+    primitive: as an attribute (in `__dict__` or a slot), or inside a dict,
+    list, tuple or set attribute (its first `_LOOK_INTO` items): it
+    synchronizes itself."""
+    try:
+        if getattr(type(obj), "_procshare_concurrent_", False) is True or \
+                isinstance(obj, THREAD_SAFE_TYPES):
+            return True
+        try:
+            attrs = object.__getattribute__(obj, "__dict__")    # (no __getattr__)
+        except AttributeError:
+            attrs = None
+        # copied in C (atomic under the GIL): another thread may change them
+        values = list(attrs.values()) if type(attrs) is dict else []
+        if values and attrs.get("_procshare_concurrent_") is True:
+            return True
+        for cls in type(obj).__mro__:
+            for slot in list(cls.__dict__.values()):
+                if type(slot) is _MEMBER:       # a __slots__ member, read as stored
+                    try:
+                        values.append(slot.__get__(obj, cls))
+                    except AttributeError:      # (unset)
+                        pass
+        for value in values:
+            if isinstance(value, PRIMITIVE_TYPES):
+                return True
+            if isinstance(value, dict):
+                items = list(islice(value.values(), _LOOK_INTO))
+            elif isinstance(value, (list, tuple, set, frozenset)):
+                items = list(islice(value, _LOOK_INTO))
+            else:
+                continue
+            if any(isinstance(item, PRIMITIVE_TYPES) for item in items):
+                return True
+    except Exception:       # an object this cannot look into: no primitive seen
+        return False
+    return False
+
+
+def all_methods(obj: Any) -> list[str]:
+    """Names of the methods of `obj`."""
+    return [name for name in dir(obj) if callable(getattr(obj, name, None))]
+
+
+def public_methods(obj: Any) -> list[str]:
+    """Names of the methods of `obj` that do not start with '_'."""
+    return [name for name in all_methods(obj) if name[0] != "_"]

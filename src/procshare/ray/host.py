@@ -39,13 +39,11 @@ import collections.abc
 import functools
 import inspect
 import os
-import queue
 import secrets
 import threading
 import time
 import traceback
 import warnings
-from multiprocessing import pool as mp_pool
 from typing import Any
 
 import ray
@@ -53,7 +51,7 @@ from ray import cloudpickle
 
 from ..client.session import client_id
 from ..errors import NotExposedError, missing_method
-from ..stdtypes import update_item
+from ..stdtypes import is_thread_safe, public_methods, update_item
 from ..wire.kinds import Kind
 from ..wire.records import Token
 from .durable import Replies, SnapshotStore
@@ -85,39 +83,10 @@ _READ_ONLY = frozenset({
     "#GETVALUE", "__str__", "__repr__", "#INFO",
 })
 
-_PRIMITIVE_TYPES: tuple = (
-    threading.Event, threading.Condition, threading.Semaphore, threading.Barrier,
-    type(threading.Lock()), type(threading.RLock()),
-)
-_THREAD_SAFE_TYPES: tuple = (
-    queue.Queue, queue.SimpleQueue, mp_pool.Pool, mp_pool.ApplyResult, *_PRIMITIVE_TYPES,
-)
-
 
 def actor_name(oid: str) -> str:
     """The name (in the manager's namespace) of the actor hosting object `oid`."""
     return "procshare:" + oid.partition("/")[0]
-
-
-def all_methods(obj: Any) -> list[str]:
-    return [name for name in dir(obj) if callable(getattr(obj, name, None))]
-
-
-def public_methods(obj: Any) -> list[str]:
-    """Names of the methods of `obj` that do not start with '_'."""
-    return [name for name in all_methods(obj) if name[0] != "_"]
-
-
-def is_thread_safe(obj: Any) -> bool:
-    """The local server's rule for `serial=None`, applied to a constructed object."""
-    if getattr(obj, "_procshare_concurrent_", False) or isinstance(obj, _THREAD_SAFE_TYPES):
-        return True
-    attrs = getattr(obj, "__dict__", None)
-    if attrs:
-        for value in attrs.values():
-            if isinstance(value, _PRIMITIVE_TYPES):
-                return True
-    return False
 
 
 _initialized: set = set()

@@ -46,13 +46,11 @@ import collections
 import errno
 import logging
 import os
-import queue
 import secrets
 import sys
 import threading
 import time
 import traceback
-from multiprocessing import pool as mp_pool
 from typing import Any
 
 from ..errors import (
@@ -63,7 +61,7 @@ from ..errors import (
     missing_method,
 )
 from ..inprocess import local_server, set_local_server
-from ..stdtypes import update_item
+from ..stdtypes import all_methods, is_thread_safe, public_methods, update_item
 from ..transport import channel as transport
 from ..transport.shm import (
     SlotClaimError,
@@ -123,24 +121,6 @@ def _getattr_failed(entry: Entry, oid: str, meth: str, error: AttributeError) ->
     return (Kind.TRACEBACK, "".join(traceback.format_exception(
         type(error), error, error.__traceback__)))
 
-#: threading primitives: an object holding one synchronizes itself
-_PRIMITIVE_TYPES: tuple = (
-    threading.Event, threading.Condition, threading.Semaphore, threading.Barrier,
-    type(threading.Lock()), type(threading.RLock()),
-)
-_THREAD_SAFE_TYPES: tuple = (
-    queue.Queue, queue.SimpleQueue, mp_pool.Pool, mp_pool.ApplyResult, *_PRIMITIVE_TYPES,
-)
-
-def all_methods(obj: Any) -> list[str]:
-    """Names of the methods of `obj`."""
-    return [name for name in dir(obj) if callable(getattr(obj, name, None))]
-
-
-def public_methods(obj: Any) -> list[str]:
-    """Names of the methods of `obj` that do not start with '_'."""
-    return [name for name in all_methods(obj) if name[0] != "_"]
-
 
 class TypeSpec(tuple):
     """A registry value: `(callable, exposed, method_to_typeid, proxytype)` like
@@ -164,48 +144,6 @@ class TypeSpec(tuple):
     def __reduce__(self) -> tuple:
         return TypeSpec, (tuple(self), self.serial, self.serializer, self.durable,
                           self.mutators)
-
-
-#: how many items of a container attribute `is_thread_safe` looks at
-_LOOK_INTO = 16
-
-
-def is_thread_safe(obj: Any) -> bool:
-    """The rule for `serial=None`: run calls concurrently if the object is a
-    thread-safe stdlib type, one of procshare's primitives, declares
-    `_procshare_concurrent_ = True`, or carries its own threading primitive:
-    as an attribute (in `__dict__` or a slot), or inside a dict, list, tuple
-    or set attribute (its first `_LOOK_INTO` items): it synchronizes itself."""
-    if getattr(obj, "_procshare_concurrent_", False) or isinstance(obj, _THREAD_SAFE_TYPES):
-        return True
-    try:
-        values = list(vars(obj).values())
-    except TypeError:           # no __dict__
-        values = []
-    for cls in type(obj).__mro__:
-        slots = cls.__dict__.get("__slots__", ())
-        for name in (slots,) if isinstance(slots, str) else slots:
-            if name in ("__dict__", "__weakref__"):
-                continue
-            if name.startswith("__") and not name.endswith("__"):
-                name = f"_{cls.__name__.lstrip('_')}{name}"     # (mangled)
-            try:
-                values.append(getattr(obj, name))
-            except Exception:   # (unset)
-                pass
-    for value in values:
-        if isinstance(value, _PRIMITIVE_TYPES):
-            return True
-        if isinstance(value, dict):
-            value = value.values()
-        elif not isinstance(value, (list, tuple, set, frozenset)):
-            continue
-        for i, item in enumerate(value):
-            if i >= _LOOK_INTO:
-                break
-            if isinstance(item, _PRIMITIVE_TYPES):
-                return True
-    return False
 
 
 class ConnInfo:
