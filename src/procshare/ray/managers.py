@@ -320,10 +320,12 @@ class RayBaseManager:
     def _session(self) -> Any:
         return session_for(self._address, bytes(self._authkey), self._serializer)
 
-    def _check_started(self) -> None:
+    def _check_started(self, inspect: bool = False) -> None:
+        """ManagerNotRunning (what the stdlib raises for the use: `inspect`, or
+        to make an object) unless started or connected."""
         if self._state.value != State.STARTED:
-            raise _state_error(self._state) if self._state.value == State.SHUTDOWN \
-                else ProcessError("server not yet started")
+            raise errors.not_running(type(self).__name__, self._state.value == State.SHUTDOWN,
+                                     self._address, inspect)
 
     def _create(self, typeid: str, /, *args: Any, **kwds: Any) -> tuple[Token, tuple]:
         token, exposed, _attrs = self._create_full(typeid, args, kwds)
@@ -382,7 +384,7 @@ class RayBaseManager:
         return out
 
     def _control(self, name: str, *args: Any) -> Any:
-        self._check_started()
+        self._check_started(inspect=True)
         return self._session().control_call(name, *args, timeout=self._call_timeout)
 
     def _debug_info(self) -> str:
