@@ -286,8 +286,8 @@ def not_running(manager: str, shut_down: bool, address: Any, inspect: bool = Fal
         cls: type[ManagerNotRunning] = ManagerNotRunningAssertion
     elif address is None:
         cls = ManagerNotRunningNoAddress
-    elif isinstance(address, (str, bytes)):
-        cls = ManagerNotRunningNoSocket
+    elif isinstance(address, str) and not address.startswith("\0"):
+        cls = ManagerNotRunningNoSocket     # (a socket file: gone)
     else:
         cls = ManagerNotRunningRefused
     return cls(message, manager=manager, address=address)

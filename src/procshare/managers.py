@@ -441,7 +441,10 @@ class BaseManager:
         return client.get_session(self._address, bytes(self._authkey), self._serializer)
 
     def _control(self, name: str, /, *args: Any, **kwds: Any) -> Any:
-        if self._state.value != State.STARTED:
+        if self._state.value != State.STARTED and not (
+                # the stdlib just connects: to whoever serves there, if anyone
+                self._state.value == State.INITIAL and self._address is not None
+                and name in _CONNECTING_OPS):
             raise errors.not_running(type(self).__name__, self._state.value == State.SHUTDOWN,
                                      self._address, name in _CONNECTING_OPS)
         try:
