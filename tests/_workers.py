@@ -438,6 +438,9 @@ def ApiManager(m):
     ApiManager.register("WithAttr", WithAttr, exposed=("attr", "method"))
     ApiManager.register("Lacking", Obj, exposed=("a", "nosuch"))
     ApiManager.register("BrokenProp", BrokenProp, exposed=("a", "size"))
+    # method_to_typeid results that cannot be made into objects
+    ApiManager.register("ToNowhere", Obj, exposed=("a",), method_to_typeid={"a": "nowhere"})
+    ApiManager.register("ToObj", Obj, exposed=("a",), method_to_typeid={"a": "Obj"})
     ApiManager.register("ListIter", _list_iterator, proxytype=m.IteratorProxy)
     return ApiManager
 

@@ -127,6 +127,30 @@ def test_an_unknown_serializer_is_refused_at_once(impl):
         impl.SyncManager(serializer="no-such-serializer")
 
 
+def test_a_method_to_typeid_result_that_cannot_be_made_is_a_remote_error(impl, ctx):
+    """The typeid is not registered, or its callable fails on the result:
+    the stdlib answers with the manager's traceback (RemoteError)."""
+    cls = _workers.get_class(impl, "ApiManager")
+    with cls(ctx=ctx) as m:
+        with pytest.raises(impl.RemoteError, match="nowhere"):
+            m.ToNowhere().a()
+        with pytest.raises(impl.RemoteError, match="TypeError"):
+            m.ToObj().a()           # Obj("a"): Obj takes no argument
+        assert m._number_of_objects() == 0
+
+
+def test_callmethod_with_none_for_args_or_kwds_is_a_type_error(impl, ctx):
+    cls = _workers.get_class(impl, "ApiManager")
+    with cls(ctx=ctx) as m:
+        o = m.Obj()
+        with pytest.raises(TypeError):
+            o._callmethod("a", None)
+        with pytest.raises(TypeError):
+            o._callmethod("a", (), None)
+        assert o._callmethod("a") == "a"
+        del o
+
+
 def test_start_initializer_runs_in_server(impl, ctx):
     cls = _workers.get_class(impl, "ApiManager")
     m = cls(ctx=ctx)

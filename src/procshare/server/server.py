@@ -723,8 +723,8 @@ class Server:
     def _proxy_reply(self, info: ConnInfo, typeid: str, value: Any) -> tuple:
         try:
             ident, exposed, attrs = self._new_object(info.client, typeid, (value,), {})
-        except Exception as e:
-            return (Kind.ERROR, _with_traceback(e))
+        except Exception:       # the stdlib: a RemoteError, with the manager's traceback
+            return (Kind.TRACEBACK, traceback.format_exc())
         token = Token(typeid, self.address, ident)
         return (Kind.PROXY, (self._proxytype_to_send(typeid), exposed, token, attrs))
 

@@ -90,8 +90,8 @@ class Serializer:
         `stable_calls` serializer, the body of a call without arguments never
         changes, so it is made once per (object, method) and kept (at most
         `_BARE_CALLS` of them)."""
-        if args or kwds or not self.stable_calls:
-            return self.dumps((oid, meth, args, kwds))
+        if args or kwds or args is None or kwds is None or not self.stable_calls:
+            return self.dumps((oid, meth, args, kwds))     # (None fails in the manager)
         cache = self._bare_calls
         if cache is None:
             cache = self._bare_calls = {}
