@@ -39,6 +39,16 @@ STDLIB_PUBLIC = sorted(
 )
 
 
+def test_every_name_of_the_stdlib_module_is_there_and_all_is_the_same():
+    """Its imports too (managers.connection, .pool, .format_exc...), which code
+    reaches through the module; __all__ names each once, as there."""
+    ps = importlib.import_module("procshare.managers")
+    missing = sorted(name for name in vars(std) if not name.startswith("__")
+                     and not hasattr(ps, name))
+    assert not missing, missing
+    assert ps.__all__ == std.__all__
+
+
 def test_stdlib_exports_required_names():
     # Guards the list above against typos: every required name is public here.
     assert REQUIRED <= set(STDLIB_PUBLIC), REQUIRED - set(STDLIB_PUBLIC)

@@ -22,6 +22,7 @@ import functools
 import inspect
 import logging
 import os
+import queue  # noqa: F401  (the stdlib module has this name, and the next few)
 import secrets
 import shutil
 import signal
@@ -29,10 +30,20 @@ import sys
 import tempfile
 import threading
 import time
+import types  # noqa: F401
 from collections.abc import Callable
 from multiprocessing import connection as mp_connection
-from multiprocessing import get_all_start_methods, get_context, process, reduction, util
-from multiprocessing.context import ProcessError
+from multiprocessing import (
+    get_all_start_methods,
+    get_context,
+    pool,  # noqa: F401
+    process,
+    reduction,
+    util,
+)
+from multiprocessing.context import ProcessError, get_spawning_popen  # noqa: F401
+from os import getpid  # noqa: F401
+from traceback import format_exc  # noqa: F401
 from typing import Any
 
 from . import errors
@@ -58,6 +69,7 @@ from .client.proxy import (  # noqa: F401  (the stdlib module has all these name
     RebuildProxy,
     SetProxy,
     ValueProxy,
+    _BaseDictProxy,
     convert_to_error,
     raise_reply,
 )
@@ -85,7 +97,12 @@ except ImportError:  # pragma: no cover
 else:
     HAS_SHMEM = True
 
-__all__ = ["BaseManager", "SyncManager", "BaseProxy", "Token", "SharedMemoryManager"]
+__all__ = ["BaseManager", "SyncManager", "BaseProxy", "Token"]   # (+ SharedMemoryManager)
+
+# names the stdlib's module has (its imports), for code that reaches them through it
+connection = mp_connection
+if sys.version_info < (3, 11):
+    view_type = type({}.values())       # (a loop variable the 3.10 module leaves behind)
 
 def reduce_array(a: array.array) -> tuple:
     return array.array, (a.typecode, a.tobytes())
