@@ -151,6 +151,41 @@ def test_callmethod_with_none_for_args_or_kwds_is_a_type_error(impl, ctx):
         del o
 
 
+def test_connect_to_a_bad_address_is_what_the_stdlib_raises(impl):
+    """An address of the wrong type is a TypeError (the stdlib's, for one it
+    cannot index); a host that does not resolve is a socket.gaierror (no
+    manager crashed)."""
+    import socket
+    with pytest.raises(TypeError):
+        impl.SyncManager(address=12345).connect()
+    with pytest.raises(socket.gaierror):
+        impl.SyncManager(address=("no-such-host.invalid", 5000)).connect()
+
+
+def test_a_call_after_shutdown_in_a_thread_that_had_a_connection(impl, ctx):
+    """The thread's connection from before breaks: BrokenPipeError; a thread
+    without one finds no socket file: FileNotFoundError."""
+    m = impl.SyncManager(ctx=ctx)
+    m.start()
+    lst = m.list()
+    lst.append(1)
+    m.shutdown()
+    with pytest.raises(BrokenPipeError):
+        lst.append(2)
+    got = {}
+
+    def other():
+        try:
+            lst.append(3)
+        except Exception as e:      # noqa: BLE001  (what it is, is the test)
+            got["error"] = e
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join(30)
+    assert isinstance(got.get("error"), FileNotFoundError), got
+
+
 def test_start_initializer_runs_in_server(impl, ctx):
     cls = _workers.get_class(impl, "ApiManager")
     m = cls(ctx=ctx)

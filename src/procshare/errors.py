@@ -151,6 +151,23 @@ class ManagerBrokenPipe(ManagerCrashed, BrokenPipeError):
     """ManagerCrashed where the stdlib raises BrokenPipeError."""
 
 
+class ManagerShutDownSocketMissing(ManagerSocketMissing, BrokenPipeError):
+    """A manager shut down (its socket file is gone): where the stdlib raises
+    FileNotFoundError (a new connection) or BrokenPipeError (the thread's
+    connection from before)."""
+
+
+class ManagerShutDownRefused(ManagerConnectionRefused, BrokenPipeError):
+    """A manager shut down (nobody listens): where the stdlib raises
+    ConnectionRefusedError (a new connection) or BrokenPipeError (the
+    thread's connection from before)."""
+
+
+#: after a shutdown: the cause's class, and the one of the connection from before
+_SHUT_DOWN_CLASSES: dict = {ManagerSocketMissing: ManagerShutDownSocketMissing,
+                            ManagerConnectionRefused: ManagerShutDownRefused}
+
+
 _CRASH_CLASSES: tuple = (
     (ConnectionRefusedError, ManagerConnectionRefused),
     (FileNotFoundError, ManagerSocketMissing),
@@ -461,6 +478,7 @@ def manager_crashed(address: Any, cause: BaseException | None) -> ManagerCrashed
         by = ("by this process" if gone["by"] == os.getpid()
               else f"by process {gone['by']}")
         facts.update(shut_down=True, pid=gone["pid"])
+        cls = _SHUT_DOWN_CLASSES.get(cls, cls)
         return cls(
             f"the {gone['manager']} at {address!r} was shut down {by} at {gone['when']} "
             f"(manager.shutdown(), or the end of its `with` block), so this proxy cannot be "

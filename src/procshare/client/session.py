@@ -467,6 +467,8 @@ class Session:
                     raise self.crashed(e) from None
                 time.sleep(min(pause, end - now))
                 pause = min(pause * 2, 0.1)
+            except transport.HostUnknown:
+                raise       # a wrong address, not a manager gone (as in the stdlib)
             except OSError as e:
                 raise self.crashed(e) from None
 

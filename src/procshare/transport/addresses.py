@@ -18,9 +18,15 @@ import socket
 import tempfile
 from typing import Any
 
-__all__ = ["address_family", "arbitrary_address", "cleanup_address", "UNIX_PATH_MAX"]
+__all__ = ["address_family", "arbitrary_address", "cleanup_address", "UNIX_PATH_MAX",
+           "AddressTypeError"]
 
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes on Linux, including the NUL
+
+
+class AddressTypeError(ValueError, TypeError):
+    """An address that is neither a (host, port) tuple nor a socket path (the
+    stdlib raises ValueError, or TypeError for one it cannot index)."""
 
 
 def address_family(address: Any) -> int:
@@ -28,7 +34,8 @@ def address_family(address: Any) -> int:
         return socket.AF_INET6 if ":" in str(address[0]) else socket.AF_INET
     if isinstance(address, (str, bytes)):
         return socket.AF_UNIX
-    raise ValueError(f"address {address!r} is neither a (host, port) tuple nor a socket path")
+    raise AddressTypeError(f"address type of {address!r} unrecognized: an address is a "
+                           "(host, port) tuple or a Unix socket path")
 
 
 def arbitrary_address() -> str:

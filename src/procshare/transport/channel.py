@@ -56,7 +56,7 @@ from ..wire.handshake import ClientHandshake, ServerHandshake
 from .addresses import UNIX_PATH_MAX, address_family, arbitrary_address, cleanup_address
 from .spin import SpinPolicy
 
-__all__ = ["Channel", "Listener", "connect", "server_handshake", "client_handshake",
+__all__ = ["Channel", "Listener", "connect", "HostUnknown", "server_handshake", "client_handshake",
            "close_inherited", "remove_stale_socket", "readable_within"]
 
 _RECV_CHUNK = 64 * 1024
@@ -514,6 +514,11 @@ def remove_stale_socket(path: str) -> bool:
     return False
 
 
+class HostUnknown(socket.gaierror):
+    """The host of a manager's (host, port) address does not resolve: no
+    manager crashed (the stdlib raises socket.gaierror)."""
+
+
 def connect(address: Any, timeout: float | None = None) -> Channel:
     """Open a socket to `address` (no handshake yet)."""
     family = address_family(address)
@@ -525,6 +530,11 @@ def connect(address: Any, timeout: float | None = None) -> Channel:
         sock.settimeout(None)
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except socket.gaierror as e:
+        sock.close()
+        raise HostUnknown(e.errno, f"{e.strerror}: the host {address[0]!r} of the manager "
+                                   f"address {address!r} does not resolve; check its "
+                                   "spelling, or use an IP address") from None
     except BaseException:
         sock.close()
         raise
