@@ -12,8 +12,8 @@ Rules it keeps:
 - Calls on one object run one at a time when the object is *serial* (the
   default for registered classes), and concurrently for thread-safe objects:
   the built-in primitives, `queue`/`threading` objects, pools, and objects that
-  carry their own threading primitive.  `register(..., serial=...)` decides per
-  type.
+  carry their own threading primitive (`stdtypes.is_thread_safe`).
+  `register(..., serial=...)` decides per type.
 - The reply is serialized completely before anything is written, so a result
   that cannot be serialized is reported and the connection stays usable.
 - When the last connection of a client closes, the client is gone: its
