@@ -132,11 +132,15 @@ def test_a_method_to_typeid_result_that_cannot_be_made_is_a_remote_error(impl, c
     the stdlib answers with the manager's traceback (RemoteError)."""
     cls = _workers.get_class(impl, "ApiManager")
     with cls(ctx=ctx) as m:
-        with pytest.raises(impl.RemoteError, match="nowhere"):
-            m.ToNowhere().a()
-        with pytest.raises(impl.RemoteError, match="TypeError"):
-            m.ToObj().a()           # Obj("a"): Obj takes no argument
-        assert m._number_of_objects() == 0
+        nowhere, to_obj = m.ToNowhere(), m.ToObj()
+        with pytest.raises(impl.RemoteError, match="nowhere") as first:
+            nowhere.a()
+        with pytest.raises(impl.RemoteError, match="TypeError") as second:
+            to_obj.a()              # Obj("a"): Obj takes no argument
+        assert m._number_of_objects() == 2      # nothing made for the failed results
+        del nowhere, to_obj, first, second      # (their tracebacks hold the proxies)
+        gc.collect()
+        assert poll(lambda: m._number_of_objects() == 0, 10)
 
 
 def test_callmethod_with_none_for_args_or_kwds_is_a_type_error(impl, ctx):
