@@ -5,8 +5,8 @@ children and in Ray worker processes (the test fixture puts tests/ on their
 PYTHONPATH).  It imports Ray and procshare.ray, so only test_ray.py imports it.
 
 It also stands in for a managers module (``impl``) in the parity scenarios of
-``test_parity_*.py``: it has ``BaseManager``, ``SyncManager``, ``BaseProxy``
-and ``RemoteError``, and registers itself with ``_workers`` under the name
+``test_parity_*.py``: it has ``BaseManager``, ``SyncManager``, ``BaseProxy``,
+``IteratorProxy`` and ``RemoteError``, and registers itself with ``_workers`` under the name
 "ray", so ``_workers.get_class(_ray_workers, "CounterManager")`` builds the
 Ray version of each test manager (``_workers.ray__CounterManager``).
 """
@@ -18,7 +18,7 @@ import time
 
 import _workers
 import procshare
-from procshare.client.proxy import BaseProxy  # noqa: F401  (impl.BaseProxy)
+from procshare.client.proxy import BaseProxy, IteratorProxy  # noqa: F401  (impl.*)
 from procshare.errors import RemoteError  # noqa: F401  (impl.RemoteError)
 from procshare.managers import DictProxy
 from procshare.ray import RayBaseManager, RayManager
