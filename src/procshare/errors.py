@@ -89,9 +89,14 @@ class MissingMethodError(ProcshareError, RemoteError, AttributeError):
     __str__ = Exception.__str__
 
 
-def missing_method(obj: Any, typeid: str, oid: str, meth: str, error: BaseException,
-                   where: str = "the manager") -> MissingMethodError:
-    """The error for `meth` exposed on `typeid` but missing from `obj`."""
+def missing_method(error: BaseException, obj: Any, typeid: str, oid: str, meth: str,
+                   where: str = "the manager") -> MissingMethodError | None:
+    """The error for `meth`, exposed on `typeid`, if `error` (from calling it
+    on `obj`) says `obj` has no such attribute; None for any other error (an
+    AttributeError from inside a property or the method itself)."""
+    if not (isinstance(error, AttributeError) and getattr(error, "name", None) == meth
+            and getattr(error, "obj", None) is obj):
+        return None
     return MissingMethodError(
         f"method {meth!r} of {type(obj).__name__} object (typeid {typeid!r}, id {oid}) is "
         f"exposed, but the object has no such attribute in {where} "

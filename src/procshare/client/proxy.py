@@ -109,19 +109,16 @@ class BaseProxy:
         server = local_server()
         return server is not None and server.address == self._token.address
 
-    def _track(self, local: bool | None = None) -> None:
+    def _track(self, local: bool) -> None:
         """This proxy now owns one reference: give it back when the proxy dies,
         the way it was taken: `local` (the server's own, `local_incref`), or
         this process's client's, through the session (a create, a reply that
-        made a proxy, an incref sent).  None: local if the server of this
-        process is the proxy's manager."""
+        made a proxy, an incref sent)."""
         if self._close is not None:
             return
         self._session.live += 1
         if self._id.startswith(DURABLE_PREFIX):
             self._session.durable_held(self._id)
-        if local is None:
-            local = self._is_local()
         self._close = weakref.finalize(self, _release, self._session, self._id,
                                        local, os.getpid())
         self._close.atexit = False
@@ -382,7 +379,7 @@ def RebuildProxy(func: Any, token: Token, serializer: Any, kwds: dict) -> Any:
         # a proxy stored in a durable object, rebuilt while the manager recovers:
         # its object may not be back yet, so its reference is taken after
         proxy = func(token, serializer, incref=False, **kwds)
-        proxy._track()
+        proxy._track(True)      # (`_hold_rebuilt` takes its reference as the server's)
         rebuilt.append(weakref.ref(proxy))
         loan = None
     elif foreign or (rebuilt is not None and loan is not None):

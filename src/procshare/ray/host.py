@@ -220,13 +220,9 @@ class _HostCore:
         if meth in e.exposed:
             try:
                 return None, getattr(e.obj, meth), e
-            except AttributeError as exc:   # the stdlib: a RemoteError
-                if getattr(exc, "name", None) == meth and getattr(exc, "obj", None) is e.obj:
-                    return (ERROR, missing_method(e.obj, e.typeid, oid, meth, exc,
-                                                  "its Ray actor")), None, e
-                return (ERROR, self._with_tb(exc, oid)), None, e
-            except Exception as exc:
-                return (ERROR, self._with_tb(exc, oid)), None, e
+            except Exception as exc:    # (one it lacks: a RemoteError, as the stdlib's)
+                missing = missing_method(exc, e.obj, e.typeid, oid, meth, "its Ray actor")
+                return (ERROR, missing or self._with_tb(exc, oid)), None, e
         if meth == "#UPDATE_ITEM" and "__setitem__" in e.exposed:
             return None, _update_item_of(e.obj), e
         if meth in ("#GETVALUE", "__str__", "__repr__"):

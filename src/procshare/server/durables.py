@@ -529,11 +529,9 @@ class DurableObjects:
             error = done.value
             if isinstance(error, callctx.DeadlineExpired):    # gave up, took nothing
                 return (Kind.TIMEOUT, str(error))
-            if (isinstance(error, AttributeError) and getattr(error, "name", None) == meth
-                    and getattr(error, "obj", None) is entry.obj):
-                # an exposed method the object lacks (as a plain object's: a RemoteError)
-                return (Kind.ERROR, missing_method(entry.obj, entry.typeid, oid, meth, error))
-            return server.error_reply(error)
+            # an exposed method the object lacks: as a plain object's, a RemoteError
+            missing = missing_method(error, entry.obj, entry.typeid, oid, meth)
+            return server.error_reply(error) if missing is None else (Kind.ERROR, missing)
         m2t = entry.method_to_typeid
         if m2t and m2t.get(meth):
             return server._proxy_reply(info, m2t[meth], done.value)

@@ -1180,7 +1180,7 @@ class Journal:
         drops: list[tuple] = []
         deletes: list[int] = []
         forgets: list[tuple] = []
-        idents: list[tuple] = []
+        idents: dict[str, tuple] = {}       # client -> its clients row, this commit
         keep = self.keep_replies
         obj_rows, reply_row, orders = self._obj_rows, self._reply_row, self._order
         rid = self._next_row
@@ -1238,8 +1238,8 @@ class Journal:
                     client = op[1]
                     for request in self._order.pop(client, ()):
                         self._unref(self._reply_row.pop((client, request)), deletes)
-                    if self._idents.pop(client, None) is not None and idents:
-                        idents[:] = [i for i in idents if i[0] != client]
+                    self._idents.pop(client, None)
+                    idents.pop(client, None)
                     upto = self._next_row - 1
                     forgets.append((client, upto, self._mac_forgotten(client, upto)))
         garbage = self._garbage
@@ -1248,9 +1248,9 @@ class Journal:
             self._garbage = []
         else:
             garbage = []
-        return rows, snaps, objs, drops, garbage, forgets, idents
+        return rows, snaps, objs, drops, garbage, forgets, list(idents.values())
 
-    def _new_client(self, client: str, idents: list) -> None:
+    def _new_client(self, client: str, idents: dict) -> None:
         """(planning) `client`'s first stored reply: who it is goes in the same
         commit (a failing `identify` only leaves it unknown)."""
         if self._identify is None:
@@ -1261,7 +1261,7 @@ class Journal:
             ident = None
         if ident is not None:
             self._idents[client] = ident
-            idents.append((client, ident, self._mac_ident(client, ident)))
+            idents[client] = (client, ident, self._mac_ident(client, ident))
 
     def _write(self, rows: list, snaps: dict, objs: dict, drops: list, deletes: list,
                forgets: list, idents: list) -> None:

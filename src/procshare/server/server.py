@@ -116,8 +116,9 @@ def _getattr_failed(entry: Entry, oid: str, meth: str, error: AttributeError) ->
     RemoteError as in the stdlib: MissingMethodError (an AttributeError too)
     if the object has no such attribute; else (a property or `__getattr__`
     that failed inside) the manager's traceback, which shows where."""
-    if getattr(error, "name", None) == meth and getattr(error, "obj", None) is entry.obj:
-        return (Kind.ERROR, missing_method(entry.obj, entry.typeid, oid, meth, error))
+    missing = missing_method(error, entry.obj, entry.typeid, oid, meth)
+    if missing is not None:
+        return (Kind.ERROR, missing)
     return (Kind.TRACEBACK, "".join(traceback.format_exception(
         type(error), error, error.__traceback__)))
 
