@@ -29,3 +29,37 @@ class Boom:
 
     def echo(self, value):
         return value
+
+
+# -- a gate in the manager: one object waits at it, another opens it -------------------
+_GATE = None
+_ENTERED = None
+
+
+def _gate_events():
+    global _GATE, _ENTERED
+    if _GATE is None:
+        import threading
+        _GATE, _ENTERED = threading.Event(), threading.Event()
+    return _GATE, _ENTERED
+
+
+class GateWaiter:
+    """Waits in the manager until the gate opens: a method that blocks
+    without any procshare primitive (a user class's own wait)."""
+
+    def wait(self, timeout):
+        gate, entered = _gate_events()
+        entered.set()
+        return gate.wait(timeout)
+
+    def echo(self, value):
+        return value
+
+
+class GateOpener:
+    def open(self):
+        _gate_events()[0].set()
+
+    def entered(self):
+        return _gate_events()[1].is_set()

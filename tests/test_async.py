@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import multiprocessing
+import select
+import socket
 import sys
 import threading
 import time
@@ -18,6 +20,10 @@ import _workers
 import procshare
 from _helpers import FAULT_START_METHODS
 from procshare.managers import BaseManager
+from procshare.transport import channel
+from procshare.transport.channel import Channel
+from procshare.wire.frames import pack_frame
+from procshare.wire.kinds import Kind
 
 
 class BoomManager(BaseManager):
@@ -25,6 +31,15 @@ class BoomManager(BaseManager):
 
 
 BoomManager.register("Boom", aw.Boom)
+
+
+class GateManager(BaseManager):
+    pass
+
+
+GateManager.register("Waiter", aw.GateWaiter, serial=False)
+GateManager.register("SerialWaiter", aw.GateWaiter)
+GateManager.register("Opener", aw.GateOpener, serial=False)
 
 
 @pytest.fixture(params=FAULT_START_METHODS)
@@ -251,6 +266,154 @@ def test_oneway_calls_are_ordered_with_later_calls(sync):
         assert ow.append(i) is None
     assert procshare.async_(lst).__len__().result(10) == 500
     assert list(lst) == list(range(500))
+
+
+# -- replies to pipelined calls go out together, but never wait for a blocked call ------
+def _held_pair():
+    """(manager's channel, holding replies; the client's raw socket)."""
+    a, b = socket.socketpair()
+    ch = Channel(a)
+    ch.hold_replies()
+    return ch, b
+
+
+def _calls(*rids: int) -> bytes:
+    return b"".join(pack_frame(Kind.CALL, rid, b"call %d" % rid) for rid in rids)
+
+
+def _replies(*rids: int) -> bytes:
+    return b"".join(pack_frame(Kind.RETURN, rid, b"reply %d" % rid) for rid in rids)
+
+
+def _nothing_to_read(sock) -> bool:
+    return not select.select([sock], [], [], 0)[0]
+
+
+def _read_exactly(sock, n: int, timeout: float = 10.0) -> bytes:
+    sock.settimeout(timeout)
+    got = b""
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        assert chunk, "the manager's side closed"
+        got += chunk
+    return got
+
+
+def test_replies_while_more_requests_are_buffered_go_out_together():
+    ch, peer = _held_pair()
+    try:
+        peer.sendall(_calls(1, 2, 3))
+        for rid in (1, 2):
+            assert ch.recv_frame()[1] == rid
+            ch.send_reply(pack_frame(Kind.RETURN, rid, b"reply %d" % rid))
+            assert _nothing_to_read(peer)       # held: request 3 is here already
+        assert ch.recv_frame()[1] == 3
+        ch.send_reply(pack_frame(Kind.RETURN, 3, b"reply 3"))   # nothing behind it: now
+        assert _read_exactly(peer, len(_replies(1, 2, 3))) == _replies(1, 2, 3)
+        # anything else the channel writes goes after them, never before
+        peer.sendall(_calls(4, 5))
+        assert ch.recv_frame()[1] == 4
+        ch.send_reply(pack_frame(Kind.RETURN, 4, b"reply 4"))
+        ch.send_bytes(pack_frame(Kind.TRACEBACK, 9, b"other"))
+        want = _replies(4) + pack_frame(Kind.TRACEBACK, 9, b"other")
+        assert _read_exactly(peer, len(want)) == want
+    finally:
+        ch.close()
+        peer.close()
+
+
+def test_held_replies_go_before_the_channel_waits_and_at_most_hold_max():
+    ch, peer = _held_pair()
+    try:
+        partial = _calls(2)[:5]
+        peer.sendall(_calls(1) + partial)       # request 2 has begun, not ended
+        assert ch.recv_frame()[1] == 1
+        ch.send_reply(pack_frame(Kind.RETURN, 1, b"reply 1"))
+        assert _nothing_to_read(peer)
+        with pytest.raises(TimeoutError):
+            ch.recv_frame(time.monotonic() + 0.05)
+        # written before the channel waited for the rest of request 2
+        assert _read_exactly(peer, len(_replies(1))) == _replies(1)
+        peer.sendall(_calls(2)[5:])
+        assert ch.recv_frame()[1] == 2
+        n = channel.HOLD_MAX + 5
+        peer.sendall(_calls(*range(10, 10 + n)))
+        for rid in range(10, 10 + channel.HOLD_MAX):
+            assert ch.recv_frame()[1] == rid
+            ch.send_reply(pack_frame(Kind.RETURN, rid, b"reply %d" % rid))
+        want = _replies(*range(10, 10 + channel.HOLD_MAX))
+        assert _read_exactly(peer, len(want)) == want       # no more held than HOLD_MAX
+    finally:
+        ch.close()
+        peer.close()
+
+
+def test_held_replies_go_within_hold_limit_whatever_the_thread_does():
+    """The thread that holds them runs a call that never returns (here: does
+    nothing more with the channel): the watch writes them."""
+    ch, peer = _held_pair()
+    try:
+        peer.sendall(_calls(1, 2))
+        assert ch.recv_frame()[1] == 1
+        ch.send_reply(pack_frame(Kind.RETURN, 1, b"reply 1"))
+        t0 = time.monotonic()
+        assert _read_exactly(peer, len(_replies(1))) == _replies(1)
+        assert time.monotonic() - t0 >= channel.HOLD_LIMIT * 0.9
+        assert not ch.held
+        # and the channel goes on as before
+        assert ch.recv_frame()[1] == 2
+        ch.send_reply(pack_frame(Kind.RETURN, 2, b"reply 2"))
+        assert _read_exactly(peer, len(_replies(2))) == _replies(2)
+    finally:
+        ch.close()
+        peer.close()
+
+
+def test_results_before_a_user_method_that_blocks_arrive_while_it_blocks():
+    """Pipelined calls, then one that waits in a user method (no procshare
+    primitive: only the watch can write the replies held before it)."""
+    with GateManager(ctx=multiprocessing.get_context("fork")) as m:
+        w, opener = m.Waiter(), m.Opener()
+        a = procshare.async_(w)
+        before = [a.echo(i) for i in range(300)]
+        blocked = a.wait(60)
+        after = [a.echo(i) for i in range(5)]
+        assert [f.result(10) for f in before] == list(range(300))
+        assert opener.entered() and not blocked.done()
+        opener.open()
+        assert blocked.result(10) is True
+        assert [f.result(10) for f in after] == list(range(5))
+
+
+def test_results_before_a_call_that_waits_in_the_manager_arrive_while_it_waits(monkeypatch):
+    """A call that waits on a primitive, or for a serial object another call
+    holds, writes the replies held before it as it starts to wait (the watch
+    is slowed down here, in the manager forked from this process, so that
+    only that can write them)."""
+    monkeypatch.setattr(channel, "HOLD_LIMIT", 3600.0)
+    with GateManager(ctx=multiprocessing.get_context("fork")) as m:
+        sw, opener = m.SerialWaiter(), m.Opener()
+        holder = threading.Thread(target=sw.wait, args=(60,), daemon=True)
+        holder.start()              # holds the serial object's lock, waiting at the gate
+        end = time.monotonic() + 10
+        while not opener.entered() and time.monotonic() < end:
+            time.sleep(0.005)
+        assert opener.entered()
+        with procshare.Manager(ctx=multiprocessing.get_context("fork")) as sync:
+            lst, ev = sync.list(), sync.Event()
+            before = [procshare.async_(lst).append(i) for i in range(300)]
+            waits = procshare.async_(ev).wait(60)
+            assert [f.result(10) for f in before] == [None] * 300
+            threading.Thread(target=ev.set, daemon=True).start()
+            assert waits.result(10) is True
+        a = procshare.async_(opener)
+        before = [a.entered() for _ in range(300)]
+        busy = procshare.async_(sw).echo("after")   # waits for the holder's call
+        assert [f.result(10) for f in before] == [True] * 300
+        assert not busy.done()
+        opener.open()
+        holder.join(10)
+        assert busy.result(10) == "after"
 
 
 def test_futures_in_child_processes(sync, mp_ctx):

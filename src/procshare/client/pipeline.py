@@ -41,6 +41,7 @@ import threading
 import time
 from typing import Any
 
+from ..transport.channel import FrameTail
 from ..wire.diagnose import arguments_error
 from ..wire.frames import NO_DEADLINE, encode_frame, pack_frame
 from ..wire.kinds import Kind
@@ -66,10 +67,6 @@ _monotonic = time.monotonic
 _HANDOVER_WAIT = 15.0
 #: the most replies the reader settles before it wakes the pipe's waiters
 _BATCH = 32
-
-
-class _Tail(bytes):
-    """The rest of a frame that `send_nowait` began: nothing may go before it."""
 
 
 class CallFuture(concurrent.futures.Future):
@@ -293,7 +290,7 @@ class Pipe:
                         raise self.session.crashed(e) from None
                     if sent == len(frame):
                         return fut
-                    frame = _Tail(frame[sent:])     # the rest of a frame already begun
+                    frame = FrameTail(frame[sent:])     # the rest of a frame already begun
                 # calls in flight: queue it; the writer sends the queue in one write
                 self.out.append(frame)
             if self.idle_writer:
@@ -321,11 +318,11 @@ class Pipe:
                         small.append(item)
                         continue
                     if small:
-                        ch.send_frames(b"".join(small), type(small[0]) is not _Tail)
+                        ch.send_frames(b"".join(small), type(small[0]) is not FrameTail)
                         small = []
                     ch.send(item)               # a frame with out-of-band buffers
                 if small:
-                    ch.send_frames(b"".join(small), type(small[0]) is not _Tail)
+                    ch.send_frames(b"".join(small), type(small[0]) is not FrameTail)
             except OSError as e:
                 # the peer is gone, but replies it sent may still be waiting to be
                 # read: the reader reads them, then breaks the pipe at EOF (a break

@@ -14,7 +14,8 @@ Rules it keeps:
 - Deadlines are `time.monotonic()` values local to the process that holds them.
 - A primitive about to block calls `wait_limit()` first; that also takes its
   connection out of the server's `working` set, so that other connections
-  may busy-poll while it waits.
+  may busy-poll while it waits, and writes the replies its connection holds
+  back (`Channel.send_reply`), so that they do not wait with it.
 - A cancelled call (`CallState.cancel`) makes a blocking primitive give up
   with `Cancelled` having taken nothing, and the cancel is answered once it
   has (up to `CANCEL_WAIT`): an interrupted `Condition.wait` holds its lock
@@ -81,8 +82,15 @@ def wait_limit(timeout: float | None) -> tuple[float | None, bool]:
     forever), and whether that limit comes from the call deadline.
     """
     working = getattr(server_state, "working", None)
-    if working:     # about to block: this thread is no longer working (see spin)
-        working.discard(server_state.channel)
+    if working is not None:
+        ch = server_state.channel
+        if working:     # about to block: this thread is no longer working (see spin)
+            working.discard(ch)
+        if ch.held:     # replies held back (pipelined calls) go before it waits
+            try:
+                ch.flush()
+            except OSError:
+                pass    # a broken connection: the dispatcher finds that out itself
     deadline = getattr(server_state, "deadline", None)
     if deadline is None:
         return (None if timeout is None else max(timeout, 0.0)), False

@@ -9,6 +9,10 @@ Rules it keeps:
   came on, so the common call costs one read and one write and no hand-off.
   A connection's receive busy-polls only while no other connection's thread
   is running a call (`working`): they share one GIL.
+- Pipelined calls (the client's next request is here already) share writes:
+  a small reply waits for the ones after it (`Channel.send_reply`), up to 32
+  of them, and never for a call that waits (the wait writes them, or the
+  channel's watch within 2 ms).
 - Calls on one object run one at a time when the object is *serial* (the
   default for registered classes), and concurrently for thread-safe objects:
   the built-in primitives, `queue`/`threading` objects, pools, and objects that
@@ -375,6 +379,10 @@ class Server:
         recv = ch.recv_frame
         send_buffers = ch.send_buffers
         send_bytes = ch.send_bytes
+        # a reply to a request with more of them buffered behind it (pipelined
+        # calls) goes out with theirs, in one write (see Channel.send_reply)
+        ch.hold_replies()
+        send_reply = ch.send_reply
         none_body = self.serializer.dumps(None)[0]
         loads = self.serializer.loads
         dumps = self.serializer.dumps
@@ -474,10 +482,10 @@ class Server:
                             send_buffers(RETURN, rid, body, bufs, NO_DEADLINE, limits)
                             bufs = None
                         else:
-                            send_bytes(pack_frame(RETURN, rid, body))
+                            send_reply(pack_frame(RETURN, rid, body))
                         continue
                     if reply is _NONE:
-                        send_bytes(pack_frame(RETURN, rid, none_body))
+                        send_reply(pack_frame(RETURN, rid, none_body))
                         continue
                     if reply is _ONEWAY:
                         warns.clear()
@@ -505,6 +513,7 @@ class Server:
             if rid:
                 self._reply(ch, rid, *reply)
             reply = None
+        ch.flush()      # (stopping) the replies held back go all the same
 
     # -- large data through shared memory ----------------------------------------
     @property
@@ -559,6 +568,7 @@ class Server:
         lock = entry.lock
         assert lock is not None
         self.working.discard(info.channel)      # it waits: others may spin meanwhile
+        _flush_quietly(info.channel)            # and replies held back go now
         if not _acquire_until(lock, deadline):
             running = entry.running
             raise DeadlineExpired(
@@ -924,6 +934,15 @@ class Server:
 
     def local_adopt(self, loan: str, ident: str) -> bool:
         return self.objects.adopt(SERVER_HOLDER, loan, ident)
+
+
+def _flush_quietly(ch: transport.Channel) -> None:
+    """Write the replies `ch` holds back (a broken connection: its server
+    thread finds that out at its next read or write)."""
+    try:
+        ch.flush()
+    except OSError:
+        pass
 
 
 def _acquire_until(lock: threading.Lock, deadline: float | None) -> bool:

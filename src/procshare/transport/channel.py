@@ -1,8 +1,8 @@
 """Channels: a connected socket that carries frames, and the handshake drivers.
 
-Owns: every byte that crosses a socket after connecting, and the wait for a
-descriptor to be readable (`readable_within`: poll(), since select() refuses
-descriptors from 1024 on).  Nothing else in procshare calls `send`/`recv`.
+Owns: every byte that crosses a socket after connecting (replies held back
+to go out together included), and the wait for a descriptor to be readable
+(`readable_within`: poll(), since select() refuses descriptors from 1024 on).  Nothing else in procshare calls `send`/`recv`.
 Frames are laid out and parsed by `wire.frames`; the handshake's bytes come
 from `wire.handshake`; this module only moves them.
 
@@ -24,6 +24,12 @@ Rules it keeps:
   entries that fails with a ConnectionError gives the link back the slots
   and notices of the frames it did not finish (`_send_owning`, `unsent`);
   after any other exception the peer may have the whole frame.
+- A server's channel may hold small replies back (`send_reply`) while the
+  peer's next request is here whole already, to write them in one go: at
+  most `HOLD_MAX`, written before the channel waits for the peer or writes
+  anything else, and, whatever its thread is running, within `HOLD_LIMIT`
+  by the process's reply watch (`_HoldWatch`, one thread, asleep while
+  nothing is held), which never blocks on a peer that reads nothing.
 - Notices owed to the peer (slot releases, `transport.slots`) ride only on
   whole frames this channel writes with `send_bytes` or `send_buffers`, or
   in a NOTICE frame of their own put in front of frames written together
@@ -40,6 +46,7 @@ import secrets
 import select
 import socket
 import stat
+import threading
 import time
 import weakref
 from typing import Any
@@ -57,7 +64,8 @@ from .addresses import UNIX_PATH_MAX, address_family, arbitrary_address, cleanup
 from .spin import SpinPolicy
 
 __all__ = ["Channel", "Listener", "connect", "HostUnknown", "server_handshake", "client_handshake",
-           "close_inherited", "remove_stale_socket", "readable_within"]
+           "close_inherited", "remove_stale_socket", "readable_within", "FrameTail",
+           "HOLD_MAX", "HOLD_LIMIT"]
 
 _RECV_CHUNK = 64 * 1024
 _HAS_POLL = hasattr(select, "poll")
@@ -81,6 +89,82 @@ _monotonic = time.monotonic
 
 _open_sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 
+#: replies a channel holds back at most (`Channel.send_reply`), the largest it
+#: holds (bytes), and the longest it holds one (s) whatever its thread runs
+HOLD_MAX = 32
+HOLD_FRAME = 16 * 1024
+HOLD_LIMIT = 0.002
+
+
+class FrameTail(bytes):
+    """The rest of a frame a write began: nothing may go before it (no notice
+    frame in front)."""
+
+
+class _HoldWatch:
+    """Writes the replies a channel held back once they have waited
+    `HOLD_LIMIT` s: its thread may be running a call that waits for something
+    (a user method that sleeps or blocks), and the replies before that call
+    must not wait with it.  One thread per process, started on first use,
+    asleep while no channel holds anything."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.since: dict[Channel, float] = {}     # channels that began to hold, and when
+        self.asleep = False
+        self.thread: threading.Thread | None = None
+
+    def add(self, ch: Channel) -> None:
+        with self.cond:
+            self.since[ch] = _monotonic()
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, daemon=True,
+                                               name="procshare-reply-watch")
+                self.thread.start()
+            elif self.asleep:
+                self.asleep = False
+                self.cond.notify()
+
+    def _run(self) -> None:
+        cond, since = self.cond, self.since
+        with cond:
+            while True:
+                if not since:
+                    self.asleep = True
+                    cond.wait()
+                    continue
+                now = _monotonic()
+                due = [ch for ch, t in since.items() if t + HOLD_LIMIT <= now]
+                if not due:
+                    cond.wait(min(since.values()) + HOLD_LIMIT - now)
+                    continue
+                for ch in due:
+                    del since[ch]
+                cond.release()
+                try:
+                    for ch in due:
+                        out = ch._out
+                        if out is not None and ch.held:
+                            with out:
+                                ch._write_held(False)
+                finally:
+                    cond.acquire()
+                for ch in due:      # a peer that reads nothing: try again later
+                    if ch.held and ch not in since:
+                        since[ch] = _monotonic()
+
+
+_watch = _HoldWatch()
+
+
+def _new_watch() -> None:
+    global _watch
+    _watch = _HoldWatch()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_watch)
+
 
 def close_inherited() -> None:
     """In a forked child: close this process's copies of every procshare socket
@@ -97,7 +181,7 @@ class Channel:
     """One connected socket carrying frames in both directions."""
 
     __slots__ = ("sock", "reader", "peer", "frame_timeout", "spin", "slots", "notices",
-                 "working", "_poll_obj", "__weakref__")
+                 "working", "_poll_obj", "held", "_out", "__weakref__")
 
     def __init__(self, sock: socket.socket, peer: Any = None, limits: Limits = DEFAULT_LIMITS,
                  frame_timeout: float | None = None) -> None:
@@ -113,6 +197,10 @@ class Channel:
         #: waiting for a frame (see `spin`); None: not counted
         self.working: set | None = None
         self._poll_obj: Any = None     # select.poll with this socket, made on first wait
+        #: replies held back to go out together (`send_reply`); None: this channel
+        #: never holds any (`hold_replies` turns it on)
+        self.held: list[bytes] | None = None
+        self._out: threading.Lock | None = None     # `held`, and writing it
 
     def _poller(self) -> Any:
         """This channel's `select.poll` object (None where there is no poll())."""
@@ -138,6 +226,8 @@ class Channel:
     # -- writing -----------------------------------------------------------
     def send_bytes(self, frame: bytes) -> None:
         """Write one whole frame that is a single bytes object."""
+        if self.held:
+            self.flush()
         if self.notices:
             frame = self.slots.with_notices(frame)
             self._send_owning(frame)
@@ -149,6 +239,8 @@ class Channel:
         frames here; False: `data` starts with the rest of a frame already
         partly written).  Notices owed to the peer go in a frame of their own
         in front, only at a boundary: never inside another frame."""
+        if self.held:
+            self.flush()
         if boundary and self.notices:
             front = self.slots.notice_frame()
             if front is not None:
@@ -194,6 +286,8 @@ class Channel:
         """Write one frame with out-of-band buffers: through shared-memory slots
         on a channel that has them (and buffers worth it), else with the
         buffers on the socket."""
+        if self.held:
+            self.flush()
         link = self.slots
         if link is not None and bufs:
             frame = link.encode(kind, rid, body, bufs, budget, limits)
@@ -222,6 +316,8 @@ class Channel:
     def send_nowait(self, data: bytes) -> int:
         """Write as much of `data` as the socket takes without blocking; return
         how many bytes that was (the caller sends the rest later, in order)."""
+        if self.held:
+            self.flush()
         try:
             return self.sock.send(data, _DONTWAIT)
         except BlockingIOError:
@@ -229,6 +325,8 @@ class Channel:
 
     def send(self, pieces: list) -> None:
         """Write one encoded frame (the list `frames.encode_frame` returns)."""
+        if self.held:
+            self.flush()
         if len(pieces) == 1:
             self.sock.sendall(pieces[0])
             return
@@ -243,6 +341,70 @@ class Channel:
                 else:
                     views[0] = views[0][sent:]
                     sent = 0
+
+    # -- replies held back while the peer pipelines ----------------------------
+    def hold_replies(self) -> None:
+        """Let `send_reply` hold replies back (a server's connection)."""
+        self.held = []
+        self._out = threading.Lock()
+
+    def send_reply(self, frame: bytes) -> None:
+        """Write one small whole frame (a reply), or, if the peer's next frame
+        is here already (it pipelines its requests), hold it back to go out in
+        one write with the replies after it: at most `HOLD_MAX` of them, and
+        only until this channel next waits for the peer, writes anything else,
+        or a call runs into a wait (`flush`); held for `HOLD_LIMIT` s at most
+        whatever runs meanwhile (`_HoldWatch`)."""
+        held = self.held
+        if held is None or len(frame) > HOLD_FRAME or not self.reader.in_frame:
+            self.send_bytes(frame)
+            return
+        with self._out:     # (the watch may be writing them)
+            held.append(frame)
+            n = len(held)
+        if n == 1:
+            _watch.add(self)
+        elif n >= HOLD_MAX:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the replies held back, now (blocking until the socket takes them)."""
+        out = self._out
+        if out is None:
+            return
+        with out:
+            self._write_held(True)
+
+    def _write_held(self, block: bool) -> None:
+        """(`_out` held) Write the held replies: all of them (`block`), or what
+        the socket takes at once, keeping the rest (the watch, which must not
+        wait for one slow peer)."""
+        held = self.held
+        if not held:
+            return
+        data = held[0] if len(held) == 1 else b"".join(held)
+        if block:
+            try:
+                front = self.slots.notice_frame() if self.notices and \
+                    type(held[0]) is not FrameTail else None
+                if front:
+                    self._send_owning(front + data)
+                else:
+                    self.sock.sendall(data)
+            finally:
+                held.clear()
+            return
+        try:
+            sent = self.sock.send(data, _DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError:         # closed or broken: its server thread sees that itself
+            held.clear()
+            return
+        if sent == len(data):
+            held.clear()
+        elif sent:
+            held[:] = [FrameTail(data[sent:])]
 
     # -- reading -----------------------------------------------------------
     def readable(self) -> bool:
@@ -267,6 +429,8 @@ class Channel:
         reader = self.reader
         if not reader.in_frame:
             # the common case: nothing buffered, one small frame in one read
+            if self.held:
+                self.flush()        # the peer may be waiting for them
             working = self.working
             if working is None:
                 spin = self.spin.budget()
@@ -292,6 +456,8 @@ class Channel:
             frame = reader.next_frame()
         if frame is not None:
             return frame
+        if self.held:
+            self.flush()
         return self._recv_rest(deadline)
 
     def buffered_frame(self) -> tuple | None:

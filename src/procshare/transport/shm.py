@@ -710,6 +710,7 @@ def send_frame_fds(ch: Any, pieces: list, fds: Iterable[int]) -> None:
     with `fds` attached to its first bytes (one `sendmsg`, then the rest)."""
     fds = list(fds)
     sock = ch.sock
+    ch.flush()          # replies it held back go first (and are not being written now)
     if not fds:
         ch.send(pieces)
         return
