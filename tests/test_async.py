@@ -369,6 +369,42 @@ def test_held_replies_go_within_hold_limit_whatever_the_thread_does():
         peer.close()
 
 
+def test_the_watch_does_not_wait_for_a_peer_that_reads_nothing():
+    """One client reads nothing (its socket is full): the replies another
+    connection holds still go within HOLD_LIMIT, and the stuck one's go once
+    its client reads again."""
+    stuck, stuck_peer = _held_pair()
+    ch, peer = _held_pair()
+    try:
+        stuck.sock.setblocking(False)
+        filler = pack_frame(Kind.RETURN, 99, b"x" * 4000)
+        while True:
+            try:
+                stuck.sock.send(filler)      # whole frames only, until it is full
+            except BlockingIOError:
+                break
+        stuck.sock.setblocking(True)
+        stuck_peer.sendall(_calls(1, 2))
+        peer.sendall(_calls(1, 2))
+        for c in (stuck, ch):
+            assert c.recv_frame()[1] == 1
+            c.send_reply(pack_frame(Kind.RETURN, 1, b"reply 1"))
+        assert _read_exactly(peer, len(_replies(1))) == _replies(1)
+        # the stuck client reads what filled its socket, then gets its reply too
+        stuck_peer.setblocking(False)
+        got = b""
+        end = time.monotonic() + 10
+        while not got.endswith(_replies(1)) and time.monotonic() < end:
+            try:
+                got += stuck_peer.recv(1 << 16)
+            except BlockingIOError:
+                select.select([stuck_peer], [], [], 0.05)
+        assert got.endswith(_replies(1))
+    finally:
+        for s in (stuck, ch, stuck_peer, peer):
+            s.close()
+
+
 def test_results_before_a_user_method_that_blocks_arrive_while_it_blocks():
     """Pipelined calls, then one that waits in a user method (no procshare
     primitive: only the watch can write the replies held before it)."""

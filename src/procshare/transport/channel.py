@@ -144,9 +144,13 @@ class _HoldWatch:
                 try:
                     for ch in due:
                         out = ch._out
-                        if out is not None and ch.held:
-                            with out:
+                        # locked: its own thread is writing them (maybe blocked on
+                        # a full socket: never wait for that here)
+                        if out is not None and ch.held and out.acquire(False):
+                            try:
                                 ch._write_held(False)
+                            finally:
+                                out.release()
                 finally:
                     cond.acquire()
                 for ch in due:      # a peer that reads nothing: try again later
