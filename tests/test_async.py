@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import multiprocessing
+import os
 import select
 import socket
 import sys
@@ -299,7 +300,17 @@ def _read_exactly(sock, n: int, timeout: float = 10.0) -> bytes:
     return got
 
 
-def test_replies_while_more_requests_are_buffered_go_out_together():
+@pytest.fixture
+def no_watch(monkeypatch):
+    """The watch waits an hour: only the channel's own rules write what it holds."""
+    monkeypatch.setattr(channel, "HOLD_LIMIT", 3600.0)
+    yield
+    monkeypatch.undo()
+    with channel._watch.cond:       # it may be waiting that hour: look again
+        channel._watch.cond.notify()
+
+
+def test_replies_while_more_requests_are_buffered_go_out_together(no_watch):
     ch, peer = _held_pair()
     try:
         peer.sendall(_calls(1, 2, 3))
@@ -322,7 +333,7 @@ def test_replies_while_more_requests_are_buffered_go_out_together():
         peer.close()
 
 
-def test_held_replies_go_before_the_channel_waits_and_at_most_hold_max():
+def test_held_replies_go_before_the_channel_waits_and_at_most_hold_max(no_watch):
     ch, peer = _held_pair()
     try:
         partial = _calls(2)[:5]
@@ -355,8 +366,8 @@ def test_held_replies_go_within_hold_limit_whatever_the_thread_does():
     try:
         peer.sendall(_calls(1, 2))
         assert ch.recv_frame()[1] == 1
-        ch.send_reply(pack_frame(Kind.RETURN, 1, b"reply 1"))
         t0 = time.monotonic()
+        ch.send_reply(pack_frame(Kind.RETURN, 1, b"reply 1"))
         assert _read_exactly(peer, len(_replies(1))) == _replies(1)
         assert time.monotonic() - t0 >= channel.HOLD_LIMIT * 0.9
         assert not ch.held
@@ -369,40 +380,115 @@ def test_held_replies_go_within_hold_limit_whatever_the_thread_does():
         peer.close()
 
 
+def _fill(ch: Channel) -> None:
+    """Write whole frames to `ch` until its socket takes no more."""
+    ch.sock.setblocking(False)
+    filler = pack_frame(Kind.RETURN, 99, b"x" * 4000)
+    try:
+        while True:
+            ch.sock.send(filler)
+    except BlockingIOError:
+        pass
+    finally:
+        ch.sock.setblocking(True)
+
+
+def _drain_until(sock, tail: bytes, timeout: float = 10.0) -> bytes:
+    sock.setblocking(False)
+    got = b""
+    end = time.monotonic() + timeout
+    while not got.endswith(tail) and time.monotonic() < end:
+        try:
+            got += sock.recv(1 << 16)
+        except BlockingIOError:
+            select.select([sock], [], [], 0.05)
+    return got
+
+
 def test_the_watch_does_not_wait_for_a_peer_that_reads_nothing():
-    """One client reads nothing (its socket is full): the replies another
-    connection holds still go within HOLD_LIMIT, and the stuck one's go once
-    its client reads again."""
+    """One client reads nothing (its socket is full), and its connection's own
+    thread is stuck writing to it: the replies another connection holds still
+    go, and the stuck one's go once its client reads again."""
     stuck, stuck_peer = _held_pair()
     ch, peer = _held_pair()
+    writer = None
     try:
-        stuck.sock.setblocking(False)
-        filler = pack_frame(Kind.RETURN, 99, b"x" * 4000)
-        while True:
-            try:
-                stuck.sock.send(filler)      # whole frames only, until it is full
-            except BlockingIOError:
-                break
-        stuck.sock.setblocking(True)
-        stuck_peer.sendall(_calls(1, 2))
-        peer.sendall(_calls(1, 2))
-        for c in (stuck, ch):
-            assert c.recv_frame()[1] == 1
-            c.send_reply(pack_frame(Kind.RETURN, 1, b"reply 1"))
-        assert _read_exactly(peer, len(_replies(1))) == _replies(1)
-        # the stuck client reads what filled its socket, then gets its reply too
-        stuck_peer.setblocking(False)
-        got = b""
+        _fill(stuck)
+        stuck_peer.sendall(_calls(1, 2, 3, 4))
+        assert stuck.recv_frame()[1] == 1
+        stuck.send_reply(pack_frame(Kind.RETURN, 1, b"reply 1"))
+        assert stuck.recv_frame()[1] == 2
+        # its own thread writes what it holds, blocked on the full socket (holding _out)
+        writer = threading.Thread(target=stuck.send_bytes,
+                                  args=(pack_frame(Kind.RETURN, 2, b"reply 2"),), daemon=True)
+        writer.start()
         end = time.monotonic() + 10
-        while not got.endswith(_replies(1)) and time.monotonic() < end:
-            try:
-                got += stuck_peer.recv(1 << 16)
-            except BlockingIOError:
-                select.select([stuck_peer], [], [], 0.05)
-        assert got.endswith(_replies(1))
+        while not stuck._out.locked() and time.monotonic() < end:
+            time.sleep(0.001)
+        assert stuck._out.locked() and writer.is_alive()
+        peer.sendall(_calls(1, 2))
+        assert ch.recv_frame()[1] == 1
+        ch.send_reply(pack_frame(Kind.RETURN, 1, b"reply 1"))
+        assert _read_exactly(peer, len(_replies(1))) == _replies(1)
+        # the stuck client reads what filled its socket, then gets its replies too
+        got = _drain_until(stuck_peer, _replies(1, 2))
+        assert got.endswith(_replies(1, 2))
+        writer.join(10)
+        assert not writer.is_alive()
+        # and a reply held while nobody writes goes once its client reads
+        assert stuck.recv_frame()[1] == 3      # request 4 is buffered behind it
+        _fill(stuck)
+        stuck.send_reply(pack_frame(Kind.RETURN, 3, b"reply 3"))
+        assert stuck.held
+        assert _drain_until(stuck_peer, _replies(3)).endswith(_replies(3))
     finally:
         for s in (stuck, ch, stuck_peer, peer):
             s.close()
+        if writer is not None:
+            writer.join(10)
+
+
+def test_a_call_about_to_wait_never_blocks_writing_held_replies():
+    """`flush_nowait` (what a primitive calls, holding its own lock, before it
+    waits) returns at once on a full socket; the watch writes the rest."""
+    ch, peer = _held_pair()
+    try:
+        _fill(ch)
+        peer.sendall(_calls(1, 2))
+        assert ch.recv_frame()[1] == 1
+        ch.send_reply(pack_frame(Kind.RETURN, 1, b"reply 1"))
+        t = threading.Thread(target=ch.flush_nowait, daemon=True)
+        t.start()
+        t.join(5)
+        assert not t.is_alive() and ch.held
+        assert _drain_until(peer, _replies(1)).endswith(_replies(1))
+    finally:
+        ch.close()
+        peer.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_forgets_the_replies_its_parent_held(no_watch):
+    ch, peer = _held_pair()
+    try:
+        peer.sendall(_calls(1, 2))
+        assert ch.recv_frame()[1] == 1
+        ch.send_reply(pack_frame(Kind.RETURN, 1, b"reply 1"))
+        assert ch.held
+        pid = os.fork()
+        if pid == 0:        # the child: nothing of the parent's to write, no lock to wait on
+            ok = ch.held is None and ch._out is None
+            ch.flush()
+            ch.flush_nowait()
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert _nothing_to_read(peer) and ch.held      # still the parent's to write
+        ch.flush()
+        assert _read_exactly(peer, len(_replies(1))) == _replies(1)
+    finally:
+        ch.close()
+        peer.close()
 
 
 def test_results_before_a_user_method_that_blocks_arrive_while_it_blocks():
@@ -415,6 +501,9 @@ def test_results_before_a_user_method_that_blocks_arrive_while_it_blocks():
         blocked = a.wait(60)
         after = [a.echo(i) for i in range(5)]
         assert [f.result(10) for f in before] == list(range(300))
+        end = time.monotonic() + 10
+        while not opener.entered() and time.monotonic() < end:
+            time.sleep(0.005)
         assert opener.entered() and not blocked.done()
         opener.open()
         assert blocked.result(10) is True

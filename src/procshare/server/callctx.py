@@ -15,7 +15,9 @@ Rules it keeps:
 - A primitive about to block calls `wait_limit()` first; that also takes its
   connection out of the server's `working` set, so that other connections
   may busy-poll while it waits, and writes the replies its connection holds
-  back (`Channel.send_reply`), so that they do not wait with it.
+  back (`Channel.send_reply`), so that they do not wait with it: never
+  blocking on the socket (its caller may hold the primitive's own lock), the
+  channel's watch writes what the socket did not take.
 - A cancelled call (`CallState.cancel`) makes a blocking primitive give up
   with `Cancelled` having taken nothing, and the cancel is answered once it
   has (up to `CANCEL_WAIT`): an interrupted `Condition.wait` holds its lock
@@ -86,11 +88,8 @@ def wait_limit(timeout: float | None) -> tuple[float | None, bool]:
         ch = server_state.channel
         if working:     # about to block: this thread is no longer working (see spin)
             working.discard(ch)
-        if ch.held:     # replies held back (pipelined calls) go before it waits
-            try:
-                ch.flush()
-            except OSError:
-                pass    # a broken connection: the dispatcher finds that out itself
+        if ch.held:     # replies held back (pipelined calls) go before it waits:
+            ch.flush_nowait()   # what the socket takes; the watch writes the rest
     deadline = getattr(server_state, "deadline", None)
     if deadline is None:
         return (None if timeout is None else max(timeout, 0.0)), False

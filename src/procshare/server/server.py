@@ -12,7 +12,8 @@ Rules it keeps:
 - Pipelined calls (the client's next request is here already) share writes:
   a small reply waits for the ones after it (`Channel.send_reply`), up to 32
   of them, and never for a call that waits (the wait writes them, or the
-  channel's watch within 2 ms).
+  channel's watch about 2 ms later); a connection that ends, and a server
+  that stops, first write what the socket takes of them.
 - Calls on one object run one at a time when the object is *serial* (the
   default for registered classes), and concurrently for thread-safe objects:
   the built-in primitives, `queue`/`threading` objects, pools, and objects that
@@ -247,6 +248,10 @@ class Server:
                 pass
         finally:
             self.listener.close()
+            with self.conn_mutex:
+                conns = list(self.connections.values())
+            for info in conns:      # replies held back on busy connections: what fits
+                info.channel.flush_nowait()
             self.durables.close()
             if sys.stdout != sys.__stdout__:
                 sys.stdout = sys.__stdout__
@@ -343,6 +348,7 @@ class Server:
             for fd in fds:
                 os.close(fd)
             self.working.discard(ch)
+            ch.flush_nowait()   # replies held when a bad frame or an error ended it
             ch.close()
             if info is not None:
                 self._connection_closed(info)
@@ -568,7 +574,7 @@ class Server:
         lock = entry.lock
         assert lock is not None
         self.working.discard(info.channel)      # it waits: others may spin meanwhile
-        _flush_quietly(info.channel)            # and replies held back go now
+        info.channel.flush_nowait()             # and replies held back go now
         if not _acquire_until(lock, deadline):
             running = entry.running
             raise DeadlineExpired(
@@ -934,15 +940,6 @@ class Server:
 
     def local_adopt(self, loan: str, ident: str) -> bool:
         return self.objects.adopt(SERVER_HOLDER, loan, ident)
-
-
-def _flush_quietly(ch: transport.Channel) -> None:
-    """Write the replies `ch` holds back (a broken connection: its server
-    thread finds that out at its next read or write)."""
-    try:
-        ch.flush()
-    except OSError:
-        pass
 
 
 def _acquire_until(lock: threading.Lock, deadline: float | None) -> bool:

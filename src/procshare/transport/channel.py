@@ -24,12 +24,17 @@ Rules it keeps:
   entries that fails with a ConnectionError gives the link back the slots
   and notices of the frames it did not finish (`_send_owning`, `unsent`);
   after any other exception the peer may have the whole frame.
-- A server's channel may hold small replies back (`send_reply`) while the
-  peer's next request is here whole already, to write them in one go: at
-  most `HOLD_MAX`, written before the channel waits for the peer or writes
-  anything else, and, whatever its thread is running, within `HOLD_LIMIT`
-  by the process's reply watch (`_HoldWatch`, one thread, asleep while
-  nothing is held), which never blocks on a peer that reads nothing.
+- A server's channel may hold small replies back (`send_reply`) while
+  bytes of the peer's next request are here already, to write them in one
+  go: at most `HOLD_MAX`, written before the channel waits for the peer or
+  writes anything else, and, whatever its thread is running, about
+  `HOLD_LIMIT` later (plus the GIL's switch interval, at worst) by the
+  process's reply watch (`_HoldWatch`, one thread, asleep while nothing is
+  held).  Only the channel's own thread adds to the held list; whoever
+  writes it holds `_out` and empties the list only when written, so an
+  empty list means nobody else is writing.  The watch, and a call about to
+  wait (`flush_nowait`), never wait for the socket or for `_out`; a forked
+  child forgets the replies its parent's channels held.
 - Notices owed to the peer (slot releases, `transport.slots`) ride only on
   whole frames this channel writes with `send_bytes` or `send_buffers`, or
   in a NOTICE frame of their own put in front of frames written together
@@ -41,6 +46,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import select
@@ -66,6 +72,8 @@ from .spin import SpinPolicy
 __all__ = ["Channel", "Listener", "connect", "HostUnknown", "server_handshake", "client_handshake",
            "close_inherited", "remove_stale_socket", "readable_within", "FrameTail",
            "HOLD_MAX", "HOLD_LIMIT"]
+
+log = logging.getLogger("procshare.channel")
 
 _RECV_CHUNK = 64 * 1024
 _HAS_POLL = hasattr(select, "poll")
@@ -94,6 +102,9 @@ _open_sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 HOLD_MAX = 32
 HOLD_FRAME = 16 * 1024
 HOLD_LIMIT = 0.002
+#: how long the watch waits before it tries again to write replies the socket
+#: did not take (a peer that reads nothing)
+HOLD_RETRY = 0.05
 
 
 class FrameTail(bytes):
@@ -141,29 +152,34 @@ class _HoldWatch:
                 for ch in due:
                     del since[ch]
                 cond.release()
+                stuck = []
                 try:
                     for ch in due:
-                        out = ch._out
-                        # locked: its own thread is writing them (maybe blocked on
-                        # a full socket: never wait for that here)
-                        if out is not None and ch.held and out.acquire(False):
-                            try:
-                                ch._write_held(False)
-                            finally:
-                                out.release()
+                        if not ch._try_write_held():
+                            stuck.append(ch)
                 finally:
                     cond.acquire()
-                for ch in due:      # a peer that reads nothing: try again later
-                    if ch.held and ch not in since:
-                        since[ch] = _monotonic()
+                # a peer that reads nothing, or a thread writing them itself: later
+                for ch in stuck:
+                    if ch not in since:
+                        since[ch] = _monotonic() + HOLD_RETRY
 
 
 _watch = _HoldWatch()
 
 
+#: channels that may hold replies (`hold_replies`)
+_holding: weakref.WeakSet[Channel] = weakref.WeakSet()
+
+
 def _new_watch() -> None:
+    """In a forked child: replies the parent's connections held are the
+    parent's to write (and a lock of theirs may have been held at the fork)."""
     global _watch
     _watch = _HoldWatch()
+    for ch in list(_holding):
+        ch.held = ch._out = None
+    _holding.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -218,6 +234,18 @@ class Channel:
         return self.sock.fileno()
 
     def close(self) -> None:
+        out = self._out
+        if out is not None:     # not while the watch writes on it (its fd could be reused)
+            got = out.acquire(timeout=1.0)
+            self.held = None
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            finally:
+                if got:
+                    out.release()
+            return
         try:
             self.sock.close()
         except OSError:
@@ -351,6 +379,7 @@ class Channel:
         """Let `send_reply` hold replies back (a server's connection)."""
         self.held = []
         self._out = threading.Lock()
+        _holding.add(self)
 
     def send_reply(self, frame: bytes) -> None:
         """Write one small whole frame (a reply), or, if the peer's next frame
@@ -379,6 +408,27 @@ class Channel:
         with out:
             self._write_held(True)
 
+    def flush_nowait(self) -> None:
+        """Write what the socket takes at once of the replies held back, never
+        waiting for the peer or for another writer (for a caller that holds
+        some other lock: a primitive about to wait); the watch writes the rest."""
+        if not self._try_write_held():
+            _watch.add(self)
+
+    def _try_write_held(self) -> bool:
+        """`flush_nowait` without the watch: True if nothing is left held."""
+        out = self._out
+        if out is None or not self.held:
+            return True
+        if out.acquire(False):
+            try:
+                self._write_held(False)
+            except Exception:   # a bug must not cost the watch (nor the call)
+                log.warning("writing held replies failed", exc_info=True)
+            finally:
+                out.release()
+        return not self.held
+
     def _write_held(self, block: bool) -> None:
         """(`_out` held) Write the held replies: all of them (`block`), or what
         the socket takes at once, keeping the rest (the watch, which must not
@@ -402,9 +452,10 @@ class Channel:
             sent = self.sock.send(data, _DONTWAIT)
         except BlockingIOError:
             sent = 0
-        except OSError:         # closed or broken: its server thread sees that itself
-            held.clear()
-            return
+        except OSError:
+            if self.sock.fileno() == -1:
+                held.clear()    # closed: nobody reads them
+            return              # broken: its own thread's next write says so
         if sent == len(data):
             held.clear()
         elif sent:
