@@ -370,7 +370,8 @@ def test_held_replies_go_within_hold_limit_whatever_the_thread_does():
         ch.send_reply(pack_frame(Kind.RETURN, 1, b"reply 1"))
         assert _read_exactly(peer, len(_replies(1))) == _replies(1)
         assert time.monotonic() - t0 >= channel.HOLD_LIMIT * 0.9
-        assert not ch.held
+        with ch._out:           # (the watch empties the list after its write)
+            assert not ch.held
         # and the channel goes on as before
         assert ch.recv_frame()[1] == 2
         ch.send_reply(pack_frame(Kind.RETURN, 2, b"reply 2"))
@@ -465,6 +466,61 @@ def test_a_call_about_to_wait_never_blocks_writing_held_replies():
     finally:
         ch.close()
         peer.close()
+
+
+def test_a_primitive_about_to_wait_does_not_block_on_a_full_socket():
+    """`callctx.wait_limit`, which a primitive calls holding its own lock just
+    before it waits, writes held replies without waiting for the socket."""
+    from procshare.server import callctx
+
+    ch, peer = _held_pair()
+    try:
+        _fill(ch)
+        peer.sendall(_calls(1, 2))
+        assert ch.recv_frame()[1] == 1
+        ch.send_reply(pack_frame(Kind.RETURN, 1, b"reply 1"))
+        got = {}
+
+        def primitive():
+            st = callctx.server_state
+            st.working, st.channel, st.deadline = set(), ch, None
+            with threading.Lock():
+                got["limit"] = callctx.wait_limit(0.5)
+
+        t = threading.Thread(target=primitive, daemon=True)
+        t.start()
+        t.join(5)
+        assert not t.is_alive() and got["limit"] == (0.5, False)
+        assert ch.held
+        assert _drain_until(peer, _replies(1)).endswith(_replies(1))
+    finally:
+        ch.close()
+        peer.close()
+
+
+def test_the_watch_wakes_for_a_channel_due_before_it_would():
+    """The watch sleeps until its earliest channel is due (here: an hour); a
+    channel that begins to hold wakes it, and goes within about HOLD_LIMIT."""
+    later, later_peer = _held_pair()
+    ch, peer = _held_pair()
+    watch = channel._watch
+    try:
+        watch.add(later, 3600.0)
+        end = time.monotonic() + 10
+        while (watch.until is None or watch.until < time.monotonic() + 60) \
+                and time.monotonic() < end:
+            time.sleep(0.001)
+        assert watch.until is not None and watch.until > time.monotonic() + 60
+        peer.sendall(_calls(1, 2))
+        assert ch.recv_frame()[1] == 1
+        ch.send_reply(pack_frame(Kind.RETURN, 1, b"reply 1"))
+        assert _read_exactly(peer, len(_replies(1))) == _replies(1)
+    finally:
+        with watch.cond:
+            watch.due.pop(later, None)
+            watch.cond.notify()
+        for s in (later, later_peer, ch, peer):
+            s.close()
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -11,9 +11,9 @@ Rules it keeps:
   is running a call (`working`): they share one GIL.
 - Pipelined calls (the client's next request is here already) share writes:
   a small reply waits for the ones after it (`Channel.send_reply`), up to 32
-  of them, and never for a call that waits (the wait writes them, or the
-  channel's watch about 2 ms later); a connection that ends, and a server
-  that stops, first write what the socket takes of them.
+  of them, and never for a call that waits (the wait writes what the socket
+  takes, the channel's watch the rest, about 2 ms later); a connection that
+  ends, and a server that stops, first write what the socket takes of them.
 - Calls on one object run one at a time when the object is *serial* (the
   default for registered classes), and concurrently for thread-safe objects:
   the built-in primitives, `queue`/`threading` objects, pools, and objects that
@@ -248,11 +248,13 @@ class Server:
                 pass
         finally:
             self.listener.close()
-            with self.conn_mutex:
-                conns = list(self.connections.values())
-            for info in conns:      # replies held back on busy connections: what fits
-                info.channel.flush_nowait()
-            self.durables.close()
+            try:
+                with self.conn_mutex:
+                    conns = list(self.connections.values())
+                for info in conns:      # replies held back on busy connections: what fits
+                    info.channel.flush_nowait()
+            finally:
+                self.durables.close()
             if sys.stdout != sys.__stdout__:
                 sys.stdout = sys.__stdout__
                 sys.stderr = sys.__stderr__

@@ -30,11 +30,13 @@ Rules it keeps:
   writes anything else, and, whatever its thread is running, about
   `HOLD_LIMIT` later (plus the GIL's switch interval, at worst) by the
   process's reply watch (`_HoldWatch`, one thread, asleep while nothing is
-  held).  Only the channel's own thread adds to the held list; whoever
-  writes it holds `_out` and empties the list only when written, so an
-  empty list means nobody else is writing.  The watch, and a call about to
-  wait (`flush_nowait`), never wait for the socket or for `_out`; a forked
-  child forgets the replies its parent's channels held.
+  held), or, if the peer reads nothing, each `HOLD_RETRY` once it reads.
+  Only the channel's own thread adds to the held list; whoever writes it
+  holds `_out` and empties the list only once written (or once the write
+  failed for good), so an empty list means nobody else is writing.  The
+  watch, and a call about to wait (`flush_nowait`), never wait for the
+  socket or for `_out`; a forked child forgets the replies its parent's
+  channels held.
 - Notices owed to the peer (slot releases, `transport.slots`) ride only on
   whole frames this channel writes with `send_bytes` or `send_buffers`, or
   in a NOTICE frame of their own put in front of frames written together
@@ -105,6 +107,7 @@ HOLD_LIMIT = 0.002
 #: how long the watch waits before it tries again to write replies the socket
 #: did not take (a peer that reads nothing)
 HOLD_RETRY = 0.05
+_BUSY, _FULL = 1, 2     # what `Channel._try_write_held` left
 
 
 class FrameTail(bytes):
@@ -117,52 +120,61 @@ class _HoldWatch:
     `HOLD_LIMIT` s: its thread may be running a call that waits for something
     (a user method that sleeps or blocks), and the replies before that call
     must not wait with it.  One thread per process, started on first use,
-    asleep while no channel holds anything."""
+    asleep while no channel holds anything; woken whenever a channel is due
+    before the time it sleeps until."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition(threading.Lock())
-        self.since: dict[Channel, float] = {}     # channels that began to hold, and when
-        self.asleep = False
+        self.due: dict[Channel, float] = {}     # channels holding, and when to write
+        self.until: float | None = None         # the thread sleeps until then (None: asleep)
         self.thread: threading.Thread | None = None
 
-    def add(self, ch: Channel) -> None:
+    def add(self, ch: Channel, after: float = -1.0) -> None:
+        """Write what `ch` holds `after` s from now (default: `HOLD_LIMIT`)."""
+        at = _monotonic() + (HOLD_LIMIT if after < 0 else after)
         with self.cond:
-            self.since[ch] = _monotonic()
+            due = self.due
+            if due.get(ch, at) >= at:
+                due[ch] = at
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, daemon=True,
                                                name="procshare-reply-watch")
                 self.thread.start()
-            elif self.asleep:
-                self.asleep = False
+            elif self.until is None or at < self.until:
                 self.cond.notify()
 
     def _run(self) -> None:
-        cond, since = self.cond, self.since
+        cond, due = self.cond, self.due
         with cond:
             while True:
-                if not since:
-                    self.asleep = True
+                if not due:
+                    self.until = None
                     cond.wait()
                     continue
                 now = _monotonic()
-                due = [ch for ch, t in since.items() if t + HOLD_LIMIT <= now]
-                if not due:
-                    cond.wait(min(since.values()) + HOLD_LIMIT - now)
+                ready = [ch for ch, t in due.items() if t <= now]
+                if not ready:
+                    self.until = min(due.values())
+                    cond.wait(self.until - now)
                     continue
-                for ch in due:
-                    del since[ch]
+                self.until = now        # (busy: an add need not wake it)
+                for ch in ready:
+                    del due[ch]
                 cond.release()
-                stuck = []
+                later = []
                 try:
-                    for ch in due:
-                        if not ch._try_write_held():
-                            stuck.append(ch)
+                    for ch in ready:
+                        left = ch._try_write_held()
+                        if left:
+                            later.append((ch, left))
                 finally:
                     cond.acquire()
-                # a peer that reads nothing, or a thread writing them itself: later
-                for ch in stuck:
-                    if ch not in since:
-                        since[ch] = _monotonic() + HOLD_RETRY
+                # its own thread was writing them: look again soon; a peer that
+                # reads nothing: try again later
+                for ch, left in later:
+                    at = _monotonic() + (HOLD_LIMIT if left == _BUSY else HOLD_RETRY)
+                    if due.get(ch, at) >= at:
+                        due[ch] = at
 
 
 _watch = _HoldWatch()
@@ -412,22 +424,28 @@ class Channel:
         """Write what the socket takes at once of the replies held back, never
         waiting for the peer or for another writer (for a caller that holds
         some other lock: a primitive about to wait); the watch writes the rest."""
-        if not self._try_write_held():
-            _watch.add(self)
+        left = self._try_write_held()
+        if left:
+            _watch.add(self, HOLD_LIMIT if left == _BUSY else HOLD_RETRY)
 
-    def _try_write_held(self) -> bool:
-        """`flush_nowait` without the watch: True if nothing is left held."""
+    def _try_write_held(self) -> int:
+        """`flush_nowait` without the watch: 0 if nothing is left held, else
+        `_BUSY` (another thread is writing them) or `_FULL` (the socket
+        took only part, or nothing)."""
         out = self._out
         if out is None or not self.held:
-            return True
-        if out.acquire(False):
-            try:
-                self._write_held(False)
-            except Exception:   # a bug must not cost the watch (nor the call)
-                log.warning("writing held replies failed", exc_info=True)
-            finally:
-                out.release()
-        return not self.held
+            return 0
+        if not out.acquire(False):
+            return _BUSY
+        try:
+            self._write_held(False)
+        except Exception:   # a bug: never the watch's end (nor the call's)
+            log.warning("could not write the replies held for %r; dropped", self.peer,
+                        exc_info=True)
+            self.held.clear()
+        finally:
+            out.release()
+        return _FULL if self.held else 0
 
     def _write_held(self, block: bool) -> None:
         """(`_out` held) Write the held replies: all of them (`block`), or what
@@ -452,10 +470,10 @@ class Channel:
             sent = self.sock.send(data, _DONTWAIT)
         except BlockingIOError:
             sent = 0
-        except OSError:
-            if self.sock.fileno() == -1:
-                held.clear()    # closed: nobody reads them
-            return              # broken: its own thread's next write says so
+        except OSError as e:
+            if isinstance(e, ConnectionError) or self.sock.fileno() == -1:
+                held.clear()    # closed or gone: nobody reads them
+            return              # else: its own thread's next write says what it is
         if sent == len(data):
             held.clear()
         elif sent:
