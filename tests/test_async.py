@@ -449,30 +449,26 @@ def test_the_watch_does_not_wait_for_a_peer_that_reads_nothing():
             writer.join(10)
 
 
-def test_a_call_about_to_wait_never_blocks_writing_held_replies():
-    """`flush_nowait` (what a primitive calls, holding its own lock, before it
-    waits) returns at once on a full socket; the watch writes the rest."""
-    ch, peer = _held_pair()
-    try:
-        _fill(ch)
-        peer.sendall(_calls(1, 2))
-        assert ch.recv_frame()[1] == 1
-        ch.send_reply(pack_frame(Kind.RETURN, 1, b"reply 1"))
-        t = threading.Thread(target=ch.flush_nowait, daemon=True)
-        t.start()
-        t.join(5)
-        assert not t.is_alive() and ch.held
-        assert _drain_until(peer, _replies(1)).endswith(_replies(1))
-    finally:
-        ch.close()
-        peer.close()
+def _by_flush_nowait(ch):
+    ch.flush_nowait()
+    return None
 
 
-def test_a_primitive_about_to_wait_does_not_block_on_a_full_socket():
-    """`callctx.wait_limit`, which a primitive calls holding its own lock just
-    before it waits, writes held replies without waiting for the socket."""
+def _by_wait_limit(ch):
+    """What a primitive does just before it waits: `wait_limit`, holding its lock."""
     from procshare.server import callctx
 
+    st = callctx.server_state
+    st.working, st.channel, st.deadline = set(), ch, None
+    with threading.Lock():
+        return callctx.wait_limit(0.5)
+
+
+@pytest.mark.parametrize("write", [_by_flush_nowait, _by_wait_limit])
+def test_a_call_about_to_wait_never_blocks_writing_held_replies(write):
+    """A call about to wait (a primitive, holding its own lock) writes the
+    replies held without waiting for a full socket; the watch writes the rest
+    once the client reads."""
     ch, peer = _held_pair()
     try:
         _fill(ch)
@@ -480,18 +476,12 @@ def test_a_primitive_about_to_wait_does_not_block_on_a_full_socket():
         assert ch.recv_frame()[1] == 1
         ch.send_reply(pack_frame(Kind.RETURN, 1, b"reply 1"))
         got = {}
-
-        def primitive():
-            st = callctx.server_state
-            st.working, st.channel, st.deadline = set(), ch, None
-            with threading.Lock():
-                got["limit"] = callctx.wait_limit(0.5)
-
-        t = threading.Thread(target=primitive, daemon=True)
+        t = threading.Thread(target=lambda: got.setdefault("r", write(ch)), daemon=True)
         t.start()
         t.join(5)
-        assert not t.is_alive() and got["limit"] == (0.5, False)
-        assert ch.held
+        assert not t.is_alive() and ch.held
+        if write is _by_wait_limit:
+            assert got["r"] == (0.5, False)
         assert _drain_until(peer, _replies(1)).endswith(_replies(1))
     finally:
         ch.close()
