@@ -56,3 +56,34 @@ def test_error_while_creating_an_object_is_a_remote_error(manager, impl):
     with pytest.raises(impl.RemoteError) as info:
         manager.Pool(0)
     assert "Number of processes must be at least 1" in str(info.value)
+
+
+def test_the_stdlibs_except_remote_error_catches_it(manager, impl):
+    """Code that kept `from multiprocessing.managers import RemoteError` (a
+    library, say) still catches the manager's RemoteErrors."""
+    import multiprocessing.managers as std
+
+    assert issubclass(impl.RemoteError, std.RemoteError)
+    d = manager.dict()
+    with pytest.raises(std.RemoteError):
+        d._callmethod("no_such_method_exposed")
+    with pytest.raises(std.RemoteError):
+        manager.Pool(0)
+
+
+def test_each_explicit_incref_is_given_back_when_the_proxy_goes(manager):
+    """`proxy._incref()` takes one more reference, which goes with the proxy."""
+    import gc
+    import time
+
+    before = manager._number_of_objects()
+    p = manager.list([1, 2])
+    p._incref()
+    p._incref()
+    assert manager._number_of_objects() == before + 1
+    del p
+    gc.collect()
+    end = time.monotonic() + 10
+    while manager._number_of_objects() != before and time.monotonic() < end:
+        time.sleep(0.01)
+    assert manager._number_of_objects() == before

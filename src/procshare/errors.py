@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import errno
 import multiprocessing
+import multiprocessing.managers as _std_managers
 import os
 import pickle
 import time
@@ -63,9 +64,10 @@ def _rebuild_error(cls: type, message: str, facts: dict) -> ProcshareError:
     return cls(message, **facts)
 
 
-class RemoteError(Exception):
-    """A failure inside the manager that is not an exception of the referent
-    (kept for compatibility with `multiprocessing.managers.RemoteError`)."""
+class RemoteError(_std_managers.RemoteError):
+    """A failure inside the manager that is not an exception of the referent:
+    also the stdlib's `multiprocessing.managers.RemoteError`, so that code
+    catching that one (a module that kept the stdlib's import) catches it."""
 
     def __str__(self) -> str:
         return "\n" + "-" * 75 + "\n" + str(self.args[0]) + "-" * 75

@@ -113,15 +113,16 @@ class BaseProxy:
         """This proxy now owns one reference: give it back when the proxy dies,
         the way it was taken: `local` (the server's own, `local_incref`), or
         this process's client's, through the session (a create, a reply that
-        made a proxy, an incref sent)."""
-        if self._close is not None:
-            return
+        made a proxy, an incref sent).  Each reference is given back on its own:
+        a proxy that `_incref()`s again holds one more (as the stdlib's, which
+        registers a decref per incref)."""
         self._session.live += 1
         if self._id.startswith(DURABLE_PREFIX):
             self._session.durable_held(self._id)
-        self._close = weakref.finalize(self, _release, self._session, self._id,
-                                       local, os.getpid())
-        self._close.atexit = False
+        close = weakref.finalize(self, _release, self._session, self._id, local, os.getpid())
+        close.atexit = False
+        if self._close is None:
+            self._close = close
 
     def _incref(self) -> None:
         local = self._is_local()
