@@ -373,6 +373,7 @@ def CounterManager(m):
 
     CounterManager.register("Counter", Counter)
     CounterManager.register("SlowCounter", SlowCounter)
+    CounterManager.register("TheCounter", the_counter)     # one object, every time
     CounterManager.register("Sleeper", Sleeper)
     CounterManager.register("DictGate", DictGate)
     CounterManager.register("SlotGate", SlotGate)
@@ -774,3 +775,15 @@ def hold_unnamed_durable(address, authkey, conn) -> str:
     if not conn.poll(60):
         return "never told to end"
     return "ended"
+
+
+_THE_COUNTER = None
+
+
+def the_counter():
+    """A registered callable that returns one object every time (a singleton)."""
+    global _THE_COUNTER
+    if _THE_COUNTER is None:
+        _THE_COUNTER = SlowCounter()
+    return _THE_COUNTER
+

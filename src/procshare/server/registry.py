@@ -9,6 +9,9 @@ Rules it keeps:
 - An object lives while its total count is above zero; counts per holder are
   kept so that a holder that goes away (a dead client, an expired loan) can be
   released in one step.
+- An object added again while it lives here (`add_or_share`: the same
+  object, by identity, under the same typeid) is one entry with one more
+  reference, as the stdlib's ids (`id(obj)`) make it: one id, one serial lock.
 - Adopting a loan moves its reference to the adopter atomically, so a proxy
   handed to another process stays valid even if the sender drops its own proxy
   at once.
@@ -96,6 +99,8 @@ class Registry:
         self.on_drop: dict[str, Any] = {}     # id -> called when its last reference goes
         self._watch: tuple[str, Any] | None = None  # (id prefix, fn(client))
         self._watched: set[str] = set()             # clients fn was called for
+        #: id(obj) -> the id of its entry, for objects added `shared=True`
+        self._by_obj: dict[int, str] = {}
 
     def watch(self, prefix: str, fn: Any) -> None:
         with self.mutex:
@@ -122,6 +127,24 @@ class Registry:
             self.refcount[ident] = 0
             self._incref(holder, ident)
         return ident
+
+    def add_or_share(self, entry: Entry, holder: str) -> tuple[str, Entry]:
+        """`add`, unless the same object (identity) lives here already under
+        the same typeid: then `holder` takes one more reference to that entry
+        (as the stdlib names objects by `id()`: a callable that returns one
+        object each time gives one object, one id, one serial lock).  Returns
+        the id and the entry used."""
+        key = id(entry.obj)
+        with self.mutex:
+            ident = self._by_obj.get(key)
+            if ident is not None:
+                have = self.objects.get(ident)
+                if have is not None and have.obj is entry.obj and have.typeid == entry.typeid:
+                    self._incref(holder, ident)
+                    return ident, have
+            ident = self.add(entry, holder)
+            self._by_obj.setdefault(key, ident)
+            return ident, entry
 
     def get(self, ident: str) -> Entry:
         try:
@@ -163,6 +186,8 @@ class Registry:
         else:
             del self.refcount[ident]
             entry = self.objects.pop(ident, None)
+            if entry is not None and self._by_obj.get(id(entry.obj)) == ident:
+                del self._by_obj[id(entry.obj)]
             dropped.append(entry)
             hook = self.on_drop.pop(ident, None)
             if hook is not None:

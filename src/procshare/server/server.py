@@ -787,7 +787,11 @@ class Server:
             serial = not is_thread_safe(obj)
         entry = Entry(obj, typeid, frozenset(exposed), method_to_typeid,
                       threading.Lock() if serial else None, frozenset(attrs))
-        ident = self.objects.add(entry, holder)
+        ident, used = self.objects.add_or_share(entry, holder)
+        if used is not entry and (used.exposed != entry.exposed
+                                  or used.attributes != entry.attributes):
+            # this object lives here already, and changed since: what its entry allows
+            exposed, attrs = tuple(sorted(used.exposed)), tuple(sorted(used.attributes))
         return ident, exposed, attrs
 
     def describe(self, typeid: str, spec: Any, obj: Any) -> tuple[tuple, tuple, Any]:
