@@ -37,22 +37,25 @@ def test_seed_counter(impl, ctx):
         del counter
 
 
+def _increment_at_once(ctx, counters, n):
+    """One child per counter proxy, each making `n` increments, all let go at once."""
+    children = [_workers.start_child(ctx, _workers.increment_counter, c, n, gate=True)
+                for c in counters]
+    for c in children:
+        c.wait_ready()
+    for c in children:
+        c.go()
+    for c in children:
+        c.result(30)
+
+
 def test_read_modify_write_is_not_lost(impl, ctx):
     """A slower read-modify-write makes the stdlib's race visible: with calls
     on one object running one at a time, procshare loses no update."""
     cls = _workers.get_class(impl, "CounterManager")
     with cls(ctx=ctx) as m:
         counter = m.SlowCounter()
-        children = [
-            _workers.start_child(ctx, _workers.increment_counter, counter, 150, gate=True)
-            for _ in range(2)
-        ]
-        for c in children:
-            c.wait_ready()
-        for c in children:
-            c.go()
-        for c in children:
-            c.result(30)
+        _increment_at_once(ctx, [counter, counter], 150)
         count = counter.get_count()
         if is_stdlib(impl):
             assert count < 300, "expected lost updates from concurrent calls"
@@ -190,16 +193,7 @@ def test_one_object_from_two_creates_runs_its_calls_one_at_a_time(impl, ctx):
     cls = _workers.get_class(impl, "CounterManager")
     with cls(ctx=ctx) as m:
         proxies = [m.TheCounter(), m.TheCounter()]
-        children = [
-            _workers.start_child(ctx, _workers.increment_counter, p, 150, gate=True)
-            for p in proxies
-        ]
-        for c in children:
-            c.wait_ready()
-        for c in children:
-            c.go()
-        for c in children:
-            c.result(30)
+        _increment_at_once(ctx, proxies, 150)
         count = proxies[0].get_count()
         if is_stdlib(impl):
             assert 1 <= count <= 300    # its calls overlap: updates may be lost
