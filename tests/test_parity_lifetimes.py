@@ -87,3 +87,30 @@ def test_each_explicit_incref_is_given_back_when_the_proxy_goes(manager):
     while manager._number_of_objects() != before and time.monotonic() < end:
         time.sleep(0.01)
     assert manager._number_of_objects() == before
+
+
+def test_a_bad_timeout_to_condition_wait_changes_nothing(manager):
+    cond = manager.Condition()
+    with cond:
+        with pytest.raises(TypeError):
+            cond.wait("1")
+        assert cond.wait(0.01) is False      # still its owner
+    with pytest.raises(RuntimeError):
+        cond.release()                      # released once, by the with block
+
+
+def test_waits_with_a_nan_timeout_return_at_once(manager):
+    import math
+
+    ev, cond = manager.Event(), manager.Condition()
+    got = {}
+
+    def waits():
+        got["event"] = ev.wait(math.nan)
+        with cond:
+            got["cond"] = cond.wait(math.nan)
+
+    t = threading.Thread(target=waits, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and got == {"event": False, "cond": False}

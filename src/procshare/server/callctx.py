@@ -90,6 +90,8 @@ def wait_limit(timeout: float | None) -> tuple[float | None, bool]:
             working.discard(ch)
         if ch.held:     # replies held back (pipelined calls) go before it waits:
             ch.flush_nowait()   # what the socket takes; the watch writes the rest
+    if timeout is not None and timeout != timeout:
+        timeout = 0.0       # NaN: threading's waits return at once
     deadline = getattr(server_state, "deadline", None)
     if deadline is None:
         return (None if timeout is None else max(timeout, 0.0)), False

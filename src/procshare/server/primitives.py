@@ -482,11 +482,11 @@ class Condition:
         lock = self._lock
         if not lock._is_owned_by(me):
             raise RuntimeError("cannot wait on un-acquired lock")
+        limit, by_deadline = wait_limit(timeout)    # (a bad timeout: nothing changed)
         sleeper = _Sleeper(Wait(me, c, self, timeout is not None, "notify"))
         with lock._mutex:
             self._waiters.append(sleeper)
         saved = lock._release_save(me)
-        limit, by_deadline = wait_limit(timeout)
         call = current_call()
         if call is not None:
             call.waker = lambda: self._drop_sleeper(sleeper)
@@ -661,11 +661,11 @@ class Barrier(threading.Barrier):
     def wait(self, timeout: float | None = None) -> int:
         c = caller()
         me = (c.client, c.thread)
+        limit, by_deadline = wait_limit(timeout)    # (a bad timeout: nothing changed)
         w = Wait(me, c, self, timeout is not None, "barrier")
         with self._ps_mutex:
             self._ps_waiters[me] = w
             self._ps_parties[c.client] = c.pid
-        limit, by_deadline = wait_limit(timeout)
         call = current_call()
         if call is not None:
             call.waker = self.abort
