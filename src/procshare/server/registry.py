@@ -99,7 +99,7 @@ class Registry:
         self.on_drop: dict[str, Any] = {}     # id -> called when its last reference goes
         self._watch: tuple[str, Any] | None = None  # (id prefix, fn(client))
         self._watched: set[str] = set()             # clients fn was called for
-        #: id(obj) -> the id of its entry, for objects added `shared=True`
+        #: id(obj) -> the id of its entry, for objects added with `add_or_share`
         self._by_obj: dict[int, str] = {}
 
     def watch(self, prefix: str, fn: Any) -> None:
