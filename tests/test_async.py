@@ -495,7 +495,10 @@ def test_the_watch_wakes_for_a_channel_due_before_it_would():
     ch, peer = _held_pair()
     watch = channel._watch
     try:
-        watch.add(later, 3600.0)
+        watch.add(later)                # (starts the watch if need be)
+        with watch.cond:                # then: due in an hour
+            watch.due[later] = time.monotonic() + 3600.0
+            watch.cond.notify()
         end = time.monotonic() + 10
         while (watch.until is None or watch.until < time.monotonic() + 60) \
                 and time.monotonic() < end:

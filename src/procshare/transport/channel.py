@@ -129,19 +129,27 @@ class _HoldWatch:
         self.until: float | None = None         # the thread sleeps until then (None: asleep)
         self.thread: threading.Thread | None = None
 
-    def add(self, ch: Channel, after: float = -1.0) -> None:
-        """Write what `ch` holds `after` s from now (default: `HOLD_LIMIT`)."""
-        at = _monotonic() + (HOLD_LIMIT if after < 0 else after)
+    def add(self, ch: Channel, left: int = _BUSY) -> None:
+        """Write what `ch` holds soon: after `HOLD_LIMIT`, or, if the socket
+        was full (`left` is `_FULL`), after `HOLD_RETRY`."""
+        at = self._at(left)
         with self.cond:
-            due = self.due
-            if due.get(ch, at) >= at:
-                due[ch] = at
+            self._due_by(ch, at)
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, daemon=True,
                                                name="procshare-reply-watch")
                 self.thread.start()
             elif self.until is None or at < self.until:
                 self.cond.notify()
+
+    @staticmethod
+    def _at(left: int) -> float:
+        return _monotonic() + (HOLD_RETRY if left == _FULL else HOLD_LIMIT)
+
+    def _due_by(self, ch: Channel, at: float) -> None:
+        """(cond held) `ch` is due at `at`, or earlier if it was already."""
+        if self.due.get(ch, at) >= at:
+            self.due[ch] = at
 
     def _run(self) -> None:
         cond, due = self.cond, self.due
@@ -172,9 +180,7 @@ class _HoldWatch:
                 # its own thread was writing them: look again soon; a peer that
                 # reads nothing: try again later
                 for ch, left in later:
-                    at = _monotonic() + (HOLD_LIMIT if left == _BUSY else HOLD_RETRY)
-                    if due.get(ch, at) >= at:
-                        due[ch] = at
+                    self._due_by(ch, self._at(left))
 
 
 _watch = _HoldWatch()
@@ -285,6 +291,10 @@ class Channel:
         in front, only at a boundary: never inside another frame."""
         if self.held:
             self.flush()
+        self._write_frames(data, boundary)
+
+    def _write_frames(self, data: bytes, boundary: bool) -> None:
+        """`send_frames` without looking at held replies (it writes them too)."""
         if boundary and self.notices:
             front = self.slots.notice_frame()
             if front is not None:
@@ -398,8 +408,8 @@ class Channel:
         is here already (it pipelines its requests), hold it back to go out in
         one write with the replies after it: at most `HOLD_MAX` of them, and
         only until this channel next waits for the peer, writes anything else,
-        or a call runs into a wait (`flush`); held for `HOLD_LIMIT` s at most
-        whatever runs meanwhile (`_HoldWatch`)."""
+        or a call runs into a wait (`flush_nowait`); else the watch writes
+        them about `HOLD_LIMIT` s later, whatever runs meanwhile (`_HoldWatch`)."""
         held = self.held
         if held is None or len(frame) > HOLD_FRAME or not self.reader.in_frame:
             self.send_bytes(frame)
@@ -426,7 +436,7 @@ class Channel:
         some other lock: a primitive about to wait); the watch writes the rest."""
         left = self._try_write_held()
         if left:
-            _watch.add(self, HOLD_LIMIT if left == _BUSY else HOLD_RETRY)
+            _watch.add(self, left)
 
     def _try_write_held(self) -> int:
         """`flush_nowait` without the watch: 0 if nothing is left held, else
@@ -457,12 +467,7 @@ class Channel:
         data = held[0] if len(held) == 1 else b"".join(held)
         if block:
             try:
-                front = self.slots.notice_frame() if self.notices and \
-                    type(held[0]) is not FrameTail else None
-                if front:
-                    self._send_owning(front + data)
-                else:
-                    self.sock.sendall(data)
+                self._write_frames(data, type(held[0]) is not FrameTail)
             finally:
                 held.clear()
             return
