@@ -7,6 +7,7 @@ import importlib
 import inspect
 import multiprocessing
 import multiprocessing.managers as std
+import os
 import types
 
 import pytest
@@ -128,3 +129,30 @@ def test_manager_returns_started_syncmanager(impl):
         del lst
     finally:
         m.shutdown()
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
+def test_shared_memory_manager_blocks_go_at_shutdown(impl):
+    with impl.SharedMemoryManager() as smm:
+        sm = smm.SharedMemory(16)
+        sm.buf[:3] = b"abc"
+        sl = smm.ShareableList([1, "x"])
+        assert bytes(sm.buf[:3]) == b"abc" and list(sl) == [1, "x"]
+        names = [sm.name, sl.shm.name]
+        assert all(os.path.exists(f"/dev/shm/{n}") for n in names)
+        sm.close()
+        sl.shm.close()
+    assert not any(os.path.exists(f"/dev/shm/{n}") for n in names)
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
+def test_shared_memory_of_a_size_that_is_no_int_leaves_no_segment():
+    """The stdlib's raises TypeError too, but leaves an empty segment behind
+    (it makes the segment before it sizes it)."""
+    import procshare.managers as ps
+
+    with ps.SharedMemoryManager() as smm:
+        before = set(os.listdir("/dev/shm"))
+        with pytest.raises(TypeError):
+            smm.SharedMemory(1.5)
+        assert set(os.listdir("/dev/shm")) - before == set()

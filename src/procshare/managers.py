@@ -21,6 +21,7 @@ import array
 import functools
 import inspect
 import logging
+import operator
 import os
 import queue  # noqa: F401  (the stdlib module has this name, and the next few)
 import secrets
@@ -1071,6 +1072,9 @@ if HAS_SHMEM:
 
         def SharedMemory(self, size: int) -> shared_memory.SharedMemory:
             """A new SharedMemory block of `size` bytes, tracked by the manager."""
+            # an int, checked before anything is made: the stdlib's SharedMemory
+            # makes the segment first, and leaves it behind if the size is a float
+            size = operator.index(size)
             sms = shared_memory.SharedMemory(None, create=True, size=size)
             try:
                 self._control("track_segment", sms.name)
