@@ -41,7 +41,7 @@ from multiprocessing import util as mp_util
 from typing import Any
 
 from ..errors import OwnerDiedWarning
-from ..stdtypes import check_acquire_args
+from ..stdtypes import check_acquire_args, check_wait_timeout
 from . import locktable
 from .callctx import (
     Cancelled,
@@ -310,6 +310,9 @@ class Lock(_Acquirer):
     is allowed, and from then on the lock counts as a signal (its waits are
     never reported as deadlocks)."""
 
+    def __init__(self) -> None:       # (threading.Lock() takes no argument)
+        super().__init__(1)
+
     def __repr__(self) -> str:
         state = "locked" if self._value <= 0 else "unlocked"
         return f"<{state} _thread.lock object at {id(self):#x}>"
@@ -331,6 +334,9 @@ class RLock(_Acquirer):
     """A re-entrant lock owned by one client thread (like threading.RLock)."""
 
     _reentrant = True
+
+    def __init__(self, *args: Any, **kwds: Any) -> None:
+        super().__init__(1)     # threading.RLock ignores its arguments (3.13: warns)
 
     def _release_as(self, me: Owner, n: int = 1) -> None:
         with self._mutex:
@@ -482,7 +488,8 @@ class Condition:
         lock = self._lock
         if not lock._is_owned_by(me):
             raise RuntimeError("cannot wait on un-acquired lock")
-        limit, by_deadline = wait_limit(timeout)    # (a bad timeout: nothing changed)
+        check_wait_timeout(timeout)                 # (a bad timeout: nothing changed)
+        limit, by_deadline = wait_limit(timeout)
         sleeper = _Sleeper(Wait(me, c, self, timeout is not None, "notify"))
         with lock._mutex:
             self._waiters.append(sleeper)
@@ -599,7 +606,20 @@ class Event(threading.Event):
     _procshare_concurrent_ = True
     __repr__ = _threading_repr
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._sets = 0      # set() calls: a waiter woken by one returns True
+
+    def set(self) -> None:
+        with self._cond:
+            self._flag = True
+            self._sets += 1
+            self._cond.notify_all()
+
     def wait(self, timeout: float | None = None) -> bool:
+        if self._flag:      # as threading's: the timeout is not even looked at
+            return True
+        check_wait_timeout(timeout)
         limit, by_deadline = wait_limit(timeout)
         call = current_call()
         if call is None:
@@ -622,7 +642,10 @@ class Event(threading.Event):
         call.waker = wake
         try:
             with cond:
-                while not self._flag:
+                # a set() while it waits wakes it with True, as threading's, even
+                # if a clear() came before it looks again (a set-clear pulse)
+                sets = self._sets
+                while not self._flag and self._sets == sets:
                     check_cancelled(call, "Event.wait")
                     if endtime is None:
                         cond.wait()
@@ -631,7 +654,7 @@ class Event(threading.Event):
                     if left <= 0:
                         break
                     cond.wait(left)
-                return self._flag
+                return self._flag or self._sets != sets
         finally:
             call.waker = None
 
