@@ -74,6 +74,7 @@ from .client.proxy import (  # noqa: F401  (the stdlib module has all these name
     convert_to_error,
     raise_reply,
 )
+from .client.proxy import adopting_proxy as _adopting_proxy
 from .errors import RemoteError  # noqa: F401  (re-exported, as in the stdlib)
 from .server import primitives
 from .server.durables import UNNAMED_KEY, durable_option
@@ -580,10 +581,9 @@ class BaseManager:
                     ser = serializers.typed_serializer(ser, serializer)
                     token, exp, attrs = _create_typed(self, ser, typeid, args, kwds)
                 extra = {"attributes": attrs} if proxytype is AutoProxy else {}
-                proxy = proxytype(token, ser, manager=self,
-                                  authkey=self._authkey, exposed=exp, incref=False, **extra)
-                proxy._track(False)     # created for this process's client
-                return proxy
+                # (created for this process's client)
+                return _adopting_proxy(proxytype, token, ser, manager=self,
+                                       authkey=self._authkey, exposed=exp, **extra)
             temp.__name__ = typeid
             setattr(cls, typeid, temp)
 

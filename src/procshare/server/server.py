@@ -481,8 +481,9 @@ class Server:
                             lock.release()
                     call.done_rid = rid         # the reply is made: a cancel is too late
                     # hold no argument or result while waiting for the next call: the
-                    # memory of a large one may be lent, released only when it goes
-                    result = args = kwds = bufs = None
+                    # memory of a large one may be lent, released only when it goes;
+                    # nor the object: dropped by its last proxy, it goes now
+                    result = args = kwds = bufs = fn = entry = None
                     if reply is _PACKED:
                         body, bufs = packed
                         packed = None
@@ -510,14 +511,14 @@ class Server:
                     if reply is RETURN_NONE and rid:    # a set, an append: no value
                         warns.clear()
                         call.done_rid = rid
-                        args = kwds = bufs = None
+                        args = kwds = bufs = entry = None
                         send_bytes(pack_frame(RETURN, rid, none_body))
                         continue
                 else:
                     reply = self._slow_call(info, oid, meth, args, kwds)
             warns.clear()
             call.done_rid = rid
-            args = kwds = bufs = None
+            args = kwds = bufs = entry = None
             if rid:
                 self._reply(ch, rid, *reply)
             reply = None
