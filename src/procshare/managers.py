@@ -669,8 +669,15 @@ def _start_server_log(logdir: str) -> None:
         if os.getpid() == manager_pid:      # not in a forked child (a Pool's worker)
             _log.warning("manager pid %d received SIGTERM: stopping", manager_pid)
         os.kill(os.getpid(), signal.SIGTERM)
+    def default_in_child() -> None:
+        # a forked child (a Pool's worker) dies at once, as the stdlib's: a
+        # Python handler runs only at the next bytecode, maybe just after the
+        # worker took its pool's outqueue lock, and terminate() then hung
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)
+        os.register_at_fork(after_in_child=default_in_child)
 
 
 def _log_tail(logdir: str | None, n: int = 10) -> list[str]:
