@@ -897,5 +897,48 @@ def _terminate_idle_first(taskqueue: Any, inqueue: Any, outqueue: Any, pool: lis
         end = time.monotonic() + POOL_IDLE_EXIT
         for p in list(pool):
             p.join(max(0.0, end - time.monotonic()))
-    mp_pool.Pool._terminate_pool(taskqueue, inqueue, outqueue, pool, change_notifier,
-                                 worker_handler, task_handler, result_handler, cache)
+    done = threading.Event()
+    if cache:
+        threading.Thread(target=_give_back_dead_writers_lock,
+                         args=(outqueue, pool, task_handler, done), daemon=True,
+                         name="procshare-pool-terminate").start()
+    try:
+        mp_pool.Pool._terminate_pool(taskqueue, inqueue, outqueue, pool, change_notifier,
+                                     worker_handler, task_handler, result_handler, cache)
+    finally:
+        done.set()
+
+
+#: how long the result queue's write lock must stay taken, every worker dead,
+#: before it counts as a killed worker's
+DEAD_LOCK_WAIT = 1.0
+
+
+def _give_back_dead_writers_lock(outqueue: Any, pool: list, task_handler: Any,
+                                 done: threading.Event) -> None:
+    """While the stdlib terminates a pool with tasks outstanding: a worker
+    SIGTERMed while it wrote a result still holds the result queue's write
+    lock, and the task handler, which writes a sentinel there, then waits for
+    it forever, and terminate() with it (with a manager client that leaves
+    `with manager.Pool()` just after an apply_async, 1 pool in 25 on 3.11 and
+    in 2 on 3.12).  Once every worker is dead and the lock has stayed taken
+    for `DEAD_LOCK_WAIT`, it was a dead worker's: it is released (a
+    multiprocessing Lock may be released by any process)."""
+    lock = getattr(outqueue, "_wlock", None)
+    if lock is None:
+        return
+    while not done.wait(0.05):
+        if not task_handler.is_alive():
+            return
+        if any(p.exitcode is None for p in list(pool)):
+            continue
+        if lock.acquire(timeout=DEAD_LOCK_WAIT):
+            lock.release()
+            continue
+        if done.is_set() or not task_handler.is_alive():
+            return
+        try:
+            lock.release()
+        except ValueError:      # (released meanwhile)
+            pass
+        return
