@@ -176,3 +176,19 @@ def daemon_threads_blocked_at_exit(q, ev, stderr_path, ready):
 
     import multiprocessing.util
     multiprocessing.util.Finalize(None, last, exitpriority=-100)
+
+
+def calls_after_shutdown(lst, used, shut):
+    """Use `lst`, wait until another process shut its manager down, then call
+    three times: is each error a BrokenPipeError?"""
+    lst.append(1)
+    used.set()
+    assert shut.wait(20)
+    out = []
+    for _ in range(3):
+        try:
+            lst.append(1)
+            out.append("ok")
+        except Exception as e:  # noqa: BLE001 - its type is the answer
+            out.append(isinstance(e, BrokenPipeError))
+    return out

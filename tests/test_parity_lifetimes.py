@@ -156,3 +156,24 @@ def test_daemon_threads_blocked_in_the_manager_end_silently(manager, ctx, tmp_pa
     assert err.read_text() == ""
     ready = p = None    # (their named semaphores go with them)
     gc.collect()
+
+
+def test_calls_after_another_process_shut_the_manager_down_are_broken_pipes(impl, ctx):
+    """A process whose manager another process shut down gets BrokenPipeError
+    from its proxies, every time, as with the stdlib (procshare's second call
+    reconnected and raised a FileNotFoundError that `except BrokenPipeError:`
+    missed)."""
+    m = impl.SyncManager(ctx=ctx)
+    m.start()
+    used, shut = ctx.Event(), ctx.Event()
+    try:
+        lst = m.list()
+        child = _workers.start_child(ctx, lw.calls_after_shutdown, lst, used, shut)
+        assert used.wait(15)
+        m.shutdown()
+        shut.set()
+        assert child.result(20) == [True, True, True]
+    finally:
+        m.shutdown()
+        used = shut = child = lst = None    # (their named semaphores go with them)
+        gc.collect()

@@ -621,7 +621,7 @@ class Session:
     # -- failures -------------------------------------------------------------------
     def crashed(self, cause: BaseException) -> ManagerCrashed:
         """The error for a manager that cannot be reached (see `errors`)."""
-        return manager_crashed(self.address, cause)
+        return manager_crashed(self.address, cause, reached_before=self.boot is not None)
 
     def close(self) -> None:
         for pipe in list(self.pipes):
