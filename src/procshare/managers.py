@@ -669,15 +669,35 @@ def _start_server_log(logdir: str) -> None:
         if os.getpid() == manager_pid:      # not in a forked child (a Pool's worker)
             _log.warning("manager pid %d received SIGTERM: stopping", manager_pid)
         os.kill(os.getpid(), signal.SIGTERM)
-    def default_in_child() -> None:
-        # a forked child (a Pool's worker) dies at once, as the stdlib's: a
-        # Python handler runs only at the next bytecode, maybe just after the
-        # worker took its pool's outqueue lock, and terminate() then hung
-        if signal.getsignal(signal.SIGTERM) is on_sigterm:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)
-        os.register_at_fork(after_in_child=default_in_child)
+        os.register_at_fork(before=_hold_sigterm, after_in_parent=_restore_sigterm,
+                            after_in_child=lambda: _restore_sigterm(on_sigterm))
+
+
+#: the forking thread's signal mask before `_hold_sigterm`
+_mask_before_fork = threading.local()
+
+
+def _hold_sigterm() -> None:
+    """(before a fork in the manager) The child (a Pool's worker) must die of
+    SIGTERM at once, as the stdlib's workers do, so it must not inherit the
+    manager's Python handler: a SIGTERM that reached a new child before Python
+    had set itself up there was dropped (CPython clears the signals it caught
+    after a fork), and Pool.terminate() waited for that worker forever.  So
+    the forking thread holds SIGTERM back until the child has SIG_DFL."""
+    _mask_before_fork.mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _restore_sigterm(handler: Any = None) -> None:
+    """(after a fork) In the child, SIG_DFL instead of `handler`; then the
+    mask from before the fork, which delivers a SIGTERM held meanwhile."""
+    if handler is not None and signal.getsignal(signal.SIGTERM) is handler:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    mask = getattr(_mask_before_fork, "mask", None)
+    if mask is not None:
+        _mask_before_fork.mask = None
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _log_tail(logdir: str | None, n: int = 10) -> list[str]:

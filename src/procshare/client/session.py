@@ -719,8 +719,12 @@ def say_goodbye() -> None:
     busy = [t for t in threading.enumerate()
             if t is not me and not t.daemon and t.is_alive() and t is not threading.main_thread()]
     if busy:
-        threading.Thread(target=_goodbye_after, args=(busy,), name="procshare-goodbye").start()
-        return
+        try:
+            threading.Thread(target=_goodbye_after, args=(busy,),
+                             name="procshare-goodbye").start()
+            return
+        except RuntimeError:    # (no new thread at interpreter shutdown): say it now
+            pass
     _goodbye()
 
 
