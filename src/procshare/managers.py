@@ -1074,7 +1074,13 @@ if HAS_SHMEM:
             """A new SharedMemory block of `size` bytes, tracked by the manager."""
             # an int, checked before anything is made: the stdlib's SharedMemory
             # makes the segment first, and leaves it behind if the size is a float
-            size = operator.index(size)
+            try:
+                size = operator.index(size)
+            except TypeError:
+                raise TypeError(
+                    f"SharedMemoryManager.SharedMemory(size) needs a whole number of bytes, "
+                    f"not {type(size).__name__} {size!r:.40}: pass int(size). Nothing was "
+                    "created.") from None
             sms = shared_memory.SharedMemory(None, create=True, size=size)
             try:
                 self._control("track_segment", sms.name)
