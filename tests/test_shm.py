@@ -805,7 +805,7 @@ def test_memory_is_released_with_the_last_reference(fmgr):
     time.sleep(0.2)
     assert sw.memfd_count(fmgr.pid) == base + 1   # the dict still holds it
     del d["a"]
-    assert poll(lambda: sw.memfd_count(fmgr.pid) == base, WAIT)
+    assert poll(lambda: sw.memfd_count(fmgr.pid) == base, WAIT), (base, sw.memfd_count(fmgr.pid), os.listdir(f"/proc/{fmgr.pid}/fd"))
 
 
 @hooks
@@ -819,7 +819,7 @@ def test_memory_is_released_when_its_only_holder_dies(fmgr):
         assert ready.wait(WAIT)
         assert sw.memfd_count(fmgr.pid) == base + 1
         os.kill(child.process.pid, signal.SIGKILL)
-        assert poll(lambda: sw.memfd_count(fmgr.pid) == base, WAIT)
+        assert poll(lambda: sw.memfd_count(fmgr.pid) == base, WAIT), (base, sw.memfd_count(fmgr.pid), os.listdir(f"/proc/{fmgr.pid}/fd"))
         assert not [o for o in fmgr.objects() if o["typeid"] == "SharedArray"]
     finally:
         child.kill()
