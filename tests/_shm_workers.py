@@ -27,6 +27,19 @@ def memfd_count(pid: int | str = "self") -> int:
     return n
 
 
+def memfd_links(pid: int | str = "self") -> list:
+    """(fd, target) of each open memfd descriptor of a process (for failure messages)."""
+    out = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if link.startswith("/memfd:"):
+            out.append((int(name), link))
+    return sorted(out)
+
+
 def rss_shmem_kib() -> int:
     """Shared memory this process has mapped and touched (RssShmem, KiB)."""
     with open("/proc/self/status") as f:

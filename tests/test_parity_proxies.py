@@ -313,6 +313,11 @@ def test_proxies_returned_in_a_process_that_runs_the_server_use_its_authkey(impl
     finally:
         srv.stop_event.set()
         t.join(10)
+    assert not t.is_alive()
+    if impl.__name__.startswith("procshare"):
+        # the process runs no server any more: proxies it makes later are not its own
+        from procshare.inprocess import local_server
+        assert local_server() is None
 
 
 def test_an_object_goes_when_its_last_proxy_goes(impl, ctx):

@@ -255,6 +255,8 @@ class Server:
                     info.channel.flush_nowait()
             finally:
                 self.durables.close()
+                if local_server() is self:  # a process that goes on (serve_forever in a
+                    set_local_server(None)  # thread) runs no server any more
             if sys.stdout != sys.__stdout__:
                 sys.stdout = sys.__stdout__
                 sys.stderr = sys.__stderr__
