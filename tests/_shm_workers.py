@@ -15,29 +15,23 @@ SLOT_REPLY = struct.Struct("!QQQQ")      # arena, offset, length, arena size
 ALLOC = struct.Struct("!cQ")             # b"A", bytes wanted
 
 
-def memfd_count(pid: int | str = "self") -> int:
-    """Open memfd descriptors of a process (its shared-memory segments)."""
-    n = 0
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{name}").startswith("/memfd:procshare"):
-                n += 1
-        except OSError:
-            pass
-    return n
-
-
-def memfd_links(pid: int | str = "self") -> list:
-    """(fd, target) of each open memfd descriptor of a process (for failure messages)."""
+def memfd_links(pid: int | str = "self") -> list[tuple[int, str]]:
+    """(fd, target) of each open procshare memfd descriptor of a process (its
+    shared-memory segments), in fd order."""
     out = []
     for name in os.listdir(f"/proc/{pid}/fd"):
         try:
             link = os.readlink(f"/proc/{pid}/fd/{name}")
         except OSError:
             continue
-        if link.startswith("/memfd:"):
+        if link.startswith("/memfd:procshare"):
             out.append((int(name), link))
     return sorted(out)
+
+
+def memfd_count(pid: int | str = "self") -> int:
+    """How many procshare memfd descriptors a process has open."""
+    return len(memfd_links(pid))
 
 
 def rss_shmem_kib() -> int:
