@@ -388,3 +388,58 @@ def test_a_process_counts_as_gone_only_when_it_is_known_gone(monkeypatch):
     monkeypatch.setattr(processes, "_stat", lambda pid: [])   # /proc unreadable (EMFILE)
     assert processes.start_time(me) is None
     assert not processes.is_other_process(me, start)
+
+
+@pytest.mark.parametrize("how", ["shutdown", "sigkill"])
+def test_a_failure_on_a_gone_manager_keeps_no_frame_alive(how):
+    """A proxy's finalizer can run in any frame (a garbage collection inside
+    a call, a `del`). Giving its reference back to a manager that is gone
+    fails, and that failure must not keep the frame it ran in alive: the
+    proxies held there went only at a later full collection (maybe never
+    within a test's wait). The same for an error a call on it raised and the
+    caller caught. Checked with the collector off, as it is most of the time."""
+    import gc
+    import weakref
+    ctx = multiprocessing.get_context("fork")
+    from procshare.managers import SyncManager
+    gone = SyncManager(ctx=ctx, restart="never")      # (killed, it stays dead)
+    gone.start()
+    doomed = [gone.list([1]), gone.list([2])]
+    if how == "shutdown":
+        gone.shutdown()
+    else:
+        os.kill(gone.pid, signal.SIGKILL)
+        assert poll(lambda: not _alive(gone.pid), WAIT)
+    with procshare.Manager(ctx=ctx) as live:
+        def finalizer_runs_here(x):
+            del doomed[0]               # its finalizer gives back to a gone manager
+
+        def call_fails_here(x):
+            try:
+                doomed[0].append(3)
+            except ConnectionError as e:     # (the stdlib's class for this)
+                assert "manager" in str(e).lower()
+
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for body in (finalizer_runs_here, call_fails_here):
+                x = live.list([0])
+                ref = weakref.ref(x)
+                body(x)
+                del x
+                assert ref() is None, f"{body.__name__}: a frame kept the proxy alive"
+        finally:
+            if enabled:
+                gc.enable()
+        del doomed[:]
+    if how == "sigkill":
+        gone.shutdown()       # (tidies what the killed server left)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

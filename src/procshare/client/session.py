@@ -301,6 +301,16 @@ class Connection:
         self.close()
 
 
+def _died_in_handshake(e: BaseException) -> bool:
+    """Did the manager die (or vanish) while `e`'s connection was being opened?
+    (A function of its own, so that no frame of the caller's keeps the cause:
+    the cause's traceback leads back to that frame, and the cycle would keep
+    every frame below it alive until a full collection, among them a frame a
+    proxy's finalizer ran in, and with it the proxies that frame held.)"""
+    cause = e.__cause__ or e.__context__
+    return getattr(e, "no_answer", False) or isinstance(cause, (EOFError, ConnectionError))
+
+
 def Client(address: Any, authkey: bytes | None = None,
            serializer: str | Serializer = "pickle") -> Connection:
     """An authenticated connection of its own to the manager at `address`, for
@@ -357,10 +367,8 @@ class Session:
                 return self._open_once(role, thread)
             except (ManagerCrashed, AuthenticationError) as e:
                 # the manager died during the handshake: a supervised one comes back
-                cause = e.__cause__ or e.__context__
-                died = getattr(e, "no_answer", False) or isinstance(
-                    cause, (EOFError, ConnectionError))
-                if not self.supervised or getattr(_no_recover, "on", False) or not died:
+                if not self.supervised or getattr(_no_recover, "on", False) \
+                        or not _died_in_handshake(e):
                     raise
                 now = time.monotonic()
                 end = end or now + RECONNECT
