@@ -125,3 +125,70 @@ def inherited_flags(parent: int) -> dict:
     got.update(r.recv())
     os.waitpid(pid, 0)
     return got
+
+
+def thread_outlives_target(q, out, ready, finalized):
+    """Start a thread (not a daemon, never joined) that waits for an item of
+    `q` and appends it to `out`, then return: the process waits for it."""
+    import multiprocessing.util
+    import sys
+
+    q.qsize()       # this process uses the manager (its goodbye is due at exit)
+
+    def consume():
+        ready.set()
+        out.append(q.get(timeout=30))
+
+    threading.Thread(target=consume).start()
+    assert ready.wait(10)
+    if sys.version_info < (3, 13):
+        # before 3.13 a child runs its finalizers before it waits for its threads;
+        # this one runs after procshare's goodbye (exitpriority 10)
+        multiprocessing.util.Finalize(None, finalized.set, exitpriority=9)
+    else:
+        finalized.set()
+
+
+def daemon_threads_blocked_at_exit(q, ev, stderr_path, ready):
+    """Leave daemon threads blocked on the manager and exit; what they print
+    goes to `stderr_path`."""
+    import sys
+
+    sys.stderr = open(stderr_path, "w")     # noqa: SIM115 (the process ends)
+    started = [threading.Event(), threading.Event()]
+
+    def blocked(i, call):
+        started[i].set()
+        call()
+
+    threads = [threading.Thread(target=blocked, args=(0, q.get), daemon=True),
+               threading.Thread(target=blocked, args=(1, ev.wait), daemon=True)]
+    for t in threads:
+        t.start()
+    for s in started:
+        assert s.wait(10)
+    ready.set()
+
+    def last():     # the last finalizer: a thread whose call failed has printed by now
+        for t in threads:
+            t.join(0.5)
+        sys.stderr.flush()
+
+    import multiprocessing.util
+    multiprocessing.util.Finalize(None, last, exitpriority=-100)
+
+
+def calls_after_shutdown(lst, used, shut):
+    """Use `lst`, wait until another process shut its manager down, then call
+    three times: is each error a BrokenPipeError?"""
+    lst.append(1)
+    used.set()
+    assert shut.wait(20)
+    out = []
+    for _ in range(3):
+        try:
+            lst.append(1)
+            out.append("ok")
+        except Exception as e:  # noqa: BLE001 - its type is the answer
+            out.append(isinstance(e, BrokenPipeError))
+    return out

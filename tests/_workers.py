@@ -787,3 +787,35 @@ def the_counter():
         _THE_COUNTER = SlowCounter()
     return _THE_COUNTER
 
+
+
+@_builder
+def FivePartProxy(m):
+    """A proxy whose __init__ has the stdlib's first five parameters only
+    (no `incref`): the stdlib calls it that way."""
+    class FivePartProxy(m.BaseProxy):
+        _exposed_ = ("value", "bump", "make_child")
+
+        def __init__(self, token, serializer, manager=None, authkey=None, exposed=None):
+            super().__init__(token, serializer, manager, authkey, exposed)
+
+        def value(self):
+            return self._callmethod("value")
+
+        def make_child(self, n):
+            return self._callmethod("make_child", (n,))
+
+    return FivePartProxy
+
+
+@_builder
+def FivePartManager(m):
+    class FivePartManager(m.BaseManager):
+        pass
+
+    proxy = get_class(m, "FivePartProxy")
+    FivePartManager.register("Child", Child, proxytype=proxy)
+    FivePartManager.register("Parent", Parent, proxytype=proxy,
+                             method_to_typeid={"make_child": "Made"})
+    FivePartManager.register("Made", proxytype=proxy, create_method=False)
+    return FivePartManager

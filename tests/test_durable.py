@@ -416,7 +416,10 @@ def test_a_constructor_keyword_called_durable_is_left_alone():
     with procshare.SyncManager() as m:
         assert dict(m.dict(durable="yes")) == {"durable": "yes"}
         assert dict(m.dict(name="x")) == {"name": "x"}
-        assert dict(m.dict(durable=False, name="n")) == {"name": "n"}
+        # (a type not registered durable: durable=False means nothing to procshare)
+        assert dict(m.dict(durable=False, name="n")) == {"durable": False, "name": "n"}
+        ns = m.Namespace(durable=False)
+        assert ns.durable is False
 
 
 def _serve(address: str, state: str, key: str):

@@ -483,3 +483,34 @@ def test_demo_scenes(ctx):
         out.getvalue()
     text = out.getvalue()
     assert "DeadlockError" in text and "OwnerDiedWarning" in text
+
+
+def test_event_set_then_clear_wakes_every_waiter():
+    """A set() then clear() pulse wakes every server call waiting on the event
+    with True, as threading.Event's waiters (the wait re-checked the flag when
+    woken, found it cleared again, and slept on to its timeout, or forever)."""
+    from procshare.server import callctx, primitives
+
+    ev = primitives.Event()
+    ev._cond = threading.Condition(threading.RLock())   # (so the test can hold it)
+    got: list = []
+
+    def waiter() -> None:
+        call = callctx.CallState()
+        call.rid = 1
+        callctx.server_state.call = call        # (this thread serves a call)
+        try:
+            got.append(ev.wait(30))
+        finally:
+            callctx.server_state.call = None
+
+    threads = [threading.Thread(target=waiter) for _ in range(3)]
+    for t in threads:
+        t.start()
+    assert poll(lambda: len(ev._cond._waiters) == 3, WAIT), "the waiters never waited"
+    with ev._cond:      # both before any waiter looks again
+        ev.set()
+        ev.clear()
+    for t in threads:
+        t.join(WAIT)
+    assert got == [True, True, True]

@@ -7,6 +7,7 @@ error raised while the manager creates an object is a RemoteError."""
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
@@ -114,3 +115,65 @@ def test_waits_with_a_nan_timeout_return_at_once(manager):
     t.start()
     t.join(10)
     assert not t.is_alive() and got == {"event": False, "cond": False}
+
+
+def test_a_thread_that_outlives_its_process_target_keeps_its_calls(manager, ctx):
+    """A child's target returns while a thread it started (not a daemon) waits
+    in the manager: the process waits for that thread, and its call goes on
+    (procshare said goodbye at the target's end, before Python 3.13, and the
+    manager cancelled the call: ClientGone)."""
+    q = manager.Queue()
+    out = manager.list()
+    ready, finalized = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=lw.thread_outlives_target, args=(q, out, ready, finalized))
+    p.start()
+    try:
+        assert finalized.wait(15), "the child's target never returned"
+        q.put("item")
+        p.join(20)
+        assert p.exitcode == 0
+        assert list(out) == ["item"]
+    finally:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+        ready = finalized = p = None    # (their named semaphores go with them)
+        gc.collect()
+
+
+def test_daemon_threads_blocked_in_the_manager_end_silently(manager, ctx, tmp_path):
+    """Daemon threads still waiting in the manager when their process exits
+    end silently, as the stdlib's (procshare's goodbye cancelled their calls,
+    and each printed a traceback on the way out)."""
+    q = manager.Queue()
+    ev = manager.Event()
+    ready = ctx.Event()
+    err = tmp_path / "stderr.txt"
+    p = ctx.Process(target=lw.daemon_threads_blocked_at_exit, args=(q, ev, str(err), ready))
+    p.start()
+    p.join(20)
+    assert ready.is_set() and p.exitcode == 0
+    assert err.read_text() == ""
+    ready = p = None    # (their named semaphores go with them)
+    gc.collect()
+
+
+def test_calls_after_another_process_shut_the_manager_down_are_broken_pipes(impl, ctx):
+    """A process whose manager another process shut down gets BrokenPipeError
+    from its proxies, every time, as with the stdlib (procshare's second call
+    reconnected and raised a FileNotFoundError that `except BrokenPipeError:`
+    missed)."""
+    m = impl.SyncManager(ctx=ctx)
+    m.start()
+    used, shut = ctx.Event(), ctx.Event()
+    try:
+        lst = m.list()
+        child = _workers.start_child(ctx, lw.calls_after_shutdown, lst, used, shut)
+        assert used.wait(15)
+        m.shutdown()
+        shut.set()
+        assert child.result(20) == [True, True, True]
+    finally:
+        m.shutdown()
+        used = shut = child = lst = None    # (their named semaphores go with them)
+        gc.collect()

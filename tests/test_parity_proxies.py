@@ -14,7 +14,7 @@ import time
 import pytest
 
 import _workers
-from _helpers import assert_not_exposed, is_stdlib
+from _helpers import assert_not_exposed, is_stdlib, poll
 
 # -- 8. nested proxies ----------------------------------------------------------
 
@@ -269,3 +269,64 @@ def test_non_callable_exposed_attribute(impl, ctx):
             assert value == 42
             assert _workers.run_child(ctx, _workers.attr_read, w) == 42
         del w
+
+
+def test_a_proxy_type_without_incref(impl, ctx):
+    """A user's proxy type whose __init__ takes the stdlib's first five
+    parameters (no `incref`) works for created objects and for objects a
+    method returns, and gives its references back (procshare passed
+    incref=False: a TypeError, and the created object leaked)."""
+    with _workers.get_class(impl, "FivePartManager")(ctx=ctx) as m:
+        child = m.Child(3)
+        assert child.value() == 3
+        parent = m.Parent()
+        made = parent.make_child(7)
+        assert type(made).__name__.endswith("FivePartProxy") and made.value() == 7
+        assert m._number_of_objects() == 3
+        del child, made, parent
+        assert poll(lambda: m._number_of_objects() == 0, 10), m._number_of_objects()
+
+
+def test_proxies_returned_in_a_process_that_runs_the_server_use_its_authkey(impl):
+    """A server running in this process (get_server().serve_forever() in a
+    thread) with its own authkey: a proxy it returns, which this process
+    rebuilds, calls with the server's key, not this process's."""
+    srv = impl.SyncManager(address=("127.0.0.1", 0), authkey=b"not-the-process-key").get_server()
+    def serve():
+        try:
+            srv.serve_forever()
+        except SystemExit:      # (how both end serve_forever once stopped)
+            pass
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        m = impl.SyncManager(address=srv.address, authkey=b"not-the-process-key")
+        m.connect()
+        d = m.dict()
+        d["l"] = m.list([1, 2])
+        assert d["l"][:] == [1, 2]
+        ns = m.Namespace()
+        ns.q = m.Queue()
+        assert ns.q.qsize() == 0
+        del d, ns
+    finally:
+        srv.stop_event.set()
+        t.join(10)
+    assert not t.is_alive()
+    if impl.__name__.startswith("procshare"):
+        # the process runs no server any more: proxies it makes later are not its own
+        from procshare.inprocess import local_server
+        assert local_server() is None
+
+
+def test_an_object_goes_when_its_last_proxy_goes(impl, ctx):
+    """The manager drops an object once its last proxy is gone, also the
+    object this process called last (procshare's connection thread kept it
+    until its next call: a proxy stored in it kept another manager's object)."""
+    with impl.SyncManager(ctx=ctx) as a, impl.SyncManager(ctx=ctx) as b:
+        d = b.dict()
+        d["x"] = a.list([1])
+        assert a._number_of_objects() == 1
+        del d
+        assert poll(lambda: a._number_of_objects() == 0, 10), a._number_of_objects()

@@ -3,6 +3,8 @@ Barrier through the manager, across real processes."""
 
 from __future__ import annotations
 
+import math
+import sys
 import threading
 import time
 
@@ -215,3 +217,108 @@ def test_barrier_timeout_breaks(manager):
         b.wait(0.2)
     assert time.monotonic() - t0 < 3.0
     assert b.broken is True
+
+
+# -- odd arguments, checked as threading checks them ----------------------------
+
+def _outcome(func, *args):
+    """What `func(*args)` returns, or the type of what it raises."""
+    try:
+        return func(*args)
+    except Exception as e:  # noqa: BLE001 - the type is the outcome
+        return type(e)
+
+
+def _same_outcome(want, got, what):
+    if isinstance(want, type):      # an error: the same type (or a subclass of it)
+        assert isinstance(got, type) and issubclass(got, want), (what, want, got)
+    else:
+        assert got == want, (what, want, got)
+
+
+#: (blocking, timeout) calls that never wait on a free lock.  Before 3.12
+#: `blocking` must be an int; NaN is a ValueError; a timeout the lock cannot
+#: wait for (inf, 1e10, 2**64) an OverflowError, also for a non-blocking call
+ODD_ACQUIRES = [
+    (True, math.nan), (True, math.inf), (True, -math.inf), (True, "x"), (True, 2**64),
+    (True, 1e10), (True, -0.5), (True, -1), (True, 0), (True, 0.01), (True, True),
+    (False, "x"), (False, math.inf), (False, math.nan), (False, 0.5), (False, -1), (False,),
+    (0.5,), (None,), ("x",), (2**64,), ([],), (None, 1), (0.0, 1),
+]
+
+
+@pytest.mark.parametrize("kind", ["Lock", "RLock"])
+def test_acquire_arguments_are_checked_as_threading_checks_them(manager, kind):
+    """Each odd acquire() on a free lock returns or raises what a threading
+    lock of this Python does (procshare accepted `acquire(0.5)` and then
+    waited forever on a held lock, and took NaN and inf as timeouts)."""
+    for args in ODD_ACQUIRES:
+        want = _outcome(getattr(threading, kind)().acquire, *args)
+        lock = getattr(manager, kind)()
+        _same_outcome(want, _outcome(lock.acquire, *args), (kind, args))
+
+
+@pytest.mark.parametrize("kind", ["Lock", "RLock"])
+def test_acquire_arguments_on_a_held_lock(manager, kind):
+    """A held lock checks its arguments first, and a NaN timeout is an error,
+    not a failed acquire."""
+    lock = getattr(manager, kind)()
+    assert lock.acquire()
+    old = sys.version_info < (3, 12)        # blocking is parsed as an int
+    cases = [((True, math.nan), ValueError), ((True, "x"), TypeError),
+             ((None,), TypeError if old else False), ((True, 0.05), False), ((False,), False)]
+    if old:     # (on 3.12 and later it waits forever, as threading's does)
+        cases.append(((0.5,), TypeError))
+    other: list = []
+    t = threading.Thread(target=lambda: other.extend(
+        _outcome(lock.acquire, *args) for args, _ in cases))
+    t.start()
+    t.join(30)
+    assert not t.is_alive()
+    assert other == [want for _, want in cases]
+    lock.release()
+
+
+def test_lock_takes_no_argument_and_rlock_ignores_them(impl, manager):
+    """`Lock(0)` is refused, as `threading.Lock(0)` is; `RLock(0)` is a plain
+    RLock (procshare took the count of a semaphore: `Lock(0)` was created held
+    and `RLock(2)` had two owners at once)."""
+    with pytest.raises(impl.RemoteError):
+        manager.Lock(0)
+    for count in (0, 2):
+        lock = manager.RLock(count)
+        assert lock.acquire(True, 1) is True
+        got: list = []
+        t = threading.Thread(target=lambda g=got, lk=lock: g.append(lk.acquire(True, 0.05)))
+        t.start()
+        t.join(30)
+        assert got == [False]       # held by this thread: one owner at a time
+        lock.release()
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_event_wait_timeouts_as_threading(manager, flag):
+    """A set event returns True whatever the timeout (threading never looks at
+    it); an unset one raises what threading raises, and returns at once for a
+    NaN or negative timeout."""
+    for timeout in ("x", [1], math.nan, -1, 0, 2**64, math.inf, 1e10, 0.01):
+        local = threading.Event()
+        ev = manager.Event()
+        if flag:
+            local.set()
+            ev.set()
+        _same_outcome(_outcome(local.wait, timeout), _outcome(ev.wait, timeout),
+                      (flag, timeout))
+
+
+def test_condition_wait_timeouts_as_threading(manager):
+    """Condition.wait raises what threading raises for a timeout it cannot
+    use, and keeps its lock; a NaN or negative one returns False at once."""
+    local = threading.Condition()
+    cond = manager.Condition()
+    with local, cond:
+        for timeout in ("x", 2**64, math.inf, math.nan, -1, 0):
+            _same_outcome(_outcome(local.wait, timeout), _outcome(cond.wait, timeout),
+                          timeout)
+    with pytest.raises(RuntimeError):
+        cond.release()      # released once, by the with: it was held all along

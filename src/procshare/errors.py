@@ -461,17 +461,23 @@ _SIGNAL_CAUSES = {
 }
 
 
-def manager_crashed(address: Any, cause: BaseException | None) -> ManagerCrashed:
+def manager_crashed(address: Any, cause: BaseException | None,
+                    reached_before: bool = False) -> ManagerCrashed:
     """Build the error for a manager at `address` that cannot be reached.
 
     The class matches the cause (see `ManagerCrashed`); the message says whether
     the manager was shut down by this process, killed by a signal or exited, and
-    ends with the last lines of its log when this process started it."""
+    ends with the last lines of its log when this process started it.  A
+    manager this process `reached_before` that is not there any more is also
+    a BrokenPipeError (`_SHUT_DOWN_CLASSES`), as the stdlib's calls on their
+    connections from before raise, whoever shut it down."""
     cls: type = ManagerCrashed
     for base, sub in _CRASH_CLASSES:
         if isinstance(cause, base):
             cls = sub
             break
+    if reached_before:
+        cls = _SHUT_DOWN_CLASSES.get(cls, cls)
     why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
     facts: dict[str, Any] = {"address": address}
     if cause is not None:

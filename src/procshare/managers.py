@@ -74,6 +74,7 @@ from .client.proxy import (  # noqa: F401  (the stdlib module has all these name
     convert_to_error,
     raise_reply,
 )
+from .client.proxy import adopting_proxy as _adopting_proxy
 from .errors import RemoteError  # noqa: F401  (re-exported, as in the stdlib)
 from .server import primitives
 from .server.durables import UNNAMED_KEY, durable_option
@@ -580,10 +581,9 @@ class BaseManager:
                     ser = serializers.typed_serializer(ser, serializer)
                     token, exp, attrs = _create_typed(self, ser, typeid, args, kwds)
                 extra = {"attributes": attrs} if proxytype is AutoProxy else {}
-                proxy = proxytype(token, ser, manager=self,
-                                  authkey=self._authkey, exposed=exp, incref=False, **extra)
-                proxy._track(False)     # created for this process's client
-                return proxy
+                # (created for this process's client)
+                return _adopting_proxy(proxytype, token, ser, manager=self,
+                                       authkey=self._authkey, exposed=exp, **extra)
             temp.__name__ = typeid
             setattr(cls, typeid, temp)
 
@@ -671,6 +671,33 @@ def _start_server_log(logdir: str) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)
+        os.register_at_fork(before=_hold_sigterm, after_in_parent=_restore_sigterm,
+                            after_in_child=lambda: _restore_sigterm(on_sigterm))
+
+
+#: the forking thread's signal mask before `_hold_sigterm`
+_mask_before_fork = threading.local()
+
+
+def _hold_sigterm() -> None:
+    """(before a fork in the manager) The child (a Pool's worker) must die of
+    SIGTERM at once, as the stdlib's workers do, so it must not inherit the
+    manager's Python handler: a SIGTERM that reached a new child before Python
+    had set itself up there was dropped (CPython clears the signals it caught
+    after a fork), and Pool.terminate() waited for that worker forever.  So
+    the forking thread holds SIGTERM back until the child has SIG_DFL."""
+    _mask_before_fork.mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _restore_sigterm(handler: Any = None) -> None:
+    """(after a fork) In the child, SIG_DFL instead of `handler`; then the
+    mask from before the fork, which delivers a SIGTERM held meanwhile."""
+    if handler is not None and signal.getsignal(signal.SIGTERM) is handler:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    mask = getattr(_mask_before_fork, "mask", None)
+    if mask is not None:
+        _mask_before_fork.mask = None
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _log_tail(logdir: str | None, n: int = 10) -> list[str]:

@@ -2,8 +2,9 @@
 
 Owns: `Namespace`, `Value` and `Array` (the plain SyncManager types, as
 `multiprocessing.managers` defines them), `update_item` (the one-step update
-behind `DictProxy.update_item`), `check_acquire_args` (threading's
-validation of `acquire(blocking, timeout)`), the concurrency rule's test
+behind `DictProxy.update_item`), `check_acquire_args` and
+`check_wait_timeout` (threading's validation of `acquire(blocking,
+timeout)` and of a wait's timeout), the concurrency rule's test
 (`is_thread_safe`: which objects synchronize themselves) and the method
 listings of a referent (`all_methods`, `public_methods`).
 
@@ -22,11 +23,12 @@ from __future__ import annotations
 import array
 import queue
 import threading
+from _thread import allocate_lock as _allocate_lock
 from itertools import islice
 from multiprocessing import pool as mp_pool
 from typing import Any
 
-__all__ = ["Namespace", "Value", "Array", "update_item", "check_acquire_args",
+__all__ = ["Namespace", "Value", "Array", "update_item", "check_acquire_args", "check_wait_timeout",
            "is_thread_safe", "all_methods", "public_methods", "PRIMITIVE_TYPES",
            "THREAD_SAFE_TYPES"]
 
@@ -84,18 +86,34 @@ def update_item(obj: Any, key: Any, func: Any, default: Any, use_default: bool,
 
 def check_acquire_args(blocking: bool, timeout: float | None, lock_style: bool) -> float | None:
     """Validate acquire() arguments like threading does; None means forever.
-    `lock_style`: Lock/RLock's (blocking, timeout=-1); else Semaphore's."""
+    `lock_style`: Lock/RLock's (blocking, timeout=-1); else Semaphore's.
+
+    A lock's checks are its own: a fresh lock, which is free and so never
+    waits, takes the same arguments, so every error (its type, its order,
+    its words) is this Python's: `blocking` must be an int before 3.12, a
+    NaN timeout is a ValueError, one the lock cannot wait for (inf, 1e10) an
+    OverflowError, and a timeout that rounds to -1 (-0.9999999999) means
+    forever."""
     if lock_style:
         if timeout is None:
             timeout = -1
-        if not blocking and timeout != -1:
-            raise ValueError("can't specify a timeout for a non-blocking call")
-        if timeout < 0 and timeout != -1:
-            raise ValueError("timeout value must be a non-negative number")
-        return None if timeout == -1 else float(timeout)
+        probe = _allocate_lock()
+        probe.acquire(blocking, timeout)
+        # (valid: a negative timeout is -1, or rounds to it)
+        return None if timeout < 0 else float(timeout)
     if not blocking and timeout is not None:
         raise ValueError("can't specify timeout for non-blocking acquire")
     return timeout
+
+
+def check_wait_timeout(timeout: Any) -> None:
+    """Raise what `threading.Condition.wait(timeout)` raises for a timeout
+    it cannot use, before it waits: what cannot be compared with 0 (a
+    TypeError), and a positive one its lock cannot wait for (inf, 2**64: an
+    OverflowError), checked by a fresh lock, which never waits.  NaN and
+    negative timeouts are fine: such a wait returns at once."""
+    if timeout is not None and timeout > 0:
+        _allocate_lock().acquire(True, timeout)
 
 
 # -- the concurrency rule ------------------------------------------------------------

@@ -239,10 +239,10 @@ class BaseProxy:
             proxytype = spec[-1]
         elif proxytype is None:
             proxytype = AutoProxy
-        proxy = proxytype(token, self._serializer, manager=self._manager,
-                          authkey=self._authkey, exposed=exposed, incref=False)
+        # (the manager counted the reference for this process's client)
+        proxy = adopting_proxy(proxytype, token, self._serializer, manager=self._manager,
+                               authkey=self._authkey, exposed=exposed)
         _set_attributes(proxy, attrs)
-        proxy._track(False)     # the manager counted it for this process's client
         proxy._timeout = self._timeout
         return proxy
 
@@ -343,6 +343,35 @@ def release_discarded_loans(body: bytes) -> None:
 serializers.discarded_body_hooks.append(release_discarded_loans)
 
 
+_takes_incref: dict = {}
+
+
+def adopting_proxy(proxytype: Any, token: Token, serializer: Any, **kwds: Any) -> Any:
+    """A new proxy of `proxytype` for a reference the manager already counted
+    for this process (a create, a method that returns a proxy), tracked so
+    that it is given back when the proxy goes.  A proxy type or factory that
+    takes no `incref` (a user's `__init__` with the stdlib's first five
+    parameters, which the stdlib only ever calls that way) takes a reference
+    of its own as well, given back the same way."""
+    takes = _takes_incref.get(proxytype)
+    if takes is None:
+        takes = _takes_incref[proxytype] = _accepts(proxytype, "incref")
+    proxy = (proxytype(token, serializer, incref=False, **kwds) if takes
+             else proxytype(token, serializer, **kwds))
+    proxy._track(False)
+    return proxy
+
+
+def _accepts(func: Any, name: str) -> bool:
+    """Does `func` take a keyword argument `name` (True if it cannot be told)?"""
+    import inspect
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def _set_attributes(proxy: BaseProxy, attrs: Any) -> None:
     if attrs:
         object.__setattr__(proxy, "_attributes_", tuple(attrs))
@@ -368,6 +397,8 @@ def RebuildProxy(func: Any, token: Token, serializer: Any, kwds: dict) -> Any:
         kwds["authkey"] = server.authkey
     if server is not None and server.address == token.address:
         kwds["manager_owned"] = True
+        if kwds.get("authkey") is None:     # the server's key, not this process's
+            kwds["authkey"] = server.authkey
     elif kwds.get("authkey") is None:
         key = authkey_for(token.address)    # the manager's key, if we use another one
         if key is not None:

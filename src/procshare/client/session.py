@@ -236,18 +236,23 @@ class Connection:
             raise self._broken(e, deadline) from None
         try:
             try:
-                return self.wait_reply(rid, deadline)
+                reply = self.wait_reply(rid, deadline)
             except TimeoutError:
                 if not self._settle(rid):
                     raise           # the caller says which call timed out
                 # the manager finished the call or gave it up: its reply is coming
                 self.pending.discard(rid)
-                return self.wait_reply(rid, _monotonic() + LATE_REPLY)
+                reply = self.wait_reply(rid, _monotonic() + LATE_REPLY)
         except TimeoutError:
+            _leave_quietly(self.session)
             raise                   # the caller says which call timed out
         except (EOFError, OSError) as e:
+            _leave_quietly(self.session)
             self.close()
             raise self._broken(e, deadline) from None
+        if self.session.leaving and reply[0] != Kind.RETURN:
+            _leave_quietly(self.session)
+        return reply
 
     def _broken(self, cause: BaseException, deadline: float | None = None) -> ManagerCrashed:
         """The error for a call whose connection broke: ObjectLost (without the
@@ -350,6 +355,7 @@ class Session:
         self.supervised = getattr(self, "supervised", False)
         self.epoch = getattr(self, "epoch", 0)   # +1 each time the manager came back
         self.closed = False
+        self.leaving = False        # this process is saying goodbye (`say_goodbye`)
         self._numbers = itertools.count(1)    # connection numbers (the manager's cancel key)
         self.token = secrets.token_hex(4)     # with them, the key of a durable call
         self.pipes: weakref.WeakSet = weakref.WeakSet()   # pipelined connections
@@ -623,7 +629,7 @@ class Session:
     # -- failures -------------------------------------------------------------------
     def crashed(self, cause: BaseException) -> ManagerCrashed:
         """The error for a manager that cannot be reached (see `errors`)."""
-        return manager_crashed(self.address, cause)
+        return manager_crashed(self.address, cause, reached_before=self.boot is not None)
 
     def close(self) -> None:
         for pipe in list(self.pipes):
@@ -710,17 +716,53 @@ def _goodbye_at_exit() -> None:
 def say_goodbye() -> None:
     """This process is exiting: tell every manager it uses, so that its
     references are released and nothing it holds counts as an owner that
-    died (its locks stay held, as with threading, for another to release)."""
+    died (its locks stay held, as with threading, for another to release).
+
+    A multiprocessing child before Python 3.13 runs this before it waits for
+    its threads: one that still runs (not a daemon) may still use the
+    managers, and blocked calls would be cancelled under it.  The goodbye
+    then waits for those threads, in a thread of its own that the process
+    waits for too."""
+    me = threading.current_thread()
+    busy = [t for t in threading.enumerate()
+            if t is not me and not t.daemon and t.is_alive() and t is not threading.main_thread()]
+    if busy:
+        try:
+            threading.Thread(target=_goodbye_after, args=(busy,),
+                             name="procshare-goodbye").start()
+            return
+        except RuntimeError:    # (no new thread at interpreter shutdown): say it now
+            pass
+    _goodbye()
+
+
+def _goodbye_after(threads: list) -> None:
+    for t in threads:
+        t.join()
+    _goodbye()
+
+
+def _goodbye() -> None:
     server = local_server()
     for s in list(_sessions.values()):
         if s.closed or s.control is None or (server is not None and
                                              server.address == s.address):
             continue
+        s.leaving = True
         try:
             s.control_call("goodbye", timeout=1.0)
         except Exception as e:
             log.debug("no goodbye to %r: %r", s.address, e)
         s.close()
+
+
+def _leave_quietly(session: Session) -> None:
+    """A call failed while this process says goodbye (its manager cancels what
+    it waited for): a daemon thread waits until the process exits instead of
+    raising, as it would have if nothing had woken it (the stdlib's would
+    still be waiting: daemon threads end silently)."""
+    if session.leaving and threading.current_thread().daemon:
+        threading.Event().wait()
 
 
 # -- fork -------------------------------------------------------------------------

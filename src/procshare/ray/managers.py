@@ -59,6 +59,7 @@ from ..client.proxy import (
     NamespaceProxy,
     SetProxy,
     ValueProxy,
+    adopting_proxy,
 )
 from ..stdtypes import Array, Namespace, Value
 from ..wire.records import Token
@@ -429,14 +430,16 @@ class RayBaseManager:
         if create_method:
             def temp(self: RayBaseManager, /, *args: Any, **kwds: Any) -> Any:
                 util.debug("requesting creation of a shared %r object", typeid)
-                durable_ = kwds.pop("durable") if isinstance(kwds.get("durable"), bool) \
-                    else None
+                # durable=True, or False for a typeid registered durable; any other
+                # durable= is the constructor's (as in the stdlib)
+                asked = kwds.get("durable")
+                durable_ = kwds.pop("durable") if asked is True or (
+                    asked is False and durable) else None
                 token, exp, attrs = self._create_full(typeid, args, kwds, durable_)
                 extra = {"attributes": attrs} if proxytype is AutoProxy else {}
-                proxy = proxytype(token, self._serializer, manager=self,
-                                  authkey=self._authkey, exposed=exp, incref=False, **extra)
-                proxy._track(False)     # created for this process's client
-                return proxy
+                # (created for this process's client)
+                return adopting_proxy(proxytype, token, self._serializer, manager=self,
+                                      authkey=self._authkey, exposed=exp, **extra)
             temp.__name__ = typeid
             setattr(cls, typeid, temp)
 

@@ -36,7 +36,7 @@ import threading
 import time
 from typing import Any
 
-from ..stdtypes import check_acquire_args
+from ..stdtypes import check_acquire_args, check_wait_timeout
 from ..wire.kinds import Kind
 from ..wire.records import is_proxy
 
@@ -221,11 +221,17 @@ class _Acquirer:
 class Lock(_Acquirer):
     """`threading.Lock`: any process or thread may release it."""
 
+    def __init__(self) -> None:       # (threading.Lock() takes no argument)
+        super().__init__(1)
+
 
 class RLock(_Acquirer):
     """`threading.RLock`: re-entrant per client thread; only the owner releases it."""
 
     _reentrant = True
+
+    def __init__(self, *args: Any, **kwds: Any) -> None:
+        super().__init__(1)     # threading.RLock ignores its arguments (3.13: warns)
 
     async def release(self) -> None:
         me = caller()
@@ -332,6 +338,7 @@ class Condition:
         me = caller()
         if not await _maybe(self._lock._is_owned_by(me)):
             raise RuntimeError("cannot wait on un-acquired lock")
+        check_wait_timeout(timeout)     # threading's errors, before anything changes
         fut = asyncio.get_running_loop().create_future()
         self._sleepers.append(fut)
         saved = await _maybe(self._lock._release_save(me))
@@ -409,6 +416,7 @@ class Event:
     async def wait(self, timeout: float | None = None) -> bool:
         if self._flag:
             return True
+        check_wait_timeout(timeout)
         sets = self._sets
         limit, by_deadline = limit_for(timeout)
         if await _until(lambda: self._flag or self._sets != sets, limit, self._waiters):

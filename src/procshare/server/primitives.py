@@ -41,7 +41,7 @@ from multiprocessing import util as mp_util
 from typing import Any
 
 from ..errors import OwnerDiedWarning
-from ..stdtypes import check_acquire_args
+from ..stdtypes import check_acquire_args, check_wait_timeout
 from . import locktable
 from .callctx import (
     Cancelled,
@@ -310,6 +310,9 @@ class Lock(_Acquirer):
     is allowed, and from then on the lock counts as a signal (its waits are
     never reported as deadlocks)."""
 
+    def __init__(self) -> None:       # (threading.Lock() takes no argument)
+        super().__init__(1)
+
     def __repr__(self) -> str:
         state = "locked" if self._value <= 0 else "unlocked"
         return f"<{state} _thread.lock object at {id(self):#x}>"
@@ -331,6 +334,9 @@ class RLock(_Acquirer):
     """A re-entrant lock owned by one client thread (like threading.RLock)."""
 
     _reentrant = True
+
+    def __init__(self, *args: Any, **kwds: Any) -> None:
+        super().__init__(1)     # threading.RLock ignores its arguments (3.13: warns)
 
     def _release_as(self, me: Owner, n: int = 1) -> None:
         with self._mutex:
@@ -482,7 +488,8 @@ class Condition:
         lock = self._lock
         if not lock._is_owned_by(me):
             raise RuntimeError("cannot wait on un-acquired lock")
-        limit, by_deadline = wait_limit(timeout)    # (a bad timeout: nothing changed)
+        check_wait_timeout(timeout)                 # (a bad timeout: nothing changed)
+        limit, by_deadline = wait_limit(timeout)
         sleeper = _Sleeper(Wait(me, c, self, timeout is not None, "notify"))
         with lock._mutex:
             self._waiters.append(sleeper)
@@ -599,7 +606,20 @@ class Event(threading.Event):
     _procshare_concurrent_ = True
     __repr__ = _threading_repr
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._sets = 0      # set() calls: a waiter woken by one returns True
+
+    def set(self) -> None:
+        with self._cond:
+            self._flag = True
+            self._sets += 1
+            self._cond.notify_all()
+
     def wait(self, timeout: float | None = None) -> bool:
+        if self._flag:      # as threading's: the timeout is not even looked at
+            return True
+        check_wait_timeout(timeout)
         limit, by_deadline = wait_limit(timeout)
         call = current_call()
         if call is None:
@@ -622,7 +642,10 @@ class Event(threading.Event):
         call.waker = wake
         try:
             with cond:
-                while not self._flag:
+                # a set() while it waits wakes it with True, as threading's, even
+                # if a clear() came before it looks again (a set-clear pulse)
+                sets = self._sets
+                while not self._flag and self._sets == sets:
                     check_cancelled(call, "Event.wait")
                     if endtime is None:
                         cond.wait()
@@ -631,7 +654,7 @@ class Event(threading.Event):
                     if left <= 0:
                         break
                     cond.wait(left)
-                return self._flag
+                return self._flag or self._sets != sets
         finally:
             call.waker = None
 
@@ -874,5 +897,48 @@ def _terminate_idle_first(taskqueue: Any, inqueue: Any, outqueue: Any, pool: lis
         end = time.monotonic() + POOL_IDLE_EXIT
         for p in list(pool):
             p.join(max(0.0, end - time.monotonic()))
-    mp_pool.Pool._terminate_pool(taskqueue, inqueue, outqueue, pool, change_notifier,
-                                 worker_handler, task_handler, result_handler, cache)
+    done = threading.Event()
+    if cache:
+        threading.Thread(target=_give_back_dead_writers_lock,
+                         args=(outqueue, pool, task_handler, done), daemon=True,
+                         name="procshare-pool-terminate").start()
+    try:
+        mp_pool.Pool._terminate_pool(taskqueue, inqueue, outqueue, pool, change_notifier,
+                                     worker_handler, task_handler, result_handler, cache)
+    finally:
+        done.set()
+
+
+#: how long the result queue's write lock must stay taken, every worker dead,
+#: before it counts as a killed worker's
+DEAD_LOCK_WAIT = 1.0
+
+
+def _give_back_dead_writers_lock(outqueue: Any, pool: list, task_handler: Any,
+                                 done: threading.Event) -> None:
+    """While the stdlib terminates a pool with tasks outstanding: a worker
+    SIGTERMed while it wrote a result still holds the result queue's write
+    lock, and the task handler, which writes a sentinel there, then waits for
+    it forever, and terminate() with it (with a manager client that leaves
+    `with manager.Pool()` just after an apply_async, 1 pool in 25 on 3.11 and
+    in 2 on 3.12).  Once every worker is dead and the lock has stayed taken
+    for `DEAD_LOCK_WAIT`, it was a dead worker's: it is released (a
+    multiprocessing Lock may be released by any process)."""
+    lock = getattr(outqueue, "_wlock", None)
+    if lock is None:
+        return
+    while not done.wait(0.05):
+        if not task_handler.is_alive():
+            return
+        if any(p.exitcode is None for p in list(pool)):
+            continue
+        if lock.acquire(timeout=DEAD_LOCK_WAIT):
+            lock.release()
+            continue
+        if done.is_set() or not task_handler.is_alive():
+            return
+        try:
+            lock.release()
+        except ValueError:      # (released meanwhile)
+            pass
+        return

@@ -255,6 +255,8 @@ class Server:
                     info.channel.flush_nowait()
             finally:
                 self.durables.close()
+                if local_server() is self:  # a process that goes on (serve_forever in a
+                    set_local_server(None)  # thread) runs no server any more
             if sys.stdout != sys.__stdout__:
                 sys.stdout = sys.__stdout__
                 sys.stderr = sys.__stderr__
@@ -481,8 +483,9 @@ class Server:
                             lock.release()
                     call.done_rid = rid         # the reply is made: a cancel is too late
                     # hold no argument or result while waiting for the next call: the
-                    # memory of a large one may be lent, released only when it goes
-                    result = args = kwds = bufs = None
+                    # memory of a large one may be lent, released only when it goes;
+                    # nor the object: dropped by its last proxy, it goes now
+                    result = args = kwds = bufs = fn = entry = None
                     if reply is _PACKED:
                         body, bufs = packed
                         packed = None
@@ -510,14 +513,14 @@ class Server:
                     if reply is RETURN_NONE and rid:    # a set, an append: no value
                         warns.clear()
                         call.done_rid = rid
-                        args = kwds = bufs = None
+                        args = kwds = bufs = entry = None
                         send_bytes(pack_frame(RETURN, rid, none_body))
                         continue
                 else:
                     reply = self._slow_call(info, oid, meth, args, kwds)
             warns.clear()
             call.done_rid = rid
-            args = kwds = bufs = None
+            args = kwds = bufs = entry = None
             if rid:
                 self._reply(ch, rid, *reply)
             reply = None
@@ -816,20 +819,25 @@ class Server:
         `durable=True` (or a mode, `"snapshot"`/`"journal"`) with an optional
         `name=` makes it durable (`durables`); a typeid registered with
         `durable=` is durable unless the call says `durable=False`.  A
-        `durable=` that is not one of those values, and `name=` without a true
-        `durable=`, are the constructor's own keywords."""
+        `durable=` that is not one of those values, `durable=False` for a
+        typeid not registered durable (as the stdlib, `dict(durable=False)`
+        is `{'durable': False}`), and `name=` without a true `durable=`, are
+        the constructor's own keywords."""
         unnamed = None
         if UNNAMED_KEY in kwds:     # procshare's own, never the constructor's
             kwds = dict(kwds)
             unnamed = kwds.pop(UNNAMED_KEY)
+        registered = getattr(self.registry.get(typeid), "durable", None)
         mode = durable_option(kwds["durable"]) if "durable" in kwds else None
+        if mode is False and not registered:
+            mode = None
         if mode is not None:
             kwds = dict(kwds)
             del kwds["durable"]
             if mode:
                 name = kwds.pop("name", None)
                 return self.durables.create(c.client, typeid, mode, name, args, kwds, unnamed)
-        elif getattr(self.registry.get(typeid), "durable", None):
+        elif registered:
             return self.durables.create(c.client, typeid, True, None, args, kwds, unnamed)
         return self._new_object(c.client, typeid, args, kwds)
 
