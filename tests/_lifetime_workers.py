@@ -192,3 +192,15 @@ def calls_after_shutdown(lst, used, shut):
         except Exception as e:  # noqa: BLE001 - its type is the answer
             out.append(isinstance(e, BrokenPipeError))
     return out
+
+
+def collect_while_opening(q):
+    """(a forked child, its collector on) Report whether it got this far, and
+    the decrefs still put off after its first call: the after-fork hook has
+    opened its control connection, with a collection in the middle."""
+    import gc
+
+    from procshare.client import session
+    gc.enable()
+    q.put("ran")
+    q.put(sum(len(s.deferred) for s in list(session._sessions.values())))

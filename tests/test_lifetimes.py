@@ -443,3 +443,54 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_a_collection_while_a_connection_opens_does_not_deadlock(sync, monkeypatch):
+    """A collection can run a proxy's finalizer while this thread opens a
+    connection, with the transport's (not re-entrant) mutex held: the forked
+    child's first connection, here, with proxies of the parent's in
+    unreachable cycles. Their decrefs must not open another connection there
+    (it deadlocked, and the parent waited in join() for ever); they go with
+    the next message. The collection is forced where it was seen to happen
+    (the arena pool made under the mutex), in place of an unlucky automatic one."""
+    import gc
+
+    from procshare.transport import slots
+    made = slots.ArenaPool
+
+    def collecting_pool(*args, **kwds):
+        gc.collect()
+        return made(*args, **kwds)
+
+    monkeypatch.setattr(slots, "ArenaPool", collecting_pool)
+
+    class Holder:
+        pass
+
+    ctx = multiprocessing.get_context("fork")
+    q = sync.Queue()
+    keep = sync.list()          # a live proxy: the child has references to adopt
+    base = len(sync.objects())
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(20):     # proxies only a collection frees
+            h = Holder()
+            h.me, h.p = h, sync.list()
+        del h
+        child = ctx.Process(target=lw.collect_while_opening, args=(q,))
+        child.start()
+    finally:
+        if enabled:
+            gc.enable()
+    child.join(WAIT)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail("the child deadlocked in a finalizer run while it opened a connection")
+    assert child.exitcode == 0
+    assert q.get(timeout=WAIT) == "ran"
+    assert q.get(timeout=WAIT) == 0          # the put-off decrefs were sent
+    gc.collect()                             # (the parent's cycles too)
+    assert poll(lambda: len(sync.objects()) <= base, WAIT), sync.objects()
+    del keep

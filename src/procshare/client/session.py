@@ -22,6 +22,12 @@ Rules it keeps:
   references at once and treats it as exited, not dead.  A control
   connection that breaks without a goodbye is replaced under the same client
   id; the manager keeps everything of a live process.
+- Reference traffic can start inside a garbage collection (a proxy's
+  finalizer), so it never opens a connection while this thread is opening
+  one (the transport's mutex may be held): such a decref waits and goes
+  with the next message (`control_send`).  And no frame here keeps an
+  exception whose traceback leads back to it (`_died_in_handshake`): the
+  cycle would keep the frames a finalizer interrupted, and their proxies.
 - A call abandoned by an exception inside its wait (Ctrl-C) is cancelled in
   the manager by request id (`Connection.abandon`), so it takes nothing.
 - At a call's deadline the client asks the manager to cancel it (`_settle`):
@@ -363,10 +369,20 @@ class Session:
         #: to a restarted manager); and whether that is due
         self.durable: dict[str, int] = getattr(self, "durable", {})
         self.reattach_due = False
+        #: decrefs a finalizer could not send without opening a connection while
+        #: this process was opening one (`control_send`); sent with the next message
+        self.deferred: list[tuple[str, tuple]] = []
 
     # -- connecting -------------------------------------------------------------
     def _open(self, role: str, thread: threading.Thread | None = None) -> Connection:
         """A new connection for `role`; its calls are `thread`'s (default: this one)."""
+        _opening.depth = getattr(_opening, "depth", 0) + 1
+        try:
+            return self._open_retrying(role, thread)
+        finally:
+            _opening.depth -= 1
+
+    def _open_retrying(self, role: str, thread: threading.Thread | None) -> Connection:
         end = None
         while True:
             try:
@@ -523,7 +539,20 @@ class Session:
         c = self.control
         if c is None:
             c = self.control = self._open("control")
+            if self.deferred:
+                self._send_deferred(c)
         return c
+
+    def _send_deferred(self, c: Connection) -> None:
+        """(with `lock` held) Send the decrefs `control_send` put off."""
+        try:
+            while self.deferred:
+                meth, args = self.deferred[0]
+                c.send_request(None, meth, args, {}, None, want_reply=False)
+                del self.deferred[0]
+        except Exception as e:  # the manager may be gone; nothing to release then
+            log.debug("put-off %s not delivered: %r", meth, e)
+            self.deferred.clear()
 
     def thread_conn(self) -> Connection:
         """This thread's call connection, opening or recycling one if needed."""
@@ -621,7 +650,16 @@ class Session:
         durable ones until its clean shutdown)."""
         try:
             with no_recover(), self.lock:
+                c = self.control
+                if c is None and getattr(_opening, "depth", 0):
+                    # a finalizer that a garbage collection ran while this thread
+                    # opens a connection (maybe with the transport's mutex held):
+                    # opening another one now could deadlock, so it waits
+                    self.deferred.append((meth, args))
+                    return
                 c = self._control_conn()
+                if self.deferred:
+                    self._send_deferred(c)
                 c.send_request(None, meth, args, {}, None, want_reply=False)
         except Exception as e:  # the manager may be gone; nothing to release then
             log.debug("%s%r not delivered: %r", meth, args, e)
@@ -772,6 +810,8 @@ _fork_loans: dict[Any, str] = {}
 
 #: set in a thread that must not wait for a manager to come back (fork hooks)
 _no_recover = threading.local()
+#: how many connections this thread is opening (`Session._open`)
+_opening = threading.local()
 
 
 @contextlib.contextmanager
