@@ -370,7 +370,7 @@ class Session:
         self.durable: dict[str, int] = getattr(self, "durable", {})
         self.reattach_due = False
         #: decrefs a finalizer could not send without opening a connection while
-        #: this process was opening one (`control_send`); sent with the next message
+        #: this thread was opening one (`control_send`); sent with the next message
         self.deferred: list[tuple[str, tuple]] = []
 
     # -- connecting -------------------------------------------------------------
