@@ -24,8 +24,9 @@ Rules it keeps:
   id; the manager keeps everything of a live process.
 - Reference traffic can start inside a garbage collection (a proxy's
   finalizer), so it never opens a connection while this thread is opening
-  one (the transport's mutex may be held): such a decref waits and goes
-  with the next message (`control_send`).  And no frame here keeps an
+  one (the transport's mutex may be held), nor waits for a session's lock
+  then: such a decref waits and goes first on the next use of the control
+  connection (`control_send`, `_control_conn`).  And no frame here keeps an
   exception whose traceback leads back to it (`_died_in_handshake`): the
   cycle would keep the frames a finalizer interrupted, and their proxies.
 - A call abandoned by an exception inside its wait (Ctrl-C) is cancelled in
@@ -536,11 +537,13 @@ class Session:
         return self.boot != before
 
     def _control_conn(self) -> Connection:
+        """(with `lock` held) The control connection, opened if need be; the
+        messages `control_send` put off go first."""
         c = self.control
         if c is None:
             c = self.control = self._open("control")
-            if self.deferred:
-                self._send_deferred(c)
+        if self.deferred:
+            self._send_deferred(c)
         return c
 
     def _send_deferred(self, c: Connection) -> None:
@@ -648,21 +651,25 @@ class Session:
         from a finalizer, so it never waits for a manager to come back (a
         restarted one lost the references of other objects anyway, and holds
         durable ones until its clean shutdown)."""
+        opening = getattr(_opening, "depth", 0)
+        # A finalizer that a garbage collection ran while this thread opens a
+        # connection (with the transport's mutex, maybe) neither opens another
+        # nor waits for the session of a thread that may wait for that mutex:
+        # its message waits, and goes first on the next use of the connection
+        if not self.lock.acquire(blocking=not opening):
+            self.deferred.append((meth, args))
+            return
         try:
-            with no_recover(), self.lock:
-                c = self.control
-                if c is None and getattr(_opening, "depth", 0):
-                    # a finalizer that a garbage collection ran while this thread
-                    # opens a connection (maybe with the transport's mutex held):
-                    # opening another one now could deadlock, so it waits
+            with no_recover():
+                if self.control is None and opening:
                     self.deferred.append((meth, args))
                     return
-                c = self._control_conn()
-                if self.deferred:
-                    self._send_deferred(c)
-                c.send_request(None, meth, args, {}, None, want_reply=False)
+                self._control_conn().send_request(None, meth, args, {}, None,
+                                                  want_reply=False)
         except Exception as e:  # the manager may be gone; nothing to release then
             log.debug("%s%r not delivered: %r", meth, args, e)
+        finally:
+            self.lock.release()
 
     # -- failures -------------------------------------------------------------------
     def crashed(self, cause: BaseException) -> ManagerCrashed:
