@@ -16,6 +16,9 @@ figure is a sum over all the measured rounds). A second table shows CPU per unit
 and manager together, with the ratio. Without ``--quick`` the small-call case covers at least
 20,000 calls per implementation. In the contended case the client side includes the workers'
 start-up (and under forkserver the workers are not our children, so their CPU is not seen).
+When the call case runs, the CPU table ends with the floor of a synchronous call that does not
+poll: a bare blocking round trip of a few bytes between two Python processes, measured the
+same way in the same run.
 
 ``--loaded`` starts two busy-loop Python processes per CPU (``os.cpu_count()``), at normal
 priority, before the first case and SIGKILLs their process group after the last one, also on
@@ -739,6 +742,53 @@ def memcpy_reference(size: int) -> float:
     return best
 
 
+def _echo(sock, warm: int, n: int) -> None:
+    """Child of `round_trip_floor`: echo warm + n messages, then send back its own
+    CPU seconds over the last n."""
+    recv, send = sock.recv, sock.send
+    for _ in range(warm):
+        send(recv(256))
+    t0 = client_cpu_seconds()
+    for _ in range(n):
+        send(recv(256))
+    sock.sendall(repr(client_cpu_seconds() - t0).encode())
+    sock.close()
+
+
+def round_trip_floor(env: Env, n: int) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of one blocking round trip of a call-sized message
+    over a Unix socket between this process and a child, both ends together: no
+    pickling, no polling, nothing but the two wakeups every synchronous call without
+    polling pays (the floor of such a call's CPU), best of three."""
+    import socket
+
+    best = (float("inf"), float("inf"))
+    for _ in range(3):
+        a, b = socket.socketpair()
+        warm = 200
+        child = env.ctx.Process(target=_echo, args=(b, warm, n), daemon=True)
+        child.start()
+        b.close()
+        try:
+            a.settimeout(env.timeout)
+            msg = b"x" * 60
+            for _ in range(warm):
+                a.send(msg)
+                a.recv(256)
+            c0, t0 = client_cpu_seconds(), time.perf_counter()
+            for _ in range(n):
+                a.send(msg)
+                a.recv(256)
+            wall = time.perf_counter() - t0
+            mine = client_cpu_seconds() - c0
+            theirs = float(a.recv(64).decode())
+        finally:
+            a.close()
+            child.join(env.timeout)
+        best = min(best, ((mine + theirs) / n, wall / n))
+    return best
+
+
 def _have_numpy() -> bool:
     try:
         import numpy  # noqa: F401
@@ -966,6 +1016,17 @@ def print_cpu_table(results: list[CaseResult], impl_names: list[str], env: Env) 
             row += (f"{sum(b[:2]) / sum(a[:2]):.2f}" if a and b and sum(a[:2]) else "-",)
         rows.append(row)
     notes = []
+    if "call" in {r.case.name for r in results}:
+        cpu, wall = round_trip_floor(env, 5000 if env.quick else 20000)
+        std = next((r.cpu("stdlib") for r in results if r.case.name == "call"), None)
+        vs = f" ({cpu / sum(std[:2]):.2f}x the stdlib's call)" if std else ""
+        notes.append(
+            f"floor, same run: a bare blocking round trip of 60 bytes over a Unix socket"
+            f" between two Python processes (no pickling, no polling) costs"
+            f" {per_unit(cpu, 'call')}{vs}, {short_time(wall)} wall: the two wakeups"
+            " any synchronous call pays unless it polls (PROCSHARE_SPIN_US=0 turns"
+            " procshare's polling off), so such a call's CPU stays near this figure."
+        )
     if env.ctx.get_start_method() == "forkserver" and any(
         isinstance(r.case, ContendedCase) for r in results
     ):
