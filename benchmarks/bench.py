@@ -991,8 +991,11 @@ def print_rows(rows: list[tuple], notes: list[str] | tuple = ()) -> None:
             print(note)
 
 
-def print_cpu_table(results: list[CaseResult], impl_names: list[str], env: Env) -> None:
-    """CPU per unit of work, client + manager, summed over each case's measured rounds."""
+def print_cpu_table(results: list[CaseResult], impl_names: list[str], env: Env,
+                    idle: bool = True) -> None:
+    """CPU per unit of work, client + manager, summed over each case's measured rounds;
+    on an idle run with the call case, then the floor of a call that does not poll (a
+    busy machine has no floor to show: a wakeup there finds its core running already)."""
     print(
         "\nCPU time per unit of work: client (getrusage: self + joined worker children)"
         " + manager server (/proc/<pid>/stat utime + stime), over all measured rounds."
@@ -1016,7 +1019,7 @@ def print_cpu_table(results: list[CaseResult], impl_names: list[str], env: Env) 
             row += (f"{sum(b[:2]) / sum(a[:2]):.2f}" if a and b and sum(a[:2]) else "-",)
         rows.append(row)
     notes = []
-    if "call" in {r.case.name for r in results}:
+    if idle and "call" in {r.case.name for r in results}:
         cpu, wall = round_trip_floor(env, 5000 if env.quick else 20000)
         std = next((r.cpu("stdlib") for r in results if r.case.name == "call"), None)
         vs = f" ({cpu / sum(std[:2]):.2f}x the stdlib's call)" if std else ""
@@ -1205,7 +1208,7 @@ def main(argv=None) -> int:
     print_table(results, names)
     print_memcpy_notes(results)
     if env.cpu:
-        print_cpu_table(results, names, env)
+        print_cpu_table(results, names, env, idle=not load_procs)
     print(f"\n({elapsed:.1f} s" + (f"; {load_note})" if load_note else ")"))
 
     if args.json:
