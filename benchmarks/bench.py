@@ -16,7 +16,7 @@ figure is a sum over all the measured rounds). A second table shows CPU per unit
 and manager together, with the ratio. Without ``--quick`` the small-call case covers at least
 20,000 calls per implementation. In the contended case the client side includes the workers'
 start-up (and under forkserver the workers are not our children, so their CPU is not seen).
-When the call case runs, the CPU table ends with the floor of a synchronous call that does not
+When the call case runs without --loaded, the CPU table ends with the floor of a synchronous call that does not
 poll: a bare blocking round trip of a few bytes between two Python processes, measured the
 same way in the same run.
 
