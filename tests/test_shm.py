@@ -803,8 +803,14 @@ def test_memory_is_released_with_the_last_reference(fmgr):
     del a
     assert b[0] == 5
     del b
-    time.sleep(0.2)
-    assert sw.memfd_count(fmgr.pid) == base + 1   # the dict still holds it
+
+    def only_the_dict_holds_it():
+        arrays = [o for o in fmgr.objects() if o["typeid"] == "SharedArray"]
+        return len(arrays) == 1 and arrays[0]["holders"] == {"@server": 1}
+
+    # both decrefs arrived (observable state, not a sleep), and the dict's keeps it
+    assert poll(only_the_dict_holds_it, WAIT), fmgr.objects()
+    assert sw.memfd_count(fmgr.pid) == base + 1
     held = sw.memfd_links(fmgr.pid)
     del d["a"]
     assert poll(lambda: sw.memfd_count(fmgr.pid) == base, WAIT), \
