@@ -300,11 +300,16 @@ def test_accept_loop_backs_off_when_out_of_descriptors():
     srv.listener.accept = accept
     t = threading.Thread(target=srv.accepter, daemon=True)
     t.start()
-    time.sleep(0.5)
-    srv.stop_event.set()
-    t.join(5)
-    srv.listener.close()
-    assert 3 <= len(calls) <= 20, len(calls)     # backing off, not spinning
+    try:
+        assert poll(lambda: len(calls) >= 5, 10), calls
+    finally:
+        srv.stop_event.set()
+        t.join(5)
+        srv.listener.close()
+    # backing off, not spinning: each pause at least doubles, from 10 ms (a busy
+    # machine only makes a pause longer)
+    gaps = [b - a for a, b in zip(calls, calls[1:5])]
+    assert all(g >= 0.009 * 2 ** i for i, g in enumerate(gaps)), gaps
 
 
 def test_ended_leases_do_not_grow_without_bound():
@@ -445,7 +450,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_a_collection_while_a_connection_opens_does_not_deadlock(sync, monkeypatch):
+def test_a_collection_while_a_connection_opens_does_not_deadlock(sync, monkeypatch, request):
     """A collection can run a proxy's finalizer while this thread opens a
     connection, with the transport's (not re-entrant) mutex held: the forked
     child's first connection, here, with proxies of the parent's in
@@ -455,12 +460,19 @@ def test_a_collection_while_a_connection_opens_does_not_deadlock(sync, monkeypat
     (the arena pool made under the mutex), in place of an unlucky automatic one."""
     import gc
 
+    from procshare.client import session
     from procshare.transport import slots
     made = slots.ArenaPool
+    parent = os.getpid()
+    report_r, report_w = os.pipe()
+    request.addfinalizer(lambda: (os.close(report_r), os.close(report_w)))
 
     def collecting_pool(*args, **kwds):
         gc.collect()
-        return made(*args, **kwds)
+        if os.getpid() != parent and session._sessions:     # the child: what the
+            n = sum(len(s.deferred) for s in list(session._sessions.values()))
+            os.write(report_w, b"%d," % n)                  # decrefs did (a pipe: no
+        return made(*args, **kwds)                          # connection opens here)
 
     monkeypatch.setattr(slots, "ArenaPool", collecting_pool)
 
@@ -489,8 +501,95 @@ def test_a_collection_while_a_connection_opens_does_not_deadlock(sync, monkeypat
         child.join()
         pytest.fail("the child deadlocked in a finalizer run while it opened a connection")
     assert child.exitcode == 0
+    os.set_blocking(report_r, False)    # (the manager's server has the write end)
+    try:
+        put_off = os.read(report_r, 64)     # written before the child exited
+    except BlockingIOError:
+        put_off = b""
+    assert put_off and int(put_off.split(b",")[0]) > 0, put_off     # they were put off
     assert q.get(timeout=WAIT) == "ran"
-    assert q.get(timeout=WAIT) == 0          # the put-off decrefs were sent
+    assert q.get(timeout=WAIT) == 0          # ...and sent since
     gc.collect()                             # (the parent's cycles too)
     assert poll(lambda: len(sync.objects()) <= base, WAIT), sync.objects()
     del keep
+
+
+def test_a_collection_while_a_connection_opens_waits_for_no_other_threads_session(
+        sync, monkeypatch, request):
+    """The same collection, while another thread holds the lock of the session
+    the finalizers' decrefs are for, and waits for the transport's mutex that
+    this thread holds (it opens its own connection too). A decref that waited
+    for that lock deadlocked both threads; it is put off, and goes first on
+    that session's next use of its control connection."""
+    import gc
+
+    from procshare.client import session
+    from procshare.transport import slots
+    made = slots.ArenaPool
+    parent = os.getpid()
+
+    def collecting_pool(*args, **kwds):
+        other = [s for s in list(session._sessions.values())
+                 if s.address == address and not s.lock._is_owned()]
+        if os.getpid() != parent and other and not done:    # the child (not a manager's
+            done.append(True)               # server), opening another connection
+            holding = threading.Event()
+
+            def hold_then_open():
+                with other[0].lock:
+                    holding.set()
+                    with slots._client_mutex:   # what opening its connection needs
+                        pass
+
+            threading.Thread(target=hold_then_open, daemon=True).start()
+            if holding.wait(WAIT):
+                gc.collect()
+                # what the decrefs did: put off (a pipe: no connection opens here)
+                os.write(report_w, b"%d" % len(other[0].deferred))
+        return made(*args, **kwds)
+
+    monkeypatch.setattr(slots, "ArenaPool", collecting_pool)
+    done: list = []
+    address = None                      # the other manager's, once started
+    report_r, report_w = os.pipe()
+    request.addfinalizer(lambda: (os.close(report_r), os.close(report_w)))
+
+    class Holder:
+        pass
+
+    ctx = multiprocessing.get_context("fork")
+    with procshare.Manager(ctx=ctx) as other:
+        address = other.address
+        q = sync.Queue()
+        keep = (sync.list(), other.list())      # the child adopts references of both
+        base = len(other.objects())
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for _ in range(20):     # proxies of the other manager only a collection frees
+                h = Holder()
+                h.me, h.p = h, other.list()
+            del h
+            child = ctx.Process(target=lw.collect_while_opening, args=(q,))
+            child.start()
+        finally:
+            if enabled:
+                gc.enable()
+        child.join(WAIT)
+        if child.is_alive():
+            child.kill()
+            child.join()
+            pytest.fail("the child deadlocked: a finalizer waited for a session's lock "
+                        "held by a thread that waited for the transport's mutex")
+        assert child.exitcode == 0
+        os.set_blocking(report_r, False)    # (the managers' servers have the write end)
+        try:
+            put_off = os.read(report_r, 64)     # written before the child exited
+        except BlockingIOError:
+            put_off = b""
+        assert put_off and int(put_off) > 0, put_off    # the case arose, and was put off
+        assert q.get(timeout=WAIT) == "ran"
+        assert q.get(timeout=WAIT) == 0          # ...and sent since
+        gc.collect()
+        assert poll(lambda: len(other.objects()) <= base, WAIT), other.objects()
+        del keep
