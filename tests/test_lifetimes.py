@@ -442,6 +442,82 @@ def test_a_failure_on_a_gone_manager_keeps_no_frame_alive(how):
         gone.shutdown()       # (tidies what the killed server left)
 
 
+class _Unpicklable:
+    def __reduce__(self):
+        raise TypeError("not today")
+
+
+def test_failures_leave_no_cycle_through_procshare_frames():
+    """The guard behind the test above, over the kinds of failure a caller
+    can catch: none may leave a reference cycle through a frame of
+    procshare's (an exception kept past its except block, a future holding
+    an exception whose traceback holds the frame that holds the future).
+    Such a cycle keeps whatever those frames held (proxies, arguments, shared
+    memory) until a full collection. With the collector off, each failure
+    is run and caught; then a collection that saves what it frees must find
+    no procshare frame among it."""
+    import gc
+    ctx = multiprocessing.get_context("fork")
+    from procshare.managers import SyncManager
+    ran = []
+
+    def caught(what, fn):
+        try:
+            fn()
+        except Exception:
+            ran.append(what)
+
+    with procshare.Manager(ctx=ctx) as live:
+        gone = SyncManager(ctx=ctx, restart="never")
+        gone.start()
+        d, lst, q = live.dict(), live.list(), live.Queue()
+        doomed = [gone.list([1]), gone.list([2])]
+        gc.collect()
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            caught("KeyError from the referent", lambda: d["missing"])
+            caught("IndexError from the referent", lst.pop)
+            caught("an argument that cannot be pickled",
+                   lambda: d.__setitem__("k", _Unpicklable()))
+            caught("a method the referent lacks", lambda: d._callmethod("no_such_method"))
+            caught("a constructor's error", lambda: live.list(1, 2, 3))
+            caught("a stdlib-style dispatch's error", lambda: _dispatch_error(live))
+            caught("a deadline", lambda: _with_timeout(0.05, q.get))
+            caught("a pipelined call's error",
+                   lambda: procshare.async_(lst).pop().result(WAIT))
+            gone.shutdown()
+            caught("a call on a gone manager", lambda: doomed[0].append(2))
+            caught("a new object on a gone manager", gone.dict)
+            del doomed[:]       # their finalizers give references back to a gone manager
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            frames = sorted({f"{o.f_code.co_name} ({os.path.basename(o.f_code.co_filename)})"
+                             for o in gc.garbage if type(o).__name__ == "frame"
+                             and f"{os.sep}procshare{os.sep}" in o.f_code.co_filename})
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            if enabled:
+                gc.enable()
+    assert len(ran) == 10, ran
+    assert not frames, f"procshare frames left in reference cycles: {frames}"
+
+
+def _dispatch_error(manager):
+    from procshare.managers import dispatch
+    conn = manager._Client(manager._address, authkey=manager._authkey)
+    try:
+        dispatch(conn, None, "no_such_request")
+    finally:
+        conn.close()
+
+
+def _with_timeout(seconds, fn):
+    with procshare.timeout(seconds):
+        return fn()
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

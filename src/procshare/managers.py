@@ -136,7 +136,10 @@ def dispatch(c: client.Connection, id: Any, methodname: str, args: tuple = (),
     kind, result = c.call(id, methodname, args, kwds, None)
     if kind == Kind.RETURN:
         return result
-    return raise_reply(kind, result, None, methodname, None)
+    try:
+        return raise_reply(kind, result, None, methodname, None)
+    finally:
+        result = None   # the exception raised must not keep itself through this frame
 
 
 class State:
@@ -476,7 +479,10 @@ class BaseManager:
                 None, name, args, kwds, self._call_timeout)
         if kind == Kind.RETURN:
             return result
-        return raise_reply(kind, result, None, name, self._call_timeout)
+        try:
+            return raise_reply(kind, result, None, name, self._call_timeout)
+        finally:
+            result = None   # (as in `dispatch`)
 
     def _inspect(self, name: str) -> Any:
         """An introspection call, sent on the connection that carries this process's
@@ -598,7 +604,10 @@ def _create_typed(manager: BaseManager, ser: Any, typeid: str, args: tuple,
     conn = client.get_session(manager._address, bytes(manager._authkey), ser).thread_conn()
     kind, result = conn.call(None, "create", (typeid, *args), kwds, manager._call_timeout)
     if kind != Kind.RETURN:
-        raise_reply(kind, result, None, "create", manager._call_timeout)
+        try:
+            raise_reply(kind, result, None, "create", manager._call_timeout)
+        finally:
+            result = None   # (as in `dispatch`)
     ident, exposed, attrs = result
     return Token(typeid, manager._address, ident), exposed, attrs
 

@@ -389,7 +389,10 @@ class Pipe:
                 value = fut._proxy._outcome(kind, self.ser.loads(body, bufs), fut._meth,
                                             fut._timeout)
         except BaseException as e:
-            _settle_future(fut, e, True)
+            try:
+                _settle_future(fut, e, True)
+            finally:
+                fut = None  # e's traceback holds this frame: no cycle through the future
             return
         with _MAKING:       # (what making a future's Condition takes: see CallFuture)
             if fut._cond is None and fut._state == _PENDING:

@@ -176,7 +176,10 @@ class BaseProxy:
                 self._id, methodname, args, kwds, timeout)
         if kind == _RETURN:
             return result
-        return self._outcome(kind, result, methodname, timeout)
+        try:
+            return self._outcome(kind, result, methodname, timeout)
+        finally:
+            result = None   # an exception raised from here must not keep itself (a cycle)
 
     def _resend(self, conn: Any, methodname: str, args: tuple, kwds: dict,
                 timeout: float | None, deadline: float | None) -> Any:
@@ -199,7 +202,10 @@ class BaseProxy:
                 continue        # it crashed again: the supervisor gives up in the end
             if kind == _RETURN:
                 return result
-            return self._outcome(kind, result, methodname, timeout)
+            try:
+                return self._outcome(kind, result, methodname, timeout)
+            finally:
+                result = None   # (as in _callmethod)
         raise self._lost(methodname)
 
     def _lost(self, methodname: str) -> ObjectLost:
@@ -227,7 +233,10 @@ class BaseProxy:
             return self._rebuild_returned(result)
         if kind == Kind.TRACEBACK and self._epoch != self._session.epoch:
             raise self._lost(methodname)    # made before the manager restarted
-        return raise_reply(kind, result, self, methodname, timeout)
+        try:
+            return raise_reply(kind, result, self, methodname, timeout)
+        finally:
+            result = None   # (as in _callmethod)
 
     def _rebuild_returned(self, result: tuple) -> BaseProxy:
         proxytype, exposed, token, attrs = result

@@ -10,6 +10,12 @@ Rules it keeps:
 - A WARNED reply issues its warnings in the caller, then gives the value.
 - A TIMEOUT reply means the manager gave up and nothing happened; a deadline
   that passed in the client means the call may still complete.
+- The exception a reply stands for is raised without staying in a local of
+  any frame it passes through: `raise_reply` drops its own, and every caller
+  that holds the payload drops it in a `finally`.  Otherwise exception,
+  traceback and frame make a cycle that keeps the caller's proxy and
+  arguments alive until a full collection (test_lifetimes checks all the
+  failures a caller can catch for procshare frames left in cycles).
 """
 
 from __future__ import annotations

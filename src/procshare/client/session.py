@@ -27,8 +27,9 @@ Rules it keeps:
   one (the transport's mutex may be held), nor waits for a session's lock
   then: such a decref waits and goes first on the next use of the control
   connection (`control_send`, `_control_conn`).  And no frame here keeps an
-  exception whose traceback leads back to it (`_died_in_handshake`): the
-  cycle would keep the frames a finalizer interrupted, and their proxies.
+  exception whose traceback leads back to it (`_died_in_handshake`; a
+  reply's error is dropped from the locals once raised, as `replies` says):
+  the cycle would keep the frames a finalizer interrupted, and their proxies.
 - A call abandoned by an exception inside its wait (Ctrl-C) is cancelled in
   the manager by request id (`Connection.abandon`), so it takes nothing.
 - At a call's deadline the client asks the manager to cancel it (`_settle`):
@@ -606,7 +607,10 @@ class Session:
                 raise call_timeout(None, meth, timeout, False, session=self) from None
         if kind == Kind.RETURN:
             return result
-        return raise_reply(kind, result, None, meth, timeout)
+        try:
+            return raise_reply(kind, result, None, meth, timeout)
+        finally:
+            result = None   # the exception raised must not keep itself (see the header)
 
     def control_call_fds(self, meth: str, *args: Any, timeout: float | None = None,
                          maxfds: int = 4) -> tuple[Any, list[int]]:
@@ -639,7 +643,10 @@ class Session:
                                        f"(request {rid}) on the control connection")
                 result = None if body == c.none_body else c.ser.loads(body, bufs)
                 if kind != Kind.RETURN:
-                    raise_reply(kind, result, None, meth, timeout)
+                    try:
+                        raise_reply(kind, result, None, meth, timeout)
+                    finally:
+                        result = None   # (as in control_call)
             except BaseException:
                 for fd in fds:
                     os.close(fd)
