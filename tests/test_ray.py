@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -435,6 +436,74 @@ def test_objects_are_released_with_their_last_proxy(manager):
     with pytest.raises(procshare.RemoteError) as info:
         bare.keys()
     assert "found no object with this id" in str(info.value)
+
+
+def test_a_failed_call_async_keeps_no_frame_alive(manager):
+    """The error a call_async (or async_) future holds must not keep the frames
+    that made it alive: its traceback leads back to them, and they hold the
+    future, the call's arguments and the proxy, a cycle that only a full
+    collection frees.  Checked with the collector off, as it is most of the
+    time, for an argument those frames hold: in a call Ray cannot serialize, on
+    an object whose actor is gone (none by its name), and on one whose actor
+    was killed (found out in Ray's callback, settled in the background)."""
+    from procshare.client.proxy import ListProxy
+    from procshare.ray import call_async
+    from procshare.ray.host import actor_name
+
+    class Arg:
+        pass
+
+    class Unserializable:
+        def __reduce__(self):
+            raise TypeError("not this one")
+
+    def no_actor(name):
+        try:
+            ray.get_actor(name, namespace=manager.address.namespace)
+        except ValueError:
+            return True
+        return False
+
+    lst = manager.list()
+    released = manager.list()
+    token, name = released._token, actor_name(released._id)
+    del released
+    gc.collect()
+    assert poll(lambda: no_actor(name), 10)
+    bare = ListProxy(token, "pickle", authkey=manager._authkey, incref=False)
+    bare._session.forget_handle(bare._id)       # looked up by name, as a new process does
+    killed = manager.list([1])
+    os.kill(_actor_pid(killed), signal.SIGKILL)
+    lost = getattr(procshare.errors, "ObjectLost", procshare.ManagerCrashed)
+    cases = [
+        ("unserializable", lambda arg: call_async(lst, "append", [arg, Unserializable()]),
+         TypeError, "could not be serialized"),
+        ("unserializable async_", lambda arg: procshare.async_(lst).append(
+            [arg, Unserializable()]), TypeError, "could not be serialized"),
+        ("no actor", lambda arg: call_async(bare, "append", arg), procshare.RemoteError,
+         "found no object with this id"),
+        ("killed", lambda arg: call_async(killed, "append", arg), lost, "died"),
+    ]
+    kept = []
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for what, call, cls, text in cases:
+            arg = Arg()
+            ref = weakref.ref(arg)
+            fut = call(arg)
+            with pytest.raises(cls) as info:
+                fut.result(30)
+            assert text in str(info.value), (what, info.value)
+            del arg, fut, info
+            # (the thread that settled the future may still be returning)
+            if not poll(lambda r=ref: r() is None, 5):
+                kept.append(what)
+    finally:
+        if enabled:
+            gc.enable()
+    assert not kept, f"a frame kept the call's argument alive: {kept}"
+    cases = lst = bare = killed = None      # give back what the test created
 
 
 def test_no_orphans_when_the_starting_process_dies(ray_cluster, rw, ctx):

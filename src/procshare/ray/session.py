@@ -32,6 +32,10 @@ Rules it keeps:
   this process; a control call sends the queued ones first.
 - A process says goodbye to each manager it used when it exits (before Ray's
   own exit handler disconnects it), so its references are released at once.
+- An exception a future keeps has no traceback, nor has any exception chained
+  to it (`_bare`), and none is kept in a local past its except block: a
+  traceback leads back to the frames that hold the future, the call's
+  arguments and the proxy, a cycle only a full collection would free.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
+import functools
 import heapq
 import itertools
 import logging
@@ -398,7 +403,7 @@ class RaySession:
                 raise
             except BaseException as e:
                 # without this callback's frames: they hold the proxy (and the future)
-                out.set_exception(e.with_traceback(None))
+                out.set_exception(_bare(e))
 
         raw.add_done_callback(done)
 
@@ -424,11 +429,11 @@ class RaySession:
             ctx = (self.client, threading.get_ident(), rid, wall)
             ref = self._submit(self.handle(oid), oid, meth, args, kwds, ctx)
         except _NoActor as e:
-            missing = e
-            _resolve(fut, lambda: self.failure(oid, meth, missing))
+            # (no local keeps `e` past this block: its traceback holds this frame)
+            _resolve(fut, functools.partial(self.failure, oid, meth, e))
             return fut
         except BaseException as e:
-            fut.set_exception(e)
+            fut.set_exception(_bare(e))
             return fut
 
         def done(rf: concurrent.futures.Future) -> None:
@@ -750,7 +755,26 @@ def _resolve(fut: concurrent.futures.Future, compute: Any) -> None:
     try:
         _set(fut, compute())
     except BaseException as e:
-        _set_exc(fut, e)
+        _set_exc(fut, _bare(e))
+
+
+def _bare(exc: BaseException) -> BaseException:
+    """`exc` without its traceback, nor any on the exceptions chained to it, to
+    be kept in a future.  Each traceback leads back, frame by calling frame, to
+    the frames that hold that future (and the call's arguments, and the proxy
+    its callbacks hold): a cycle that keeps them all alive until a full
+    collection.  The frames dropped are those of the call's machinery; the
+    type, the message, `__cause__` and `__context__` stay."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        todo += (e.__cause__, e.__context__)
+    return exc
 
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
