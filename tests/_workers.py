@@ -673,9 +673,35 @@ def update_item_many(d, n):
     return True
 
 
-def block_in_get(q, ready):
+def call_sent(thread, meth):
+    """Has ``thread`` sent the request of its procshare call ``meth`` (it now
+    waits for the reply)?  Read from the thread's stack: ``rid`` is bound in
+    `Connection.call` once the request is written.  (The manager reports no
+    waiter of a Queue's get, and an event set before a call does not prove
+    the call was made.)"""
+    from procshare.client.session import Connection
+
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code is Connection.call.__code__:
+            local = frame.f_locals
+            return local.get("meth") == meth and "rid" in local
+        frame = frame.f_back
+    return False
+
+
+def block_in_get_sent(q, ready):
+    """``q.get()`` in a thread of its own; ``ready`` is set once that get's
+    request has gone to the manager (`call_sent`).  Then wait with it."""
+    getter = threading.Thread(target=q.get, name="getter", daemon=True)
+    getter.start()
+    deadline = time.monotonic() + GATE_TIMEOUT
+    while not call_sent(getter, "get"):
+        if time.monotonic() > deadline or not getter.is_alive():
+            raise TimeoutError("the get() was never sent to the manager")
+        time.sleep(0.005)
     ready.set()
-    return q.get()
+    getter.join()
 
 
 def call_after_manager_shutdown(d, conn):

@@ -16,7 +16,7 @@ import pytest
 
 import _workers
 import procshare
-from _helpers import FAULT_START_METHODS
+from _helpers import FAULT_START_METHODS, poll
 from procshare.server.registry import Entry, NoSuchObject, Registry
 from procshare.transport import channel as transport
 from procshare.wire import frames
@@ -177,7 +177,7 @@ def test_plain_os_fork_child_adopts_inherited_references():
                 os._exit(2)
         ident = lst._id
         del lst                                   # the parent lets go at once
-        time.sleep(0.2)
+        # objects() goes on the connection that carried that decref, after it
         assert ident in {o["id"] for o in m.objects()}   # the fork loan keeps it
         os.write(w, b"x")
         _, status = os.waitpid(pid, 0)
@@ -278,12 +278,15 @@ def test_dead_clients_blocked_get_does_not_swallow_an_item(method):
     ctx = multiprocessing.get_context(method)
     with procshare.Manager(ctx=ctx) as m:
         q, ready = m.Queue(), m.Event()
-        child = _workers.start_child(ctx, _workers.block_in_get, q, ready)
-        assert ready.wait(10)
-        time.sleep(0.2)                        # the child is blocked in get() now
-        os.kill(child.process.pid, signal.SIGKILL)
+        child = _workers.start_child(ctx, _workers.block_in_get_sent, q, ready)
+        assert ready.wait(10)                  # the child's get() request has been sent
+        pid = child.process.pid
+        os.kill(pid, signal.SIGKILL)
         child.process.join(5)
-        time.sleep(0.5)                        # the manager notices the death
+        # the manager noticed the death: it lists none of the child's connections,
+        # so the one that carried the get() is closed, which it is only once that
+        # get() has given up (its connection runs one call at a time)
+        assert poll(lambda: all(c["pid"] != pid for c in m.clients()), 10), m.clients()
         q.put("precious")
         assert q.get(timeout=5) == "precious"  # not taken by the dead client's get
 

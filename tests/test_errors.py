@@ -23,7 +23,7 @@ import pytest
 
 import _error_workers as ew
 import procshare
-from _helpers import FAULT_START_METHODS
+from _helpers import FAULT_START_METHODS, poll
 from _workers import subprocess_env
 from procshare import errors
 from procshare.errors import (
@@ -234,23 +234,31 @@ def test_sigkilled_manager_raises_manager_crashed_within_a_second(start_method):
         assert time.monotonic() - t0 < 1.0 and "SIGKILL" in str(info.value)
 
 
-def _blocked_get(q, out):
+def _blocked_acquire(lock, out):
     try:
-        q.get()
+        lock.acquire()
         out.append(("returned", None, time.monotonic()))
     except BaseException as e:
         out.append(("raised", e, time.monotonic()))
+
+
+def _waits_for(m, lock, thread) -> bool:
+    """The manager lists `thread` (of this process) among `lock`'s waiters."""
+    return any(w["pid"] == os.getpid() and w["thread_name"] == thread.name
+               for d in m.locks() if d["id"] == lock._id for w in d["waiters"])
 
 
 @pytest.mark.parametrize("start_method", FAULT_START_METHODS)
 def test_call_blocked_in_the_manager_gets_manager_crashed(start_method):
     with procshare.SyncManager(ctx=multiprocessing.get_context(start_method),
                                restart="never") as m:
-        q = m.Queue()
+        lock = m.Lock()
+        assert lock.acquire()
         out: list = []
-        t = threading.Thread(target=_blocked_get, args=(q, out), daemon=True)
+        t = threading.Thread(target=_blocked_acquire, args=(lock, out), daemon=True)
         t.start()
-        time.sleep(0.3)                    # the get is now waiting inside the manager
+        # a blocked call the manager reports (it lists no waiter of a Queue's get)
+        assert poll(lambda: _waits_for(m, lock, t), 10), m.locks()
         assert not out
         killed = time.monotonic()
         os.kill(m.pid, signal.SIGKILL)

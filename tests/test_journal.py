@@ -917,11 +917,13 @@ def test_resent_call_still_running_waits_for_the_first(tmp_path):
 
     t = threading.Thread(target=first)
     t.start()
-    time.sleep(0.1)                             # the first get is blocked in the queue
+    # the first get is blocked in the queue (waiting on its condition)
+    _until(lambda: ("A", 7) in j._running and len(q.not_empty._waiters) == 1,
+           "the first get never blocked in the queue")
     dup = threading.Thread(target=lambda: got.append(
         ("dup", h.call("get", (True, 5.0), client="A", request=7, timeout=5.0))))
     dup.start()
-    time.sleep(0.1)
+    _until(lambda: j._running_waiters == 1, "the re-sent get never waited for the first")
     call(j, h, "put", "item", client="B", request=1)
     t.join(WAIT)
     dup.join(WAIT)
@@ -1051,7 +1053,7 @@ def test_wait_is_bounded(tmp_path):
     d1 = h.call("__setitem__", ("a", 1))
     leader = threading.Thread(target=j.wait, args=(d1.ticket, WAIT))
     leader.start()
-    time.sleep(0.05)
+    _until(lambda: j._leading, "the first commit never started")
     d2 = h.call("__setitem__", ("b", 1))
     t0 = time.monotonic()
     with pytest.raises(TimeoutError):

@@ -352,8 +352,10 @@ def test_semaphore_count_2_no_false_deadlock(manager, ctx):
     wait_for_waiter(manager, sem, c2.process.pid)
     # us -> lock -> c2 -> sem -> {us, c1}: c1 is free, so this is no deadlock
     go_ours.set()
+    # a wait is listed only once its deadlock check passed (the check and the
+    # listing are atomic): our acquire was not refused, and still waits for c2
     wait_for_waiter(manager, lock, procshare_pid())
-    time.sleep(0.2)
+    assert [h["pid"] for h in entry(manager, lock)["holders"]] == [c2.process.pid]
     assert out == [] and t.is_alive()
     # now c1 waits for the lock too: every holder of sem is stuck -> c1 is the victim
     go1.set()
@@ -445,7 +447,9 @@ def test_locks_introspection(manager, ctx):
     wait_for_waiter(manager, lock, child.process.pid)
     waiter = _workers.start_child(ctx, lw.barrier_wait_report, barrier, WAIT)
     assert poll(lambda: barrier.n_waiting == 1, WAIT)
-    time.sleep(0.2)
+    # the durations checked below, as the manager counts them
+    assert poll(lambda: [w["waited"] >= 0.2 for w in entry(manager, lock)["waiters"]] == [True],
+                WAIT)
     snap = manager.locks()
     json.dumps(snap)                         # JSON-friendly, for the CLI
     by_id = {d["id"]: d for d in snap}

@@ -9,7 +9,6 @@ import multiprocessing
 import queue
 import re
 import threading
-import time
 
 import pytest
 
@@ -99,11 +98,25 @@ def test_pool_apply_async_in_child_procshare(ctx):
 # -- 10. proxy handoff race (cpython#75275) ------------------------------------------
 
 
+def _assert_dropped_proxy_kept_alive(impl, manager, ident):
+    """In place of a sleep that gave a naive implementation every chance to
+    free the object of the proxy just dropped: the manager has seen that
+    decref, and keeps the object.  procshare's objects() goes on the connection
+    that carries this process's decrefs, after them (Ray's flushes them first).
+    The stdlib's decref is a round trip made by the finalizer itself, so it is
+    done already; the stdlib has no objects() (and its outcome is not asserted)."""
+    if not is_stdlib(impl):
+        assert ident in {o["id"] for o in manager.objects()}
+
+
 def test_handoff_through_managed_queue(impl, manager, ctx):
     q = manager.Queue()
-    q.put(manager.list([1, 2]))  # the only proxy is dropped right away
+    lst = manager.list([1, 2])
+    ident = lst._id
+    q.put(lst)
+    del lst  # the only proxy is dropped right away
     gc.collect()
-    time.sleep(0.3)  # give a naive implementation every chance to free it
+    _assert_dropped_proxy_kept_alive(impl, manager, ident)
     try:
         got = _workers.run_child(ctx, _workers.get_list_from_queue, q, 5)
     except _workers.ChildFailed:
@@ -120,9 +133,12 @@ def test_handoff_through_pipe(impl, manager, ctx):
     reader, writer = ctx.Pipe(duplex=False)
     child = _workers.start_child(ctx, _workers.recv_list_proxy, reader, 10, gate=True)
     child.wait_ready()
-    writer.send(manager.list([3, 4]))
+    lst = manager.list([3, 4])
+    ident = lst._id
+    writer.send(lst)
+    del lst  # dropped at once
     gc.collect()
-    time.sleep(0.3)
+    _assert_dropped_proxy_kept_alive(impl, manager, ident)
     child.go()
     try:
         got = child.result(15)
