@@ -526,6 +526,46 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class _Holder:
+    pass
+
+
+def _fork_with_cycles(manager, q, deadlock: str) -> None:
+    """Fork a child (`collect_while_opening`) while 20 proxies of `manager`
+    sit in unreachable cycles, with the collector off until then; fail with
+    `deadlock` if the child does not exit."""
+    import gc
+    ctx = multiprocessing.get_context("fork")
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(20):     # proxies only a collection frees
+            h = _Holder()
+            h.me, h.p = h, manager.list()
+        del h
+        child = ctx.Process(target=lw.collect_while_opening, args=(q,))
+        child.start()
+    finally:
+        if enabled:
+            gc.enable()
+    child.join(WAIT)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail(deadlock)
+    assert child.exitcode == 0
+
+
+def _report(fd: int) -> bytes:
+    """What the child wrote to the pipe `fd` before it exited (the managers'
+    servers also have its write end, so no end of file comes)."""
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 64)
+    except BlockingIOError:
+        return b""
+
+
 def test_a_collection_while_a_connection_opens_does_not_deadlock(sync, monkeypatch, request):
     """A collection can run a proxy's finalizer while this thread opens a
     connection, with the transport's (not re-entrant) mutex held: the forked
@@ -552,36 +592,12 @@ def test_a_collection_while_a_connection_opens_does_not_deadlock(sync, monkeypat
 
     monkeypatch.setattr(slots, "ArenaPool", collecting_pool)
 
-    class Holder:
-        pass
-
-    ctx = multiprocessing.get_context("fork")
     q = sync.Queue()
     keep = sync.list()          # a live proxy: the child has references to adopt
     base = len(sync.objects())
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for _ in range(20):     # proxies only a collection frees
-            h = Holder()
-            h.me, h.p = h, sync.list()
-        del h
-        child = ctx.Process(target=lw.collect_while_opening, args=(q,))
-        child.start()
-    finally:
-        if enabled:
-            gc.enable()
-    child.join(WAIT)
-    if child.is_alive():
-        child.kill()
-        child.join()
-        pytest.fail("the child deadlocked in a finalizer run while it opened a connection")
-    assert child.exitcode == 0
-    os.set_blocking(report_r, False)    # (the manager's server has the write end)
-    try:
-        put_off = os.read(report_r, 64)     # written before the child exited
-    except BlockingIOError:
-        put_off = b""
+    _fork_with_cycles(sync, q, "the child deadlocked in a finalizer run while it opened "
+                      "a connection")
+    put_off = _report(report_r)
     assert put_off and int(put_off.split(b",")[0]) > 0, put_off     # they were put off
     assert q.get(timeout=WAIT) == "ran"
     assert q.get(timeout=WAIT) == 0          # ...and sent since
@@ -630,39 +646,15 @@ def test_a_collection_while_a_connection_opens_waits_for_no_other_threads_sessio
     report_r, report_w = os.pipe()
     request.addfinalizer(lambda: (os.close(report_r), os.close(report_w)))
 
-    class Holder:
-        pass
-
-    ctx = multiprocessing.get_context("fork")
-    with procshare.Manager(ctx=ctx) as other:
+    with procshare.Manager(ctx=multiprocessing.get_context("fork")) as other:
         address = other.address
         q = sync.Queue()
         keep = (sync.list(), other.list())      # the child adopts references of both
         base = len(other.objects())
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            for _ in range(20):     # proxies of the other manager only a collection frees
-                h = Holder()
-                h.me, h.p = h, other.list()
-            del h
-            child = ctx.Process(target=lw.collect_while_opening, args=(q,))
-            child.start()
-        finally:
-            if enabled:
-                gc.enable()
-        child.join(WAIT)
-        if child.is_alive():
-            child.kill()
-            child.join()
-            pytest.fail("the child deadlocked: a finalizer waited for a session's lock "
-                        "held by a thread that waited for the transport's mutex")
-        assert child.exitcode == 0
-        os.set_blocking(report_r, False)    # (the managers' servers have the write end)
-        try:
-            put_off = os.read(report_r, 64)     # written before the child exited
-        except BlockingIOError:
-            put_off = b""
+        _fork_with_cycles(other, q, "the child deadlocked: a finalizer waited for a "
+                          "session's lock held by a thread that waited for the "
+                          "transport's mutex")
+        put_off = _report(report_r)
         assert put_off and int(put_off) > 0, put_off    # the case arose, and was put off
         assert q.get(timeout=WAIT) == "ran"
         assert q.get(timeout=WAIT) == 0          # ...and sent since
