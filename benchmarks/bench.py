@@ -16,9 +16,9 @@ figure is a sum over all the measured rounds). A second table shows CPU per unit
 and manager together, with the ratio. Without ``--quick`` the small-call case covers at least
 20,000 calls per implementation. In the contended case the client side includes the workers'
 start-up (and under forkserver the workers are not our children, so their CPU is not seen).
-When the call case runs without --loaded, the CPU table ends with the floor of a synchronous call that does not
-poll: a bare blocking round trip of a few bytes between two Python processes, measured the
-same way in the same run.
+When the call case runs without --loaded, the CPU table ends with the floor of a synchronous
+call that does not poll: a bare blocking round trip of a few bytes between two Python
+processes, measured the same way in the same run (also in --json).
 
 ``--loaded`` starts two busy-loop Python processes per CPU (``os.cpu_count()``), at normal
 priority, before the first case and SIGKILLs their process group after the last one, also on
@@ -991,11 +991,23 @@ def print_rows(rows: list[tuple], notes: list[str] | tuple = ()) -> None:
             print(note)
 
 
+def measure_floor(results: list[CaseResult], env: Env, idle: bool) -> tuple | str | None:
+    """`round_trip_floor` under the run's deadline, on an idle run with the call case
+    (a busy machine has no floor to show: a wakeup there finds its core running
+    already); None when not measured, a description when it failed."""
+    if not (env.cpu and idle and "call" in {r.case.name for r in results}):
+        return None
+    try:
+        with deadline(env.timeout * 4, "the no-polling floor"):
+            return round_trip_floor(env, 5000 if env.quick else 20000)
+    except Exception as e:  # noqa: BLE001 - a reference line, never the run's end
+        return _describe(e)
+
+
 def print_cpu_table(results: list[CaseResult], impl_names: list[str], env: Env,
-                    idle: bool = True) -> None:
+                    floor: tuple | str | None = None) -> None:
     """CPU per unit of work, client + manager, summed over each case's measured rounds;
-    on an idle run with the call case, then the floor of a call that does not poll (a
-    busy machine has no floor to show: a wakeup there finds its core running already)."""
+    then the floor of a call that does not poll, if `measure_floor` measured it."""
     print(
         "\nCPU time per unit of work: client (getrusage: self + joined worker children)"
         " + manager server (/proc/<pid>/stat utime + stime), over all measured rounds."
@@ -1019,8 +1031,10 @@ def print_cpu_table(results: list[CaseResult], impl_names: list[str], env: Env,
             row += (f"{sum(b[:2]) / sum(a[:2]):.2f}" if a and b and sum(a[:2]) else "-",)
         rows.append(row)
     notes = []
-    if idle and "call" in {r.case.name for r in results}:
-        cpu, wall = round_trip_floor(env, 5000 if env.quick else 20000)
+    if isinstance(floor, str):
+        notes.append(f"floor: not measured ({floor})")
+    elif floor is not None:
+        cpu, wall = floor
         std = next((r.cpu("stdlib") for r in results if r.case.name == "call"), None)
         vs = f" ({cpu / sum(std[:2]):.2f}x the stdlib's call)" if std else ""
         notes.append(
@@ -1207,8 +1221,9 @@ def main(argv=None) -> int:
         load_note = load_check(load_procs)
     print_table(results, names)
     print_memcpy_notes(results)
+    floor = measure_floor(results, env, idle=not load_procs)
     if env.cpu:
-        print_cpu_table(results, names, env, idle=not load_procs)
+        print_cpu_table(results, names, env, floor)
     print(f"\n({elapsed:.1f} s" + (f"; {load_note})" if load_note else ")"))
 
     if args.json:
@@ -1217,6 +1232,11 @@ def main(argv=None) -> int:
             "start_method": env.ctx.get_start_method(),
             "quick": env.quick,
             "load_processes": len(load_procs),
+            **(
+                {"floor_cpu_seconds_per_call": floor[0], "floor_wall_seconds": floor[1]}
+                if isinstance(floor, tuple)
+                else {}
+            ),
             "cases": [
                 {
                     "case": r.case.name,

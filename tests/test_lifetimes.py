@@ -461,10 +461,10 @@ def test_failures_leave_no_cycle_through_procshare_frames():
     from procshare.managers import SyncManager
     ran = []
 
-    def caught(what, fn):
+    def caught(what, fn, expected):
         try:
             fn()
-        except Exception:
+        except expected:
             ran.append(what)
 
     with procshare.Manager(ctx=ctx) as live:
@@ -476,19 +476,22 @@ def test_failures_leave_no_cycle_through_procshare_frames():
         enabled = gc.isenabled()
         gc.disable()
         try:
-            caught("KeyError from the referent", lambda: d["missing"])
-            caught("IndexError from the referent", lst.pop)
+            caught("KeyError from the referent", lambda: d["missing"], KeyError)
+            caught("IndexError from the referent", lst.pop, IndexError)
             caught("an argument that cannot be pickled",
-                   lambda: d.__setitem__("k", _Unpicklable()))
-            caught("a method the referent lacks", lambda: d._callmethod("no_such_method"))
-            caught("a constructor's error", lambda: live.list(1, 2, 3))
-            caught("a stdlib-style dispatch's error", lambda: _dispatch_error(live))
-            caught("a deadline", lambda: _with_timeout(0.05, q.get))
+                   lambda: d.__setitem__("k", _Unpicklable()),
+                   procshare.ArgumentsNotSerializable)
+            caught("a method the referent lacks", lambda: d._callmethod("no_such_method"),
+                   procshare.NotExposedError)
+            caught("a constructor's error", lambda: live.list(1, 2, 3), procshare.RemoteError)
+            caught("a stdlib-style dispatch's error", lambda: _dispatch_error(live),
+                   procshare.RemoteError)
+            caught("a deadline", lambda: _with_timeout(0.05, q.get), procshare.CallTimeout)
             caught("a pipelined call's error",
-                   lambda: procshare.async_(lst).pop().result(WAIT))
+                   lambda: procshare.async_(lst).pop().result(WAIT), IndexError)
             gone.shutdown()
-            caught("a call on a gone manager", lambda: doomed[0].append(2))
-            caught("a new object on a gone manager", gone.dict)
+            caught("a call on a gone manager", lambda: doomed[0].append(2), ConnectionError)
+            caught("a new object on a gone manager", gone.dict, procshare.ManagerNotRunning)
             del doomed[:]       # their finalizers give references back to a gone manager
             gc.set_debug(gc.DEBUG_SAVEALL)
             gc.collect()

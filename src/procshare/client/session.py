@@ -371,8 +371,9 @@ class Session:
         #: to a restarted manager); and whether that is due
         self.durable: dict[str, int] = getattr(self, "durable", {})
         self.reattach_due = False
-        #: decrefs a finalizer could not send without opening a connection while
-        #: this thread was opening one (`control_send`); sent with the next message
+        #: decrefs a finalizer ran while this thread opened a connection could
+        #: not send then, without opening another or waiting for `lock`
+        #: (`control_send`); they go first on the control connection's next use
         self.deferred: list[tuple[str, tuple]] = []
 
     # -- connecting -------------------------------------------------------------
