@@ -16,9 +16,11 @@ figure is a sum over all the measured rounds). A second table shows CPU per unit
 and manager together, with the ratio. Without ``--quick`` the small-call case covers at least
 20,000 calls per implementation. In the contended case the client side includes the workers'
 start-up (and under forkserver the workers are not our children, so their CPU is not seen).
-When the call case runs without --loaded, the CPU table ends with the floor of a synchronous
-call that does not poll: a bare blocking round trip of a few bytes between two Python
-processes, measured the same way in the same run (also in --json).
+When the call case runs without --loaded, the CPU table ends with a reference for calls that
+do not poll: a bare blocking round trip of a few bytes between two Python processes, measured
+the same way in the same run (also in --json). It is no floor: it moves with where the
+scheduler puts the two processes (19.5-44 us of CPU in runs on one day, and a procshare call
+without polling came in under it in one of them).
 
 ``--loaded`` starts two busy-loop Python processes per CPU (``os.cpu_count()``), at normal
 priority, before the first case and SIGKILLs their process group after the last one, also on
@@ -743,7 +745,7 @@ def memcpy_reference(size: int) -> float:
 
 
 def _echo(sock, warm: int, n: int) -> None:
-    """Child of `round_trip_floor`: echo warm + n messages, then send back its own
+    """Child of `round_trip_reference`: echo warm + n messages, then send back its own
     CPU seconds over the last n."""
     recv, send = sock.recv, sock.send
     for _ in range(warm):
@@ -751,15 +753,17 @@ def _echo(sock, warm: int, n: int) -> None:
     t0 = client_cpu_seconds()
     for _ in range(n):
         send(recv(256))
-    sock.sendall(repr(client_cpu_seconds() - t0).encode())
+    spent = client_cpu_seconds() - t0
+    recv(256)  # asked for it: sent earlier, it could share a read with the last echo
+    sock.sendall(repr(spent).encode())
     sock.close()
 
 
-def round_trip_floor(env: Env, n: int) -> tuple[float, float]:
+def round_trip_reference(env: Env, n: int) -> tuple[float, float]:
     """(CPU seconds, wall seconds) of one blocking round trip of a call-sized message
     over a Unix socket between this process and a child, both ends together: no
     pickling, no polling, nothing but the two wakeups every synchronous call without
-    polling pays (the floor of such a call's CPU), best of three."""
+    polling pays, best of three."""
     import socket
 
     best = (float("inf"), float("inf"))
@@ -781,7 +785,8 @@ def round_trip_floor(env: Env, n: int) -> tuple[float, float]:
                 a.recv(256)
             wall = time.perf_counter() - t0
             mine = client_cpu_seconds() - c0
-            theirs = float(a.recv(64).decode())
+            a.send(b"cpu?")
+            theirs = float(b"".join(iter(functools.partial(a.recv, 64), b"")))  # to its close
         finally:
             a.close()
             child.join(env.timeout)
@@ -991,23 +996,23 @@ def print_rows(rows: list[tuple], notes: list[str] | tuple = ()) -> None:
             print(note)
 
 
-def measure_floor(results: list[CaseResult], env: Env, idle: bool) -> tuple | str | None:
-    """`round_trip_floor` under the run's deadline, on an idle run with the call case
-    (a busy machine has no floor to show: a wakeup there finds its core running
-    already); None when not measured, a description when it failed."""
+def measure_reference(results: list[CaseResult], env: Env, idle: bool) -> tuple | str | None:
+    """`round_trip_reference` under the run's deadline, on an idle run with the call
+    case (on a busy machine a wakeup finds its core running already, and the figure
+    says nothing); None when not measured, a description when it failed."""
     if not (env.cpu and idle and "call" in {r.case.name for r in results}):
         return None
     try:
-        with deadline(env.timeout * 4, "the no-polling floor"):
-            return round_trip_floor(env, 5000 if env.quick else 20000)
+        with deadline(env.timeout * 4, "the blocking round trip"):
+            return round_trip_reference(env, 5000 if env.quick else 20000)
     except Exception as e:  # noqa: BLE001 - a reference line, never the run's end
         return _describe(e)
 
 
 def print_cpu_table(results: list[CaseResult], impl_names: list[str], env: Env,
-                    floor: tuple | str | None = None) -> None:
+                    reference: tuple | str | None = None) -> None:
     """CPU per unit of work, client + manager, summed over each case's measured rounds;
-    then the floor of a call that does not poll, if `measure_floor` measured it."""
+    then the blocking round trip, if `measure_reference` measured it."""
     print(
         "\nCPU time per unit of work: client (getrusage: self + joined worker children)"
         " + manager server (/proc/<pid>/stat utime + stime), over all measured rounds."
@@ -1031,18 +1036,18 @@ def print_cpu_table(results: list[CaseResult], impl_names: list[str], env: Env,
             row += (f"{sum(b[:2]) / sum(a[:2]):.2f}" if a and b and sum(a[:2]) else "-",)
         rows.append(row)
     notes = []
-    if isinstance(floor, str):
-        notes.append(f"floor: not measured ({floor})")
-    elif floor is not None:
-        cpu, wall = floor
+    if isinstance(reference, str):
+        notes.append(f"blocking round trip: not measured ({reference})")
+    elif reference is not None:
+        cpu, wall = reference
         std = next((r.cpu("stdlib") for r in results if r.case.name == "call"), None)
         vs = f" ({cpu / sum(std[:2]):.2f}x the stdlib's call)" if std else ""
         notes.append(
-            f"floor, same run: a bare blocking round trip of 60 bytes over a Unix socket"
-            f" between two Python processes (no pickling, no polling) costs"
-            f" {per_unit(cpu, 'call')}{vs}, {short_time(wall)} wall: the two wakeups"
-            " any synchronous call pays unless it polls (PROCSHARE_SPIN_US=0 turns"
-            " procshare's polling off), so such a call's CPU stays near this figure."
+            f"reference, same run: a bare blocking round trip of 60 bytes over a Unix"
+            f" socket between two Python processes (no pickling, no polling) costs"
+            f" {per_unit(cpu, 'call')}{vs}, {short_time(wall)} wall: the two wakeups a"
+            " synchronous call pays when it does not poll (PROCSHARE_SPIN_US=0). It moves"
+            " with where the scheduler puts the processes, so compare, do not subtract."
         )
     if env.ctx.get_start_method() == "forkserver" and any(
         isinstance(r.case, ContendedCase) for r in results
@@ -1221,9 +1226,9 @@ def main(argv=None) -> int:
         load_note = load_check(load_procs)
     print_table(results, names)
     print_memcpy_notes(results)
-    floor = measure_floor(results, env, idle=not load_procs)
+    reference = measure_reference(results, env, idle=not load_procs)
     if env.cpu:
-        print_cpu_table(results, names, env, floor)
+        print_cpu_table(results, names, env, reference)
     print(f"\n({elapsed:.1f} s" + (f"; {load_note})" if load_note else ")"))
 
     if args.json:
@@ -1233,8 +1238,9 @@ def main(argv=None) -> int:
             "quick": env.quick,
             "load_processes": len(load_procs),
             **(
-                {"floor_cpu_seconds_per_call": floor[0], "floor_wall_seconds": floor[1]}
-                if isinstance(floor, tuple)
+                {"blocking_round_trip_cpu_seconds": reference[0],
+                 "blocking_round_trip_wall_seconds": reference[1]}
+                if isinstance(reference, tuple)
                 else {}
             ),
             "cases": [
