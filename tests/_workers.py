@@ -845,3 +845,45 @@ def FivePartManager(m):
                              method_to_typeid={"make_child": "Made"})
     FivePartManager.register("Made", proxytype=proxy, create_method=False)
     return FivePartManager
+
+
+# -- placement (test_placement.py) ------------------------------------------------
+
+class AffinityReporter:
+    """Reports the mask of the manager thread that runs the call, and of a
+    child that thread forks: user code must never see a narrowed mask."""
+
+    def mask(self):
+        return sorted(os.sched_getaffinity(0))
+
+    def forked_mask(self):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.write(w, repr(sorted(os.sched_getaffinity(0))).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        try:
+            data = b""
+            while chunk := os.read(r, 4096):
+                data += chunk
+        finally:
+            os.close(r)
+            os.waitpid(pid, 0)
+        return data.decode()
+
+
+def place_always():
+    """(manager initializer) place every connection's waits, idle machine or not."""
+    import procshare.transport.placement as placement
+    placement.ALWAYS = True
+
+
+@_builder
+def AffinityManager(m):
+    class AffinityManager(m.BaseManager):
+        pass
+    AffinityManager.register("AffinityReporter", AffinityReporter)
+    return AffinityManager

@@ -408,6 +408,7 @@ class Session:
             t = thread or threading.current_thread()
             no = next(self._numbers)
             hello = {"client": _client_id, "pid": os.getpid(), "thread": t.ident,
+                     "tid": t.native_id or 0,
                      "thread_name": t.name, "serializer": self.serializer.name,
                      "role": role, "version": 1, "conn": no, "session": self.token,
                      "host": _HOST[0], "pidns": _HOST[1]}

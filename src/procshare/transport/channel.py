@@ -44,6 +44,10 @@ Rules it keeps:
   another frame; a channel without slots checks one slot.
 - Authenticate before deserializing anything: the handshake is fixed-size raw
   bytes, read exactly (never past its end), before the first frame.
+- A receive that must sleep asks the channel's `place` (a manager's call
+  connection, `transport.placement`) for a CPU to sleep on, and narrows its
+  thread's mask to it only for that sleep (`_recv_placed`): the mask the
+  thread had is back before the receive returns or raises.
 """
 
 from __future__ import annotations
@@ -96,6 +100,8 @@ def readable_within(fd: Any, timeout: float, poller: Any = None) -> bool:
 _DONTWAIT = socket.MSG_DONTWAIT
 _perf = time.perf_counter
 _monotonic = time.monotonic
+_setaffinity = getattr(os, "sched_setaffinity", None)
+_getaffinity = getattr(os, "sched_getaffinity", None)
 
 _open_sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 
@@ -219,7 +225,7 @@ class Channel:
     """One connected socket carrying frames in both directions."""
 
     __slots__ = ("sock", "reader", "peer", "frame_timeout", "spin", "slots", "notices",
-                 "working", "_poll_obj", "held", "_out", "__weakref__")
+                 "working", "_poll_obj", "held", "_out", "place", "__weakref__")
 
     def __init__(self, sock: socket.socket, peer: Any = None, limits: Limits = DEFAULT_LIMITS,
                  frame_timeout: float | None = None) -> None:
@@ -239,6 +245,9 @@ class Channel:
         #: never holds any (`hold_replies` turns it on)
         self.held: list[bytes] | None = None
         self._out: threading.Lock | None = None     # `held`, and writing it
+        #: where this thread sleeps in a receive on a busy machine (a manager's
+        #: call connection: `transport.placement`); None: anywhere
+        self.place: Any = None
 
     def _poller(self) -> Any:
         """This channel's `select.poll` object (None where there is no poll())."""
@@ -522,9 +531,14 @@ class Channel:
             if data is None:
                 if working is not None:
                     working.discard(self)
-                if deadline is not None:
-                    self._wait(deadline)
-                data = self.sock.recv(_RECV_CHUNK)
+                place = self.place
+                cpu = place.target(bool(working)) if place is not None else None
+                if cpu is not None:
+                    data = self._recv_placed(cpu, deadline)
+                else:
+                    if deadline is not None:
+                        self._wait(deadline)
+                    data = self.sock.recv(_RECV_CHUNK)
                 if not data:
                     raise EOFError("connection closed by peer")
                 if working is not None:
@@ -537,6 +551,28 @@ class Channel:
         if self.held:
             self.flush()
         return self._recv_rest(deadline)
+
+    def _recv_placed(self, cpu: int, deadline: float | None) -> bytes:
+        """Sleep for data on CPU `cpu` only (see `transport.placement`): the
+        thread's own mask is back before this returns or raises."""
+        try:
+            own = _getaffinity(0)
+            if cpu in own and len(own) > 1:
+                _setaffinity(0, (cpu,))
+            else:
+                own = None
+        except OSError:
+            self.place = own = None     # (a cpuset changed under us): no placement
+        try:
+            if deadline is not None:
+                self._wait(deadline)
+            return self.sock.recv(_RECV_CHUNK)
+        finally:
+            if own is not None:
+                try:
+                    _setaffinity(0, own)
+                except OSError:
+                    self.place = None
 
     def buffered_frame(self) -> tuple | None:
         """The next frame if it is here whole already (no I/O), else None: a

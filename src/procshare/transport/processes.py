@@ -2,7 +2,7 @@
 
 Owns: `host_identity()` (which processes can see each other's pids),
 `start_time()` (with a pid, a name for one process that survives this one),
-and `ProcessHandle`, the one place that watches another process: a pidfd
+`thread_cpu()` (the CPU a thread last ran on), and `ProcessHandle`, the one place that watches another process: a pidfd
 where the kernel has them, else `kill(pid, 0)` and `/proc`.
 
 Rules it keeps:
@@ -20,7 +20,7 @@ import socket
 
 from .channel import readable_within
 
-__all__ = ["host_identity", "ProcessHandle", "start_time", "is_other_process"]
+__all__ = ["host_identity", "ProcessHandle", "start_time", "is_other_process", "thread_cpu"]
 
 
 def host_identity() -> tuple[str, str | None]:
@@ -32,14 +32,25 @@ def host_identity() -> tuple[str, str | None]:
     return socket.gethostname(), ns
 
 
-def _stat(pid: int) -> list[bytes]:
-    """The fields of /proc/<pid>/stat after the command name (the state letter
-    first); [] if unknown or gone."""
+def _stat(pid: int, tid: int | None = None) -> list[bytes]:
+    """The fields of /proc/<pid>/stat (with `tid`: of that thread of `pid`)
+    after the command name (the state letter first); [] if unknown or gone."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
+        with open(path, "rb") as f:
             return f.read().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
         return []
+
+
+def thread_cpu(pid: int, tid: int) -> int | None:
+    """The CPU that thread `tid` of process `pid` last ran on (None: gone or
+    unknown; Linux)."""
+    fields = _stat(pid, tid)
+    try:
+        return int(fields[36])      # field 39 of stat, "processor"
+    except (IndexError, ValueError):
+        return None
 
 
 def _proc_state(pid: int) -> str | None:
