@@ -874,6 +874,13 @@ class AffinityReporter:
             os.waitpid(pid, 0)
         return data.decode()
 
+    def subprocess_mask(self):
+        import subprocess
+        out = subprocess.run(
+            [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+            capture_output=True, text=True, timeout=60, check=True)
+        return out.stdout.strip()
+
 
 def place_always():
     """(manager initializer) place every connection's waits, idle machine or not."""

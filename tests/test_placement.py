@@ -4,6 +4,7 @@ Behaviour only; what it saves is measured by benchmarks/, not here."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -113,7 +114,8 @@ def test_one_wait_in_look_every_is_placed_on_the_clients_cpu(monkeypatch):
     monkeypatch.setattr(placement, "core_free", lambda: False)
     p = placement.Placement(os.getpid(), threading.get_native_id())
     targets = [p.target() for _ in range(2 * placement.LOOK_EVERY)]
-    assert [i for i, t in enumerate(targets) if t is not None] == [0, placement.LOOK_EVERY]
+    assert [i for i, t in enumerate(targets) if t is not None] == \
+        [placement.LOOK_EVERY - 1, 2 * placement.LOOK_EVERY - 1]   # never a first wait
     if _CAN_PLACE:
         with _OnOneCpu() as cpu:        # the client's thread stays on one CPU
             p.left = 0
@@ -143,8 +145,8 @@ class _Receiver:
     """A thread that waits for one frame on `ch` once told to go, and records
     the frame (or error) and its own mask afterwards."""
 
-    def __init__(self, ch: Channel) -> None:
-        self.ch, self.seen = ch, {}
+    def __init__(self, ch: Channel, timeout: float | None = None) -> None:
+        self.ch, self.seen, self.timeout = ch, {}, timeout
         self.go, self.asleep = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._run)
         self.thread.start()     # (before the test narrows its own thread: a new
@@ -157,10 +159,19 @@ class _Receiver:
             return
         self.asleep.set()
         try:
-            self.seen["frame"] = self.ch.recv_frame()
+            self.seen["frame"] = self.ch.recv_frame(
+                None if self.timeout is None else time.monotonic() + self.timeout)
         except BaseException as e:      # (checked by the test)
             self.seen["error"] = e
         self.seen["after"] = os.sched_getaffinity(0)
+
+    def sleep_placed(self, cpu: int) -> None:
+        """Let it receive, in a wait placed on this thread's CPU `cpu`, and
+        return once it sleeps there."""
+        _follow_me(self.ch)
+        self.go.set()
+        assert self.asleep.wait(10)
+        self.wait_for_mask({cpu})
 
     def wait_for_mask(self, want: set[int]) -> None:
         deadline = time.monotonic() + 10
@@ -175,63 +186,113 @@ class _Receiver:
         return self.seen
 
 
-@pytest.mark.skipif(not _CAN_PLACE, reason="placement needs Linux and two CPUs")
-def test_a_placed_wait_narrows_the_mask_only_while_it_sleeps(monkeypatch):
+@contextlib.contextmanager
+def _placed_pair(monkeypatch):
+    """(channel, its peer's socket) on a machine that looks busy; both closed
+    afterwards.  Give the channel a `Placement` to place its waits."""
     monkeypatch.setattr(placement, "core_free", lambda: False)
-    me = threading.get_native_id()
     a, b = socket.socketpair()
     ch = Channel(a)
     try:
+        yield ch, b
+    finally:
+        ch.close()
+        b.close()
+
+
+def _follow_me(ch: Channel) -> placement.Placement:
+    """Place `ch`'s next wait on this thread's CPU."""
+    ch.place = placement.Placement(os.getpid(), threading.get_native_id())
+    ch.place.left = 0           # (the next wait is the 16th)
+    return ch.place
+
+
+@pytest.mark.skipif(not _CAN_PLACE, reason="placement needs Linux and two CPUs")
+def test_a_placed_wait_narrows_the_mask_only_while_it_sleeps(monkeypatch):
+    with _placed_pair(monkeypatch) as (ch, b):
         # a frame arrives: the receiver slept on the client's CPU, and has its
         # own mask back when the frame is returned
         r = _Receiver(ch)
         with _OnOneCpu() as cpu:
-            ch.place = placement.Placement(os.getpid(), me)
-            r.go.set()
-            assert r.asleep.wait(10)
-            r.wait_for_mask({cpu})
+            r.sleep_placed(cpu)
             b.sendall(pack_frame(Kind.CALL, 7, b"body"))
             seen = r.join()
         assert "error" not in seen, seen.get("error")
         assert seen["frame"][:2] == (Kind.CALL, 7)
         assert seen["before"] == seen["after"] == _ALLOWED
         # the peer hangs up during a placed wait: the mask comes back all the same
-        ch.place.left = 0
         r = _Receiver(ch)
         with _OnOneCpu() as cpu:
-            r.go.set()
-            assert r.asleep.wait(10)
-            r.wait_for_mask({cpu})
+            r.sleep_placed(cpu)
             b.close()
             seen = r.join()
         assert isinstance(seen.get("error"), EOFError)
         assert seen["after"] == _ALLOWED
-    finally:
-        ch.close()
-        b.close()
 
 
 @pytest.mark.skipif(not _CAN_PLACE, reason="placement needs Linux and two CPUs")
-def test_a_thread_keeps_a_mask_of_its_own(monkeypatch):
-    """A wait is narrowed only within the thread's mask as it is then: one
-    that a call set (here: a single CPU) is never widened back to the mask
-    the connection started with."""
-    monkeypatch.setattr(placement, "core_free", lambda: False)
-    a, b = socket.socketpair()
-    ch = Channel(a)
-    try:
+def test_a_placed_wait_that_times_out_gives_the_mask_back(monkeypatch):
+    with _placed_pair(monkeypatch) as (ch, b):
+        r = _Receiver(ch, timeout=0.5)
         with _OnOneCpu() as cpu:
-            r = _Receiver(ch)       # started narrowed: {cpu} is its own mask
-            ch.place = placement.Placement(os.getpid(), threading.get_native_id())
+            r.sleep_placed(cpu)
+            seen = r.join()
+        assert isinstance(seen.get("error"), TimeoutError)
+        assert seen["after"] == _ALLOWED
+
+
+@pytest.mark.skipif(not _CAN_PLACE, reason="placement needs Linux and two CPUs")
+def test_a_mask_set_by_someone_else_during_the_sleep_stays(monkeypatch):
+    with _placed_pair(monkeypatch) as (ch, b):
+        r = _Receiver(ch)
+        with _OnOneCpu() as cpu:
+            r.sleep_placed(cpu)
+            other = min(_ALLOWED - {cpu})
+            os.sched_setaffinity(r.seen["tid"], {other})   # `taskset -p` meanwhile
+            b.sendall(pack_frame(Kind.CALL, 5, b"y"))
+            seen = r.join()
+        assert seen["frame"][:2] == (Kind.CALL, 5)
+        assert seen["after"] == {other}
+
+
+@pytest.mark.skipif(not _CAN_PLACE, reason="placement needs Linux and two CPUs")
+def test_a_wait_is_placed_only_within_the_threads_own_mask(monkeypatch):
+    """A wait is narrowed only within the thread's mask as it is then: a
+    thread on one CPU (a call set it) whose client runs on another keeps its
+    CPU, during the sleep and after."""
+    mine = min(_ALLOWED)
+    with _placed_pair(monkeypatch) as (ch, b):
+        os.sched_setaffinity(0, {mine})
+        try:
+            r = _Receiver(ch)       # started narrowed: {mine} is its own mask
+        finally:
+            os.sched_setaffinity(0, _ALLOWED)
+        with _OnOneCpu() as cpu:    # the client, on another CPU
+            assert cpu != mine
+            place = _follow_me(ch)
             r.go.set()
             assert r.asleep.wait(10)
+            deadline = time.monotonic() + 10
+            while place.cpu is None:    # until the look is done
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            assert place.cpu == cpu
+            assert _mask(os.getpid(), r.seen["tid"]) == {mine}
             b.sendall(pack_frame(Kind.CALL, 3, b"x"))
             seen = r.join()
         assert seen["frame"][:2] == (Kind.CALL, 3)
-        assert seen["before"] == seen["after"] == {cpu}
-    finally:
-        ch.close()
-        b.close()
+        assert seen["before"] == seen["after"] == {mine}
+
+
+def _until_placed(pid: int, cpu: int, call, deadline: float) -> None:
+    """Make calls until a thread of the manager `pid` is seen waiting on
+    {cpu} (a placed wait lasts until the next call arrives)."""
+    while True:
+        call()
+        for _ in range(200):
+            if any(_mask(pid, t) == {cpu} for t in os.listdir(f"/proc/{pid}/task")):
+                return
+        assert time.monotonic() < deadline, "no manager thread ever waited on the client's CPU"
 
 
 @pytest.mark.skipif(not _CAN_PLACE, reason="placement needs Linux and two CPUs")
@@ -247,15 +308,36 @@ def test_a_managers_thread_follows_its_client_and_calls_never_see_it(ctx):
         assert len(full) > 1
         pid = m._process.pid
         with _OnOneCpu() as cpu:
-            pinned = False
-            for _ in range(8 * placement.LOOK_EVERY):
-                # calls run with the thread's whole mask, and so do its children
-                assert r.mask() == full
-                pinned = pinned or any(_mask(pid, t) == {cpu}
-                                       for t in os.listdir(f"/proc/{pid}/task"))
-            assert pinned, "no manager thread ever waited on the client's CPU"
-            if ctx.get_start_method() == "fork":
-                assert r.forked_mask() == repr(full)
+            masks = []
+            _until_placed(pid, cpu, lambda: masks.append(r.mask()), time.monotonic() + 20)
+            # calls run with the thread's whole mask, and so do its children
+            for _ in range(2 * placement.LOOK_EVERY):
+                masks.append(r.mask())
+            assert all(mk == full for mk in masks), masks
+            assert r.forked_mask() == repr(full)
+            assert r.subprocess_mask() == repr(full)
         assert r.mask() == full
+    finally:
+        m.shutdown()
+
+
+@pytest.mark.skipif(not _CAN_PLACE, reason="placement needs Linux and two CPUs")
+def test_a_pipelines_connection_is_never_placed():
+    import procshare
+    import procshare.managers as pm
+
+    Manager = _workers.get_class(pm, "AffinityManager")
+    m = Manager()
+    m.start(_workers.place_always)
+    try:
+        r = m.AffinityReporter()
+        pid = m._process.pid
+        with _OnOneCpu() as cpu:
+            a = procshare.async_(r)
+            for _ in range(4 * placement.LOOK_EVERY):
+                a.mask().result(10)
+                assert not any(_mask(pid, t) == {cpu} for t in os.listdir(f"/proc/{pid}/task"))
+            # (the same manager places a plain connection, as the test above shows)
+            _until_placed(pid, cpu, r.mask, time.monotonic() + 20)
     finally:
         m.shutdown()

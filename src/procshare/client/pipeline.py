@@ -221,7 +221,8 @@ class Pipe:
         self.session = session
         #: whose calls these are (the manager knows lock owners by thread)
         self.thread = thread or threading.current_thread()
-        self.conn = session._open("call", self.thread)   # a connection of its own
+        # a connection of its own, whose thread does not sleep for each reply
+        self.conn = session._open("call", self.thread, waits=False)
         self.ch = self.conn.ch
         self.ser = self.conn.ser
         self.none_body = self.conn.none_body    # the common reply, read without loads

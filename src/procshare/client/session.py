@@ -377,19 +377,23 @@ class Session:
         self.deferred: list[tuple[str, tuple]] = []
 
     # -- connecting -------------------------------------------------------------
-    def _open(self, role: str, thread: threading.Thread | None = None) -> Connection:
-        """A new connection for `role`; its calls are `thread`'s (default: this one)."""
+    def _open(self, role: str, thread: threading.Thread | None = None,
+              waits: bool = True) -> Connection:
+        """A new connection for `role`; its calls are `thread`'s (default: this
+        one).  `waits`: that thread sleeps for each reply (not so for a
+        pipeline's), so the manager may follow its CPU (`transport.placement`)."""
         _opening.depth = getattr(_opening, "depth", 0) + 1
         try:
-            return self._open_retrying(role, thread)
+            return self._open_retrying(role, thread, waits)
         finally:
             _opening.depth -= 1
 
-    def _open_retrying(self, role: str, thread: threading.Thread | None) -> Connection:
+    def _open_retrying(self, role: str, thread: threading.Thread | None,
+                       waits: bool = True) -> Connection:
         end = None
         while True:
             try:
-                return self._open_once(role, thread)
+                return self._open_once(role, thread, waits)
             except (ManagerCrashed, AuthenticationError) as e:
                 # the manager died during the handshake: a supervised one comes back
                 if not self.supervised or getattr(_no_recover, "on", False) \
@@ -401,14 +405,15 @@ class Session:
                     raise
                 time.sleep(0.02)
 
-    def _open_once(self, role: str, thread: threading.Thread | None = None) -> Connection:
+    def _open_once(self, role: str, thread: threading.Thread | None = None,
+                   waits: bool = True) -> Connection:
         ch = self._connect()
         try:
             transport.client_handshake(ch, self.authkey, self.address)
             t = thread or threading.current_thread()
             no = next(self._numbers)
             hello = {"client": _client_id, "pid": os.getpid(), "thread": t.ident,
-                     "tid": t.native_id or 0,
+                     "tid": (t.native_id or 0) if waits else 0,
                      "thread_name": t.name, "serializer": self.serializer.name,
                      "role": role, "version": 1, "conn": no, "session": self.token,
                      "host": _HOST[0], "pidns": _HOST[1]}

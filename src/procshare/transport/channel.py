@@ -47,7 +47,8 @@ Rules it keeps:
 - A receive that must sleep asks the channel's `place` (a manager's call
   connection, `transport.placement`) for a CPU to sleep on, and narrows its
   thread's mask to it only for that sleep (`_recv_placed`): the mask the
-  thread had is back before the receive returns or raises.
+  thread had is back before the receive returns or raises (a mask someone
+  else set during the sleep stays).
 """
 
 from __future__ import annotations
@@ -219,6 +220,20 @@ def close_inherited() -> None:
         except OSError:
             pass
     _open_sockets.clear()
+
+
+def _unplace(ch: Channel, cpu: int, own: set[int]) -> None:
+    """Give a placed thread its mask `own` back (see `Channel._recv_placed`)."""
+    try:
+        if _getaffinity(0) != {cpu}:
+            return              # set by someone else during the sleep: theirs stays
+        _setaffinity(0, own)
+    except OSError:
+        ch.place = None         # no more placement; and never stay narrowed:
+        try:                    # every CPU (the kernel keeps to the cpuset)
+            _setaffinity(0, range(os.cpu_count() or 1))
+        except OSError:
+            pass
 
 
 class Channel:
@@ -554,7 +569,8 @@ class Channel:
 
     def _recv_placed(self, cpu: int, deadline: float | None) -> bytes:
         """Sleep for data on CPU `cpu` only (see `transport.placement`): the
-        thread's own mask is back before this returns or raises."""
+        thread's own mask is back before this returns or raises, unless
+        someone else set another one meanwhile (`taskset`), which stays."""
         try:
             own = _getaffinity(0)
             if cpu in own and len(own) > 1:
@@ -569,10 +585,7 @@ class Channel:
             return self.sock.recv(_RECV_CHUNK)
         finally:
             if own is not None:
-                try:
-                    _setaffinity(0, own)
-                except OSError:
-                    self.place = None
+                _unplace(self, cpu, own)
 
     def buffered_frame(self) -> tuple | None:
         """The next frame if it is here whole already (no I/O), else None: a

@@ -22,9 +22,14 @@ Rules it keeps:
   the hello and must be a thread of that pid (`/proc/<pid>/task/<tid>`).
   Anything else, or any error reading or setting, turns placement off for
   the connection: it only ever saves time, it never fails a call.
-- A thread is pinned only while it sleeps in a receive: user code (a call,
-  a fork, a subprocess) never runs under the narrowed mask, and the thread's
-  own mask is restored before the receive returns or raises.
+- A thread is pinned only while it sleeps in a receive: no call runs under
+  the narrowed mask (nor a fork or subprocess it makes), and the thread's own
+  mask is restored before the receive returns or raises; a mask someone else
+  set meanwhile (`taskset -p`) stays.  (Only what the interpreter itself may
+  run between two C calls, a collection's finalizers or a profile hook, could
+  run in that window.)
+- A connection whose client thread does not sleep for each reply (a
+  pipeline's, which sends its thread id as 0) is never placed.
 - A wait is narrowed only to a CPU of the thread's own mask as it is then
   (cpusets, `taskset` and a call's own `sched_setaffinity` stay in force),
   and only from a mask of two CPUs or more; an idle machine, one CPU, or
@@ -57,10 +62,11 @@ from .spin import core_free
 __all__ = ["Placement", "for_peer", "ENABLED"]
 
 _NCPU = os.cpu_count() or 1
-_MODE = os.environ.get("PROCSHARE_PLACEMENT", "busy")
+_MODE = os.environ.get("PROCSHARE_PLACEMENT", "busy").strip().lower()
 #: placement at all: Linux, more than one CPU, affinity calls, not turned off
-#: (`PROCSHARE_PLACEMENT=0`)
-ENABLED = (sys.platform.startswith("linux") and _NCPU > 1 and _MODE != "0"
+#: (`PROCSHARE_PLACEMENT=0`, or off, false, no)
+ENABLED = (sys.platform.startswith("linux") and _NCPU > 1
+           and _MODE not in ("0", "off", "false", "no")
            and hasattr(os, "sched_setaffinity") and hasattr(socket, "SO_PEERCRED"))
 #: `PROCSHARE_PLACEMENT=always`: place even when the machine looks idle (for a
 #: machine whose run queue `/proc/loadavg` misreports, and for tests)
@@ -78,7 +84,7 @@ class Placement:
     def __init__(self, pid: int, tid: int) -> None:
         self.pid, self.tid = pid, tid   # the client's thread
         self.cpu: int | None = None     # the CPU it was last seen on
-        self.left = 0                   # waits until the next look
+        self.left = LOOK_EVERY          # waits until the next look
 
     def target(self, others: bool = False) -> int | None:
         """The CPU to sleep on in this wait (the client's), or None: anywhere.
@@ -90,9 +96,12 @@ class Placement:
         if self.left > 0:
             return None
         self.left = LOOK_EVERY
-        self.cpu = None if not ALWAYS and core_free() else thread_cpu(self.pid, self.tid)
-        if self.cpu is None and not os.path.exists(f"/proc/{self.pid}/task/{self.tid}"):
-            self.left = 1 << 62     # the client's thread is gone: look no more
+        if not ALWAYS and core_free():
+            self.cpu = None
+        else:
+            self.cpu = thread_cpu(self.pid, self.tid)
+            if self.cpu is None:
+                self.left = 1 << 62     # the client's thread is gone: look no more
         return self.cpu
 
     def __repr__(self) -> str:

@@ -2,8 +2,9 @@
 
 Owns: `host_identity()` (which processes can see each other's pids),
 `start_time()` (with a pid, a name for one process that survives this one),
-`thread_cpu()` (the CPU a thread last ran on), and `ProcessHandle`, the one place that watches another process: a pidfd
-where the kernel has them, else `kill(pid, 0)` and `/proc`.
+`thread_cpu()` (the CPU a thread last ran on), and `ProcessHandle`, the one
+place that watches another process: a pidfd where the kernel has them, else
+`kill(pid, 0)` and `/proc`.
 
 Rules it keeps:
 - A handle is opened while the process is known to be alive (it just
