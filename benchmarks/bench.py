@@ -32,6 +32,8 @@ Rules this file keeps:
 - Both implementations run in one process tree, in one run, round by round: a stdlib round,
   then a procshare round, then the other order, and so on. Each cell is the median of its
   rounds. Absolute times on shared 2-core machines are noise; the ratio is what we report.
+- Every ``FRESH_EVERY`` (8) rounds a case stops both managers and starts new ones, so a run
+  samples several placements of the processes on the CPUs instead of one per case.
 - ``ratio`` is always procshare time / stdlib time for the same work: lower is better, and
   below 1.00 procshare is faster. Throughput cases show their rate beside the time.
 - Only the stdlib-compatible API is used (``BaseManager.register``/``start``/``shutdown``,
@@ -864,11 +866,30 @@ class CaseResult:
         return (q3 - q1) / 2 / statistics.median(s)
 
 
+#: rounds per pair of managers: each case starts both implementations' managers afresh
+#: every this many rounds, so that a run samples several placements of the processes
+#: by the scheduler (on a busy 2-core machine one placement can make every call of a
+#: manager's life 4x slower than another does; see docs/design.md, "One call")
+FRESH_EVERY = 8
+
+
 def run_case(case: Case, impls: list[Impl], env: Env) -> CaseResult:
     result = CaseResult(case, case.label(env))
-    resources: dict[str, dict] = {}
     for impl in impls:
         result.samples[impl.name] = []
+    n = case.n_rounds(env)
+    for first in range(0, n, FRESH_EVERY):
+        _run_rounds(case, impls, env, result, range(first, min(n, first + FRESH_EVERY)))
+    return result
+
+
+def _run_rounds(case: Case, impls: list[Impl], env: Env, result: CaseResult,
+                rounds: range) -> None:
+    """Start each implementation's manager, run `rounds` alternating rounds, stop them."""
+    resources: dict[str, dict] = {}
+    for impl in impls:
+        if impl.name in result.errors:
+            continue
         try:
             with deadline(env.timeout, "setup"):
                 resources[impl.name] = case.start(impl, env)
@@ -877,7 +898,7 @@ def run_case(case: Case, impls: list[Impl], env: Env) -> CaseResult:
         except Exception as exc:  # noqa: BLE001
             result.errors[impl.name] = "setup: " + _describe(exc)
     try:
-        for r in range(case.n_rounds(env)):
+        for r in rounds:
             order = impls if r % 2 == 0 else impls[::-1]
             for impl in order:
                 if impl.name in result.errors:
@@ -908,7 +929,6 @@ def run_case(case: Case, impls: list[Impl], env: Env) -> CaseResult:
                 case.stop(res, env)
             except Exception as exc:  # noqa: BLE001
                 result.errors.setdefault(name, "teardown: " + _describe(exc))
-    return result
 
 
 def _count_note(result: CaseResult, impl: str) -> str | None:
