@@ -186,6 +186,17 @@ class _Receiver:
         return self.seen
 
 
+def _receive_placed(ch: Channel, meanwhile, timeout: float | None = None) -> dict:
+    """One receive on `ch` by a `_Receiver`, in a wait placed on this thread's
+    CPU; `meanwhile(receiver, cpu)` runs once it sleeps there.  What the
+    receiver saw."""
+    r = _Receiver(ch, timeout)
+    with _OnOneCpu() as cpu:
+        r.sleep_placed(cpu)
+        meanwhile(r, cpu)
+        return r.join()
+
+
 @contextlib.contextmanager
 def _placed_pair(monkeypatch):
     """(channel, its peer's socket) on a machine that looks busy; both closed
@@ -212,20 +223,12 @@ def test_a_placed_wait_narrows_the_mask_only_while_it_sleeps(monkeypatch):
     with _placed_pair(monkeypatch) as (ch, b):
         # a frame arrives: the receiver slept on the client's CPU, and has its
         # own mask back when the frame is returned
-        r = _Receiver(ch)
-        with _OnOneCpu() as cpu:
-            r.sleep_placed(cpu)
-            b.sendall(pack_frame(Kind.CALL, 7, b"body"))
-            seen = r.join()
+        seen = _receive_placed(ch, lambda r, cpu: b.sendall(pack_frame(Kind.CALL, 7, b"body")))
         assert "error" not in seen, seen.get("error")
         assert seen["frame"][:2] == (Kind.CALL, 7)
         assert seen["before"] == seen["after"] == _ALLOWED
         # the peer hangs up during a placed wait: the mask comes back all the same
-        r = _Receiver(ch)
-        with _OnOneCpu() as cpu:
-            r.sleep_placed(cpu)
-            b.close()
-            seen = r.join()
+        seen = _receive_placed(ch, lambda r, cpu: b.close())
         assert isinstance(seen.get("error"), EOFError)
         assert seen["after"] == _ALLOWED
 
@@ -233,26 +236,24 @@ def test_a_placed_wait_narrows_the_mask_only_while_it_sleeps(monkeypatch):
 @pytest.mark.skipif(not _CAN_PLACE, reason="placement needs Linux and two CPUs")
 def test_a_placed_wait_that_times_out_gives_the_mask_back(monkeypatch):
     with _placed_pair(monkeypatch) as (ch, b):
-        r = _Receiver(ch, timeout=0.5)
-        with _OnOneCpu() as cpu:
-            r.sleep_placed(cpu)
-            seen = r.join()
+        seen = _receive_placed(ch, lambda r, cpu: None, timeout=0.5)
         assert isinstance(seen.get("error"), TimeoutError)
         assert seen["after"] == _ALLOWED
 
 
 @pytest.mark.skipif(not _CAN_PLACE, reason="placement needs Linux and two CPUs")
 def test_a_mask_set_by_someone_else_during_the_sleep_stays(monkeypatch):
+    moved: dict = {}
+
+    def taskset_then_send(r, cpu):
+        moved["to"] = min(_ALLOWED - {cpu})
+        os.sched_setaffinity(r.seen["tid"], {moved["to"]})     # `taskset -p` meanwhile
+        b.sendall(pack_frame(Kind.CALL, 5, b"y"))
+
     with _placed_pair(monkeypatch) as (ch, b):
-        r = _Receiver(ch)
-        with _OnOneCpu() as cpu:
-            r.sleep_placed(cpu)
-            other = min(_ALLOWED - {cpu})
-            os.sched_setaffinity(r.seen["tid"], {other})   # `taskset -p` meanwhile
-            b.sendall(pack_frame(Kind.CALL, 5, b"y"))
-            seen = r.join()
+        seen = _receive_placed(ch, taskset_then_send)
         assert seen["frame"][:2] == (Kind.CALL, 5)
-        assert seen["after"] == {other}
+        assert seen["after"] == {moved["to"]}
 
 
 @pytest.mark.skipif(not _CAN_PLACE, reason="placement needs Linux and two CPUs")
