@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import signal
 
+import pytest
+
 import _workers
 
 
@@ -57,11 +59,18 @@ def test_pool_workers_die_of_sigterm_at_once(manager):
         assert pool.apply(signal.getsignal, (signal.SIGTERM,)) == signal.SIG_DFL
 
 
+# procshare only: the stdlib's Pool.terminate() has this hang itself
+# (cpython#96995, cpython#78178), rarely: CI's run of the stdlib side hung once
+# in 40 pools (3.11, fork), and the test then timed out.  procshare's manager
+# hosts a Pool that gives back the lock of a killed writer
+# (server/primitives.py, `_give_back_dead_writers_lock`).
+@pytest.mark.parametrize("impl", ["procshare"], indirect=True)
 def test_pools_terminated_with_a_task_in_flight(manager):
     """Leaving `with manager.Pool()` while a task's result is on its way:
     terminate() returns every time (a worker SIGTERMed while it wrote its
     result kept the pool's result lock, and terminate() waited for it: about
-    once in 25 pools on 3.11, in 2 on 3.12)."""
+    once in 25 pools on 3.11, in 2 on 3.12, before procshare gave back a dead
+    writer's lock; the stdlib's own pool still hangs, more rarely)."""
     for _ in range(40):
         with manager.Pool(2) as pool:
             pool.apply_async(_workers.square, (1,))
