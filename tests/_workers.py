@@ -766,6 +766,34 @@ def chaos_worker(w, counter, lst, q, d, stop, ops_done):
     return acked
 
 
+def durable_mixed_writer(w, d, plain, n, go):
+    """After `go`: n durable sets, each read back at once, with a plain call
+    between them; then n pipelined durable sets, each followed by a pipelined
+    plain call and a pipelined read of the set.  Returns what came back
+    wrong (nothing, if every reply was its call's, in order)."""
+    import procshare
+    go.wait(30)
+    wrong = []
+    for i in range(n):
+        d[f"k{w}"] = i
+        plain[f"p{w}"] = i
+        got = d[f"k{w}"]
+        if got != i:
+            wrong.append(f"set {i}: read back {got!r}")
+    futures = []
+    for i in range(n):
+        futures.append((None, procshare.async_(d).__setitem__(f"a{w}", i)))
+        futures.append((i - 1 if i else n - 1, procshare.async_(plain).get(f"p{w}")))
+        futures.append((i, procshare.async_(d).get(f"a{w}")))
+        plain_next = procshare.async_(plain).__setitem__(f"p{w}", i)
+        futures.append((None, plain_next))
+    for k, (want, f) in enumerate(futures):
+        got = f.result(30)
+        if got != want:
+            wrong.append(f"pipelined call {k}: {got!r}, not {want!r}")
+    return wrong
+
+
 def write_named_durable(address, authkey, conn) -> str:
     """Make three sets on the named durable dict "shared" (so the manager
     stores their replies), report this process's client id, and wait to be

@@ -147,6 +147,26 @@ def test_chaos_twenty_sigkills_lose_no_acknowledged_write():
     assert max(recoveries) < 2.0, recoveries
 
 
+def test_concurrent_durable_writers_get_their_own_replies_in_order(mp_ctx):
+    """Four clients write one durable dict at once, synchronously and
+    pipelined, with plain calls and reads in between, so that commits are
+    shared: each client gets its own replies, in order, and reads back what
+    it wrote; every write went through the journal."""
+    n = 300
+    with procshare.SyncManager(ctx=mp_ctx) as m:
+        d, plain = m.dict(durable=True), m.dict()
+        go = mp_ctx.Event()
+        workers = [_workers.start_child(mp_ctx, _workers.durable_mixed_writer, w, d, plain,
+                                        n, go) for w in range(4)]
+        go.set()
+        results = [w.result(60) for w in workers]
+        assert results == [[]] * 4
+        assert d._getvalue() == {**{f"k{w}": n - 1 for w in range(4)},
+                                 **{f"a{w}": n - 1 for w in range(4)}}
+        stats = m._control("server_info")["journal"]
+        assert stats["rows"] >= 8 * n and 0 < stats["commits"] <= stats["rows"], stats
+
+
 def test_a_named_object_outlives_the_program_with_state_dir(tmp_path):
     state = tmp_path / "state"
     with procshare.SyncManager(state_dir=state) as m:

@@ -941,8 +941,10 @@ class Server:
                 "running": entry.running}
 
     def server_info(self, c: ConnInfo) -> dict:
+        j = self.durables.journal
         return {"pid": os.getpid(), "address": self.address,
-                "serializer": self.serializer.name, "log": list(self.recent_log)}
+                "serializer": self.serializer.name, "log": list(self.recent_log),
+                "journal": None if j is None else dict(j.stats)}
 
     def shutdown(self, c: ConnInfo) -> None:
         """Release resources before the server stops (subclasses extend this)."""
