@@ -794,6 +794,40 @@ def durable_mixed_writer(w, d, plain, n, go):
     return wrong
 
 
+def durable_writer_until(w, d, stop, errors_every=0):
+    """Set d[f"k{w}"] = i for i = 0, 1, ... until `stop` is set; every
+    `errors_every` sets also read a missing key (a KeyError that must come
+    back as one).  Returns the number of sets, or what went wrong."""
+    i = 0
+    while not stop.is_set() and i < 1_000_000:
+        try:
+            d[f"k{w}"] = i
+        except Exception as e:      # (the manager shut down under us: the test says)
+            return f"set {i}: {type(e).__name__}: {e}"
+        i += 1
+        if errors_every and i % errors_every == 0:
+            try:
+                d[f"missing{w}"]
+            except KeyError as e:
+                if e.args != (f"missing{w}",):
+                    return f"the KeyError said {e.args!r}"
+            else:
+                return "reading a missing key raised nothing"
+    return i
+
+
+def durable_writer_then_blocking_get(w, d, q, started, n):
+    """n durable sets, then a get on a plain queue that waits for the test's
+    put (started says it is about to wait), then n more sets."""
+    for i in range(n):
+        d[f"k{w}"] = i
+    started.set()
+    item = q.get(timeout=30)
+    for i in range(n, 2 * n):
+        d[f"k{w}"] = i
+    return item
+
+
 def write_named_durable(address, authkey, conn) -> str:
     """Make three sets on the named durable dict "shared" (so the manager
     stores their replies), report this process's client id, and wait to be

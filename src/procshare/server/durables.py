@@ -5,8 +5,9 @@ durable object, or at start when the state directory already holds one),
 recovery at start, the record of the clients that may hold unnamed durable
 objects (`holders.json`) and the end of `@recovered` after a crash, creating
 a durable object or attaching to one by name, the call path of a durable
-object (apply and stage under its lock, wait for the commit outside it,
-exactly once per `(client, request)`), re-sent calls (`#RETRY`),
+object (`apply`: run and stage under its lock; `finish`: the reply once
+committed; `call` waits for the commit between them, the durable loop waits
+once for many calls; exactly once per `(client, request)`), re-sent calls (`#RETRY`),
 re-attaching proxies after a restart, forgetting a client's stored replies
 when its lease ends, closing the journal, and how its records are pickled
 (`JournalDumps`: with the manager's serializer's pickler, and proxies inside
@@ -87,7 +88,7 @@ import pickle
 import secrets
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import inprocess
 from ..errors import missing_method
@@ -188,6 +189,16 @@ def _journal_codec(serializer_name: str) -> tuple[Any, Any]:
 RETURN_NONE = (Kind.RETURN, None)
 
 
+class Applied(NamedTuple):
+    """A call on a durable object run and staged (`DurableObjects.apply`),
+    waiting for its commit: `reply` is its value serialized, or None."""
+    entry: Entry
+    oid: str
+    meth: str
+    done: journal.Done
+    reply: tuple | None
+
+
 def _parse_ident(ident: str | None) -> list | None:
     """`[pid, start, host]` from a stored client identity (None if unusable)."""
     try:
@@ -219,6 +230,7 @@ class DurableObjects:
         self.state_dir = state_dir
         self.fsync = fsync
         self.journal: journal.Journal | None = None
+        self._none_body: bytes | None = None
         self._private: str | None = None    # a directory of our own, removed at close
         self._mu = threading.Lock()
         #: clients that may hold an unnamed durable object: id -> [pid, start, local]
@@ -462,7 +474,6 @@ class DurableObjects:
         """Run one call on a durable object: a reply `(kind, payload)` for the
         server to send, after the call's effect is committed."""
         server = self.server
-        h = entry.durable
         rid = info.call.rid
         request = f"{info.session}:{info.conn}:{rid}" if rid else None
         if meth == "#RETRY":    # (first connection, first request, method, args, kwds)
@@ -492,17 +503,37 @@ class DurableObjects:
             except journal.JournalError as e:
                 return self._broken(e)
             return reply
-        deadline = callctx.server_state.deadline
+        got = self.apply(entry, info, oid, meth, args, kwds, request)
+        if type(got) is not Applied:
+            return got
+        try:
+            self.journal.wait(got.done.ticket)
+        except journal.JournalError as e:
+            return self._broken(e)
+        return self.finish(got, info)
+
+    def apply(self, entry: Entry, info: Any, oid: str, meth: str, args: tuple, kwds: dict,
+              request: str | None, wait: bool = True) -> Any:
+        """The first half of `call` for an exposed method: run it under the
+        object's lock and stage its effect; an `Applied` (reply with `finish`
+        once `done.ticket` is committed), or a reply at once (it failed before
+        anything was staged).  `wait=False` (the durable loop): None, having
+        done nothing, if the object's lock is taken."""
+        server = self.server
         lock = entry.lock
         held = False
         try:
             if lock is not None:
-                held = lock.acquire(False) or server._enter(entry, info, deadline, oid, meth)
+                held = lock.acquire(False)
+                if not held:
+                    if not wait:
+                        return None
+                    held = server._enter(entry, info, callctx.server_state.deadline, oid, meth)
                 if held:
                     entry.running = meth
                     entry.owner = threading.get_ident()
             try:
-                done = h.call(meth, args, kwds, client=info.client, request=request)
+                done = entry.durable.call(meth, args, kwds, client=info.client, request=request)
             except journal.JournalError as e:
                 return self._broken(e)
             except Exception as e:      # (reading a stored reply back, say): the call
@@ -521,21 +552,35 @@ class DurableObjects:
             if held:
                 entry.running = None
                 lock.release()
-        try:
-            self.journal.wait(done.ticket)
-        except journal.JournalError as e:
-            return self._broken(e)
+        return Applied(entry, oid, meth, done, reply)
+
+    def finish(self, got: Applied, info: Any) -> tuple:
+        """The second half of `call`, once `got.done.ticket` is committed: the
+        reply `(kind, payload)`."""
+        done, entry = got.done, got.entry
         if not done.ok:
             error = done.value
             if isinstance(error, callctx.DeadlineExpired):    # gave up, took nothing
                 return (Kind.TIMEOUT, str(error))
             # an exposed method the object lacks: as a plain object's, a RemoteError
-            missing = missing_method(error, entry.obj, entry.typeid, oid, meth)
-            return server.error_reply(error) if missing is None else (Kind.ERROR, missing)
+            missing = missing_method(error, entry.obj, entry.typeid, got.oid, got.meth)
+            return self.server.error_reply(error) if missing is None else (Kind.ERROR, missing)
         m2t = entry.method_to_typeid
-        if m2t and m2t.get(meth):
-            return server._proxy_reply(info, m2t[meth], done.value)
-        return RETURN_NONE if reply is None else reply
+        if m2t and m2t.get(got.meth):
+            return self.server._proxy_reply(info, m2t[got.meth], done.value)
+        return RETURN_NONE if got.reply is None else got.reply
+
+    def none_body(self) -> bytes:
+        """None, serialized (the reply of most mutating calls)."""
+        body = self._none_body
+        if body is None:
+            body = self._none_body = self.server.serializer.dumps(None)[0]
+        return body
+
+    def contended(self) -> bool:
+        """Did the journal's last commit hold the calls of several writers?"""
+        j = self.journal
+        return j is not None and j.last_batch > 1
 
     def sync(self, entry: Entry) -> None:
         """Before a read of the whole object (`#GETVALUE`, repr): its last

@@ -550,6 +550,9 @@ class Journal:
         self._next_ticket = 1
         self._done = 0
         self._leading = False
+        #: calls (tickets) in the last commit: more than one means several
+        #: writers at once (the server's durable loop looks)
+        self.last_batch = 0
         self._nwait = 0                 # threads in close() waiting for a commit to end
         self._waiters: list[tuple[int, Any]] = []           # (ticket, lock) asleep in wait()
         self._broken: BaseException | None = None
@@ -1130,6 +1133,7 @@ class Journal:
             self._wake()
             return
         self._done = batch[-1][0]
+        self.last_batch = len(batch)
         pending = self._pending_replies
         if pending:
             for _, ops in batch:

@@ -29,6 +29,10 @@ Rules it keeps:
   journaled and its reply waits for the commit; `create(..., durable=...)`
   and registered durable types make such objects.  Other calls never touch
   the journal (a client's end drops its stored replies, if it has any).
+  While several clients write durable objects at once, a connection whose
+  thread just made such a call may be parked, and the durable loop
+  (`durableloop`) serves its next calls; whatever the loop does not serve
+  comes back to the connection's thread in order (`park`, `handed`).
 - Manager operations (`create`, `decref`, ...) are dispatched through
   `control_table()`, built once per class from `public`, never by `getattr`
   on a name a peer sent.
@@ -92,6 +96,7 @@ from ..wire.serializers import (
 )
 from . import callctx, sharedarray
 from .callctx import Caller, CallState, DeadlineExpired
+from .durableloop import DurableLoop, loopable
 from .durables import RETURN_NONE, UNNAMED_KEY, DurableObjects, durable_option
 from .leases import GRACE as LEASE_GRACE
 from .leases import Leases
@@ -222,6 +227,9 @@ class Server:
         self.recent_log: collections.deque[str] = collections.deque(maxlen=50)
         self.incarnation = incarnation
         self.boot = secrets.token_hex(8)     # clients see a restart by its change
+        #: one thread for the durable calls of several clients at once (started
+        #: when first needed)
+        self.durable_loop: DurableLoop | None = None
         #: durable objects: recovered now if the state directory holds a journal; as
         #: after a crash (clients of before may come back) for a restart, and for a
         #: standalone server run again (`resume`: `python -m procshare serve`)
@@ -257,6 +265,8 @@ class Server:
                 for info in conns:      # replies held back on busy connections: what fits
                     info.channel.flush_nowait()
             finally:
+                if self.durable_loop is not None:
+                    self.durable_loop.stop()    # its connections back to their threads
                 self.durables.close()
                 if local_server() is self:  # a process that goes on (serve_forever in a
                     set_local_server(None)  # thread) runs no server any more
@@ -415,8 +425,21 @@ class Server:
         monotonic = time.monotonic
         RETURN, CALL = Kind.RETURN, Kind.CALL
         stop = self.stop_event
+        durables = self.durables
+        handed = None   # a frame the durable loop gave back with the connection
+        park = False    # after this call's reply: park the connection (durable loop)
         while not stop.is_set():
-            kind, rid, budget, body, bufs = recv()
+            if park:
+                park = False
+                if not ch.reader.in_frame:  # (the loop waits for the socket only)
+                    ch.flush()
+                    self.working.discard(ch)
+                    handed = self._durable_loop().park(info)
+            if handed is not None:
+                kind, rid, budget, body, bufs = handed
+                handed = None
+            else:
+                kind, rid, budget, body, bufs = recv()
             call.rid = rid
             if kind != CALL:
                 raise FrameError(f"unexpected frame {kind_name(kind)} from a client")
@@ -514,13 +537,15 @@ class Server:
                         return
                     reply = self._control(info, meth, args, kwds)
                 elif entry is not None and entry.durable is not None:
-                    reply = self.durables.call(entry, info, oid, meth, args, kwds)
+                    reply = durables.call(entry, info, oid, meth, args, kwds)
                     if reply is RETURN_NONE and rid:    # a set, an append: no value
                         warns.clear()
                         call.done_rid = rid
+                        park = durables.contended() and loopable(entry)
                         args = kwds = bufs = entry = None
                         send_bytes(pack_frame(RETURN, rid, none_body))
                         continue
+                    park = rid != 0 and durables.contended() and loopable(entry)
                 else:
                     reply = self._slow_call(info, oid, meth, args, kwds)
             warns.clear()
@@ -530,6 +555,14 @@ class Server:
                 self._reply(ch, rid, *reply)
             reply = None
         ch.flush()      # (stopping) the replies held back go all the same
+
+    def _durable_loop(self) -> DurableLoop:
+        """The server's durable loop (started at the first park)."""
+        with self.conn_mutex:
+            loop = self.durable_loop
+            if loop is None:
+                loop = self.durable_loop = DurableLoop(self)
+            return loop
 
     # -- large data through shared memory ----------------------------------------
     @property
@@ -602,15 +635,7 @@ class Server:
         if type(payload) is WithFds:    # descriptors ride on the frame (shm_fd)
             fds, payload = payload, payload.value
         try:
-            try:
-                body, bufs = self.serializer.dumps(payload)
-            except Exception as e:
-                if kind == Kind.ERROR:
-                    kind, payload = Kind.TRACEBACK, "".join(
-                        traceback.format_exception(type(payload), payload, payload.__traceback__))
-                else:
-                    kind, payload = self._unserializable(e, None, None, payload)
-                body, bufs = self.serializer.dumps(payload)
+            kind, body, bufs = self._serialize_reply(kind, payload)
             if fds is not None and kind == Kind.RETURN:
                 send_frame_fds(ch, encode_frame(kind, rid, body, bufs), fds.fds)
             else:
@@ -618,6 +643,30 @@ class Server:
         finally:
             if fds is not None:
                 fds.close()
+
+    def _serialize_reply(self, kind: Any, payload: Any) -> tuple:
+        """`(kind, body, buffers)` of a reply; one that cannot be serialized
+        becomes a text of it (an error) or says why (a value)."""
+        try:
+            body, bufs = self.serializer.dumps(payload)
+        except Exception as e:
+            if kind == Kind.ERROR:
+                kind, payload = Kind.TRACEBACK, "".join(
+                    traceback.format_exception(type(payload), payload, payload.__traceback__))
+            else:
+                kind, payload = self._unserializable(e, None, None, payload)
+            body, bufs = self.serializer.dumps(payload)
+        return kind, body, bufs
+
+    def encode_reply(self, rid: int, kind: Any, payload: Any) -> bytes:
+        """One whole reply frame (no descriptors), for a writer that is not the
+        connection's thread (the durable loop)."""
+        if kind is _PACKED:
+            body, bufs = payload
+            kind = Kind.RETURN
+        else:
+            kind, body, bufs = self._serialize_reply(kind, payload)
+        return b"".join(encode_frame(kind, rid, body, bufs))
 
     def _unserializable(self, e: Exception, oid: Any, meth: Any, value: Any) -> tuple:
         """The reply for a value the manager's serializer cannot carry: packed by
@@ -944,7 +993,9 @@ class Server:
         j = self.durables.journal
         return {"pid": os.getpid(), "address": self.address,
                 "serializer": self.serializer.name, "log": list(self.recent_log),
-                "journal": None if j is None else dict(j.stats)}
+                "journal": None if j is None else dict(j.stats),
+                "durable_loop": None if self.durable_loop is None else dict(
+                    self.durable_loop.stats)}
 
     def shutdown(self, c: ConnInfo) -> None:
         """Release resources before the server stops (subclasses extend this)."""

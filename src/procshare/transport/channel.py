@@ -2,7 +2,9 @@
 
 Owns: every byte that crosses a socket after connecting (replies held back
 to go out together included), and the wait for a descriptor to be readable
-(`readable_within`: poll(), since select() refuses descriptors from 1024 on).  Nothing else in procshare calls `send`/`recv`.
+(`readable_within`: poll(), since select() refuses descriptors from 1024 on),
+and the wait for many channels at once (`ChannelSet`).  Nothing else in
+procshare calls `send`/`recv`.
 Frames are laid out and parsed by `wire.frames`; the handshake's bytes come
 from `wire.handshake`; this module only moves them.
 
@@ -31,7 +33,8 @@ Rules it keeps:
   `HOLD_LIMIT` later (plus the GIL's switch interval, at worst) by the
   process's reply watch (`_HoldWatch`, one thread, asleep while nothing is
   held), or, if the peer reads nothing, each `HOLD_RETRY` once it reads.
-  Only the channel's own thread adds to the held list; whoever writes it
+  Only the channel's own thread adds to the held list (or, while that
+  thread is parked, the thread serving it: `send_from_loop`); whoever writes it
   holds `_out` and empties the list only once written (or once the write
   failed for good), so an empty list means nobody else is writing.  The
   watch, and a call about to wait (`flush_nowait`), never wait for the
@@ -42,6 +45,10 @@ Rules it keeps:
   in a NOTICE frame of their own put in front of frames written together
   (`send_frames`, `notice_prefix`: at a frame boundary only), never inside
   another frame; a channel without slots checks one slot.
+- A `ChannelSet` thread reads and writes a channel only while the channel's
+  own thread is parked (the server's durable loop), never waiting for a
+  socket (`recv_ready`, `send_from_loop`); what the reader holds stays for
+  the channel's thread.
 - Authenticate before deserializing anything: the handshake is fixed-size raw
   bytes, read exactly (never past its end), before the first frame.
 - A receive that must sleep asks the channel's `place` (a manager's call
@@ -446,6 +453,23 @@ class Channel:
         elif n >= HOLD_MAX:
             self.flush()
 
+    def send_from_loop(self, frame: bytes) -> None:
+        """Write one small whole frame (a reply) from a thread that serves many
+        channels (`ChannelSet`), while the channel's own thread is parked:
+        behind the replies held back, never waiting for the socket; what it
+        does not take stays held, for the watch or the channel's thread to
+        write.  Nothing on a closed channel."""
+        out = self._out
+        with out:
+            held = self.held
+            if held is None:
+                return
+            held.append(frame)
+            self._write_held(False)
+            left = _FULL if held else 0
+        if left:
+            _watch.add(self, left)
+
     def flush(self) -> None:
         """Write the replies held back, now (blocking until the socket takes them)."""
         out = self._out
@@ -587,6 +611,25 @@ class Channel:
             if own is not None:
                 _unplace(self, cpu, own)
 
+    def recv_ready(self) -> tuple | None:
+        """The next frame if it is here whole, reading only what the socket
+        has now, never waiting (a thread that serves many channels,
+        `ChannelSet`, while the channel's own thread is parked); None if no
+        whole frame is here (what came stays with the reader).  EOFError at
+        the end of the stream."""
+        reader = self.reader
+        if reader.in_frame:
+            frame = reader.next_frame()
+            if frame is not None:
+                return frame
+        try:
+            data = self.sock.recv(_RECV_CHUNK, _DONTWAIT)
+        except BlockingIOError:
+            return None
+        if not data:
+            raise EOFError("connection closed by peer")
+        return reader.parse(data)
+
     def buffered_frame(self) -> tuple | None:
         """The next frame if it is here whole already (no I/O), else None: a
         reader that got many frames in one receive takes them without a
@@ -668,6 +711,74 @@ class Channel:
                 break
             out += data
         return out
+
+
+class ChannelSet:
+    """Channels one thread waits on at once (poll()), for their next frames,
+    and a socket pair by which other threads wake it.  Only the waiting
+    thread adds and removes channels (a poll object must not change while
+    it polls); `wake` may be called from any thread."""
+
+    def __init__(self) -> None:
+        self._poll = select.poll()
+        self._wake_r, self._wake_w = socket.socketpair()
+        for sock in (self._wake_r, self._wake_w):
+            sock.setblocking(False)
+            _open_sockets.add(sock)     # (a forked child closes them: close_inherited)
+        self._poll.register(self._wake_r, select.POLLIN)
+        self._values: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def add(self, ch: Channel, value: Any) -> None:
+        """Wait on `ch` too; `wait` returns `value` when it is readable."""
+        fd = ch.fileno()
+        self._values[fd] = value
+        self._poll.register(fd, select.POLLIN)
+
+    def remove(self, ch: Channel) -> None:
+        fd = ch.fileno()
+        if self._values.pop(fd, None) is not None:
+            self._poll.unregister(fd)
+
+    def values(self) -> list:
+        return list(self._values.values())
+
+    def wait(self, timeout: float | None) -> tuple[list, bool]:
+        """`(values of the readable channels, woken)`, after at most `timeout`
+        seconds (None: no limit).  A channel at its end or in error counts as
+        readable: its next receive says what it is."""
+        events = self._poll.poll(None if timeout is None else timeout * 1000.0)
+        woken = False
+        ready = []
+        values = self._values
+        for fd, _ in events:
+            value = values.get(fd)
+            if value is not None:
+                ready.append(value)
+            elif fd == self._wake_r.fileno():
+                woken = True
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except (BlockingIOError, OSError):
+                    pass
+        return ready, woken
+
+    def wake(self) -> None:
+        """(any thread) Make `wait` return now."""
+        try:
+            self._wake_w.send(b"w")
+        except (BlockingIOError, OSError):
+            pass        # full: it will wake anyway; closed: nobody waits
+
+    def close(self) -> None:
+        for sock in (self._wake_r, self._wake_w):
+            try:
+                sock.close()
+            except OSError:
+                pass
 
 
 def server_handshake(ch: Channel, authkey: bytes, timeout: float = 20.0) -> None:

@@ -1,0 +1,148 @@
+"""The durable loop: while several clients write durable objects at once,
+one manager thread serves their durable calls (`server/durableloop.py`).
+Real processes; every wait is bounded; what the loop did is read from the
+manager (`server_info`)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+
+import _workers
+import procshare
+from _helpers import FAULT_START_METHODS, poll, process_gone
+from procshare.server import durableloop
+
+WAIT = 30.0
+
+
+@pytest.fixture(params=FAULT_START_METHODS)
+def mp_ctx(request):
+    return multiprocessing.get_context(request.param)
+
+
+def _loop_stats(m) -> dict:
+    return m._control("server_info")["durable_loop"] or {}
+
+
+def _writers(ctx, d, n, stop, **kw):
+    return [_workers.start_child(ctx, _workers.durable_writer_until, w, d, stop, **kw)
+            for w in range(n)]
+
+
+def _values(d, n) -> list:
+    got = d._getvalue()
+    return [got.get(f"k{w}", -1) for w in range(n)]
+
+
+def _all_advance(d, n, timeout=WAIT) -> bool:
+    """Every writer's key moves on (they all make progress)."""
+    before = _values(d, n)
+    return poll(lambda: all(a > b for a, b in zip(_values(d, n), before)), timeout)
+
+
+def test_several_writers_are_served_by_the_loop_with_right_errors(mp_ctx):
+    """Four writers at once: the loop serves most of their calls, each
+    writer's sets land, and a KeyError the loop serves comes back as the
+    KeyError of a plain dict."""
+    with procshare.SyncManager(ctx=mp_ctx) as m:
+        d, stop = m.dict(durable=True), mp_ctx.Event()
+        writers = _writers(mp_ctx, d, 4, stop, errors_every=7)
+        try:
+            assert poll(lambda: _loop_stats(m).get("calls", 0) > 500, WAIT), _loop_stats(m)
+        finally:
+            stop.set()
+        results = [w.result(WAIT) for w in writers]
+        assert all(type(r) is int and r > 0 for r in results), results
+        assert _values(d, 4) == [r - 1 for r in results]
+        stats = _loop_stats(m)
+        assert stats["rounds"] < stats["calls"], stats     # commits shared between calls
+
+
+def test_a_parked_connection_takes_a_blocking_call_back_to_its_thread(mp_ctx):
+    """A writer whose connection the loop serves makes a call that waits (a
+    get on a plain queue): its own thread serves it, and the loop goes on
+    serving the others meanwhile."""
+    with procshare.SyncManager(ctx=mp_ctx) as m:
+        d, q, stop = m.dict(durable=True), m.Queue(), mp_ctx.Event()
+        started = mp_ctx.Event()
+        others = _writers(mp_ctx, d, 3, stop)
+        try:
+            assert poll(lambda: _loop_stats(m).get("calls", 0) > 200, WAIT)
+            getter = _workers.start_child(mp_ctx, _workers.durable_writer_then_blocking_get,
+                                          3, d, q, started, 300)
+            assert started.wait(WAIT)
+            assert _all_advance(d, 3), "the other writers stalled while one waited"
+            q.put("item")
+            assert getter.result(WAIT) == "item"
+        finally:
+            stop.set()
+        assert all(type(r) is int for r in (w.result(WAIT) for w in others))
+        assert d["k3"] == 599
+
+
+def test_a_writer_killed_while_parked_leaves_the_others_going(mp_ctx):
+    with procshare.SyncManager(ctx=mp_ctx) as m:
+        d, stop = m.dict(durable=True), mp_ctx.Event()
+        writers = _writers(mp_ctx, d, 4, stop)
+        try:
+            assert poll(lambda: _loop_stats(m).get("calls", 0) > 500, WAIT)
+            victim = writers[0].process
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.join(WAIT)
+            assert poll(lambda: victim.pid not in {c["pid"] for c in m._control("clients")},
+                        WAIT), "the killed writer's connections stayed"
+            before = _values(d, 4)
+            assert poll(lambda: all(a > b for a, b in zip(_values(d, 4)[1:], before[1:])),
+                        WAIT), "the other writers stalled"
+        finally:
+            stop.set()
+        for w in writers[1:]:
+            assert type(w.result(WAIT)) is int
+
+
+def test_a_lone_writer_goes_back_to_its_own_thread():
+    """Once the other writers are done, the loop hands the last one back
+    (SOLO_ROUNDS), and it is served by its own thread again."""
+    ctx = multiprocessing.get_context("fork")
+    with procshare.SyncManager(ctx=ctx) as m:
+        d, stop, stop_last = m.dict(durable=True), ctx.Event(), ctx.Event()
+        writers = _writers(ctx, d, 3, stop)
+        last = _workers.start_child(ctx, _workers.durable_writer_until, 3, d, stop_last)
+        try:
+            assert poll(lambda: _loop_stats(m).get("calls", 0) > 500, WAIT)
+        finally:
+            stop.set()
+        assert all(type(w.result(WAIT)) is int for w in writers)
+        # the lone writer goes on; the loop gives it back and serves nothing more
+        assert poll(lambda: _loop_stats(m)["handed_back"] >= 1, WAIT)
+        calls = _loop_stats(m)["calls"]
+        k = d["k3"]
+        assert poll(lambda: d["k3"] > k + 10 * durableloop.SOLO_ROUNDS, WAIT)
+        later = _loop_stats(m)["calls"]
+        assert later - calls <= 2 * durableloop.SOLO_ROUNDS, (calls, later)
+        stop_last.set()
+        assert type(last.result(WAIT)) is int
+
+
+def test_shutdown_with_parked_connections_is_prompt():
+    ctx = multiprocessing.get_context("fork")
+    m = procshare.SyncManager(ctx=ctx)
+    m.start()
+    try:
+        d, stop = m.dict(durable=True), ctx.Event()
+        writers = _writers(ctx, d, 4, stop)
+        assert poll(lambda: _loop_stats(m).get("calls", 0) > 500, WAIT)
+        pid = m.pid
+        t0 = time.monotonic()
+        m.shutdown()
+        assert time.monotonic() - t0 < 5.0
+        assert poll(lambda: process_gone(pid), 5.0)
+    finally:
+        stop.set()
+    for w in writers:       # each ends, with a count or with the error of its last set
+        w.result(WAIT)
