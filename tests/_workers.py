@@ -816,6 +816,32 @@ def durable_writer_until(w, d, stop, errors_every=0):
     return i
 
 
+def probe_loaded(i, path):
+    """(in the manager, when a Probe is unpickled) Note it in `path`."""
+    with open(path, "a") as f:
+        f.write(f"{i}\n")
+    return i
+
+
+class Probe:
+    """Pickles to a call of `probe_loaded`: each unpickling leaves a line."""
+
+    def __init__(self, i, path):
+        self.i, self.path = i, path
+
+    def __reduce__(self):
+        return probe_loaded, (self.i, self.path)
+
+
+def durable_writer_with_probes(w, d, plain, n, path):
+    """n rounds of a few durable sets and an append of a Probe to a plain list."""
+    for i in range(n):
+        for _ in range(4):
+            d[f"k{w}"] = i
+        plain.append(Probe(w * 100000 + i, path))
+    return n
+
+
 def durable_writer_then_blocking_get(w, d, q, started, n):
     """n durable sets, then a get on a plain queue that waits for the test's
     put (started says it is about to wait), then n more sets."""

@@ -149,9 +149,10 @@ def test_chaos_twenty_sigkills_lose_no_acknowledged_write():
 
 def test_concurrent_durable_writers_get_their_own_replies_in_order(mp_ctx):
     """Four clients write one durable dict at once, synchronously and
-    pipelined, with plain calls and reads in between, so that commits are
-    shared: each client gets its own replies, in order, and reads back what
-    it wrote; every write went through the journal."""
+    pipelined, with plain calls and reads in between (commits shared, and
+    the durable loop serving some of them, when the writers overlap): each
+    client gets its own replies, in order, and reads back what it wrote;
+    every write went through the journal."""
     n = 300
     with procshare.SyncManager(ctx=mp_ctx) as m:
         d, plain = m.dict(durable=True), m.dict()
@@ -164,7 +165,7 @@ def test_concurrent_durable_writers_get_their_own_replies_in_order(mp_ctx):
         assert d._getvalue() == {**{f"k{w}": n - 1 for w in range(4)},
                                  **{f"a{w}": n - 1 for w in range(4)}}
         stats = m._control("server_info")["journal"]
-        assert stats["rows"] >= 8 * n and 0 < stats["commits"] <= stats["rows"], stats
+        assert stats["rows"] >= 8 * n and stats["commits"] > 0, stats
 
 
 def test_a_named_object_outlives_the_program_with_state_dir(tmp_path):

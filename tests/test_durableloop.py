@@ -85,6 +85,24 @@ def test_a_parked_connection_takes_a_blocking_call_back_to_its_thread(mp_ctx):
         assert d["k3"] == 599
 
 
+def test_a_call_the_loop_reads_and_leaves_is_unpickled_once(mp_ctx, tmp_path):
+    """Calls on a plain object from connections the loop serves go back to
+    their threads with their arguments already unpickled: each argument is
+    unpickled once (its unpickling may have side effects)."""
+    path = str(tmp_path / "probes")
+    n = 300
+    with procshare.SyncManager(ctx=mp_ctx) as m:
+        d, plain = m.dict(durable=True), m.list()
+        writers = [_workers.start_child(mp_ctx, _workers.durable_writer_with_probes, w, d,
+                                        plain, n, path) for w in range(4)]
+        assert [w.result(WAIT) for w in writers] == [n] * 4
+        assert len(plain) == 4 * n
+        assert _loop_stats(m)["calls"] > 0
+    with open(path) as f:
+        lines = f.read().split()
+    assert len(lines) == len(set(lines)) == 4 * n, "some argument was unpickled twice"
+
+
 def test_a_writer_killed_while_parked_leaves_the_others_going(mp_ctx):
     with procshare.SyncManager(ctx=mp_ctx) as m:
         d, stop = m.dict(durable=True), mp_ctx.Event()
@@ -146,3 +164,83 @@ def test_shutdown_with_parked_connections_is_prompt():
         stop.set()
     for w in writers:       # each ends, with a count or with the error of its last set
         w.result(WAIT)
+
+
+# -- the loop's rules, in-process (no thread: its methods on stand-ins) ----------
+
+class _Sent:
+    def __init__(self):
+        self.frames = []
+
+    def send_from_loop(self, data):
+        self.frames.append(data)
+
+
+def _parked():
+    from procshare.server.callctx import CallState
+
+    class Info:
+        pass
+
+    info = Info()
+    info.channel, info.call = _Sent(), CallState()
+    info.client, info.session, info.conn = "c", "s", 1
+    return durableloop._Parked(info)
+
+
+def test_a_failed_commit_is_reported_only_for_the_calls_it_lost():
+    """One wait covers a round; if it fails, each call says whether its own
+    commit happened (another thread's commit may have taken it)."""
+    from procshare.server import journal
+    from procshare.server.durables import Applied
+    from procshare.wire.frames import pack_frame
+    from procshare.wire.kinds import Kind
+
+    class Journal:
+        def wait(self, ticket, timeout=None):
+            if ticket > 3:      # tickets up to 3 were committed, then a commit failed
+                raise journal.JournalBroken("disk I/O error")
+
+    class Durables:
+        journal = Journal()
+
+        def none_body(self):
+            return b"None"
+
+        def finish(self, got, info):
+            return (Kind.RETURN, None)
+
+        def _broken(self, e):
+            return (Kind.ERROR, e)
+
+    class Server:
+        durables = Durables()
+
+        def encode_reply(self, rid, kind, payload):
+            return (rid, kind, str(payload))
+
+    loop = durableloop.DurableLoop.__new__(durableloop.DurableLoop)
+    loop.server = Server()
+    p = _parked()
+    served = [(p, rid, Applied(None, "D:x", "__setitem__", journal.Done(t, True, None), None))
+              for rid, t in ((1, 2), (2, 3), (3, 4))]
+    loop._reply(served)
+    assert served == []
+    assert p.info.channel.frames == [pack_frame(Kind.RETURN, 1, b"None"),
+                                     pack_frame(Kind.RETURN, 2, b"None"),
+                                     (3, Kind.ERROR, "disk I/O error")]
+    assert p.info.call.done_rid == 3
+
+
+def test_a_cancelled_call_is_left_to_its_thread_as_the_running_one():
+    """The loop makes a frame's request the running one before it looks for
+    a cancel, as the connection's thread does: a cancel then either finds it
+    cancelled before it ran, or running (never "not started" and then run)."""
+    from procshare.wire.kinds import Kind
+
+    loop = durableloop.DurableLoop.__new__(durableloop.DurableLoop)
+    p = _parked()
+    p.info.call.cancel_rid = 5
+    got = loop._serve(p, (Kind.CALL, 5, float("nan"), b"", ()))
+    assert got[0] is durableloop._BACK and got[1] is None
+    assert p.info.call.rid == 5

@@ -22,27 +22,41 @@ Rules it keeps:
   thread then sleeps until the loop hands the connection back, with the
   frame the loop did not serve, if any.
 - The loop serves a frame only if it is a call that wants a reply, with no
-  out-of-band buffers and not cancelled, of an exposed method that returns
-  no proxy, on a durable object of a built-in effects kind (dict, list, set,
-  Namespace, Value, Array: not queues, whose calls may wait), whose lock is
-  free at once (`DurableObjects.apply(wait=False)`).  So it never waits but
-  for a commit.  Any other frame, part of a frame, the end of the stream or
-  an error go back to the connection's thread, which reads them as it
-  would have (a channel's reader keeps what came).
+  out-of-band buffers and not cancelled (its request id is the call's
+  before the cancel check, as on the thread's path), holding no proxy (its
+  pickle names `RebuildProxy`: unpickling one may adopt a loan or ask
+  another manager), of an exposed method that returns no proxy, on a
+  durable object of a built-in effects kind (dict, list, set, Namespace,
+  Value, Array: not queues, whose calls may wait), whose lock is free at
+  once (`DurableObjects.apply(wait=False)`).  So it never waits but for a
+  commit.
+- Anything else goes back to the connection's thread, which meets it as it
+  would have: a frame the loop does not serve (with its call, if the loop
+  unpickled it, so that no argument is unpickled twice), part of a frame or
+  more frames than `ROUND_FRAMES` (a channel's reader keeps what came), and
+  what a receive raised (the end of the stream, a bad frame: the thread
+  raises it).
 - Replies keep their order: the loop writes the replies of the calls it
-  served on a connection (after their commit) before it hands the
-  connection back.  It writes them without ever waiting for a socket
+  served on a connection (after their commit), in order, before it hands
+  the connection back.  It writes them without ever waiting for a socket
   (`Channel.send_from_loop`): what a socket does not take is written by the
-  reply watch, or by the connection's thread before its own next write.
+  reply watch, or by the connection's thread before its own next write.  A
+  connection with replies still held goes back to its thread, whose next
+  write waits for the client (back-pressure: the loop reads nothing more
+  from a client that does not read its replies).
 - One round: read every readable parked connection (at most `ROUND_FRAMES`
   frames each), apply what it can, wait for one commit covering those calls
   (the journal's group commit, shared with other threads), write the
-  replies, hand back what it must.
+  replies, hand back what it must.  If that commit fails, each call's reply
+  says whether its own commit happened (an earlier commit by another thread
+  may have taken it).
 - A connection that was the only one with calls for `SOLO_ROUNDS` rounds in
   a row goes back to its thread: a lone client is served faster by its own
   thread, which polls for the next call on an idle machine.
-- When the server stops, or the loop fails (a bug), every connection goes
-  back to its thread and no more are parked.
+- When the server stops, every connection goes back to its thread.  If the
+  loop fails (a bug), the calls it applied and did not answer get an error
+  that says so, every connection goes back with what it was to get, and no
+  more are parked.
 """
 
 from __future__ import annotations
@@ -73,6 +87,10 @@ SOLO_ROUNDS = 16
 ROUND_FRAMES = 64
 #: the longest the loop sleeps without looking at the server's stop event (s)
 STOP_POLL = 0.5
+#: in a call's pickle: a proxy (`RebuildProxy`), which the loop leaves to the
+#: connection's thread (unpickling one may adopt a loan, or ask another manager)
+_PROXY = b"RebuildProxy"
+_BACK = object()        # `_serve`: its thread serves this frame
 
 
 def loopable(entry: Any) -> bool:
@@ -88,17 +106,20 @@ def loopable(entry: Any) -> bool:
 class _Parked:
     """A parked connection: its thread sleeps on `lock` until `hand_back`."""
 
-    __slots__ = ("info", "lock", "frame", "solo")
+    __slots__ = ("info", "lock", "back", "out")
 
     def __init__(self, info: Any) -> None:
         self.info = info
         self.lock = threading.Lock()
         self.lock.acquire()
-        self.frame: Any = None
+        self.back: Any = None       # what the thread gets (see `DurableLoop.park`)
+        self.out = False            # handed back already
 
-    def hand_back(self, frame: Any) -> None:
-        self.frame = frame
-        self.lock.release()
+    def hand_back(self, back: Any) -> None:
+        if not self.out:
+            self.out = True
+            self.back = back
+            self.lock.release()
 
 
 class DurableLoop:
@@ -113,13 +134,23 @@ class DurableLoop:
         #: calls served, rounds, connections parked and handed back (for tests
         #: and `server_info`)
         self.stats = {"calls": 0, "rounds": 0, "parked": 0, "handed_back": 0}
+        # this round's work, where `_run` finds it if the loop fails midway:
+        # parks taken from `incoming`, calls applied and not yet answered
+        # ((parked, rid, Applied or reply)), and connections to hand back
+        self._new: list[_Parked] = []
+        self._served: list[tuple] = []
+        self._back: list[tuple] = []
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name="procshare-durable-loop")
         self.thread.start()
 
-    def park(self, info: Any) -> tuple | None:
+    def park(self, info: Any) -> Any:
         """(the connection's thread) Sleep until the loop hands the connection
-        back; returns the frame it did not serve (None: read the next one)."""
+        back.  Returns None (read the next frame), `(frame, call)` (serve this
+        frame, which the loop read but did not serve; `call` is its decoded
+        `(oid, method, args, kwds)`, the exception decoding it raised, or None
+        if it was not decoded), or an exception to raise (a receive failed:
+        the end of the stream, a bad frame)."""
         p = _Parked(info)
         with self.mu:
             if self.stopped:
@@ -128,7 +159,7 @@ class DurableLoop:
             self.stats["parked"] += 1
         self.channels.wake()
         p.lock.acquire()
-        return p.frame
+        return p.back
 
     def stop(self, timeout: float = 2.0) -> None:
         """Hand every connection back and end the loop's thread."""
@@ -144,13 +175,31 @@ class DurableLoop:
             self._loop()
         except BaseException:
             log.exception("the durable loop failed; connections go back to their threads")
+            self._fail_round()
         finally:
             with self.mu:
                 self.stopped = True
                 left, self.incoming = self.incoming, []
-            for p in left + self.channels.values():
+            for p in self._new + left + self.channels.values():
                 self._hand_back(p, None)
             self.channels.close()
+
+    def _fail_round(self) -> None:
+        """(the loop failed: a bug) Answer the calls applied this round with
+        an error, and hand back what was to go back, with its frames."""
+        text = (f"procshare: the durable loop of the manager (pid {os.getpid()}) failed "
+                "while serving this call (a bug: see the manager's log); the call was "
+                "applied, and may or may not be durable. Check the object before "
+                "calling again.")
+        for p, rid, _got in self._served:
+            try:
+                p.info.channel.send_from_loop(
+                    self.server.encode_reply(rid, *self.server.error_reply(RuntimeError(text))))
+            except Exception:
+                pass
+            self._hand_back(p, None)
+        for p, back in self._back:
+            self._hand_back(p, back)
 
     def _loop(self) -> None:
         server = self.server
@@ -164,15 +213,16 @@ class DurableLoop:
             ready, woken = channels.wait(STOP_POLL)
             if woken:
                 with self.mu:
-                    new, self.incoming = self.incoming, []
-                for p in new:
+                    self._new, self.incoming = self.incoming, []
+                while self._new:
+                    p = self._new[-1]
                     channels.add(p.info.channel, p)
+                    self._new.pop()
             if stop.is_set() or self.stopped:
                 return
             if not ready:
                 continue
-            served: list[tuple[_Parked, int, Any]] = []
-            back: list[tuple[_Parked, Any]] = []
+            served, back = self._served, self._back
             active = []
             for p in ready:
                 n = len(served)
@@ -183,10 +233,11 @@ class DurableLoop:
                 stats["rounds"] += 1
                 stats["calls"] += len(served)
                 self._reply(served)
-            for p, frame in back:
-                self._hand_back(p, frame)
+            while back:
+                self._hand_back(*back[-1])
+                back.pop()
             # a lone client goes back to its own thread
-            if len(active) == 1 and not back:
+            if len(active) == 1 and not active[0].out:
                 p = active[0]
                 solo_rounds = solo_rounds + 1 if p is solo else 1
                 solo = p
@@ -200,20 +251,23 @@ class DurableLoop:
         """Serve what connection `p` sent; what the loop must not serve goes
         to `back` with the connection (after the replies to what it served)."""
         ch = p.info.channel
+        if ch.held:     # replies the socket did not take yet: its thread writes
+            back.append((p, None))      # them, waiting for the client (back-pressure)
+            return
         reader = ch.reader
         for _ in range(ROUND_FRAMES):
             try:
                 frame = ch.recv_ready()
-            except Exception:   # the end, an error, a bad frame: its thread says which
-                back.append((p, None))
+            except Exception as e:      # the end, an error, a bad frame: its thread
+                back.append((p, e))     # raises it, as its own receive would have
                 return
             if frame is None:
                 if reader.in_frame:         # part of a frame: its thread waits for the rest
                     back.append((p, None))
                 return
             got = self._serve(p, frame)
-            if got is None:
-                back.append((p, frame))
+            if type(got) is tuple and len(got) == 2 and got[0] is _BACK:
+                back.append((p, (frame, got[1])))
                 return
             served.append((p, frame[1], got))
             if not reader.in_frame:     # nothing more came with it: the next round
@@ -222,51 +276,69 @@ class DurableLoop:
         back.append((p, None))
 
     def _serve(self, p: _Parked, frame: tuple) -> Any:
-        """Apply one call if the loop may: an `Applied`, a reply tuple (it
-        failed at once), or None (its thread must serve it)."""
+        """Apply one call if the loop may: an `Applied`, or a reply tuple (it
+        failed at once); else `(_BACK, call)`: its thread serves it, with
+        `call` as `park` says."""
         kind, rid, _budget, body, bufs = frame
         if kind != Kind.CALL or not rid or bufs:
-            return None
+            return (_BACK, None)
         info = p.info
         call = info.call
+        call.rid = rid          # (before the cancel check, as the thread does)
         if rid == call.cancel_rid:
-            return None
+            return (_BACK, None)
+        raw = body if type(body) is bytes else bytes(body)
+        if _PROXY in raw:       # unpickling a proxy may adopt it, or ask another manager
+            return (_BACK, None)
         server = self.server
         try:
-            oid, meth, args, kwds = server.serializer.loads(body, bufs)
-        except Exception:
-            return None
+            decoded = oid, meth, args, kwds = server.serializer.loads(body, bufs)
+        except Exception as e:
+            return (_BACK, e)
         if type(oid) is not str or type(meth) is not str:
-            return None
+            return (_BACK, decoded)
         entry = server.objects.objects.get(oid)
         if entry is None or meth not in entry.exposed or not loopable(entry):
-            return None
+            return (_BACK, decoded)
         m2t = entry.method_to_typeid
         if m2t and m2t.get(meth):
-            return None
-        call.rid = rid
-        return server.durables.apply(entry, info, oid, meth, args, kwds,
-                                     f"{info.session}:{info.conn}:{rid}", wait=False)
+            return (_BACK, decoded)
+        got = server.durables.apply(entry, info, oid, meth, args, kwds,
+                                    f"{info.session}:{info.conn}:{rid}", wait=False)
+        return (_BACK, decoded) if got is None else got
 
     def _reply(self, served: list) -> None:
         """Wait for the commit of every call served this round, then write
-        their replies."""
+        their replies (each call's own outcome if a commit failed: an earlier
+        one may have taken some of them)."""
         server = self.server
         durables = server.durables
+        j = durables.journal
         ticket = max((got.done.ticket for _, _, got in served if type(got) is Applied),
                      default=0)
         failed = None
         if ticket:
             try:
-                durables.journal.wait(ticket)
+                j.wait(ticket)
             except journal.JournalError as e:
                 failed = e
+        broken = None
         none_body = durables.none_body()
-        for p, rid, got in served:
+        while served:       # in order (a connection's replies keep their order)
+            p, rid, got = served[0]
             info = p.info
             if type(got) is Applied:
-                reply = durables._broken(failed) if failed is not None else \
-                    durables.finish(got, info)
+                if failed is not None:
+                    try:
+                        j.wait(got.done.ticket, 0)
+                    except (journal.JournalError, TimeoutError):
+                        if broken is None:
+                            broken = durables._broken(failed)
+                        reply = broken
+                    else:
+                        reply = durables.finish(got, info)
+                else:
+                    reply = durables.finish(got, info)
             else:
                 reply = got
             if reply[0] == Kind.RETURN and reply[1] is None:
@@ -275,11 +347,14 @@ class DurableLoop:
                 data = server.encode_reply(rid, *reply)
             info.call.done_rid = rid
             info.channel.send_from_loop(data)
+            del served[0]       # (answered: `_fail_round` leaves it)
 
-    def _hand_back(self, p: _Parked, frame: Any) -> None:
+    def _hand_back(self, p: _Parked, back: Any) -> None:
+        if p.out:
+            return
         try:
             self.channels.remove(p.info.channel)
         except (KeyError, ValueError, OSError):
             pass
         self.stats["handed_back"] += 1
-        p.hand_back(frame)
+        p.hand_back(back)

@@ -426,7 +426,8 @@ class Server:
         RETURN, CALL = Kind.RETURN, Kind.CALL
         stop = self.stop_event
         durables = self.durables
-        handed = None   # a frame the durable loop gave back with the connection
+        handed = None   # what the durable loop gave back with the connection (`park`)
+        decoded = None  # the call of a frame the loop gave back, decoded
         park = False    # after this call's reply: park the connection (durable loop)
         while not stop.is_set():
             if park:
@@ -435,22 +436,31 @@ class Server:
                     ch.flush()
                     self.working.discard(ch)
                     handed = self._durable_loop().park(info)
-            if handed is not None:
-                kind, rid, budget, body, bufs = handed
-                handed = None
-            else:
+            if handed is None:
                 kind, rid, budget, body, bufs = recv()
+            elif type(handed) is tuple:     # a frame the loop read and left to us
+                (kind, rid, budget, body, bufs), decoded = handed
+                handed = None
+            else:                           # what the loop's receive raised
+                raise handed
             call.rid = rid
             if kind != CALL:
                 raise FrameError(f"unexpected frame {kind_name(kind)} from a client")
             if rid == call.cancel_rid:      # cancelled before it was read: it does not run
                 call.done_rid = rid
+                decoded = None
                 self._reply(ch, rid, Kind.TIMEOUT, "the client cancelled the call before "
                             "it started; it had no effect")
                 continue
             st.deadline = None if budget != budget else monotonic() + budget
             try:
-                oid, meth, args, kwds = loads(body, bufs)
+                if decoded is None:
+                    oid, meth, args, kwds = loads(body, bufs)
+                else:       # (decoded by the loop: unpickled once only)
+                    call_, decoded = decoded, None
+                    if isinstance(call_, Exception):
+                        raise call_
+                    oid, meth, args, kwds = call_
                 if type(meth) is not str or (oid is not None and type(oid) is not str):
                     raise TypeError(f"a call names object {oid!r:.40} and method {meth!r:.40}; "
                                     "both must be str (the object id may be None)")
