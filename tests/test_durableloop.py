@@ -204,9 +204,6 @@ def test_a_failed_commit_is_reported_only_for_the_calls_it_lost():
     class Durables:
         journal = Journal()
 
-        def none_body(self):
-            return b"None"
-
         def finish(self, got, info):
             return (Kind.RETURN, None)
 
@@ -215,6 +212,7 @@ def test_a_failed_commit_is_reported_only_for_the_calls_it_lost():
 
     class Server:
         durables = Durables()
+        none_body = b"None"
 
         def encode_reply(self, rid, kind, payload):
             return (rid, kind, str(payload))
@@ -242,5 +240,5 @@ def test_a_cancelled_call_is_left_to_its_thread_as_the_running_one():
     p = _parked()
     p.info.call.cancel_rid = 5
     got = loop._serve(p, (Kind.CALL, 5, float("nan"), b"", ()))
-    assert got[0] is durableloop._BACK and got[1] is None
+    assert type(got) is durableloop._Back and got.call is None
     assert p.info.call.rid == 5

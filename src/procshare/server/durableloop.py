@@ -90,7 +90,6 @@ STOP_POLL = 0.5
 #: in a call's pickle: a proxy (`RebuildProxy`), which the loop leaves to the
 #: connection's thread (unpickling one may adopt a loan, or ask another manager)
 _PROXY = b"RebuildProxy"
-_BACK = object()        # `_serve`: its thread serves this frame
 
 
 def loopable(entry: Any) -> bool:
@@ -101,6 +100,16 @@ def loopable(entry: Any) -> bool:
         return False
     kind: DurableKind = h.kind
     return kind.mode == "effects" and not kind.immediate
+
+
+class _Back:
+    """`_serve`'s answer for a frame its connection's thread must serve:
+    `call` as `DurableLoop.park` describes it."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, call: Any = None) -> None:
+        self.call = call
 
 
 class _Parked:
@@ -195,8 +204,8 @@ class DurableLoop:
             try:
                 p.info.channel.send_from_loop(
                     self.server.encode_reply(rid, *self.server.error_reply(RuntimeError(text))))
-            except Exception:
-                pass
+            except Exception:   # (best effort: the loop is failing already)
+                log.debug("could not answer request %d after the failure", rid, exc_info=True)
             self._hand_back(p, None)
         for p, back in self._back:
             self._hand_back(p, back)
@@ -266,8 +275,8 @@ class DurableLoop:
                     back.append((p, None))
                 return
             got = self._serve(p, frame)
-            if type(got) is tuple and len(got) == 2 and got[0] is _BACK:
-                back.append((p, (frame, got[1])))
+            if type(got) is _Back:
+                back.append((p, (frame, got.call)))
                 return
             served.append((p, frame[1], got))
             if not reader.in_frame:     # nothing more came with it: the next round
@@ -277,35 +286,34 @@ class DurableLoop:
 
     def _serve(self, p: _Parked, frame: tuple) -> Any:
         """Apply one call if the loop may: an `Applied`, or a reply tuple (it
-        failed at once); else `(_BACK, call)`: its thread serves it, with
-        `call` as `park` says."""
+        failed at once); else a `_Back`: its thread serves it."""
         kind, rid, _budget, body, bufs = frame
         if kind != Kind.CALL or not rid or bufs:
-            return (_BACK, None)
+            return _Back()
         info = p.info
         call = info.call
         call.rid = rid          # (before the cancel check, as the thread does)
         if rid == call.cancel_rid:
-            return (_BACK, None)
+            return _Back()
         raw = body if type(body) is bytes else bytes(body)
         if _PROXY in raw:       # unpickling a proxy may adopt it, or ask another manager
-            return (_BACK, None)
+            return _Back()
         server = self.server
         try:
             decoded = oid, meth, args, kwds = server.serializer.loads(body, bufs)
         except Exception as e:
-            return (_BACK, e)
+            return _Back(e)
         if type(oid) is not str or type(meth) is not str:
-            return (_BACK, decoded)
+            return _Back(decoded)
         entry = server.objects.objects.get(oid)
         if entry is None or meth not in entry.exposed or not loopable(entry):
-            return (_BACK, decoded)
+            return _Back(decoded)
         m2t = entry.method_to_typeid
         if m2t and m2t.get(meth):
-            return (_BACK, decoded)
+            return _Back(decoded)
         got = server.durables.apply(entry, info, oid, meth, args, kwds,
                                     f"{info.session}:{info.conn}:{rid}", wait=False)
-        return (_BACK, decoded) if got is None else got
+        return _Back(decoded) if got is None else got
 
     def _reply(self, served: list) -> None:
         """Wait for the commit of every call served this round, then write
@@ -323,7 +331,7 @@ class DurableLoop:
             except journal.JournalError as e:
                 failed = e
         broken = None
-        none_body = durables.none_body()
+        none_body = server.none_body
         while served:       # in order (a connection's replies keep their order)
             p, rid, got = served[0]
             info = p.info

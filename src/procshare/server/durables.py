@@ -230,7 +230,6 @@ class DurableObjects:
         self.state_dir = state_dir
         self.fsync = fsync
         self.journal: journal.Journal | None = None
-        self._none_body: bytes | None = None
         self._private: str | None = None    # a directory of our own, removed at close
         self._mu = threading.Lock()
         #: clients that may hold an unnamed durable object: id -> [pid, start, local]
@@ -569,13 +568,6 @@ class DurableObjects:
         if m2t and m2t.get(got.meth):
             return self.server._proxy_reply(info, m2t[got.meth], done.value)
         return RETURN_NONE if got.reply is None else got.reply
-
-    def none_body(self) -> bytes:
-        """None, serialized (the reply of most mutating calls)."""
-        body = self._none_body
-        if body is None:
-            body = self._none_body = self.server.serializer.dumps(None)[0]
-        return body
 
     def contended(self) -> bool:
         """Did the journal's last commit hold the calls of several writers?"""

@@ -199,6 +199,8 @@ class Server:
         self.registry = registry
         self.authkey = bytes(authkey)
         self.serializer = get_serializer(serializer)
+        #: None, serialized: the reply of most mutating calls, sent as is
+        self.none_body: bytes = self.serializer.dumps(None)[0]
         self.limits = limits
         self.frame_timeout = frame_timeout
         self.locks = LockTable(self)
@@ -408,7 +410,7 @@ class Server:
         # calls) goes out with theirs, in one write (see Channel.send_reply)
         ch.hold_replies()
         send_reply = ch.send_reply
-        none_body = self.serializer.dumps(None)[0]
+        none_body = self.none_body
         loads = self.serializer.loads
         dumps = self.serializer.dumps
         limits = self.limits
