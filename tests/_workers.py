@@ -97,6 +97,10 @@ class ChildHandle:
         """Open the gate of a child started with ``gate=True``."""
         self._conn.send("go")
 
+    def finished(self) -> bool:
+        """True once the child has sent its result (not read yet) or it was read."""
+        return self._done or self._conn.poll(0)
+
     def result(self, timeout: float = 15.0):
         """Return the function's result; raise ChildFailed if it raised.
         Bounded: a child silent for ``timeout`` seconds is killed."""

@@ -166,6 +166,54 @@ def test_shutdown_with_parked_connections_is_prompt():
         w.result(WAIT)
 
 
+
+def test_a_failing_loop_answers_what_it_applied_and_gives_every_connection_back(
+        monkeypatch):
+    """A bug in the loop (here: its reply step raises, once, mid-run): the
+    calls it applied get an error that says so, every connection goes back
+    to its own thread, the writers go on there, and nothing is parked again."""
+    original = durableloop.DurableLoop._reply
+
+    def failing_reply(self, served):
+        if self.stats["rounds"] >= 300:
+            raise RuntimeError("injected bug")
+        return original(self, served)
+
+    monkeypatch.setattr(durableloop.DurableLoop, "_reply", failing_reply)
+    ctx = multiprocessing.get_context("fork")   # (the manager inherits the patch)
+    with procshare.SyncManager(ctx=ctx) as m:
+        d, stop = m.dict(durable=True), ctx.Event()
+        writers = _writers(ctx, d, 4, stop)
+        try:
+            assert poll(lambda: _loop_stats(m).get("rounds", 0) >= 300, WAIT), _loop_stats(m)
+            # the loop stopped: no more calls go through it
+            assert poll(lambda: _loop_stats(m)["parked"] == _loop_stats(m)["handed_back"],
+                        WAIT), _loop_stats(m)
+            stats = _loop_stats(m)
+            # writers go on, on their own threads: those the failure did not
+            # answer, and two new ones writing at once (which the loop would park)
+            writers += [_workers.start_child(ctx, _workers.durable_writer_until, w, d, stop)
+                        for w in (4, 5)]
+            going = [w for w in range(6) if not writers[w].finished()]
+            before = _values(d, 6)
+            assert poll(lambda: all(_values(d, 6)[w] > before[w] + 100 for w in going
+                                    if not writers[w].finished()), WAIT), "writers stalled"
+            assert _loop_stats(m) == stats, "the failed loop served calls again"
+        finally:
+            stop.set()
+        results = [w.result(WAIT) for w in writers]
+        errors = [r for r in results if type(r) is str]
+        assert errors, results      # the round that failed had calls
+        for w, r in enumerate(results):
+            if type(r) is int:
+                assert d[f"k{w}"] == r - 1
+                continue
+            assert r.startswith("set ") and "RuntimeError" in r, r
+            assert "durable loop" in r and "Check the object" in r, r
+            # "the call was applied": the value it set is there
+            assert d[f"k{w}"] == int(r.split()[1].rstrip(":")), (r, d[f"k{w}"])
+
+
 # -- the loop's rules, in-process (no thread: its methods on stand-ins) ----------
 
 class _Sent:
@@ -242,3 +290,53 @@ def test_a_cancelled_call_is_left_to_its_thread_as_the_running_one():
     got = loop._serve(p, (Kind.CALL, 5, float("nan"), b"", ()))
     assert type(got) is durableloop._Back and got.call is None
     assert p.info.call.rid == 5
+
+
+def test_a_connection_whose_client_reads_no_replies_goes_back_to_its_thread():
+    """Back-pressure: replies the socket did not take are still held, so the
+    loop reads nothing more from that connection and gives it back (its
+    thread's next write waits for the client); the next call stays unread for
+    that thread, behind the held replies."""
+    import socket
+    import threading
+
+    from procshare.transport.channel import Channel
+    from procshare.wire.frames import pack_frame
+    from procshare.wire.kinds import Kind
+
+    ours, client = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    ch = Channel(ours)
+    try:
+        ch.hold_replies()
+        p = _parked()
+        p.info.channel = ch
+        big = pack_frame(Kind.RETURN, 1, b"x" * (1 << 20))
+        ch.send_from_loop(big)
+        assert ch.held, "the socket took a 1 MiB reply at once"
+        client.sendall(pack_frame(Kind.CALL, 2, b"next call"))
+        loop = durableloop.DurableLoop.__new__(durableloop.DurableLoop)
+        served, back = [], []
+        loop._read(p, served, back)
+        assert served == [] and back == [(p, None)]
+
+        got = bytearray()
+
+        def read_all():
+            while len(got) < len(big):
+                data = client.recv(1 << 16)
+                if not data:
+                    return
+                got.extend(data)
+
+        reader = threading.Thread(target=read_all, daemon=True)
+        reader.start()
+        ch.flush()              # what the connection's thread does first
+        reader.join(WAIT)
+        assert bytes(got) == big
+        kind, rid, _budget, body, _bufs = ch.recv_frame(time.monotonic() + WAIT)
+        assert (kind, rid, bytes(body)) == (Kind.CALL, 2, b"next call")
+    finally:
+        ch.close()
+        client.close()
