@@ -837,8 +837,11 @@ class Probe:
         return probe_loaded, (self.i, self.path)
 
 
-def durable_writer_with_probes(w, d, plain, n, path):
-    """n rounds of a few durable sets and an append of a Probe to a plain list."""
+def durable_writer_with_probes(w, d, plain, n, path, barrier=None):
+    """n rounds of a few durable sets and an append of a Probe to a plain list
+    (after `barrier`, if given: writers that start at once write at once)."""
+    if barrier is not None:
+        barrier.wait(60)
     for i in range(n):
         for _ in range(4):
             d[f"k{w}"] = i

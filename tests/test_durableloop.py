@@ -53,7 +53,10 @@ def test_several_writers_are_served_by_the_loop_with_right_errors(mp_ctx):
         d, stop = m.dict(durable=True), mp_ctx.Event()
         writers = _writers(mp_ctx, d, 4, stop, errors_every=7)
         try:
-            assert poll(lambda: _loop_stats(m).get("calls", 0) > 500, WAIT), _loop_stats(m)
+            # (every writer has begun: under spawn one may start after the others
+            # have made the loop serve hundreds of calls)
+            assert poll(lambda: min(_values(d, 4)) >= 0
+                        and _loop_stats(m).get("calls", 0) > 500, WAIT), _loop_stats(m)
         finally:
             stop.set()
         results = [w.result(WAIT) for w in writers]
@@ -93,8 +96,9 @@ def test_a_call_the_loop_reads_and_leaves_is_unpickled_once(mp_ctx, tmp_path):
     n = 300
     with procshare.SyncManager(ctx=mp_ctx) as m:
         d, plain = m.dict(durable=True), m.list()
+        barrier = mp_ctx.Barrier(4)     # (under spawn, writers start far apart)
         writers = [_workers.start_child(mp_ctx, _workers.durable_writer_with_probes, w, d,
-                                        plain, n, path) for w in range(4)]
+                                        plain, n, path, barrier) for w in range(4)]
         assert [w.result(WAIT) for w in writers] == [n] * 4
         assert len(plain) == 4 * n
         assert _loop_stats(m)["calls"] > 0
