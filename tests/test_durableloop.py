@@ -344,3 +344,33 @@ def test_a_connection_whose_client_reads_no_replies_goes_back_to_its_thread():
     finally:
         ch.close()
         client.close()
+
+
+def test_a_connection_that_owes_its_client_notices_goes_back_to_its_thread():
+    """Notices owed to the client (slots it may use again) ride only on its
+    thread's frames, not on what the loop writes: such a connection goes back,
+    with its next call unread, and its thread's next frame carries them."""
+    import collections
+    import socket
+
+    from procshare.transport.channel import Channel
+    from procshare.wire.frames import pack_frame
+    from procshare.wire.kinds import Kind
+
+    ours, client = socket.socketpair()
+    ch = Channel(ours)
+    try:
+        ch.hold_replies()
+        ch.notices = collections.deque(["a release"])
+        p = _parked()
+        p.info.channel = ch
+        client.sendall(pack_frame(Kind.CALL, 2, b"next call"))
+        loop = durableloop.DurableLoop.__new__(durableloop.DurableLoop)
+        served, back = [], []
+        loop._read(p, served, back)
+        assert served == [] and back == [(p, None)]
+        kind, rid, _budget, body, _bufs = ch.recv_frame(time.monotonic() + WAIT)
+        assert (kind, rid, bytes(body)) == (Kind.CALL, 2, b"next call")
+    finally:
+        ch.close()
+        client.close()

@@ -43,7 +43,10 @@ Rules it keeps:
   reply watch, or by the connection's thread before its own next write.  A
   connection with replies still held goes back to its thread, whose next
   write waits for the client (back-pressure: the loop reads nothing more
-  from a client that does not read its replies).
+  from a client that does not read its replies).  So does a connection whose
+  session owes its client notices (`Channel.notices`: slots released, which
+  the loop's writes do not carry), so that its thread's next frame carries
+  them.
 - One round: read every readable parked connection (at most `ROUND_FRAMES`
   frames each), apply what it can, wait for one commit covering those calls
   (the journal's group commit, shared with other threads), write the
@@ -260,8 +263,11 @@ class DurableLoop:
         """Serve what connection `p` sent; what the loop must not serve goes
         to `back` with the connection (after the replies to what it served)."""
         ch = p.info.channel
-        if ch.held:     # replies the socket did not take yet: its thread writes
-            back.append((p, None))      # them, waiting for the client (back-pressure)
+        if ch.held or ch.notices:
+            # replies the socket did not take yet: its thread writes them, waiting
+            # for the client (back-pressure); or notices owed to the client (slots
+            # it may use again): its thread's next frame carries them
+            back.append((p, None))
             return
         reader = ch.reader
         for _ in range(ROUND_FRAMES):
