@@ -841,7 +841,8 @@ def durable_writer_with_probes(w, d, plain, n, path, barrier=None):
     """n rounds of a few durable sets and an append of a Probe to a plain list
     (after `barrier`, if given: writers that start at once write at once)."""
     if barrier is not None:
-        barrier.wait(60)
+        barrier.wait(20)        # (less than the tests' WAIT: a writer that never
+                                # starts shows as a BrokenBarrierError)
     for i in range(n):
         for _ in range(4):
             d[f"k{w}"] = i

@@ -374,3 +374,34 @@ def test_a_connection_that_owes_its_client_notices_goes_back_to_its_thread():
     finally:
         ch.close()
         client.close()
+
+
+def test_a_failing_loop_gives_back_a_frame_it_read_after_a_call_it_served():
+    """A connection with a call the failed round served and then a frame the
+    loop left to its thread (a pipelining client) gets the error reply and
+    goes back with that frame: nothing it sent is lost."""
+    from procshare.wire.kinds import Kind
+
+    class Server:
+        def error_reply(self, e):
+            return (Kind.ERROR, e)
+
+        def encode_reply(self, rid, kind, payload):
+            return (rid, kind, str(payload))
+
+    loop = durableloop.DurableLoop.__new__(durableloop.DurableLoop)
+    loop.server = Server()
+    loop.channels = durableloop.ChannelSet()
+    loop.stats = {"handed_back": 0}
+    p = _parked()
+    p.info.channel.fileno = lambda: -1
+    frame = (Kind.CALL, 8, float("nan"), b"body", ())
+    loop._served = [(p, 7, None)]
+    loop._back = [(p, (frame, None))]
+    try:
+        loop._fail_round()
+    finally:
+        loop.channels.close()
+    assert [f[0] for f in p.info.channel.frames] == [7]
+    assert "durable loop" in p.info.channel.frames[0][2]
+    assert p.out and p.back == (frame, None)

@@ -44,9 +44,10 @@ Rules it keeps:
   connection with replies still held goes back to its thread, whose next
   write waits for the client (back-pressure: the loop reads nothing more
   from a client that does not read its replies).  So does a connection whose
-  session owes its client notices (`Channel.notices`: slots released, which
-  the loop's writes do not carry), so that its thread's next frame carries
-  them.
+  session owes its client notices (`Channel.notices`, the session's queue:
+  slots released, which the loop's writes do not carry), so that its
+  thread's next frame carries them; a thread does not park while any are
+  owed.
 - One round: read every readable parked connection (at most `ROUND_FRAMES`
   frames each), apply what it can, wait for one commit covering those calls
   (the journal's group commit, shared with other threads), write the
@@ -209,9 +210,12 @@ class DurableLoop:
                     self.server.encode_reply(rid, *self.server.error_reply(RuntimeError(text))))
             except Exception:   # (best effort: the loop is failing already)
                 log.debug("could not answer request %d after the failure", rid, exc_info=True)
-            self._hand_back(p, None)
+        # a connection may be in both lists (a call served, then a frame left to
+        # its thread): it goes back with that frame, after all the replies above
         for p, back in self._back:
             self._hand_back(p, back)
+        for p, _rid, _got in self._served:
+            self._hand_back(p, None)
 
     def _loop(self) -> None:
         server = self.server

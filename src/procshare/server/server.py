@@ -434,7 +434,9 @@ class Server:
         while not stop.is_set():
             if park:
                 park = False
-                if not ch.reader.in_frame:  # (the loop waits for the socket only)
+                # (the loop waits for the socket only, and hands back at once a
+                # connection that owes its client notices)
+                if not ch.reader.in_frame and not ch.notices:
                     ch.flush()
                     self.working.discard(ch)
                     handed = self._durable_loop().park(info)
