@@ -296,6 +296,29 @@ def test_a_cancelled_call_is_left_to_its_thread_as_the_running_one():
     assert p.info.call.rid == 5
 
 
+def _loop_gives_back_unread(ch, client):
+    """With a call from `client` waiting on `ch`, the loop's `_read` gives
+    the connection back to its thread and leaves the call unread."""
+    from procshare.wire.frames import pack_frame
+    from procshare.wire.kinds import Kind
+
+    p = _parked()
+    p.info.channel = ch
+    client.sendall(pack_frame(Kind.CALL, 2, b"next call"))
+    loop = durableloop.DurableLoop.__new__(durableloop.DurableLoop)
+    served, back = [], []
+    loop._read(p, served, back)
+    assert served == [] and back == [(p, None)]
+
+
+def _next_call_is_there(ch):
+    """The call `_loop_gives_back_unread` sent is next on `ch`, for its thread."""
+    from procshare.wire.kinds import Kind
+
+    kind, rid, _budget, body, _bufs = ch.recv_frame(time.monotonic() + WAIT)
+    assert (kind, rid, bytes(body)) == (Kind.CALL, 2, b"next call")
+
+
 def test_a_connection_whose_client_reads_no_replies_goes_back_to_its_thread():
     """Back-pressure: replies the socket did not take are still held, so the
     loop reads nothing more from that connection and gives it back (its
@@ -314,16 +337,10 @@ def test_a_connection_whose_client_reads_no_replies_goes_back_to_its_thread():
     ch = Channel(ours)
     try:
         ch.hold_replies()
-        p = _parked()
-        p.info.channel = ch
         big = pack_frame(Kind.RETURN, 1, b"x" * (1 << 20))
         ch.send_from_loop(big)
         assert ch.held, "the socket took a 1 MiB reply at once"
-        client.sendall(pack_frame(Kind.CALL, 2, b"next call"))
-        loop = durableloop.DurableLoop.__new__(durableloop.DurableLoop)
-        served, back = [], []
-        loop._read(p, served, back)
-        assert served == [] and back == [(p, None)]
+        _loop_gives_back_unread(ch, client)
 
         got = bytearray()
 
@@ -339,8 +356,7 @@ def test_a_connection_whose_client_reads_no_replies_goes_back_to_its_thread():
         ch.flush()              # what the connection's thread does first
         reader.join(WAIT)
         assert bytes(got) == big
-        kind, rid, _budget, body, _bufs = ch.recv_frame(time.monotonic() + WAIT)
-        assert (kind, rid, bytes(body)) == (Kind.CALL, 2, b"next call")
+        _next_call_is_there(ch)
     finally:
         ch.close()
         client.close()
@@ -354,23 +370,14 @@ def test_a_connection_that_owes_its_client_notices_goes_back_to_its_thread():
     import socket
 
     from procshare.transport.channel import Channel
-    from procshare.wire.frames import pack_frame
-    from procshare.wire.kinds import Kind
 
     ours, client = socket.socketpair()
     ch = Channel(ours)
     try:
         ch.hold_replies()
         ch.notices = collections.deque(["a release"])
-        p = _parked()
-        p.info.channel = ch
-        client.sendall(pack_frame(Kind.CALL, 2, b"next call"))
-        loop = durableloop.DurableLoop.__new__(durableloop.DurableLoop)
-        served, back = [], []
-        loop._read(p, served, back)
-        assert served == [] and back == [(p, None)]
-        kind, rid, _budget, body, _bufs = ch.recv_frame(time.monotonic() + WAIT)
-        assert (kind, rid, bytes(body)) == (Kind.CALL, 2, b"next call")
+        _loop_gives_back_unread(ch, client)
+        _next_call_is_there(ch)
     finally:
         ch.close()
         client.close()
