@@ -213,7 +213,9 @@ def test_a_failing_loop_answers_what_it_applied_and_gives_every_connection_back(
                 assert d[f"k{w}"] == r - 1
                 continue
             assert r.startswith("set ") and "RuntimeError" in r, r
-            assert "durable loop" in r and "Check the object" in r, r
+            assert "durable loop" in r and "check the object" in r, r
+            # it names the call: the method and the object
+            assert f"__setitem__() on the durable dict object {d._id}" in r, r
             # "the call was applied": the value it set is there
             assert d[f"k{w}"] == int(r.split()[1].rstrip(":")), (r, d[f"k{w}"])
 
@@ -386,7 +388,10 @@ def test_a_connection_that_owes_its_client_notices_goes_back_to_its_thread():
 def test_a_failing_loop_gives_back_a_frame_it_read_after_a_call_it_served():
     """A connection with a call the failed round served and then a frame the
     loop left to its thread (a pipelining client) gets the error reply and
-    goes back with that frame: nothing it sent is lost."""
+    goes back with that frame: nothing it sent is lost.  The error names the
+    call; a call that had failed at once gets its own reply."""
+    from procshare.server.durables import Applied
+    from procshare.server.registry import Entry
     from procshare.wire.kinds import Kind
 
     class Server:
@@ -402,13 +407,18 @@ def test_a_failing_loop_gives_back_a_frame_it_read_after_a_call_it_served():
     loop.stats = {"handed_back": 0}
     p = _parked()
     p.info.channel.fileno = lambda: -1
-    frame = (Kind.CALL, 8, float("nan"), b"body", ())
-    loop._served = [(p, 7, None)]
+    entry = Entry(obj={}, typeid="dict", exposed=frozenset(), method_to_typeid=None,
+                  lock=None)
+    frame = (Kind.CALL, 9, float("nan"), b"body", ())
+    loop._served = [(p, 7, Applied(entry, "7f00", "__setitem__", None, None)),
+                    (p, 8, (Kind.ERROR, "KeyError('k')"))]
     loop._back = [(p, (frame, None))]
     try:
         loop._fail_round()
     finally:
         loop.channels.close()
-    assert [f[0] for f in p.info.channel.frames] == [7]
-    assert "durable loop" in p.info.channel.frames[0][2]
+    assert [f[:2] for f in p.info.channel.frames] == [(7, Kind.ERROR), (8, Kind.ERROR)]
+    first, second = p.info.channel.frames[0][2], p.info.channel.frames[1][2]
+    assert "durable loop" in first and "__setitem__() on the durable dict object 7f00" in first
+    assert second == "KeyError('k')"
     assert p.out and p.back == (frame, None)

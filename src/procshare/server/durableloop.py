@@ -58,9 +58,10 @@ Rules it keeps:
   a row goes back to its thread: a lone client is served faster by its own
   thread, which polls for the next call on an idle machine.
 - When the server stops, every connection goes back to its thread.  If the
-  loop fails (a bug), the calls it applied and did not answer get an error
-  that says so, every connection goes back with what it was to get, and no
-  more are parked.
+  loop fails (a bug), each call it applied and did not answer gets an error
+  that says so and names the method and the object (a call that had failed
+  at once gets its own reply), every connection goes back with what it was
+  to get, and no more are parked.
 """
 
 from __future__ import annotations
@@ -199,15 +200,21 @@ class DurableLoop:
 
     def _fail_round(self) -> None:
         """(the loop failed: a bug) Answer the calls applied this round with
-        an error, and hand back what was to go back, with its frames."""
-        text = (f"procshare: the durable loop of the manager (pid {os.getpid()}) failed "
-                "while serving this call (a bug: see the manager's log); the call was "
-                "applied, and may or may not be durable. Check the object before "
-                "calling again.")
-        for p, rid, _got in self._served:
+        an error naming each one (a call that failed at once gets its own
+        reply), and hand back what was to go back, with its frames."""
+        server = self.server
+        for p, rid, got in self._served:
             try:
-                p.info.channel.send_from_loop(
-                    self.server.encode_reply(rid, *self.server.error_reply(RuntimeError(text))))
+                if type(got) is Applied:
+                    reply = server.error_reply(RuntimeError(
+                        f"procshare: the durable loop of the manager (pid {os.getpid()}) "
+                        f"failed while serving {got.meth}() on the durable "
+                        f"{got.entry.typeid} object {got.oid} (a bug: see the manager's "
+                        "log). The call was applied, and may or may not be durable: "
+                        "check the object before calling again."))
+                else:
+                    reply = got     # (it failed at once: nothing was applied)
+                p.info.channel.send_from_loop(server.encode_reply(rid, *reply))
             except Exception:   # (best effort: the loop is failing already)
                 log.debug("could not answer request %d after the failure", rid, exc_info=True)
         # a connection may be in both lists (a call served, then a frame left to
