@@ -8,6 +8,8 @@ import socket
 import threading
 import time
 
+from pytest import approx
+
 from procshare.transport.channel import Channel
 from procshare.transport.spin import SpinPolicy
 from procshare.wire.frames import pack_frame
@@ -79,3 +81,89 @@ def test_a_sleeping_receive_is_not_working():
     finally:
         ch.close()
         peer.close()
+
+
+# -- the budget: how long a receive polls (a fake clock, no sockets) -------------------
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def _policy(monkeypatch, clock):
+    from procshare.transport import spin
+
+    monkeypatch.setattr(spin, "SPIN_SECONDS", 50e-6)
+    monkeypatch.setattr(spin, "LONG_SPIN_SECONDS", 200e-6)
+    monkeypatch.setattr(spin, "core_free", lambda: True)
+    monkeypatch.setattr(spin, "_perf", clock)
+    monkeypatch.setattr(spin, "_allowance", spin.BUCKET)
+    monkeypatch.setattr(spin, "_allowance_at", clock.now)
+    return spin
+
+
+def test_a_miss_doubles_the_next_poll_up_to_the_cap(monkeypatch):
+    spin = _policy(monkeypatch, _Clock())
+    p = spin.SpinPolicy()
+    p.long()
+    p.hit(10e-6)
+    assert p.budget() == approx(30e-6)              # three times the usual wait...
+    p.miss()
+    assert p.budget() == approx(60e-6)              # ...doubled after a miss
+    p.miss()
+    assert p.budget() == approx(120e-6)
+    p.miss()
+    assert p.budget() == approx(200e-6)             # the cap of a long channel
+    p.miss()
+    assert p.budget() == approx(200e-6)
+
+
+def test_a_poll_covers_twice_the_longest_wait_it_caught_lately(monkeypatch):
+    spin = _policy(monkeypatch, _Clock())
+    p = spin.SpinPolicy()
+    p.long()
+    for _ in range(20):                     # mostly short waits, now and then a long one
+        p.hit(5e-6)
+        p.hit(5e-6)
+        p.hit(60e-6)
+    assert p.budget() >= 120e-6             # (three times the average would miss it)
+    short = spin.SpinPolicy()
+    short.hit(60e-6)
+    assert short.budget() == 50e-6          # never past the channel's cap
+
+
+def test_missed_polls_are_paid_from_one_allowance_per_process(monkeypatch):
+    """Polls that catch nothing stop when the process's allowance is spent,
+    on every channel at once, and start again as time refills it: a process
+    never wastes more than WASTE of a core on them."""
+    clock = _Clock()
+    spin = _policy(monkeypatch, clock)
+    a, b = spin.SpinPolicy(), spin.SpinPolicy()
+    a.long()
+    spent = 0.0
+    while a.budget():
+        spent += a.last
+        a.miss()
+    assert spin.BUCKET - 200e-6 < spent <= spin.BUCKET
+    assert b.budget() == 0.0                # the other channel pays from the same one
+    clock.now += 100e-6 / spin.WASTE        # time refills it: 100 us of polling
+    assert b.budget() == approx(50e-6)
+    b.hit(10e-6)                            # a poll that catches its data costs nothing
+    assert b.budget() == approx(30e-6)
+    clock.now += 3600.0
+    assert spin._allowance <= spin.BUCKET   # (saved up to BUCKET at most)
+    a.budget()
+    assert spin._allowance == spin.BUCKET
+
+
+def test_no_spinning_when_the_cores_are_busy_or_it_is_off(monkeypatch):
+    spin = _policy(monkeypatch, _Clock())
+    p = spin.SpinPolicy()
+    monkeypatch.setattr(spin, "core_free", lambda: False)
+    assert p.budget() == 0.0
+    monkeypatch.setattr(spin, "core_free", lambda: True)
+    monkeypatch.setattr(spin, "SPIN_SECONDS", 0.0)
+    assert p.budget() == 0.0

@@ -10,13 +10,21 @@ Rules it keeps:
   Polling only pays when the peer has a core to run on: with more runnable
   threads than cores (`/proc/loadavg`, read at most every `LOAD_EVERY`
   seconds) nobody spins, so a busy machine's CPU goes to the work.
-- A channel spins for about three times the wait it usually sees, never more
-  than its cap: `SPIN_SECONDS` (`PROCSHARE_SPIN_US`, 0 disables), or
-  `LONG_SPIN_SECONDS` once it carried payloads in shared memory or called a
-  durable object (`long()`), whose waits include copying the payloads (about
-  50 us per MiB here) or a journal commit.  A channel whose waits
-  are longer than that stops spinning for `REST` receives, then tries again,
-  so idle connections cost nothing.
+- A channel spins for about three times the wait it usually sees, or twice
+  the longest wait it caught lately, never more than its cap: `SPIN_SECONDS`
+  (`PROCSHARE_SPIN_US`, 0 disables), or `LONG_SPIN_SECONDS` once it carried
+  payloads in shared memory or called a durable object (`long()`), whose
+  waits include copying the payloads (about 50 us per MiB here) or a journal
+  commit.  A poll that catches nothing doubles the next one (up to the cap).
+- Polls that catch nothing are paid from one allowance per process: it grows
+  by `WASTE` of the time that passes and holds at most `BUCKET`, and a
+  receive polls only if the allowance covers its whole budget.  So a process
+  never wastes more than `WASTE` of a core on polls, however many channels
+  it has and whatever their peers do, and idle connections cost nothing.
+  There is no rest period to fall into: with one per channel (64 receives
+  after four misses in a row), two peers that had both stopped polling
+  could stay out of step for good (each one's polls missed because the
+  other slept), and a client sending 1 MiB payloads never polled at all.
 - Single-CPU machines never spin.
 - Threads of one process share a GIL, so a receive that spins while another
   thread of its process works only takes turns from that thread (two clients
@@ -31,7 +39,7 @@ from __future__ import annotations
 import os
 import time
 
-__all__ = ["SpinPolicy", "core_free", "SPIN_SECONDS", "LONG_SPIN_SECONDS"]
+__all__ = ["SpinPolicy", "core_free", "SPIN_SECONDS", "LONG_SPIN_SECONDS", "WASTE", "BUCKET"]
 
 _NCPU = os.cpu_count() or 1
 #: the longest a receive busy-polls (PROCSHARE_SPIN_US, microseconds; 0 disables)
@@ -39,13 +47,18 @@ SPIN_SECONDS = float(os.environ.get("PROCSHARE_SPIN_US", "50")) / 1e6 if _NCPU >
 #: the cap of a channel that carries large payloads
 LONG_SPIN_SECONDS = 4 * SPIN_SECONDS
 LOAD_EVERY = 0.01       # seconds between readings of the run queue
-MISSES = 4              # consecutive misses before a channel rests...
-REST = 64               # ...for this many receives
 _FLOOR = 5e-6           # the shortest spin worth starting
+REACH_DECAY = 0.95      # how fast a long wait caught stops counting, per hit
+#: the share of a core a process may spend in polls that catch nothing
+WASTE = 0.02
+#: the most of that allowance a process saves up (seconds)
+BUCKET = 1e-3
 
 _perf = time.perf_counter
 _load_at = -1.0
 _free = True
+_allowance = BUCKET     # seconds of missed polls this process may still spend
+_allowance_at = 0.0     # when it was last topped up
 
 
 def _runnable() -> int:
@@ -70,11 +83,13 @@ def core_free() -> bool:
 class SpinPolicy:
     """How long one channel's next receive should poll."""
 
-    __slots__ = ("typical", "misses", "cap")
+    __slots__ = ("typical", "reach", "last", "cap")
 
     def __init__(self) -> None:
         self.typical = 0.0      # EWMA of the waits that polling caught (seconds)
-        self.misses = 0         # > 0: consecutive misses; < 0: receives left to rest
+        self.reach = 0.0        # twice the longest recent wait caught (decaying), or
+        #                         twice a budget that caught nothing
+        self.last = 0.0         # the budget given last
         self.cap = SPIN_SECONDS
 
     def long(self) -> None:
@@ -83,22 +98,27 @@ class SpinPolicy:
 
     def budget(self) -> float:
         """Seconds to poll before sleeping (0: sleep at once)."""
-        if self.misses < 0:
-            self.misses += 1
-            return 0.0
+        global _allowance, _allowance_at
         if not SPIN_SECONDS or not core_free():
             return 0.0
         typical = self.typical
-        if not typical:
-            return SPIN_SECONDS
-        return min(self.cap, max(3.0 * typical, _FLOOR))
+        b = min(self.cap, max(3.0 * typical if typical else SPIN_SECONDS, self.reach, _FLOOR))
+        now = _perf()
+        allowance = _allowance + (now - _allowance_at) * WASTE
+        if allowance > BUCKET:
+            allowance = BUCKET
+        _allowance, _allowance_at = allowance, now
+        if b > allowance:
+            return 0.0
+        self.last = b
+        return b
 
     def hit(self, waited: float) -> None:
-        self.misses = 0
         self.typical = waited if not self.typical else 0.8 * self.typical + 0.2 * waited
+        reach = self.reach * REACH_DECAY
+        self.reach = 2.0 * waited if 2.0 * waited > reach else reach
 
     def miss(self) -> None:
-        self.misses += 1
-        if self.misses >= MISSES:
-            self.misses = -REST
-            self.typical = 0.0
+        global _allowance
+        _allowance -= self.last
+        self.reach = min(self.cap, 2.0 * self.last)
