@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -418,6 +419,68 @@ def test_client_and_dispatch_like_the_stdlib(impl, ctx):
         _listener, client_factory = impl.listener_client["pickle"]
         with client_factory(m.address, authkey=m._authkey) as conn:
             assert impl.dispatch(conn, None, "dummy") is None
+    finally:
+        m.shutdown()
+
+
+class _StdlibStyleConnection:
+    """An object with the stdlib's `send()` and `recv()` (CPython's own
+    manager tests pass such a stand-in to `dispatch`)."""
+
+    def __init__(self, *reply):
+        self.reply, self.sent = reply, []     # (kind, a factory of the result)
+
+    def send(self, obj):
+        self.sent.append(obj)
+
+    def recv(self):
+        return self.reply[0], self.reply[1]()
+
+
+def test_dispatch_on_any_connection_with_send_and_recv(impl):
+    """`dispatch` sends the stdlib's request tuple on any object with `send`
+    and `recv`, returns a `#RETURN`'s result, raises a `#ERROR`'s exception
+    (keeping no reference cycle to it: cpython#106558, fixed in the stdlib in
+    3.13) and a `#TRACEBACK` as a RemoteError."""
+    import queue
+
+    c = _StdlibStyleConnection("#RETURN", lambda: 42)
+    assert impl.dispatch(c, "7f", "get", (1,), {"k": 2}) == 42
+    assert c.sent == [("7f", "get", (1,), {"k": 2})]
+    gc.disable()
+    ref = None
+    try:
+        try:
+            impl.dispatch(_StdlibStyleConnection("#ERROR", queue.Empty), None, None)
+        except queue.Empty as e:
+            ref = weakref.ref(e)
+        assert ref is not None, "no queue.Empty raised"
+        if not is_stdlib(impl) or sys.version_info >= (3, 13):   # (the stdlib's fix)
+            assert ref() is None, "the exception is kept alive by a reference cycle"
+    finally:
+        gc.enable()
+    with pytest.raises(impl.RemoteError) as info:
+        impl.dispatch(_StdlibStyleConnection("#TRACEBACK", lambda: "Traceback: boom"),
+                      None, "m")
+    assert "boom" in str(info.value)
+
+
+def test_dispatch_on_a_stdlib_connection_to_a_stdlib_manager(ctx):
+    """procshare's `dispatch` on a `multiprocessing.connection` to a stdlib
+    manager works as the stdlib's does (code that mixes the two imports)."""
+    import multiprocessing.connection
+    import multiprocessing.managers
+
+    import procshare.managers
+
+    m = multiprocessing.managers.SyncManager(ctx=ctx)
+    m.start()
+    try:
+        with multiprocessing.connection.Client(m.address, authkey=m._authkey) as conn:
+            assert procshare.managers.dispatch(conn, None, "dummy") is None
+        with multiprocessing.connection.Client(m.address, authkey=m._authkey) as conn:
+            with pytest.raises(procshare.managers.RemoteError):
+                procshare.managers.dispatch(conn, None, "no_such_request")
     finally:
         m.shutdown()
 

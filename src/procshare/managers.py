@@ -130,9 +130,21 @@ listener_client = {name: (transport.Listener, functools.partial(client.Client, s
                    for name in ("pickle", "xmlrpclib")}
 
 
-def dispatch(c: client.Connection, id: Any, methodname: str, args: tuple = (),
+def dispatch(c: Any, id: Any, methodname: str, args: tuple = (),
              kwds: dict = {}) -> Any:  # noqa: B006
-    """Send a request on connection `c` and return the result (stdlib-compatible)."""
+    """Send a request on connection `c` and return the result (stdlib-compatible).
+    `c` is a procshare connection, or any object with the stdlib's `send()` and
+    `recv()` (a `multiprocessing.connection.Connection`, say), which gets the
+    stdlib's messages: `(id, methodname, args, kwds)`, then `(kind, result)`."""
+    if not hasattr(c, "call"):
+        c.send((id, methodname, args, kwds))
+        kind, result = c.recv()
+        if kind == "#RETURN":
+            return result
+        try:
+            raise convert_to_error(kind, result)
+        finally:
+            result = None   # the exception raised must not keep itself through this frame
     kind, result = c.call(id, methodname, args, kwds, None)
     if kind == Kind.RETURN:
         return result
