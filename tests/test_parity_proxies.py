@@ -336,6 +336,27 @@ def test_proxies_returned_in_a_process_that_runs_the_server_use_its_authkey(impl
         assert local_server() is None
 
 
+def test_the_object_count_leaves_out_objects_held_only_inside_the_manager(impl, ctx):
+    """`_number_of_objects()` and `_debug_info()` count what clients hold, as
+    the stdlib's do: a managed list held only by another (or by itself) is
+    not counted, though it lives (CPython's test_list_proxy_in_list ends with
+    `b.append(b)` and checks the count at teardown)."""
+    with impl.SyncManager(ctx=ctx) as m:
+        outer, inner = m.list(), m.list([1])
+        outer.append(inner)
+        del inner
+        assert poll(lambda: m._number_of_objects() == 1, 10), m._debug_info()
+        assert list(outer[0]) == [1]        # it lives while `outer` holds it
+        assert m._debug_info().count("refcount=") == 1
+        b = m.list()
+        b.append(b)
+        del b
+        assert poll(lambda: m._number_of_objects() == 1, 10), m._debug_info()
+        del outer
+        assert poll(lambda: m._number_of_objects() == 0, 10), m._debug_info()
+        assert m._debug_info() == ""
+
+
 def test_an_object_goes_when_its_last_proxy_goes(impl, ctx):
     """The manager drops an object once its last proxy is gone, also the
     object this process called last (procshare's connection thread kept it

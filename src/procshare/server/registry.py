@@ -23,6 +23,12 @@ Rules it keeps:
   takes a reference to an object whose id starts with `prefix` (how the
   durable objects record who may hold one across a crash); `unwatch(client)`
   forgets it.
+- The stdlib's counts (`number_of_objects`, `debug_info`) leave out the
+  references of proxies inside the manager, as the stdlib's do: an object
+  held only by such proxies (a managed list inside another, or inside
+  itself) is not counted, though it lives here while they do.  A managed
+  container holding a proxy to itself is never dropped (no cycle collection
+  across objects: the stdlib keeps it too).
 """
 
 from __future__ import annotations
@@ -267,13 +273,34 @@ class Registry:
         return sum(self.release_holder(loan) for loan in expired)
 
     # -- introspection ---------------------------------------------------------
+    def _held_outside(self) -> dict[str, int]:
+        """(mutex held) Each object something other than the manager's own
+        proxies holds, with the references of those others: the stdlib's
+        counts, where a proxy rebuilt inside the manager takes none
+        (`manager_owned`).  An object only such proxies hold (kept by a
+        container that holds it, or by itself) is not counted."""
+        inside = self.holders.get(SERVER_HOLDER, {})
+        out = {}
+        for ident, n in self.refcount.items():
+            n -= inside.get(ident, 0)
+            if n > 0:
+                out[ident] = n
+        return out
+
+    def number_of_objects(self) -> int:
+        """The stdlib's `_number_of_objects()`: see `_held_outside`."""
+        with self.mutex:
+            return len(self._held_outside())
+
     def debug_info(self) -> str:
+        """The stdlib's `_debug_info()`: the objects `number_of_objects` counts."""
         with self.mutex:
             lines = []
-            for ident in sorted(self.refcount):
+            held = self._held_outside()
+            for ident in sorted(held):
                 entry = self.objects.get(ident)
                 lines.append("  %s:       refcount=%s\n    %s" % (
-                    ident, self.refcount[ident], str(entry.obj if entry else None)[:75]))
+                    ident, held[ident], str(entry.obj if entry else None)[:75]))
             return "\n".join(lines)
 
     def snapshot(self) -> list[dict]:

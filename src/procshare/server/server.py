@@ -931,7 +931,7 @@ class Server:
         return self.objects.debug_info()
 
     def number_of_objects(self, c: ConnInfo) -> int:
-        return len(self.objects)
+        return self.objects.number_of_objects()
 
     def incref(self, c: ConnInfo, ident: str) -> None:
         self.objects.incref(c.client, ident)
