@@ -263,6 +263,41 @@ def _waiters(m, cond) -> int:
     return -1
 
 
+def test_a_thread_that_ends_closes_its_connection_at_once(sync):
+    """Each thread that calls opens a connection of its own; when the thread
+    ends, the connection closes then, quietly (as the stdlib's does), not at
+    some later collection with a ResourceWarning: an unclosed socket each."""
+    import gc
+
+    lst = sync.list()
+
+    def work():
+        lst.append(1)
+
+    def run_threads(n):
+        threads = [threading.Thread(target=work) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    run_threads(1)              # (whatever opens once per process is open now)
+    gc.collect()
+    gc.disable()
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        run_threads(5)
+        assert len(os.listdir("/proc/self/fd")) == before, "an ended thread's socket is open"
+    finally:
+        gc.enable()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], \
+        [str(w.message) for w in caught]
+    assert len(lst) == 6
+
+
 def test_errors_for_an_address_where_no_manager_runs(tmp_path):
     address = str(tmp_path / "nothing.sock")
     m = procshare.SyncManager(address=address, authkey=b"k")

@@ -210,6 +210,36 @@ def test_a_shut_down_manager_is_not_waited_for(mp_ctx):
     assert time.monotonic() - t0 < 1.0
 
 
+def test_a_tcp_manager_shut_down_by_another_process_is_waited_for_once(monkeypatch):
+    """A TCP manager shut down by another process leaves no socket file to
+    tell a crash from a shutdown, so a client's call waits for a restart:
+    once, for the reconnect window (it waited twice), and the client's
+    goodbye at exit does not wait at all (it waited twice too: a child of
+    CPython's test_remote exited 10 s late)."""
+    from procshare.client import session
+
+    monkeypatch.setattr(session, "RECONNECT", 1.0)      # (the forked child's too)
+    ctx = multiprocessing.get_context("fork")
+    m = procshare.SyncManager(address=("127.0.0.1", 0), ctx=ctx)
+    m.start()
+    try:
+        d = m.dict(a=1)
+        mine, theirs = ctx.Pipe()
+        child = _workers.start_child(ctx, _workers.call_after_manager_shutdown, d, theirs)
+        theirs.close()
+        assert mine.poll(15) and mine.recv() == "ready"
+    finally:
+        m.shutdown()
+    mine.send("go")
+    name, took = child.result(15)
+    t0 = time.monotonic()
+    child.process.join(15)
+    exited = time.monotonic() - t0
+    mine.close()
+    assert name == "ManagerCrashed" and took < 1.8, (name, took)   # one window, not two
+    assert child.process.exitcode == 0 and exited < 1.5, (child.process.exitcode, exited)
+
+
 NO_THREAD_SCRIPT = textwrap.dedent("""
     import multiprocessing, threading, warnings
     import procshare

@@ -307,6 +307,16 @@ class Connection:
         self.ch.close()
         self.pending.add(0)     # never usable again: thread_conn() replaces it
 
+    def __del__(self) -> None:
+        # as the stdlib's Connection: one dropped unclosed (the thread that used
+        # it ended) closes its socket now, quietly.  Its channel can sit in a
+        # reference cycle (a reader's slot callback) until a collection, which
+        # would then warn of an unclosed socket, and the fd stayed open till then
+        try:
+            self.ch.close()
+        except Exception:
+            pass
+
     def __enter__(self) -> Connection:
         return self
 
@@ -390,24 +400,25 @@ class Session:
 
     def _open_retrying(self, role: str, thread: threading.Thread | None,
                        waits: bool = True) -> Connection:
-        end = None
+        end: list = [None]      # one wait of RECONNECT seconds, shared with _connect
         while True:
             try:
-                return self._open_once(role, thread, waits)
+                return self._open_once(role, thread, waits, end)
             except (ManagerCrashed, AuthenticationError) as e:
                 # the manager died during the handshake: a supervised one comes back
                 if not self.supervised or getattr(_no_recover, "on", False) \
                         or not _died_in_handshake(e):
                     raise
                 now = time.monotonic()
-                end = end or now + RECONNECT
-                if now >= end:
+                if end[0] is None:
+                    end[0] = now + RECONNECT
+                if now >= end[0]:
                     raise
                 time.sleep(0.02)
 
     def _open_once(self, role: str, thread: threading.Thread | None = None,
-                   waits: bool = True) -> Connection:
-        ch = self._connect()
+                   waits: bool = True, end: list | None = None) -> Connection:
+        ch = self._connect(end)
         try:
             transport.client_handshake(ch, self.authkey, self.address)
             t = thread or threading.current_thread()
@@ -480,12 +491,15 @@ class Session:
         else:
             self.durable.pop(ident, None)
 
-    def _connect(self) -> transport.Channel:
+    def _connect(self, end: list | None = None) -> transport.Channel:
         """A socket to the manager.  While a supervised manager restarts, nothing
-        listens for a moment: keep trying for RECONNECT seconds.  A manager that
-        was shut down is not waited for: this process shut it down, or its
-        socket file is gone (a restarting server keeps the file in place)."""
-        end = None
+        listens for a moment: keep trying for RECONNECT seconds (until `end[0]`,
+        a monotonic time shared with the caller's retries, set here if None).
+        A manager that was shut down is not waited for: this process shut it
+        down, or its socket file is gone (a restarting server keeps the file in
+        place)."""
+        if end is None:
+            end = [None]
         pause = 0.01
         while True:
             try:
@@ -500,11 +514,11 @@ class Session:
                         or self.address in shut_down_managers):
                     raise self.crashed(e) from None
                 now = time.monotonic()
-                if end is None:
-                    end = now + RECONNECT
-                if now >= end:
+                if end[0] is None:
+                    end[0] = now + RECONNECT
+                if now >= end[0]:
                     raise self.crashed(e) from None
-                time.sleep(min(pause, end - now))
+                time.sleep(min(pause, end[0] - now))
                 pause = min(pause * 2, 0.1)
             except transport.HostUnknown:
                 raise       # a wrong address, not a manager gone (as in the stdlib)
@@ -527,10 +541,11 @@ class Session:
 
     def recover(self, epoch: int | None = None) -> bool:
         """A connection (made in `epoch`) to a supervised manager broke: wait (up
-        to RECONNECT seconds) for it to come back.  True if it did, as a new
-        incarnation (maybe noticed by another thread meanwhile)."""
-        if not self.supervised or getattr(_no_recover, "on", False):
-            return False
+        to RECONNECT seconds, once) for it to come back.  True if it did, as a
+        new incarnation (maybe noticed by another thread meanwhile).  Not while
+        this process says goodbye: it is exiting, and waits for nothing."""
+        if not self.supervised or self.leaving or getattr(_no_recover, "on", False):
+            return False        # (a process saying goodbye waits for no restart)
         with self.lock:
             if epoch is not None and epoch != self.epoch:
                 return True         # another thread saw the restart already
