@@ -185,16 +185,12 @@ def test_a_killed_supervisor_leaves_no_orphan(method, tmp_path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_a_shut_down_manager_is_not_waited_for(mp_ctx):
-    """Only a crashed manager comes back: after a shutdown, a call in this
-    process, a dropped proxy's decref, and a call from another process all
-    fail at once, not after the reconnect window."""
-    m = procshare.SyncManager(ctx=mp_ctx)
-    m.start()
+def _call_after_shutdown(m, d, ctx):
+    """A child uses `d`; `m` (started here) is shut down; the child times one
+    more call: (the child, the call's exception class name, seconds)."""
     try:
-        d, kept = m.dict(a=1), m.list()
-        mine, theirs = mp_ctx.Pipe()
-        child = _workers.start_child(mp_ctx, _workers.call_after_manager_shutdown, d, theirs)
+        mine, theirs = ctx.Pipe()
+        child = _workers.start_child(ctx, _workers.call_after_manager_shutdown, d, theirs)
         theirs.close()
         assert mine.poll(15) and mine.recv() == "ready"
     finally:
@@ -202,6 +198,17 @@ def test_a_shut_down_manager_is_not_waited_for(mp_ctx):
     mine.send("go")
     name, took = child.result(15)
     mine.close()
+    return child, name, took
+
+
+def test_a_shut_down_manager_is_not_waited_for(mp_ctx):
+    """Only a crashed manager comes back: after a shutdown, a call in this
+    process, a dropped proxy's decref, and a call from another process all
+    fail at once, not after the reconnect window."""
+    m = procshare.SyncManager(ctx=mp_ctx)
+    m.start()
+    d, kept = m.dict(a=1), m.list()
+    child, name, took = _call_after_shutdown(m, d, mp_ctx)
     assert name is not None and took < 1.0, (name, took)
     t0 = time.monotonic()
     with pytest.raises(procshare.ManagerCrashed):
@@ -222,20 +229,10 @@ def test_a_tcp_manager_shut_down_by_another_process_is_waited_for_once(monkeypat
     ctx = multiprocessing.get_context("fork")
     m = procshare.SyncManager(address=("127.0.0.1", 0), ctx=ctx)
     m.start()
-    try:
-        d = m.dict(a=1)
-        mine, theirs = ctx.Pipe()
-        child = _workers.start_child(ctx, _workers.call_after_manager_shutdown, d, theirs)
-        theirs.close()
-        assert mine.poll(15) and mine.recv() == "ready"
-    finally:
-        m.shutdown()
-    mine.send("go")
-    name, took = child.result(15)
+    child, name, took = _call_after_shutdown(m, m.dict(a=1), ctx)
     t0 = time.monotonic()
     child.process.join(15)
     exited = time.monotonic() - t0
-    mine.close()
     assert name == "ManagerCrashed" and took < 1.8, (name, took)   # one window, not two
     assert child.process.exitcode == 0 and exited < 1.5, (child.process.exitcode, exited)
 
