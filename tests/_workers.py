@@ -726,6 +726,24 @@ def call_after_manager_shutdown(d, conn):
     return None, time.monotonic() - t0
 
 
+def exit_after_manager_shutdown(d, conn, stuck_control=False):
+    """Use `d` (this process now has connections to its manager), say so on
+    `conn`, and return once the parent has shut the manager down: the
+    process then exits, saying goodbye to a manager that is gone.
+    `stuck_control`: its control connection has a request abandoned (as a
+    Ctrl-C during a control call leaves it), so the goodbye must reconnect."""
+    len(d)
+    if stuck_control:
+        from procshare.client import session
+
+        next(iter(session._sessions.values())).control.pending.add(999)
+    conn.send("ready")
+    if not conn.poll(10):
+        raise TimeoutError("the parent never shut the manager down")
+    conn.recv()
+    conn.close()
+
+
 def durable_manager_class():
     """A procshare SyncManager with the seed's Counter registered as durable
     (snapshot mode: `get_count` is a read, `increment` a mutator)."""

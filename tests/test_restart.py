@@ -185,19 +185,32 @@ def test_a_killed_supervisor_leaves_no_orphan(method, tmp_path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _call_after_shutdown(m, d, ctx):
-    """A child uses `d`; `m` (started here) is shut down; the child times one
-    more call: (the child, the call's exception class name, seconds)."""
+def _after_shutdown(m, make, ctx, func=_workers.call_after_manager_shutdown, **kw):
+    """`make()` proxies on `m` (started here), the first of which a child
+    `func` uses; `m` is shut down and the child told to go on: (the child,
+    with `made`, and seconds from then until the child exited)."""
     try:
+        made = make()
         mine, theirs = ctx.Pipe()
-        child = _workers.start_child(ctx, _workers.call_after_manager_shutdown, d, theirs)
+        child = _workers.start_child(ctx, func, made[0], theirs, **kw)
+        child.made = made
         theirs.close()
         assert mine.poll(15) and mine.recv() == "ready"
     finally:
         m.shutdown()
+    t0 = time.monotonic()
     mine.send("go")
-    name, took = child.result(15)
+    child.process.join(15)
+    exited = time.monotonic() - t0
     mine.close()
+    return child, exited
+
+
+def _call_after_shutdown(m, make, ctx):
+    """The same with a child that times one more call: (the child, the
+    call's exception class name, seconds)."""
+    child, _exited = _after_shutdown(m, make, ctx)
+    name, took = child.result(15)
     return child, name, took
 
 
@@ -207,8 +220,8 @@ def test_a_shut_down_manager_is_not_waited_for(mp_ctx):
     fail at once, not after the reconnect window."""
     m = procshare.SyncManager(ctx=mp_ctx)
     m.start()
-    d, kept = m.dict(a=1), m.list()
-    child, name, took = _call_after_shutdown(m, d, mp_ctx)
+    child, name, took = _call_after_shutdown(m, lambda: (m.dict(a=1), m.list()), mp_ctx)
+    d, kept = child.made
     assert name is not None and took < 1.0, (name, took)
     t0 = time.monotonic()
     with pytest.raises(procshare.ManagerCrashed):
@@ -225,16 +238,20 @@ def test_a_tcp_manager_shut_down_by_another_process_is_waited_for_once(monkeypat
     CPython's test_remote exited 10 s late)."""
     from procshare.client import session
 
-    monkeypatch.setattr(session, "RECONNECT", 1.0)      # (the forked child's too)
+    monkeypatch.setattr(session, "RECONNECT", 2.0)      # (the forked child's too)
     ctx = multiprocessing.get_context("fork")
+    for stuck in (False, True):     # (True: the goodbye must open a connection)
+        m = procshare.SyncManager(address=("127.0.0.1", 0), ctx=ctx)
+        m.start()
+        child, exited = _after_shutdown(m, lambda m=m: (m.dict(a=1),), ctx,
+                                        _workers.exit_after_manager_shutdown,
+                                        stuck_control=stuck)
+        assert child.result(15) is None
+        assert child.process.exitcode == 0 and exited < 1.5, (stuck, exited)
     m = procshare.SyncManager(address=("127.0.0.1", 0), ctx=ctx)
     m.start()
-    child, name, took = _call_after_shutdown(m, m.dict(a=1), ctx)
-    t0 = time.monotonic()
-    child.process.join(15)
-    exited = time.monotonic() - t0
-    assert name == "ManagerCrashed" and took < 1.8, (name, took)   # one window, not two
-    assert child.process.exitcode == 0 and exited < 1.5, (child.process.exitcode, exited)
+    child, name, took = _call_after_shutdown(m, lambda: (m.dict(a=1),), ctx)
+    assert name == "ManagerCrashed" and took < 3.5, (name, took)   # one window, not two
 
 
 NO_THREAD_SCRIPT = textwrap.dedent("""

@@ -19,9 +19,15 @@ Rules it keeps:
   A call connection interrupted inside a receive (Ctrl-C) is closed and
   replaced, because bytes may be lost between the kernel and the reader.
 - A process that exits says goodbye (`say_goodbye`): the manager releases its
-  references at once and treats it as exited, not dead.  A control
-  connection that breaks without a goodbye is replaced under the same client
-  id; the manager keeps everything of a live process.
+  references at once and treats it as exited, not dead.  Saying it waits for
+  no restart of a manager that is gone.  A control connection that breaks
+  without a goodbye is replaced under the same client id; the manager keeps
+  everything of a live process.
+- A broken connection to a supervised manager waits for its restart once,
+  for at most `RECONNECT` seconds in all (the connect and handshake retries
+  share that deadline).
+- A connection dropped unclosed (its thread ended) closes its socket then,
+  quietly, as the stdlib's does.
 - Reference traffic can start inside a garbage collection (a proxy's
   finalizer), so it never opens a connection while this thread is opening
   one (the transport's mutex may be held), nor waits for a session's lock
@@ -824,7 +830,8 @@ def _goodbye() -> None:
             continue
         s.leaving = True
         try:
-            s.control_call("goodbye", timeout=1.0)
+            with no_recover():      # (an exiting process waits for no restart, also
+                s.control_call("goodbye", timeout=1.0)  # when it must reconnect)
         except Exception as e:
             log.debug("no goodbye to %r: %r", s.address, e)
         s.close()
