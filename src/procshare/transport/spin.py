@@ -1,6 +1,7 @@
 """Spinning: whether a receive should busy-poll before it sleeps, and for how long.
 
-Owns: the per-channel spin budget (`SpinPolicy`) and the machine-wide check
+Owns: the per-channel spin budget (`SpinPolicy`), the per-process allowance
+for polls that catch nothing (`WASTE`, `BUCKET`), and the machine-wide check
 that a core is free (`core_free`).  The channel does the polling; this module
 only decides.
 
@@ -17,10 +18,15 @@ Rules it keeps:
   waits include copying the payloads (about 50 us per MiB here) or a journal
   commit.  A poll that catches nothing doubles the next one (up to the cap).
 - Polls that catch nothing are paid from one allowance per process: it grows
-  by `WASTE` of the time that passes and holds at most `BUCKET`, and a
-  receive polls only if the allowance covers its whole budget.  So a process
-  never wastes more than `WASTE` of a core on polls, however many channels
-  it has and whatever their peers do, and idle connections cost nothing.
+  by `WASTE` of the time that passes and holds at most `BUCKET`.  A receive
+  polls only while the allowance is above zero; its budget is charged when
+  it starts and given back if the poll catches its data, so a miss may
+  overdraw it by one budget per thread, paid back before the next poll.  So
+  over time a process wastes no more than about `WASTE` of a core on polls,
+  however many channels it has and whatever their peers do (threads update
+  the allowance without a lock, so a race can lose a charge: the bound is
+  approximate), and an idle connection costs one missed poll a receive at
+  most.
   There is no rest period to fall into: with one per channel (64 receives
   after four misses in a row), two peers that had both stopped polling
   could stay out of step for good (each one's polls missed because the
@@ -97,28 +103,32 @@ class SpinPolicy:
         self.cap = LONG_SPIN_SECONDS
 
     def budget(self) -> float:
-        """Seconds to poll before sleeping (0: sleep at once)."""
+        """Seconds to poll before sleeping (0: sleep at once).  The budget is
+        charged to the process's allowance now, and given back by `hit`."""
         global _allowance, _allowance_at
         if not SPIN_SECONDS or not core_free():
             return 0.0
-        typical = self.typical
-        b = min(self.cap, max(3.0 * typical if typical else SPIN_SECONDS, self.reach, _FLOOR))
         now = _perf()
         allowance = _allowance + (now - _allowance_at) * WASTE
         if allowance > BUCKET:
             allowance = BUCKET
-        _allowance, _allowance_at = allowance, now
-        if b > allowance:
+        if allowance <= 0.0:
+            _allowance, _allowance_at = allowance, now
             return 0.0
+        typical = self.typical
+        b = min(self.cap, max(3.0 * typical if typical else SPIN_SECONDS, self.reach, _FLOOR))
+        _allowance, _allowance_at = allowance - b, now
         self.last = b
         return b
 
     def hit(self, waited: float) -> None:
+        """The poll caught its data after `waited` seconds: it costs nothing."""
+        global _allowance
+        _allowance += self.last
         self.typical = waited if not self.typical else 0.8 * self.typical + 0.2 * waited
         reach = self.reach * REACH_DECAY
         self.reach = 2.0 * waited if 2.0 * waited > reach else reach
 
     def miss(self) -> None:
-        global _allowance
-        _allowance -= self.last
+        """The poll caught nothing (its budget stays spent): poll longer next time."""
         self.reach = min(self.cap, 2.0 * self.last)
