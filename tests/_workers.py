@@ -734,10 +734,8 @@ def exit_after_manager_shutdown(d, conn, stuck_control=False):
     Ctrl-C during a control call leaves it), so the goodbye must reconnect."""
     len(d)
     if stuck_control:
-        from procshare.client import session
-
-        next(iter(session._sessions.values())).control.pending.add(999)
-    conn.send("ready")
+        d._session.control.pending.add(999)     # (this manager's session: a forked
+    conn.send("ready")                          # child has its parent's others too)
     if not conn.poll(10):
         raise TimeoutError("the parent never shut the manager down")
     conn.recv()
