@@ -582,7 +582,8 @@ SCENARIOS = [
         "test_dict_iteration_in_child", "test_handoff_through_managed_queue",
         "test_handoff_through_pipe", "test_referent_exceptions_keep_their_type",
         "test_custom_exception_and_non_exposed_method", "test_creation_error",
-        "test_repr_and_str", "test_non_callable_exposed_attribute")
+        "test_repr_and_str", "test_non_callable_exposed_attribute",
+        "test_the_object_count_leaves_out_objects_held_only_inside_the_manager")
 ] + [
     (basemanager_scenarios, name) for name in (
         "test_start_initializer_runs_in_server", "test_start_twice_raises_process_error",

@@ -245,9 +245,25 @@ class Registry:
                 raise KeyError(self._gone(oid, "get_methods"))
             return ref.exposed
 
+    def _held_outside(self) -> dict[str, int]:
+        """(mutex held) Each object that something other than the manager's own
+        host actors holds, with the references of those others: the stdlib's
+        counts, where a proxy rebuilt inside the manager takes none.  An
+        object only proxies inside host actors hold (kept by a container
+        that holds it, or by itself) is not counted, as the local manager's
+        registry does not count one only its own proxies hold."""
+        inside = {c for c, info in self.clients.items() if info.get("hosting")}
+        out = {}
+        for oid, ref in self.objects.items():
+            n = ref.count - sum(k for h, k in ref.holders.items() if h in inside)
+            if n > 0:
+                out[oid] = n
+        return out
+
     def number_of_objects(self) -> int:
+        """The stdlib's `_number_of_objects()`: see `_held_outside`."""
         with self.mutex:
-            return len(self.objects)
+            return len(self._held_outside())
 
     def list_objects(self) -> list[dict]:
         with self.mutex:
@@ -260,9 +276,11 @@ class Registry:
             return [dict(info, client=c) for c, info in self.clients.items()]
 
     def debug_info(self) -> str:
+        """The stdlib's `_debug_info()`: the objects `number_of_objects` counts."""
         with self.mutex:
-            lines = [f"  {oid}:       refcount={ref.count}\n    {ref.typeid} in {ref.actor}"
-                     for oid, ref in self.objects.items()]
+            held = self._held_outside()
+            lines = [f"  {oid}:       refcount={held[oid]}\n    {ref.typeid} in {ref.actor}"
+                     for oid, ref in self.objects.items() if oid in held]
         return "\n".join(lines)
 
     def _gone(self, oid: str, op: str) -> str:
