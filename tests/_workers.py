@@ -726,6 +726,50 @@ def call_after_manager_shutdown(d, conn):
     return None, time.monotonic() - t0
 
 
+def calls_after_manager_shutdown(d, conn):
+    """Use `d` (and a pipelined call on it), say so on `conn`, wait until the
+    parent has shut the manager down, then time three calls: on this thread's
+    connection, from a new thread, and pipelined.  [(what, the exception's
+    class names (its MRO), seconds, its message)]."""
+    import procshare
+
+    len(d)
+    pipelined = procshare.async_(d)
+    pipelined.get("a").result(10)
+    conn.send("ready")
+    if not conn.poll(10):
+        raise TimeoutError("the parent never shut the manager down")
+    conn.recv()
+    conn.close()
+
+    def in_thread():
+        box = []
+
+        def run():
+            try:
+                d["a"]
+            except Exception as e:
+                box.append(e)
+        t = threading.Thread(target=run)
+        t.start()
+        t.join(15)
+        if box:
+            raise box[0]
+
+    out = []
+    for what, call in (("call", lambda: d["a"]), ("thread", in_thread),
+                       ("pipelined", lambda: pipelined.get("a").result(10))):
+        t0 = time.monotonic()
+        try:
+            call()
+        except Exception as e:
+            out.append((what, [c.__name__ for c in type(e).__mro__],
+                        time.monotonic() - t0, str(e)))
+        else:
+            out.append((what, [], time.monotonic() - t0, "no error"))
+    return out
+
+
 def exit_after_manager_shutdown(d, conn, stuck_control=False):
     """Use `d` (this process now has connections to its manager), say so on
     `conn`, and return once the parent has shut the manager down: the

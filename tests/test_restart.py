@@ -230,12 +230,14 @@ def test_a_shut_down_manager_is_not_waited_for(mp_ctx):
     assert time.monotonic() - t0 < 1.0
 
 
-def test_a_tcp_manager_shut_down_by_another_process_is_waited_for_once(monkeypatch):
-    """A TCP manager shut down by another process leaves no socket file to
-    tell a crash from a shutdown, so a client's call waits for a restart:
-    once, for the reconnect window (it waited twice), and the client's
-    goodbye at exit does not wait at all (it waited twice too: a child of
-    CPython's test_remote exited 10 s late)."""
+def test_a_tcp_manager_shut_down_by_another_process_is_not_waited_for(monkeypatch):
+    """A TCP manager leaves no socket file to tell a shutdown from a crash, so
+    the server says it: every connection gets a STOPPING frame as it stops
+    for good.  A child's call on its connection from before, a call from a new
+    thread (the connect is refused) and a pipelined call then all fail at once,
+    naming the process that shut it down, and the child's goodbye at exit
+    waits for nothing (a child of CPython's test_remote exited 10 s late;
+    each of these waited for a restart, up to 5 s, before)."""
     from procshare.client import session
 
     monkeypatch.setattr(session, "RECONNECT", 2.0)      # (the forked child's too)
@@ -250,8 +252,65 @@ def test_a_tcp_manager_shut_down_by_another_process_is_waited_for_once(monkeypat
         assert child.process.exitcode == 0 and exited < 1.5, (stuck, exited)
     m = procshare.SyncManager(address=("127.0.0.1", 0), ctx=ctx)
     m.start()
-    child, name, took = _call_after_shutdown(m, lambda: (m.dict(a=1),), ctx)
-    assert name == "ManagerCrashed" and took < 3.5, (name, took)   # one window, not two
+    child, _exited = _after_shutdown(m, lambda: (m.dict(a=1),), ctx,
+                                     _workers.calls_after_manager_shutdown)
+    results = child.result(15)
+    assert [r[0] for r in results] == ["call", "thread", "pipelined"], results
+    for what, names, took, text in results:
+        assert "ManagerCrashed" in names and "EOFError" in names, (what, names)
+        assert took < 1.0, (what, took)
+        assert f"was shut down by process {os.getpid()}" in text, (what, text)
+
+
+def test_a_crashed_tcp_manager_that_does_not_come_back_is_waited_for_once(monkeypatch):
+    """Without a STOPPING frame (the server was SIGKILLed), a call on a
+    supervised TCP manager waits for the restart: once, for the reconnect
+    window (the connect and the handshake retries each waited that long,
+    nested).  Here the supervisor is stopped (SIGSTOP), so none comes."""
+    from procshare.client import session
+
+    monkeypatch.setattr(session, "RECONNECT", 2.0)
+    m = procshare.SyncManager(address=("127.0.0.1", 0), ctx=multiprocessing.get_context("fork"))
+    m.start()
+    supervisor = m._process._popen.pid
+    try:
+        d = m.dict(a=1)
+        os.kill(supervisor, signal.SIGSTOP)
+        server = m.pid
+        os.kill(server, signal.SIGKILL)
+        assert poll(lambda: process_gone(server), 5)
+        t0 = time.monotonic()
+        with pytest.raises(procshare.ManagerCrashed):
+            d["a"]
+        took = time.monotonic() - t0
+        # one window, not two (nor none); each crash report this builds waits
+        # up to 0.5 s for the stopped supervisor to say how the server ended
+        assert 1.9 < took < 3.9, took
+    finally:
+        os.kill(supervisor, signal.SIGKILL)
+        m.shutdown()
+
+
+def test_a_tcp_manager_whose_supervisor_died_is_not_waited_for(mp_ctx, monkeypatch):
+    """SIGKILL to the supervisor of a TCP manager: the server stops for good
+    and says so, so a call fails at once instead of waiting for a restart."""
+    from procshare.client import session
+
+    monkeypatch.setattr(session, "RECONNECT", 3.0)
+    m = procshare.SyncManager(address=("127.0.0.1", 0), ctx=mp_ctx)
+    m.start()
+    try:
+        d = m.dict(a=1)
+        server = m.pid
+        os.kill(m._process._popen.pid, signal.SIGKILL)
+        assert poll(lambda: process_gone(server), 5)
+        t0 = time.monotonic()
+        with pytest.raises(procshare.ManagerCrashed) as info:
+            d["a"]
+        assert time.monotonic() - t0 < 1.0
+        assert "supervisor process" in str(info.value), str(info.value)
+    finally:
+        m.shutdown()
 
 
 NO_THREAD_SCRIPT = textwrap.dedent("""

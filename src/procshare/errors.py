@@ -432,11 +432,17 @@ shut_down_managers: collections.OrderedDict = collections.OrderedDict()
 _SHUT_DOWN_KEEP = 256
 
 
-def note_shut_down(address: Any, manager: str, pid: int | None) -> None:
-    """Remember that this process shut down the manager at `address`."""
+def note_shut_down(address: Any, manager: str, pid: int | None, by: int | None = None,
+                   when: str | None = None) -> None:
+    """Remember that process `by` (default: this one) shut down the manager at
+    `address` (at `when`, default now).  Told by another process (the
+    manager's STOPPING frame), it is said whatever this process knew of it."""
     shut_down_managers.pop(address, None)
-    shut_down_managers[address] = {"manager": manager, "pid": pid, "by": os.getpid(),
-                                   "when": time.strftime("%H:%M:%S")}
+    if by is not None and by != os.getpid():
+        crash_reporters.pop(address, None)     # (inherited from the starting process)
+    shut_down_managers[address] = {"manager": manager, "pid": pid,
+                                   "by": os.getpid() if by is None else by,
+                                   "when": when or time.strftime("%H:%M:%S")}
     while len(shut_down_managers) > _SHUT_DOWN_KEEP:
         shut_down_managers.popitem(last=False)
 

@@ -938,6 +938,7 @@ def _watch_supervisor(server: Server, pids: list[int]) -> None:
     process that started the manager, or its supervisor process, is gone, so a
     killed program leaves no orphan."""
     handles = [ProcessHandle(p) for p in pids]
+    server.owner_pids = frozenset(pids)     # their shutdown is final
     fds = [h.fd for h in handles]
     pollable = all(fd is not None for fd in fds)
 
@@ -953,6 +954,8 @@ def _watch_supervisor(server: Server, pids: list[int]) -> None:
             for h in handles:
                 if h.wait(0.0):
                     _log.warning("the supervising process (pid %d) is gone: stopping", h.pid)
+                    server.stop_for_good(None, f"process {h.pid}, which started or "
+                                         "supervised it, is gone")
                     server.stop_event.set()
                     server.listener.close()
                     return

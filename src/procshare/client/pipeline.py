@@ -61,6 +61,7 @@ _CANCELLED_STATES = (_futures_base.CANCELLED, _futures_base.CANCELLED_AND_NOTIFI
 _MAKING = threading.Lock()
 _CALL = Kind.CALL
 _RETURN = Kind.RETURN
+_STOPPING = Kind.STOPPING
 _monotonic = time.monotonic
 #: the longest a thread's next call waits for a broken pipe's re-sends to be on their
 #: way (they wait for a restarting manager: session.RECONNECT, 5 s, at most)
@@ -382,6 +383,8 @@ class Pipe:
         `CallFuture._settle`, which wakes its waiters itself."""
         fut = self.futures.pop(rid, None)     # atomic: no lock on the reader's path
         if fut is None:
+            if kind == _STOPPING:   # the manager stopped for good: the pipe ends
+                raise self.session.on_stopping(body)
             return          # cancelled, or settled already
         try:
             if kind == _RETURN:

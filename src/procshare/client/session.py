@@ -25,7 +25,9 @@ Rules it keeps:
   everything of a live process.
 - A broken connection to a supervised manager waits for its restart once,
   for at most `RECONNECT` seconds in all (the connect and handshake retries
-  share that deadline).
+  share that deadline); not if the manager said it stopped for good (a
+  STOPPING frame, read on any connection of the session, the broken one's
+  last bytes and the control connection's included: `read_last`).
 - A connection dropped unclosed (its thread ended) closes its socket then,
   quietly, as the stdlib's does.
 - Reference traffic can start inside a garbage collection (a proxy's
@@ -86,6 +88,7 @@ from ..errors import (
     ObjectLost,
     RemoteError,
     manager_crashed,
+    note_shut_down,
     serializer_mismatch,
     shut_down_managers,
 )
@@ -181,7 +184,9 @@ class Connection:
                 self.ch.send_buffers(_CALL, rid, body, bufs, budget)
             else:
                 self.ch.send_bytes(pack_frame(_CALL, rid, body, budget))
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, OSError):
+                self.read_last()    # (the peer closed: did it say it stopped?)
             self.close()    # a frame may be half-written (Ctrl-C, broken pipe)
             raise
         return rid
@@ -215,7 +220,7 @@ class Connection:
                             f"a reply with {self.ser.name!r}. Classes of objects the manager "
                             "returns must be importable here by the same name.")
                     raise
-            self._drop_late(got, kind)
+            self._drop_late(got, kind, body)
 
     def abandon(self, rid: int) -> None:
         """The wait for request `rid` was interrupted (Ctrl-C, an exception): have
@@ -232,7 +237,23 @@ class Connection:
         except Exception as e:
             log.debug("cancel of request %d not delivered: %r", rid, e)
 
-    def _drop_late(self, rid: int, kind: int) -> None:
+    def read_last(self) -> None:
+        """The connection broke (or is about to be given up): read what the
+        manager wrote before it closed, without waiting, for a STOPPING frame
+        (`Session.on_stopping`); late replies are dropped."""
+        ch = self.ch
+        try:
+            while not ch.closed:
+                frame = ch.recv_ready()
+                if frame is None:
+                    return
+                self._drop_late(frame[1], frame[0], frame[3])
+        except Exception:   # (its end, a broken frame, the STOPPING itself): done
+            return
+
+    def _drop_late(self, rid: int, kind: int, body: Any = b"") -> None:
+        if kind == Kind.STOPPING:
+            raise self.session.on_stopping(body)
         if rid in self.pending:
             self.pending.discard(rid)
             log.info("dropped the late reply (%s) to abandoned request %d",
@@ -306,7 +327,11 @@ class Connection:
             except (OSError, EOFError, TimeoutError):
                 self.close()
                 return False
-            self._drop_late(got, kind)
+            try:
+                self._drop_late(got, kind, _body)
+            except EOFError:    # the manager stopped for good
+                self.close()
+                return False
         return not self.pending
 
     def close(self) -> None:
@@ -380,6 +405,9 @@ class Session:
         self.epoch = getattr(self, "epoch", 0)   # +1 each time the manager came back
         self.closed = False
         self.leaving = False        # this process is saying goodbye (`say_goodbye`)
+        #: why the manager stopped for good, from its STOPPING frame (a forked
+        #: child knows it too); None while it may come back
+        self.stopped: str | None = getattr(self, "stopped", None)
         self._numbers = itertools.count(1)    # connection numbers (the manager's cancel key)
         self.token = secrets.token_hex(4)     # with them, the key of a durable call
         self.pipes: weakref.WeakSet = weakref.WeakSet()   # pipelined connections
@@ -413,8 +441,9 @@ class Session:
             except (ManagerCrashed, AuthenticationError) as e:
                 # the manager died during the handshake: a supervised one comes back
                 if not self.supervised or getattr(_no_recover, "on", False) \
-                        or not _died_in_handshake(e):
-                    raise
+                        or not _died_in_handshake(e) or self.stopped is not None \
+                        or self.address in shut_down_managers:
+                    raise       # (a manager shut down or stopped for good: no waiting)
                 now = time.monotonic()
                 if end[0] is None:
                     end[0] = now + RECONNECT
@@ -461,6 +490,7 @@ class Session:
                 if self.boot is not None:
                     self._restarted(incarnation)
                 self.boot = boot
+                self.stopped = None     # (a new manager on the address)
             self.incarnation = incarnation
         if role == "control":
             _goodbye_at_exit()
@@ -517,7 +547,7 @@ class Session:
                     self.address))
                 if (not may_return or getattr(_no_recover, "on", False)
                         or isinstance(e, FileNotFoundError)
-                        or self.address in shut_down_managers):
+                        or self.address in shut_down_managers or self._said_stopped()):
                     raise self.crashed(e) from None
                 now = time.monotonic()
                 if end[0] is None:
@@ -530,6 +560,33 @@ class Session:
                 raise       # a wrong address, not a manager gone (as in the stdlib)
             except OSError as e:
                 raise self.crashed(e) from None
+
+    def _said_stopped(self) -> bool:
+        """Did the manager say it stopped for good?  Reads the control
+        connection's last frames for it, if no other thread uses it now."""
+        if self.stopped is None and self.control is not None \
+                and self.lock.acquire(blocking=False):
+            try:
+                if self.control is not None:
+                    self.control.read_last()
+            finally:
+                self.lock.release()
+        return self.stopped is not None
+
+    def on_stopping(self, body: bytes) -> EOFError:
+        """A STOPPING frame came: the manager stopped for good, so nothing waits
+        for a restart.  Returns the error that ends the connection it came on."""
+        try:
+            info = decode_hello(body, [], self.serializer)
+            why = str(info.get("why") or "it stopped")
+            by = info.get("by")
+        except Exception:       # (a frame from a newer manager, say)
+            info, why, by = {}, "it stopped", None
+        self.stopped = why
+        if isinstance(by, int):
+            note_shut_down(self.address, "manager", info.get("pid") or self.server_pid,
+                           by=by, when=info.get("when"))
+        return EOFError(f"the manager stopped for good: {why}")
 
     def _restarted(self, incarnation: int) -> None:
         """The manager came back after a crash: every connection made to the
@@ -557,8 +614,11 @@ class Session:
                 return True         # another thread saw the restart already
             before = self.boot
             if self.control is not None:
+                self.control.read_last()    # did it say it stopped for good?
                 self.control.close()
                 self.control = None
+            if self.stopped is not None:
+                return False
             try:
                 self._control_conn()
             except ManagerCrashed:
@@ -665,6 +725,9 @@ class Session:
                 c.close()   # bytes (and descriptors) may be lost: the next call replaces it
                 raise
             try:
+                if kind == Kind.STOPPING:
+                    c.close()
+                    raise self.crashed(self.on_stopping(body))
                 if got != rid:
                     c.close()
                     raise RuntimeError(f"a reply to request {got} came for {meth} "

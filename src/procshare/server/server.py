@@ -49,6 +49,13 @@ Rules it keeps:
   `frame_timeout` seconds, sends a malformed hello, or exhausts memory loses
   its own connection, with the reason in the log (`note`); the server and its
   other connections go on.
+- A server that stops for good (a `shutdown` from a process it serves when
+  nothing restarts it, or from the process that started it; its starting
+  process or supervisor gone) says so: every connection whose thread is not
+  running a call gets a STOPPING frame as its last (`stop_for_good`,
+  `_end_connections`), so a client knows at once not to wait for a restart,
+  even where no socket file tells it (TCP).  A crash says nothing, and a
+  supervised server stopped by anyone else may come back: neither is final.
 """
 
 from __future__ import annotations
@@ -114,6 +121,10 @@ FRAME_TIMEOUT = 30.0
 #: how long a reference in transit (a pickled proxy, a forked child's
 #: inheritance) waits to be adopted before it is released
 LOAN_TTL = 600.0
+
+#: how long a server that stops waits for the threads of its idle connections
+#: to end (each writes its last frame; they wake at once)
+STOP_WAIT = 0.5
 
 # what the call loop does with a reply it made: send the packed value, send None,
 # or nothing (a call that wants no reply)
@@ -215,6 +226,13 @@ class Server:
         self.stop_event = threading.Event()
         self.connections: dict[int, ConnInfo] = {}
         self.conn_mutex = threading.Lock()
+        #: notified when the last connection closes (a server that stops waits)
+        self.conns_closed = threading.Condition(self.conn_mutex)
+        #: set when this server stops for good: the STOPPING frame it sends
+        self.final_stop: bytes | None = None
+        #: the processes whose shutdown is final for a supervised server (the
+        #: starting process and its supervisor; set by whoever runs the server)
+        self.owner_pids: frozenset[int] = frozenset()
         #: the channels whose thread runs a call now (not waiting for a frame or
         #: blocked in a primitive): a receive spins only while this is empty
         self.working: set[transport.Channel] = set()
@@ -269,6 +287,9 @@ class Server:
             finally:
                 if self.durable_loop is not None:
                     self.durable_loop.stop()    # its connections back to their threads
+                if self.final_stop is None and not self.supervised:
+                    self.stop_for_good(None, "its serve_forever() ended")
+                self._end_connections(STOP_WAIT)
                 self.durables.close()
                 if local_server() is self:  # a process that goes on (serve_forever in a
                     set_local_server(None)  # thread) runs no server any more
@@ -276,6 +297,33 @@ class Server:
                 sys.stdout = sys.__stdout__
                 sys.stderr = sys.__stderr__
             sys.exit(0)
+
+    def stop_for_good(self, by: int | None, why: str) -> None:
+        """This server stops and nothing brings it back: its connections are
+        told so (a STOPPING frame each) as they end.  `by`: the pid of the
+        process that shut it down, if one did."""
+        self.final_stop = pack_frame(Kind.STOPPING, 0, encode_hello(
+            {"by": by, "why": why, "when": time.strftime("%H:%M:%S"), "pid": os.getpid()}))
+
+    def _end_connections(self, wait: float) -> None:
+        """(stopping) Wake the threads of connections waiting for their client's
+        next call, so that each ends now (writing STOPPING if this stop is
+        final), and give them up to `wait` seconds; a thread running a call
+        (blocked in user code, say) is not waited for."""
+        with self.conn_mutex:
+            idle = [info for info in self.connections.values()
+                    if info.call.done_rid >= info.call.rid]
+        if not idle:
+            return
+        for info in idle:
+            info.channel.stop_reading()
+        deadline = time.monotonic() + wait
+        with self.conns_closed:
+            while any(id(i.channel) in self.connections for i in idle):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.conns_closed.wait(left)
 
     def accepter(self) -> None:
         pause = 0.0
@@ -370,6 +418,9 @@ class Server:
                 os.close(fd)
             self.working.discard(ch)
             ch.flush_nowait()   # replies held when a bad frame or an error ended it
+            final = self.final_stop
+            if final is not None and info is not None and self.stop_event.is_set():
+                ch.send_last(final)     # the client waits for no restart
             ch.close()
             if info is not None:
                 self._connection_closed(info)
@@ -381,6 +432,8 @@ class Server:
         with self.conn_mutex:
             self.connections.pop(id(info.channel), None)
             self.calls.pop((info.client, info.conn), None)
+            if self.stop_event.is_set():
+                self.conns_closed.notify_all()
         info.call.cancel()
         if info.role == "control" and not self.stop_event.is_set():
             self.leases.control_closed(info.client)
@@ -546,6 +599,8 @@ class Server:
                 elif oid is None:
                     if meth == "shutdown":
                         reply = self._control(info, meth, args, kwds)
+                        if not self.supervised or info.pid in self.owner_pids:
+                            self.stop_for_good(info.pid, "shut down")
                         self._reply(ch, rid, *reply)
                         self.stop_event.set()
                         return

@@ -45,6 +45,9 @@ Rules it keeps:
   in a NOTICE frame of their own put in front of frames written together
   (`send_frames`, `notice_prefix`: at a frame boundary only), never inside
   another frame; a channel without slots checks one slot.
+- A server that stops wakes its channels' idle threads by shutting their
+  reading side (`stop_reading`); a channel's last frame (`send_last`) goes
+  only whole, at once, and behind nothing held.
 - A `ChannelSet` thread reads and writes a channel only while the channel's
   own thread is parked (the server's durable loop), never waiting for a
   socket (`recv_ready`, `send_from_loop`); what the reader holds stays for
@@ -303,6 +306,26 @@ class Channel:
     @property
     def closed(self) -> bool:
         return self.sock.fileno() == -1
+
+    def stop_reading(self) -> None:
+        """Shut the socket's reading side: a thread asleep in a receive on it
+        wakes at once with the end of the stream (a server that stops)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass    # (closed, or never connected)
+
+    def send_last(self, frame: bytes) -> bool:
+        """Write one small whole frame as the last thing this channel writes,
+        only if nothing is held back and the socket takes it whole at once
+        (never waiting for the peer, which may read nothing any more).  True
+        if it went."""
+        if self.held or self.closed:
+            return False
+        try:
+            return self.sock.send(frame, _DONTWAIT) == len(frame)
+        except OSError:
+            return False
 
     # -- writing -----------------------------------------------------------
     def send_bytes(self, frame: bytes) -> None:
