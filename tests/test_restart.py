@@ -259,7 +259,8 @@ def test_a_tcp_manager_shut_down_by_another_process_is_not_waited_for(monkeypatc
     for what, names, took, text in results:
         assert "ManagerCrashed" in names and "EOFError" in names, (what, names)
         assert took < 1.0, (what, took)
-        assert f"was shut down by process {os.getpid()}" in text, (what, text)
+        assert f"SyncManager at {m.address!r} was shut down by process {os.getpid()}" \
+            in text, (what, text)
 
 
 def test_a_crashed_tcp_manager_that_does_not_come_back_is_waited_for_once(monkeypatch):

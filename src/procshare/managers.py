@@ -246,8 +246,10 @@ class BaseManager:
         """Return a server with `serve_forever()` and `address`, to run in this process."""
         if self._state.value != State.INITIAL:
             raise _state_error(self._state)
-        return self._Server(self._registry, self._address, bytes(self._authkey),
-                            self._serializer, **self._server_options)
+        server = self._Server(self._registry, self._address, bytes(self._authkey),
+                              self._serializer, **self._server_options)
+        server.manager_name = type(self).__name__
+        return server
 
     def connect(self) -> None:
         """Connect this manager object to a running server."""
@@ -372,6 +374,7 @@ class BaseManager:
             server = cls._Server(registry, address, authkey, serializer, **options)
             server.restarted_at = restarted_at
             server.supervised = will_restart
+            server.manager_name = cls.__name__
             if supervisor_pid is not None:
                 _watch_supervisor(server, supervisor_pid)
         except BaseException as e:

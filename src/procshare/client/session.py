@@ -583,8 +583,10 @@ class Session:
         except Exception:       # (a frame from a newer manager, say)
             info, why, by = {}, "it stopped", None
         self.stopped = why
-        if isinstance(by, int):
-            note_shut_down(self.address, "manager", info.get("pid") or self.server_pid,
+        if isinstance(by, int) and self.address not in shut_down_managers:
+            # (the process that shut it down noted it already, with its class)
+            note_shut_down(self.address, str(info.get("manager") or "manager"),
+                           info.get("pid") or self.server_pid,
                            by=by, when=info.get("when"))
         return EOFError(f"the manager stopped for good: {why}")
 

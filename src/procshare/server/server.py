@@ -233,6 +233,8 @@ class Server:
         #: the processes whose shutdown is final for a supervised server (the
         #: starting process and its supervisor; set by whoever runs the server)
         self.owner_pids: frozenset[int] = frozenset()
+        #: the class name of the manager it serves, for messages (set by its runner)
+        self.manager_name = "manager"
         #: the channels whose thread runs a call now (not waiting for a frame or
         #: blocked in a primitive): a receive spins only while this is empty
         self.working: set[transport.Channel] = set()
@@ -303,7 +305,8 @@ class Server:
         told so (a STOPPING frame each) as they end.  `by`: the pid of the
         process that shut it down, if one did."""
         self.final_stop = pack_frame(Kind.STOPPING, 0, encode_hello(
-            {"by": by, "why": why, "when": time.strftime("%H:%M:%S"), "pid": os.getpid()}))
+            {"by": by, "why": why, "when": time.strftime("%H:%M:%S"), "pid": os.getpid(),
+             "manager": self.manager_name}))
 
     def _end_connections(self, wait: float) -> None:
         """(stopping) Wake the threads of connections waiting for their client's

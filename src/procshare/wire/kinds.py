@@ -20,8 +20,8 @@ class Kind(enum.IntEnum):
     CALL = 1            # body: (object id or None, method name, args, kwds)
     HELLO = 2           # body: JSON dict describing the client; first frame after auth
     NOTICE = 3          # body: empty; only slot entries (releases): taken by the transport
-    STOPPING = 4        # body: JSON {"by": pid or null, "why": str, "when": str}: the
-    #                     manager stopped for good; the last frame a connection gets
+    STOPPING = 4        # body: JSON {"by": pid or null, "why", "when", "pid", "manager"}:
+    #                     the manager stopped for good; the last frame a connection gets
     RETURN = 10         # body: the result
     ERROR = 11          # body: the exception raised by the referent
     TRACEBACK = 12      # body: str, a formatted traceback (server-side failure)
