@@ -270,7 +270,7 @@ class Pipe:
                     fut._resend, fut._first = resend_of._resend, resend_of._first
                 elif proxy._id.startswith(DURABLE_PREFIX):
                     fut._resend = (body, [bytes(memoryview(b).cast("B")) for b in bufs])
-                    self.ch.spin.long()     # its reply waits for a commit
+                    self.ch.slow_replies()  # its reply waits for a commit
             if bufs:
                 self.out.append(encode_frame(_CALL, rid, body, bufs, budget))
             else:

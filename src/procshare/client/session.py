@@ -12,7 +12,9 @@ Rules it keeps:
   cancel) from any thread; and one connection per thread for calls.
 - A connection that calls durable objects polls longer for replies
   (`SpinPolicy.long`): theirs wait for a journal commit, just past the short
-  cap, and a wakeup after it cost more than the commit.
+  cap, and a wakeup after it cost more than the commit; and it sleeps for
+  them in poll(), so that the manager reading its request does not wake it
+  for nothing (`Channel.slow_replies`).
 - Replies are matched by request id.  A call abandoned at its deadline leaves
   its connection *pending*; the connection is set aside and reused once its
   late reply (even one that had started to arrive) has been read and dropped.
@@ -178,7 +180,7 @@ class Connection:
             raise arguments_error(e, self.ser, oid, meth, args, kwds) from None
         budget = _NAN if timeout is None else timeout
         if oid and oid.startswith(DURABLE_PREFIX):
-            self.ch.spin.long()     # its reply waits for a commit: poll longer for it
+            self.ch.slow_replies()  # its reply waits for a commit
         try:
             if bufs:    # through shared-memory slots where the connection has them
                 self.ch.send_buffers(_CALL, rid, body, bufs, budget)

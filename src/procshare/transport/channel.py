@@ -45,6 +45,9 @@ Rules it keeps:
   in a NOTICE frame of their own put in front of frames written together
   (`send_frames`, `notice_prefix`: at a frame boundary only), never inside
   another frame; a channel without slots checks one slot.
+- A receive with no deadline sleeps in `recv`, except on a Unix-socket
+  channel whose replies wait for the peer's own work (`slow_replies`): it
+  sleeps in poll(), which the peer's reads of what it sent do not wake.
 - A server that stops wakes its channels' idle threads by shutting their
   reading side (`stop_reading`); a channel's last frame (`send_last`) goes
   only whole, at once, and behind nothing held.
@@ -250,7 +253,8 @@ class Channel:
     """One connected socket carrying frames in both directions."""
 
     __slots__ = ("sock", "reader", "peer", "frame_timeout", "spin", "slots", "notices",
-                 "working", "_poll_obj", "held", "_out", "place", "__weakref__")
+                 "working", "_poll_obj", "held", "_out", "place", "sleep_in_poll",
+                 "__weakref__")
 
     def __init__(self, sock: socket.socket, peer: Any = None, limits: Limits = DEFAULT_LIMITS,
                  frame_timeout: float | None = None) -> None:
@@ -273,6 +277,20 @@ class Channel:
         #: where this thread sleeps in a receive on a busy machine (a manager's
         #: call connection: `transport.placement`); None: anywhere
         self.place: Any = None
+        #: a receive with no deadline sleeps in poll(), not in recv (`slow_replies`)
+        self.sleep_in_poll = False
+
+    def slow_replies(self) -> None:
+        """The peer's replies on this channel wait for work of its own (a
+        journal commit): poll longer for them (`SpinPolicy.long`), and on a
+        Unix socket sleep for them in poll().  A thread asleep in a Unix
+        socket's recv is woken each time the peer reads what it sent (the
+        kernel's write-space wakeup reaches readers too), and goes back to
+        sleep: a wakeup and a switch for nothing, paid by the peer's thread,
+        which must wake this one's CPU.  poll() waits for data only."""
+        self.spin.long()
+        if not self.sleep_in_poll and self.sock.family == socket.AF_UNIX:
+            self.sleep_in_poll = True
 
     def _poller(self) -> Any:
         """This channel's `select.poll` object (None where there is no poll())."""
@@ -600,6 +618,8 @@ class Channel:
                 else:
                     if deadline is not None:
                         self._wait(deadline)
+                    elif self.sleep_in_poll:
+                        self._poller().poll()
                     data = self.sock.recv(_RECV_CHUNK)
                 if not data:
                     raise EOFError("connection closed by peer")
