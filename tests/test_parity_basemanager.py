@@ -495,7 +495,12 @@ def test_a_server_in_this_process_gets_its_references_back(impl):
     manager of this same process connected to it: dropped proxies (made by a
     create, or returned by a method_to_typeid method) give their references
     back.  procshare counted their release against the server's own holder,
-    which had none, so the objects stayed for good."""
+    which had none, so the objects stayed for good.  Once it is shut down,
+    procshare leaves none of its threads behind (its accepter stayed blocked
+    in accept() for good, as the stdlib's does, so every later fork of the
+    process warned on 3.12+ that it was multi-threaded)."""
+    before = set(threading.enumerate())
+
     class M(impl.BaseManager):
         pass
 
@@ -533,3 +538,6 @@ def test_a_server_in_this_process_gets_its_references_back(impl):
             pass
         conn.close()
         thread.join(10)
+    if not is_stdlib(impl):
+        assert poll(lambda: not set(threading.enumerate()) - before, 5), \
+            set(threading.enumerate()) - before

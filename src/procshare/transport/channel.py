@@ -924,8 +924,14 @@ class Listener:
         return self._sock.fileno()
 
     def close(self, unlink: bool = True) -> None:
-        """Stop listening; `unlink`: remove a Unix socket's file too."""
+        """Stop listening; `unlink`: remove a Unix socket's file too.  A thread
+        blocked in `accept` wakes with an OSError (a close alone leaves it
+        blocked for good: the stdlib's accepter thread stays so)."""
         try:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass    # (not listening, or closed already)
             self._sock.close()
         finally:
             if unlink:
