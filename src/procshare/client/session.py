@@ -186,10 +186,12 @@ class Connection:
                 self.ch.send_buffers(_CALL, rid, body, bufs, budget)
             else:
                 self.ch.send_bytes(pack_frame(_CALL, rid, body, budget))
-        except BaseException as e:
-            if isinstance(e, OSError):
-                self.read_last()    # (the peer closed: did it say it stopped?)
-            self.close()    # a frame may be half-written (Ctrl-C, broken pipe)
+        except OSError:
+            self.read_last()    # (the peer closed: did it say it stopped?)
+            self.close()        # a frame may be half-written
+            raise
+        except BaseException:
+            self.close()    # a frame may be half-written (Ctrl-C)
             raise
         return rid
 
@@ -617,11 +619,11 @@ class Session:
             if epoch is not None and epoch != self.epoch:
                 return True         # another thread saw the restart already
             before = self.boot
+            stopped = self._said_stopped()
             if self.control is not None:
-                self.control.read_last()    # did it say it stopped for good?
                 self.control.close()
                 self.control = None
-            if self.stopped is not None:
+            if stopped:
                 return False
             try:
                 self._control_conn()
