@@ -110,7 +110,13 @@ def test_a_call_the_loop_reads_and_leaves_is_unpickled_once(mp_ctx, tmp_path):
 def test_a_writer_killed_while_parked_leaves_the_others_going(mp_ctx):
     with procshare.SyncManager(ctx=mp_ctx) as m:
         d, stop = m.dict(durable=True), mp_ctx.Event()
-        writers = _writers(mp_ctx, d, 4, stop)
+        # (the victim watches an Event of its own: `is_set()` takes the Event's
+        # lock, and a SIGKILL there would leave it held, stalling whoever shares it)
+        victims_stop = mp_ctx.Event()
+        writers = [_workers.start_child(mp_ctx, _workers.durable_writer_until, 0, d,
+                                        victims_stop)]
+        writers += [_workers.start_child(mp_ctx, _workers.durable_writer_until, w, d, stop)
+                    for w in (1, 2, 3)]
         try:
             assert poll(lambda: _loop_stats(m).get("calls", 0) > 500, WAIT)
             victim = writers[0].process
