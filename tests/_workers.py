@@ -770,6 +770,45 @@ def calls_after_manager_shutdown(d, conn):
     return out
 
 
+def calls_across_a_new_manager_at_the_address(address, authkey, conn):
+    """Connect to the manager at `address`; once the parent has shut it down
+    (this process then reads its STOPPING frame) and started another at the
+    same address, use that one through its crash and restart.  Talks with the
+    parent on `conn`; returns [what happened at each step]."""
+    import procshare
+
+    def step(say):
+        conn.send(say)
+        if not conn.poll(30):
+            raise TimeoutError(f"the parent never answered {say!r}")
+        return conn.recv()
+
+    first = procshare.SyncManager(address=address, authkey=authkey)
+    first.connect()
+    d = first.dict(a=1)
+    step("connected")                   # the parent shuts the first manager down
+    out = []
+    try:
+        d["a"]
+        out.append("no error")
+    except Exception as e:
+        out.append(str(e))
+    step("saw the shutdown")            # the parent starts another manager there
+    second = procshare.SyncManager(address=address, authkey=authkey)
+    second.connect()
+    d2 = second.dict(durable=True)
+    d2["b"] = 1
+    step("used the new one")            # the parent SIGKILLs its server
+    t0 = time.monotonic()
+    try:
+        d2["b"] = 2
+        out.append(("after the crash", d2["b"], time.monotonic() - t0))
+    except Exception as e:
+        out.append(("after the crash", f"{type(e).__name__}: {e}", time.monotonic() - t0))
+    conn.close()
+    return out
+
+
 def exit_after_manager_shutdown(d, conn, stuck_control=False):
     """Use `d` (this process now has connections to its manager), say so on
     `conn`, and return once the parent has shut the manager down: the

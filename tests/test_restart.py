@@ -314,6 +314,101 @@ def test_a_tcp_manager_whose_supervisor_died_is_not_waited_for(mp_ctx, monkeypat
         m.shutdown()
 
 
+def test_a_new_manager_at_the_address_of_one_shut_down_is_waited_for(tmp_path):
+    """A client that read a manager's STOPPING frame notes its address as shut
+    down; a new manager started there later is another one: its crash is
+    waited for (it restarts), not taken for that old shutdown."""
+    ctx = multiprocessing.get_context("fork")
+    address, authkey = str(tmp_path / "m.sock"), b"reused"
+    parent, child_end = ctx.Pipe()
+    first = procshare.SyncManager(address=address, authkey=authkey, ctx=ctx)
+    first.start()
+    second = None
+    try:
+        child = _workers.start_child(ctx, _workers.calls_across_a_new_manager_at_the_address,
+                                     address, authkey, child_end)
+        assert parent.poll(30) and parent.recv() == "connected"
+        first.shutdown()
+        parent.send("go")
+        assert parent.poll(30) and parent.recv() == "saw the shutdown"
+        second = procshare.SyncManager(address=address, authkey=authkey, ctx=ctx)
+        second.start()
+        parent.send("go")
+        assert parent.poll(30) and parent.recv() == "used the new one"
+        server = second.pid
+        os.kill(server, signal.SIGKILL)
+        assert poll(lambda: process_gone(server), 10)
+        parent.send("go")
+        shut, (what, got, took) = child.result(30)
+        assert f"was shut down by process {os.getpid()}" in shut, shut
+        assert got == 2, (got, took)
+        assert second.restarts == 1
+    finally:
+        if second is not None:
+            second.shutdown()
+        parent.close()
+
+
+def test_a_shutdown_from_another_host_with_the_owners_pid_is_not_final(monkeypatch):
+    """The owner's shutdown of a supervised manager is final; a process of
+    another host (or pid namespace) whose pid happens to be the owner's is
+    not its owner: its shutdown is one the supervisor undoes, as anyone
+    else's (it was taken for the owner's, and every client was told to wait
+    for nothing)."""
+    from procshare.client import session
+    from procshare.wire.serializers import get_serializer
+
+    m = procshare.SyncManager(address=("127.0.0.1", 0))
+    m.start()
+    try:
+        d = m.dict(durable=True)
+        d["a"] = 1
+        server = m.pid
+        monkeypatch.setattr(session, "_HOST", ("another-host", "another-pidns"))
+        elsewhere = session.Session(m.address, bytes(m._authkey), get_serializer("pickle"))
+        elsewhere.control_call("shutdown")      # (a hello with this process's pid)
+        elsewhere.close()
+        monkeypatch.undo()
+        assert poll(lambda: process_gone(server), 10)
+        assert d["a"] == 1                       # restarted, the durable dict kept
+        assert m.restarts == 1 and m.pid != server
+    finally:
+        m.shutdown()
+
+
+SERVE_SCRIPT = textwrap.dedent("""
+    import procshare
+    server = procshare.SyncManager(address=("127.0.0.1", 0), authkey=b"ctrl-c").get_server()
+    print(repr(server.address), flush=True)
+    server.serve_forever()
+""")
+
+
+def test_a_server_stopped_by_ctrl_c_tells_its_clients():
+    """Ctrl-C ends a `serve_forever()` (no `shutdown` call): the server stops
+    for good all the same, and says so to its clients (it waited for its idle
+    connections' threads for STOP_WAIT, which never wrote the frame)."""
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_SCRIPT], stdout=subprocess.PIPE,
+                            text=True, env=_workers.subprocess_env())
+    try:
+        address = eval(proc.stdout.readline())
+        m = procshare.SyncManager(address=address, authkey=b"ctrl-c")
+        m.connect()
+        d = m.dict(a=1)
+        assert d["a"] == 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+        with pytest.raises(EOFError) as info:
+            d["a"]
+        assert f"SyncManager at {address!r} stopped for good at " in str(info.value)
+        assert "its serve_forever() ended, so this proxy" in str(info.value), info.value
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stdout.close()
+
+
 NO_THREAD_SCRIPT = textwrap.dedent("""
     import multiprocessing, threading, warnings
     import procshare

@@ -427,21 +427,26 @@ def serializer_mismatch(address: Any, mine: str, theirs: str, reason: str = "") 
 #: (pid, exit code, manager class, last log lines); filled in by `managers`
 crash_reporters: dict[Any, Any] = {}
 
-#: address -> facts about a manager this process shut down (newest last)
+#: address -> facts about a manager shut down: by this process, or by another as
+#: its STOPPING frame said (newest last; forgotten when a new manager answers there)
 shut_down_managers: collections.OrderedDict = collections.OrderedDict()
 _SHUT_DOWN_KEEP = 256
 
 
 def note_shut_down(address: Any, manager: str, pid: int | None, by: int | None = None,
-                   when: str | None = None) -> None:
+                   when: str | None = None, why: str | None = None) -> None:
     """Remember that process `by` (default: this one) shut down the manager at
-    `address` (at `when`, default now).  Told by another process (the
-    manager's STOPPING frame), it is said whatever this process knew of it."""
+    `address` (at `when`, default now), or, with `why`, that the manager said
+    it stopped for good for that reason.  Told by another process (the
+    manager's STOPPING frame), it is said whatever this process knew of it;
+    a stop for a reason is not said where this process can tell more (it
+    started the manager: `crash_reporters`)."""
     shut_down_managers.pop(address, None)
     if by is not None and by != os.getpid():
         crash_reporters.pop(address, None)     # (inherited from the starting process)
     shut_down_managers[address] = {"manager": manager, "pid": pid,
-                                   "by": os.getpid() if by is None else by,
+                                   "here": by is None and why is None,
+                                   "by": os.getpid() if by is None else by, "why": why,
                                    "when": when or time.strftime("%H:%M:%S")}
     while len(shut_down_managers) > _SHUT_DOWN_KEEP:
         shut_down_managers.popitem(last=False)
@@ -494,10 +499,16 @@ def manager_crashed(address: Any, cause: BaseException | None,
 
     gone = shut_down_managers.get(address)
     if gone is not None and address not in crash_reporters:
-        by = ("by this process" if gone["by"] == os.getpid()
+        by = ("by this process" if gone.get("here")
               else f"by process {gone['by']}")
         facts.update(shut_down=True, pid=gone["pid"])
         cls = _SHUT_DOWN_CLASSES.get(cls, cls)
+        if gone.get("why"):
+            return cls(
+                f"the {gone['manager']} at {address!r} stopped for good at {gone['when']}: "
+                f"{gone['why']}, so this proxy cannot be used any more. Its objects are gone "
+                "and nothing restarts it: start a manager there again and create the objects "
+                "again.", **facts)
         return cls(
             f"the {gone['manager']} at {address!r} was shut down {by} at {gone['when']} "
             f"(manager.shutdown(), or the end of its `with` block), so this proxy cannot be "

@@ -29,7 +29,9 @@ Rules it keeps:
   for at most `RECONNECT` seconds in all (the connect and handshake retries
   share that deadline); not if the manager said it stopped for good (a
   STOPPING frame, read on any connection of the session, the broken one's
-  last bytes and the control connection's included: `read_last`).
+  last bytes and the control connection's included: `read_last`).  Such a
+  frame notes the address as shut down for the whole process, until a new
+  manager (another boot) answers there.
 - A connection dropped unclosed (its thread ended) closes its socket then,
   quietly, as the stdlib's does.
 - Reference traffic can start inside a garbage collection (a proxy's
@@ -494,7 +496,8 @@ class Session:
                 if self.boot is not None:
                     self._restarted(incarnation)
                 self.boot = boot
-                self.stopped = None     # (a new manager on the address)
+                self.stopped = None     # a new manager on the address: whatever was
+                shut_down_managers.pop(self.address, None)  # said of the old one is moot
             self.incarnation = incarnation
         if role == "control":
             _goodbye_at_exit()
@@ -587,11 +590,12 @@ class Session:
         except Exception:       # (a frame from a newer manager, say)
             info, why, by = {}, "it stopped", None
         self.stopped = why
-        if isinstance(by, int) and self.address not in shut_down_managers:
+        if self.address not in shut_down_managers:
             # (the process that shut it down noted it already, with its class)
             note_shut_down(self.address, str(info.get("manager") or "manager"),
-                           info.get("pid") or self.server_pid,
-                           by=by, when=info.get("when"))
+                           info.get("pid") or self.server_pid, by=by if isinstance(by, int)
+                           else None, when=info.get("when"),
+                           why=None if isinstance(by, int) else why)
         return EOFError(f"the manager stopped for good: {why}")
 
     def _restarted(self, incarnation: int) -> None:

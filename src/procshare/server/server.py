@@ -82,6 +82,7 @@ from ..inprocess import local_server, set_local_server
 from ..stdtypes import all_methods, is_thread_safe, public_methods, update_item
 from ..transport import channel as transport
 from ..transport import placement
+from ..transport.processes import host_identity
 from ..transport.shm import (
     SlotClaimError,
     WithFds,
@@ -125,6 +126,9 @@ LOAN_TTL = 600.0
 #: how long a server that stops waits for the threads of its idle connections
 #: to end (each writes its last frame; they wake at once)
 STOP_WAIT = 0.5
+#: which processes can see each other's pids (a hello from elsewhere names a pid of
+#: another host or pid namespace)
+_HOST = host_identity()
 
 # what the call loop does with a reply it made: send the packed value, send None,
 # or nothing (a call that wants no reply)
@@ -175,7 +179,7 @@ class ConnInfo:
     """What the server knows about one connection."""
 
     __slots__ = ("client", "pid", "caller", "channel", "opened", "role", "conn", "call",
-                 "session")
+                 "session", "local")
 
     def __init__(self, hello: dict, channel: transport.Channel) -> None:
         self.client = str(hello["client"])
@@ -188,6 +192,9 @@ class ConnInfo:
         self.conn = int(hello.get("conn", 0))
         self.session = str(hello.get("session", ""))[:32]   # one of the client's sessions
         self.call = CallState()
+        #: its pid is one this host's processes share (not another host's or pid
+        #: namespace's, where the same number is another process)
+        self.local = (hello.get("host"), hello.get("pidns")) == _HOST and self.pid > 0
 
 
 class Server:
@@ -280,6 +287,7 @@ class Server:
             except (KeyboardInterrupt, SystemExit):
                 pass
         finally:
+            self.stop_event.set()   # (also when Ctrl-C or an error ended the loop)
             self.listener.close()
             try:
                 with self.conn_mutex:
@@ -602,7 +610,8 @@ class Server:
                 elif oid is None:
                     if meth == "shutdown":
                         reply = self._control(info, meth, args, kwds)
-                        if not self.supervised or info.pid in self.owner_pids:
+                        if not self.supervised or (info.local
+                                                   and info.pid in self.owner_pids):
                             self.stop_for_good(info.pid, "shut down")
                         self._reply(ch, rid, *reply)
                         self.stop_event.set()

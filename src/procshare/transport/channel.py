@@ -50,7 +50,8 @@ Rules it keeps:
   sleeps in poll(), which the peer's reads of what it sent do not wake.
 - A server that stops wakes its channels' idle threads by shutting their
   reading side (`stop_reading`); a channel's last frame (`send_last`) goes
-  only whole, at once, and behind nothing held.
+  at once, behind nothing held, and only if the socket polls writable (room
+  for a small frame whole).
 - A `ChannelSet` thread reads and writes a channel only while the channel's
   own thread is parked (the server's durable loop), never waiting for a
   socket (`recv_ready`, `send_from_loop`); what the reader holds stays for
@@ -289,7 +290,7 @@ class Channel:
         sleep: a wakeup and a switch for nothing, paid by the peer's thread,
         which must wake this one's CPU.  poll() waits for data only."""
         self.spin.long()
-        if not self.sleep_in_poll and self.sock.family == socket.AF_UNIX:
+        if not self.sleep_in_poll and self.sock.family == socket.AF_UNIX and _HAS_POLL:
             self.sleep_in_poll = True
 
     def _poller(self) -> Any:
@@ -335,14 +336,22 @@ class Channel:
 
     def send_last(self, frame: bytes) -> bool:
         """Write one small whole frame as the last thing this channel writes,
-        only if nothing is held back and the socket takes it whole at once
-        (never waiting for the peer, which may read nothing any more).  True
-        if it went."""
+        only if nothing is held back and the socket says it has room (never
+        waiting for the peer, which may read nothing any more).  A socket that
+        polls writable has a third of its buffer free or more (TCP; Unix: three
+        quarters), so a frame of a few hundred bytes goes whole.  True if it
+        went."""
         if self.held or self.closed:
             return False
         try:
-            return self.sock.send(frame, _DONTWAIT) == len(frame)
-        except OSError:
+            if _HAS_POLL:
+                poller = select.poll()
+                poller.register(self.sock, select.POLLOUT)
+                writable = bool(poller.poll(0))
+            else:
+                writable = bool(select.select([], [self.sock], [], 0)[1])
+            return writable and self.sock.send(frame, _DONTWAIT) == len(frame)
+        except (OSError, ValueError):
             return False
 
     # -- writing -----------------------------------------------------------
