@@ -68,6 +68,13 @@ multiprocessing.util.Finalize(
     None, shutil.rmtree, args=(PRIVATE_TMP,), kwargs={"ignore_errors": True}, exitpriority=-200
 )
 
+# Tests interrupt processes with SIGINT (Ctrl-C).  A run a shell started in the
+# background (`cmd &` without job control) begins with SIGINT ignored, and
+# every child, forked or exec'd, would inherit that: handle it as an
+# interactive run does (exec'd children then get the default disposition).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # The implementations the ``impl`` fixture runs.  CI's runs on the other Pythons
 # set PROCSHARE_TEST_IMPLS=procshare: the stdlib side of each parity scenario
 # (which checks the scenario itself) runs on the main Python, and the minutes
