@@ -497,11 +497,14 @@ def joinable_consume(q, n):
     return items
 
 
-def remote_queue_server(impl, port, authkey):
-    """The stdlib docs' remote manager: serve forever over TCP."""
+def remote_queue_server(impl, conn, authkey):
+    """The stdlib docs' remote manager: serve forever over TCP, on a port the
+    system picks (sent back on `conn` once it listens)."""
     cls = getattr(sys.modules[__name__], f"{impl}__QueueManager")
-    m = cls(address=("127.0.0.1", port), authkey=authkey)
+    m = cls(address=("127.0.0.1", 0), authkey=authkey)
     server = m.get_server()
+    conn.send(server.address)
+    conn.close()
     server.serve_forever()
 
 

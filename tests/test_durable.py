@@ -105,7 +105,10 @@ def test_chaos_twenty_sigkills_lose_no_acknowledged_write():
     manager_cls = _workers.durable_manager_class()
     ctx = multiprocessing.get_context("fork")
     rng = random.Random(1234)
-    with manager_cls(ctx=ctx, max_restarts=100, restart_window=1.0) as m:
+    # (a restart window shorter than the time between kills: each is a first
+    # crash, restarted after FIRST_BACKOFF; within 1 s of each other, kills
+    # would be a crash loop, whose backoff doubles up to 2 s by design)
+    with manager_cls(ctx=ctx, max_restarts=100, restart_window=0.05) as m:
         counter, lst = m.Counter(), m.list(durable=True)
         q, d = m.Queue(durable=True), m.dict(durable=True)
         stop, ops = ctx.Event(), ctx.Value("i", 0)

@@ -42,6 +42,7 @@ def interrupt_after(seconds: float, fn, *args):
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGALRM, handler)
+    armed, t0 = signal.getitimer(signal.ITIMER_REAL)[0], time.monotonic()   # pytest-timeout's
     try:
         signal.setitimer(signal.ITIMER_REAL, seconds)
         try:
@@ -53,6 +54,8 @@ def interrupt_after(seconds: float, fn, *args):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        if armed:
+            signal.setitimer(signal.ITIMER_REAL, max(armed - (time.monotonic() - t0), 0.001))
 
 
 # -- case 4: Ctrl-C cancels the call in the manager ---------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
-import socket
 import threading
 import time
 
@@ -105,24 +104,6 @@ def test_blocked_get_same_process_other_thread(manager):
     assert out == [5]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _connect_with_retry(cls, address, authkey, deadline):
-    while True:
-        m = cls(address=address, authkey=authkey)
-        try:
-            m.connect()
-            return m
-        except (ConnectionError, OSError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def test_remote_queue_example(impl, ctx):
     """The stdlib docs' example: a server serving a module-level queue.Queue
     over TCP with get_server().serve_forever(); one client blocks in get()
@@ -130,14 +111,21 @@ def test_remote_queue_example(impl, ctx):
     name = _workers.impl_name(impl)
     cls = _workers.get_class(impl, "QueueManager")
     authkey = b"remote-queue-secret"
-    port = _free_port()
-    address = ("127.0.0.1", port)
+    listening, child_end = ctx.Pipe(duplex=False)
     server = ctx.Process(
-        target=_workers.remote_queue_server, args=(name, port, authkey), daemon=True
+        target=_workers.remote_queue_server, args=(name, child_end, authkey), daemon=True
     )
     server.start()
+    child_end.close()
     try:
-        putter = _connect_with_retry(cls, address, authkey, time.monotonic() + 10)
+        # (the server picks its port and says it once it listens: a port picked
+        # here and bound there could be taken meanwhile, and a connect retried
+        # before it listens can connect a socket to itself)
+        assert listening.poll(30), "the server never said where it listens"
+        address = tuple(listening.recv())
+        listening.close()
+        putter = cls(address=address, authkey=authkey)
+        putter.connect()
         q = putter.get_queue()
         getter = _workers.start_child(
             ctx, _workers.remote_queue_client_get, name, address, authkey, 10

@@ -15,12 +15,12 @@ import pytest
 import _timeout_workers as tw
 import _workers
 import procshare
-from _helpers import FAULT_START_METHODS
+from _helpers import FAULT_START_METHODS, poll
 
 # CallTimeout must come by deadline + 50 ms on an idle machine; these shared
-# 2-core machines are not idle, so the tests allow more (the benchmark and the
-# closing note report the real figure).
-SLACK = 0.25
+# 2-core machines are not idle (CI runs two test runs at once), so the tests
+# allow more (the benchmark and the closing note report the real figure).
+SLACK = 0.75
 
 
 @pytest.fixture(params=FAULT_START_METHODS)
@@ -194,9 +194,9 @@ def test_client_side_timeout_then_reuse_and_late_reply_dropped(slow_mgr, caplog)
 
 def test_serial_object_busy_at_deadline(slow_mgr):
     s = slow_mgr.SerialSlow()
-    t = threading.Thread(target=s.sleep, args=(0.8,))
+    t = threading.Thread(target=s.sleep, args=(1.5,))
     t.start()
-    time.sleep(0.2)
+    assert poll(lambda: slow_mgr._control("object_state", s._id)["running"] == "sleep", 5)
     err, took = timed(s._callmethod, "echo", (1,), {}, timeout=0.2)
     assert "busy with another call" in str(err) and "had no effect" in str(err)
     t.join(5)
@@ -211,6 +211,7 @@ def test_keyboard_interrupt_leaves_connection_usable(slow_mgr):
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGALRM, interrupt)
+    armed, t0 = signal.getitimer(signal.ITIMER_REAL)[0], time.monotonic()   # pytest-timeout's
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.2)
         with pytest.raises(KeyboardInterrupt):
@@ -218,6 +219,8 @@ def test_keyboard_interrupt_leaves_connection_usable(slow_mgr):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        if armed:
+            signal.setitimer(signal.ITIMER_REAL, max(armed - (time.monotonic() - t0), 0.001))
     # no desynchronisation: each call gets its own reply, not the late one
     assert s.echo("b") == "b"
     assert s.echo("c") == "c"
