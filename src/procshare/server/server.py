@@ -50,11 +50,12 @@ Rules it keeps:
   its own connection, with the reason in the log (`note`); the server and its
   other connections go on.
 - A server that stops for good (a `shutdown` from a process it serves when
-  nothing restarts it, or from the process that started it; its starting
-  process or supervisor gone) says so: every connection whose thread is not
-  running a call gets a STOPPING frame as its last (`stop_for_good`,
-  `_end_connections`), so a client knows at once not to wait for a restart,
-  even where no socket file tells it (TCP).  A crash says nothing, and a
+  nothing restarts it, or from the process that started it, on this host and
+  in this pid namespace; its starting process or supervisor gone; an
+  unsupervised `serve_forever()` ended, Ctrl-C included) says so: every
+  connection whose thread is not running a call gets a STOPPING frame as its
+  last (`stop_for_good`, `_end_connections`), so a client knows at once not
+  to wait for a restart, even where no socket file tells it (TCP).  A crash says nothing, and a
   supervised server stopped by anyone else may come back: neither is final.
 """
 
