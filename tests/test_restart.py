@@ -449,6 +449,35 @@ def test_the_starting_process_runs_no_thread_for_its_manager(method, tmp_path):
     assert code == 0 and d == {"a": 1, "child": True}
 
 
+def _what_it_does(pid: int) -> str:
+    """(for a failure message) A process's state, signal masks and where it
+    waits, and its children's, from /proc (a SIGTERM that did not end it)."""
+    out = []
+    for p in [pid] + [int(c) for t in _listdir(f"/proc/{pid}/task")
+                      for c in _read(f"/proc/{pid}/task/{t}/children").split()]:
+        status = {k: v.strip() for k, _, v in (line.partition(":") for line in
+                                              _read(f"/proc/{p}/status").splitlines())}
+        out.append(f"pid {p}: {status.get('State')} blocked {status.get('SigBlk')} pending "
+                   f"{status.get('ShdPnd')} caught {status.get('SigCgt')} threads "
+                   f"{status.get('Threads')} wchan {_read(f'/proc/{p}/wchan')!r}")
+    return "; ".join(out) or f"pid {pid}: gone"
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _listdir(path: str) -> list:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
 def test_a_terminated_supervisor_takes_its_server_with_it(mp_ctx):
     """`manager._process` is the supervisor process (as the stdlib's is the
     server): terminating it, as a shutdown that timed out does, leaves no
@@ -460,7 +489,7 @@ def test_a_terminated_supervisor_takes_its_server_with_it(mp_ctx):
         assert m._process.pid == server and not process_gone(server)
         m._process.terminate()
         m._process.join(10)
-        assert m._process.exitcode == -signal.SIGTERM
+        assert m._process.exitcode == -signal.SIGTERM, _what_it_does(m._process.pid)
         assert poll(lambda: process_gone(server), 5)
     finally:
         m.shutdown()
