@@ -591,11 +591,12 @@ class Session:
             info, why, by = {}, "it stopped", None
         self.stopped = why
         if self.address not in shut_down_managers:
-            # (the process that shut it down noted it already, with its class)
+            # (the process that shut it down noted it already, with its class);
+            # a stop with no process behind it is noted with its reason
+            by = by if isinstance(by, int) else None
             note_shut_down(self.address, str(info.get("manager") or "manager"),
-                           info.get("pid") or self.server_pid, by=by if isinstance(by, int)
-                           else None, when=info.get("when"),
-                           why=None if isinstance(by, int) else why)
+                           info.get("pid") or self.server_pid, by=by,
+                           when=info.get("when"), why=why if by is None else None)
         return EOFError(f"the manager stopped for good: {why}")
 
     def _restarted(self, incarnation: int) -> None:
