@@ -31,6 +31,38 @@ def process_gone(pid: int) -> bool:
         return True
 
 
+#: where a thread sleeps while a call of it waits for its reply: a Unix socket's
+#: read, poll(), a TCP socket's read; with a Ray manager, Ray's core worker (a futex)
+_SOCKET_WAITS = ("unix_stream_read_generic", "unix_stream_data_wait",
+                 "poll_schedule_timeout", "do_sys_poll", "wait_woken", "sk_wait_data")
+_RAY_WAITS = ("futex_",)
+
+
+def blocked_in_call(pid: int, tid: int | None = None, manager=None,
+                    timeout: float = 10.0) -> bool:
+    """Bounded wait until thread `tid` of process `pid` (its main thread by
+    default) sleeps where a call waits for its reply, from /proc (its state
+    and wchan).  Once the thread said it is about to make the call, with its
+    connection opened before, that sleep is the call: a get() or wait()
+    blocked in the manager.  `manager`: the one the call goes to (a Ray
+    manager's calls wait elsewhere)."""
+    task = f"/proc/{pid}/task/{pid if tid is None else tid}"
+    on_ray = any(c.__module__.startswith("procshare.ray") for c in type(manager).__mro__)
+    waits = _RAY_WAITS if on_ray else _SOCKET_WAITS
+
+    def asleep() -> bool:
+        try:
+            with open(f"{task}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            with open(f"{task}/wchan") as f:
+                wchan = f.read().strip()
+        except OSError:
+            return False
+        return state == "S" and wchan.startswith(waits)
+
+    return poll(asleep, timeout, 0.005)
+
+
 def poll(predicate, timeout: float = 3.0, interval: float = 0.02) -> bool:
     """Bounded wait for ``predicate()`` to become true."""
     deadline = time.monotonic() + timeout

@@ -478,8 +478,12 @@ def nap(sleeper, seconds):
     return sleeper.nap(seconds)
 
 
-def queue_get_timed(q, timeout):
-    """Return (item, seconds the get took)."""
+def queue_get_timed(q, timeout, calling=None):
+    """Return (item, seconds the get took).  `calling`: an Event set just
+    before the get (the proxy's connection is open by then)."""
+    if calling is not None:
+        q.qsize()
+        calling.set()
     t0 = time.monotonic()
     item = q.get(timeout=timeout)
     return item, time.monotonic() - t0
@@ -508,17 +512,23 @@ def remote_queue_server(impl, conn, authkey):
     server.serve_forever()
 
 
-def remote_queue_client_get(impl, address, authkey, timeout):
+def remote_queue_client_get(impl, address, authkey, timeout, calling=None):
     cls = getattr(sys.modules[__name__], f"{impl}__QueueManager")
     m = cls(address=address, authkey=authkey)
     m.connect()
     q = m.get_queue()
+    if calling is not None:     # (see queue_get_timed)
+        q.qsize()
+        calling.set()
     t0 = time.monotonic()
     item = q.get(timeout=timeout)
     return item, time.monotonic() - t0
 
 
-def event_wait(ev, timeout):
+def event_wait(ev, timeout, calling=None):
+    if calling is not None:     # (see queue_get_timed)
+        ev.is_set()
+        calling.set()
     return ev.wait(timeout)
 
 
@@ -558,8 +568,12 @@ def condition_wait(cond, ready, timeout):
         return cond.wait(timeout)
 
 
-def condition_wait_for(cond, flag, timeout):
+def condition_wait_for(cond, flag, timeout, holding=None):
+    """`holding`: an Event set once this process holds the condition's lock,
+    which its wait releases."""
     with cond:
+        if holding is not None:
+            holding.set()
         return cond.wait_for(lambda: flag.value == 1, timeout)
 
 

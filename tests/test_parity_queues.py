@@ -12,6 +12,7 @@ import time
 import pytest
 
 import _workers
+from _helpers import blocked_in_call
 
 
 def test_queue_basics(manager):
@@ -80,8 +81,10 @@ def _join_within(q, timeout):
 
 def test_blocked_get_does_not_block_put(manager, ctx):
     q = manager.Queue()
-    child = _workers.start_child(ctx, _workers.queue_get_timed, q, 10)
-    time.sleep(0.5)  # let the child block in get()
+    calling = ctx.Event()
+    child = _workers.start_child(ctx, _workers.queue_get_timed, q, 10, calling)
+    assert calling.wait(15)
+    assert blocked_in_call(child.process.pid, manager=manager)      # blocked in get()
     t0 = time.monotonic()
     q.put("hello")
     put_time = time.monotonic() - t0
@@ -94,9 +97,19 @@ def test_blocked_get_does_not_block_put(manager, ctx):
 def test_blocked_get_same_process_other_thread(manager):
     q = manager.Queue()
     out = []
-    t = threading.Thread(target=lambda: out.append(q.get(timeout=10)))
+    calling = threading.Event()
+    tid: list = []
+
+    def get() -> None:
+        tid.append(threading.get_native_id())
+        q.qsize()       # (this thread's connection opens here)
+        calling.set()
+        out.append(q.get(timeout=10))
+
+    t = threading.Thread(target=get)
     t.start()
-    time.sleep(0.3)
+    assert calling.wait(10)
+    assert blocked_in_call(os.getpid(), tid[0], manager)   # blocked in get()
     t0 = time.monotonic()
     q.put(5)
     assert time.monotonic() - t0 < 1.0
@@ -127,10 +140,12 @@ def test_remote_queue_example(impl, ctx):
         putter = cls(address=address, authkey=authkey)
         putter.connect()
         q = putter.get_queue()
+        calling = ctx.Event()
         getter = _workers.start_child(
-            ctx, _workers.remote_queue_client_get, name, address, authkey, 10
+            ctx, _workers.remote_queue_client_get, name, address, authkey, 10, calling
         )
-        time.sleep(0.5)  # let the other client block in get()
+        assert calling.wait(15)
+        assert blocked_in_call(getter.process.pid)     # blocked in get()
         t0 = time.monotonic()
         q.put("over tcp")
         put_time = time.monotonic() - t0
@@ -160,8 +175,10 @@ def test_registered_callable_returning_queue_stays_concurrent(impl, ctx):
     with cls(ctx=ctx) as m:
         q_get = m.get_queue()
         q_put = m.get_queue()
-        child = _workers.start_child(ctx, _workers.queue_get_timed, q_get, 5)
-        time.sleep(0.5)
+        calling = ctx.Event()
+        child = _workers.start_child(ctx, _workers.queue_get_timed, q_get, 5, calling)
+        assert calling.wait(15)
+        assert blocked_in_call(child.process.pid)     # blocked in get()
         t0 = time.monotonic()
         q_put.put("concurrent")
         put_time = time.monotonic() - t0

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import _workers
-from _helpers import poll
+from _helpers import blocked_in_call, poll
 
 # -- Event -------------------------------------------------------------------
 
@@ -22,8 +22,10 @@ def test_event(manager, ctx):
     t0 = time.monotonic()
     assert ev.wait(0.2) is False
     assert 0.15 <= time.monotonic() - t0 < 2.0
-    child = _workers.start_child(ctx, _workers.event_wait, ev, 10)
-    time.sleep(0.3)
+    calling = ctx.Event()
+    child = _workers.start_child(ctx, _workers.event_wait, ev, 10, calling)
+    assert calling.wait(15)
+    assert blocked_in_call(child.process.pid, manager=manager)      # blocked in wait()
     ev.set()
     assert child.result(15) is True
     assert ev.is_set() is True
@@ -155,9 +157,10 @@ def test_condition_wait_notify_across_processes(manager, ctx):
 def test_condition_wait_for_across_processes(manager, ctx):
     cond = manager.Condition()
     flag = manager.Value("i", 0)
-    child = _workers.start_child(ctx, _workers.condition_wait_for, cond, flag, 10)
-    time.sleep(0.3)
-    assert cond.acquire(timeout=10) is True
+    holding = ctx.Event()
+    child = _workers.start_child(ctx, _workers.condition_wait_for, cond, flag, 10, holding)
+    assert holding.wait(15)
+    assert cond.acquire(timeout=10) is True         # once the child's wait released it
     try:
         flag.value = 1
         cond.notify_all()

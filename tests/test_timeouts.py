@@ -184,7 +184,8 @@ def test_client_side_timeout_then_reuse_and_late_reply_dropped(slow_mgr, caplog)
     second = s._tls.conn
     assert second is not first
     timed(s._callmethod, "sleep", (0.3,), {}, timeout=0.05)
-    time.sleep(0.8)                             # both late replies have arrived by now
+    # both late replies have arrived: each abandoned connection's socket has data
+    assert poll(lambda: first.ch.readable() and second.ch.readable(), 5)
     with caplog.at_level(logging.INFO, logger="procshare.client"):
         assert s.echo(3) == 3                   # reuses a connection once drained
     assert s._tls.conn in (first, second)
@@ -206,6 +207,7 @@ def test_serial_object_busy_at_deadline(slow_mgr):
 def test_keyboard_interrupt_leaves_connection_usable(slow_mgr):
     s = slow_mgr.Slow()
     assert s.echo("a") == "a"
+    interrupted = s._tls.conn
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -224,7 +226,10 @@ def test_keyboard_interrupt_leaves_connection_usable(slow_mgr):
     # no desynchronisation: each call gets its own reply, not the late one
     assert s.echo("b") == "b"
     assert s.echo("c") == "c"
-    time.sleep(0.6)
+    # and none once the interrupted call has ended in the manager, its late
+    # reply written to the connection the interrupt closed
+    assert poll(lambda: s._session.control_call(
+        "cancel", interrupted.no, interrupted.rid, timeout=2) == "done", 5)
     assert [s.echo(i) for i in range(5)] == list(range(5))
 
 
