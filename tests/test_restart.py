@@ -230,6 +230,92 @@ def test_a_shut_down_manager_is_not_waited_for(mp_ctx):
     assert time.monotonic() - t0 < 1.0
 
 
+def test_a_stopping_frame_behind_a_large_late_reply_is_read():
+    """What a connection reads from a manager that has closed it (`read_last`,
+    never waiting) goes past a late reply larger than one receive (64 KiB) to
+    the STOPPING frame behind it: it stopped at the reply's first part, so the
+    client took the stop for a crash and waited for a restart."""
+    import socket
+
+    from procshare.client.session import Connection
+    from procshare.transport.channel import Channel
+    from procshare.wire.frames import pack_frame
+    from procshare.wire.kinds import Kind
+    from procshare.wire.serializers import encode_hello, get_serializer
+
+    class Session:      # what read_last needs of a session
+        epoch = 0
+        stopped = None
+
+        def on_stopping(self, body):
+            self.stopped = body
+            return EOFError("the manager stopped for good")
+
+    ours, manager = socket.socketpair()
+    manager.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    try:
+        session = Session()
+        c = Connection(Channel(ours), get_serializer("pickle"), session, 1)
+        c.pending.add(7)                # an abandoned call's request id
+        manager.sendall(pack_frame(Kind.RETURN, 7, b"r" * (200 * 1024)))
+        stopping = encode_hello({"by": None, "why": "it was told to", "pid": 1})
+        manager.sendall(pack_frame(Kind.STOPPING, 0, stopping))
+        manager.close()
+        c.read_last()
+        assert session.stopped == stopping
+        assert not c.pending            # the late reply was read whole and dropped
+    finally:
+        ours.close()
+        manager.close()
+
+
+def test_a_stopping_frame_that_answers_a_hello_is_a_stop(tmp_path):
+    """A manager that stops for good as a connection comes may answer its
+    hello with the STOPPING frame: that is the stop, said as any other (it was
+    a RemoteError that printed the frame's fields)."""
+    import socket
+    import threading
+
+    from procshare.client.session import get_session
+    from procshare.transport.channel import Channel, server_handshake
+    from procshare.wire.frames import pack_frame
+    from procshare.wire.kinds import Kind
+    from procshare.wire.serializers import encode_hello
+
+    address, authkey = str(tmp_path / "stopping.sock"), b"stopping"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(address)
+    listener.listen()
+    said: list = []
+
+    def manager() -> None:      # takes the connection and the hello, then stops
+        sock, _ = listener.accept()
+        ch = Channel(sock)
+        try:
+            server_handshake(ch, authkey)
+            said.append(ch.recv_frame(time.monotonic() + 10)[0])
+            ch.send_bytes(pack_frame(Kind.STOPPING, 0, encode_hello(
+                {"by": None, "why": "its serve_forever() ended", "when": "12:00:00",
+                 "pid": 4242, "manager": "SyncManager"})))
+        finally:
+            ch.close()
+
+    t = threading.Thread(target=manager, daemon=True)
+    t.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(procshare.ManagerCrashed) as info:
+            get_session(address, authkey, "pickle")._open("call")
+        assert time.monotonic() - t0 < 1.0      # (nothing to wait for)
+        assert said == [Kind.HELLO]
+        text = str(info.value)
+        assert "stopped for good at 12:00:00: its serve_forever() ended" in text, text
+    finally:
+        t.join(10)
+        listener.close()
+        os.unlink(address)
+
+
 def test_a_tcp_manager_shut_down_by_another_process_is_not_waited_for(monkeypatch):
     """A TCP manager leaves no socket file to tell a shutdown from a crash, so
     the server says it: every connection gets a STOPPING frame as it stops

@@ -29,7 +29,9 @@ Rules it keeps:
   for at most `RECONNECT` seconds in all (the connect and handshake retries
   share that deadline); not if the manager said it stopped for good (a
   STOPPING frame, read on any connection of the session, the broken one's
-  last bytes and the control connection's included: `read_last`).  Such a
+  last bytes and the control connection's included: `read_last`, which reads
+  past a late reply of any size while its bytes are there; or the answer to a
+  new connection's hello).  Such a
   frame notes the address as shut down for the whole process, until a new
   manager (another boot) answers there.
 - A connection dropped unclosed (its thread ended) closes its socket then,
@@ -246,12 +248,16 @@ class Connection:
     def read_last(self) -> None:
         """The connection broke (or is about to be given up): read what the
         manager wrote before it closed, without waiting, for a STOPPING frame
-        (`Session.on_stopping`); late replies are dropped."""
+        (`Session.on_stopping`); late replies are dropped, a large one read
+        through to its end while its bytes are there (one receive takes 64
+        KiB at most, and the STOPPING frame comes after it)."""
         ch = self.ch
         try:
             while not ch.closed:
                 frame = ch.recv_ready()
                 if frame is None:
+                    if ch.reader.in_frame and transport.readable_within(ch.sock, 0.0):
+                        continue    # more of a frame is there already
                     return
                 self._drop_late(frame[1], frame[0], frame[3])
         except Exception:   # (its end, a broken frame, the STOPPING itself): done
@@ -481,6 +487,9 @@ class Session:
         except BaseException:
             ch.close()
             raise
+        if kind == Kind.STOPPING:      # it stopped for good as this connection came
+            ch.close()
+            raise self.crashed(self.on_stopping(body)) from None
         if kind != Kind.RETURN:
             ch.close()
             if isinstance(info, dict) and info.get("error") == "serializer":
