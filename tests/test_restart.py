@@ -775,3 +775,16 @@ def test_a_durable_object_holding_a_proxy_to_another_survives_a_crash(monkeypatc
         assert m.pid != pid0 and m.restarts == 1
         assert poll(lambda: "back or gone" in "\n".join(m._control("server_info")["log"]), WAIT)
         assert dict(outer[0]) == {"k": 1}
+
+
+def test_a_server_from_get_server_names_its_manager_class():
+    """The stop message names the manager as its user made it ("the
+    SharedMemoryManager at ..."), also for a server run with get_server()."""
+    from procshare.managers import SharedMemoryManager
+
+    for cls in (procshare.SyncManager, SharedMemoryManager, procshare.BaseManager):
+        server = cls(address=("127.0.0.1", 0)).get_server()
+        try:
+            assert server.manager_name == cls.__name__
+        finally:
+            server.listener.close()

@@ -1121,8 +1121,7 @@ if HAS_SHMEM:
                 if self._state.value == State.SHUTDOWN:
                     raise ProcessError("SharedMemoryManager has shut down")
                 raise ProcessError(f"Unknown state {self._state.value!r}")
-            return self._Server(self._registry, self._address, bytes(self._authkey),
-                                self._serializer, **self._server_options)
+            return super().get_server()     # (its messages above are the stdlib's)
 
         def SharedMemory(self, size: int) -> shared_memory.SharedMemory:
             """A new SharedMemory block of `size` bytes, tracked by the manager."""
