@@ -32,35 +32,53 @@ def process_gone(pid: int) -> bool:
 
 
 #: where a thread sleeps while a call of it waits for its reply: a Unix socket's
-#: read, poll(), a TCP socket's read; with a Ray manager, Ray's core worker (a futex)
+#: read, poll(), a TCP socket's read; with a Ray manager, Ray's core worker (a futex,
+#: as a wait for the GIL is: hence the steady sleep `blocked_in_call` asks for)
 _SOCKET_WAITS = ("unix_stream_read_generic", "unix_stream_data_wait",
                  "poll_schedule_timeout", "do_sys_poll", "wait_woken", "sk_wait_data")
 _RAY_WAITS = ("futex_",)
+_STEADY = 0.05      # seconds a sleep must last, not woken once, to count
 
 
 def blocked_in_call(pid: int, tid: int | None = None, manager=None,
                     timeout: float = 10.0) -> bool:
     """Bounded wait until thread `tid` of process `pid` (its main thread by
-    default) sleeps where a call waits for its reply, from /proc (its state
-    and wchan).  Once the thread said it is about to make the call, with its
-    connection opened before, that sleep is the call: a get() or wait()
-    blocked in the manager.  `manager`: the one the call goes to (a Ray
-    manager's calls wait elsewhere)."""
+    default) sleeps where a call waits for its reply, from /proc: asleep
+    there (state and wchan) in two looks `_STEADY` seconds apart, with no
+    context switch between them (a thread waiting for the GIL or a lock
+    that is handed around wakes).  Once the thread said it is about to make
+    the call, with its connection opened before, that sleep is the call:
+    its request is sent and its reply awaited (a get() or wait() that the
+    manager holds, or is about to).  `manager`: the one the call goes to (a
+    Ray manager's calls wait elsewhere).  Where the kernel shows no wchan,
+    the steady sleep alone counts."""
     task = f"/proc/{pid}/task/{pid if tid is None else tid}"
     on_ray = any(c.__module__.startswith("procshare.ray") for c in type(manager).__mro__)
     waits = _RAY_WAITS if on_ray else _SOCKET_WAITS
 
-    def asleep() -> bool:
+    def look():
+        """The thread's context switch counts if it sleeps in such a wait, else None."""
         try:
             with open(f"{task}/stat") as f:
                 state = f.read().rsplit(")", 1)[1].split()[0]
             with open(f"{task}/wchan") as f:
                 wchan = f.read().strip()
+            with open(f"{task}/status") as f:
+                switches = [line for line in f if "ctxt_switches" in line]
         except OSError:
-            return False
-        return state == "S" and wchan.startswith(waits)
+            return None
+        if state != "S" or not (wchan in ("", "0") or wchan.startswith(waits)):
+            return None
+        return switches
 
-    return poll(asleep, timeout, 0.005)
+    def steady() -> bool:
+        first = look()
+        if first is None:
+            return False
+        time.sleep(_STEADY)
+        return look() == first
+
+    return poll(steady, timeout, 0.005)
 
 
 def poll(predicate, timeout: float = 3.0, interval: float = 0.02) -> bool:

@@ -257,7 +257,8 @@ def test_a_stopping_frame_behind_a_large_late_reply_is_read():
         session = Session()
         c = Connection(Channel(ours), get_serializer("pickle"), session, 1)
         c.pending.add(7)                # an abandoned call's request id
-        manager.sendall(pack_frame(Kind.RETURN, 7, b"r" * (200 * 1024)))
+        # (more than one receive takes, and less than a socket holds unread)
+        manager.sendall(pack_frame(Kind.RETURN, 7, b"r" * (96 * 1024)))
         stopping = encode_hello({"by": None, "why": "it was told to", "pid": 1})
         manager.sendall(pack_frame(Kind.STOPPING, 0, stopping))
         manager.close()

@@ -226,8 +226,8 @@ def test_keyboard_interrupt_leaves_connection_usable(slow_mgr):
     # no desynchronisation: each call gets its own reply, not the late one
     assert s.echo("b") == "b"
     assert s.echo("c") == "c"
-    # and none once the interrupted call has ended in the manager, its late
-    # reply written to the connection the interrupt closed
+    # and none once the interrupted call has ended in the manager ("done": its
+    # reply made, for the connection the interrupt closed)
     assert poll(lambda: s._session.control_call(
         "cancel", interrupted.no, interrupted.rid, timeout=2) == "done", 5)
     assert [s.echo(i) for i in range(5)] == list(range(5))

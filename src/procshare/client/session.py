@@ -30,10 +30,10 @@ Rules it keeps:
   share that deadline); not if the manager said it stopped for good (a
   STOPPING frame, read on any connection of the session, the broken one's
   last bytes and the control connection's included: `read_last`, which reads
-  past a late reply of any size while its bytes are there; or the answer to a
-  new connection's hello).  Such a
-  frame notes the address as shut down for the whole process, until a new
-  manager (another boot) answers there.
+  past late replies while their bytes are there, if the manager could write
+  its STOPPING frame behind them; or the answer to a new connection's hello).
+  Such a frame notes the address as shut down for the whole process, until a
+  new manager (another boot) answers there.
 - A connection dropped unclosed (its thread ended) closes its socket then,
   quietly, as the stdlib's does.
 - Reference traffic can start inside a garbage collection (a proxy's
@@ -248,16 +248,17 @@ class Connection:
     def read_last(self) -> None:
         """The connection broke (or is about to be given up): read what the
         manager wrote before it closed, without waiting, for a STOPPING frame
-        (`Session.on_stopping`); late replies are dropped, a large one read
-        through to its end while its bytes are there (one receive takes 64
-        KiB at most, and the STOPPING frame comes after it)."""
+        (`Session.on_stopping`); late replies are dropped.  It reads on while
+        the socket has bytes: one receive takes 64 KiB at most, and may end
+        inside a large reply or after a frame the reader keeps to itself (slot
+        notices), with the STOPPING frame behind it."""
         ch = self.ch
         try:
             while not ch.closed:
                 frame = ch.recv_ready()
                 if frame is None:
-                    if ch.reader.in_frame and transport.readable_within(ch.sock, 0.0):
-                        continue    # more of a frame is there already
+                    if transport.readable_within(ch.sock, 0.0):
+                        continue    # more is there already (at its end: EOFError)
                     return
                 self._drop_late(frame[1], frame[0], frame[3])
         except Exception:   # (its end, a broken frame, the STOPPING itself): done
