@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -105,3 +106,26 @@ def assert_not_exposed(impl, proxy, name):
         with pytest.raises(AttributeError) as info:
             proxy._callmethod(name)
         assert name in str(info.value)
+
+
+def interrupt_after(seconds: float, fn, *args):
+    """Call `fn(*args)` and raise KeyboardInterrupt in it after `seconds`
+    (a real signal, as Ctrl-C delivers one); return its result or the interrupt."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, handler)
+    armed, t0 = signal.getitimer(signal.ITIMER_REAL)[0], time.monotonic()   # pytest-timeout's
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            result = fn(*args)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            return result
+        except KeyboardInterrupt as e:
+            return e
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        if armed:
+            signal.setitimer(signal.ITIMER_REAL, max(armed - (time.monotonic() - t0), 0.001))

@@ -478,12 +478,18 @@ def nap(sleeper, seconds):
     return sleeper.nap(seconds)
 
 
-def queue_get_timed(q, timeout, calling=None):
-    """Return (item, seconds the get took).  `calling`: an Event set just
-    before the get (the proxy's connection is open by then)."""
+def _say_calling(calling, warm_up) -> None:
+    """Before a call that blocks in the manager: `warm_up()` (a call that opens
+    this thread's connection), then set Event `calling` (if any), so that the
+    test's `blocked_in_call` sees the blocking call and not the connect."""
     if calling is not None:
-        q.qsize()
+        warm_up()
         calling.set()
+
+
+def queue_get_timed(q, timeout, calling=None):
+    """Return (item, seconds the get took); `calling`: see `_say_calling`."""
+    _say_calling(calling, q.qsize)
     t0 = time.monotonic()
     item = q.get(timeout=timeout)
     return item, time.monotonic() - t0
@@ -517,18 +523,14 @@ def remote_queue_client_get(impl, address, authkey, timeout, calling=None):
     m = cls(address=address, authkey=authkey)
     m.connect()
     q = m.get_queue()
-    if calling is not None:     # (see queue_get_timed)
-        q.qsize()
-        calling.set()
+    _say_calling(calling, q.qsize)
     t0 = time.monotonic()
     item = q.get(timeout=timeout)
     return item, time.monotonic() - t0
 
 
 def event_wait(ev, timeout, calling=None):
-    if calling is not None:     # (see queue_get_timed)
-        ev.is_set()
-        calling.set()
+    _say_calling(calling, ev.is_set)
     return ev.wait(timeout)
 
 

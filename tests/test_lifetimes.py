@@ -18,7 +18,7 @@ import pytest
 import _lifetime_workers as lw
 import _workers
 import procshare
-from _helpers import poll
+from _helpers import interrupt_after, poll
 
 WAIT = 15.0
 
@@ -33,29 +33,6 @@ def lmgr():
 def sync():
     with procshare.Manager(ctx=multiprocessing.get_context("fork")) as m:
         yield m
-
-
-def interrupt_after(seconds: float, fn, *args):
-    """Call `fn(*args)` and raise KeyboardInterrupt in it after `seconds`
-    (a real signal, as Ctrl-C delivers one); return its result or the interrupt."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGALRM, handler)
-    armed, t0 = signal.getitimer(signal.ITIMER_REAL)[0], time.monotonic()   # pytest-timeout's
-    try:
-        signal.setitimer(signal.ITIMER_REAL, seconds)
-        try:
-            result = fn(*args)
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            return result
-        except KeyboardInterrupt as e:
-            return e
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-        if armed:
-            signal.setitimer(signal.ITIMER_REAL, max(armed - (time.monotonic() - t0), 0.001))
 
 
 # -- case 4: Ctrl-C cancels the call in the manager ---------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import signal
 import threading
 import time
 
@@ -15,7 +14,7 @@ import pytest
 import _timeout_workers as tw
 import _workers
 import procshare
-from _helpers import FAULT_START_METHODS, poll
+from _helpers import FAULT_START_METHODS, interrupt_after, poll
 
 # CallTimeout must come by deadline + 50 ms on an idle machine; these shared
 # 2-core machines are not idle (CI runs two test runs at once), so the tests
@@ -208,21 +207,7 @@ def test_keyboard_interrupt_leaves_connection_usable(slow_mgr):
     s = slow_mgr.Slow()
     assert s.echo("a") == "a"
     interrupted = s._tls.conn
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGALRM, interrupt)
-    armed, t0 = signal.getitimer(signal.ITIMER_REAL)[0], time.monotonic()   # pytest-timeout's
-    try:
-        signal.setitimer(signal.ITIMER_REAL, 0.2)
-        with pytest.raises(KeyboardInterrupt):
-            s.sleep(0.6)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-        if armed:
-            signal.setitimer(signal.ITIMER_REAL, max(armed - (time.monotonic() - t0), 0.001))
+    assert isinstance(interrupt_after(0.2, s.sleep, 0.6), KeyboardInterrupt)
     # no desynchronisation: each call gets its own reply, not the late one
     assert s.echo("b") == "b"
     assert s.echo("c") == "c"
