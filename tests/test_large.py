@@ -260,6 +260,85 @@ def test_ndarrays_are_lent_and_their_slot_released_when_they_go(fmgr):
     assert len(link.notices) == 0
 
 
+@pytest.mark.parametrize("kind", ["ndarray view", "mapping"])
+def test_a_lent_buffer_is_the_slots_memory_until_it_goes(kind):
+    """What `SlotLink._take` lends: with numpy, a uint8 array over the peer's
+    arena mapped once (from `LEND_VIEW_MIN`); without, a mapping of the slot
+    alone (from `LEND_MIN`).  Either is writable, shares the slot's memory,
+    and queues the slot's release when its last view goes, not before."""
+    numpy = pytest.importorskip("numpy") if kind == "ndarray view" else None
+    size = slots.LEND_VIEW_MIN if numpy is not None else slots.LEND_MIN
+    owner = shm.ArenaPool(arena_size=2 * slots.LEND_MIN)
+    link = slots.SlotLink(shm.ArenaPool(arena_size=2 * slots.LEND_MIN), "me", lend=True)
+    try:
+        slot = owner.alloc(size, "me")
+        owner.write(slot, lw.pattern(size, 3))
+        m = link.peer_arenas[slot.arena] = slots._Mapped(
+            os.dup(owner.fd(slot.arena)), owner.arena_size_of(slot.arena), keep_fd=True)
+        got = link._take((slot.arena, slot.offset, size, frames.TYPE_OTHER), numpy)
+        assert isinstance(got, numpy.ndarray if numpy is not None else mmap.mmap)
+        view = memoryview(got)
+        assert not view.readonly and view.nbytes == size
+        assert view[:64].tobytes() == lw.pattern(size, 3)[:64]
+        view[0] = 0x77                                  # the slot's own memory
+        assert owner.view(slot)[0] == 0x77
+        if numpy is not None:                           # made from numpy's pickle, it
+            arr = numpy.frombuffer(got, dtype=numpy.int64)  # keeps the view alive
+            del got
+            view.release()
+            assert not link.notices, "released while an array still uses the slot"
+            assert arr[:4].tobytes() == owner.view(slot)[:32].tobytes()
+            del arr
+        else:
+            view.release()
+            del got
+        assert list(link.notices) == [(frames.OP_RELEASE, 0, slot.arena, slot.offset, size)]
+        assert not link.lent_ranges
+        del m
+    finally:
+        link.close()
+        owner.shrink(0)
+        link.pool.shrink(0)
+
+
+@needs_numpy
+def test_a_lent_arrays_slot_gives_back_its_pages_past_the_array(fmgr):
+    """Slots are powers of two: a 1.25 MiB array takes a 2 MiB slot of the
+    uploader's arena, which the manager then holds for as long as it keeps
+    the value.  The 0.75 MiB past the array is given back at once."""
+    import numpy
+    d = fmgr.dict()
+    link = link_of(d)
+    d["a"] = numpy.ones(2 * MiB // 8)                   # a 2 MiB slot, every page used
+    del d["a"]
+    d["x"] = 1                                          # its release comes back
+    before = _arena_bytes(link)
+    value = numpy.ones(5 * MiB // 32)                   # 1.25 MiB: that slot again
+    d["a"] = value
+    got = d["a"]
+    assert (got == value).all()
+    freed = before - _arena_bytes(link)
+    report(f"a lent 1.25 MiB array's 2 MiB slot: {freed >> 10} KiB of it given back")
+    assert freed >= 3 * MiB // 4 - 4096, (before, _arena_bytes(link))
+
+
+@needs_numpy
+def test_a_manager_without_numpy_lends_the_first_array_it_receives():
+    """A spawned manager has not imported numpy; the first frame whose pickle
+    names numpy makes it import numpy before taking the buffers, so even the
+    first array is lent, not copied."""
+    import numpy
+
+    from procshare.managers import SyncManager
+    with SyncManager(ctx=multiprocessing.get_context("spawn")) as m:
+        d = m.dict()
+        link = link_of(d)
+        held = _leased_to_manager(link)
+        d["a"] = numpy.arange(MiB // 8, dtype=numpy.float64)       # 1 MiB
+        assert _leased_to_manager(link) == held + MiB, "copied, not lent"
+        assert d["a"][-1] == MiB // 8 - 1
+
+
 def _leased_to_manager(link) -> int:
     """Bytes of this client's arenas that the manager holds (slots not yet released)."""
     pool = link.pool

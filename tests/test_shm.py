@@ -395,7 +395,7 @@ def _manager_lends(link, offset: int):
 
     from procshare.transport import slots
     m = mmap.mmap(-1, 4096)
-    slots._lent_by_manager[m] = (link.serial, 1, offset)
+    slots._lent_by_manager[link.serial, 1, offset] = m
     link.lent_ranges[1, offset] = 4096
     weakref.finalize(m, slots._lent_gone, weakref.ref(link), os.getpid(), 1, offset, 4096)
     return m

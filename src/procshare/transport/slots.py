@@ -34,9 +34,15 @@ Rules it keeps:
   in the log.  A manager maps a client's arena only if it is sealed against
   shrinking where the platform has seals, so a client cannot fault it.
 - Both ends copy bytes and bytearray buffers (their rebuild would copy
-  anyway) and lend the memory of any other buffer of at least `LEND_MIN`
-  bytes (an ndarray, memoryview): a mapping of that slot alone, which every
-  view made from it keeps alive.  The slot is released when the last view
+  anyway) and lend the slot's memory to any other buffer (an ndarray, a
+  memoryview): where numpy is loaded (or the frame's pickle names it, so
+  that unpickling will load it), from `LEND_VIEW_MIN` bytes, as a uint8
+  array over the peer's arena mapped writable once per arena; elsewhere,
+  from `LEND_MIN` bytes, as a mapping of that slot alone.  Either is an
+  object that every view made from it keeps alive (a memoryview slice would
+  not be: pickle's read-only buffers share its managed buffer, not it), and
+  a lent slot's pages past its buffer are punched (the slot is a power of
+  two).  The slot is released when the last view
   goes, by a notice that rides on the next frame to the peer (a manager
   whose client stays silent punches such a slot's pages after a second or
   two, `punch_unheard`: the release stays owed).  A copied
@@ -113,14 +119,25 @@ log = logging.getLogger("procshare.slots")
 
 #: frames whose out-of-band buffers total at least this go through slots
 SLOT_MIN = 64 * 1024
-#: the receiver lends the slot's memory to a buffer (ndarray...) at least this
-#: large; smaller ones are copied.  A lent slot costs its own mapping: mmap,
-#: populating its page table and unmapping it, about 280 us a MiB here, where
-#: a copy into heap memory costs about 70 (an ndarray's round trip: 1 MiB
-#: 0.17 ms copied, 0.47 lent; 3 MiB 0.44 against 0.86).  From the manager's
-#: trim threshold (`TRIM_PIN`) up, a copy is fresh memory, page faults
-#: included, and lending wins (4 MiB: 1.1 ms lent, 1.8 copied).
+#: the receiver lends the slot's memory to an ndarray's buffer at least this
+#: large, as a numpy view of the peer's arena, which is mapped here already
+#: (`SlotLink._lend`: about 2 us); smaller ones are copied.  An ndarray's round
+#: trip through a managed dict, median of 300, lent against copied: 128 KiB
+#: 125 us against 146-151, 1 MiB 167 against 209-213, 2 MiB 216-239 against
+#: 339-347.  Below this a copy is cheap, and a lent value would hold a whole
+#: slot of the peer's arena (at least `shm.MIN_SLOT`) as long as it lives.
+LEND_VIEW_MIN = 128 << 10
+#: any other buffer (no numpy here, or a PickleBuffer of a user's type) is
+#: lent from this size: it needs a mapping of its own, whose mmap, page table
+#: and munmap cost about 280 us a MiB here, where a copy into heap memory costs
+#: about 70 (a round trip: 1 MiB 0.17 ms copied, 0.47 lent; 3 MiB 0.44 against
+#: 0.86).  From the manager's trim threshold (`TRIM_PIN`) up, a copy is fresh
+#: memory, page faults included, and lending wins (4 MiB: 1.1 ms lent, 1.8
+#: copied).
 LEND_MIN = 4 << 20
+#: a lent slot's pages past its buffer are given back when at least this much
+#: (the slot is a power of two: a lent 1.1 MiB array holds a 2 MiB slot)
+PUNCH_TAIL_MIN = 64 << 10
 #: bytes objects at least this large are made with huge pages (`fresh_bytes`)
 HUGE_MIN = 32 << 20
 #: the smallest arena (a larger buffer gets an arena of the next power of two)
@@ -247,6 +264,18 @@ def _address(view: memoryview) -> int:
         api.PyBuffer_Release(ctypes.byref(pb))
 
 
+def _numpy(body: Any) -> Any:
+    """numpy, if this process has it, or if the frame's pickle names it (its
+    unpickling imports it anyway); else None."""
+    np = sys.modules.get("numpy")
+    if np is None and b"numpy" in (body if type(body) is bytes else bytes(body)):
+        try:
+            import numpy as np
+        except Exception:       # (broken or absent: the buffers are copied)
+            return None
+    return np
+
+
 def fresh_bytes(view: memoryview) -> bytes:
     """`bytes(view)`, with huge pages for a large one.
 
@@ -316,11 +345,12 @@ def malloc_trim() -> None:
 
 class _Mapped:
     """A peer's arena mapped here, read-only (`fd` kept only where slots are
-    lent from it: a lent slot is a mapping of its own; at most `MAX_KEPT_FDS`
-    kept per process, after which the arena's buffers are copied).  The
-    caller closes `fd` unless `self.fd` is it."""
+    lent from it; at most `MAX_KEPT_FDS` kept per process, after which the
+    arena's buffers are copied).  `rw`: the same arena mapped writable, made
+    at the first ndarray lent from it (`SlotLink._lend`); each lent view holds
+    it.  The caller closes `fd` unless `self.fd` is it."""
 
-    __slots__ = ("size", "mm", "view", "fd")
+    __slots__ = ("size", "mm", "view", "fd", "rw")
     kept = 0        # descriptors kept by all mappings of this process
 
     def __init__(self, fd: int, size: int, keep_fd: bool) -> None:
@@ -335,12 +365,21 @@ class _Mapped:
             except OSError:
                 pass
         self.view = memoryview(self.mm)
+        self.rw: memoryview | None = None
         self.fd = -1
         if keep_fd:
             with _kept_mutex:
                 if _Mapped.kept < _KEPT_CAP:
                     _Mapped.kept += 1
                     self.fd = fd
+
+    def writable(self) -> memoryview:
+        """(the link's lock held, `fd` kept) The arena, mapped writable."""
+        rw = self.rw
+        if rw is None:
+            rw = self.rw = memoryview(mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED,
+                                                prot=_PROT_RW))
+        return rw
 
     def close(self) -> None:
         mm, self.mm = self.mm, None
@@ -350,6 +389,14 @@ class _Mapped:
                 mm.close()
             except BufferError:
                 pass        # a view is still being read: unmapped when it goes
+        rw, self.rw = self.rw, None
+        if rw is not None:
+            whole = rw.obj
+            rw.release()
+            try:
+                whole.close()
+            except BufferError:
+                pass        # arrays lent from it live on: unmapped when the last goes
         fd, self.fd = self.fd, -1
         if fd >= 0:
             with _kept_mutex:
@@ -373,11 +420,14 @@ def _sealed(fd: int) -> bool:
 # -- one link --------------------------------------------------------------------------------
 
 _links: weakref.WeakSet[SlotLink] = weakref.WeakSet()
-#: slots lent to this process's own buffers: a client's (made private in a
-#: forked child) and the manager's (left shared there)
-_lent: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
-#: the manager's: mapping -> (link serial, arena, offset), for `_ForkHolds`
-_lent_by_manager: weakref.WeakKeyDictionary[mmap.mmap, tuple] = weakref.WeakKeyDictionary()
+#: slots lent to this process's own buffers, by (link serial, arena, offset):
+#: a client's (made private in a forked child) and the manager's (left shared
+#: there; `_ForkHolds` keeps their keys).  Each lent buffer is a mapping of its
+#: own or an ndarray view (neither is hashable as a key); its entry goes with it.
+_lent: weakref.WeakValueDictionary[tuple, Any] = weakref.WeakValueDictionary()
+_lent_by_manager: weakref.WeakValueDictionary[tuple, Any] = weakref.WeakValueDictionary()
+#: the lent buffers that are mappings of their own (at most `_LENT_CAP`)
+_lent_maps: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
 _link_serials = itertools.count(1)
 
 
@@ -566,7 +616,9 @@ class SlotLink:
                 f"{self.name or self.owner!r} (its lease ended or its session closed); "
                 "this connection closes, and the peer's next connection gets a new link")
         try:
-            return kind, rid, budget, body, tuple([self._take(ref) for ref in buffers])
+            np = _numpy(body) if any(ref[3] == TYPE_OTHER and ref[2] >= LEND_VIEW_MIN
+                                     for ref in buffers) else None
+            return kind, rid, budget, body, tuple([self._take(ref, np) for ref in buffers])
         finally:
             self._end_copy()
 
@@ -596,7 +648,9 @@ class SlotLink:
                     raise SlotClaimError(f"the manager did not give arena {arena_id}")
         return m
 
-    def _take(self, ref: tuple) -> Any:
+    def _take(self, ref: tuple, np: Any) -> Any:
+        """One buffer of a frame: lent (a numpy view of the slot if `np` is
+        numpy, else a mapping of the slot alone) or copied."""
         arena_id, offset, length, typ = ref
         m = self._mapped(arena_id)
         if offset + length > m.size:
@@ -604,10 +658,13 @@ class SlotLink:
                                  f"of arena {arena_id} ({m.size} bytes)")
         if m.mm is None:
             raise SlotClaimError(f"slot claim in arena {arena_id}, which was retired")
-        if (self.lend and typ == TYPE_OTHER and length >= LEND_MIN and m.fd >= 0
-                and offset % mmap.ALLOCATIONGRANULARITY == 0
-                and len(_lent) + len(_lent_by_manager) < _LENT_CAP):
-            lent = self._lend(m, arena_id, offset, length)
+        if self.lend and typ == TYPE_OTHER and m.fd >= 0 and offset % mmap.PAGESIZE == 0:
+            lent = None
+            if np is not None and length >= LEND_VIEW_MIN:
+                lent = self._lend(m, arena_id, offset, length, np)
+            elif (length >= LEND_MIN and offset % mmap.ALLOCATIONGRANULARITY == 0
+                  and len(_lent_maps) < _LENT_CAP):
+                lent = self._lend(m, arena_id, offset, length, None)
             if lent is not None:
                 return lent
         with m.view[offset:offset + length] as view:
@@ -620,22 +677,36 @@ class SlotLink:
         self.notices.append((OP_RELEASE, 0, arena_id, offset, length))
         return out
 
-    def _lend(self, m: _Mapped, arena_id: int, offset: int, length: int) -> Any:
+    def _lend(self, m: _Mapped, arena_id: int, offset: int, length: int, np: Any) -> Any:
+        """The slot's memory as a buffer of this process, released when the last
+        view of it goes: with numpy, a uint8 array over the arena mapped
+        writable (`_Mapped.writable`: once per arena); without, a mapping of
+        the slot alone.  None: copy it instead."""
         with self.lock:     # the mapping's descriptor is closed under this lock only
             if m.fd < 0 or m.mm is None:
                 return None
             try:
-                lent = mmap.mmap(m.fd, length, flags=mmap.MAP_SHARED | _MAP_POPULATE,
-                                 prot=_PROT_RW, offset=offset, **_NO_FD)
-            except OSError as e:    # out of descriptors or address space: copy instead
+                if np is not None:
+                    lent = np.frombuffer(m.writable()[offset:offset + length], dtype=np.uint8)
+                else:
+                    lent = mmap.mmap(m.fd, length, flags=mmap.MAP_SHARED | _MAP_POPULATE,
+                                     prot=_PROT_RW, offset=offset, **_NO_FD)
+                    _lent_maps.add(lent)
+            except (OSError, ValueError) as e:  # out of descriptors or address space
                 log.debug("copying a buffer instead of lending it: %r", e)
                 return None
             self.lent_ranges[arena_id, offset] = length
+            # the slot is a power of two at least `length` long: what lies past the
+            # buffer's last page is nobody's while the buffer lives
+            tail = -(-(offset + length) // mmap.PAGESIZE) * mmap.PAGESIZE
+            end = offset + (1 << (length - 1).bit_length())
+            if end - tail >= PUNCH_TAIL_MIN:
+                _punch(m.fd, tail, end - tail)
+        key = (self.serial, arena_id, offset)
         if self.announce is not None:
-            _lent.add(lent)
+            _lent[key] = lent
         else:
-            key = (self.serial, arena_id, offset)
-            _lent_by_manager[lent] = key
+            _lent_by_manager[key] = lent
             _fork_holds.lent(key)
         f = weakref.finalize(lent, _lent_gone, weakref.ref(self), self.pid, arena_id, offset,
                              length)
@@ -831,7 +902,7 @@ class _ForkHolds:
             # lent before is in the copy below (made in C: no thread runs meanwhile)
             self.forming[threading.get_ident()] = (hold, w)
             self.holds.append(hold)
-            hold.keys.update([v for ref, v in list(_lent_by_manager.data.items())
+            hold.keys.update([k for k, ref in list(_lent_by_manager.data.items())
                               if ref() is not None])
 
     def after_fork_in_parent(self) -> None:
@@ -1165,9 +1236,10 @@ _managers: weakref.WeakSet[ManagerSlots] = weakref.WeakSet()
 
 # -- fork ------------------------------------------------------------------------------------
 
-def _privatize(mm: mmap.mmap) -> None:
-    """Replace the shared pages under `mm` by a private copy at the same address."""
-    n = len(mm)
+def _privatize(mm: Any) -> None:
+    """Replace the shared pages under `mm` (a lent mapping or ndarray, which
+    starts a page) by a private copy at the same address."""
+    n = memoryview(mm).nbytes
     size = -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
     libc = _c()
     libc.mmap.restype = ctypes.c_void_p
@@ -1200,12 +1272,12 @@ def _privatize(mm: mmap.mmap) -> None:
 
 
 def _after_fork_in_child() -> None:
-    for mm in list(_lent):
+    for mm in list(_lent.values()):
         try:
             _privatize(mm)
         except (OSError, ValueError, BufferError) as e:
             log.warning("a forked child shares %d bytes of lent memory with its parent: %r",
-                        len(mm), e)
+                        memoryview(mm).nbytes, e)
     _lent.clear()
     _lent_by_manager.clear()        # left shared (see the module's rules)
     _fork_holds.forget()
