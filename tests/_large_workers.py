@@ -129,6 +129,21 @@ def check_inherited(arr, seed) -> tuple:
     return ok, os.getpid()
 
 
+def shared_in_range(arr, seed, lo, hi) -> tuple:
+    """In a forked child: is the inherited array (lent from a manager arena
+    the parent mapped at [lo, hi)) intact, and which of the child's mappings
+    in that range still share a memfd with the parent?"""
+    import numpy as np
+    expected = np.frombuffer(pattern(arr.nbytes, seed), dtype=arr.dtype)
+    shared = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            a, b = (int(x, 16) for x in line.split()[0].split("-"))
+            if a < hi and b > lo and "memfd:" in line:
+                shared.append(line.strip())
+    return bool((arr == expected).all()), shared
+
+
 def store_array(box, key, size, seed, progress) -> None:
     """Store an ndarray of `size` bytes in `box[key]` (it travels through this
     client's own arena), report it, and wait to be SIGKILLed."""

@@ -301,6 +301,91 @@ def test_a_lent_buffer_is_the_slots_memory_until_it_goes(kind):
         link.pool.shrink(0)
 
 
+def test_a_half_imported_numpy_is_not_used(monkeypatch):
+    """Another thread still importing numpy: sys.modules holds a module that
+    has no frombuffer yet.  That frame's buffers are copied, not lent."""
+    import types
+    half = types.ModuleType("numpy")
+    half.__spec__ = types.SimpleNamespace(_initializing=True)
+    monkeypatch.setitem(sys.modules, "numpy", half)
+    assert slots._numpy(b"...numpy._core.numeric...") is None
+    half.__spec__ = types.SimpleNamespace(_initializing=False)
+    assert slots._numpy(b"") is half
+
+
+@pytest.mark.parametrize("writeable", [True, False])
+@needs_numpy
+def test_a_lent_array_holds_its_slot_even_read_only(fmgr, writeable):
+    """An array that was read-only when pickled comes back read-only: pickle
+    makes a read-only memoryview of the buffer it was given, which must keep
+    the lent memory alive (a memoryview slice of the arena would not)."""
+    import gc
+
+    import numpy
+    d = fmgr.dict()
+    value = numpy.arange(MiB // 8, dtype=numpy.float64)     # 1 MiB
+    value.flags.writeable = writeable
+    d["a"] = value
+    got = d["a"]
+    assert got.flags.writeable == writeable
+    link = link_of(d)
+    before = len(link.notices)
+    gc.collect()
+    assert len(link.notices) == before, "released while the array lives"
+    assert got[-1] == MiB // 8 - 1
+    del got
+    assert len(link.notices) == before + 1
+
+
+@needs_numpy
+def test_a_closed_link_keeps_no_descriptor_for_arrays_still_lent():
+    """The writable mapping of an arena outlives the link while arrays lent
+    from it live: it holds no descriptor where mmap can do without (Python
+    3.13), and counts against the lent-mapping cap where it cannot."""
+    import numpy
+    owner = shm.ArenaPool(arena_size=4 * MiB)
+    link = slots.SlotLink(shm.ArenaPool(arena_size=4 * MiB), "me", lend=True)
+    try:
+        slot = owner.alloc(MiB, "me")
+        fds = len(os.listdir("/proc/self/fd"))
+        link.peer_arenas[slot.arena] = slots._Mapped(
+            os.dup(owner.fd(slot.arena)), owner.arena_size_of(slot.arena), keep_fd=True)
+        maps = len(slots._arena_maps)
+        got = link._take((slot.arena, slot.offset, MiB, frames.TYPE_OTHER), numpy)
+        assert isinstance(got, numpy.ndarray)
+        assert len(slots._arena_maps) == maps + 1, "the writable mapping is not counted"
+        link.close()
+        extra = len(os.listdir("/proc/self/fd")) - fds
+        assert extra == (0 if sys.version_info >= (3, 13) else 1), extra
+        del got
+        assert len(os.listdir("/proc/self/fd")) == fds
+        assert len(slots._arena_maps) == maps
+    finally:
+        link.close()
+        owner.shrink(0)
+        link.pool.shrink(0)
+
+
+@needs_numpy
+def test_a_forked_child_shares_no_arena_with_its_parent_through_a_lent_array(fmgr):
+    """The array lent to this client is a view of the manager's arena, mapped
+    whole.  A forked child gets a private copy of the array, and the rest of
+    that mapping is made inaccessible in the child: nothing of the manager's
+    arena stays shared with it, however long it keeps the array."""
+    import numpy
+    d = fmgr.dict()
+    d["a"] = numpy.frombuffer(lw.pattern(MiB, 4), dtype=numpy.int64).copy()
+    a = d["a"]
+    link = link_of(d)
+    (m,) = [m for m in link.peer_arenas.values() if m.rw is not None]
+    lo = slots._address(m.rw)
+    fork = multiprocessing.get_context("fork")
+    ok, shared = _workers.run_child(fork, lw.shared_in_range, a, 4, lo, lo + m.size,
+                                    timeout=WAIT)
+    assert ok, "the child's inherited array is not what was lent"
+    assert shared == [], shared
+
+
 @needs_numpy
 def test_a_lent_arrays_slot_gives_back_its_pages_past_the_array(fmgr):
     """Slots are powers of two: a 1.25 MiB array takes a 2 MiB slot of the

@@ -35,14 +35,18 @@ Rules it keeps:
   shrinking where the platform has seals, so a client cannot fault it.
 - Both ends copy bytes and bytearray buffers (their rebuild would copy
   anyway) and lend the slot's memory to any other buffer (an ndarray, a
-  memoryview): where numpy is loaded (or the frame's pickle names it, so
-  that unpickling will load it), from `LEND_VIEW_MIN` bytes, as a uint8
-  array over the peer's arena mapped writable once per arena; elsewhere,
-  from `LEND_MIN` bytes, as a mapping of that slot alone.  Either is an
-  object that every view made from it keeps alive (a memoryview slice would
-  not be: pickle's read-only buffers share its managed buffer, not it), and
-  a lent slot's pages past its buffer are punched (the slot is a power of
-  two).  The slot is released when the last view
+  memoryview, a user type's PickleBuffer: the wire does not tell them
+  apart): where numpy is loaded (or the frame's pickle names it, so that
+  unpickling will load it; not while another thread is still importing
+  it), from `LEND_VIEW_MIN` bytes, as a uint8 array over the peer's arena
+  mapped writable once per arena; elsewhere, from `LEND_MIN` bytes, as a
+  mapping of that slot alone.  Either is an object that every view made
+  from it keeps alive (a memoryview slice would not be: pickle's read-only
+  buffers share its managed buffer, not it; the one object that points into
+  the slot without holding the lent array is that array's own `.base`, a
+  memoryview of the whole arena), and a lent slot's pages past its buffer
+  are punched (the slot is a power of two).  Lending that fails for any
+  reason copies instead.  The slot is released when the last view
   goes, by a notice that rides on the next frame to the peer (a manager
   whose client stays silent punches such a slot's pages after a second or
   two, `punch_unheard`: the release stays owed).  A copied
@@ -52,14 +56,19 @@ Rules it keeps:
   never writes into a slot leased to the manager, and the mapping outlives
   the client.  When the client's lease ends, the rest of its arenas is given
   back (`fallocate` punches holes around the lent slots), once no copy out of
-  them is under way.  Descriptors are bounded: at most `_LENT_CAP` lent
-  mappings (each holds a descriptor before Python 3.13) and `_KEPT_CAP` kept
-  arena descriptors per process, a quarter and an eighth of RLIMIT_NOFILE;
-  beyond either, buffers are copied.
+  them is under way.  Descriptors are bounded: at most `_LENT_CAP` mappings
+  made for lending (lent slots' own and arenas mapped writable, which
+  outlive their link while an array lent from them lives; each holds a
+  descriptor before Python 3.13) and `_KEPT_CAP` kept arena descriptors per
+  process, a quarter and an eighth of RLIMIT_NOFILE; beyond either, buffers
+  are copied.  (An arena's read-only mapping holds one more, before 3.13,
+  while its link has it.)
 - In a forked child of a client, lent memory is replaced by a private copy
   at the same address (the child's arrays stay valid and its own, as after
-  any fork), and the parent's arenas are closed: the child makes links of
-  its own.  A forked child of the manager (a Pool worker) leaves the
+  any fork), the rest of an arena mapped writable for them is made
+  inaccessible (reserved address space, so nothing of the parent's memory
+  stays shared through it), and the parent's arenas are closed: the child
+  makes links of its own.  A forked child of the manager (a Pool worker) leaves the
   manager's lent memory shared: a private copy of every stored array in
   every worker would cost far more than the copy-on-write fork it replaces,
   and such a child does not write into the manager's objects.  Such a child
@@ -88,6 +97,7 @@ import itertools
 import logging
 import mmap
 import os
+import re
 import secrets
 import sys
 import threading
@@ -113,22 +123,23 @@ from .channel import readable_within
 from .shm import ArenaPool, Slot, SlotClaimError
 
 __all__ = ["SlotLink", "ManagerSlots", "client_link", "fresh_bytes", "fresh_buffer",
-           "SLOT_MIN", "LEND_MIN", "unavailable_reason"]
+           "SLOT_MIN", "LEND_MIN", "LEND_VIEW_MIN", "unavailable_reason"]
 
 log = logging.getLogger("procshare.slots")
 
 #: frames whose out-of-band buffers total at least this go through slots
 SLOT_MIN = 64 * 1024
-#: the receiver lends the slot's memory to an ndarray's buffer at least this
-#: large, as a numpy view of the peer's arena, which is mapped here already
-#: (`SlotLink._lend`: about 2 us); smaller ones are copied.  An ndarray's round
+#: where numpy is loaded, the receiver lends the slot's memory to a buffer (an
+#: ndarray's, or any other but bytes and bytearray) at least this large, as a
+#: uint8 array over the peer's arena mapped writable, once per arena
+#: (`SlotLink._lend`: about 5 us, release included); smaller ones are copied.  An ndarray's round
 #: trip through a managed dict, median of 300, lent against copied: 128 KiB
 #: 125 us against 146-151, 1 MiB 167 against 209-213, 2 MiB 216-239 against
 #: 339-347.  Below this a copy is cheap, and a lent value would hold a whole
 #: slot of the peer's arena (at least `shm.MIN_SLOT`) as long as it lives.
 LEND_VIEW_MIN = 128 << 10
-#: any other buffer (no numpy here, or a PickleBuffer of a user's type) is
-#: lent from this size: it needs a mapping of its own, whose mmap, page table
+#: where numpy is not loaded, a buffer is lent from this size: it needs a
+#: mapping of its own, whose mmap, page table
 #: and munmap cost about 280 us a MiB here, where a copy into heap memory costs
 #: about 70 (a round trip: 1 MiB 0.17 ms copied, 0.47 lent; 3 MiB 0.44 against
 #: 0.86).  From the manager's trim threshold (`TRIM_PIN`) up, a copy is fresh
@@ -168,6 +179,7 @@ _PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
 _MADV_POPULATE_READ = 22 if sys.platform.startswith("linux") else None
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0)
 #: a lent mapping needs no descriptor of its own where mmap can do without one
 _NO_FD: dict = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 _kept_mutex = threading.Lock()
@@ -264,15 +276,27 @@ def _address(view: memoryview) -> int:
         api.PyBuffer_Release(ctypes.byref(pb))
 
 
+_NAMES_NUMPY = re.compile(rb"numpy").search
+_no_numpy = False       # importing it failed here once: never again
+
+
 def _numpy(body: Any) -> Any:
     """numpy, if this process has it, or if the frame's pickle names it (its
-    unpickling imports it anyway); else None."""
+    unpickling imports it anyway; a body whose data holds the word does too);
+    else None, also while another thread is still importing it (a partly made
+    module: this frame's buffers are copied)."""
+    global _no_numpy
     np = sys.modules.get("numpy")
-    if np is None and b"numpy" in (body if type(body) is bytes else bytes(body)):
+    if np is None:
+        if _no_numpy or _NAMES_NUMPY(body) is None:     # (no copy of a memoryview)
+            return None
         try:
             import numpy as np
-        except Exception:       # (broken or absent: the buffers are copied)
+        except Exception:       # (broken or absent: buffers are copied)
+            _no_numpy = True
             return None
+    if getattr(getattr(np, "__spec__", None), "_initializing", False):
+        return None
     return np
 
 
@@ -374,11 +398,16 @@ class _Mapped:
                     self.fd = fd
 
     def writable(self) -> memoryview:
-        """(the link's lock held, `fd` kept) The arena, mapped writable."""
+        """(the link's lock held, `fd` kept) The arena, mapped writable: a
+        mapping counted among the lent ones (`_LENT_CAP`: before Python 3.13
+        it holds a descriptor of its own, until the last array lent from it
+        goes, however long the link lasts)."""
         rw = self.rw
         if rw is None:
-            rw = self.rw = memoryview(mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED,
-                                                prot=_PROT_RW))
+            whole = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED, prot=_PROT_RW,
+                              **_NO_FD)
+            _arena_maps.add(whole)
+            rw = self.rw = memoryview(whole)
         return rw
 
     def close(self) -> None:
@@ -423,11 +452,13 @@ _links: weakref.WeakSet[SlotLink] = weakref.WeakSet()
 #: slots lent to this process's own buffers, by (link serial, arena, offset):
 #: a client's (made private in a forked child) and the manager's (left shared
 #: there; `_ForkHolds` keeps their keys).  Each lent buffer is a mapping of its
-#: own or an ndarray view (neither is hashable as a key); its entry goes with it.
+#: own or an ndarray (unhashable: it cannot be a key); its entry goes with it.
 _lent: weakref.WeakValueDictionary[tuple, Any] = weakref.WeakValueDictionary()
 _lent_by_manager: weakref.WeakValueDictionary[tuple, Any] = weakref.WeakValueDictionary()
-#: the lent buffers that are mappings of their own (at most `_LENT_CAP`)
+#: mappings made for lending, at most `_LENT_CAP` together: lent slots' own,
+#: and arenas mapped writable for the ndarrays lent from them
 _lent_maps: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
+_arena_maps: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
 _link_serials = itertools.count(1)
 
 
@@ -616,8 +647,8 @@ class SlotLink:
                 f"{self.name or self.owner!r} (its lease ended or its session closed); "
                 "this connection closes, and the peer's next connection gets a new link")
         try:
-            np = _numpy(body) if any(ref[3] == TYPE_OTHER and ref[2] >= LEND_VIEW_MIN
-                                     for ref in buffers) else None
+            np = _numpy(body) if self.lend and any(
+                ref[3] == TYPE_OTHER and ref[2] >= LEND_VIEW_MIN for ref in buffers) else None
             return kind, rid, budget, body, tuple([self._take(ref, np) for ref in buffers])
         finally:
             self._end_copy()
@@ -660,10 +691,11 @@ class SlotLink:
             raise SlotClaimError(f"slot claim in arena {arena_id}, which was retired")
         if self.lend and typ == TYPE_OTHER and m.fd >= 0 and offset % mmap.PAGESIZE == 0:
             lent = None
-            if np is not None and length >= LEND_VIEW_MIN:
+            if np is not None and length >= LEND_VIEW_MIN and (
+                    m.rw is not None or len(_lent_maps) + len(_arena_maps) < _LENT_CAP):
                 lent = self._lend(m, arena_id, offset, length, np)
             elif (length >= LEND_MIN and offset % mmap.ALLOCATIONGRANULARITY == 0
-                  and len(_lent_maps) < _LENT_CAP):
+                  and len(_lent_maps) + len(_arena_maps) < _LENT_CAP):
                 lent = self._lend(m, arena_id, offset, length, None)
             if lent is not None:
                 return lent
@@ -692,7 +724,7 @@ class SlotLink:
                     lent = mmap.mmap(m.fd, length, flags=mmap.MAP_SHARED | _MAP_POPULATE,
                                      prot=_PROT_RW, offset=offset, **_NO_FD)
                     _lent_maps.add(lent)
-            except (OSError, ValueError) as e:  # out of descriptors or address space
+            except Exception as e:      # out of descriptors or address space: copy it
                 log.debug("copying a buffer instead of lending it: %r", e)
                 return None
             self.lent_ranges[arena_id, offset] = length
@@ -1246,38 +1278,68 @@ def _privatize(mm: Any) -> None:
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                           ctypes.c_int, ctypes.c_long]
     anon = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    src = ctypes.c_char.from_buffer(mm)
-    addr = ctypes.addressof(src)
-    try:
-        tmp = libc.mmap(None, size, _PROT_RW, anon, -1, 0)
-        if tmp in (None, ctypes.c_void_p(-1).value):
+    addr = _address(mm)         # (a lent array may have been made read-only since)
+    tmp = libc.mmap(None, size, _PROT_RW, anon, -1, 0)
+    if tmp in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap")
+    ctypes.memmove(tmp, addr, n)
+    mremap = getattr(libc, "mremap", None)
+    if mremap is not None:
+        mremap.restype = ctypes.c_void_p
+        mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
+                           ctypes.c_void_p]
+        got = mremap(tmp, size, size, 1 | 2, addr)     # MREMAP_MAYMOVE | MREMAP_FIXED
+        if got != addr:
+            raise OSError(ctypes.get_errno(), "mremap")
+    else:       # no mremap: fresh private pages in place, then the copy back
+        got = libc.mmap(addr, size, _PROT_RW, anon | 0x10, -1, 0)   # MAP_FIXED
+        if got != addr:
             raise OSError(ctypes.get_errno(), "mmap")
-        ctypes.memmove(tmp, addr, n)
-        mremap = getattr(libc, "mremap", None)
-        if mremap is not None:
-            mremap.restype = ctypes.c_void_p
-            mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
-                               ctypes.c_void_p]
-            got = mremap(tmp, size, size, 1 | 2, addr)     # MREMAP_MAYMOVE | MREMAP_FIXED
-            if got != addr:
-                raise OSError(ctypes.get_errno(), "mremap")
-        else:       # no mremap: fresh private pages in place, then the copy back
-            got = libc.mmap(addr, size, _PROT_RW, anon | 0x10, -1, 0)   # MAP_FIXED
-            if got != addr:
+        ctypes.memmove(addr, tmp, n)
+        libc.munmap(ctypes.c_void_p(tmp), ctypes.c_size_t(size))
+
+
+def _unshare_around(base: int, size: int, keep: list[tuple[int, int]]) -> None:
+    """(a forked child) Replace the pages of the mapping at `base` outside the
+    `keep` ranges (private copies already) by inaccessible anonymous ones: the
+    child then shares none of the parent's memory through it.  Its address
+    range stays reserved, and the mapping's object unmaps it all later."""
+    libc = _c()
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x10 | _MAP_NORESERVE   # MAP_FIXED
+    start = base
+    for lo, hi in sorted(keep) + [(base + size, base + size)]:
+        if lo > start:
+            if libc.mmap(start, lo - start, 0, flags, -1, 0) != start:     # PROT_NONE
                 raise OSError(ctypes.get_errno(), "mmap")
-            ctypes.memmove(addr, tmp, n)
-            libc.munmap(ctypes.c_void_p(tmp), ctypes.c_size_t(size))
-    finally:
-        del src
+        start = max(start, hi)
 
 
 def _after_fork_in_child() -> None:
+    kept: list[tuple[int, int]] = []
     for mm in list(_lent.values()):
         try:
+            n = memoryview(mm).nbytes
             _privatize(mm)
-        except (OSError, ValueError, BufferError) as e:
-            log.warning("a forked child shares %d bytes of lent memory with its parent: %r",
-                        memoryview(mm).nbytes, e)
+            addr = _address(mm)
+            kept.append((addr, addr + -(-n // mmap.PAGESIZE) * mmap.PAGESIZE))
+        except Exception as e:
+            log.warning("a forked child shares lent memory with its parent: %r", e)
+    if kept:    # an arena mapped writable for them holds the rest of it: not shared either
+        for whole in list(_arena_maps):
+            try:
+                base, size = _address(whole), len(whole)
+            except (ValueError, BufferError):   # closed: nothing lent from it lives
+                continue
+            try:
+                inside = [r for r in kept if base <= r[0] < base + size]
+                if inside:
+                    _unshare_around(base, size, inside)
+            except Exception as e:
+                log.warning("a forked child shares an arena of %d bytes with its parent: "
+                            "%r", size, e)
     _lent.clear()
     _lent_by_manager.clear()        # left shared (see the module's rules)
     _fork_holds.forget()
