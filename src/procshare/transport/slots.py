@@ -67,8 +67,9 @@ Rules it keeps:
   at the same address (the child's arrays stay valid and its own, as after
   any fork), the rest of an arena mapped writable for them is made
   inaccessible (reserved address space, so nothing of the parent's memory
-  stays shared through it), and the parent's arenas are closed: the child
-  makes links of its own.  A forked child of the manager (a Pool worker) leaves the
+  stays shared through it; before Python 3.13 that mapping's descriptor
+  still keeps the arena's memory from being freed until those arrays go),
+  and the parent's arenas are closed: the child makes links of its own.  A forked child of the manager (a Pool worker) leaves the
   manager's lent memory shared: a private copy of every stored array in
   every worker would cost far more than the copy-on-write fork it replaces,
   and such a child does not write into the manager's objects.  Such a child
@@ -132,19 +133,19 @@ SLOT_MIN = 64 * 1024
 #: where numpy is loaded, the receiver lends the slot's memory to a buffer (an
 #: ndarray's, or any other but bytes and bytearray) at least this large, as a
 #: uint8 array over the peer's arena mapped writable, once per arena
-#: (`SlotLink._lend`: about 5 us, release included); smaller ones are copied.  An ndarray's round
-#: trip through a managed dict, median of 300, lent against copied: 128 KiB
-#: 125 us against 146-151, 1 MiB 167 against 209-213, 2 MiB 216-239 against
-#: 339-347.  Below this a copy is cheap, and a lent value would hold a whole
-#: slot of the peer's arena (at least `shm.MIN_SLOT`) as long as it lives.
+#: (`SlotLink._lend`: about 5 us, release included); smaller ones are copied.
+#: An ndarray's round trip through a managed dict, median of 300, lent against
+#: copied: 128 KiB 125 us against 146-151, 1 MiB 167 against 209-213, 2 MiB
+#: 216-239 against 339-347.  Below this a copy is cheap, and a lent value
+#: would hold a whole slot of the peer's arena (at least `shm.MIN_SLOT`) as
+#: long as it lives.
 LEND_VIEW_MIN = 128 << 10
 #: where numpy is not loaded, a buffer is lent from this size: it needs a
-#: mapping of its own, whose mmap, page table
-#: and munmap cost about 280 us a MiB here, where a copy into heap memory costs
-#: about 70 (a round trip: 1 MiB 0.17 ms copied, 0.47 lent; 3 MiB 0.44 against
-#: 0.86).  From the manager's trim threshold (`TRIM_PIN`) up, a copy is fresh
-#: memory, page faults included, and lending wins (4 MiB: 1.1 ms lent, 1.8
-#: copied).
+#: mapping of its own, whose mmap, page table and munmap cost about 280 us a
+#: MiB here, where a copy into heap memory costs about 70 (a round trip: 1 MiB
+#: 0.17 ms copied, 0.47 lent; 3 MiB 0.44 against 0.86).  From the manager's
+#: trim threshold (`TRIM_PIN`) up, a copy is fresh memory, page faults
+#: included, and lending wins (4 MiB: 1.1 ms lent, 1.8 copied).
 LEND_MIN = 4 << 20
 #: a lent slot's pages past its buffer are given back when at least this much
 #: (the slot is a power of two: a lent 1.1 MiB array holds a 2 MiB slot)
@@ -1268,15 +1269,21 @@ _managers: weakref.WeakSet[ManagerSlots] = weakref.WeakSet()
 
 # -- fork ------------------------------------------------------------------------------------
 
+def _libc_mmap() -> Any:
+    """libc, its `mmap` typed to take and return addresses."""
+    libc = _c()
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    return libc
+
+
 def _privatize(mm: Any) -> None:
     """Replace the shared pages under `mm` (a lent mapping or ndarray, which
     starts a page) by a private copy at the same address."""
     n = memoryview(mm).nbytes
     size = -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
-    libc = _c()
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]
+    libc = _libc_mmap()
     anon = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
     addr = _address(mm)         # (a lent array may have been made read-only since)
     tmp = libc.mmap(None, size, _PROT_RW, anon, -1, 0)
@@ -1304,10 +1311,7 @@ def _unshare_around(base: int, size: int, keep: list[tuple[int, int]]) -> None:
     `keep` ranges (private copies already) by inaccessible anonymous ones: the
     child then shares none of the parent's memory through it.  Its address
     range stays reserved, and the mapping's object unmaps it all later."""
-    libc = _c()
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]
+    libc = _libc_mmap()
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x10 | _MAP_NORESERVE   # MAP_FIXED
     start = base
     for lo, hi in sorted(keep) + [(base + size, base + size)]:
