@@ -181,6 +181,7 @@ _MADV_POPULATE_READ = 22 if sys.platform.startswith("linux") else None
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0)
+_MAP_FIXED = 0x10       # (Linux and macOS; Python's mmap does not name it)
 #: a lent mapping needs no descriptor of its own where mmap can do without one
 _NO_FD: dict = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 _kept_mutex = threading.Lock()
@@ -414,24 +415,26 @@ class _Mapped:
     def close(self) -> None:
         mm, self.mm = self.mm, None
         if mm is not None:
-            self.view.release()
-            try:
-                mm.close()
-            except BufferError:
-                pass        # a view is still being read: unmapped when it goes
+            _unmap(self.view)   # (a view still being read: unmapped when it goes)
         rw, self.rw = self.rw, None
         if rw is not None:
-            whole = rw.obj
-            rw.release()
-            try:
-                whole.close()
-            except BufferError:
-                pass        # arrays lent from it live on: unmapped when the last goes
+            _unmap(rw)          # (arrays lent from it: unmapped when the last goes)
         fd, self.fd = self.fd, -1
         if fd >= 0:
             with _kept_mutex:
                 _Mapped.kept -= 1
             os.close(fd)
+
+
+def _unmap(view: memoryview) -> None:
+    """Release `view` of a whole mapping and close the mapping, unless other
+    views of it live on (it is unmapped when the last one goes)."""
+    mm = view.obj
+    view.release()
+    try:
+        mm.close()
+    except BufferError:
+        pass
 
 
 def _sealed(fd: int) -> bool:
@@ -460,6 +463,12 @@ _lent_by_manager: weakref.WeakValueDictionary[tuple, Any] = weakref.WeakValueDic
 #: and arenas mapped writable for the ndarrays lent from them
 _lent_maps: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
 _arena_maps: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
+
+
+def _room_to_map() -> bool:
+    """May this process make one more mapping for lending (`_LENT_CAP`)?"""
+    return len(_lent_maps) + len(_arena_maps) < _LENT_CAP
+
 _link_serials = itertools.count(1)
 
 
@@ -693,10 +702,10 @@ class SlotLink:
         if self.lend and typ == TYPE_OTHER and m.fd >= 0 and offset % mmap.PAGESIZE == 0:
             lent = None
             if np is not None and length >= LEND_VIEW_MIN and (
-                    m.rw is not None or len(_lent_maps) + len(_arena_maps) < _LENT_CAP):
+                    m.rw is not None or _room_to_map()):
                 lent = self._lend(m, arena_id, offset, length, np)
             elif (length >= LEND_MIN and offset % mmap.ALLOCATIONGRANULARITY == 0
-                  and len(_lent_maps) + len(_arena_maps) < _LENT_CAP):
+                  and _room_to_map()):
                 lent = self._lend(m, arena_id, offset, length, None)
             if lent is not None:
                 return lent
@@ -1278,9 +1287,10 @@ def _libc_mmap() -> Any:
     return libc
 
 
-def _privatize(mm: Any) -> None:
+def _privatize(mm: Any) -> tuple[int, int]:
     """Replace the shared pages under `mm` (a lent mapping or ndarray, which
-    starts a page) by a private copy at the same address."""
+    starts a page) by a private copy at the same address; returns that range
+    of addresses, [start, end)."""
     n = memoryview(mm).nbytes
     size = -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
     libc = _libc_mmap()
@@ -1299,11 +1309,12 @@ def _privatize(mm: Any) -> None:
         if got != addr:
             raise OSError(ctypes.get_errno(), "mremap")
     else:       # no mremap: fresh private pages in place, then the copy back
-        got = libc.mmap(addr, size, _PROT_RW, anon | 0x10, -1, 0)   # MAP_FIXED
+        got = libc.mmap(addr, size, _PROT_RW, anon | _MAP_FIXED, -1, 0)
         if got != addr:
             raise OSError(ctypes.get_errno(), "mmap")
         ctypes.memmove(addr, tmp, n)
         libc.munmap(ctypes.c_void_p(tmp), ctypes.c_size_t(size))
+    return addr, addr + size
 
 
 def _unshare_around(base: int, size: int, keep: list[tuple[int, int]]) -> None:
@@ -1312,7 +1323,7 @@ def _unshare_around(base: int, size: int, keep: list[tuple[int, int]]) -> None:
     child then shares none of the parent's memory through it.  Its address
     range stays reserved, and the mapping's object unmaps it all later."""
     libc = _libc_mmap()
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x10 | _MAP_NORESERVE   # MAP_FIXED
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED | _MAP_NORESERVE
     start = base
     for lo, hi in sorted(keep) + [(base + size, base + size)]:
         if lo > start:
@@ -1325,12 +1336,13 @@ def _after_fork_in_child() -> None:
     kept: list[tuple[int, int]] = []
     for mm in list(_lent.values()):
         try:
-            n = memoryview(mm).nbytes
-            _privatize(mm)
-            addr = _address(mm)
-            kept.append((addr, addr + -(-n // mmap.PAGESIZE) * mmap.PAGESIZE))
+            kept.append(_privatize(mm))
         except Exception as e:
-            log.warning("a forked child shares lent memory with its parent: %r", e)
+            log.warning("a forked child (pid %d) could not make its own copy of an array "
+                        "lent to its parent, so the two share it: a write by one is seen "
+                        "by the other, and the manager may reuse the memory once the "
+                        "parent drops it (%r). Copy such arrays (numpy.array(a)) before "
+                        "forking.", os.getpid(), e)
     if kept:    # an arena mapped writable for them holds the rest of it: not shared either
         for whole in list(_arena_maps):
             try:
@@ -1342,8 +1354,9 @@ def _after_fork_in_child() -> None:
                 if inside:
                     _unshare_around(base, size, inside)
             except Exception as e:
-                log.warning("a forked child shares an arena of %d bytes with its parent: "
-                            "%r", size, e)
+                log.warning("a forked child (pid %d) still maps an arena of %d bytes of "
+                            "its parent's manager (%r): its arrays are its own, but that "
+                            "memory is not freed until they go.", os.getpid(), size, e)
     _lent.clear()
     _lent_by_manager.clear()        # left shared (see the module's rules)
     _fork_holds.forget()
