@@ -83,6 +83,40 @@ def test_a_sleeping_receive_is_not_working():
         peer.close()
 
 
+def test_after_a_miss_a_poll_gives_the_cpu_away_between_attempts(monkeypatch):
+    """A poll that caught nothing may have kept its peer off the CPU: the next
+    CROWDED_POLLS polls that catch their data yield between attempts; a
+    channel whose polls keep catching never yields."""
+    from procshare.transport import channel, spin
+
+    yields = []
+    monkeypatch.setattr(channel, "_sched_yield", lambda: yields.append(1))
+    ch, peer = _pair(set())
+    try:
+        def nothing_comes():
+            try:
+                ch.recv_frame(time.monotonic() + 0.01)
+            except TimeoutError:
+                return
+            raise AssertionError("a frame came from nowhere")
+
+        nothing_comes()
+        assert ch.polls and not yields          # it polled, never having missed
+        assert ch.spin.crowded == spin.CROWDED_POLLS
+        nothing_comes()
+        assert yields, "a poll after a miss did not yield"
+        for rid in range(spin.CROWDED_POLLS):   # polls that catch their data...
+            peer.sendall(pack_frame(Kind.CALL, rid, b"x"))
+            assert ch.recv_frame(time.monotonic() + 5)[:2] == (Kind.CALL, rid)
+        assert ch.spin.crowded == 0             # ...end it
+        del yields[:]
+        nothing_comes()
+        assert not yields
+    finally:
+        ch.close()
+        peer.close()
+
+
 # -- the budget: how long a receive polls (a fake clock, no sockets) -------------------
 
 class _Clock:

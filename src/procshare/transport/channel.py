@@ -115,6 +115,8 @@ def readable_within(fd: Any, timeout: float, poller: Any = None) -> bool:
 _DONTWAIT = socket.MSG_DONTWAIT
 _perf = time.perf_counter
 _monotonic = time.monotonic
+#: hands the CPU to another runnable thread, if any (`transport.spin`: crowded polls)
+_sched_yield = getattr(os, "sched_yield", None)
 _setaffinity = getattr(os, "sched_setaffinity", None)
 _getaffinity = getattr(os, "sched_getaffinity", None)
 
@@ -736,11 +738,14 @@ class Channel:
         start = _perf()
         end = start + spin
         recv = self.sock.recv
+        give_way = _sched_yield if self.spin.crowded else None
         while True:
             try:
                 data = recv(_RECV_CHUNK, _DONTWAIT)
             except BlockingIOError:
                 if _perf() < end:
+                    if give_way is not None:
+                        give_way()      # the peer may be waiting for this CPU
                     continue
                 self.spin.miss()
                 return None
