@@ -677,6 +677,16 @@ def _settled(pid: int, limit: dict, seconds: float) -> dict:
     return now
 
 
+def _idle_trimmed(manager) -> None:
+    """Wait until the manager has given back the memory of the large traffic
+    just made (it does so once that traffic has stopped for IDLE_TRIM seconds)."""
+    def trims():
+        return manager._control("server_info")["idle_trims"]
+    done = trims()
+    assert poll(lambda: trims() > done, slots.IDLE_TRIM * 3 + 5, 0.1), \
+        "the manager did not give back idle memory"
+
+
 def _limits(before: dict, peak: dict) -> dict:
     return {"VmRSS": int(before["VmRSS"] * 1.10),
             "RssShmem": before["RssShmem"] + int(0.10 * max(peak["RssShmem"] - before["RssShmem"],
@@ -691,7 +701,7 @@ def test_a_client_killed_while_uploading_gives_memory_back(fmgr, when):
     mine = fmgr.dict()
     mine["warm"] = lw.pattern(8 * MiB, 9)           # this process's own traffic, first
     assert mine["warm"] == lw.pattern(8 * MiB, 9)
-    time.sleep(slots.IDLE_TRIM * 1.5)
+    _idle_trimmed(fmgr)
     before = lw.status(pid)
     progress = ctx.Queue()
     child = _workers.start_child(ctx, lw.upload, fmgr.address, bytes(fmgr._authkey), 100,
@@ -708,6 +718,7 @@ def test_a_client_killed_while_uploading_gives_memory_back(fmgr, when):
         assert _wait_gone(fmgr, child.process.pid)
         mine["after"] = lw.pattern(3 * MiB, 4)      # other clients are unaffected
         assert mine["after"] == lw.pattern(3 * MiB, 4) and mine["warm"] == lw.pattern(8 * MiB, 9)
+        _idle_trimmed(fmgr)                         # as it was when `before` was read
         limit = _limits(before, peak)
         after = _settled(pid, limit, slots.IDLE_TRIM * 3 + 5)
     finally:
@@ -732,7 +743,7 @@ def test_a_client_killed_while_holding_lent_payloads_gives_memory_back(fmgr):
     box = fmgr.dict()
     box["a"] = numpy.frombuffer(lw.pattern(8 * MiB, 7), dtype=numpy.uint8).copy()
     mine = box["a"]                                  # this process holds one too
-    time.sleep(slots.IDLE_TRIM * 1.5)
+    _idle_trimmed(fmgr)
     before = lw.status(pid)
     progress = ctx.Queue()
     child = _workers.start_child(ctx, lw.hold_from, box, 100, "a", progress)
@@ -748,6 +759,7 @@ def test_a_client_killed_while_holding_lent_payloads_gives_memory_back(fmgr):
         assert (again == mine).all() and mine[5] == lw.pattern(8, 7)[5]
         del again
         box.get("nothing")                           # its release rides on this call
+        _idle_trimmed(fmgr)                         # as it was when `before` was read
         limit = _limits(before, peak)
         after = _settled(pid, limit, slots.IDLE_TRIM * 3 + 5)
     finally:

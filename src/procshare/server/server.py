@@ -1080,7 +1080,8 @@ class Server:
                 "serializer": self.serializer.name, "log": list(self.recent_log),
                 "journal": None if j is None else dict(j.stats),
                 "durable_loop": None if self.durable_loop is None else dict(
-                    self.durable_loop.stats)}
+                    self.durable_loop.stats),
+                "idle_trims": getattr(self.__dict__.get("_slots_"), "idle_trims", 0)}
 
     def shutdown(self, c: ConnInfo) -> None:
         """Release resources before the server stops (subclasses extend this)."""

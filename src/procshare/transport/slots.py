@@ -1097,6 +1097,8 @@ class ManagerSlots:
         self._pool: ArenaPool | None = None
         self._trimmer: threading.Thread | None = None
         self._idle_since: float | None = None
+        #: times the memory of idle large traffic was given back (`server_info`)
+        self.idle_trims = 0
         self.pid = os.getpid()
         _managers.add(self)
         pin_malloc()
@@ -1262,6 +1264,7 @@ class ManagerSlots:
             if pool is not None:
                 pool.shrink(0)
             malloc_trim()
+            self.idle_trims += 1
         return True
 
     def abandon_after_fork(self) -> None:
