@@ -19,7 +19,10 @@ Rules it keeps:
   meanwhile is answered with its result; one that was cancelled before it
   took effect is a TIMEOUT reply ("no effect"); one still running user code
   raises TimeoutError, which the proxy turns into CallTimeout ("may still
-  complete").  A wait interrupted by Ctrl-C cancels the call too.
+  complete").  A wait interrupted by Ctrl-C cancels the call too, as does
+  cancelling a pipelined call's future (or the asyncio task awaiting it);
+  both return once the call has ended (at most `CANCEL_WAIT`), since Ray
+  does not order a cancel with later calls.
 - An actor that is temporarily unavailable (restarting) is retried with the
   same request id until the deadline (a call without one: `RESTART_WAIT`; an
   object that is not durable: at most `TRANSIENT_WAIT`), so a durable
@@ -75,6 +78,9 @@ log = logging.getLogger("procshare.ray")
 RETURN, ERROR, TIMEOUT, TRACEBACK = Kind.RETURN, Kind.ERROR, Kind.TIMEOUT, Kind.TRACEBACK
 #: after a deadline: how long to wait for the cancelled call to settle
 SETTLE = 0.25
+#: how long a caller who gave up on a call waits for it to end (the local backend's
+#: cancel waits as long for the manager's confirmation)
+CANCEL_WAIT = 1.0
 #: how long a call without a deadline waits for a restarting actor
 RESTART_WAIT = 60.0
 #: how long an actor that is not durable may be unavailable before it counts as lost
@@ -272,7 +278,7 @@ class RaySession:
             except BaseException:
                 # Ctrl-C or another interruption: have the call cancelled, so a
                 # blocked get or acquire takes nothing
-                _cancel(ref)
+                _cancel_and_wait(ref)
                 raise
             return reply
 
@@ -414,7 +420,7 @@ class RaySession:
             call = pending()
             ref = getattr(call, "ray_ref", None)
             if f.cancelled() and ref is not None and not call.done():
-                _cancel(ref)
+                _cancel_and_wait(ref)
 
         out.add_done_callback(cancelled)
         return out
@@ -726,6 +732,19 @@ def _cancel(ref: Any) -> None:
         ray.cancel(ref)
     except Exception as e:
         log.debug("cancel failed: %r", e)
+
+
+def _cancel_and_wait(ref: Any) -> None:
+    """Cancel a call its caller gave up on (Ctrl-C, a cancelled future or
+    asyncio task), and return once it has ended, or after `CANCEL_WAIT`: Ray
+    does not order a cancel with the calls sent after it, so a blocked get
+    could otherwise take the item of a put made right after (as the local
+    backend's cancel waits for the manager's confirmation)."""
+    _cancel(ref)
+    try:
+        ray.wait([ref], timeout=CANCEL_WAIT)
+    except Exception as e:
+        log.debug("waiting for a cancelled call failed: %r", e)
 
 
 def _kill(handle: Any) -> None:
