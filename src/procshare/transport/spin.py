@@ -35,8 +35,8 @@ Rules it keeps:
   often wakes the peer's thread on the waker's CPU, expecting the waker to
   sleep, and a poll that does not sleep keeps it there until the poll ends;
   the peer's own poll for the next message then does the same to us (after
-  a few milliseconds idle, here, the next two small calls took 80-130 us
-  instead of 20-25).  So after a miss the channel's next `CROWDED_POLLS`
+  5 ms idle, here, the second and third small calls took 80-130 us, and
+  25-40 with what follows).  So after a miss the channel's next `CROWDED_POLLS`
   polls that catch their data hand the CPU over between two attempts
   (`crowded`, `sched_yield`), which costs a system call when nobody else
   wants the CPU and lets the peer run at once when it does.  A channel
