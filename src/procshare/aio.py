@@ -14,11 +14,13 @@ Rules it keeps:
   any event loop, uvloop included.
 - The first call from a thread opens that thread's pipelined connection (a
   short blocking connect).
+- Importing procshare does not import asyncio (about 45 ms here, ssl and
+  subprocess with it, in every spawned child): a call imports it, when an
+  event loop runs, so asyncio is loaded already.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from .client.pipeline import async_
@@ -40,6 +42,7 @@ class AioProxy:
         method = getattr(self._calls, name)
 
         async def call(*args: Any, **kwds: Any) -> Any:
+            import asyncio  # (loaded: this runs in its event loop)
             return await asyncio.wrap_future(method(*args, **kwds))
         call.__name__ = name
         return call

@@ -38,7 +38,6 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["Entry", "Registry", "SERVER_HOLDER", "NoSuchObject"]
@@ -53,19 +52,29 @@ class NoSuchObject(KeyError):
     """The id names no live object in this manager."""
 
 
-@dataclass(eq=False)
 class Entry:
-    """One shared object and how it may be called."""
-    obj: Any
-    typeid: str
-    exposed: frozenset
-    method_to_typeid: dict | None
-    lock: threading.Lock | None          # held while a method runs (serial objects)
-    attributes: frozenset = frozenset()  # exposed names that are data, not methods
-    created: float = field(default_factory=time.time)
-    running: str | None = None           # the method holding `lock` now (serial objects)
-    owner: int = 0                       # the server thread that runs it
-    durable: Any = None                  # its journal handle (`durables`), if durable
+    """One shared object and how it may be called.  (Not a dataclass: see
+    `wire.frames.Limits`.)"""
+
+    def __init__(self, obj: Any, typeid: str, exposed: frozenset,
+                 method_to_typeid: dict | None, lock: threading.Lock | None,
+                 attributes: frozenset = frozenset(), created: float | None = None,
+                 running: str | None = None, owner: int = 0, durable: Any = None) -> None:
+        self.obj = obj
+        self.typeid = typeid
+        self.exposed = exposed
+        self.method_to_typeid = method_to_typeid
+        self.lock = lock                # held while a method runs (serial objects)
+        self.attributes = attributes    # exposed names that are data, not methods
+        self.created = time.time() if created is None else created
+        self.running = running          # the method holding `lock` now (serial objects)
+        self.owner = owner              # the server thread that runs it
+        self.durable = durable          # its journal handle (`durables`), if durable
+
+    def __repr__(self) -> str:
+        return (f"Entry(typeid={self.typeid!r}, obj={type(self.obj).__name__}, "
+                f"serial={self.lock is not None}, running={self.running!r}, "
+                f"durable={self.durable is not None})")
 
 
 class _Hook:
