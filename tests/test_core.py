@@ -429,8 +429,8 @@ def test_the_concurrency_rule_looks_without_running_the_objects_code():
 
 def test_importing_procshare_leaves_heavy_modules_unloaded():
     """`import procshare` runs in every spawned child that receives a proxy:
-    asyncio (with ssl and subprocess), inspect and dataclasses load only when
-    used (about 18 ms of a 74 ms import here)."""
+    asyncio (with ssl), inspect and dataclasses load only when used (about
+    18 ms of a 74 ms import here)."""
     import subprocess
     import sys
 

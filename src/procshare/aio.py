@@ -5,7 +5,9 @@ Owns: `wrap` and `AioProxy`, a thin asyncio face on pipelined calls
 
 Rules it keeps:
 - Awaiting never blocks the event loop: the call is sent at once and its
-  reply resolves a future that the loop awaits (`asyncio.wrap_future`).  Many
+  reply resolves a future that the loop awaits (`asyncio.wrap_future`).
+  Cancelling does, briefly: it waits for the manager's confirmation (one
+  round trip; on Ray, for the call to end, at most `ray.session.CANCEL_WAIT`).  Many
   calls can be in flight, from one task or from many.
 - Cancelling the awaiting task cancels the call in the manager by request id,
   as Ctrl-C does for a plain call: a blocked `get()` or `acquire()` takes
@@ -14,9 +16,9 @@ Rules it keeps:
   any event loop, uvloop included.
 - The first call from a thread opens that thread's pipelined connection (a
   short blocking connect).
-- Importing procshare does not import asyncio (about 45 ms here, ssl and
-  subprocess with it, in every spawned child): a call imports it, when an
-  event loop runs, so asyncio is loaded already.
+- Importing procshare does not import asyncio (with ssl, in every spawned
+  child): a call imports it, when an event loop runs, so asyncio is loaded
+  already.
 """
 
 from __future__ import annotations

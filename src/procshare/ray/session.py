@@ -21,8 +21,9 @@ Rules it keeps:
   raises TimeoutError, which the proxy turns into CallTimeout ("may still
   complete").  A wait interrupted by Ctrl-C cancels the call too, as does
   cancelling a pipelined call's future (or the asyncio task awaiting it);
-  both return once the call has ended (at most `CANCEL_WAIT`), since Ray
-  does not order a cancel with later calls.
+  both return once the call has ended (at most `CANCEL_WAIT`, and not on
+  Ray's own threads), since Ray does not order a cancel with later calls.
+  (A call re-sent after an actor restart is not cancelled by its future.)
 - An actor that is temporarily unavailable (restarting) is retried with the
   same request id until the deadline (a call without one: `RESTART_WAIT`; an
   object that is not durable: at most `TRANSIENT_WAIT`), so a durable
@@ -78,9 +79,10 @@ log = logging.getLogger("procshare.ray")
 RETURN, ERROR, TIMEOUT, TRACEBACK = Kind.RETURN, Kind.ERROR, Kind.TIMEOUT, Kind.TRACEBACK
 #: after a deadline: how long to wait for the cancelled call to settle
 SETTLE = 0.25
-#: how long a caller who gave up on a call waits for it to end (the local backend's
-#: cancel waits as long for the manager's confirmation)
-CANCEL_WAIT = 1.0
+#: how long a caller who gave up on a call waits for it to end: an async host's
+#: call ends within milliseconds; a sync host's running call cannot be stopped, so
+#: this is what cancelling one costs its caller (an event loop's, for `aio`)
+CANCEL_WAIT = SETTLE
 #: how long a call without a deadline waits for a restarting actor
 RESTART_WAIT = 60.0
 #: how long an actor that is not durable may be unavailable before it counts as lost
@@ -739,10 +741,14 @@ def _cancel_and_wait(ref: Any) -> None:
     asyncio task), and return once it has ended, or after `CANCEL_WAIT`: Ray
     does not order a cancel with the calls sent after it, so a blocked get
     could otherwise take the item of a put made right after (as the local
-    backend's cancel waits for the manager's confirmation)."""
+    backend's cancel waits for the manager's confirmation).  Not on a thread
+    Python did not start (Ray's own, running a future's callbacks): blocking
+    there would stall the reply it waits for."""
     _cancel(ref)
+    if isinstance(threading.current_thread(), threading._DummyThread):
+        return
     try:
-        ray.wait([ref], timeout=CANCEL_WAIT)
+        ray.wait([ref], timeout=CANCEL_WAIT, fetch_local=False)
     except Exception as e:
         log.debug("waiting for a cancelled call failed: %r", e)
 
