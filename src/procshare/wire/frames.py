@@ -41,6 +41,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import collections
 import math
 import struct
 from typing import Any
@@ -83,52 +84,28 @@ class FrameError(ValueError):
     """A peer sent bytes that are not a valid frame, or broke a limit."""
 
 
-class Limits:
+class Limits(collections.namedtuple("Limits", ("max_body", "max_frame", "max_buffers"))):
     """What one frame may hold.  A peer that breaks a limit loses its connection.
+
+    - `max_body`: the in-band (pickled) body; the header's u32;
+    - `max_frame`: body plus every out-of-band buffer;
+    - `max_buffers`: out-of-band buffers in one frame.
 
     The defaults carry payloads of several GiB; the manager takes others as
     `max_message_bytes=` and `max_buffers=`.  Immutable, compared by value.
-    (A plain class, not a dataclass: `dataclasses` imports `inspect`, about
+    (A named tuple, not a dataclass: `dataclasses` imports `inspect`, about
     10 ms of every process's `import procshare`.)
     """
 
-    __slots__ = ("max_body", "max_frame", "max_buffers")
+    __slots__ = ()
 
-    max_body: int       # the in-band (pickled) body; the header's u32
-    max_frame: int      # body plus every out-of-band buffer
-    max_buffers: int    # out-of-band buffers in one frame
-
-    def __init__(self, max_body: int = (1 << 32) - 1, max_frame: int = 16 << 30,
-                 max_buffers: int = 0xFFFF) -> None:
+    def __new__(cls, max_body: int = (1 << 32) - 1, max_frame: int = 16 << 30,
+                max_buffers: int = 0xFFFF) -> Limits:
         for name, value in (("max_body", max_body), ("max_frame", max_frame),
                             ("max_buffers", max_buffers)):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"frame limit {name} must be a non-negative int, not {value!r}")
-            object.__setattr__(self, name, value)
-
-    def _values(self) -> tuple[int, int, int]:
-        return (self.max_body, self.max_frame, self.max_buffers)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"frame limits are immutable: cannot set {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"frame limits are immutable: cannot delete {name!r}")
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not Limits:
-            return NotImplemented
-        return self._values() == other._values()
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __reduce__(self) -> tuple:
-        return (Limits, self._values())
-
-    def __repr__(self) -> str:
-        return (f"Limits(max_body={self.max_body}, max_frame={self.max_frame}, "
-                f"max_buffers={self.max_buffers})")
+        return super().__new__(cls, max_body, max_frame, max_buffers)
 
 
 DEFAULT_LIMITS = Limits()
