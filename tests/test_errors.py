@@ -33,6 +33,7 @@ from procshare.errors import (
     ManagerConnectionRefused,
     ManagerCrashed,
     ManagerSocketMissing,
+    MessageTooLarge,
     NotExposedError,
     ProcessLocalNotSerializable,
     RemoteError,
@@ -179,6 +180,72 @@ def test_unserializable_result_is_a_remote_error_and_the_next_call_works(box_man
         box.a_lambda(3)
     assert "result -> <function Box.a_lambda.<locals>.<lambda>>" in str(info.value)
     assert box.size() == 1
+
+
+# -- size limits ----------------------------------------------------------------------------
+
+def test_a_call_over_the_managers_message_limit_is_refused_before_it_is_sent():
+    m = procshare.SyncManager(restart="never", max_message_bytes=1 << 20)
+    m.start()
+    try:
+        d = m.dict()
+        d["k"] = b"small"
+        conn_before = d._session.thread_conn()
+        for big in (b"x" * (3 << 20), "y" * (2 << 20)):     # out-of-band, and in-band
+            with pytest.raises(MessageTooLarge) as info:
+                d["k"] = big
+            e = info.value
+            text = str(e)
+            assert isinstance(e, ValueError)
+            assert "__setitem__()" in text and repr(m.address) in text
+            assert "over the 1048576-byte limit" in text and "max_message_bytes=" in text
+            assert f"args[1] (<{type(big).__name__} object>, " in text
+            assert "was not sent" in text
+            assert (e.method, e.address, e.path) == ("__setitem__", m.address, "args[1]")
+            assert e.size > 1 << 20
+        # nothing was sent: the same connection serves the next call
+        assert d._session.thread_conn() is conn_before and not conn_before.pending
+        assert d["k"] == b"small"
+        with pytest.raises(MessageTooLarge, match="__setitem__"):
+            procshare.async_(d).__setitem__("k", b"x" * (3 << 20))
+        assert procshare.async_(d).get("k").result(timeout=10) == b"small"
+        with pytest.raises(MessageTooLarge, match=r"list\(\) \(creating a shared object\)"):
+            m.list(list(range(400_000)))
+        # what the manager sends back is not bounded by what it accepts
+        for i in range(3):
+            d[i] = bytearray(600_000)
+        assert len(d.copy()) == 4
+        assert d._session.thread_conn() is conn_before and m.restarts == 0
+    finally:
+        m.shutdown()
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_a_result_too_large_for_one_message_is_an_error_and_the_next_call_works(monkeypatch):
+    from procshare.server import server as server_module
+    from procshare.wire.frames import Limits
+
+    # the wire's own limit, lowered in the server that fork starts
+    monkeypatch.setattr(server_module, "REPLY_LIMITS", Limits(1 << 20, 1 << 20))
+    m = procshare.SyncManager(ctx=multiprocessing.get_context("fork"), restart="never")
+    m.start()
+    try:
+        d = m.dict()
+        d["big"] = bytearray(2 << 20)           # the manager accepts it
+        for get in (lambda: d["big"], lambda: procshare.async_(d).__getitem__("big").result(10),
+                    lambda: d.copy()):
+            with pytest.raises(ResultNotSerializable) as info:
+                get()
+            text = str(info.value)
+            assert "over the 1048576-byte limit" in text and "one message cannot carry it" in text
+            assert "did run" in text and f"(pid {m.pid})" in text
+            assert info.value.direction == "result"
+        assert "__getitem__() on 'dict' object" in str(
+            pytest.raises(ResultNotSerializable, lambda: d["big"]).value)
+        d["small"] = 1
+        assert d["small"] == 1 and len(d) == 2 and m.restarts == 0
+    finally:
+        m.shutdown()
 
 
 # -- exceptions of the referent ------------------------------------------------------------

@@ -33,6 +33,7 @@ from .errors import (
     ManagerNotRunning,
     ManagerSocketMissing,
     ManagerStartFailed,
+    MessageTooLarge,
     MissingMethodError,
     NotExposedError,
     ObjectLost,
@@ -88,7 +89,7 @@ __all__ = [
     "ManagerBrokenPipe", "SerializationError", "ArgumentsNotSerializable",
     "LocalObjectNotSerializable", "ProcessLocalNotSerializable", "RemoteSerializationError",
     "ResultNotSerializable", "ArgumentsNotDeserializable", "SerializerMismatch",
-    "BootstrapError", "DeadlockError", "OwnerDiedWarning", "AuthenticationError",
+    "MessageTooLarge", "BootstrapError", "DeadlockError", "OwnerDiedWarning", "AuthenticationError",
     # managers, and what they share
     "BaseManager", "SyncManager", "SharedMemoryManager", "Token", "Namespace", "Value", "Array",
     # proxy classes, to subclass or to check against

@@ -37,7 +37,7 @@ __all__ = [
     "ManagerConnectionReset", "ManagerBrokenPipe",
     "SerializationError", "ArgumentsNotSerializable", "LocalObjectNotSerializable",
     "ProcessLocalNotSerializable", "RemoteSerializationError", "ResultNotSerializable",
-    "ArgumentsNotDeserializable", "SerializerMismatch",
+    "ArgumentsNotDeserializable", "SerializerMismatch", "MessageTooLarge",
     "BootstrapError", "DeadlockError", "OwnerDiedWarning", "AuthenticationError",
     "ManagerNotRunning", "ManagerStartFailed",
 ]
@@ -233,6 +233,26 @@ class SerializerMismatch(SerializationError):
     """The manager and this process use different serializers."""
 
 
+class MessageTooLarge(ProcshareError, ValueError):
+    """A call's message is over what the manager accepts (its
+    `max_message_bytes=`).  Nothing was sent and the connection stays usable.
+
+    Facts: `method`, `size` (bytes, with out-of-band buffers), `address` (the
+    manager's), `path` and `culprit` (the largest argument, when one is)."""
+
+
+def message_too_large(what: str, address: Any, size: int, problem: str, path: str,
+                      culprit: str, method: Any = None) -> MessageTooLarge:
+    """The error for a call (`what`) whose message breaks the manager's limits."""
+    largest = f"; the largest argument is {path} ({culprit})" if path else ""
+    return MessageTooLarge(
+        f"{what} was not sent: its message to the manager at {address!r} is {size} bytes, "
+        f"{problem}{largest}. The connection stays usable. Raise max_message_bytes= "
+        "where the manager is created, or send the data in smaller parts (a "
+        "manager.SharedArray or manager.ndarray is not sent at all: every process maps it).",
+        method=method, size=size, address=address, path=path, culprit=culprit)
+
+
 class BootstrapError(ProcshareError, RuntimeError):
     """A manager was started while a child process was still importing its
     parent's main module (start methods spawn and forkserver).  The stdlib
@@ -382,6 +402,14 @@ def result_not_serializable_text(what: str, serializer: str, path: str, culprit:
             f"manager: {path} -> {culprit} ({error}). The method did run; the connection "
             "stays usable." + _advice(alternatives, serializer, culprit, hint)
             + " Or return plain data from the method.")
+
+
+def result_too_large_text(what: str, size: int, problem: str, pid: int) -> str:
+    """The text of an UNSERIALIZABLE reply for a result too large for one message."""
+    return (f"the result of {what} in the manager (pid {pid}) is {size} bytes, {problem}: "
+            "one message cannot carry it. The method did run; the connection stays usable. "
+            "Return the data in smaller parts, or keep it in a manager.SharedArray or "
+            "manager.ndarray, which every process maps without a message.")
 
 
 def arguments_not_deserializable_text(serializer: str, error: str, pid: int) -> str:

@@ -42,7 +42,7 @@ import time
 from typing import Any
 
 from ..transport.channel import FrameTail
-from ..wire.diagnose import arguments_error
+from ..wire.diagnose import arguments_error, check_message
 from ..wire.frames import NO_DEADLINE, encode_frame, pack_frame
 from ..wire.kinds import Kind
 from ..wire.records import DURABLE_PREFIX
@@ -253,6 +253,10 @@ class Pipe:
             body, bufs = self.ser.dumps_call(proxy._id, meth, args, kwds)  # nothing sent if it fails
         except Exception as e:
             raise arguments_error(e, self.ser, proxy._id, meth, args, kwds) from None
+        limits = self.session.limits
+        if bufs or len(body) > limits.max_body:     # (nothing sent if this raises)
+            check_message(limits, body, bufs, self.ser, proxy._id, meth, args, kwds,
+                          self.session.address)
         budget = NO_DEADLINE if timeout is None else timeout
         with self.lock:
             if self.broken is not None:

@@ -15,6 +15,9 @@ Rules it keeps:
   cap, and a wakeup after it cost more than the commit; and it sleeps for
   them in poll(), so that the manager reading its request does not wake it
   for nothing (`Channel.slow_replies`).
+- A call over what the manager accepts in one message (its limits, from its
+  hello) raises `MessageTooLarge` before anything is sent; so does a
+  pipelined one (`pipeline`).
 - Replies are matched by request id.  A call abandoned at its deadline leaves
   its connection *pending*; the connection is set aside and reused once its
   late reply (even one that had started to arrive) has been read and dropped.
@@ -102,7 +105,8 @@ from ..inprocess import local_server
 from ..transport import channel as transport
 from ..transport import shm
 from ..transport.processes import host_identity
-from ..wire.frames import NO_DEADLINE, pack_frame
+from ..wire.diagnose import arguments_error, check_message
+from ..wire.frames import DEFAULT_LIMITS, NO_DEADLINE, Limits, pack_frame
 from ..wire.kinds import Kind, kind_name
 from ..wire.records import DURABLE_PREFIX
 from ..wire.serializers import Serializer, decode_hello, encode_hello, get_serializer
@@ -180,8 +184,11 @@ class Connection:
         try:
             body, bufs = self.ser.dumps_call(oid, meth, args, kwds)   # nothing sent if this fails
         except Exception as e:
-            from ..wire.diagnose import arguments_error
             raise arguments_error(e, self.ser, oid, meth, args, kwds) from None
+        limits = self.session.limits
+        if bufs or len(body) > limits.max_body:     # (nothing sent if this raises)
+            check_message(limits, body, bufs, self.ser, oid, meth, args, kwds,
+                          self.session.address)
         budget = _NAN if timeout is None else timeout
         if oid and oid.startswith(DURABLE_PREFIX):
             self.ch.slow_replies()  # its reply waits for a commit
@@ -368,6 +375,17 @@ class Connection:
         self.close()
 
 
+def _limits_of(said: Any) -> Limits:
+    """The limits a manager's hello gives (`[max_body, max_frame,
+    max_buffers]`), with `max_body` no more than `max_frame`; the defaults
+    from a manager that gives none."""
+    try:
+        max_body, max_frame, max_buffers = said
+        return Limits(min(max_body, max_frame), max_frame, max_buffers)
+    except (TypeError, ValueError):
+        return DEFAULT_LIMITS
+
+
 def _died_in_handshake(e: BaseException) -> bool:
     """Did the manager die (or vanish) while `e`'s connection was being opened?
     (A function of its own, so that no frame of the caller's keeps the cause:
@@ -415,6 +433,8 @@ class Session:
         self.boot: str | None = getattr(self, "boot", None)
         # it will be restarted if it dies (a forked child keeps what its parent knew)
         self.supervised = getattr(self, "supervised", False)
+        #: what the manager accepts in one message, from its hello
+        self.limits: Limits = getattr(self, "limits", DEFAULT_LIMITS)
         self.epoch = getattr(self, "epoch", 0)   # +1 each time the manager came back
         self.closed = False
         self.leaving = False        # this process is saying goodbye (`say_goodbye`)
@@ -499,6 +519,7 @@ class Session:
             raise RemoteError(info.get("message", info) if isinstance(info, dict) else info)
         self.server_pid = info.get("pid")
         self.supervised = bool(info.get("supervised"))
+        self.limits = _limits_of(info.get("limits"))
         incarnation = info.get("incarnation", 0)
         boot = info.get("boot")
         with self.lock:                 # one thread notices a restart, once

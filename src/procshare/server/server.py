@@ -45,10 +45,13 @@ Rules it keeps:
 - Large out-of-band buffers travel in shared-memory slots on the Unix-socket
   connections whose hello asked for it (`_shm_agree`); the client's slots
   are freed when its lease ends.
-- A peer that breaks a frame limit (`limits`), stalls inside a frame for
+- A peer that breaks a frame limit (`limits`, which its hello tells clients,
+  so theirs check before sending), stalls inside a frame for
   `frame_timeout` seconds, sends a malformed hello, or exhausts memory loses
   its own connection, with the reason in the log (`note`); the server and its
-  other connections go on.
+  other connections go on.  Replies are bounded by `REPLY_LIMITS` (what every
+  client accepts), not `limits`: one over it is an UNSERIALIZABLE reply
+  (`_fit`), and the connection stays.
 - A server that stops for good (a `shutdown` from a process it serves when
   nothing restarts it, or from the process that started it, on this host and
   in this pid namespace; its starting process or supervisor gone; an
@@ -78,6 +81,7 @@ from ..errors import (
     ProcshareError,
     arguments_not_deserializable_text,
     missing_method,
+    result_too_large_text,
 )
 from ..inprocess import local_server, set_local_server
 from ..stdtypes import all_methods, is_thread_safe, public_methods, update_item
@@ -93,7 +97,15 @@ from ..transport.shm import (
 )
 from ..transport.slots import ManagerSlots, unavailable_reason
 from ..wire.diagnose import result_text
-from ..wire.frames import DEFAULT_LIMITS, NO_DEADLINE, FrameError, Limits, encode_frame, pack_frame
+from ..wire.frames import (
+    DEFAULT_LIMITS,
+    NO_DEADLINE,
+    FrameError,
+    Limits,
+    encode_frame,
+    frame_problem,
+    pack_frame,
+)
 from ..wire.kinds import Kind, kind_name
 from ..wire.records import Token
 from ..wire.serializers import (
@@ -119,6 +131,10 @@ log = logging.getLogger("procshare.server")
 #: how long a peer may stall in the middle of a frame before its connection is
 #: closed (`frame_timeout=` on the manager)
 FRAME_TIMEOUT = 30.0
+
+#: what one reply may carry: what every client accepts (`limits`, the manager's
+#: `max_message_bytes=`, bounds what it accepts, not what it answers)
+REPLY_LIMITS = DEFAULT_LIMITS
 
 #: how long a reference in transit (a pickled proxy, a forked child's
 #: inheritance) waits to be adopted before it is released
@@ -407,7 +423,7 @@ class Server:
                 log.info("client pid %d connected (%s)", info.pid, info.client)
             ch.send(encode_frame(Kind.RETURN, rid, encode_hello(
                 {"pid": os.getpid(), "address": self.address, "incarnation": self.incarnation,
-                 "supervised": self.supervised, "boot": self.boot,
+                 "supervised": self.supervised, "boot": self.boot, "limits": list(self.limits),
                  **self._shm_agree(ch, info, hello)})))
             ch.working = self.working
             if info.role == "call":
@@ -481,7 +497,7 @@ class Server:
         none_body = self.none_body
         loads = self.serializer.loads
         dumps = self.serializer.dumps
-        limits = self.limits
+        max_body = REPLY_LIMITS.max_body
         objects = self.objects.objects
         st = callctx.server_state
         st.caller = info.caller
@@ -599,8 +615,9 @@ class Server:
                     if reply is _PACKED:
                         body, bufs = packed
                         packed = None
-                        if bufs:
-                            send_buffers(RETURN, rid, body, bufs, NO_DEADLINE, limits)
+                        if bufs or len(body) > max_body:
+                            kind, body, bufs = self._fit(RETURN, body, bufs, oid, meth)
+                            send_buffers(kind, rid, body, bufs, NO_DEADLINE, REPLY_LIMITS)
                             bufs = None
                         else:
                             send_reply(pack_frame(RETURN, rid, body))
@@ -713,8 +730,8 @@ class Server:
 
     def _reply(self, ch: transport.Channel, rid: int, kind: Any, payload: Any) -> None:
         if kind is _PACKED:     # a value serialized already (under its object's lock)
-            body, bufs = payload
-            ch.send_buffers(Kind.RETURN, rid, body, bufs, NO_DEADLINE, self.limits)
+            kind, body, bufs = self._fit(Kind.RETURN, *payload)
+            ch.send_buffers(kind, rid, body, bufs, NO_DEADLINE, REPLY_LIMITS)
             return
         fds = None
         if type(payload) is WithFds:    # descriptors ride on the frame (shm_fd)
@@ -741,14 +758,29 @@ class Server:
             else:
                 kind, payload = self._unserializable(e, None, None, payload)
             body, bufs = self.serializer.dumps(payload)
-        return kind, body, bufs
+        return self._fit(kind, body, bufs)
+
+    def _fit(self, kind: Any, body: bytes, bufs: Any, oid: Any = None,
+             meth: Any = None) -> tuple:
+        """`(kind, body, buffers)` of a reply that one frame can carry: the
+        reply itself, or an UNSERIALIZABLE one saying that it is too large."""
+        total = len(body) + sum(memoryview(b).nbytes for b in bufs)
+        problem = frame_problem(REPLY_LIMITS, len(body), total, len(bufs))
+        if problem is None:
+            return kind, body, bufs
+        entry = self.objects.objects.get(oid) if oid is not None else None
+        what = f"{meth}() on {entry.typeid!r} object {oid}" if entry is not None else "a call"
+        text = result_too_large_text(what, total, problem, os.getpid())
+        log.info("%s", text)
+        body, bufs = self.serializer.dumps((text, {"direction": "result", "size": total,
+                                                   "error": problem}))
+        return Kind.UNSERIALIZABLE, body, bufs
 
     def encode_reply(self, rid: int, kind: Any, payload: Any) -> bytes:
         """One whole reply frame (no descriptors), for a writer that is not the
         connection's thread (the durable loop)."""
         if kind is _PACKED:
-            body, bufs = payload
-            kind = Kind.RETURN
+            kind, body, bufs = self._fit(Kind.RETURN, *payload)
         else:
             kind, body, bufs = self._serialize_reply(kind, payload)
         return b"".join(encode_frame(kind, rid, body, bufs))

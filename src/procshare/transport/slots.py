@@ -116,6 +116,7 @@ from ..wire.frames import (
     TYPE_OTHER,
     add_slot_entries,
     encode_slot_frame,
+    frame_problem,
     unsent_slot_entries,
 )
 from ..wire.kinds import Kind
@@ -519,8 +520,11 @@ class SlotLink:
         the peer; None when the buffers are better sent through the socket
         (small, or no room for them here)."""
         views = [memoryview(b) for b in bufs]
-        if sum(v.nbytes for v in views) < SLOT_MIN or self.closed or self.refused:
+        size = sum(v.nbytes for v in views)
+        if size < SLOT_MIN or self.closed or self.refused:
             return None
+        if frame_problem(limits, len(body), len(body) + size, len(views)) is not None:
+            return None     # (the socket's encoder says so, before anything is copied or sent)
         if not self._begin_copy():
             return None
         try:

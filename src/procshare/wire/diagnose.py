@@ -4,11 +4,14 @@ Owns: turning "cannot pickle '_thread.lock' object" into *where*: the path to
 the piece (``args[1]['cfg'][1] -> <_thread.lock object>``), what it is, and
 which installed serializer would carry the value instead.  `client` calls
 `arguments_error` when a request cannot be serialized, `server` calls
-`result_text` when a result cannot.
+`result_text` when a result cannot.  Also which argument makes a call's
+message too large for the manager (`check_message`).
 
 Rules it keeps:
 - Only runs after a serialization has failed, so it may be slow-ish; the hot
-  path never comes here.
+  path never comes here.  (`check_message` is asked only of messages with
+  out-of-band buffers, or with a body over the limit, and searches only
+  once one is over.)
 - It descends the way pickle does: into containers, then into the state and
   arguments an object's `__reduce_ex__` gives, and stops at the deepest piece
   that still fails on its own.  Long sequences are bisected, so a list of a
@@ -30,11 +33,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .. import errors
+from .frames import frame_problem
 from .records import is_proxy
 from .serializers import PickleSerializer, Serializer, TypedSerializer, get_serializer
 
 __all__ = ["Finding", "find_unserializable", "describe", "alternatives", "hint_for",
-           "arguments_error", "result_text"]
+           "arguments_error", "check_message", "result_text"]
 
 MAX_DEPTH = 64
 TIME_BUDGET = 2.0      # seconds
@@ -345,6 +349,48 @@ def arguments_error(cause: BaseException, serializer: Any, oid: Any, meth: str, 
             hint_for(finding.obj), method=meth, error=finding.error)
     except Exception:   # never hide the original error behind a broken diagnosis
         return cause
+
+
+def _message_size(ser: Serializer, value: Any) -> int:
+    """The bytes `value` adds to a message (0 for a proxy, never serialized
+    here): a buffer's size for a buffer, else its own serialization's, whose
+    out-of-band buffers are counted, not copied."""
+    if is_proxy(value):
+        return 0
+    try:
+        return memoryview(value).nbytes
+    except TypeError:
+        pass
+    body, bufs = ser.dumps(value)
+    return len(body) + sum(memoryview(b).nbytes for b in bufs)
+
+
+def check_message(limits: Any, body: bytes, bufs: Any, serializer: Any, oid: Any, meth: str,
+                  args: tuple, kwds: dict, address: Any) -> None:
+    """Raise MessageTooLarge for a call message `(body, bufs)` over the
+    manager's `limits` (a `frames.Limits`), before anything is sent; naming
+    the largest argument, found within the time budget."""
+    total = len(body) + sum(memoryview(b).nbytes for b in bufs)
+    problem = frame_problem(limits, len(body), total, len(bufs))
+    if problem is None:
+        return
+    what, cargs, root = _call_label(oid, meth, args)
+    path = culprit = ""
+    try:
+        ser = get_serializer(serializer)
+        items = [(f"{root}[{i}]", a) for i, a in enumerate(cargs)]
+        items += [(f"kwds[{k!r}]", v) for k, v in kwds.items()]
+        end = time.monotonic() + TIME_BUDGET
+        largest = 0
+        for name, value in items:
+            size = _message_size(ser, value)
+            if size > largest:
+                largest, path, culprit = size, name, f"{describe(value)}, {size} bytes"
+            if time.monotonic() > end:
+                break
+    except Exception:   # never hide the limit behind a failed search
+        path = culprit = ""
+    raise errors.message_too_large(what, address, total, problem, path, culprit, method=meth)
 
 
 def result_text(cause: BaseException, serializer: Any, what: str, value: Any,

@@ -47,7 +47,8 @@ import struct
 from typing import Any
 
 __all__ = [
-    "FrameError", "Limits", "DEFAULT_LIMITS", "FrameReader", "pack_frame", "encode_frame",
+    "FrameError", "Limits", "DEFAULT_LIMITS", "frame_problem", "FrameReader", "pack_frame",
+    "encode_frame",
     "HEADER", "NO_DEADLINE", "MAX_BUDGET", "FLAG_SLOTS", "SLOT", "SlotRef",
     "OP_BUFFER", "OP_RELEASE", "OP_RETIRE", "TYPE_OTHER", "TYPE_BYTES", "TYPE_BYTEARRAY",
     "encode_slot_frame", "add_slot_entries", "unsent_slot_entries",
@@ -109,6 +110,21 @@ class Limits(collections.namedtuple("Limits", ("max_body", "max_frame", "max_buf
 
 
 DEFAULT_LIMITS = Limits()
+
+
+def frame_problem(limits: Limits, body: int, total: int, nbufs: int) -> str | None:
+    """Which of `limits` a frame of `body` in-band bytes, `total` bytes with
+    its buffers and `nbufs` buffers breaks, as words to follow "the message is
+    `total` bytes, "; None if none.  A sender asks before it encodes, so that
+    nothing is sent."""
+    max_body = min(limits.max_body, limits.max_frame)
+    if total > limits.max_frame:
+        return f"over the {limits.max_frame}-byte limit"
+    if body > max_body:
+        return f"and its pickled part alone ({body} bytes) is over the {max_body}-byte limit"
+    if nbufs > limits.max_buffers:
+        return f"in {nbufs} out-of-band buffers, over the limit of {limits.max_buffers}"
+    return None
 
 
 def pack_frame(kind: int, rid: int, body: bytes, budget: float = NO_DEADLINE) -> bytes:
