@@ -227,6 +227,7 @@ class Pipe:
         self.ch = self.conn.ch
         self.ser = self.conn.ser
         self.none_body = self.conn.none_body    # the common reply, read without loads
+        self.limits = self.conn.limits          # what the manager accepts
         self.lock = threading.Lock()            # everything below; never held for I/O
         self.wake = threading.Condition(self.lock)
         #: what this pipe's futures' result() and exception() wait on (see CallFuture)
@@ -253,7 +254,7 @@ class Pipe:
             body, bufs = self.ser.dumps_call(proxy._id, meth, args, kwds)  # nothing sent if it fails
         except Exception as e:
             raise arguments_error(e, self.ser, proxy._id, meth, args, kwds) from None
-        limits = self.session.limits
+        limits = self.limits
         if bufs or len(body) > limits.max_body:     # (nothing sent if this raises)
             check_message(limits, body, bufs, self.ser, proxy._id, meth, args, kwds,
                           self.session.address)

@@ -161,7 +161,7 @@ class Connection:
     """One authenticated channel to a manager, used by one thread at a time."""
 
     __slots__ = ("ch", "ser", "rid", "pending", "session", "thread", "none_body", "no",
-                 "epoch", "__weakref__")
+                 "epoch", "limits", "__weakref__")
 
     def __init__(self, ch: transport.Channel, ser: Serializer, session: Session,
                  no: int = 0) -> None:
@@ -175,6 +175,7 @@ class Connection:
         # the manager knows a connection's calls as this thread's (lock owners)
         self.thread = threading.get_ident()
         self.none_body = ser.dumps(None)[0]     # the common reply, decoded without loads
+        self.limits = session.limits    # what the manager accepts (its hello said)
 
     def send_request(self, oid: Any, meth: str, args: tuple, kwds: dict,
                      timeout: float | None, want_reply: bool = True) -> int:
@@ -185,7 +186,7 @@ class Connection:
             body, bufs = self.ser.dumps_call(oid, meth, args, kwds)   # nothing sent if this fails
         except Exception as e:
             raise arguments_error(e, self.ser, oid, meth, args, kwds) from None
-        limits = self.session.limits
+        limits = self.limits
         if bufs or len(body) > limits.max_body:     # (nothing sent if this raises)
             check_message(limits, body, bufs, self.ser, oid, meth, args, kwds,
                           self.session.address)
