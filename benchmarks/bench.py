@@ -58,6 +58,7 @@ import gc
 import json
 import multiprocessing
 import multiprocessing.managers as std_managers
+import multiprocessing.util
 import os
 import platform
 import queue
@@ -891,40 +892,96 @@ def run_case_alone(case: Case, impls: list[Impl], env: Env) -> CaseResult:
     large blocks are freed, and after the 64 MiB cases the stdlib's 1 MiB round trips
     ran about three times faster than they do in any process that moves only 1 MiB
     blocks (0.83 ms against 2.2-2.9).  Each case now measures what it measures with
-    --only.  Without fork: in this process."""
+    --only.  Without fork: in this process.
+
+    The result comes back pickled in a file, read once the child has exited (a pipe
+    would stay open in whatever the case forked, a manager that outlived it say).  If
+    this process is interrupted, the child gets SIGINT (its managers are stopped on
+    the way out) and, after `ALONE_STOP_WAIT` seconds, SIGKILL."""
     if not hasattr(os, "fork"):
         return run_case(case, impls, env)
     import pickle
+    import tempfile
     import traceback
 
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:    # the case's own process: its result goes back pickled, then it exits
-        code = 1
-        try:
-            os.close(r)
-            data = pickle.dumps(run_case(case, impls, env))
-            with os.fdopen(w, "wb") as out:
-                out.write(data)
-            code = 0
-        except BaseException:  # noqa: BLE001 - reported by the parent; never return here
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    os.close(w)
+    fd, path = tempfile.mkstemp(prefix="procshare-bench-", suffix=".pickle")
+    os.close(fd)
+    signals = {signal.SIGINT, signal.SIGTERM}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # none between fork and try
     try:
-        with os.fdopen(r, "rb") as got:
+        pid = os.fork()
+        if pid == 0:    # the case's own process: its result goes to the file, then it exits
+            code = 1
+            try:
+                signal.signal(signal.SIGINT, _interrupt_once)
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+                data = pickle.dumps(run_case(case, impls, env))
+                with open(path, "wb") as out:
+                    out.write(data)
+                code = 0
+            except KeyboardInterrupt:
+                pass                # the parent was interrupted too: it says so
+            except BaseException:  # noqa: BLE001 - reported by the parent; never return here
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    try:
+        try:
+            _, status = os.waitpid(pid, 0)
+        except BaseException:
+            _stop_child(pid)
+            raise
+        with open(path, "rb") as got:
             data = got.read()
     finally:
-        _, status = os.waitpid(pid, 0)
+        os.unlink(path)
+    problem = f"exit code {os.waitstatus_to_exitcode(status)}"
     if data:
-        return pickle.loads(data)
+        try:
+            return pickle.loads(data)
+        except Exception as exc:  # noqa: BLE001
+            problem = f"an unreadable result ({_describe(exc)})"
     result = CaseResult(case, case.label(env))
     for impl in impls:
         result.samples[impl.name] = []
-        result.errors[impl.name] = (f"the case's process ended without a result "
-                                    f"(wait status {status}; its error is printed above)")
+        result.errors[impl.name] = (f"the case's process ended without a result ({problem}; "
+                                    "its error, if any, is printed above)")
     return result
+
+
+#: how long an interrupted case's process has to stop its managers before SIGKILL
+ALONE_STOP_WAIT = 10.0
+
+
+def _interrupt_once(signum, frame):
+    """A case's process: the first Ctrl-C stops the case, and stopping its managers is
+    not interrupted by the next (the parent SIGKILLs it after ALONE_STOP_WAIT)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _stop_child(pid: int) -> None:
+    """SIGINT to a case's process, then SIGKILL if it is not gone in ALONE_STOP_WAIT s;
+    another Ctrl-C or SIGTERM meanwhile waits until then."""
+    signals = {signal.SIGINT, signal.SIGTERM}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)
+        end = time.monotonic() + ALONE_STOP_WAIT
+        while time.monotonic() < end:
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    return
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 def _run_rounds(case: Case, impls: list[Impl], env: Env, result: CaseResult,
@@ -1283,6 +1340,9 @@ def main(argv=None) -> int:
         print(flush=True)
 
         t_start = time.monotonic()
+        # the children's managers share this process's temp dir, removed at its exit
+        # (a child leaves with os._exit, which skips multiprocessing's cleanup)
+        multiprocessing.util.get_temp_dir()
         for case in cases:
             print(f"  running {case.name} ...", file=sys.stderr, flush=True)
             results.append(run_case_alone(case, impls, env))

@@ -220,6 +220,40 @@ def test_a_call_over_the_managers_message_limit_is_refused_before_it_is_sent():
         m.shutdown()
 
 
+def test_message_limits_name_the_broken_one_and_the_advice_fits_it():
+    from procshare.client.session import _limits_of
+    from procshare.wire import diagnose
+    from procshare.wire.frames import DEFAULT_LIMITS, Limits, frame_problem
+
+    lim = Limits(max_body=100, max_frame=1000, max_buffers=2)
+    assert frame_problem(lim, 100, 1000, 2) is None
+    assert frame_problem(lim, 10, 1001, 1) == "over the 1000-byte limit"
+    assert "pickled part alone (101 bytes)" in frame_problem(lim, 101, 101, 0)
+    assert "in 3 out-of-band buffers" in frame_problem(lim, 10, 40, 3)
+    # what a hello gives, made consistent; the defaults from a hello without it
+    assert _limits_of([5000, 1000, 7]) == Limits(1000, 1000, 7)
+    assert _limits_of(None) == _limits_of("junk") == _limits_of([1, -2, 3]) == DEFAULT_LIMITS
+
+    class FakeProxy:            # pickling a proxy would lend its manager a reference
+        _procshare_proxy_ = True
+
+        def __reduce__(self):
+            raise AssertionError("a proxy was pickled to measure it")
+
+    with pytest.raises(MessageTooLarge) as info:      # too many buffers, not too many bytes
+        diagnose.check_message(lim, b"x" * 10, [b"a" * 10] * 3, "pickle", "ab12", "put",
+                               ([FakeProxy(), "y" * 500],), {"block": True}, "/tmp/m.sock")
+    text = str(info.value)
+    assert "put() on object ab12 was not sent" in text and "'/tmp/m.sock'" in text
+    assert "in 3 out-of-band buffers" in text and "fewer, larger buffers" in text
+    assert "max_message_bytes" not in text
+    assert "the largest argument is args[0] (<list object>, " in text
+    # a durable call sent again is named as the call it is
+    with pytest.raises(MessageTooLarge, match=r"__setitem__\(\) on object ab12.*args\[1\]"):
+        diagnose.check_message(lim, b"x" * 200, [], "pickle", "ab12", "#RETRY",
+                               (3, 9, "__setitem__", ("k", b"v" * 150), {}), {}, "/tmp/m.sock")
+
+
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
 def test_a_result_too_large_for_one_message_is_an_error_and_the_next_call_works(monkeypatch):
     from procshare.server import server as server_module

@@ -239,13 +239,14 @@ def test_a_stopping_frame_behind_a_large_late_reply_is_read():
 
     from procshare.client.session import Connection
     from procshare.transport.channel import Channel
-    from procshare.wire.frames import pack_frame
+    from procshare.wire.frames import DEFAULT_LIMITS, pack_frame
     from procshare.wire.kinds import Kind
     from procshare.wire.serializers import encode_hello, get_serializer
 
-    class Session:      # what read_last needs of a session
+    class Session:      # what a Connection is made with, and what read_last needs
         epoch = 0
         stopped = None
+        limits = DEFAULT_LIMITS
 
         def on_stopping(self, body):
             self.stopped = body

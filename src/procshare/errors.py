@@ -242,14 +242,21 @@ class MessageTooLarge(ProcshareError, ValueError):
 
 
 def message_too_large(what: str, address: Any, size: int, problem: str, path: str,
-                      culprit: str, method: Any = None) -> MessageTooLarge:
-    """The error for a call (`what`) whose message breaks the manager's limits."""
+                      culprit: str, method: Any = None, buffers: bool = False
+                      ) -> MessageTooLarge:
+    """The error for a call (`what`) whose message breaks the manager's limits
+    (`buffers`: only its count of out-of-band buffers)."""
     largest = f"; the largest argument is {path} ({culprit})" if path else ""
+    if buffers:
+        advice = ("Send fewer, larger buffers (join small arrays into one), or the data "
+                  "in several calls.")
+    else:
+        advice = ("Raise max_message_bytes= where the manager is created, or send the data "
+                  "in smaller parts (a manager.SharedArray or manager.ndarray is not sent "
+                  "at all: every process maps it).")
     return MessageTooLarge(
         f"{what} was not sent: its message to the manager at {address!r} is {size} bytes, "
-        f"{problem}{largest}. The connection stays usable. Raise max_message_bytes= "
-        "where the manager is created, or send the data in smaller parts (a "
-        "manager.SharedArray or manager.ndarray is not sent at all: every process maps it).",
+        f"{problem}{largest}. The connection stays usable. {advice}",
         method=method, size=size, address=address, path=path, culprit=culprit)
 
 

@@ -277,7 +277,7 @@ class Pipe:
                     fut._resend = (body, [bytes(memoryview(b).cast("B")) for b in bufs])
                     self.ch.slow_replies()  # its reply waits for a commit
             if bufs:
-                self.out.append(encode_frame(_CALL, rid, body, bufs, budget))
+                self.out.append(encode_frame(_CALL, rid, body, bufs, budget, self.limits))
             else:
                 frame = pack_frame(_CALL, rid, body, budget)
                 if len(self.futures) <= 1 and not self.out and not self.writing:

@@ -195,7 +195,7 @@ class Connection:
             self.ch.slow_replies()  # its reply waits for a commit
         try:
             if bufs:    # through shared-memory slots where the connection has them
-                self.ch.send_buffers(_CALL, rid, body, bufs, budget)
+                self.ch.send_buffers(_CALL, rid, body, bufs, budget, limits)
             else:
                 self.ch.send_bytes(pack_frame(_CALL, rid, body, budget))
         except OSError:

@@ -497,7 +497,7 @@ class Server:
         none_body = self.none_body
         loads = self.serializer.loads
         dumps = self.serializer.dumps
-        max_body = REPLY_LIMITS.max_body
+        max_body = min(REPLY_LIMITS.max_body, REPLY_LIMITS.max_frame)
         objects = self.objects.objects
         st = callctx.server_state
         st.caller = info.caller

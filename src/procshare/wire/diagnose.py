@@ -9,9 +9,10 @@ message too large for the manager (`check_message`).
 
 Rules it keeps:
 - Only runs after a serialization has failed, so it may be slow-ish; the hot
-  path never comes here.  (`check_message` is asked only of messages with
-  out-of-band buffers, or with a body over the limit, and searches only
-  once one is over.)
+  path never comes here.  (`check_message` is the exception: it is asked
+  of every message with out-of-band buffers or a body over the limit, costs
+  a sum of buffer sizes, and searches for the largest argument only once a
+  message is over.)
 - It descends the way pickle does: into containers, then into the state and
   arguments an object's `__reduce_ex__` gives, and stops at the deepest piece
   that still fails on its own.  Long sequences are bisected, so a list of a
@@ -26,6 +27,7 @@ from __future__ import annotations
 import copyreg
 import importlib.util
 import io
+import pickle
 import sys
 import time
 import types
@@ -351,46 +353,78 @@ def arguments_error(cause: BaseException, serializer: Any, oid: Any, meth: str, 
         return cause
 
 
-def _message_size(ser: Serializer, value: Any) -> int:
-    """The bytes `value` adds to a message (0 for a proxy, never serialized
-    here): a buffer's size for a buffer, else its own serialization's, whose
-    out-of-band buffers are counted, not copied."""
+class _Tally:
+    """A file that keeps only the count of the bytes written to it."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def write(self, data: Any) -> int:
+        n = memoryview(data).nbytes
+        self.n += n
+        return n
+
+
+class _SizePickler(pickle.Pickler):
+    """Pickles into a `_Tally`: buffers are counted, not copied, and a proxy is
+    not pickled (that would lend the manager a reference)."""
+
+    def persistent_id(self, obj: Any) -> Any:
+        return 0 if is_proxy(obj) else None
+
+
+def _message_size(value: Any) -> int:
+    """About the bytes `value` adds to a message: a buffer's size, or what
+    pickle (protocol 5) writes for it."""
     if is_proxy(value):
         return 0
     try:
         return memoryview(value).nbytes
     except TypeError:
         pass
-    body, bufs = ser.dumps(value)
-    return len(body) + sum(memoryview(b).nbytes for b in bufs)
+    tally = _Tally()
+
+    def count(buf: pickle.PickleBuffer) -> bool:
+        tally.n += buf.raw().nbytes
+        return False        # out of band: counted, not written
+
+    _SizePickler(tally, 5, buffer_callback=count).dump(value)
+    return tally.n
 
 
 def check_message(limits: Any, body: bytes, bufs: Any, serializer: Any, oid: Any, meth: str,
                   args: tuple, kwds: dict, address: Any) -> None:
     """Raise MessageTooLarge for a call message `(body, bufs)` over the
     manager's `limits` (a `frames.Limits`), before anything is sent; naming
-    the largest argument, found within the time budget."""
+    the largest argument, found within the time budget (measured with plain
+    pickle, whatever the serializer: a value it cannot pickle is skipped)."""
     total = len(body) + sum(memoryview(b).nbytes for b in bufs)
     problem = frame_problem(limits, len(body), total, len(bufs))
     if problem is None:
         return
+    if meth == "#RETRY" and len(args) == 5:     # a durable call sent again: name the call
+        meth, args, kwds = args[2], tuple(args[3]), dict(args[4])
     what, cargs, root = _call_label(oid, meth, args)
     path = culprit = ""
-    try:
-        ser = get_serializer(serializer)
-        items = [(f"{root}[{i}]", a) for i, a in enumerate(cargs)]
-        items += [(f"kwds[{k!r}]", v) for k, v in kwds.items()]
-        end = time.monotonic() + TIME_BUDGET
-        largest = 0
-        for name, value in items:
-            size = _message_size(ser, value)
-            if size > largest:
-                largest, path, culprit = size, name, f"{describe(value)}, {size} bytes"
-            if time.monotonic() > end:
-                break
-    except Exception:   # never hide the limit behind a failed search
-        path = culprit = ""
-    raise errors.message_too_large(what, address, total, problem, path, culprit, method=meth)
+    items = [(f"{root}[{i}]", a) for i, a in enumerate(cargs)]
+    items += [(f"kwds[{k!r}]", v) for k, v in kwds.items()]
+    end = time.monotonic() + TIME_BUDGET
+    largest = 0
+    for name, value in items:
+        try:
+            size = _message_size(value)
+        except Exception:   # never hide the limit behind a failed measurement
+            continue
+        if size > largest:
+            largest, path, culprit = size, name, f"{describe(value)}, {size} bytes"
+        if time.monotonic() > end:
+            break
+    many = (len(bufs) > limits.max_buffers and total <= limits.max_frame
+            and len(body) <= min(limits.max_body, limits.max_frame))
+    raise errors.message_too_large(what, address, total, problem, path, culprit,
+                                   method=meth, buffers=many)
 
 
 def result_text(cause: BaseException, serializer: Any, what: str, value: Any,
