@@ -907,6 +907,8 @@ def run_case_alone(case: Case, impls: list[Impl], env: Env) -> CaseResult:
     fd, path = tempfile.mkstemp(prefix="procshare-bench-", suffix=".pickle")
     os.close(fd)
     signals = {signal.SIGINT, signal.SIGTERM}
+    sys.stdout.flush()      # (or the child's own flush would print it again)
+    sys.stderr.flush()
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # none between fork and try
     try:
         pid = os.fork()
@@ -924,6 +926,9 @@ def run_case_alone(case: Case, impls: list[Impl], env: Env) -> CaseResult:
             except BaseException:  # noqa: BLE001 - reported by the parent; never return here
                 traceback.print_exc()
             finally:
+                with contextlib.suppress(BaseException):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
                 os._exit(code)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
@@ -972,9 +977,11 @@ def _stop_child(pid: int) -> None:
             os.kill(pid, signal.SIGINT)
         end = time.monotonic() + ALONE_STOP_WAIT
         while time.monotonic() < end:
-            with contextlib.suppress(ChildProcessError):
+            try:
                 if os.waitpid(pid, os.WNOHANG)[0]:
                     return
+            except ChildProcessError:   # reaped already: nothing to kill (its pid may be reused)
+                return
             time.sleep(0.05)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
