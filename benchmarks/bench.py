@@ -60,6 +60,7 @@ import multiprocessing
 import multiprocessing.managers as std_managers
 import multiprocessing.util
 import os
+import pickle
 import platform
 import queue
 import resource
@@ -67,7 +68,9 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -900,10 +903,6 @@ def run_case_alone(case: Case, impls: list[Impl], env: Env) -> CaseResult:
     the way out) and, after `ALONE_STOP_WAIT` seconds, SIGKILL."""
     if not hasattr(os, "fork"):
         return run_case(case, impls, env)
-    import pickle
-    import tempfile
-    import traceback
-
     fd, path = tempfile.mkstemp(prefix="procshare-bench-", suffix=".pickle")
     os.close(fd)
     signals = {signal.SIGINT, signal.SIGTERM}

@@ -48,8 +48,7 @@ from typing import Any
 
 __all__ = [
     "FrameError", "Limits", "DEFAULT_LIMITS", "frame_problem", "FrameReader", "pack_frame",
-    "encode_frame",
-    "HEADER", "NO_DEADLINE", "MAX_BUDGET", "FLAG_SLOTS", "SLOT", "SlotRef",
+    "encode_frame", "HEADER", "NO_DEADLINE", "MAX_BUDGET", "FLAG_SLOTS", "SLOT", "SlotRef",
     "OP_BUFFER", "OP_RELEASE", "OP_RETIRE", "TYPE_OTHER", "TYPE_BYTES", "TYPE_BYTEARRAY",
     "encode_slot_frame", "add_slot_entries", "unsent_slot_entries",
 ]
@@ -86,14 +85,15 @@ class FrameError(ValueError):
 
 
 class Limits(collections.namedtuple("Limits", ("max_body", "max_frame", "max_buffers"))):
-    """What one frame may hold.  A peer that breaks a limit loses its connection.
+    """What one frame may hold.  A peer that breaks a limit loses its connection;
+    a client learns the manager's from its hello and checks before it sends.
 
     - `max_body`: the in-band (pickled) body; the header's u32;
     - `max_frame`: body plus every out-of-band buffer;
     - `max_buffers`: out-of-band buffers in one frame.
 
-    The defaults carry payloads of several GiB; the manager takes others as
-    `max_message_bytes=` and `max_buffers=`.  Immutable, compared by value.
+    The defaults carry payloads of several GiB; a manager's `max_message_bytes=`
+    sets `max_frame` (and `max_body`, if lower).  Immutable, compared by value.
     (A named tuple, not a dataclass: `dataclasses` imports `inspect`, about
     10 ms of every process's `import procshare`.)
     """
