@@ -149,6 +149,15 @@ def test_call_futures_work_with_wait_and_as_completed(sync):
     assert f.result(10) == 200
     assert called.wait(10) and seen == [200]
     assert "finished" in repr(f) and f.done() and not f.running()
+    # a future nobody waited on with wait() nor gave a callback made no list
+    # for them (they are made on first use); one that was given both has them
+    plain = a.__len__()
+    assert plain.result(10) == 200
+    assert not {"_waiters_", "_callbacks_"} & set(vars(plain))
+    assert {"_waiters_", "_callbacks_"} <= set(vars(futs[0])) | set(vars(f))
+    late = []
+    plain.add_done_callback(late.append)    # settled already: called at once
+    assert late == [plain] and plain._done_callbacks == []
 
 
 def test_replies_that_arrive_together_settle_every_kind_of_future(sync):

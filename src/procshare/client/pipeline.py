@@ -77,7 +77,9 @@ class CallFuture(concurrent.futures.Future):
     cost about as much as the rest of a submit, so a future makes its own
     (`_condition`, what Future's methods, `wait()` and `as_completed()` lock)
     only when something asks for it; the reader settles a future that has
-    none under `_MAKING`, the lock that making one takes.  This class's own
+    none under `_MAKING`, the lock that making one takes.  Its lists of
+    waiters and of done callbacks, which only `Future.__init__` assigns, are
+    made on first use too.  This class's own
     `result()` and `exception()` wait on the pipe's Condition (`settled`),
     which the reader wakes after settling a future, never while it holds a
     future's: so no lock order exists between them, and one wakeup may be for
@@ -100,14 +102,30 @@ class CallFuture(concurrent.futures.Future):
                  timeout: float | None) -> None:
         # the attributes Future.__init__ sets, but the Condition
         self._state = _PENDING
-        self._waiters: list = []
-        self._done_callbacks: list = []
         self._settled = pipe.settled
         self._pipe = pipe
         self._rid = rid
         self._proxy = proxy
         self._meth = meth
         self._timeout = timeout
+
+    @property
+    def _waiters(self) -> list:     # type: ignore[override]
+        """`wait()`'s and `as_completed()`'s waiters (made on first use)."""
+        d = self.__dict__
+        w = d.get("_waiters_")
+        if w is None:
+            w = d.setdefault("_waiters_", [])     # (atomic: one list, whoever asks)
+        return w
+
+    @property
+    def _done_callbacks(self) -> list:  # type: ignore[override]
+        """The callbacks of `add_done_callback()` (made on first use)."""
+        d = self.__dict__
+        c = d.get("_callbacks_")
+        if c is None:
+            c = d.setdefault("_callbacks_", [])
+        return c
 
     @property
     def _condition(self) -> threading.Condition:    # type: ignore[override]
@@ -574,6 +592,8 @@ def _pipe(proxy: Any) -> Pipe:
     a break, the one that carries the broken pipe's re-sent calls)."""
     tls = proxy._session.tls
     pipe = getattr(tls, "pipe", None)
+    if pipe is not None and pipe.broken is None:
+        return pipe
     while pipe is not None and pipe.broken is not None:
         # calls re-sent after a restart go first: wait until they are on their way
         if not pipe.handed_over.wait(_HANDOVER_WAIT):
