@@ -274,7 +274,7 @@ def test_a_failed_commit_is_reported_only_for_the_calls_it_lost():
         durables = Durables()
         none_body = b"None"
 
-        def encode_reply(self, rid, kind, payload):
+        def encode_reply(self, rid, kind, payload, oid=None, meth=None):
             return (rid, kind, str(payload))
 
     loop = durableloop.DurableLoop.__new__(durableloop.DurableLoop)
@@ -404,7 +404,7 @@ def test_a_failing_loop_gives_back_a_frame_it_read_after_a_call_it_served():
         def error_reply(self, e):
             return (Kind.ERROR, e)
 
-        def encode_reply(self, rid, kind, payload):
+        def encode_reply(self, rid, kind, payload, oid=None, meth=None):
             return (rid, kind, str(payload))
 
     loop = durableloop.DurableLoop.__new__(durableloop.DurableLoop)

@@ -71,7 +71,7 @@ def test_unserializable_argument_names_method_path_and_serializer(sync_manager):
         d["job"] = {"size": 3, "cfg": ["fast", threading.Lock()]}
     e = info.value
     text = str(e)
-    assert "__setitem__()" in text
+    assert f"__setitem__() on 'dict' object {d._id} " in text     # what the object is
     assert "args[1]['cfg'][1] -> <_thread.lock object>" in text
     assert "'pickle'" in text and "arguments" in text
     assert "Nothing was sent" in text
@@ -97,6 +97,8 @@ def test_unserializable_keyword_argument_and_nested_object(box_manager):
     with pytest.raises(SerializationError) as info:
         box._callmethod("put", (), {"x": [0, holder]})
     assert "kwds['x'][1].callback -> <_thread.RLock object>" in str(info.value)
+    with pytest.raises(SerializationError, match=rf"put\(\) on 'Box' object {box._id} "):
+        procshare.async_(box).put(holder)
     assert box.size() == 0
 
 
@@ -197,7 +199,8 @@ def test_a_call_over_the_managers_message_limit_is_refused_before_it_is_sent():
             e = info.value
             text = str(e)
             assert isinstance(e, ValueError)
-            assert "__setitem__()" in text and repr(m.address) in text
+            assert f"__setitem__() on 'dict' object {d._id} " in text
+            assert repr(m.address) in text
             assert "over the 1048576-byte limit" in text and "max_message_bytes=" in text
             assert f"args[1] (<{type(big).__name__} object>, " in text
             assert "was not sent" in text
@@ -206,7 +209,7 @@ def test_a_call_over_the_managers_message_limit_is_refused_before_it_is_sent():
         # nothing was sent: the same connection serves the next call
         assert d._session.thread_conn() is conn_before and not conn_before.pending
         assert d["k"] == b"small"
-        with pytest.raises(MessageTooLarge, match="__setitem__"):
+        with pytest.raises(MessageTooLarge, match=r"__setitem__\(\) on 'dict' object"):
             procshare.async_(d).__setitem__("k", b"x" * (3 << 20))
         assert procshare.async_(d).get("k").result(timeout=10) == b"small"
         with pytest.raises(MessageTooLarge, match=r"list\(\) \(creating a shared object\)"):
@@ -249,9 +252,11 @@ def test_message_limits_name_the_broken_one_and_the_advice_fits_it():
     assert "max_message_bytes" not in text
     assert "the largest argument is args[0] (<list object>, " in text
     # a durable call sent again is named as the call it is
-    with pytest.raises(MessageTooLarge, match=r"__setitem__\(\) on object ab12.*args\[1\]"):
+    with pytest.raises(MessageTooLarge,
+                       match=r"__setitem__\(\) on 'dict' object ab12.*args\[1\]"):
         diagnose.check_message(lim, b"x" * 200, [], "pickle", "ab12", "#RETRY",
-                               (3, 9, "__setitem__", ("k", b"v" * 150), {}), {}, "/tmp/m.sock")
+                               (3, 9, "__setitem__", ("k", b"v" * 150), {}), {}, "/tmp/m.sock",
+                               "dict")
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
@@ -278,6 +283,14 @@ def test_a_result_too_large_for_one_message_is_an_error_and_the_next_call_works(
             pytest.raises(ResultNotSerializable, lambda: d["big"]).value)
         d["small"] = 1
         assert d["small"] == 1 and len(d) == 2 and m.restarts == 0
+        # a durable object's call replies another way, and is named all the same
+        dd = m.dict(durable=True)
+        dd["big"] = bytearray(2 << 20)
+        with pytest.raises(ResultNotSerializable) as info:
+            dd["big"]
+        assert f"__getitem__() on 'dict' object {dd._id} in the manager" in str(info.value)
+        dd["small"] = 2
+        assert dd["small"] == 2 and len(dd) == 2
     finally:
         m.shutdown()
 

@@ -328,7 +328,12 @@ def test_large_values_and_async_deadlines(manager):
     assert time.monotonic() - t0 < 2.0 and info.value.may_complete is False
     q.put(1)
     assert q.get_nowait() == 1
-    del d, q
+    # an argument that cannot travel: named, with the object's type and id
+    with pytest.raises(procshare.errors.ArgumentsNotSerializable) as err:
+        d["lock"] = threading.Lock()
+    assert f"__setitem__() on 'dict' object {d._id} " in str(err.value)
+    assert err.value.path == "args[1]" and "lock" not in d
+    del d, q, err       # (its traceback holds the proxy)
 
 
 def test_non_durable_object_lost_with_its_worker(manager):

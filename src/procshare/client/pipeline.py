@@ -271,11 +271,12 @@ class Pipe:
         try:
             body, bufs = self.ser.dumps_call(proxy._id, meth, args, kwds)  # nothing sent if it fails
         except Exception as e:
-            raise arguments_error(e, self.ser, proxy._id, meth, args, kwds) from None
+            raise arguments_error(e, self.ser, proxy._id, meth, args, kwds,
+                                  proxy._token.typeid) from None
         limits = self.limits
         if bufs or len(body) > limits.max_body:     # (nothing sent if this raises)
             check_message(limits, body, bufs, self.ser, proxy._id, meth, args, kwds,
-                          self.session.address)
+                          self.session.address, proxy._token.typeid)
         budget = NO_DEADLINE if timeout is None else timeout
         with self.lock:
             if self.broken is not None:

@@ -161,7 +161,8 @@ class BaseProxy:
         if timeout is _UNSET:
             timeout = self._deadline_for(timeout)
         try:
-            kind, result = conn.call(self._id, methodname, args, kwds, timeout)
+            kind, result = conn.call(self._id, methodname, args, kwds, timeout,
+                                     self._token.typeid)
         except TimeoutError:
             raise call_timeout(self, methodname, timeout, False) from None
         except ObjectLost as e:
@@ -173,7 +174,7 @@ class BaseProxy:
             # made after the restart, called on a connection from before it: the
             # call never reached the new manager; send it again there
             kind, result = self._session.thread_conn().call(
-                self._id, methodname, args, kwds, timeout)
+                self._id, methodname, args, kwds, timeout, self._token.typeid)
         if kind == _RETURN:
             return result
         try:
@@ -195,7 +196,8 @@ class BaseProxy:
                 raise call_timeout(self, methodname, timeout, False)
             try:
                 kind, result = self._session.thread_conn().call(
-                    self._id, "#RETRY", (*first, methodname, args, kwds), {}, left)
+                    self._id, "#RETRY", (*first, methodname, args, kwds), {}, left,
+                    self._token.typeid)
             except TimeoutError:
                 raise call_timeout(self, methodname, timeout, False) from None
             except ObjectLost:

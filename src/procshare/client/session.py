@@ -178,18 +178,19 @@ class Connection:
         self.limits = session.limits    # what the manager accepts (its hello said)
 
     def send_request(self, oid: Any, meth: str, args: tuple, kwds: dict,
-                     timeout: float | None, want_reply: bool = True) -> int:
+                     timeout: float | None, want_reply: bool = True,
+                     typeid: str | None = None) -> int:
         rid = 0
         if want_reply:
             rid = self.rid = self.rid + 1
         try:
             body, bufs = self.ser.dumps_call(oid, meth, args, kwds)   # nothing sent if this fails
         except Exception as e:
-            raise arguments_error(e, self.ser, oid, meth, args, kwds) from None
+            raise arguments_error(e, self.ser, oid, meth, args, kwds, typeid) from None
         limits = self.limits
         if bufs or len(body) > limits.max_body:     # (nothing sent if this raises)
             check_message(limits, body, bufs, self.ser, oid, meth, args, kwds,
-                          self.session.address)
+                          self.session.address, typeid)
         budget = _NAN if timeout is None else timeout
         if oid and oid.startswith(DURABLE_PREFIX):
             self.ch.slow_replies()  # its reply waits for a commit
@@ -283,11 +284,12 @@ class Connection:
             log.warning("dropped a reply to unknown request %d (%s)", rid, kind_name(kind))
 
     def call(self, oid: Any, meth: str, args: tuple, kwds: dict,
-             timeout: float | None) -> tuple[int, Any]:
-        """Send one request and wait for its reply: `(kind, payload)`."""
+             timeout: float | None, typeid: str | None = None) -> tuple[int, Any]:
+        """Send one request and wait for its reply: `(kind, payload)`
+        (`typeid`: the object's, named by an error about the arguments)."""
         deadline = None if timeout is None else _monotonic() + timeout
         try:
-            rid = self.send_request(oid, meth, args, kwds, timeout)
+            rid = self.send_request(oid, meth, args, kwds, timeout, True, typeid)
         except (EOFError, OSError) as e:
             raise self._broken(e, deadline) from None
         try:

@@ -113,9 +113,10 @@ class RayConnection:
         self.thread = threading.get_ident()
 
     def call(self, oid: Any, meth: str, args: tuple, kwds: dict,
-             timeout: float | None) -> tuple[int, Any]:
+             timeout: float | None, typeid: str | None = None) -> tuple[int, Any]:
         """Run `meth` on object `oid`: `(kind, payload)`, or TimeoutError when the
-        deadline passed while the call may still complete."""
+        deadline passed while the call may still complete (`typeid`: as the
+        socket connection's; the session knows each object's own)."""
         s = self.session
         s.ensure()
         if oid is None:
@@ -289,7 +290,8 @@ class RaySession:
         try:
             return handle.call.remote((oid, meth, args, kwds, ctx))
         except Exception as e:
-            raise _arguments_error(e, oid, meth, args, kwds) from None
+            raise _arguments_error(e, oid, meth, args, kwds,
+                                   self._info.get(oid, {}).get("typeid")) from None
 
     def _settle(self, ref: Any, oid: str, meth: str) -> tuple[int, Any]:
         """The deadline passed: cancel the call, and answer with what happened."""
@@ -719,14 +721,14 @@ def _gone_text(oid: str, meth: str, address: str) -> str:
 
 
 def _arguments_error(e: BaseException, oid: Any, meth: str, args: tuple,
-                     kwds: dict) -> BaseException:
+                     kwds: dict, typeid: str | None = None) -> BaseException:
     from ..wire.diagnose import arguments_error
     try:
         import cloudpickle  # noqa: F401  (the diagnosis tries values with Ray's pickler)
         ser = "cloudpickle"
     except ImportError:
         ser = "pickle"
-    return arguments_error(e, ser, oid, meth, args, kwds)
+    return arguments_error(e, ser, oid, meth, args, kwds, typeid)
 
 
 def _cancel(ref: Any) -> None:

@@ -368,6 +368,8 @@ class DurableLoop:
                 reply = got
             if reply[0] == Kind.RETURN and reply[1] is None:
                 data = pack_frame(Kind.RETURN, rid, none_body)
+            elif type(got) is Applied:
+                data = server.encode_reply(rid, *reply, got.oid, got.meth)
             else:
                 data = server.encode_reply(rid, *reply)
             info.call.done_rid = rid

@@ -654,7 +654,10 @@ class Server:
             call.done_rid = rid
             args = kwds = bufs = entry = None
             if rid:
-                self._reply(ch, rid, *reply)
+                if reply[0] is _PACKED:     # (a call on an object: decoded, so named)
+                    self._reply(ch, rid, *reply, oid, meth)
+                else:
+                    self._reply(ch, rid, *reply)
             reply = None
         ch.flush()      # (stopping) the replies held back go all the same
 
@@ -728,9 +731,12 @@ class Server:
                 + ": calls on it run one at a time, and this one waited behind it")
         return True
 
-    def _reply(self, ch: transport.Channel, rid: int, kind: Any, payload: Any) -> None:
+    def _reply(self, ch: transport.Channel, rid: int, kind: Any, payload: Any,
+               oid: Any = None, meth: Any = None) -> None:
+        """Send a reply (`oid`, `meth`: the call's, named if its result is too
+        large for one message)."""
         if kind is _PACKED:     # a value serialized already (under its object's lock)
-            kind, body, bufs = self._fit(Kind.RETURN, *payload)
+            kind, body, bufs = self._fit(Kind.RETURN, *payload, oid, meth)
             ch.send_buffers(kind, rid, body, bufs, NO_DEADLINE, REPLY_LIMITS)
             return
         fds = None
@@ -769,18 +775,24 @@ class Server:
         if problem is None:
             return kind, body, bufs
         entry = self.objects.objects.get(oid) if oid is not None else None
-        what = f"{meth}() on {entry.typeid!r} object {oid}" if entry is not None else "a call"
+        if entry is not None:
+            what = f"{meth}() on {entry.typeid!r} object {oid}"
+        elif meth is not None:
+            what = f"{meth}() on object {oid}" if oid is not None else f"{meth}()"
+        else:
+            what = "a call"
         text = result_too_large_text(what, total, problem, os.getpid())
         log.info("%s", text)
         body, bufs = self.serializer.dumps((text, {"direction": "result", "size": total,
                                                    "error": problem}))
         return Kind.UNSERIALIZABLE, body, bufs
 
-    def encode_reply(self, rid: int, kind: Any, payload: Any) -> bytes:
+    def encode_reply(self, rid: int, kind: Any, payload: Any, oid: Any = None,
+                     meth: Any = None) -> bytes:
         """One whole reply frame (no descriptors), for a writer that is not the
-        connection's thread (the durable loop)."""
+        connection's thread (the durable loop); `oid`, `meth` as for `_reply`."""
         if kind is _PACKED:
-            kind, body, bufs = self._fit(Kind.RETURN, *payload)
+            kind, body, bufs = self._fit(Kind.RETURN, *payload, oid, meth)
         else:
             kind, body, bufs = self._serialize_reply(kind, payload)
         return b"".join(encode_frame(kind, rid, body, bufs))

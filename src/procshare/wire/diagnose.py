@@ -319,18 +319,22 @@ def alternatives_possible() -> bool:
     return any(importlib.util.find_spec(n) is not None for n in ("cloudpickle", "dill"))
 
 
-def _call_label(oid: Any, meth: str, args: tuple) -> tuple[str, Any, str]:
+def _call_label(oid: Any, meth: str, args: tuple,
+                typeid: str | None = None) -> tuple[str, Any, str]:
     """(what the call is, the arguments to diagnose, their root name)."""
     if oid is None and meth == "create" and args:
         return f"{args[0]}() (creating a shared object)", tuple(args[1:]), "args"
     if oid is None:
         return f"manager operation {meth!r}", args, "args"
+    if typeid:
+        return f"{meth}() on {typeid!r} object {oid}", args, "args"
     return f"{meth}() on object {oid}", args, "args"
 
 
 def arguments_error(cause: BaseException, serializer: Any, oid: Any, meth: str, args: tuple,
-                    kwds: dict) -> BaseException:
-    """The error to raise when `(oid, meth, args, kwds)` could not be serialized.
+                    kwds: dict, typeid: str | None = None) -> BaseException:
+    """The error to raise when `(oid, meth, args, kwds)` could not be serialized
+    (`typeid`: the object's, to name it, where the caller knows it).
 
     Errors that are not about serialization (a proxy in the arguments whose
     manager is gone, say) are returned as they are."""
@@ -338,7 +342,7 @@ def arguments_error(cause: BaseException, serializer: Any, oid: Any, meth: str, 
         return cause
     try:
         ser = get_serializer(serializer)
-        what, args, root = _call_label(oid, meth, args)
+        what, args, root = _call_label(oid, meth, args, typeid)
         finding = find_unserializable(args, ser, root)
         if finding is None and kwds:
             finding = find_unserializable(kwds, ser, "kwds")
@@ -395,7 +399,7 @@ def _message_size(value: Any) -> int:
 
 
 def check_message(limits: Any, body: bytes, bufs: Any, serializer: Any, oid: Any, meth: str,
-                  args: tuple, kwds: dict, address: Any) -> None:
+                  args: tuple, kwds: dict, address: Any, typeid: str | None = None) -> None:
     """Raise MessageTooLarge for a call message `(body, bufs)` over the
     manager's `limits` (a `frames.Limits`), before anything is sent; naming
     the largest argument, found within the time budget (measured with plain
@@ -406,7 +410,7 @@ def check_message(limits: Any, body: bytes, bufs: Any, serializer: Any, oid: Any
         return
     if meth == "#RETRY" and len(args) == 5:     # a durable call sent again: name the call
         meth, args, kwds = args[2], tuple(args[3]), dict(args[4])
-    what, cargs, root = _call_label(oid, meth, args)
+    what, cargs, root = _call_label(oid, meth, args, typeid)
     path = culprit = ""
     items = [(f"{root}[{i}]", a) for i, a in enumerate(cargs)]
     items += [(f"kwds[{k!r}]", v) for k, v in kwds.items()]
