@@ -385,6 +385,34 @@ def test_a_frame_that_never_left_gives_its_slots_and_notices_back(path):
         pool.shrink(0)
 
 
+def test_a_frame_over_the_limits_is_declined_before_any_slot_is_taken():
+    """The slot encoder declines a frame over the limits it is given (the
+    socket's encoder then says why, naming the limit): no slot is taken and
+    the releases owed to the peer stay owed, for the next frame."""
+    from procshare.transport import slots
+    from procshare.wire.frames import NO_DEADLINE, OP_RELEASE, Limits, frame_problem
+
+    pool = shm.ArenaPool(arena_size=4 * MiB)
+    link = slots.SlotLink(pool, "peer", lend=True)
+    try:
+        owed = [(OP_RELEASE, 0, 7, 0, 65536)]
+        link.notices.extend(owed)
+        bufs = [bytes(300_000), bytearray(300_000)]
+        for limits in (Limits(512 * 1024, 512 * 1024),   # too many bytes in all
+                       Limits(8 * MiB, 8 * MiB, 1)):     # too many buffers
+            assert frame_problem(limits, 4, 600_004, 2) is not None
+            assert link.encode(1, 5, b"body", bufs, NO_DEADLINE, limits) is None
+            assert pool.used == 0 and pool.held_by("peer") == []
+            assert list(link.notices) == owed
+        # within the limits the same frame goes through slots, and carries the notice
+        frame = link.encode(1, 5, b"body", bufs, NO_DEADLINE, Limits(8 * MiB, 8 * MiB))
+        assert frame is not None and len(frame) < 1000
+        assert len(pool.held_by("peer")) == 2 and not link.notices
+    finally:
+        link.close()
+        pool.shrink(0)
+
+
 # -- what a child the manager forks holds -------------------------------------------------
 
 def _manager_lends(link, offset: int):
