@@ -108,6 +108,39 @@ def test_timed_out_gets_of_large_items_lose_nothing(sync):
     assert sorted(x[0] for x in got) == list(range(1, 13))
 
 
+# -- a call never sent gives back the loans of its proxies ----------------------------------
+
+def test_a_call_that_is_not_sent_gives_back_the_loans_of_the_proxies_in_it():
+    """Pickling a proxy takes a loan (a reference kept for the receiver).  A
+    call whose arguments cannot be serialized, or whose message is over the
+    manager's limits, is never sent: the loans its proxies took go back at
+    once (they kept the object alive for LOAN_TTL, 10 minutes, after its last
+    proxy went).  A loan in a message on its way is not touched."""
+    from procshare.errors import MessageTooLarge, SerializationError
+
+    with procshare.Manager(ctx=multiprocessing.get_context("fork"),
+                           max_message_bytes=1 << 20) as m:
+        d = m.dict()
+        base = m._number_of_objects()
+        lst = m.list([1])
+        on_its_way = procshare.async_(d).__setitem__("kept", lst)    # its loan: adopted
+        with pytest.raises(SerializationError):
+            d["x"] = (lst, threading.Lock())
+        with pytest.raises(SerializationError):
+            procshare.async_(d).__setitem__("y", [lst, threading.Lock()])
+        with pytest.raises(MessageTooLarge):
+            d["z"] = (lst, b"x" * (2 << 20))
+        with pytest.raises(MessageTooLarge):
+            procshare.async_(d).update({"z": lst, "big": b"x" * (2 << 20)})
+        assert on_its_way.result(WAIT) is None
+        del lst
+        kept = d["kept"]
+        assert kept[:] == [1] and sorted(d.keys()) == ["kept"]
+        # once the dict and this process let go, nothing holds the list
+        del d["kept"], kept
+        assert poll(lambda: m._number_of_objects() == base, WAIT), m._debug_info()
+
+
 # -- case 6: a broken control connection is not death ------------------------------------
 
 def test_replaced_control_connection_keeps_this_process_objects(sync):

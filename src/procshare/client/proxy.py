@@ -26,9 +26,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
-import collections
 import os
-import re
 import threading
 import time
 import types
@@ -39,10 +37,9 @@ from typing import Any
 
 from ..errors import ObjectLost, object_lost
 from ..inprocess import local_server, recovering
-from ..wire import serializers
 from ..wire.kinds import Kind
 from ..wire.records import DURABLE_PREFIX, Token
-from . import scope
+from . import loans, scope
 from .replies import call_timeout, convert_to_error, raise_reply
 from .session import Session, authkey_for, get_session, inherited_by_server
 
@@ -290,12 +287,10 @@ class BaseProxy:
                 # nothing, and calls on it say so
                 kwds["incref"] = False
                 return self._reduced(self._token, kwds)
-            _recent_loans[loan] = None
+            loans.record(loan, None)
         else:
             loan = self._session.control_call("loan", self._id)
-            _recent_loans[loan] = self._session
-        while len(_recent_loans) > _RECENT_LOANS:
-            _recent_loans.popitem(last=False)
+            loans.record(loan, self._session)
         kwds["loan"] = loan
         return self._reduced(self._token, kwds)
 
@@ -325,33 +320,6 @@ class BaseProxy:
             return repr(self)[:-1] + "; '__str__()' failed>"
 
 
-#: loans this process took recently, and the session they came from (None: the
-#: manager running in this process), so that a discarded pickle can return them
-_recent_loans: collections.OrderedDict[str, Session | None] = collections.OrderedDict()
-_RECENT_LOANS = 4096
-_LOAN_ID = re.compile(rb"loan:[0-9a-f]{16}")
-
-
-def release_discarded_loans(body: bytes) -> None:
-    """A serializer pickled a message, threw that pickle away and made another
-    (to send large buffers out of band): give back the loans the discarded one
-    took, which nobody will adopt."""
-    if not _recent_loans or b"loan:" not in body:
-        return
-    for match in _LOAN_ID.finditer(body):
-        loan = match.group().decode()
-        if loan not in _recent_loans:
-            continue
-        session = _recent_loans.pop(loan)
-        if session is None:
-            server = local_server()
-            if server is not None:
-                server.objects.release_holder(loan)
-        else:
-            session.control_send("release_loan", loan)
-
-
-serializers.discarded_body_hooks.append(release_discarded_loans)
 
 
 _takes_incref: dict = {}

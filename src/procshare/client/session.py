@@ -94,6 +94,7 @@ from typing import Any
 from ..errors import (
     AuthenticationError,
     ManagerCrashed,
+    MessageTooLarge,
     ObjectLost,
     RemoteError,
     manager_crashed,
@@ -111,6 +112,8 @@ from ..wire.kinds import Kind, kind_name
 from ..wire.records import DURABLE_PREFIX
 from ..wire.serializers import Serializer, decode_hello, encode_hello, get_serializer
 from . import bulk
+from .loans import mark as _loan_mark
+from .loans import release_since as release_loans_since
 from .replies import call_timeout, raise_reply
 
 __all__ = ["Connection", "Client", "Session", "get_session", "client_id"]
@@ -183,14 +186,20 @@ class Connection:
         rid = 0
         if want_reply:
             rid = self.rid = self.rid + 1
+        since = _loan_mark()
         try:
             body, bufs = self.ser.dumps_call(oid, meth, args, kwds)   # nothing sent if this fails
-        except Exception as e:
-            raise arguments_error(e, self.ser, oid, meth, args, kwds, typeid) from None
+        except Exception as e:      # (the loans of proxies pickled for it go back)
+            raise release_loans_since(
+                since, arguments_error(e, self.ser, oid, meth, args, kwds, typeid)) from None
         limits = self.limits
         if bufs or len(body) > limits.max_body:     # (nothing sent if this raises)
-            check_message(limits, body, bufs, self.ser, oid, meth, args, kwds,
-                          self.session.address, typeid)
+            try:
+                check_message(limits, body, bufs, self.ser, oid, meth, args, kwds,
+                              self.session.address, typeid)
+            except MessageTooLarge:
+                release_loans_since(since)
+                raise
         budget = _NAN if timeout is None else timeout
         if oid and oid.startswith(DURABLE_PREFIX):
             self.ch.slow_replies()  # its reply waits for a commit
