@@ -64,6 +64,8 @@ from ray import exceptions as rex
 
 from .. import errors
 from ..client import session as core_session
+from ..client.loans import mark as _loan_mark
+from ..client.loans import release_since as release_loans_since
 from ..client.replies import call_timeout, raise_reply
 from ..client.session import client_id
 from ..wire.kinds import Kind
@@ -287,11 +289,12 @@ class RaySession:
 
     def _submit(self, handle: Any, oid: str, meth: str, args: tuple, kwds: dict,
                 ctx: tuple) -> Any:
+        since = _loan_mark()
         try:
             return handle.call.remote((oid, meth, args, kwds, ctx))
-        except Exception as e:
-            raise _arguments_error(e, oid, meth, args, kwds,
-                                   self._info.get(oid, {}).get("typeid")) from None
+        except Exception as e:      # not sent: the loans of proxies pickled for it go back
+            raise release_loans_since(since, _arguments_error(
+                e, oid, meth, args, kwds, self._info.get(oid, {}).get("typeid"))) from None
 
     def _settle(self, ref: Any, oid: str, meth: str) -> tuple[int, Any]:
         """The deadline passed: cancel the call, and answer with what happened."""
@@ -540,14 +543,16 @@ class RaySession:
         else:
             cls = RemoteHost
             opts["max_concurrency"] = 1 if mode == "serial" else HOST_THREADS
+        since = _loan_mark()
         try:
             handle = cls.options(**opts).remote(spec)
         except ValueError as e:
-            raise errors.ProcshareError(f"could not create the actor of {typeid!r}: {e}") \
-                from None
-        except Exception as e:
-            raise _arguments_error(e, None, "create", (typeid, *spec.get("args", ())),
-                                   spec.get("kwds", {})) from None
+            raise release_loans_since(since, errors.ProcshareError(
+                f"could not create the actor of {typeid!r}: {e}")) from None
+        except Exception as e:      # not created: the loans of proxies in its arguments go back
+            raise release_loans_since(since, _arguments_error(
+                e, None, "create", (typeid, *spec.get("args", ())),
+                spec.get("kwds", {}))) from None
         try:
             desc = ray.get(handle.describe.remote(), timeout=CREATE_TIMEOUT)
         except rex.RayActorError as e:
