@@ -41,16 +41,14 @@ import threading
 import time
 from typing import Any
 
-from ..errors import MessageTooLarge
 from ..transport.channel import FrameTail
-from ..wire.diagnose import arguments_error, check_message
 from ..wire.frames import NO_DEADLINE, encode_frame, pack_frame
 from ..wire.kinds import Kind
 from ..wire.records import DURABLE_PREFIX
-from .loans import mark as _loan_mark
-from .loans import release_since as release_loans_since
+from .loans import mark as loan_mark
 from .replies import call_timeout
 from .scope import UNSET
+from .session import check_size, unsendable
 
 __all__ = ["async_", "oneway", "CallFuture", "Pipe"]
 
@@ -271,20 +269,16 @@ class Pipe:
     def submit(self, proxy: Any, meth: str, args: tuple, kwds: dict,
                timeout: float | None, want_reply: bool = True,
                resend_of: CallFuture | None = None) -> CallFuture | None:
-        since = _loan_mark()
+        since = loan_mark()
         try:
             body, bufs = self.ser.dumps_call(proxy._id, meth, args, kwds)  # nothing sent if it fails
-        except Exception as e:      # (the loans of proxies pickled for it go back)
-            raise release_loans_since(since, arguments_error(
-                e, self.ser, proxy._id, meth, args, kwds, proxy._token.typeid)) from None
+        except Exception as e:
+            raise unsendable(e, since, self.ser, proxy._id, meth, args, kwds,
+                             proxy._token.typeid) from None
         limits = self.limits
         if bufs or len(body) > limits.max_body:     # (nothing sent if this raises)
-            try:
-                check_message(limits, body, bufs, self.ser, proxy._id, meth, args, kwds,
-                              self.session.address, proxy._token.typeid)
-            except MessageTooLarge:
-                release_loans_since(since)
-                raise
+            check_size(limits, body, bufs, since, self.ser, proxy._id, meth, args, kwds,
+                       self.session.address, proxy._token.typeid)
         budget = NO_DEADLINE if timeout is None else timeout
         with self.lock:
             if self.broken is not None:

@@ -17,7 +17,9 @@ Rules it keeps:
   for nothing (`Channel.slow_replies`).
 - A call over what the manager accepts in one message (its limits, from its
   hello) raises `MessageTooLarge` before anything is sent; so does a
-  pipelined one (`pipeline`).
+  pipelined one (`pipeline`).  A call not sent, for that or because its
+  arguments could not be serialized, gives back the loans its pickling took
+  (`check_size`, `unsendable`: shared with `pipeline`).
 - Replies are matched by request id.  A call abandoned at its deadline leaves
   its connection *pending*; the connection is set aside and reused once its
   late reply (even one that had started to arrive) has been read and dropped.
@@ -112,7 +114,7 @@ from ..wire.kinds import Kind, kind_name
 from ..wire.records import DURABLE_PREFIX
 from ..wire.serializers import Serializer, decode_hello, encode_hello, get_serializer
 from . import bulk
-from .loans import mark as _loan_mark
+from .loans import mark as loan_mark
 from .loans import release_since as release_loans_since
 from .replies import call_timeout, raise_reply
 
@@ -160,6 +162,25 @@ def client_id() -> str:
     return _client_id
 
 
+def unsendable(cause: BaseException, since: int, ser: Any, oid: Any, meth: str, args: tuple,
+               kwds: dict, typeid: str | None) -> BaseException:
+    """The error to raise for a call whose arguments could not be serialized
+    (nothing is sent); the loans its pickling took (proxies in the arguments,
+    since `loan_mark()` was `since`) go back."""
+    return release_loans_since(since, arguments_error(cause, ser, oid, meth, args, kwds, typeid))
+
+
+def check_size(limits: Limits, body: bytes, bufs: Any, since: int, ser: Any, oid: Any,
+               meth: str, args: tuple, kwds: dict, address: Any, typeid: str | None) -> None:
+    """MessageTooLarge for a call over the manager's `limits` (nothing is
+    sent), the loans its pickling took given back; else nothing."""
+    try:
+        check_message(limits, body, bufs, ser, oid, meth, args, kwds, address, typeid)
+    except MessageTooLarge:
+        release_loans_since(since)
+        raise
+
+
 class Connection:
     """One authenticated channel to a manager, used by one thread at a time."""
 
@@ -186,20 +207,15 @@ class Connection:
         rid = 0
         if want_reply:
             rid = self.rid = self.rid + 1
-        since = _loan_mark()
+        since = loan_mark()
         try:
             body, bufs = self.ser.dumps_call(oid, meth, args, kwds)   # nothing sent if this fails
-        except Exception as e:      # (the loans of proxies pickled for it go back)
-            raise release_loans_since(
-                since, arguments_error(e, self.ser, oid, meth, args, kwds, typeid)) from None
+        except Exception as e:
+            raise unsendable(e, since, self.ser, oid, meth, args, kwds, typeid) from None
         limits = self.limits
         if bufs or len(body) > limits.max_body:     # (nothing sent if this raises)
-            try:
-                check_message(limits, body, bufs, self.ser, oid, meth, args, kwds,
-                              self.session.address, typeid)
-            except MessageTooLarge:
-                release_loans_since(since)
-                raise
+            check_size(limits, body, bufs, since, self.ser, oid, meth, args, kwds,
+                       self.session.address, typeid)
         budget = _NAN if timeout is None else timeout
         if oid and oid.startswith(DURABLE_PREFIX):
             self.ch.slow_replies()  # its reply waits for a commit
