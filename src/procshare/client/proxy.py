@@ -320,8 +320,6 @@ class BaseProxy:
             return repr(self)[:-1] + "; '__str__()' failed>"
 
 
-
-
 _takes_incref: dict = {}
 
 
