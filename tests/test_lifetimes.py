@@ -141,6 +141,149 @@ def test_a_call_that_is_not_sent_gives_back_the_loans_of_the_proxies_in_it():
         assert poll(lambda: m._number_of_objects() == base, WAIT), m._debug_info()
 
 
+# -- a fork loan the child never adopts ----------------------------------------------------
+
+def test_a_fork_loan_that_no_child_adopts_is_given_back_when_the_child_goes(sync):
+    """Before a fork the parent lends the child its references; a child that
+    never uses the manager (a raw os.fork() that exits, or a child that
+    execs) never adopts that loan, which kept every object the parent held
+    for LOAN_TTL (10 minutes) after the parent let go.  It goes back once the
+    child is gone, and the parent keeps no descriptor for it."""
+    import subprocess
+
+    from procshare.client import loans
+
+    base = sync._number_of_objects()
+    lst = sync.list([1])
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    subprocess.run(["true"], preexec_fn=lambda: None, check=True)   # runs the fork hooks, execs
+    del lst
+    assert poll(lambda: sync._number_of_objects() == base, WAIT), sync._debug_info()
+    assert poll(lambda: not loans._watched, WAIT)      # (each read end closed as it ended)
+
+
+def test_a_forked_child_that_adopts_later_keeps_the_objects_its_parent_let_go(sync):
+    """The loan is given back only once the child adopted it (or is gone): a
+    raw os.fork() child that first uses a proxy after its parent dropped its
+    own, and after the parent looked at its fork loans, still finds the
+    object; the object goes when the child exits."""
+    from procshare.client import loans
+
+    base = sync._number_of_objects()
+    lst = sync.list([1])
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(w)
+            os.read(r, 1)           # the parent let go, and looked at its fork loans
+            lst.append(2)
+            code = 0 if lst[:] == [1, 2] else 2
+        finally:
+            os._exit(code)
+    os.close(r)
+    del lst                 # (a decref: the parent looks at its fork loans)
+    loans.check_fork_loans()
+    assert loans._watched, "a loan whose child lives and has not adopted it went back"
+    os.write(w, b"x")
+    os.close(w)
+    assert os.waitpid(pid, 0)[1] == 0, "the child lost the object its parent let go"
+    assert poll(lambda: sync._number_of_objects() == base, WAIT), sync._debug_info()
+    assert poll(lambda: (loans.check_fork_loans(), not loans._watched)[1], WAIT)
+
+
+def test_a_child_that_forks_before_it_adopted_lends_its_own_child_the_objects(sync):
+    """A child that never used the manager forks a grandchild and exits (a
+    daemon's double fork); the parent lets go: the grandchild still finds
+    the object (the child adopted its loan before forking, and lent its
+    own), and the object goes when the grandchild exits."""
+    import select
+
+    from procshare.client import loans
+
+    base = sync._number_of_objects()
+    lst = sync.list([1])
+    go_r, go_w = os.pipe()
+    res_r, res_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(go_w)
+            os.close(res_r)
+            if os.fork() == 0:
+                got = b"?"
+                try:
+                    os.read(go_r, 1)    # the child is gone and the parent let go
+                    lst.append(2)
+                    got = b"y" if lst[:] == [1, 2] else b"n"
+                except BaseException as e:
+                    got = type(e).__name__.encode()
+                finally:
+                    os.write(res_w, got)
+                    os._exit(0)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(go_r)
+    os.close(res_w)
+    try:
+        assert os.waitpid(pid, 0)[1] == 0
+        del lst
+        loans.check_fork_loans()    # the child is gone: its loan goes back now
+        assert not loans._watched
+        os.write(go_w, b"x")
+        assert select.select([res_r], [], [], WAIT)[0], "no word from the grandchild"
+        assert os.read(res_r, 64) == b"y", "the grandchild lost the object"
+    finally:
+        os.close(go_w)
+        os.close(res_r)
+    assert poll(lambda: sync._number_of_objects() == base, WAIT), sync._debug_info()
+
+
+def test_adopting_never_closes_a_descriptor_that_is_no_longer_the_loans_pipe():
+    """A child that closed what it inherited (as a daemon does) may reuse the
+    number of its fork loan's pipe, for the very control connection that
+    adopts the loan: adopting closes the number only if it is still that
+    pipe."""
+    from procshare.client.session import Session
+
+    s = object.__new__(Session)
+    r, w = os.pipe()
+    s.adopt_w, s.adopt_id = -1, None
+    s._lend_to_child(w)
+    os.close(w)                         # closed, and the number reused by something else
+    r2, w2 = os.pipe()
+    try:
+        if w2 != w:
+            os.dup2(w2, w)
+        s._adopted()
+        os.fstat(w)                     # still open: not the loan's pipe
+        assert s.adopt_w == -1 and s.adopt_id is None
+    finally:
+        for fd in {r, w, r2, w2}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    r, w = os.pipe()                    # the loan's own pipe is closed
+    pipe = os.fstat(w)
+    s._lend_to_child(w)
+    s._adopted()
+    try:
+        now = os.fstat(w)               # (another thread may have reused the number)
+    except OSError:
+        pass
+    else:
+        assert (now.st_dev, now.st_ino) != (pipe.st_dev, pipe.st_ino)
+    finally:
+        os.close(r)
+
+
 # -- case 6: a broken control connection is not death ------------------------------------
 
 def test_replaced_control_connection_keeps_this_process_objects(sync):

@@ -2,11 +2,12 @@
 ones no message will carry.
 
 Owns: the table of recent loans (`record`, by `BaseProxy.__reduce__`), the
-sequence that orders them (`mark`), and the two ways a loan goes back
-unused: a pickle thrown away and made again (`release_discarded`, a
-serializer's hook) and a call that was never sent (`release_since`: its
-arguments could not be serialized, or its message was over the manager's
-limits).
+sequence that orders them (`mark`), and the ways a loan goes back unused: a
+pickle thrown away and made again (`release_discarded`, a serializer's
+hook), a call that was never sent (`release_since`: its arguments could not
+be serialized, or its message was over the manager's limits), and a fork
+loan that the child never adopted (the child exited or exec'd without
+using the manager: `watch_fork_loan`, `check_fork_loans`).
 
 Rules it keeps:
 - A loan is a reference the manager keeps for a proxy in transit until the
@@ -20,20 +21,41 @@ Rules it keeps:
   thread's loans, in messages on their way, are never touched.
 - The table holds the last `RECENT` loans; an older one is no longer given
   back here (the manager's `LOAN_TTL` ends it).
+- A fork loan (every reference of the parent, lent to the child before a
+  fork: `session._lend_before_fork`) comes with a pipe whose write end only
+  the child keeps (close-on-exec).  The child closes it once the manager
+  answered the hello that adopted the loan; a child that never adopts it
+  closes it by exiting or by an exec.  The parent gives the loan back once
+  that end is closed (a no-op if it was adopted; else the references it
+  held go, which a raw `os.fork()` child that never used the manager kept
+  for 10 minutes): it looks, never waiting, before each fork and at each
+  control call or message it sends (`check_fork_loans`), not from a thread
+  of its own (a thread would make every later fork a fork of a
+  multi-threaded process).  So a loan whose child is gone goes back at the
+  parent's next use of a manager, at the latest after `LOAN_TTL`.
+- A child that closes the descriptors it inherited (`os.closerange`) before
+  it adopts ends its loan as an exit would: objects its parent let go
+  meanwhile are gone.  The child closes its write end only if the
+  descriptor is still that pipe (a number closed and reused is left alone).
+  A child that forks before it adopted adopts first, so that its own
+  children get a loan of their own (`session._lend_before_fork`).
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import os
 import re
 import threading
 from typing import Any
 
 from ..inprocess import local_server
+from ..transport.channel import readable_within
 from ..wire import serializers
 
-__all__ = ["record", "mark", "release_discarded", "release_since", "RECENT"]
+__all__ = ["record", "mark", "release_discarded", "release_since", "RECENT", "fork_pipe",
+           "watch_fork_loan", "check_fork_loans", "after_fork_in_child"]
 
 #: how many recent loans are remembered
 RECENT = 4096
@@ -96,6 +118,72 @@ def _give_back(loan: str) -> None:
             server.objects.release_holder(loan)
     else:
         session.control_send("release_loan", loan)
+
+
+# -- fork loans never adopted -------------------------------------------------------
+
+_watch_mu = threading.Lock()
+#: read end of a fork loan's pipe -> (the session it came from, the loan)
+_watched: dict[int, tuple[Any, str]] = {}
+_checking = threading.local()
+
+
+def fork_pipe() -> tuple[int, int] | None:
+    """A pipe for a fork loan (both ends close-on-exec); None if none can be
+    made (the loan then lasts until the manager's `LOAN_TTL`)."""
+    try:
+        return os.pipe()
+    except OSError:
+        return None
+
+
+def watch_fork_loan(session: Any, loan: str, read_end: int) -> None:
+    """(the parent, after the fork) Give `loan` back to `session`'s manager
+    once every write end of the pipe is closed (`check_fork_loans`);
+    `read_end` is closed then."""
+    with _watch_mu:
+        _watched[read_end] = (session, loan)
+
+
+def check_fork_loans() -> None:
+    """Give back the fork loans whose children adopted them or are gone,
+    never waiting (a poll of each pipe).  Called where this process talks to
+    its managers anyway: before each fork, and at each control call and
+    message (a decref when a proxy goes)."""
+    if not _watched or getattr(_checking, "on", False):
+        return
+    _checking.on = True     # (the give-back is a control message: no recursion)
+    try:
+        with _watch_mu:
+            ended = []
+            for fd in list(_watched):
+                try:
+                    done = readable_within(fd, 0.0)
+                except (OSError, ValueError):
+                    done = True
+                if done:
+                    ended.append(_watched.pop(fd))
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+        for session, loan in ended:
+            session.control_send("release_loan", loan)      # (never raises)
+    finally:
+        _checking.on = False
+
+
+def after_fork_in_child() -> None:
+    """The parent's watch is not this process's: forget it (its read ends
+    closed here), with a new lock (the parent's may have been held)."""
+    global _watch_mu
+    _watch_mu = threading.Lock()
+    for fd in _watched:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _watched.clear()
 
 
 serializers.discarded_body_hooks.append(release_discarded)

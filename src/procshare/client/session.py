@@ -65,7 +65,12 @@ Rules it keeps:
   it uses exactly one and it is not the process's default (`authkey_for`).
 - After fork, the child never touches the parent's sockets: the parent lends
   its references to the child before forking, and the child adopts the loan
-  on its first connection.  The fork that starts a manager's server (or its
+  on its first connection; a loan the child never adopts (it exited or
+  exec'd first) goes back once the child is gone, at the parent's next
+  control call or fork (`loans.check_fork_loans`).  A child that forks before
+  it adopted adopts first, so that it can lend its child its references.
+  Two threads may fork at once: what each lends is kept per forking
+  thread (`_forming`).  The fork that starts a manager's server (or its
   supervisor) lends nothing, and the proxies that child inherits give
   nothing back (`inherited_by_server`): their references are the parent's.
 - File descriptors (a shared array's memory) arrive only as the reply to a
@@ -113,7 +118,8 @@ from ..wire.frames import DEFAULT_LIMITS, NO_DEADLINE, Limits, pack_frame
 from ..wire.kinds import Kind, kind_name
 from ..wire.records import DURABLE_PREFIX
 from ..wire.serializers import Serializer, decode_hello, encode_hello, get_serializer
-from . import bulk
+from . import bulk, loans
+from .loans import check_fork_loans
 from .loans import mark as loan_mark
 from .loans import release_since as release_loans_since
 from .replies import call_timeout, raise_reply
@@ -442,6 +448,12 @@ class Session:
         self.address = address
         self.authkey = bytes(authkey)
         self.serializer = serializer
+        #: in a forked child, the write end of the pipe of the fork loan to
+        #: adopt (-1: none), and what `os.fstat` said of it: closed once the
+        #: manager answered the adopting hello, which tells the parent it may
+        #: give the loan back (`loans`)
+        self.adopt_w = -1
+        self.adopt_id: tuple | None = None
         self._reset()
 
     def _reset(self, adopt: str | None = None) -> None:
@@ -512,6 +524,31 @@ class Session:
                     raise
                 time.sleep(0.02)
 
+    def _adopted(self) -> None:
+        """The manager adopted this child's fork loan: the parent may give
+        it back now (a no-op for the manager; `loans.watch_fork_loan`).  The
+        descriptor is closed only if it is still that pipe: a child that
+        closed what it inherited may have reused the number (for the control
+        connection being opened, say)."""
+        w, self.adopt_w = self.adopt_w, -1
+        if w >= 0:
+            try:
+                st = os.fstat(w)
+                if (st.st_dev, st.st_ino) == self.adopt_id:
+                    os.close(w)
+            except OSError:
+                pass
+        self.adopt_id = None
+
+    def _lend_to_child(self, w: int) -> None:
+        """(a forked child) `w` is the write end of the fork loan to adopt."""
+        self.adopt_w = w
+        try:
+            st = os.fstat(w)
+            self.adopt_id = (st.st_dev, st.st_ino)
+        except OSError:
+            self.adopt_w, self.adopt_id = -1, None
+
     def _open_once(self, role: str, thread: threading.Thread | None = None,
                    waits: bool = True, end: list | None = None) -> Connection:
         ch = self._connect(end)
@@ -524,7 +561,8 @@ class Session:
                      "thread_name": t.name, "serializer": self.serializer.name,
                      "role": role, "version": 1, "conn": no, "session": self.token,
                      "host": _HOST[0], "pidns": _HOST[1]}
-            if role == "control" and self.adopt:
+            adopting = role == "control" and bool(self.adopt)
+            if adopting:
                 hello["adopt"], self.adopt = self.adopt, None
             bulk.ask(ch, hello)
             ch.send_bytes(pack_frame(Kind.HELLO, 1, encode_hello(hello)))
@@ -545,6 +583,8 @@ class Session:
                 raise serializer_mismatch(self.address, self.serializer.name,
                                           info.get("manager_serializer"), info.get("reason"))
             raise RemoteError(info.get("message", info) if isinstance(info, dict) else info)
+        if adopting:
+            self._adopted()
         self.server_pid = info.get("pid")
         self.supervised = bool(info.get("supervised"))
         self.limits = _limits_of(info.get("limits"))
@@ -745,6 +785,7 @@ class Session:
 
     # -- reference traffic on the control connection ------------------------------
     def control_call(self, meth: str, *args: Any, timeout: float | None = None) -> Any:
+        check_fork_loans()      # (fork loans whose children are gone go back: `loans`)
         with self.lock:
             c = self._control_conn()
             if c.pending and not c.drain(block=True):
@@ -819,6 +860,7 @@ class Session:
         from a finalizer, so it never waits for a manager to come back (a
         restarted one lost the references of other objects anyway, and holds
         durable ones until its clean shutdown)."""
+        check_fork_loans()
         opening = getattr(_opening, "depth", 0)
         # A finalizer that a garbage collection ran while this thread opens a
         # connection (with the transport's mutex, maybe) neither opens another
@@ -980,8 +1022,11 @@ def _leave_quietly(session: Session) -> None:
 
 
 # -- fork -------------------------------------------------------------------------
-#: session key -> a loan of every reference this process holds at that manager
-_fork_loans: dict[Any, str] = {}
+#: forking thread -> {session key: (a loan of every reference this process
+#: holds at that manager, the loan's pipe or None: `loans.watch_fork_loan`)},
+#: from before its fork until the fork returned (per thread: two threads may
+#: fork at once)
+_forming: dict[int, dict[Any, tuple[str, tuple[int, int] | None]]] = {}
 
 
 #: set in a thread that must not wait for a manager to come back (fork hooks)
@@ -1027,9 +1072,21 @@ class forking_server:
 
 
 def _lend_before_fork() -> None:
-    _fork_loans.clear()
+    _close_fork_pipes(_forming.pop(threading.get_ident(), {}))     # (a fork that never ran)
+    mine: dict[Any, tuple[str, tuple[int, int] | None]] = {}
+    _forming[threading.get_ident()] = mine
     lent: set = set()
     for key, s in list(_sessions.items()):
+        if s.adopt and s.live > 0 and not s.closed:
+            # a child that forks before it adopted its own loan: adopt it now, so
+            # that its child gets a loan of this process's references (the one
+            # this process was lent ends with this process: `loans`)
+            try:
+                with s.lock:
+                    s._control_conn()
+            except Exception as e:
+                log.debug("could not adopt references from %r before a fork: %r",
+                          s.address, e)
         if s.live > 0 and s.control is not None and not s.closed and s.address not in lent:
             try:
                 loan = s.control_call("fork_loan", timeout=5.0)
@@ -1038,7 +1095,7 @@ def _lend_before_fork() -> None:
                 continue
             lent.add(s.address)
             if loan:
-                _fork_loans[key] = loan
+                mine[key] = (loan, loans.fork_pipe())
 
 
 #: None: this process owns the references of every proxy it tracks.  In a
@@ -1070,15 +1127,43 @@ def _after_fork_in_child() -> None:
     # (now gone) threads referenced: close our copies now, so that a late
     # garbage collection cannot close a reused descriptor number later
     transport.close_inherited()
+    loans.after_fork_in_child()
+    mine = _forming.pop(threading.get_ident(), {})
+    for other in _forming.values():     # forks other threads of the parent were making
+        _close_fork_pipes(other)
+    _forming.clear()
     for key, s in list(_sessions.items()):
         live = s.live
-        s._reset(adopt=_fork_loans.get(key))
+        s._adopted()    # (the write end of our parent's fork loan: not ours to hold)
+        loan, pipe = mine.pop(key, (None, None))
+        s._reset(adopt=loan)
         s.live = live
-    _fork_loans.clear()
+        if pipe is not None:
+            os.close(pipe[0])
+            s._lend_to_child(pipe[1])
+    _close_fork_pipes(mine)
 
 
 def _after_fork_in_parent() -> None:
-    _fork_loans.clear()
+    for key, (loan, pipe) in _forming.pop(threading.get_ident(), {}).items():
+        if pipe is None:
+            continue
+        r, w = pipe
+        os.close(w)     # the child's copy (if the fork worked) is the one that counts
+        s = _sessions.get(key)
+        if s is not None:
+            loans.watch_fork_loan(s, loan, r)
+        else:
+            os.close(r)
+
+
+def _close_fork_pipes(loans_of_a_fork: dict) -> None:
+    for _loan, pipe in loans_of_a_fork.values():
+        for fd in pipe or ():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def _adopt_eagerly(_: object) -> None:

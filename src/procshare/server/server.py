@@ -1058,7 +1058,8 @@ class Server:
         return self.objects.loan(c.client, ident, self.loan_ttl)
 
     def release_loan(self, c: ConnInfo, loan: str) -> None:
-        """A loan whose pickle was thrown away before it was sent."""
+        """A loan nobody will adopt: its pickle was thrown away or never sent,
+        or it was a fork loan whose child is gone (an adopted one: nothing)."""
         if loan.startswith(LOAN_PREFIX):
             self.objects.release_holder(loan)
 
