@@ -155,6 +155,7 @@ def test_a_fork_loan_that_no_child_adopts_is_given_back_when_the_child_goes(sync
 
     base = sync._number_of_objects()
     lst = sync.list([1])
+    before = set(loans._watched)
     pid = os.fork()
     if pid == 0:
         os._exit(0)
@@ -162,7 +163,8 @@ def test_a_fork_loan_that_no_child_adopts_is_given_back_when_the_child_goes(sync
     subprocess.run(["true"], preexec_fn=lambda: None, check=True)   # runs the fork hooks, execs
     del lst
     assert poll(lambda: sync._number_of_objects() == base, WAIT), sync._debug_info()
-    assert poll(lambda: not loans._watched, WAIT)      # (each read end closed as it ended)
+    assert poll(lambda: (loans.check_fork_loans(), not set(loans._watched) - before)[1],
+                WAIT)      # (each read end closed as it ended)
 
 
 def test_a_forked_child_that_adopts_later_keeps_the_objects_its_parent_let_go(sync):
@@ -174,6 +176,7 @@ def test_a_forked_child_that_adopts_later_keeps_the_objects_its_parent_let_go(sy
 
     base = sync._number_of_objects()
     lst = sync.list([1])
+    before = set(loans._watched)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -188,12 +191,12 @@ def test_a_forked_child_that_adopts_later_keeps_the_objects_its_parent_let_go(sy
     os.close(r)
     del lst                 # (a decref: the parent looks at its fork loans)
     loans.check_fork_loans()
-    assert loans._watched, "a loan whose child lives and has not adopted it went back"
+    assert set(loans._watched) - before, "a loan whose child lives and has not adopted it went back"
     os.write(w, b"x")
     os.close(w)
     assert os.waitpid(pid, 0)[1] == 0, "the child lost the object its parent let go"
     assert poll(lambda: sync._number_of_objects() == base, WAIT), sync._debug_info()
-    assert poll(lambda: (loans.check_fork_loans(), not loans._watched)[1], WAIT)
+    assert poll(lambda: (loans.check_fork_loans(), not set(loans._watched) - before)[1], WAIT)
 
 
 def test_a_child_that_forks_before_it_adopted_lends_its_own_child_the_objects(sync):
@@ -207,6 +210,7 @@ def test_a_child_that_forks_before_it_adopted_lends_its_own_child_the_objects(sy
 
     base = sync._number_of_objects()
     lst = sync.list([1])
+    before = set(loans._watched)
     go_r, go_w = os.pipe()
     res_r, res_w = os.pipe()
     pid = os.fork()
@@ -235,7 +239,7 @@ def test_a_child_that_forks_before_it_adopted_lends_its_own_child_the_objects(sy
         assert os.waitpid(pid, 0)[1] == 0
         del lst
         loans.check_fork_loans()    # the child is gone: its loan goes back now
-        assert not loans._watched
+        assert not set(loans._watched) - before
         os.write(go_w, b"x")
         assert select.select([res_r], [], [], WAIT)[0], "no word from the grandchild"
         assert os.read(res_r, 64) == b"y", "the grandchild lost the object"
@@ -282,6 +286,52 @@ def test_adopting_never_closes_a_descriptor_that_is_no_longer_the_loans_pipe():
         assert (now.st_dev, now.st_ino) != (pipe.st_dev, pipe.st_ino)
     finally:
         os.close(r)
+
+
+def test_the_parent_gives_back_a_fork_loan_only_for_the_pipe_it_watched():
+    """The parent's look at its fork loans: a pipe whose write ends are all
+    closed gives its loan back once; one whose child still holds it does
+    not; a read end closed and reused under us is forgotten, neither closed
+    nor taken for an ended loan."""
+    from procshare.client import loans
+
+    class FakeSession:
+        closed = False
+
+        def __init__(self):
+            self.sent = []
+
+        def control_send(self, meth, *args):
+            self.sent.append((meth, *args))
+
+    s = FakeSession()
+    ended_r, ended_w = os.pipe()
+    alive_r, alive_w = os.pipe()
+    reused_r, reused_w = os.pipe()
+    other_r, other_w = os.pipe()
+    try:
+        loans.watch_fork_loan(s, "loan:ended", ended_r)
+        loans.watch_fork_loan(s, "loan:alive", alive_r)
+        loans.watch_fork_loan(s, "loan:reused", reused_r)
+        os.close(ended_w)
+        os.close(reused_w)
+        os.dup2(other_r, reused_r)      # the number now names another pipe
+        os.close(other_w)               # (which reads as ended too)
+        loans.check_fork_loans()
+        assert s.sent == [("release_loan", "loan:ended")]
+        assert alive_r in loans._watched and reused_r not in loans._watched
+        os.fstat(reused_r)              # not closed by the look
+        loans.check_fork_loans()
+        assert s.sent == [("release_loan", "loan:ended")]
+        os.close(alive_w)
+        loans.check_fork_loans()
+        assert s.sent[1:] == [("release_loan", "loan:alive")] and alive_r not in loans._watched
+    finally:
+        for fd in (alive_w, reused_r, other_r):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 # -- case 6: a broken control connection is not death ------------------------------------

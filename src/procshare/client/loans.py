@@ -28,11 +28,14 @@ Rules it keeps:
   closes it by exiting or by an exec.  The parent gives the loan back once
   that end is closed (a no-op if it was adopted; else the references it
   held go, which a raw `os.fork()` child that never used the manager kept
-  for 10 minutes): it looks, never waiting, before each fork and at each
-  control call or message it sends (`check_fork_loans`), not from a thread
-  of its own (a thread would make every later fork a fork of a
-  multi-threaded process).  So a loan whose child is gone goes back at the
-  parent's next use of a manager, at the latest after `LOAN_TTL`.
+  for 10 minutes): it looks (one poll() of the pipes, never waiting for
+  them; skipped while another thread looks) before each fork and at each
+  control call or control message it sends (`check_fork_loans`: a decref,
+  when a proxy goes), not from a thread of its own (a thread would make
+  every later fork a fork of a multi-threaded process).  So a loan whose
+  child is gone goes back at the parent's next control traffic, at the
+  latest after `LOAN_TTL`.  A read end that is no longer its pipe (closed
+  and reused under us) is forgotten: its loan ends at `LOAN_TTL`.
 - A child that closes the descriptors it inherited (`os.closerange`) before
   it adopts ends its loan as an exit would: objects its parent let go
   meanwhile are gone.  The child closes its write end only if the
@@ -51,7 +54,7 @@ import threading
 from typing import Any
 
 from ..inprocess import local_server
-from ..transport.channel import readable_within
+from ..transport.channel import readable_now
 from ..wire import serializers
 
 __all__ = ["record", "mark", "release_discarded", "release_since", "RECENT", "fork_pipe",
@@ -123,8 +126,9 @@ def _give_back(loan: str) -> None:
 # -- fork loans never adopted -------------------------------------------------------
 
 _watch_mu = threading.Lock()
-#: read end of a fork loan's pipe -> (the session it came from, the loan)
-_watched: dict[int, tuple[Any, str]] = {}
+#: read end of a fork loan's pipe -> (the session it came from, the loan, the
+#: pipe's (st_dev, st_ino): a number closed and reused under us is not it)
+_watched: dict[int, tuple[Any, str, tuple[int, int]]] = {}
 _checking = threading.local()
 
 
@@ -141,32 +145,49 @@ def watch_fork_loan(session: Any, loan: str, read_end: int) -> None:
     """(the parent, after the fork) Give `loan` back to `session`'s manager
     once every write end of the pipe is closed (`check_fork_loans`);
     `read_end` is closed then."""
+    try:
+        st = os.fstat(read_end)
+    except OSError:
+        return
+    entry = (session, loan, (st.st_dev, st.st_ino))
     with _watch_mu:
-        _watched[read_end] = (session, loan)
+        _watched[read_end] = entry
 
 
 def check_fork_loans() -> None:
-    """Give back the fork loans whose children adopted them or are gone,
-    never waiting (a poll of each pipe).  Called where this process talks to
-    its managers anyway: before each fork, and at each control call and
-    message (a decref when a proxy goes)."""
+    """Give back the fork loans whose children adopted them or are gone: one
+    poll() of their pipes, never waiting for one.  Called where this process
+    talks to its managers anyway: before each fork, and at each control call
+    or control message (a decref when a proxy goes)."""
     if not _watched or getattr(_checking, "on", False):
         return
+    if not _watch_mu.acquire(blocking=False):
+        return      # another thread looks now (or this one, from a finalizer)
     _checking.on = True     # (the give-back is a control message: no recursion)
     try:
-        with _watch_mu:
-            ended = []
-            for fd in list(_watched):
+        ended = []
+        try:
+            try:
+                ready = readable_now(list(_watched))
+            except (OSError, ValueError):
+                ready = []      # (look again next time)
+            for fd in ready:
+                session, loan, ident = _watched.pop(fd)
                 try:
-                    done = readable_within(fd, 0.0)
-                except (OSError, ValueError):
-                    done = True
-                if done:
-                    ended.append(_watched.pop(fd))
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
+                    st = os.fstat(fd)
+                    ours = (st.st_dev, st.st_ino) == ident
+                except OSError:
+                    ours = False
+                if not ours:
+                    continue    # closed (and maybe reused) under us: LOAN_TTL ends it
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                if not getattr(session, "closed", False):
+                    ended.append((session, loan))
+        finally:
+            _watch_mu.release()
         for session, loan in ended:
             session.control_send("release_loan", loan)      # (never raises)
     finally:

@@ -2,7 +2,8 @@
 
 Owns: every byte that crosses a socket after connecting (replies held back
 to go out together included), and the wait for a descriptor to be readable
-(`readable_within`: poll(), since select() refuses descriptors from 1024 on),
+(`readable_within`: poll(), since select() refuses descriptors from 1024 on;
+`readable_now` for many at once, never waiting),
 and the wait for many channels at once (`ChannelSet`).  Nothing else in
 procshare calls `send`/`recv`.
 Frames are laid out and parsed by `wire.frames`; the handshake's bytes come
@@ -91,7 +92,8 @@ from .addresses import UNIX_PATH_MAX, address_family, arbitrary_address, cleanup
 from .spin import SpinPolicy
 
 __all__ = ["Channel", "Listener", "connect", "HostUnknown", "server_handshake", "client_handshake",
-           "close_inherited", "remove_stale_socket", "readable_within", "FrameTail",
+           "close_inherited", "remove_stale_socket", "readable_within", "readable_now",
+           "FrameTail",
            "HOLD_MAX", "HOLD_LIMIT"]
 
 log = logging.getLogger("procshare.channel")
@@ -111,6 +113,19 @@ def readable_within(fd: Any, timeout: float, poller: Any = None) -> bool:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
     return bool(poller.poll(max(timeout, 0.0) * 1000.0))
+
+def readable_now(fds: list[int]) -> list[int]:
+    """The descriptors among `fds` that can be read, or are at EOF (or are
+    not open), now: one poll() for all of them, never waiting."""
+    if not fds:
+        return []
+    if not _HAS_POLL:
+        return select.select(fds, [], [], 0)[0]
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, _ev in poller.poll(0)]
+
 
 _DONTWAIT = socket.MSG_DONTWAIT
 _perf = time.perf_counter
