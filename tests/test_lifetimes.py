@@ -143,6 +143,20 @@ def test_a_call_that_is_not_sent_gives_back_the_loans_of_the_proxies_in_it():
 
 # -- a fork loan the child never adopts ----------------------------------------------------
 
+def _fork_loans_added(before: set) -> set:
+    """The read ends of fork loans the parent watches now and did not before."""
+    from procshare.client import loans
+    return set(loans._watched) - before
+
+
+def _fork_loans_settled(before: set) -> bool:
+    """Look at the fork loans (as a control call would), then: are all the
+    ones added since `before` given back?"""
+    from procshare.client import loans
+    loans.check_fork_loans()
+    return not _fork_loans_added(before)
+
+
 def test_a_fork_loan_that_no_child_adopts_is_given_back_when_the_child_goes(sync):
     """Before a fork the parent lends the child its references; a child that
     never uses the manager (a raw os.fork() that exits, or a child that
@@ -163,8 +177,7 @@ def test_a_fork_loan_that_no_child_adopts_is_given_back_when_the_child_goes(sync
     subprocess.run(["true"], preexec_fn=lambda: None, check=True)   # runs the fork hooks, execs
     del lst
     assert poll(lambda: sync._number_of_objects() == base, WAIT), sync._debug_info()
-    assert poll(lambda: (loans.check_fork_loans(), not set(loans._watched) - before)[1],
-                WAIT)      # (each read end closed as it ended)
+    assert poll(lambda: _fork_loans_settled(before), WAIT)     # (each read end closed)
 
 
 def test_a_forked_child_that_adopts_later_keeps_the_objects_its_parent_let_go(sync):
@@ -191,12 +204,12 @@ def test_a_forked_child_that_adopts_later_keeps_the_objects_its_parent_let_go(sy
     os.close(r)
     del lst                 # (a decref: the parent looks at its fork loans)
     loans.check_fork_loans()
-    assert set(loans._watched) - before, "a loan whose child lives and has not adopted it went back"
+    assert _fork_loans_added(before), "a loan whose child lives and has not adopted it went back"
     os.write(w, b"x")
     os.close(w)
     assert os.waitpid(pid, 0)[1] == 0, "the child lost the object its parent let go"
     assert poll(lambda: sync._number_of_objects() == base, WAIT), sync._debug_info()
-    assert poll(lambda: (loans.check_fork_loans(), not set(loans._watched) - before)[1], WAIT)
+    assert poll(lambda: _fork_loans_settled(before), WAIT)
 
 
 def test_a_child_that_forks_before_it_adopted_lends_its_own_child_the_objects(sync):
@@ -238,8 +251,7 @@ def test_a_child_that_forks_before_it_adopted_lends_its_own_child_the_objects(sy
     try:
         assert os.waitpid(pid, 0)[1] == 0
         del lst
-        loans.check_fork_loans()    # the child is gone: its loan goes back now
-        assert not set(loans._watched) - before
+        assert _fork_loans_settled(before)     # the child is gone: its loan goes back now
         os.write(go_w, b"x")
         assert select.select([res_r], [], [], WAIT)[0], "no word from the grandchild"
         assert os.read(res_r, 64) == b"y", "the grandchild lost the object"
