@@ -153,6 +153,23 @@ def _hammer(counter, n, barrier, results):
         results.put((os.getpid(), 0.0, 0.0, f"{type(exc).__name__}: {exc}"))
 
 
+def _write_elements(arr, n, barrier, results):
+    """Worker of the array cases: n element writes (arr[i % len] = i) after all are ready,
+    then a check that the last one landed."""
+    try:
+        barrier.wait(60)
+        size = len(arr)
+        t0 = time.monotonic()
+        for i in range(n):
+            arr[i % size] = i
+        t1 = time.monotonic()
+        if arr[(n - 1) % size] != n - 1:
+            raise AssertionError(f"element {(n - 1) % size} did not keep the last write")
+        results.put((os.getpid(), t0, t1, None))
+    except BaseException as exc:  # noqa: BLE001 - report it to the parent, never hang it
+        results.put((os.getpid(), 0.0, 0.0, f"{type(exc).__name__}: {exc}"))
+
+
 # --------------------------------------------------------------------------------------------
 # Plumbing: implementations, deadlines, samples
 # --------------------------------------------------------------------------------------------
@@ -395,7 +412,14 @@ class Case:
 
 def short_time(seconds: float) -> str:
     us = seconds * 1e6
+    if us < 1:
+        return f"{us * 1000:.0f} ns"
     return f"{us:.1f} µs" if us < 1000 else f"{us / 1000:.2f} ms"
+
+
+def ratio_text(ratio: float) -> str:
+    """Two decimals; a ratio below 0.01 (the shared array's) keeps two significant digits."""
+    return f"{ratio:.2f}" if ratio >= 0.01 else f"{ratio:.2g}"
 
 
 def per_unit(seconds: float, unit: str) -> str:
@@ -802,6 +826,47 @@ def round_trip_reference(env: Env, n: int) -> tuple[float, float]:
     return best
 
 
+class ArrayCase(Case):
+    """Element writes in a child process, `a[i % len(a)] = i`, to an array of 1,000 'i'
+    that the child got as a process argument.  `shared`: procshare's side writes a
+    `manager.SharedArray` (plain memory: no round trip) and the stdlib's side, which
+    has none, its `manager.Array` proxy (a round trip each); else both write their
+    `manager.Array` proxy.  Proxy writes are timed over fewer writes than shared ones
+    (`ops`; a million proxy writes take half a minute): compare per write."""
+
+    group = "array"
+    rounds = (5, 9)
+    ops = (1000, 5000)  # proxy writes per round (quick, full)
+    shared_ops = (100_000, 1_000_000)  # SharedArray writes per round (quick, full)
+    unit = "write"
+    size = 1000
+
+    def __init__(self, shared: bool):
+        self.shared = shared
+        self.name = "shared_array" if shared else "array_proxy"
+        self.title = ("element writes in a child: SharedArray (stdlib: Array proxy)" if shared
+                      else "element writes in a child: manager.Array proxy")
+
+    def _writes(self, res, env) -> int:
+        if "shared" not in res:
+            return self.n_ops(env)
+        return self.shared_ops[0] if env.quick else self.shared_ops[1]
+
+    def prepare(self, res, env):
+        m = res["manager"]
+        if self.shared and _is_procshare(m):
+            res["shared"] = m.SharedArray("i", [0] * self.size)
+        else:
+            res["proxy"] = m.Array("i", [0] * self.size)
+
+    def measure(self, res, env):
+        arr = res.get("shared", res.get("proxy"))
+        n = self._writes(res, env)
+        got, _ = run_workers(env, _write_elements, [(arr, n)])
+        return Sample((got[0][2] - got[0][1]) / n, {"units": n})
+
+
+
 def _have_numpy() -> bool:
     try:
         import numpy  # noqa: F401
@@ -824,6 +889,8 @@ CASES: list[Case] = [
     DurableSetCase(1, durable=True),
     DurableSetCase(4, durable=False),
     DurableSetCase(4, durable=True),
+    ArrayCase(shared=False),
+    ArrayCase(shared=True),
     *(
         [
             NdarrayCase(1 * MiB, rounds=(15, 31), reps=(4, 8)),
@@ -1023,7 +1090,7 @@ def _run_rounds(case: Case, impls: list[Impl], env: Env, result: CaseResult,
                             after = cpu_snapshot(pid)
                             sample.extra["cpu_client"] = after[0] - before[0]
                             sample.extra["cpu_manager"] = after[1] - before[1]
-                            sample.extra["units"] = case.units_per_round(env)
+                            sample.extra.setdefault("units", case.units_per_round(env))
                 except Exception as exc:  # noqa: BLE001
                     result.errors[impl.name] = _describe(exc)
                 else:
@@ -1078,7 +1145,7 @@ def print_table(results: list[CaseResult], impl_names: list[str]) -> None:
         row = (res.case.name, res.label, *cells)
         if len(impl_names) == 2:
             a, b = (res.median(n) for n in impl_names)
-            row += (f"{b / a:.2f}" if a and b else "-",)
+            row += (ratio_text(b / a) if a and b else "-",)
         rows.append(row)
         counts = [c for c in (_count_note(res, n) for n in impl_names) if c]
         if counts:
@@ -1086,6 +1153,7 @@ def print_table(results: list[CaseResult], impl_names: list[str]) -> None:
         for name, err in res.errors.items():
             notes.append(f"{res.case.name}: {name} failed: {err}")
     notes.extend(durability_cost(results))
+    notes.extend(shared_array_gain(results))
     print_rows(rows, notes)
 
 
@@ -1103,6 +1171,25 @@ def durability_cost(results: list[CaseResult]) -> list[str]:
                        f"costs {b / a:.2f}x a plain one (throughput {a / b * 100:.0f}% of "
                        "plain)")
     return out
+
+
+def shared_array_gain(results: list[CaseResult]) -> list[str]:
+    """procshare's SharedArray against the Array proxies, from the array cases."""
+    by_name = {r.case.name: r for r in results}
+    shared, proxy = by_name.get("shared_array"), by_name.get("array_proxy")
+    if shared is None or proxy is None:
+        return []
+    mine = shared.median("procshare")
+    if not mine:
+        return []
+    against = [(f"{who} Array proxy", proxy.median(impl))
+               for impl, who in (("procshare", "procshare's"), ("stdlib", "the stdlib's"))]
+    parts = [f"{t / mine:.0f}x faster than {what} ({short_time(t)} a write)"
+             for what, t in against if t]
+    if not parts:
+        return []
+    return [f"shared array: in a child process, a SharedArray element write takes "
+            f"{mine * 1e9:.0f} ns, " + " and ".join(parts)]
 
 
 def print_rows(rows: list[tuple], notes: list[str] | tuple = ()) -> None:
@@ -1160,7 +1247,7 @@ def print_cpu_table(results: list[CaseResult], impl_names: list[str], env: Env,
         row = (res.case.name, "/".join(f"{u:,}" for u in units) or "-", *cells)
         if len(impl_names) == 2:
             a, b = cpus
-            row += (f"{sum(b[:2]) / sum(a[:2]):.2f}" if a and b and sum(a[:2]) else "-",)
+            row += (ratio_text(sum(b[:2]) / sum(a[:2])) if a and b and sum(a[:2]) else "-",)
         rows.append(row)
     notes = []
     if isinstance(reference, str):
