@@ -115,6 +115,13 @@ LOCK_WAIT = 1.0                 # seconds to wait for another opener's lock befo
 _SUFFIXES = ("", "-wal", "-shm", "-journal")
 _PACK_ROW = struct.Struct(">QqIII").pack       # oid, seq, len(client), len(request), len(effects)
 _PACK_SNAP = struct.Struct(">Qq").pack
+#: WAL pages between automatic checkpoints (SQLite's default is 1000).  A checkpoint
+#: syncs the WAL and the file (two fsyncs even with synchronous=NORMAL), and durable
+#: sets dirty about two 1 KiB pages a commit, so with the default a checkpoint came
+#: every ~500 commits; here one every ~4,000, for at most 8 MiB of WAL on disk.
+#: Measured with `benchmark()`-style sets, five alternating pairs: 0.3-1.3 us less a
+#: commit (12.6-13.2 us against 13.3-14.2).
+WAL_CHECKPOINT_PAGES = 8192
 GC_ROWS = 256                   # rows no longer needed are deleted this many at a time
 _NO_SEQ = -1
 _first = itemgetter(0)
@@ -604,6 +611,7 @@ class Journal:
             db.execute("PRAGMA locking_mode=EXCLUSIVE")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={'FULL' if self.fsync == 'full' else 'NORMAL'}")
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
             db.execute("BEGIN EXCLUSIVE")      # take the lock now, and keep it
             db.execute("COMMIT")
             db.executescript(_SCHEMA)
