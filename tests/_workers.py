@@ -384,6 +384,50 @@ def CounterManager(m):
     return CounterManager
 
 
+#: what the stdlib-signature `_finalize_manager` below saw, per call: (the number of
+#: arguments, whether `_Client` was callable, what `dispatch` of 'shutdown' did)
+FINALIZED: list = []
+
+
+@_builder
+def OwnFinalizeManager(m):
+    """`_finalize_manager` overridden with the stdlib's own signature and body
+    (3.10's has no shutdown_timeout), as a subclass copied from the stdlib has it."""
+
+    def finalize(process, address, authkey, state, _Client, *rest):
+        outcome = "not alive"
+        if process.is_alive():
+            try:
+                conn = _Client(address, authkey=authkey)
+                try:
+                    m.dispatch(conn, None, "shutdown")
+                    outcome = "sent"
+                finally:
+                    conn.close()
+            except Exception as e:
+                outcome = f"{type(e).__name__}: {e}"
+            process.join(timeout=rest[0] if rest else 1.0)
+            if process.is_alive() and hasattr(process, "terminate"):
+                process.terminate()
+                process.join(timeout=1.0)
+        state.value = m.State.SHUTDOWN
+        FINALIZED.append((5 + len(rest), callable(_Client), outcome))
+
+    if sys.version_info >= (3, 11):
+        def _finalize_manager(process, address, authkey, state, _Client, shutdown_timeout):
+            finalize(process, address, authkey, state, _Client, shutdown_timeout)
+    else:
+        def _finalize_manager(process, address, authkey, state, _Client):
+            finalize(process, address, authkey, state, _Client)
+
+    class OwnFinalizeManager(m.BaseManager):
+        pass
+
+    OwnFinalizeManager._finalize_manager = staticmethod(_finalize_manager)
+    OwnFinalizeManager.register("Counter", Counter)
+    return OwnFinalizeManager
+
+
 @_builder
 def ParallelSleeperManager(m):
     # procshare only.  `serial=False` is procshare's per-type opt-out of the

@@ -423,6 +423,25 @@ def test_client_and_dispatch_like_the_stdlib(impl, ctx):
         m.shutdown()
 
 
+def test_finalize_manager_overridden_with_the_stdlibs_signature(impl, ctx):
+    """A subclass whose `_finalize_manager` is the stdlib's own (5 arguments on
+    3.10, 6 later; `_Client(address, authkey=...)` then `dispatch(conn, None,
+    'shutdown')`) shuts its manager down, here as there."""
+    cls = _workers.get_class(impl, "OwnFinalizeManager")
+    del _workers.FINALIZED[:]
+    m = cls(ctx=ctx)
+    m.start()
+    c = m.Counter()
+    c.increment()
+    del c
+    proc = m._process
+    m.shutdown()
+    assert _workers.FINALIZED == [(6 if sys.version_info >= (3, 11) else 5, True, "sent")]
+    assert m._state.value == impl.State.SHUTDOWN
+    assert poll(lambda: not proc.is_alive(), 10)
+    m.join(5)
+
+
 class _StdlibStyleConnection:
     """An object with the stdlib's `send()` and `recv()` (CPython's own
     manager tests pass such a stand-in to `dispatch`)."""

@@ -331,14 +331,20 @@ class BaseManager:
         errors.shut_down_managers.pop(self._address, None)
         errors.crash_reporters[self._address] = functools.partial(
             _process_facts, self._process, logdir, name)
-        self.shutdown = util.Finalize(
-            self, type(self)._finalize_manager,
-            args=(self._process, self._address, self._authkey, self._state,
-                  self._serializer, self._shutdown_timeout),
-            kwargs={"logdir": logdir, "manager": name}
-            if _accepts(type(self)._finalize_manager, "logdir") else None,
-            exitpriority=0,
-        )
+        finalize = type(self)._finalize_manager
+        args = (self._process, self._address, self._authkey, self._state, self._Client,
+                self._shutdown_timeout)
+        if _accepts(finalize, "logdir"):
+            self.shutdown = util.Finalize(self, finalize, args=args,
+                                          kwargs={"logdir": logdir, "manager": name},
+                                          exitpriority=0)
+        else:
+            # overridden with the stdlib's signature (3.10's takes no
+            # shutdown_timeout; `_Client` is what its code calls to connect):
+            # procshare's own steps go around it
+            args = args[:max(5, min(6, _positional_room(finalize)))]
+            self.shutdown = util.Finalize(self, _finalize_overridden,
+                                          args=(finalize, args, logdir, name), exitpriority=0)
 
     @property
     def restarts(self) -> int:
@@ -435,12 +441,13 @@ class BaseManager:
 
     @staticmethod
     def _finalize_manager(proc: Any, address: Any, authkey: Any, state: State,
-                          serializer: Any, shutdown_timeout: float, *,
+                          _Client: Any, shutdown_timeout: float = 1.0, *,
                           logdir: str | None = None, manager: str = "manager") -> None:
-        """Shut the manager process down; registered as a finalizer."""
-        supervisor = getattr(proc, "supervisor", None)
-        if supervisor is not None:
-            supervisor.stop()       # its exit now is no crash
+        """Shut the manager process down; registered as a finalizer.  The
+        stdlib's arguments (`_Client`: the manager's `_Client`, whose
+        serializer the shutdown call uses), then procshare's keywords."""
+        serializer = getattr(_Client, "keywords", {}).get("serializer", "pickle")
+        _shutdown_begins(proc)
         if proc.is_alive():
             util.info("sending shutdown message to manager")
             try:
@@ -462,15 +469,7 @@ class BaseManager:
                     if proc.is_alive():
                         proc.kill()
                         proc.join()
-        if supervisor is not None:
-            supervisor.close()
-        state.value = State.SHUTDOWN
-        client.drop_session(address)
-        errors.crash_reporters.pop(address, None)
-        errors.note_shut_down(address, manager, proc.pid)
-        cleanup_address(address)
-        if logdir is not None:
-            shutil.rmtree(logdir, ignore_errors=True)
+        _shutdown_ends(proc, address, state, manager, logdir)
 
     # -- objects -----------------------------------------------------------------------------
     def _session(self) -> client.Session:
@@ -624,6 +623,55 @@ def _create_typed(manager: BaseManager, ser: Any, typeid: str, args: tuple,
             result = None   # (as in `dispatch`)
     ident, exposed, attrs = result
     return Token(typeid, manager._address, ident), exposed, attrs
+
+
+def _shutdown_begins(proc: Any) -> None:
+    """Before a started manager's shutdown: its server's exit is no crash."""
+    supervisor = getattr(proc, "supervisor", None)
+    if supervisor is not None:
+        supervisor.stop()
+
+
+def _shutdown_ends(proc: Any, address: Any, state: State, manager: str,
+                   logdir: str | None) -> None:
+    """After a started manager's shutdown (each step may run twice)."""
+    supervisor = getattr(proc, "supervisor", None)
+    if supervisor is not None:
+        supervisor.close()
+    state.value = State.SHUTDOWN
+    client.drop_session(address)
+    errors.crash_reporters.pop(address, None)
+    errors.note_shut_down(address, manager, proc.pid)
+    cleanup_address(address)
+    if logdir is not None:
+        shutil.rmtree(logdir, ignore_errors=True)
+
+
+def _finalize_overridden(finalize: Any, args: tuple, logdir: str | None,
+                         manager: str) -> None:
+    """The finalizer of a manager whose `_finalize_manager` a subclass overrode
+    with the stdlib's signature: it runs between procshare's own steps."""
+    proc, address, state = args[0], args[1], args[3]
+    _shutdown_begins(proc)
+    try:
+        finalize(*args)
+    finally:
+        _shutdown_ends(proc, address, state, manager, logdir)
+
+
+def _positional_room(func: Any) -> int:
+    """How many positional arguments `func` takes (a large number for *args;
+    6 if its signature cannot be read)."""
+    try:
+        import inspect
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return 6
+    kinds = [p.kind for p in params]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return 1 << 16
+    return sum(k in (inspect.Parameter.POSITIONAL_ONLY,
+                     inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in kinds)
 
 
 def _accepts(func: Any, name: str) -> bool:
