@@ -37,6 +37,12 @@ def test_queue_basics(manager):
     assert q.empty() is True
 
 
+def test_a_queue_with_a_maxsize_that_is_no_number(manager):
+    q = manager.Queue("x")      # made as queue.Queue("x") is: put compares it
+    with pytest.raises(TypeError, match="'>' not supported"):
+        q.put(1)
+
+
 def test_queue_maxsize(manager):
     q = manager.Queue(2)
     q.put("a")

@@ -4,7 +4,8 @@ Owns: the objects behind `SyncManager.Lock()`, `RLock`, `Semaphore`,
 `BoundedSemaphore`, `Condition`, `Event`, `Barrier`, `Queue`,
 `JoinableQueue`, which behave like their `threading`/`queue` namesakes, and in
 addition (`Pool` is the stdlib's, with a termination that cannot hang on an idle
-pool):
+pool; a Condition over a lock of another manager is the stdlib's
+`threading.Condition`, its waits bounded by the deadline, `ForeignCondition`):
 - every blocking operation honours the call's deadline (`callctx.wait_limit`):
   when the deadline passes it raises `DeadlineExpired` *without* having done
   anything, so a timed-out `get` loses no item and a timed-out `acquire` leaves
@@ -54,8 +55,8 @@ from .callctx import (
 )
 from .locktable import Wait, current_table
 
-__all__ = ["Lock", "RLock", "Semaphore", "BoundedSemaphore", "Condition", "Event",
-           "Barrier", "Queue", "JoinableQueue"]
+__all__ = ["Lock", "RLock", "Semaphore", "BoundedSemaphore", "Condition", "ForeignCondition",
+           "make_condition", "Event", "Barrier", "Queue", "JoinableQueue"]
 
 Owner = tuple  # (client id, thread ident)
 
@@ -600,6 +601,34 @@ def _threading_repr(obj: Any) -> str:
     return text.replace(f"{type(obj).__module__}.", "threading.", 1)
 
 
+class ForeignCondition(threading.Condition):
+    """A Condition over a lock this manager did not make (a proxy of another
+    manager's lock, say): as the stdlib makes every Condition, a
+    `threading.Condition` over that object, whose waits honour the call's
+    deadline.  The lock is another manager's, so this one neither checks it for
+    deadlocks nor takes it over from a dead owner."""
+
+    _procshare_concurrent_ = True
+    __repr__ = _threading_repr
+
+    def wait(self, timeout: float | None = None) -> bool:
+        check_wait_timeout(timeout)
+        limit, by_deadline = wait_limit(timeout)
+        got = super().wait(limit)
+        if not got and by_deadline:
+            raise DeadlineExpired("condition not notified before the deadline")
+        return got
+
+
+def make_condition(lock: Any = None) -> Condition | ForeignCondition:
+    """`manager.Condition(lock)`: over a lock of this manager (or a new RLock),
+    a `Condition`; over any other object, what the stdlib's manager makes, so
+    that a lock of another manager works and anything else fails as there."""
+    if lock is None or isinstance(_local_referent(lock), _Acquirer):
+        return Condition(lock)
+    return ForeignCondition(lock)
+
+
 class Event(threading.Event):
     """threading.Event whose wait honours the call's deadline."""
 
@@ -832,7 +861,7 @@ class Queue(queue.Queue):
             return item
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        if not block or self.maxsize <= 0:
+        if not block or not self.maxsize > 0:     # (a bad maxsize fails as queue's does)
             return super().put(item, block, timeout)
         with self.not_full:
             if self._shut_down():
