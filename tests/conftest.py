@@ -141,14 +141,24 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("ctx", start_methods_for(metafunc.definition.path), indirect=True)
 
 
-@pytest.fixture
-def manager(impl, ctx):
+def _started_manager(impl, ctx):
     m = impl.SyncManager(ctx=ctx)
     m.start()
     try:
         yield m
     finally:
         m.shutdown()
+
+
+@pytest.fixture
+def manager(impl, ctx):
+    yield from _started_manager(impl, ctx)
+
+
+@pytest.fixture
+def other_manager(impl, ctx):
+    """A second manager (whose lock a Condition of `manager` is made over, say)."""
+    yield from _started_manager(impl, ctx)
 
 
 # ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 
 import _lock_workers as lw
 import _workers
-from _helpers import poll
+from _helpers import blocked_in_call, poll
 
 WAIT = 15.0
 
@@ -177,6 +177,73 @@ def test_dead_waiter_of_condition_does_not_swallow_notify(manager, ctx):
     kill(doomed)    # first in line: a plain notify() would go to it
     assert poll(lambda: all(w["pid"] != doomed.process.pid
                             for w in entry(manager, cond)["waiters"]), 2.0)
+    with cond:
+        cond.notify()
+    assert live.result(WAIT) is True
+
+
+def test_condition_over_another_managers_lock_keeps_deadlines(manager, other_manager):
+    """Waits and acquires of a Condition over a lock of another manager end at
+    the call's deadline (the stdlib's would block), and leave that lock as
+    threading's would: held by the waiter after wait(), free after a failed
+    acquire."""
+    import procshare
+
+    lk = other_manager.Lock()
+    cond = manager.Condition(lk)
+    with cond:
+        t0 = time.monotonic()
+        with pytest.raises(procshare.CallTimeout), procshare.timeout(0.3):
+            cond.wait()
+        assert time.monotonic() - t0 < WAIT
+        assert lk.acquire(False) is False       # held again, by this waiter
+    assert lk.acquire(False) is True            # and released by the with
+    try:
+        with pytest.raises(procshare.CallTimeout), procshare.timeout(0.3):
+            cond.acquire()
+    finally:
+        lk.release()
+    assert _free(lk)                            # the timed-out acquire took nothing
+    assert cond.locked() is False
+
+
+def _free(lock) -> bool:
+    """Is `lock` free (taken and given back at once)?"""
+    if lock.acquire(False):
+        lock.release()
+        return True
+    return False
+
+
+def test_a_cancelled_wait_on_a_condition_over_another_managers_lock(manager, other_manager):
+    """cancel() ends the wait in the manager: the lock is taken again, as after
+    any wait, and released by the with block; nothing is left held."""
+    import procshare
+
+    lk = other_manager.Lock()
+    cond = manager.Condition(lk)
+    with cond:
+        fut = procshare.async_(cond).wait()
+        # the wait gives the lock up once it sleeps: then it can be seen free
+        assert poll(lambda: _free(lk), WAIT)
+        assert fut.cancel()
+        assert fut.cancelled()
+    assert poll(lambda: _free(lk), WAIT)
+
+
+def test_dead_waiter_of_a_condition_over_another_managers_lock(manager, other_manager, ctx):
+    """Its sleepers are tracked as the manager's own Condition's are: one whose
+    client died gives up, and a notify goes to a live one."""
+    cond = manager.Condition(other_manager.Lock())
+    ready1, ready2 = manager.Event(), manager.Event()
+    doomed = _workers.start_child(ctx, lw.condition_wait_one, cond, ready1, 60)
+    assert ready1.wait(WAIT)
+    assert blocked_in_call(doomed.process.pid, manager=manager)
+    live = _workers.start_child(ctx, lw.condition_wait_one, cond, ready2, 30)
+    assert ready2.wait(WAIT)
+    assert blocked_in_call(live.process.pid, manager=manager)
+    kill(doomed)    # first in line: a plain notify() would go to it
+    assert poll(lambda: all(c["pid"] != doomed.process.pid for c in manager.clients()), WAIT)
     with cond:
         cond.notify()
     assert live.result(WAIT) is True

@@ -183,41 +183,35 @@ def test_condition_timeouts_and_errors(manager):
         cond.wait(0.1)  # lock not held
 
 
-def test_condition_over_a_lock_of_another_manager(impl, ctx, manager):
+def test_condition_over_a_lock_of_another_manager(manager, other_manager):
     """The lock travels to the manager as a proxy of the other manager's lock,
     as in the stdlib: acquire takes that lock; a waiter in another thread is
     woken by notify; the release frees it."""
-    other = impl.SyncManager(ctx=ctx)
-    other.start()
+    lk = other_manager.Lock()
+    cond = manager.Condition(lk)
+    assert cond.acquire() is True
     try:
-        lk = other.Lock()
-        cond = manager.Condition(lk)
-        assert cond.acquire() is True
-        try:
-            assert lk.acquire(False) is False       # taken, in the other manager
-            assert cond.wait(0.1) is False
-        finally:
-            cond.release()
-        assert lk.acquire(False) is True
-        lk.release()
-        woke = []
-
-        def waiter(c):
-            with c:
-                woke.append(c.wait(15))
-
-        t = threading.Thread(target=waiter, args=(cond,))
-        t.start()
-        deadline = time.monotonic() + 15
-        while t.is_alive() and time.monotonic() < deadline:
-            with cond:      # a notify before the waiter waits is lost: until one lands
-                cond.notify()
-            t.join(0.05)
-        t.join(15)
-        assert woke == [True]
-        del cond, lk
+        assert lk.acquire(False) is False       # taken, in the other manager
+        assert cond.wait(0.1) is False
     finally:
-        other.shutdown()
+        cond.release()
+    assert lk.acquire(False) is True
+    lk.release()
+    woke = []
+
+    def waiter(c):
+        with c:
+            woke.append(c.wait(15))
+
+    t = threading.Thread(target=waiter, args=(cond,))
+    t.start()
+    deadline = time.monotonic() + 15
+    while t.is_alive() and time.monotonic() < deadline:
+        with cond:      # a notify before the waiter waits is lost: until one lands
+            cond.notify()
+        t.join(0.05)
+    t.join(15)
+    assert woke == [True]
 
 
 def test_condition_over_something_that_is_no_lock(manager, impl):

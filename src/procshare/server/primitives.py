@@ -450,7 +450,107 @@ class _Sleeper:
         self.dropped = False    # taken off the list without a notify
 
 
-class Condition:
+class _Sleepers:
+    """The threads inside a Condition's wait(), waiting to be notified (both
+    Conditions: `_sleepers_mutex` guards `_waiters`).  A sleeper whose client
+    goes away is woken and dropped, so it cannot swallow a notify meant for a
+    live one."""
+
+    _waiters: list[_Sleeper]
+    _table: locktable.LockTable
+    _lock: Any
+
+    @property
+    def _sleepers_mutex(self) -> Any:
+        raise NotImplementedError
+
+    def _drop_sleeper(self, sleeper: _Sleeper, release: bool = True) -> None:
+        """Take `sleeper` off the list without a notify (cancelled, or its client
+        went away), and wake it if `release`."""
+        with self._sleepers_mutex:
+            try:
+                self._waiters.remove(sleeper)
+            except ValueError:
+                return      # already notified
+            sleeper.dropped = True
+        if release:
+            sleeper.gate.release()
+
+    def _add_sleeper(self, me: Owner, c: Any, timed: bool) -> _Sleeper:
+        sleeper = _Sleeper(Wait(me, c, self, timed, "notify"))
+        with self._sleepers_mutex:
+            self._waiters.append(sleeper)
+        return sleeper
+
+    def _sleep(self, sleeper: _Sleeper, limit: float | None, call: Any) -> bool:
+        """Sleep until notified or `limit` (a cancel and a gone client's drop
+        wake it too, `sleeper.dropped`): whether it was woken.  A sleeper that
+        was not is off the list when this returns or raises."""
+        if call is not None:
+            call.waker = lambda: self._drop_sleeper(sleeper)
+        got = False
+        try:
+            got = sleeper.gate.acquire(True, -1 if limit is None else limit)
+        finally:
+            if call is not None:
+                call.waker = None
+            if not got:
+                self._drop_sleeper(sleeper, release=False)
+        return got
+
+    def _pass_on(self) -> None:
+        with self._sleepers_mutex:
+            if not self._waiters:
+                return
+            s = self._waiters.pop(0)
+        s.gate.release()
+
+    def _wake_sleepers(self, n: int) -> None:
+        """Wake `n` live sleepers (the caller holds the lock), and every sleeper
+        whose client is gone, which gives up and does not count."""
+        table = self._table
+        woken = []
+        with self._sleepers_mutex:
+            keep = []
+            for s in self._waiters:
+                if table.dead and _gone(table, s.wait.key[0]):
+                    s.dropped = True
+                    woken.append(s)
+                elif n > 0:
+                    woken.append(s)
+                    n -= 1
+                else:
+                    keep.append(s)
+            self._waiters[:] = keep
+        for s in woken:
+            s.gate.release()
+
+    def notify_all(self) -> None:
+        self.notify(len(self._waiters))     # type: ignore[attr-defined]
+
+    def wait_for(self, predicate: Any, timeout: float | None = None) -> Any:
+        endtime = None if timeout is None else time.monotonic() + timeout
+        result = predicate()
+        while not result:
+            wait = None if endtime is None else endtime - time.monotonic()
+            if wait is not None and wait <= 0:
+                break
+            self.wait(wait)                 # type: ignore[attr-defined]
+            result = predicate()
+        return result
+
+    def _client_gone(self, client: str, pid: int, how: str) -> int:
+        with self._sleepers_mutex:
+            gone = [s for s in self._waiters if s.wait.key[0] == client]
+        for s in gone:
+            self._drop_sleeper(s)
+        return 1 if gone else 0
+
+    def __repr__(self) -> str:
+        return f"<Condition({self._lock!r}, {len(self._waiters)})>"
+
+
+class Condition(_Sleepers):
     """A condition variable over a manager-hosted lock (like threading.Condition).
 
     While a thread waits it does not hold the lock; when it is woken it takes
@@ -491,21 +591,13 @@ class Condition:
             raise RuntimeError("cannot wait on un-acquired lock")
         check_wait_timeout(timeout)                 # (a bad timeout: nothing changed)
         limit, by_deadline = wait_limit(timeout)
-        sleeper = _Sleeper(Wait(me, c, self, timeout is not None, "notify"))
-        with lock._mutex:
-            self._waiters.append(sleeper)
+        sleeper = self._add_sleeper(me, c, timeout is not None)
         saved = lock._release_save(me)
         call = current_call()
-        if call is not None:
-            call.waker = lambda: self._drop_sleeper(sleeper)
         got = False
         try:
-            got = sleeper.gate.acquire(True, -1 if limit is None else limit)
+            got = self._sleep(sleeper, limit, call)
         finally:
-            if call is not None:
-                call.waker = None
-            if not got:
-                self._drop_sleeper(sleeper, release=False)
             # like threading: the lock is taken again before wait() returns or
             # raises, whatever ended the wait (the deadline included)
             lock._acquire_restore(me, c, saved)
@@ -519,67 +611,14 @@ class Condition:
             raise DeadlineExpired("condition not notified before the deadline")
         return got
 
-    def _drop_sleeper(self, sleeper: _Sleeper, release: bool = True) -> None:
-        """Take `sleeper` off the list without a notify (cancelled, or its client
-        went away), and wake it if `release`."""
-        with self._lock._mutex:
-            try:
-                self._waiters.remove(sleeper)
-            except ValueError:
-                return      # already notified
-            sleeper.dropped = True
-        if release:
-            sleeper.gate.release()
-
-    def _pass_on(self) -> None:
-        with self._lock._mutex:
-            if not self._waiters:
-                return
-            s = self._waiters.pop(0)
-        s.gate.release()
-
-    def wait_for(self, predicate: Any, timeout: float | None = None) -> Any:
-        endtime = None if timeout is None else time.monotonic() + timeout
-        result = predicate()
-        while not result:
-            wait = None if endtime is None else endtime - time.monotonic()
-            if wait is not None and wait <= 0:
-                break
-            self.wait(wait)
-            result = predicate()
-        return result
+    @property
+    def _sleepers_mutex(self) -> Any:
+        return self._lock._mutex
 
     def notify(self, n: int = 1) -> None:
         if not self._lock._is_owned_by(_owner()):
             raise RuntimeError("cannot notify on un-acquired lock")
-        table = self._table
-        woken = []
-        with self._lock._mutex:
-            keep = []
-            for s in self._waiters:
-                # a sleeper whose client is gone is woken (it gives up) and does
-                # not count: the notify goes to a live one
-                if table.dead and _gone(table, s.wait.key[0]):
-                    s.dropped = True
-                    woken.append(s)
-                elif n > 0:
-                    woken.append(s)
-                    n -= 1
-                else:
-                    keep.append(s)
-            self._waiters[:] = keep
-        for s in woken:
-            s.gate.release()
-
-    def notify_all(self) -> None:
-        self.notify(len(self._waiters))
-
-    def _client_gone(self, client: str, pid: int, how: str) -> int:
-        with self._lock._mutex:
-            gone = [s for s in self._waiters if s.wait.key[0] == client]
-        for s in gone:
-            self._drop_sleeper(s)
-        return 1 if gone else 0
+        self._wake_sleepers(n)
 
     def _procshare_lock_info(self) -> dict:
         info = self._lock._procshare_lock_info()
@@ -591,8 +630,6 @@ class Condition:
                     waiters=info["waiters"] + sleepers)
         return info
 
-    def __repr__(self) -> str:
-        return f"<Condition({self._lock!r}, {len(self._waiters)})>"
 
 
 def _threading_repr(obj: Any) -> str:
@@ -601,23 +638,94 @@ def _threading_repr(obj: Any) -> str:
     return text.replace(f"{type(obj).__module__}.", "threading.", 1)
 
 
-class ForeignCondition(threading.Condition):
+class ForeignCondition(_Sleepers):
     """A Condition over a lock this manager did not make (a proxy of another
-    manager's lock, say): as the stdlib makes every Condition, a
-    `threading.Condition` over that object, whose waits honour the call's
-    deadline.  The lock is another manager's, so this one neither checks it for
-    deadlocks nor takes it over from a dead owner."""
+    manager's lock, say), which the stdlib's manager also accepts: its lock
+    calls go to that object, and "owned" means what threading.Condition makes
+    of a lock without `_is_owned` (a non-blocking acquire fails).  As with this
+    manager's own Condition, waits and acquires honour the call's deadline, a
+    cancelled wait ends, and a sleeper whose client is gone gives up and passes
+    on a notify it got.  The lock is the other manager's: this one neither
+    checks it for deadlocks nor lists it in `locks()`, and the other one sees
+    this manager's server thread as its holder, so a client that dies holding
+    it through this Condition (but for one waiting in wait(), which gives up
+    without taking it again) leaves it held, as the stdlib's would."""
 
     _procshare_concurrent_ = True
-    __repr__ = _threading_repr
+
+    def __init__(self, lock: Any) -> None:
+        self._lock = lock
+        self._acquire = lock.acquire    # a non-lock fails here, as threading's does
+        self._release = lock.release
+        self._mutex = threading.Lock()
+        self._waiters: list[_Sleeper] = []     # guarded by _mutex
+        self._table = current_table()
+        self._table.track(self)
+
+    @property
+    def _sleepers_mutex(self) -> Any:
+        return self._mutex
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        if blocking:
+            limit, by_deadline = wait_limit(None if timeout is None or timeout == -1
+                                            else timeout)
+            if by_deadline:
+                if self._acquire(True, limit):
+                    return True
+                raise DeadlineExpired("the condition's lock was not free before the "
+                                      "deadline")
+        return self._acquire(blocking) if timeout is None else self._acquire(blocking, timeout)
+
+    __enter__ = acquire
+
+    def release(self) -> None:
+        self._release()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def _is_owned(self) -> bool:
+        if self._acquire(False):
+            self._release()
+            return False
+        return True
 
     def wait(self, timeout: float | None = None) -> bool:
+        if not self._is_owned():
+            raise RuntimeError("cannot wait on un-acquired lock")
         check_wait_timeout(timeout)
         limit, by_deadline = wait_limit(timeout)
-        got = super().wait(limit)
+        c = caller()
+        me = (c.client, c.thread)
+        sleeper = self._add_sleeper(me, c, timeout is not None)
+        self._release()
+        call = current_call()
+        got = False
+        try:
+            got = self._sleep(sleeper, limit, call)
+        finally:
+            dead = self._table.dead and _gone(self._table, me[0])
+            if not dead:    # held again before wait() returns or raises; never
+                self._acquire(True)     # for a client that is gone
+        got = got and not sleeper.dropped
+        if dead or call is not None and call.cancelled:
+            if got:     # a notify meant for a live waiter: hand it on
+                self._wake_sleepers(1)
+            if dead:
+                return False
+            check_cancelled(call, "Condition.wait")
         if not got and by_deadline:
             raise DeadlineExpired("condition not notified before the deadline")
         return got
+
+    def notify(self, n: int = 1) -> None:
+        if not self._is_owned():
+            raise RuntimeError("cannot notify on un-acquired lock")
+        self._wake_sleepers(n)
 
 
 def make_condition(lock: Any = None) -> Condition | ForeignCondition:
