@@ -429,6 +429,20 @@ def OwnFinalizeManager(m):
 
 
 @_builder
+def RaisingFinalizeManager(m):
+    """`_finalize_manager` overridden with the stdlib's signature by a subclass
+    whose override fails before it stops anything."""
+
+    class RaisingFinalizeManager(m.BaseManager):
+        @staticmethod
+        def _finalize_manager(process, address, authkey, state, _Client, *rest):
+            raise RuntimeError("the override failed")
+
+    RaisingFinalizeManager.register("Counter", Counter)
+    return RaisingFinalizeManager
+
+
+@_builder
 def ParallelSleeperManager(m):
     # procshare only.  `serial=False` is procshare's per-type opt-out of the
     # "one call at a time per object" default for registered classes.

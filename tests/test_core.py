@@ -439,3 +439,24 @@ def test_importing_procshare_leaves_heavy_modules_unloaded():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     assert out.strip() == "[]", out
+
+
+@pytest.mark.parametrize("method", FAULT_START_METHODS)
+def test_a_failing_finalize_override_still_stops_the_server(method):
+    """A subclass's `_finalize_manager` (the stdlib's signature) that raises:
+    the error reaches `shutdown()`'s caller, and the server is stopped and its
+    socket file removed all the same (the stdlib's would keep running)."""
+    import procshare.managers as ps
+
+    cls = _workers.get_class(ps, "RaisingFinalizeManager")
+    m = cls(ctx=multiprocessing.get_context(method))
+    m.start()
+    proc, address = m._process, m.address
+    c = m.Counter()
+    c.increment()
+    del c
+    with pytest.raises(RuntimeError, match="the override failed"):
+        m.shutdown()
+    assert poll(lambda: not proc.is_alive(), 15)
+    assert m._state.value == ps.State.SHUTDOWN
+    assert not os.path.exists(address)

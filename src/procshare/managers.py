@@ -335,16 +335,19 @@ class BaseManager:
         args = (self._process, self._address, self._authkey, self._state, self._Client,
                 self._shutdown_timeout)
         if _accepts(finalize, "logdir"):
-            self.shutdown = util.Finalize(self, finalize, args=args,
-                                          kwargs={"logdir": logdir, "manager": name},
+            kwargs = {"logdir": logdir, "manager": name}
+            if _accepts(finalize, "serializer"):
+                kwargs["serializer"] = self._serializer
+            self.shutdown = util.Finalize(self, finalize, args=args, kwargs=kwargs,
                                           exitpriority=0)
         else:
             # overridden with the stdlib's signature (3.10's takes no
             # shutdown_timeout; `_Client` is what its code calls to connect):
             # procshare's own steps go around it
-            args = args[:max(5, min(6, _positional_room(finalize)))]
-            self.shutdown = util.Finalize(self, _finalize_overridden,
-                                          args=(finalize, args, logdir, name), exitpriority=0)
+            n = max(5, min(6, _positional_room(finalize)))
+            self.shutdown = util.Finalize(
+                self, _finalize_overridden,
+                args=(finalize, args, n, self._serializer, logdir, name), exitpriority=0)
 
     @property
     def restarts(self) -> int:
@@ -442,33 +445,16 @@ class BaseManager:
     @staticmethod
     def _finalize_manager(proc: Any, address: Any, authkey: Any, state: State,
                           _Client: Any, shutdown_timeout: float = 1.0, *,
-                          logdir: str | None = None, manager: str = "manager") -> None:
+                          logdir: str | None = None, manager: str = "manager",
+                          serializer: Any = None) -> None:
         """Shut the manager process down; registered as a finalizer.  The
-        stdlib's arguments (`_Client`: the manager's `_Client`, whose
-        serializer the shutdown call uses), then procshare's keywords."""
-        serializer = getattr(_Client, "keywords", {}).get("serializer", "pickle")
+        stdlib's arguments (`_Client`: the manager's `_Client`), then
+        procshare's keywords (`serializer`: the manager's, for the shutdown
+        call; else the one `_Client` was made with)."""
+        if serializer is None:
+            serializer = _serializer_of(_Client)
         _shutdown_begins(proc)
-        if proc.is_alive():
-            util.info("sending shutdown message to manager")
-            try:
-                with client.no_recover():   # a server that just died is not waited for
-                    s = client.Session(address, bytes(authkey),
-                                       client.get_serializer(serializer))
-                    try:
-                        s.control_call("shutdown", timeout=shutdown_timeout)
-                    finally:
-                        s.close()
-            except Exception:
-                pass
-            proc.join(timeout=shutdown_timeout)
-            if proc.is_alive():
-                util.info("manager still alive")
-                if hasattr(proc, "terminate"):
-                    proc.terminate()
-                    proc.join(timeout=shutdown_timeout)
-                    if proc.is_alive():
-                        proc.kill()
-                        proc.join()
+        _stop_server(proc, address, authkey, serializer, shutdown_timeout)
         _shutdown_ends(proc, address, state, manager, logdir)
 
     # -- objects -----------------------------------------------------------------------------
@@ -647,15 +633,50 @@ def _shutdown_ends(proc: Any, address: Any, state: State, manager: str,
         shutil.rmtree(logdir, ignore_errors=True)
 
 
-def _finalize_overridden(finalize: Any, args: tuple, logdir: str | None,
-                         manager: str) -> None:
+def _serializer_of(client_factory: Any) -> Any:
+    """The serializer a manager's `_Client` was made with (pickle if unknown)."""
+    return getattr(client_factory, "keywords", {}).get("serializer", "pickle")
+
+
+def _stop_server(proc: Any, address: Any, authkey: Any, serializer: Any,
+                 timeout: float) -> None:
+    """Ask a started manager's server to shut down; terminate it, then kill it,
+    if it is still alive `timeout` seconds later."""
+    if not proc.is_alive():
+        return
+    util.info("sending shutdown message to manager")
+    try:
+        with client.no_recover():   # a server that just died is not waited for
+            s = client.Session(address, bytes(authkey), client.get_serializer(serializer))
+            try:
+                s.control_call("shutdown", timeout=timeout)
+            finally:
+                s.close()
+    except Exception:
+        pass
+    proc.join(timeout=timeout)
+    if proc.is_alive():
+        util.info("manager still alive")
+        if hasattr(proc, "terminate"):
+            proc.terminate()
+            proc.join(timeout=timeout)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+def _finalize_overridden(finalize: Any, args: tuple, n: int, serializer: Any,
+                         logdir: str | None, manager: str) -> None:
     """The finalizer of a manager whose `_finalize_manager` a subclass overrode
-    with the stdlib's signature: it runs between procshare's own steps."""
-    proc, address, state = args[0], args[1], args[3]
+    with the stdlib's signature (called with the first `n` of `args`): it runs
+    between procshare's own steps, and a server it left running (it raised, or
+    did not stop it) is stopped as procshare's own finalizer stops it."""
+    proc, address, authkey, state = args[:4]
     _shutdown_begins(proc)
     try:
-        finalize(*args)
+        finalize(*args[:n])
     finally:
+        _stop_server(proc, address, authkey, serializer, args[5])
         _shutdown_ends(proc, address, state, manager, logdir)
 
 
