@@ -1271,6 +1271,9 @@ def print_cpu_table(results: list[CaseResult], impl_names: list[str], env: Env,
             " synchronous call pays when it does not poll (PROCSHARE_SPIN_US=0). It moves"
             " with where the scheduler puts the processes, so compare, do not subtract."
         )
+    if any(isinstance(r.case, ArrayCase) for r in results):
+        notes.append("array cases: the client column is the writing child's own CPU over its"
+                     " writes (process_time), without its start-up.")
     if env.ctx.get_start_method() == "forkserver" and any(
         isinstance(r.case, ContendedCase) for r in results
     ):
