@@ -249,6 +249,25 @@ def test_dead_waiter_of_a_condition_over_another_managers_lock(manager, other_ma
     assert live.result(WAIT) is True
 
 
+def test_a_foreign_condition_waiter_that_dies_while_it_waits_for_the_lock(
+        manager, other_manager, ctx):
+    """Notified, it waits to take the other manager's lock again; its client dies
+    meanwhile: once the notifier lets go, the lock is free (it is not kept for a
+    client that is gone)."""
+    lk = other_manager.Lock()
+    cond = manager.Condition(lk)
+    ready = manager.Event()
+    child = _workers.start_child(ctx, lw.condition_wait_one, cond, ready, 60)
+    assert ready.wait(WAIT)
+    assert blocked_in_call(child.process.pid, manager=manager)
+    with cond:      # taken once the child's wait let it go
+        cond.notify()
+        kill(child)     # its call's thread is busy: the manager lists it as dead
+        assert poll(lambda: all(c["pid"] != child.process.pid or c["state"] == "dead"
+                                for c in manager.clients()), WAIT)
+    assert poll(lambda: _free(lk), WAIT)
+
+
 def test_waiter_of_dead_client_never_owns_the_lock(manager, ctx):
     lock = manager.Lock()
     ready, go = manager.Event(), manager.Event()

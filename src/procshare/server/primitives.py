@@ -4,8 +4,9 @@ Owns: the objects behind `SyncManager.Lock()`, `RLock`, `Semaphore`,
 `BoundedSemaphore`, `Condition`, `Event`, `Barrier`, `Queue`,
 `JoinableQueue`, which behave like their `threading`/`queue` namesakes, and in
 addition (`Pool` is the stdlib's, with a termination that cannot hang on an idle
-pool; a Condition over a lock of another manager is the stdlib's
-`threading.Condition`, its waits bounded by the deadline, `ForeignCondition`):
+pool; a Condition over a lock of another manager, `ForeignCondition`, calls
+that lock as the stdlib's `threading.Condition` would, with the rules below for
+its own waits):
 - every blocking operation honours the call's deadline (`callctx.wait_limit`):
   when the deadline passes it raises `DeadlineExpired` *without* having done
   anything, so a timed-out `get` loses no item and a timed-out `acquire` leaves
@@ -488,6 +489,8 @@ class _Sleepers:
         was not is off the list when this returns or raises."""
         if call is not None:
             call.waker = lambda: self._drop_sleeper(sleeper)
+            if call.cancelled:      # before the waker was there
+                self._drop_sleeper(sleeper)
         got = False
         try:
             got = sleeper.gate.acquire(True, -1 if limit is None else limit)
@@ -506,8 +509,9 @@ class _Sleepers:
         s.gate.release()
 
     def _wake_sleepers(self, n: int) -> None:
-        """Wake `n` live sleepers (the caller holds the lock), and every sleeper
-        whose client is gone, which gives up and does not count."""
+        """Wake `n` live sleepers (for notify(), whose caller holds the lock; or
+        to pass on a notify), and every sleeper whose client is gone, which
+        gives up and does not count."""
         table = self._table
         woken = []
         with self._sleepers_mutex:
@@ -667,17 +671,33 @@ class ForeignCondition(_Sleepers):
         return self._mutex
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
-        if blocking:
-            limit, by_deadline = wait_limit(None if timeout is None or timeout == -1
-                                            else timeout)
-            if by_deadline:
-                if self._acquire(True, limit):
-                    return True
-                raise DeadlineExpired("the condition's lock was not free before the "
-                                      "deadline")
-        return self._acquire(blocking) if timeout is None else self._acquire(blocking, timeout)
+        if not blocking:
+            return self._acquire(False) if timeout is None else self._acquire(False, timeout)
+        limit, by_deadline = wait_limit(None if timeout is None or timeout == -1 else timeout)
+        if by_deadline:
+            got = self._acquire(True, limit)
+        else:
+            got = self._acquire(True) if timeout is None else self._acquire(True, timeout)
+        if got:
+            self._keep_for_caller("Condition.acquire")
+        elif by_deadline:
+            raise DeadlineExpired("the condition's lock was not free before the deadline")
+        return got
 
     __enter__ = acquire
+
+    def _caller_gone(self) -> bool:
+        return self._table.dead and _gone(self._table, caller().client)
+
+    def _keep_for_caller(self, what: str) -> None:
+        """The lock was just taken for the running call: give it back if that call
+        was cancelled meanwhile (Cancelled) or its client is gone (it can take
+        nothing), so that nobody holds the other manager's lock for nobody."""
+        call = current_call()
+        if call is not None and call.cancelled or self._caller_gone():
+            self._release()
+            check_cancelled(call, what)
+            raise Cancelled(f"{what}: the client is gone")
 
     def release(self) -> None:
         self._release()
@@ -702,15 +722,31 @@ class ForeignCondition(_Sleepers):
         c = caller()
         me = (c.client, c.thread)
         sleeper = self._add_sleeper(me, c, timeout is not None)
-        self._release()
+        try:
+            self._release()
+        except BaseException:
+            self._drop_sleeper(sleeper, release=False)
+            if not sleeper.dropped:     # a notify took it meanwhile: hand it on
+                self._wake_sleepers(1)
+            raise
         call = current_call()
         got = False
         try:
             got = self._sleep(sleeper, limit, call)
         finally:
-            dead = self._table.dead and _gone(self._table, me[0])
-            if not dead:    # held again before wait() returns or raises; never
-                self._acquire(True)     # for a client that is gone
+            # held again before wait() returns or raises; never for a client that
+            # is gone (also if it went while this waited to take it again)
+            dead = self._caller_gone()
+            if not dead:
+                try:
+                    self._acquire(True)
+                except BaseException:
+                    if got and not sleeper.dropped:
+                        self._wake_sleepers(1)
+                    raise
+                if self._caller_gone():
+                    self._release()
+                    dead = True
         got = got and not sleeper.dropped
         if dead or call is not None and call.cancelled:
             if got:     # a notify meant for a live waiter: hand it on

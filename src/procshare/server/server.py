@@ -1078,16 +1078,23 @@ class Server:
 
     def clients(self, c: ConnInfo) -> list[dict]:
         """The client processes whose lease runs: connected ones with their
-        connections and threads, and disconnected ones not yet known dead."""
+        connections and threads (and the state of their lease: "dead" or
+        "exited" while a connection's thread still runs a call of theirs), and
+        disconnected ones not yet known dead."""
         with self.conn_mutex:
             conns = list(self.connections.values())
+        leases = self.leases.snapshot()
+        # a client whose lease ended may still have a connection whose thread is
+        # busy in a call (it ends when the call returns): its state says so
+        states = {rec["client"]: rec["state"] for rec in leases}
         out: dict[str, dict] = {}
         for ci in conns:
             d = out.setdefault(ci.client, {"client": ci.client, "pid": ci.pid,
-                                           "state": "live", "connections": 0, "threads": []})
+                                           "state": states.get(ci.client, "live"),
+                                           "connections": 0, "threads": []})
             d["connections"] += 1
             d["threads"].append(ci.caller.thread_name)
-        for rec in self.leases.snapshot():
+        for rec in leases:
             if rec["state"] == "disconnected" and rec["client"] not in out:
                 out[rec["client"]] = {"client": rec["client"], "pid": rec["pid"],
                                       "state": "disconnected", "connections": 0, "threads": []}
