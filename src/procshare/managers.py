@@ -670,14 +670,17 @@ def _finalize_overridden(finalize: Any, args: tuple, n: int, serializer: Any,
     """The finalizer of a manager whose `_finalize_manager` a subclass overrode
     with the stdlib's signature (called with the first `n` of `args`): it runs
     between procshare's own steps, and a server it left running (it raised, or
-    did not stop it) is stopped as procshare's own finalizer stops it."""
+    did not stop it) is stopped as procshare's own finalizer stops it: after
+    shutdown() the manager is shut down, whatever the override did."""
     proc, address, authkey, state = args[:4]
     _shutdown_begins(proc)
     try:
         finalize(*args[:n])
     finally:
-        _stop_server(proc, address, authkey, serializer, args[5])
-        _shutdown_ends(proc, address, state, manager, logdir)
+        try:
+            _stop_server(proc, address, authkey, serializer, args[5])
+        finally:
+            _shutdown_ends(proc, address, state, manager, logdir)
 
 
 def _positional_room(func: Any) -> int:
