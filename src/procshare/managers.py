@@ -13,6 +13,9 @@ Rules it keeps:
   (`supervisor`), which forks the server and restarts it; the starting process
   runs no thread for it.  Or the server runs in the caller's process with
   `get_server().serve_forever()`.
+- A subclass may override `_run_server` and `_finalize_manager` with the
+  stdlib's signatures: they get the stdlib's arguments, and procshare's own
+  shutdown steps run around such a finalizer (`_finalize_overridden`).
 """
 
 from __future__ import annotations
