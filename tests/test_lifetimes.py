@@ -157,6 +157,19 @@ def _fork_loans_settled(before: set) -> bool:
     return not _fork_loans_added(before)
 
 
+def _forked(child, *args) -> int:
+    """os.fork(): the child runs `child(*args)` and leaves with os._exit of
+    what it returns (1 if it raised), so that no test code runs on in it."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = child(*args)
+        finally:
+            os._exit(code)
+    return pid
+
+
 def test_a_fork_loan_that_no_child_adopts_is_given_back_when_the_child_goes(sync):
     """Before a fork the parent lends the child its references; a child that
     never uses the manager (a raw os.fork() that exits, or a child that
@@ -170,9 +183,7 @@ def test_a_fork_loan_that_no_child_adopts_is_given_back_when_the_child_goes(sync
     base = sync._number_of_objects()
     lst = sync.list([1])
     before = set(loans._watched)
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
+    pid = _forked(lambda: 0)
     assert os.waitpid(pid, 0)[1] == 0
     subprocess.run(["true"], preexec_fn=lambda: None, check=True)   # runs the fork hooks, execs
     del lst
@@ -191,16 +202,14 @@ def test_a_forked_child_that_adopts_later_keeps_the_objects_its_parent_let_go(sy
     lst = sync.list([1])
     before = set(loans._watched)
     r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(w)
-            os.read(r, 1)           # the parent let go, and looked at its fork loans
-            lst.append(2)
-            code = 0 if lst[:] == [1, 2] else 2
-        finally:
-            os._exit(code)
+
+    def child(lst):
+        os.close(w)
+        os.read(r, 1)           # the parent let go, and looked at its fork loans
+        lst.append(2)
+        return 0 if lst[:] == [1, 2] else 2
+
+    pid = _forked(child, lst)
     os.close(r)
     del lst                 # (a decref: the parent looks at its fork loans)
     loans.check_fork_loans()
@@ -226,26 +235,26 @@ def test_a_child_that_forks_before_it_adopted_lends_its_own_child_the_objects(sy
     before = set(loans._watched)
     go_r, go_w = os.pipe()
     res_r, res_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
+
+    def grandchild(lst):
+        got = b"?"
         try:
-            os.close(go_w)
-            os.close(res_r)
-            if os.fork() == 0:
-                got = b"?"
-                try:
-                    os.read(go_r, 1)    # the child is gone and the parent let go
-                    lst.append(2)
-                    got = b"y" if lst[:] == [1, 2] else b"n"
-                except BaseException as e:
-                    got = type(e).__name__.encode()
-                finally:
-                    os.write(res_w, got)
-                    os._exit(0)
-            code = 0
+            os.read(go_r, 1)    # the child is gone and the parent let go
+            lst.append(2)
+            got = b"y" if lst[:] == [1, 2] else b"n"
+        except BaseException as e:
+            got = type(e).__name__.encode()
         finally:
-            os._exit(code)
+            os.write(res_w, got)
+        return 0
+
+    def child(lst):
+        os.close(go_w)
+        os.close(res_r)
+        _forked(grandchild, lst)
+        return 0
+
+    pid = _forked(child, lst)
     os.close(go_r)
     os.close(res_w)
     try:

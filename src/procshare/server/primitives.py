@@ -671,13 +671,12 @@ class ForeignCondition(_Sleepers):
         return self._mutex
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
-        if not blocking:
-            return self._acquire(False) if timeout is None else self._acquire(False, timeout)
-        limit, by_deadline = wait_limit(None if timeout is None or timeout == -1 else timeout)
+        limit, by_deadline = (wait_limit(None if timeout is None or timeout == -1 else timeout)
+                              if blocking else (None, False))
         if by_deadline:
             got = self._acquire(True, limit)
-        else:
-            got = self._acquire(True) if timeout is None else self._acquire(True, timeout)
+        else:       # the lock's own arguments, as threading.Condition passes them on
+            got = self._acquire(blocking) if timeout is None else self._acquire(blocking, timeout)
         if got:
             self._keep_for_caller("Condition.acquire")
         elif by_deadline:

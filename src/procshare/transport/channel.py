@@ -114,6 +114,7 @@ def readable_within(fd: Any, timeout: float, poller: Any = None) -> bool:
         poller.register(fd, select.POLLIN)
     return bool(poller.poll(max(timeout, 0.0) * 1000.0))
 
+
 def readable_now(fds: list[int]) -> list[int]:
     """The descriptors among `fds` that can be read, or are at EOF (or are
     not open), now: one poll() for all of them, never waiting."""
