@@ -8,6 +8,7 @@ with each other too."""
 from __future__ import annotations
 
 import array
+import ctypes
 import re
 import sys
 
@@ -185,7 +186,22 @@ def test_dict_or_ior_fromkeys_reversed_314(impl, manager):
     assert d._getvalue() == {"a": 10, "b": 2, "c": 3}
     assert d.fromkeys(["x", "y"], 0) == {"x": 0, "y": 0}
     assert d.fromkeys("pq") == {"p": None, "q": None}
-    assert list(reversed(d)) == ["c", "b", "a"]
+    if PY314:
+        assert list(reversed(d)) == ["c", "b", "a"]
+
+
+def test_reversed_dict_proxy(impl, manager):
+    """reversed() on a DictProxy: the keys, last first, where the stdlib's
+    proxy has `__reversed__` (3.14); before, Python's fallback to `len` and
+    `d[i]`, which procshare must not change: the values at keys n-1 .. 0."""
+    d = manager.dict({0: "a", 1: "b"})
+    assert list(reversed(d)) == ([1, 0] if PY314 else ["b", "a"])
+    named = manager.dict({"x": 1})
+    if PY314:
+        assert list(reversed(named)) == ["x"]
+    else:
+        with pytest.raises(KeyError):
+            list(reversed(named))
 
 
 @only_where_supported
@@ -276,3 +292,31 @@ def test_array(manager):
     with pytest.raises(IndexError):
         a[10]
     assert re.fullmatch(r"<ArrayProxy object, typeid 'Array' at 0x[0-9a-f]+>", repr(a))
+
+
+class _PointerStruct(ctypes.Structure):
+    _fields_ = [("p", ctypes.POINTER(ctypes.c_int))]
+
+
+class _RefusesPickling:
+    def __reduce__(self):
+        raise KeyError("not today")
+
+
+def test_an_argument_pickle_refuses_raises_the_picklers_own_error_type(impl, manager):
+    """The stdlib lets pickle's own exception through a proxy call; procshare's
+    ArgumentsNotSerializable is also an instance of it, so `except` clauses
+    written for the stdlib still catch it.  Nothing was sent: the proxy works."""
+    lst = manager.list()
+    with pytest.raises(ValueError):         # ctypes: "...containing pointers cannot be pickled"
+        lst.append(_PointerStruct())
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(RecursionError):
+        lst.append(deep)
+    with pytest.raises(KeyError):
+        lst.append(_RefusesPickling())
+    assert lst._getvalue() == []
+    lst.append(1)
+    assert lst._getvalue() == [1]

@@ -562,7 +562,8 @@ SCENARIOS = [
     (container_scenarios, name) for name in (
         "test_list", "test_dict", "test_dict_constructor_and_view_types",
         "test_list_seen_from_child", "test_list_clear_copy_314",
-        "test_dict_or_ior_fromkeys_reversed_314", "test_set_314", "test_lock_locked_314",
+        "test_dict_or_ior_fromkeys_reversed_314", "test_reversed_dict_proxy", "test_set_314",
+        "test_lock_locked_314",
         "test_namespace", "test_namespace_from_child", "test_value", "test_array")
 ] + [
     (sync_scenarios, name) for name in (

@@ -387,12 +387,16 @@ def arguments_not_serializable(cause: BaseException, what: str, serializer: str,
                                culprit: str, alternatives: list, hint: str = "",
                                method: str | None = None,
                                error: str | None = None) -> ArgumentsNotSerializable:
-    """The error for arguments that could not be serialized (nothing was sent)."""
+    """The error for arguments that could not be serialized (nothing was sent).
+    It is also an instance of the serializer's own error's type (what the
+    stdlib lets through): an `except ValueError` or `except RecursionError`
+    around a call still catches it."""
     cls: type = ArgumentsNotSerializable
     if isinstance(cause, AttributeError):
         cls = LocalObjectNotSerializable
-    elif isinstance(cause, RuntimeError) and not isinstance(cause, RecursionError):
+    elif type(cause) is RuntimeError:
         cls = ProcessLocalNotSerializable
+    cls = _also_a(cls, type(cause))
     error = error or f"{type(cause).__name__}: {cause}"
     return cls(
         f"the arguments of {what} could not be serialized with {serializer!r}: "
@@ -400,6 +404,40 @@ def arguments_not_serializable(cause: BaseException, what: str, serializer: str,
         + _advice(alternatives, serializer, culprit, hint),
         method=method, direction="arguments", path=path, culprit=culprit,
         serializer=serializer, alternatives=list(alternatives), error=error)
+
+
+#: (error class, the cause's type) -> a class that is both (`_also_a`)
+_ALSO: dict[tuple[type, type], type] = {}
+
+
+def _also_a(cls: type, cause: type) -> type:
+    """`cls`, or a subclass of `cls` that is also a `cause` (made once per
+    pair; `cls` itself if `cause` cannot be a base beside it)."""
+    if issubclass(cls, cause) or not issubclass(cause, Exception):
+        return cls
+    both = _ALSO.get((cls, cause))
+    if both is None:
+        try:
+            both = type(cls.__name__, (cls, cause), {
+                "__module__": cls.__module__, "__doc__": cls.__doc__,
+                # the message as written (KeyError's own str() would quote it)
+                "__str__": Exception.__str__, "__reduce__": _reduce_also})
+        except TypeError:       # (two incompatible layouts, a final class)
+            both = cls
+        both = _ALSO.setdefault((cls, cause), both)
+    return both
+
+
+def _reduce_also(self: ProcshareError) -> tuple:
+    """Pickle a `_also_a` class as the pair it was made from: its own class
+    has no name to import."""
+    _fn, (_cls, message, facts), extra = ProcshareError.__reduce__(self)
+    cls, cause = type(self).__bases__
+    return (_rebuild_also, (cls, cause, message, facts), extra)
+
+
+def _rebuild_also(cls: type, cause: type, message: str, facts: dict) -> ProcshareError:
+    return _also_a(cls, cause)(message, **facts)
 
 
 def result_not_serializable_text(what: str, serializer: str, path: str, culprit: str,

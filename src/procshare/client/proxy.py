@@ -27,6 +27,7 @@ Rules it keeps:
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import types
@@ -663,9 +664,14 @@ class ListProxy(BaseListProxy):  # type: ignore[misc, valid-type]
     __class_getitem__ = classmethod(types.GenericAlias)
 
 
+# `__reversed__` only where the stdlib's DictProxy has it (3.14): before that,
+# reversed() on one falls back to `len` and `d[i]` (the values at keys n-1..0),
+# and a proxy that answered with the keys would change what existing code gets.
+# The other 3.14 additions (`|`, `|=`, `fromkeys`) only replace a TypeError.
 _BaseDictProxy = MakeProxyType("DictProxy", (
     "__contains__", "__delitem__", "__getitem__", "__ior__", "__iter__", "__len__",
-    "__or__", "__reversed__", "__ror__", "__setitem__", "clear", "copy", "fromkeys",
+    "__or__", *(("__reversed__",) if sys.version_info >= (3, 14) else ()), "__ror__",
+    "__setitem__", "clear", "copy", "fromkeys",
     "get", "items", "keys", "pop", "popitem", "setdefault", "update", "values",
 ))
 _BaseDictProxy._method_to_typeid_ = {"__iter__": "Iterator"}
