@@ -97,7 +97,8 @@ class LifetimeManager(BaseManager):
     pass
 
 
-LifetimeManager.register("Stateful", Stateful)                   # serial
+LifetimeManager.register("Stateful", Stateful)                   # serial (by default)
+LifetimeManager.register("StrictStateful", Stateful, serial=True)
 LifetimeManager.register("Attrs1", Attrs1, exposed=("m", "kind"))
 LifetimeManager.register("Attrs2", Attrs2, exposed=("m", "size", "other"))
 

@@ -25,7 +25,7 @@ class SlowManager(BaseManager):
 
 # concurrent, so a hung call does not hold up the next one on the same object
 SlowManager.register("Slow", Slow, serial=False)
-SlowManager.register("SerialSlow", Slow)
+SlowManager.register("SerialSlow", Slow, serial=True)
 
 
 def hold_lock(lock, held, release):

@@ -191,6 +191,35 @@ class SlowCounter:
         return self.count
 
 
+class Flag:
+    """Waits on a module-level condition, which procshare's concurrency rule
+    cannot see: the object is serial by default, and its wait_for() runs until
+    another call's set()."""
+
+    def __init__(self):
+        self.value = False
+        self.waiters = 0
+
+    def set(self):
+        with _FLAG_COND:
+            self.value = True
+            _FLAG_COND.notify_all()
+
+    def waiting(self):
+        return self.waiters > 0
+
+    def wait_for(self, timeout):
+        with _FLAG_COND:
+            self.waiters += 1
+            try:
+                return _FLAG_COND.wait_for(lambda: self.value, timeout)
+            finally:
+                self.waiters -= 1
+
+
+_FLAG_COND = threading.Condition()
+
+
 class Sleeper:
     def nap(self, seconds):
         """Sleep in the server; return (start, end) on the server's clock."""
@@ -379,6 +408,7 @@ def CounterManager(m):
     CounterManager.register("SlowCounter", SlowCounter)
     CounterManager.register("TheCounter", the_counter)     # one object, every time
     CounterManager.register("Sleeper", Sleeper)
+    CounterManager.register("Flag", Flag)
     CounterManager.register("DictGate", DictGate)
     CounterManager.register("SlotGate", SlotGate)
     return CounterManager
@@ -451,6 +481,18 @@ def ParallelSleeperManager(m):
 
     ParallelSleeperManager.register("Sleeper", Sleeper, serial=False)
     return ParallelSleeperManager
+
+
+@_builder
+def StrictSleeperManager(m):
+    # procshare only.  `serial=True`: calls queue behind a running one until it
+    # returns, however long it takes (the default lets them start beside it
+    # after `server.SERIAL_PATIENCE`).
+    class StrictSleeperManager(m.BaseManager):
+        pass
+
+    StrictSleeperManager.register("Sleeper", Sleeper, serial=True)
+    return StrictSleeperManager
 
 
 @_builder

@@ -39,7 +39,7 @@ class GateManager(BaseManager):
 
 
 GateManager.register("Waiter", aw.GateWaiter, serial=False)
-GateManager.register("SerialWaiter", aw.GateWaiter)
+GateManager.register("SerialWaiter", aw.GateWaiter, serial=True)
 GateManager.register("Opener", aw.GateOpener, serial=False)
 
 

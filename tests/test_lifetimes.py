@@ -372,7 +372,7 @@ def test_replaced_control_connection_keeps_this_process_objects(sync):
 # -- case 7: a timed-out call on a serial object says it still runs there ----------------
 
 def test_timeout_on_a_serial_object_says_calls_queue_behind_it(lmgr):
-    s = lmgr.Stateful()
+    s = lmgr.StrictStateful()       # serial=True: the next calls wait until it returns
     with pytest.raises(procshare.CallTimeout) as info:
         s._callmethod("hang", (2.0,), {}, timeout=0.3)
     text = str(info.value)
@@ -384,6 +384,22 @@ def test_timeout_on_a_serial_object_says_calls_queue_behind_it(lmgr):
     assert time.monotonic() - t0 < 1.5
     assert "busy with another call" in str(info.value) and "running hang()" in str(info.value)
     assert s._callmethod("echo", (2,), {}, timeout=10) == 2
+
+
+def test_timeout_on_an_object_serial_by_default_says_the_next_calls_run_beside_it(lmgr):
+    from procshare.server.server import SERIAL_PATIENCE
+
+    s = lmgr.Stateful()
+    with pytest.raises(procshare.CallTimeout) as info:
+        s._callmethod("hang", (2.0,), {}, timeout=0.3)
+    text = str(info.value)
+    assert "hang() is still running in the manager" in text
+    assert f"wait up to {SERIAL_PATIENCE:g} s behind it, then run beside it" in text
+    assert "serial=True" in text
+    t0 = time.monotonic()
+    assert s._callmethod("echo", (1,), {}, timeout=10) == 1    # while hang() runs
+    assert SERIAL_PATIENCE - 0.01 <= time.monotonic() - t0 < 2.0
+    assert lmgr._control("object_state", s._id)["running"] == "hang"
 
 
 # -- case 8: defects found by reading the code -------------------------------------------
@@ -423,7 +439,7 @@ def test_serial_reply_is_serialized_under_the_lock(lmgr):
 
 
 def test_getvalue_repr_and_str_wait_for_a_running_call(lmgr):
-    s = lmgr.Stateful()
+    s = lmgr.StrictStateful()
     t = threading.Thread(target=s.work, args=(1.0,))
     t.start()
     assert poll(lambda: lmgr._control("object_state", s._id)["running"] == "work", 5)

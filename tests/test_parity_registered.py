@@ -8,6 +8,8 @@ call in its own thread, so its Counter is racy and its calls overlap."""
 from __future__ import annotations
 
 import multiprocessing
+import threading
+import time
 
 import pytest
 
@@ -81,16 +83,47 @@ def _two_naps(cls, ctx, seconds):
     return intervals
 
 
-def test_calls_on_one_object_run_one_at_a_time(impl, ctx):
-    nap = 0.3
+def test_a_long_call_does_not_hold_back_the_next_for_long(impl, ctx):
+    """The stdlib runs each connection in its own thread: two long calls on one
+    object overlap.  procshare runs calls on a serial object one at a time, but
+    one that waited `SERIAL_PATIENCE` behind a call still running starts beside
+    it, so code written for the stdlib still overlaps them (and a method that
+    waits for another call on its object is not stuck)."""
+    nap = 0.6
     (s1, e1), (s2, e2) = _two_naps(_workers.get_class(impl, "CounterManager"), ctx, nap)
-    overlap = s2 < e1
-    if is_stdlib(impl):
-        # The stdlib runs each connection in its own thread: the calls overlap.
-        assert overlap, ((s1, e1), (s2, e2))
-    else:
-        assert not overlap, f"calls overlapped: {(s1, e1)} and {(s2, e2)}"
-        assert e2 - s1 >= 2 * nap - 0.01
+    assert s2 < e1, f"calls did not overlap: {(s1, e1)} and {(s2, e2)}"
+    if not is_stdlib(impl):
+        from procshare.server.server import SERIAL_PATIENCE
+        assert s2 - s1 >= SERIAL_PATIENCE - 0.01, "the second call did not wait first"
+
+
+def test_procshare_serial_true_queues_calls_until_the_running_one_returns(ctx):
+    import procshare.managers as ps
+
+    nap = 0.3
+    (s1, e1), (s2, e2) = _two_naps(_workers.get_class(ps, "StrictSleeperManager"), ctx, nap)
+    assert not s2 < e1, f"calls overlapped: {(s1, e1)} and {(s2, e2)}"
+    assert e2 - s1 >= 2 * nap - 0.01
+
+
+def test_a_method_that_waits_for_another_call_on_its_object_is_not_stuck(impl, ctx):
+    """Stdlib code may wait in one method for another call on the same object;
+    procshare's serial default must not turn that into a wait until the first
+    call's own timeout (the set() used to queue behind the wait_for())."""
+
+    with _workers.get_class(impl, "CounterManager")(ctx=ctx) as m:
+        flag = m.Flag()
+        got = {}
+        waiter = threading.Thread(
+            target=lambda flag=flag: got.setdefault("waited", flag.wait_for(30)))
+        waiter.start()
+        assert poll(flag.waiting, 5)        # wait_for() runs in the manager
+        t0 = time.monotonic()
+        flag.set()
+        assert time.monotonic() - t0 < 5
+        waiter.join(10)
+        assert got == {"waited": True}
+        del flag
 
 
 @pytest.mark.parametrize("gate", ["DictGate", "SlotGate"])

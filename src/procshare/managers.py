@@ -548,7 +548,8 @@ class BaseManager:
         `serial` (procshare): True runs calls on one object one at a time, False
         runs them concurrently, None (default) decides per object: concurrent for
         thread-safe types (queues, locks, pools, objects carrying their own lock),
-        serial otherwise.
+        serial otherwise, except that a call waits at most 0.1 s behind a
+        running one before it runs beside it (as the stdlib runs every call).
 
         `serializer` (procshare): a serializer (name or object) for the arguments
         and results of this type's calls that the manager's own serializer cannot

@@ -127,7 +127,9 @@ def shared_counter_scene(demo: Demo) -> bool:
         Why nothing is lost: `self.count += 1` is three steps: read the count, add one, write
         it back. If two calls on the same object overlap, both read the same value and one
         increment disappears. procshare runs the calls on one registered object one at a time,
-        so every increment sees the one before it. (Built-in types such as
+        so every increment sees the one before it (a call still running after 0.1 s lets the
+        next start beside it, as the stdlib would have, so a method that waits for another
+        call is never stuck; serial=True makes them wait). (Built-in types such as
         Queue, Lock and Event keep running calls concurrently, so a get() that waits never
         blocks the put() it waits for.)
         """

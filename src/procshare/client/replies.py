@@ -53,11 +53,15 @@ def call_timeout(proxy: Any, meth: str, timeout: float | None, server_gave_up: b
                    "there. The proxy stays usable")
         state = _object_state(proxy)
         if state is not None and state.get("serial") and state.get("running"):
+            patience = state.get("patience")
             outcome += (
                 f". {state['running']}() is still running in the manager, and calls on "
-                f"this {proxy._token.typeid!r} object run one at a time: the next ones "
-                "queue behind it until it returns (each waits at most until its own "
-                "deadline)")
+                f"this {proxy._token.typeid!r} object run one at a time: " + (
+                    f"the next ones wait up to {patience:g} s behind it, then run beside "
+                    "it, as the stdlib runs every call (register the type with "
+                    "serial=True to queue them until it returns)" if patience else
+                    "the next ones queue behind it until it returns (each waits at most "
+                    "until its own deadline)"))
     return CallTimeout(
         f"{what} did not finish within {timeout} s: {outcome}. Raise the limit "
         "(timeout=..., procshare.timeout(...), or call_timeout= on the manager), or find "

@@ -70,6 +70,10 @@ class Entry:
         self.running = running          # the method holding `lock` now (serial objects)
         self.owner = owner              # the server thread that runs it
         self.durable = durable          # its journal handle (`durables`), if durable
+        #: how long a call waits for `lock` before it runs beside the call that
+        #: holds it (serial by default: `server.SERIAL_PATIENCE`); None: until
+        #: the call's deadline
+        self.patience: float | None = None
 
     def __repr__(self) -> str:
         return (f"Entry(typeid={self.typeid!r}, obj={type(self.obj).__name__}, "

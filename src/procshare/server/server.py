@@ -20,7 +20,11 @@ Rules it keeps:
   default for registered classes), and concurrently for thread-safe objects:
   the built-in primitives, `queue`/`threading` objects, pools, and objects that
   carry their own threading primitive (`stdtypes.is_thread_safe`).
-  `register(..., serial=...)` decides per type.
+  `register(..., serial=...)` decides per type.  A call on an object that is
+  serial by that default waits at most `SERIAL_PATIENCE` behind the one
+  running, then runs beside it, as the stdlib runs every call (a method that
+  waits for another call on its object must not deadlock); `serial=True`
+  objects, durable ones and `update_item` wait until the call's deadline.
 - The reply is serialized completely before anything is written, so a result
   that cannot be serialized is reported and the connection stays usable.
 - When the last connection of a client closes, the client is gone: its
@@ -139,6 +143,13 @@ REPLY_LIMITS = DEFAULT_LIMITS
 #: how long a reference in transit (a pickled proxy, a forked child's
 #: inheritance) waits to be adopted before it is released
 LOAN_TTL = 600.0
+
+#: how long a call on an object that is serial by default (`register(...,
+#: serial=None)`) waits behind the call running on it before it runs beside it:
+#: far longer than a method that does not wait takes, so such methods keep
+#: running one at a time, and short enough that one that waits for another call
+#: on its object (as stdlib code may: a flag another process sets) is not stuck
+SERIAL_PATIENCE = 0.1
 
 #: how long a server that stops waits for the threads of its idle connections
 #: to end (each writes its last frame; they wake at once)
@@ -712,17 +723,24 @@ class Server:
                 os.close(fd)
 
     def _enter(self, entry: Entry, info: ConnInfo, deadline: float | None, oid: str,
-               meth: str) -> bool:
-        """Take a busy serial object's lock, waiting until the call's deadline.
-        False (run without the lock) for a call its own running method made
-        from inside the manager (through a proxy to itself): waiting would
-        deadlock, and that method is waiting for this call anyway."""
+               meth: str, strict: bool = False) -> bool:
+        """Take a busy serial object's lock, waiting until the call's deadline,
+        or for `entry.patience` if it has one and `strict` is false.  False
+        (run without the lock): the patience ran out, so the call runs beside
+        the one running, as in the stdlib; or a call its own running method
+        made from inside the manager (through a proxy to itself): waiting
+        would deadlock, and that method is waiting for this call anyway."""
         if info.pid == os.getpid() and info.caller.thread == entry.owner and entry.running:
             return False
         lock = entry.lock
         assert lock is not None
         self.working.discard(info.channel)      # it waits: others may spin meanwhile
         info.channel.flush_nowait()             # and replies held back go now
+        patience = entry.patience
+        if patience is not None and not strict:
+            until = time.monotonic() + patience
+            if deadline is None or until < deadline:
+                return lock.acquire(True, patience)
         if not _acquire_until(lock, deadline):
             running = entry.running
             raise DeadlineExpired(
@@ -884,8 +902,8 @@ class Server:
         between; on a concurrent object, no other update_item does."""
         obj = entry.obj
         deadline = callctx.server_state.deadline
-        if entry.lock is not None:
-            held = self._enter(entry, info, deadline, "?", "update_item")
+        if entry.lock is not None:     # (strict: nothing may run in between)
+            held = self._enter(entry, info, deadline, "?", "update_item", strict=True)
             lock = entry.lock
         else:
             lock = self._update_lock
@@ -968,11 +986,13 @@ class Server:
         else:
             obj = callable_(*args, **kwds)
         exposed, attrs, method_to_typeid = self.describe(typeid, spec, obj)
-        serial = getattr(spec, "serial", None)
+        serial = chosen = getattr(spec, "serial", None)
         if serial is None:
             serial = not is_thread_safe(obj)
         entry = Entry(obj, typeid, frozenset(exposed), method_to_typeid,
                       threading.Lock() if serial else None, frozenset(attrs))
+        if serial and chosen is None:
+            entry.patience = SERIAL_PATIENCE
         ident, used = self.objects.add_or_share(entry, holder)
         if used is not entry and (used.exposed != entry.exposed
                                   or used.attributes != entry.attributes):
@@ -1121,10 +1141,11 @@ class Server:
         return sharedarray.fd_reply(self.objects, c.client, ident, c.channel)
 
     def object_state(self, c: ConnInfo, ident: str) -> dict:
-        """Whether an object runs calls one at a time, and what it runs now."""
+        """Whether an object runs calls one at a time (and how long a call
+        waits behind another: None, until its deadline), and what it runs now."""
         entry = self.objects.get(ident)
         return {"typeid": entry.typeid, "serial": entry.lock is not None,
-                "running": entry.running}
+                "running": entry.running, "patience": entry.patience}
 
     def server_info(self, c: ConnInfo) -> dict:
         j = self.durables.journal
