@@ -220,6 +220,17 @@ class Flag:
 _FLAG_COND = threading.Condition()
 
 
+class Exiter:
+    def exit(self, code):
+        raise SystemExit(code)
+
+    def interrupt(self):
+        raise KeyboardInterrupt
+
+    def ok(self):
+        return "ok"
+
+
 class Sleeper:
     def nap(self, seconds):
         """Sleep in the server; return (start, end) on the server's clock."""
@@ -409,6 +420,7 @@ def CounterManager(m):
     CounterManager.register("TheCounter", the_counter)     # one object, every time
     CounterManager.register("Sleeper", Sleeper)
     CounterManager.register("Flag", Flag)
+    CounterManager.register("Exiter", Exiter)
     CounterManager.register("DictGate", DictGate)
     CounterManager.register("SlotGate", SlotGate)
     return CounterManager

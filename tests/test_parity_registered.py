@@ -232,3 +232,25 @@ def test_one_object_from_two_creates_runs_its_calls_one_at_a_time(impl, ctx):
             assert 1 <= count <= 300    # its calls overlap: updates may be lost
         else:
             assert count == 300
+
+
+@pytest.mark.parametrize("method", ["exit", "interrupt"])
+def test_a_method_raising_systemexit_or_keyboardinterrupt_gives_eoferror(impl, ctx, method):
+    """The stdlib's connection thread dies of it: the caller gets EOFError.
+    procshare answers with MethodRaisedExit, also an EOFError, which says what
+    happened, and the connection and the object stay usable."""
+    with _workers.get_class(impl, "CounterManager")(ctx=ctx) as m:
+        e = m.Exiter()
+        args = (3,) if method == "exit" else ()
+        with pytest.raises(EOFError) as info:
+            getattr(e, method)(*args)
+        if not is_stdlib(impl):
+            import procshare
+
+            assert isinstance(info.value, procshare.MethodRaisedExit)
+            raised = "SystemExit(3)" if method == "exit" else "KeyboardInterrupt"
+            assert f"{method}() on 'Exiter' object" in str(info.value)
+            assert f"raised {raised} in the manager" in str(info.value)
+            assert e.ok() == "ok"
+            assert m.Exiter().ok() == "ok"
+        del e

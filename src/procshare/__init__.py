@@ -34,6 +34,7 @@ from .errors import (
     ManagerSocketMissing,
     ManagerStartFailed,
     MessageTooLarge,
+    MethodRaisedExit,
     MissingMethodError,
     NotExposedError,
     ObjectLost,
@@ -84,7 +85,7 @@ __all__ = [
     "Manager", "managers", "serializers", "timeout", "async_", "oneway", "aio",
     # errors (procshare.errors has them all, with the stdlib classes each extends)
     "ProcshareError", "RemoteError", "NotExposedError", "MissingMethodError", "CallTimeout",
-    "ManagerCrashed", "ObjectLost", "ManagerNotRunning", "ManagerStartFailed",
+    "ManagerCrashed", "MethodRaisedExit", "ObjectLost", "ManagerNotRunning", "ManagerStartFailed",
     "ManagerConnectionRefused", "ManagerSocketMissing", "ManagerConnectionReset",
     "ManagerBrokenPipe", "SerializationError", "ArgumentsNotSerializable",
     "LocalObjectNotSerializable", "ProcessLocalNotSerializable", "RemoteSerializationError",

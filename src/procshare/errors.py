@@ -136,6 +136,13 @@ class ObjectLost(ManagerCrashed):
     EOFError: what the stdlib raises when its manager has gone away."""
 
 
+class MethodRaisedExit(ProcshareError, EOFError):
+    """A method raised SystemExit or KeyboardInterrupt in the manager.  The
+    stdlib's connection thread dies of it and the caller gets EOFError (and a
+    BrokenPipeError on its next call); procshare answers with this error, also
+    an EOFError, and the connection and the object stay usable."""
+
+
 class ManagerConnectionRefused(ManagerCrashed, ConnectionRefusedError):
     """ManagerCrashed where the stdlib raises ConnectionRefusedError: nothing
     listens at the address (the manager died, or never ran there)."""

@@ -81,6 +81,7 @@ from typing import Any
 
 from ..errors import (
     AuthenticationError,
+    MethodRaisedExit,
     NotExposedError,
     ProcshareError,
     arguments_not_deserializable_text,
@@ -614,6 +615,8 @@ class Server:
                             reply = (Kind.ERROR, _with_traceback(e))
                     except Exception as e:
                         reply = (Kind.ERROR, _with_traceback(e))
+                    except (SystemExit, KeyboardInterrupt) as e:   # the method's own
+                        reply = (Kind.ERROR, _method_exited(e, entry, oid, meth))
                     finally:
                         if held:
                             entry.running = None
@@ -1178,6 +1181,20 @@ def _acquire_until(lock: threading.Lock, deadline: float | None) -> bool:
     if deadline is None:
         return lock.acquire()
     return lock.acquire(True, max(deadline - time.monotonic(), 0.0))
+
+
+def _method_exited(e: BaseException, entry: Entry, oid: str, meth: str) -> BaseException:
+    """The error for a method that raised SystemExit or KeyboardInterrupt: an
+    EOFError, as the stdlib's caller gets when its connection thread dies of
+    it, that says so (this connection serves on)."""
+    err = MethodRaisedExit(
+        f"{meth}() on {entry.typeid!r} object {oid} raised {type(e).__name__}"
+        f"{f'({e})' if str(e) else ''} in the manager (pid {os.getpid()}). With the "
+        "stdlib that ends the connection (EOFError); procshare keeps the connection and "
+        "the object, so the next call works. To get an error back as itself, raise an "
+        "Exception in the method, not SystemExit or KeyboardInterrupt.",
+        method=meth, typeid=entry.typeid, raised=type(e).__name__)
+    return _with_traceback(err.with_traceback(e.__traceback__))
 
 
 def _with_traceback(e: BaseException) -> BaseException:
