@@ -144,3 +144,8 @@ def sleep_then(seconds, value):
 
 def append_one(value):
     return value + [1]
+
+
+def exit_instead(value):
+    """update_item's func that raises SystemExit in the manager."""
+    raise SystemExit(5)

@@ -69,6 +69,15 @@ class Attrs2:
         return 2
 
 
+def slow_increment(mark, value):
+    """update_item's func, in the manager: says it started (a file), then
+    takes half a second."""
+    with open(mark, "w"):
+        pass
+    time.sleep(0.5)
+    return value + 1
+
+
 def make_many(manager, typeid, n, out):
     try:
         for _ in range(n):

@@ -190,6 +190,10 @@ class SlowCounter:
     def get_count(self):
         return self.count
 
+    def hold(self, seconds):
+        """A call that outlasts procshare's patience (the turns test)."""
+        time.sleep(seconds)
+
 
 class Flag:
     """Waits on a module-level condition, which procshare's concurrency rule

@@ -551,3 +551,17 @@ def test_nested_plain_values_are_copies_and_update_item_is_the_fix(sync_manager)
     d["nested"] = sync_manager.list()  # nested managed containers see the change
     d["nested"].append(1)
     assert d["nested"][:] == [1]
+
+
+def test_systemexit_in_update_items_func_is_a_method_raised_exit(sync_manager):
+    """User code the manager runs outside a plain method call (here
+    update_item's func) that raises SystemExit: MethodRaisedExit, an EOFError
+    naming the call, and the connection serves on."""
+    d = sync_manager.dict({"k": 1})
+    with pytest.raises(procshare.MethodRaisedExit) as info:
+        d.update_item("k", ew.exit_instead)
+    assert isinstance(info.value, EOFError)
+    assert "update_item() on object" in str(info.value) and "SystemExit(5)" in str(info.value)
+    assert d["k"] == 1
+    d["k"] = 2
+    assert d._getvalue() == {"k": 2}

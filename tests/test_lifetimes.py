@@ -5,6 +5,7 @@ of these cases the stdlib hangs, loses data or releases nothing."""
 from __future__ import annotations
 
 import errno
+import functools
 import multiprocessing
 import os
 import signal
@@ -436,6 +437,22 @@ def test_serial_reply_is_serialized_under_the_lock(lmgr):
         sizes.append(len(s.get_d()))    # a dict that must not change while pickled
     t.join(WAIT)
     assert not errors and sizes and sizes == sorted(sizes)
+
+
+def test_update_item_on_a_dict_is_not_overlapped_by_a_call_that_waited(sync, tmp_path):
+    """A dict's calls keep strict turns (no patience): a set that came while
+    a slow update_item ran waits for it, so neither change is lost."""
+    d = sync.dict({"k": 0})
+    mark = str(tmp_path / "started")
+    func = functools.partial(lw.slow_increment, mark)
+    t = threading.Thread(target=d.update_item, args=("k", func))
+    t.start()
+    assert poll(lambda: os.path.exists(mark), 5)       # update_item's func runs
+    t0 = time.monotonic()
+    d["k"] = 100
+    took = time.monotonic() - t0
+    t.join(WAIT)
+    assert d["k"] == 100 and took > 0.2
 
 
 def test_getvalue_repr_and_str_wait_for_a_running_call(lmgr):

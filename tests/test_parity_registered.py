@@ -97,6 +97,24 @@ def test_a_long_call_does_not_hold_back_the_next_for_long(impl, ctx):
         assert s2 - s1 >= SERIAL_PATIENCE - 0.01, "the second call did not wait first"
 
 
+def test_procshare_calls_behind_a_long_one_keep_turns_among_themselves(ctx):
+    """The calls that start beside a call that outlasted the patience run one
+    at a time among themselves (a new turn), so a read-modify-write among them
+    loses nothing: two children's 100 slow increments each, behind a hold()."""
+    import procshare.managers as ps
+
+    with _workers.get_class(ps, "CounterManager")(ctx=ctx) as m:
+        counter = m.SlowCounter()
+        holder = threading.Thread(target=counter.hold, args=(1.5,))
+        holder.start()
+        oid = counter._id
+        assert poll(lambda: m._control("object_state", oid)["running"] == "hold", 5)
+        _increment_at_once(ctx, [counter, counter], 100)
+        assert counter.get_count() == 200
+        holder.join(10)
+        del counter
+
+
 def test_procshare_serial_true_queues_calls_until_the_running_one_returns(ctx):
     import procshare.managers as ps
 

@@ -405,12 +405,23 @@ def arguments_not_serializable(cause: BaseException, what: str, serializer: str,
         cls = ProcessLocalNotSerializable
     cls = _also_a(cls, type(cause))
     error = error or f"{type(cause).__name__}: {cause}"
-    return cls(
+    err = cls(
         f"the arguments of {what} could not be serialized with {serializer!r}: "
         f"{path} -> {culprit} ({error}). Nothing was sent; the proxy stays usable."
         + _advice(alternatives, serializer, culprit, hint),
         method=method, direction="arguments", path=path, culprit=culprit,
         serializer=serializer, alternatives=list(alternatives), error=error)
+    if cls is not ArgumentsNotSerializable:
+        # the cause's own plain attributes (an error code, say) for code that
+        # reads them; plain values only, so the error still pickles
+        for name, value in getattr(cause, "__dict__", {}).items():
+            if type(value) in _PLAIN and not hasattr(err, name):
+                setattr(err, name, value)
+    return err
+
+
+#: the attribute values `arguments_not_serializable` copies from its cause
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 
 
 #: (error class, the cause's type) -> a class that is both (`_also_a`)
@@ -427,8 +438,10 @@ def _also_a(cls: type, cause: type) -> type:
         try:
             both = type(cls.__name__, (cls, cause), {
                 "__module__": cls.__module__, "__doc__": cls.__doc__,
-                # the message as written (KeyError's own str() would quote it)
-                "__str__": Exception.__str__, "__reduce__": _reduce_also})
+                # the message as written (KeyError's own str() would quote it, a
+                # cause's own repr may read attributes this one does not have)
+                "__str__": Exception.__str__, "__repr__": Exception.__repr__,
+                "__reduce__": _reduce_also})
         except TypeError:       # (two incompatible layouts, a final class)
             both = cls
         both = _ALSO.setdefault((cls, cause), both)

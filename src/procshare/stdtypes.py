@@ -4,8 +4,9 @@ Owns: `Namespace`, `Value` and `Array` (the plain SyncManager types, as
 `multiprocessing.managers` defines them), `update_item` (the one-step update
 behind `DictProxy.update_item`), `check_acquire_args` and
 `check_wait_timeout` (threading's validation of `acquire(blocking,
-timeout)` and of a wait's timeout), the concurrency rule's test
-(`is_thread_safe`: which objects synchronize themselves) and the method
+timeout)` and of a wait's timeout), the concurrency rule's tests
+(`is_thread_safe`: which objects synchronize themselves; `never_waits`:
+which serial ones keep strict turns) and the method
 listings of a referent (`all_methods`, `public_methods`).
 
 Rules it keeps:
@@ -127,9 +128,19 @@ PRIMITIVE_TYPES: tuple = (
 THREAD_SAFE_TYPES: tuple = (
     queue.Queue, queue.SimpleQueue, mp_pool.Pool, mp_pool.ApplyResult, *PRIMITIVE_TYPES,
 )
+#: the SyncManager's containers, as their server holds them (`never_waits`)
+_NEVER_WAITING = frozenset({dict, list, set, array.array, Namespace, Value})
 #: how many items of a container attribute `is_thread_safe` looks at
 _LOOK_INTO = 16
 _MEMBER = type(type("_Slotted", (), {"__slots__": ("x",)}).__dict__["x"])
+
+
+def never_waits(obj: Any) -> bool:
+    """Is `obj` one of the SyncManager's containers (dict, list, set, Value,
+    Array, Namespace), whose methods neither wait nor run long?  Their calls
+    keep strict turns: the patience of serial objects (`server.SERIAL_PATIENCE`)
+    is for methods that may wait for another call."""
+    return type(obj) in _NEVER_WAITING
 
 
 def is_thread_safe(obj: Any) -> bool:

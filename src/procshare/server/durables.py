@@ -527,7 +527,10 @@ class DurableObjects:
                 if not held:
                     if not wait:
                         return None
-                    held = server._enter(entry, info, callctx.server_state.deadline, oid, meth)
+                    # (strict: a durable object's calls keep the journal's order)
+                    lock = server._enter(entry, info, callctx.server_state.deadline, oid,
+                                         meth, strict=True)
+                    held = lock is not None
                 if held:
                     entry.running = meth
                     entry.owner = threading.get_ident()

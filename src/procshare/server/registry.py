@@ -67,7 +67,9 @@ class Entry:
         self.lock = lock                # held while a method runs (serial objects)
         self.attributes = attributes    # exposed names that are data, not methods
         self.created = time.time() if created is None else created
-        self.running = running          # the method holding `lock` now (serial objects)
+        #: the method holding `lock` now (serial objects); with turns (see
+        #: `patience`), the oldest call still running
+        self.running = running
         self.owner = owner              # the server thread that runs it
         self.durable = durable          # its journal handle (`durables`), if durable
         #: how long a call waits for `lock` before it runs beside the call that

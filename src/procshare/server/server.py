@@ -22,9 +22,12 @@ Rules it keeps:
   carry their own threading primitive (`stdtypes.is_thread_safe`).
   `register(..., serial=...)` decides per type.  A call on an object that is
   serial by that default waits at most `SERIAL_PATIENCE` behind the one
-  running, then runs beside it, as the stdlib runs every call (a method that
-  waits for another call on its object must not deadlock); `serial=True`
-  objects, durable ones and `update_item` wait until the call's deadline.
+  running, then starts a new turn beside it, as the stdlib runs every call (a
+  method that waits for another call on its object must not deadlock); the
+  calls after it wait for that turn, so only a call that outlasts the
+  patience is overlapped.  `serial=True` objects, the SyncManager's
+  containers (`stdtypes.never_waits`), durable objects and `update_item`
+  wait until the call's deadline.
 - The reply is serialized completely before anything is written, so a result
   that cannot be serialized is reported and the connection stays usable.
 - When the last connection of a client closes, the client is gone: its
@@ -89,7 +92,7 @@ from ..errors import (
     result_too_large_text,
 )
 from ..inprocess import local_server, set_local_server
-from ..stdtypes import all_methods, is_thread_safe, public_methods, update_item
+from ..stdtypes import all_methods, is_thread_safe, never_waits, public_methods, update_item
 from ..transport import channel as transport
 from ..transport import placement
 from ..transport.processes import host_identity
@@ -571,7 +574,8 @@ class Server:
                 if entry is not None and meth in entry.exposed and entry.durable is None:
                     # the hot path: a call on an exposed method.  On a serial object
                     # the reply is made (serialized) before its lock is released, so
-                    # a returned internal value cannot change while it is pickled.
+                    # a returned internal value cannot change while it is pickled
+                    # (unless the call outlasts the patience of one: see _enter).
                     fn = None
                     lock = entry.lock
                     held = False
@@ -581,11 +585,13 @@ class Server:
                         except AttributeError as e:     # (the stdlib: a RemoteError)
                             raise _GetattrFailed(e) from None
                         if lock is not None:
-                            held = lock.acquire(False) or self._enter(
-                                entry, info, st.deadline, oid, meth)
-                            if held:
-                                entry.running = meth
-                                entry.owner = me
+                            if not lock.acquire(False):
+                                lock = self._enter(entry, info, st.deadline, oid, meth)
+                            if lock is not None:
+                                held = True
+                                if entry.running is None:   # (else an older turn's
+                                    entry.running = meth    # call still runs: it is
+                                    entry.owner = me        # the one to name)
                         result = fn(*args, **kwds)
                         call.done_rid = rid     # it happened: a cancel is too late now
                         m2t = entry.method_to_typeid
@@ -616,10 +622,11 @@ class Server:
                     except Exception as e:
                         reply = (Kind.ERROR, _with_traceback(e))
                     except (SystemExit, KeyboardInterrupt) as e:   # the method's own
-                        reply = (Kind.ERROR, _method_exited(e, entry, oid, meth))
+                        reply = _method_exited(e, f"{meth}() on {entry.typeid!r} object {oid}")
                     finally:
                         if held:
-                            entry.running = None
+                            if entry.owner == me:   # (not another turn's: see _enter)
+                                entry.running = None
                             lock.release()
                     call.done_rid = rid         # the reply is made: a cancel is too late
                     # hold no argument or result while waiting for the next call: the
@@ -651,9 +658,15 @@ class Server:
                         self._reply(ch, rid, *reply)
                         self.stop_event.set()
                         return
-                    reply = self._control(info, meth, args, kwds)
+                    try:
+                        reply = self._control(info, meth, args, kwds)
+                    except (SystemExit, KeyboardInterrupt) as e:    # (a constructor's)
+                        reply = _method_exited(e, f"manager operation {meth!r}")
                 elif entry is not None and entry.durable is not None:
-                    reply = durables.call(entry, info, oid, meth, args, kwds)
+                    try:
+                        reply = durables.call(entry, info, oid, meth, args, kwds)
+                    except (SystemExit, KeyboardInterrupt) as e:    # the method's own
+                        reply = _method_exited(e, f"{meth}() on {entry.typeid!r} object {oid}")
                     if reply is RETURN_NONE and rid:    # a set, an append: no value
                         warns.clear()
                         call.done_rid = rid
@@ -663,7 +676,11 @@ class Server:
                         continue
                     park = rid != 0 and durables.contended() and loopable(entry)
                 else:
-                    reply = self._slow_call(info, oid, meth, args, kwds)
+                    try:
+                        reply = self._slow_call(info, oid, meth, args, kwds)
+                    except (SystemExit, KeyboardInterrupt) as e:    # a __repr__'s, say
+                        name = _SLOW_NAMES.get(meth, meth)
+                        reply = _method_exited(e, f"{name}() on object {oid}")
             warns.clear()
             call.done_rid = rid
             args = kwds = bufs = entry = None
@@ -726,31 +743,41 @@ class Server:
                 os.close(fd)
 
     def _enter(self, entry: Entry, info: ConnInfo, deadline: float | None, oid: str,
-               meth: str, strict: bool = False) -> bool:
-        """Take a busy serial object's lock, waiting until the call's deadline,
-        or for `entry.patience` if it has one and `strict` is false.  False
-        (run without the lock): the patience ran out, so the call runs beside
-        the one running, as in the stdlib; or a call its own running method
-        made from inside the manager (through a proxy to itself): waiting
-        would deadlock, and that method is waiting for this call anyway."""
+               meth: str, strict: bool = False) -> threading.Lock | None:
+        """Take a busy serial object's lock, waiting until the call's deadline;
+        return the lock taken, to be released by the caller.  With patience
+        (`entry.patience`, unless `strict`): a call that waited that long for
+        the lock starts a new turn, a fresh `entry.lock` taken at once, and
+        runs beside the call that held the old one (as the stdlib would have
+        run it); calls that come after wait for the new turn, so only a call
+        that outlasts the patience is ever overlapped.  None (run without
+        the lock): a call its own running method made from inside the manager
+        (through a proxy to itself): waiting would deadlock, and that method
+        is waiting for this call anyway."""
         if info.pid == os.getpid() and info.caller.thread == entry.owner and entry.running:
-            return False
+            return None
         lock = entry.lock
         assert lock is not None
         self.working.discard(info.channel)      # it waits: others may spin meanwhile
         info.channel.flush_nowait()             # and replies held back go now
-        patience = entry.patience
-        if patience is not None and not strict:
-            until = time.monotonic() + patience
-            if deadline is None or until < deadline:
-                return lock.acquire(True, patience)
+        patience = None if strict else entry.patience
+        while patience is not None and (deadline is None
+                                        or deadline - time.monotonic() > patience):
+            if lock.acquire(True, patience):
+                return lock
+            with _TURNS:
+                if entry.lock is lock:      # the call holding it outlasted the patience
+                    lock = entry.lock = threading.Lock()
+                    lock.acquire()
+                    return lock
+                lock = entry.lock           # another waiter began a turn: wait for it
         if not _acquire_until(lock, deadline):
             running = entry.running
             raise DeadlineExpired(
                 f"{entry.typeid!r} object {oid} was still busy with another call at the "
                 "deadline" + (f" (running {running}())" if running else "")
                 + ": calls on it run one at a time, and this one waited behind it")
-        return True
+        return lock
 
     def _reply(self, ch: transport.Channel, rid: int, kind: Any, payload: Any,
                oid: Any = None, meth: Any = None) -> None:
@@ -880,11 +907,10 @@ class Server:
                 typeid=entry.typeid, method=meth, exposed=tuple(sorted(entry.exposed))))
         # a copy or a text of the whole object: under its lock, like any call on it,
         # and serialized before the lock is released
-        lock = entry.lock
-        held = False
+        lock = None
         try:
-            if lock is not None:
-                held = self._enter(entry, info, callctx.server_state.deadline, oid, meth)
+            if entry.lock is not None:
+                lock = self._enter(entry, info, callctx.server_state.deadline, oid, meth)
             value = obj if meth == "#GETVALUE" else str(obj) if meth == "__str__" else repr(obj)
             try:
                 return (_PACKED, self.serializer.dumps(value))
@@ -895,7 +921,7 @@ class Server:
         except Exception as e:
             return (Kind.ERROR, _with_traceback(e))
         finally:
-            if held:
+            if lock is not None:
                 lock.release()
 
     def _update_item(self, entry: Entry, info: ConnInfo, key: Any, func: Any, default: Any,
@@ -905,19 +931,18 @@ class Server:
         between; on a concurrent object, no other update_item does."""
         obj = entry.obj
         deadline = callctx.server_state.deadline
-        if entry.lock is not None:     # (strict: nothing may run in between)
-            held = self._enter(entry, info, deadline, "?", "update_item", strict=True)
-            lock = entry.lock
+        lock: Any
+        if entry.lock is not None:     # (strict: it waits its own turn, however long)
+            lock = self._enter(entry, info, deadline, "?", "update_item", strict=True)
         else:
             lock = self._update_lock
-            held = _acquire_until(lock, deadline)
-            if not held:
+            if not _acquire_until(lock, deadline):
                 raise DeadlineExpired("another update_item() on this object was still "
                                       "running at the deadline")
         try:
             return update_item(obj, key, func, default, use_default)
         finally:
-            if held:
+            if lock is not None:
                 lock.release()
 
     @classmethod
@@ -994,7 +1019,7 @@ class Server:
             serial = not is_thread_safe(obj)
         entry = Entry(obj, typeid, frozenset(exposed), method_to_typeid,
                       threading.Lock() if serial else None, frozenset(attrs))
-        if serial and chosen is None:
+        if serial and chosen is None and not never_waits(obj):
             entry.patience = SERIAL_PATIENCE
         ident, used = self.objects.add_or_share(entry, holder)
         if used is not entry and (used.exposed != entry.exposed
@@ -1176,6 +1201,13 @@ class Server:
         return self.objects.adopt(SERVER_HOLDER, loan, ident)
 
 
+#: what the user called, for the internal names of `_slow_call`'s calls
+_SLOW_NAMES = {"#UPDATE_ITEM": "update_item", "#GETVALUE": "_getvalue"}
+
+#: held while a serial object's `Entry.lock` is replaced by a new turn's (`_enter`)
+_TURNS = threading.Lock()
+
+
 def _acquire_until(lock: threading.Lock, deadline: float | None) -> bool:
     """Acquire `lock`, waiting at most until `deadline` (monotonic; None: forever)."""
     if deadline is None:
@@ -1183,18 +1215,18 @@ def _acquire_until(lock: threading.Lock, deadline: float | None) -> bool:
     return lock.acquire(True, max(deadline - time.monotonic(), 0.0))
 
 
-def _method_exited(e: BaseException, entry: Entry, oid: str, meth: str) -> BaseException:
-    """The error for a method that raised SystemExit or KeyboardInterrupt: an
-    EOFError, as the stdlib's caller gets when its connection thread dies of
-    it, that says so (this connection serves on)."""
+def _method_exited(e: BaseException, what: str) -> tuple:
+    """The reply for user code (a method, a constructor, a `__repr__`) that
+    raised SystemExit or KeyboardInterrupt in call `what`: an EOFError, as the
+    stdlib's caller gets when its connection thread dies of it, that says so
+    (this connection serves on)."""
     err = MethodRaisedExit(
-        f"{meth}() on {entry.typeid!r} object {oid} raised {type(e).__name__}"
-        f"{f'({e})' if str(e) else ''} in the manager (pid {os.getpid()}). With the "
-        "stdlib that ends the connection (EOFError); procshare keeps the connection and "
-        "the object, so the next call works. To get an error back as itself, raise an "
-        "Exception in the method, not SystemExit or KeyboardInterrupt.",
-        method=meth, typeid=entry.typeid, raised=type(e).__name__)
-    return _with_traceback(err.with_traceback(e.__traceback__))
+        f"{what} raised {type(e).__name__}{f'({e})' if str(e) else ''} in the manager "
+        f"(pid {os.getpid()}). With the stdlib that ends the connection (EOFError); "
+        "procshare keeps the connection and the object, so the next call works. To get "
+        "an error back as itself, raise an Exception in the method, not SystemExit or "
+        "KeyboardInterrupt.", raised=type(e).__name__)
+    return (Kind.ERROR, _with_traceback(err.with_traceback(e.__traceback__)))
 
 
 def _with_traceback(e: BaseException) -> BaseException:
