@@ -560,3 +560,25 @@ def test_a_server_in_this_process_gets_its_references_back(impl):
     if not is_stdlib(impl):
         assert poll(lambda: not set(threading.enumerate()) - before, 5), \
             set(threading.enumerate()) - before
+
+
+GET_SERVER_SCRIPT = textwrap.dedent(
+    """
+    import {module} as m
+    server = m.BaseManager(authkey=b"k").get_server()
+    print("ADDRESS", server.address)
+    """
+)
+
+
+def test_a_server_never_served_leaves_no_socket_file(impl, tmp_path):
+    """get_server() without serve_forever(): the stdlib's socket lives in a temp
+    dir removed at exit; procshare's own file goes at exit too."""
+    proc = subprocess.run(
+        [sys.executable, "-c", GET_SERVER_SCRIPT.format(module=impl.__name__)],
+        env=_workers.subprocess_env(TMPDIR=str(tmp_path)),
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    address = proc.stdout.split("ADDRESS ", 1)[1].strip()
+    assert address and not os.path.exists(address)

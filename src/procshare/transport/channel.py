@@ -57,6 +57,11 @@ Rules it keeps:
   own thread is parked (the server's durable loop), never waiting for a
   socket (`recv_ready`, `send_from_loop`); what the reader holds stays for
   the channel's thread.
+- A Listener's socket file goes with it: `close(unlink=True)` removes it, and
+  one never closed (a `get_server()` that never served) is removed when the
+  listener is collected or its process exits (if the path is still its
+  socket, and only by the process that bound it); `close(unlink=False)`
+  leaves it to a successor.
 - Authenticate before deserializing anything: the handshake is fixed-size raw
   bytes, read exactly (never past its end), before the first frame.
 - A receive that must sleep asks the channel's `place` (a manager's call
@@ -936,11 +941,20 @@ class Listener:
         self._sock = sock
         _open_sockets.add(sock)
         self._family = family
+        self._left: Any = None
         if family == socket.AF_UNIX:
             name = sock.getsockname()
             self.address = name.decode() if isinstance(name, bytes) else name
             if isinstance(address, str) and (address.startswith("\0") or beside is not None):
                 self.address = address
+            path = self.address
+            if isinstance(path, str) and path[:1] not in ("", "\0"):
+                try:
+                    ino = os.lstat(path).st_ino
+                except OSError:
+                    pass
+                else:   # never closed: its file goes when it does, or at exit
+                    self._left = weakref.finalize(self, _unlink_own, path, os.getpid(), ino)
         else:
             self.address = sock.getsockname()[:2]
 
@@ -964,8 +978,23 @@ class Listener:
                 pass    # (not listening, or closed already)
             self._sock.close()
         finally:
+            if self._left is not None:
+                self._left.detach()
             if unlink:
                 cleanup_address(self.address)
+
+
+def _unlink_own(path: str, pid: int, ino: int) -> None:
+    """Remove the socket file of a listener that was never closed, if this is
+    the process that bound it and `path` is still that socket."""
+    if os.getpid() != pid:
+        return
+    try:
+        st = os.lstat(path)
+        if st.st_ino == ino and stat.S_ISSOCK(st.st_mode):
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def _is_stale_socket(path: str) -> bool:
