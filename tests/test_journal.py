@@ -35,6 +35,7 @@ import pytest
 from hypothesis import HealthCheck, configuration, given, settings
 from hypothesis import strategies as st
 
+import procshare
 from procshare import managers
 from procshare.server import durable, journal, primitives
 from procshare.server.journal import (
@@ -106,6 +107,9 @@ class Det:
         if x < 0:
             self.items.append("neg")    # a change, then an error: replay must match
             raise ValueError("negative")
+        if x == 0:
+            self.items.append("zero")   # a change, then SystemExit: journaled all the same
+            raise SystemExit(3)
         self.items.append(x)
         return len(self.items)
 
@@ -673,6 +677,25 @@ def test_journal_mode_user_class(tmp_path):
     j.close()
     j, hs = reopen(tmp_path / "s", compact_bytes=300)
     assert hs["det"].obj.items == items
+    j.close()
+
+
+def test_journal_mode_call_that_raises_systemexit_is_journaled(tmp_path):
+    """A method that changes the object and then raises SystemExit: a failed
+    call whose reply is MethodRaisedExit (an EOFError), and its change is in
+    the journal, so memory and a recovered object agree."""
+    j = Journal(tmp_path / "s", KEY)
+    h = j.create("det", "Det", Det(1), args=(1,), mode="journal", mutators=("add",))
+    call(j, h, "add", 2, request=1)
+    done = h.call("add", (0,), client="c1", request=2)
+    j.wait(done.ticket, WAIT)
+    assert not done.ok and isinstance(done.value, procshare.MethodRaisedExit)
+    assert isinstance(done.value, EOFError) and "SystemExit(3)" in str(done.value)
+    call(j, h, "add", 4, request=3)
+    assert h.obj.items == [1, 2, "zero", 4]
+    j.close()
+    j, hs = reopen(tmp_path / "s")
+    assert hs["det"].obj.items == [1, 2, "zero", 4]
     j.close()
 
 

@@ -699,7 +699,7 @@ class JournalKind(SnapshotKind):
     def apply(self, obj: Any, m: str, a: tuple, k: dict, emit: Emit) -> Any:
         try:
             r = _native(obj, m, a, k)
-        except Exception:
+        except BaseException:   # (SystemExit too: what it changed before is journaled)
             emit(("call", m, a, k, True))
             raise
         emit(("call", m, a, k, False))
@@ -709,11 +709,14 @@ class JournalKind(SnapshotKind):
         _, m, a, k, raised = e
         try:
             _native(obj, m, a, k)
-        except Exception as err:
-            if not raised:
-                raise ReplayError(f"replaying {m}() raised {type(err).__name__}: {err}, but the "
-                                  "original call returned: the class is not deterministic; "
-                                  "register it with durable='snapshot'") from err
+        except BaseException as err:
+            if raised:      # (SystemExit too, as the original call raised)
+                return
+            if not isinstance(err, Exception):
+                raise
+            raise ReplayError(f"replaying {m}() raised {type(err).__name__}: {err}, but the "
+                              "original call returned: the class is not deterministic; "
+                              "register it with durable='snapshot'") from err
 
 
 # -- lookup and the pure API ---------------------------------------------------------------

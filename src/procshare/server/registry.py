@@ -76,6 +76,12 @@ class Entry:
         #: holds it (serial by default: `server.SERIAL_PATIENCE`); None: until
         #: the call's deadline
         self.patience: float | None = None
+        #: how many calls took the current `lock` (written by its holder only): a
+        #: waiter starts a new turn only if the same call held it all along
+        self.calls = 0
+        #: the holder of `lock` lets no new turn start beside it (update_item, a
+        #: copy of the whole object)
+        self.exclusive = False
 
     def __repr__(self) -> str:
         return (f"Entry(typeid={self.typeid!r}, obj={type(self.obj).__name__}, "

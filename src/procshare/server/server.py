@@ -587,6 +587,11 @@ class Server:
                         if lock is not None:
                             if not lock.acquire(False):
                                 lock = self._enter(entry, info, st.deadline, oid, meth)
+                            elif entry.lock is lock:
+                                entry.calls += 1
+                            else:       # an old turn's lock: wait for the current one
+                                lock.release()
+                                lock = self._enter(entry, info, st.deadline, oid, meth)
                             if lock is not None:
                                 held = True
                                 if entry.running is None:   # (else an older turn's
@@ -743,40 +748,58 @@ class Server:
                 os.close(fd)
 
     def _enter(self, entry: Entry, info: ConnInfo, deadline: float | None, oid: str,
-               meth: str, strict: bool = False) -> threading.Lock | None:
+               meth: str, strict: bool = False,
+               exclusive: bool = False) -> threading.Lock | None:
         """Take a busy serial object's lock, waiting until the call's deadline;
-        return the lock taken, to be released by the caller.  With patience
-        (`entry.patience`, unless `strict`): a call that waited that long for
-        the lock starts a new turn, a fresh `entry.lock` taken at once, and
-        runs beside the call that held the old one (as the stdlib would have
-        run it); calls that come after wait for the new turn, so only a call
-        that outlasts the patience is ever overlapped.  None (run without
-        the lock): a call its own running method made from inside the manager
-        (through a proxy to itself): waiting would deadlock, and that method
-        is waiting for this call anyway."""
+        return the lock taken, to be released by the caller (after clearing
+        `entry.exclusive` if it asked for `exclusive`).
+
+        With patience (`entry.patience`, unless `strict`): a call that waited
+        that long while one call held the lock all along starts a new turn, a
+        fresh `entry.lock` taken at once, and runs beside that call (as the
+        stdlib would have run it); the calls after it wait for the new turn,
+        and one that gets an old turn's lock gives it back and waits for the
+        current one, so only a call that outlasts the patience is ever
+        overlapped.  `exclusive`: once it holds the lock, no turn starts beside
+        it.  None (run without the lock): a call its own running method made
+        from inside the manager (through a proxy to itself): waiting would
+        deadlock, and that method is waiting for this call anyway."""
         if info.pid == os.getpid() and info.caller.thread == entry.owner and entry.running:
             return None
-        lock = entry.lock
-        assert lock is not None
         self.working.discard(info.channel)      # it waits: others may spin meanwhile
         info.channel.flush_nowait()             # and replies held back go now
         patience = None if strict else entry.patience
-        while patience is not None and (deadline is None
-                                        or deadline - time.monotonic() > patience):
-            if lock.acquire(True, patience):
-                return lock
-            with _TURNS:
-                if entry.lock is lock:      # the call holding it outlasted the patience
-                    lock = entry.lock = threading.Lock()
-                    lock.acquire()
-                    return lock
-                lock = entry.lock           # another waiter began a turn: wait for it
-        if not _acquire_until(lock, deadline):
-            running = entry.running
-            raise DeadlineExpired(
-                f"{entry.typeid!r} object {oid} was still busy with another call at the "
-                "deadline" + (f" (running {running}())" if running else "")
-                + ": calls on it run one at a time, and this one waited behind it")
+        while True:
+            lock = entry.lock
+            assert lock is not None
+            seen = entry.calls
+            if patience is None or (deadline is not None
+                                    and deadline - time.monotonic() <= patience):
+                got = _acquire_until(lock, deadline)
+            else:
+                got = lock.acquire(True, patience)
+                if not got:
+                    with _TURNS:
+                        if entry.lock is lock and entry.calls == seen and not entry.exclusive:
+                            # one call held it all along, past the patience: a new
+                            # turn beside it
+                            lock = entry.lock = threading.Lock()
+                            lock.acquire()
+                            entry.calls = 0
+                            break
+                    continue        # it changed hands, or a turn began: wait again
+            if not got:
+                running = entry.running
+                raise DeadlineExpired(
+                    f"{entry.typeid!r} object {oid} was still busy with another call at "
+                    "the deadline" + (f" (running {running}())" if running else "")
+                    + ": calls on it run one at a time, and this one waited behind it")
+            if entry.lock is lock:
+                entry.calls += 1
+                break
+            lock.release()          # an old turn's lock: wait for the current turn
+        if exclusive:
+            entry.exclusive = True
         return lock
 
     def _reply(self, ch: transport.Channel, rid: int, kind: Any, payload: Any,
@@ -910,7 +933,8 @@ class Server:
         lock = None
         try:
             if entry.lock is not None:
-                lock = self._enter(entry, info, callctx.server_state.deadline, oid, meth)
+                lock = self._enter(entry, info, callctx.server_state.deadline, oid, meth,
+                                   exclusive=True)
             value = obj if meth == "#GETVALUE" else str(obj) if meth == "__str__" else repr(obj)
             try:
                 return (_PACKED, self.serializer.dumps(value))
@@ -922,6 +946,7 @@ class Server:
             return (Kind.ERROR, _with_traceback(e))
         finally:
             if lock is not None:
+                entry.exclusive = False
                 lock.release()
 
     def _update_item(self, entry: Entry, info: ConnInfo, key: Any, func: Any, default: Any,
@@ -932,8 +957,9 @@ class Server:
         obj = entry.obj
         deadline = callctx.server_state.deadline
         lock: Any
-        if entry.lock is not None:     # (strict: it waits its own turn, however long)
-            lock = self._enter(entry, info, deadline, "?", "update_item", strict=True)
+        if entry.lock is not None:     # (strict: it waits its own turn, however long, and
+            lock = self._enter(entry, info, deadline, "?", "update_item",  # none starts
+                               strict=True, exclusive=True)                # beside it)
         else:
             lock = self._update_lock
             if not _acquire_until(lock, deadline):
@@ -943,6 +969,8 @@ class Server:
             return update_item(obj, key, func, default, use_default)
         finally:
             if lock is not None:
+                if lock is not self._update_lock:
+                    entry.exclusive = False
                 lock.release()
 
     @classmethod
