@@ -303,6 +303,11 @@ class _RefusesPickling:
         raise KeyError("not today")
 
 
+class _FailsToPickleWithOSError:
+    def __reduce__(self):
+        raise OSError(5, "the device said no")
+
+
 def test_an_argument_pickle_refuses_raises_the_picklers_own_error_type(impl, manager):
     """The stdlib lets pickle's own exception through a proxy call; procshare's
     ArgumentsNotSerializable is also an instance of it, so `except` clauses
@@ -317,6 +322,9 @@ def test_an_argument_pickle_refuses_raises_the_picklers_own_error_type(impl, man
         lst.append(deep)
     with pytest.raises(KeyError):
         lst.append(_RefusesPickling())
+    with pytest.raises(OSError) as info:    # (not a crash of the manager: nothing was sent)
+        lst.append(_FailsToPickleWithOSError())
+    assert info.value.errno == 5
     assert lst._getvalue() == []
     lst.append(1)
     assert lst._getvalue() == [1]

@@ -417,6 +417,8 @@ def arguments_not_serializable(cause: BaseException, what: str, serializer: str,
         for name, value in getattr(cause, "__dict__", {}).items():
             if type(value) in _PLAIN and not hasattr(err, name):
                 setattr(err, name, value)
+        if isinstance(cause, OSError):      # (its fields live outside __dict__)
+            err.errno, err.strerror, err.filename = cause.errno, cause.strerror, cause.filename
     return err
 
 

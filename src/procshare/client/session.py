@@ -104,6 +104,7 @@ from ..errors import (
     MessageTooLarge,
     ObjectLost,
     RemoteError,
+    SerializationError,
     manager_crashed,
     note_shut_down,
     serializer_mismatch,
@@ -321,6 +322,8 @@ class Connection:
         deadline = None if timeout is None else _monotonic() + timeout
         try:
             rid = self.send_request(oid, meth, args, kwds, timeout, True, typeid)
+        except SerializationError:
+            raise       # (an OSError a __reduce__ raised, say) nothing was sent
         except (EOFError, OSError) as e:
             raise self._broken(e, deadline) from None
         try:

@@ -728,6 +728,8 @@ def _gone_text(oid: str, meth: str, address: str) -> str:
 def _arguments_error(e: BaseException, oid: Any, meth: str, args: tuple,
                      kwds: dict, typeid: str | None = None) -> BaseException:
     from ..wire.diagnose import arguments_error
+    if isinstance(e, (OSError, EOFError)):
+        return e        # (submitting may fail on Ray's own connections, not the arguments)
     try:
         import cloudpickle  # noqa: F401  (the diagnosis tries values with Ray's pickler)
         ser = "cloudpickle"

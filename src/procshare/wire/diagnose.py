@@ -336,9 +336,10 @@ def arguments_error(cause: BaseException, serializer: Any, oid: Any, meth: str, 
     """The error to raise when `(oid, meth, args, kwds)` could not be serialized
     (`typeid`: the object's, to name it, where the caller knows it).
 
-    Errors that are not about serialization (a proxy in the arguments whose
-    manager is gone, say) are returned as they are."""
-    if isinstance(cause, (errors.ProcshareError, OSError, EOFError)):
+    procshare's own errors (a proxy in the arguments whose manager is gone,
+    say) are returned as they are; anything else a pickler raised, an OSError
+    from a `__reduce__` too, is about the arguments (nothing was sent)."""
+    if isinstance(cause, errors.ProcshareError):
         return cause
     try:
         ser = get_serializer(serializer)
