@@ -105,11 +105,19 @@ def test_procshare_calls_behind_a_long_one_keep_turns_among_themselves(ctx):
 
     with _workers.get_class(ps, "CounterManager")(ctx=ctx) as m:
         counter = m.SlowCounter()
-        holder = threading.Thread(target=counter.hold, args=(1.5,))
+        children = [_workers.start_child(ctx, _workers.increment_counter, counter, 100,
+                                         gate=True) for _ in range(2)]
+        for c in children:
+            c.wait_ready()
+        holder = threading.Thread(target=counter.hold, args=(5.0,))
         holder.start()
         oid = counter._id
         assert poll(lambda: m._control("object_state", oid)["running"] == "hold", 5)
-        _increment_at_once(ctx, [counter, counter], 100)
+        for c in children:
+            c.go()
+        for c in children:
+            c.result(30)
+        assert holder.is_alive()        # they ran beside hold(), not after it
         assert counter.get_count() == 200
         holder.join(10)
         del counter

@@ -143,6 +143,15 @@ class MethodRaisedExit(ProcshareError, EOFError):
     an EOFError, and the connection and the object stay usable."""
 
 
+def method_raised_exit(what: str, e: BaseException, outcome: str) -> MethodRaisedExit:
+    """The error for user code that raised SystemExit or KeyboardInterrupt `e`
+    in the manager during `what` (`outcome`: what became of the call)."""
+    return MethodRaisedExit(
+        f"{what} raised {type(e).__name__}{f'({e})' if str(e) else ''} in the manager "
+        f"(pid {os.getpid()}); {outcome}. To get an error back as itself, raise an "
+        "Exception there, not SystemExit or KeyboardInterrupt.", raised=type(e).__name__)
+
+
 class ManagerConnectionRefused(ManagerCrashed, ConnectionRefusedError):
     """ManagerCrashed where the stdlib raises ConnectionRefusedError: nothing
     listens at the address (the manager died, or never ran there)."""

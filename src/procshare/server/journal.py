@@ -100,7 +100,7 @@ from collections.abc import Callable, Hashable, Iterable
 from operator import itemgetter
 from typing import Any, NamedTuple
 
-from ..errors import MethodRaisedExit
+from ..errors import method_raised_exit
 from .durable import SAME_OBJECT, SNAPSHOT, Kind, kind_for
 
 __all__ = ["Journal", "Durable", "Done", "Stored", "JournalError", "UnsafeStateDir",
@@ -418,7 +418,10 @@ class Durable:
                 except (SystemExit, KeyboardInterrupt) as e:
                     # the method's own: a failed call, journaled with what it did
                     # (its reply an EOFError, as the stdlib's caller would get)
-                    value, ok = _exited(self, method, e), False
+                    value, ok = method_raised_exit(
+                        f"{method}() on durable {self.typeid!r} object {self.name!r}", e,
+                        "what it changed before is journaled, and the object stays usable"
+                    ), False
                 if effects:
                     try:
                         ticket = self._stage(effects, key, ok, value, True)
@@ -517,15 +520,6 @@ class Durable:
             self._compactable = False       # e.g. an unpicklable journal-mode object
             return
         self.last_ticket = self.journal._stage([op], None, None)
-
-
-def _exited(h: Durable, method: str, e: BaseException) -> MethodRaisedExit:
-    return MethodRaisedExit(
-        f"{method}() on durable {h.typeid!r} object {h.name!r} raised {type(e).__name__}"
-        f"{f'({e})' if str(e) else ''} in the manager (pid {os.getpid()}); what it changed "
-        "before is journaled, and the object stays usable. To get an error back as "
-        "itself, raise an Exception in the method, not SystemExit or KeyboardInterrupt.",
-        raised=type(e).__name__)
 
 
 # -- the journal ---------------------------------------------------------------------------

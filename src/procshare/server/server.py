@@ -84,10 +84,10 @@ from typing import Any
 
 from ..errors import (
     AuthenticationError,
-    MethodRaisedExit,
     NotExposedError,
     ProcshareError,
     arguments_not_deserializable_text,
+    method_raised_exit,
     missing_method,
     result_too_large_text,
 )
@@ -969,8 +969,7 @@ class Server:
             return update_item(obj, key, func, default, use_default)
         finally:
             if lock is not None:
-                if lock is not self._update_lock:
-                    entry.exclusive = False
+                entry.exclusive = False     # (never set on a concurrent object)
                 lock.release()
 
     @classmethod
@@ -1248,12 +1247,9 @@ def _method_exited(e: BaseException, what: str) -> tuple:
     raised SystemExit or KeyboardInterrupt in call `what`: an EOFError, as the
     stdlib's caller gets when its connection thread dies of it, that says so
     (this connection serves on)."""
-    err = MethodRaisedExit(
-        f"{what} raised {type(e).__name__}{f'({e})' if str(e) else ''} in the manager "
-        f"(pid {os.getpid()}). With the stdlib that ends the connection (EOFError); "
-        "procshare keeps the connection and the object, so the next call works. To get "
-        "an error back as itself, raise an Exception in the method, not SystemExit or "
-        "KeyboardInterrupt.", raised=type(e).__name__)
+    err = method_raised_exit(what, e, "with the stdlib that ends the connection "
+                             "(EOFError); procshare keeps the connection (and any object), "
+                             "so the next call works")
     return (Kind.ERROR, _with_traceback(err.with_traceback(e.__traceback__)))
 
 
