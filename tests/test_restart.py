@@ -437,12 +437,13 @@ def test_a_new_manager_at_the_address_of_one_shut_down_is_waited_for(tmp_path):
         parent.close()
 
 
-def test_a_shutdown_from_another_host_with_the_owners_pid_is_not_final(monkeypatch):
-    """The owner's shutdown of a supervised manager is final; a process of
-    another host (or pid namespace) whose pid happens to be the owner's is
-    not its owner: its shutdown is one the supervisor undoes, as anyone
-    else's (it was taken for the owner's, and every client was told to wait
-    for nothing)."""
+def test_a_shutdown_from_another_host_is_final_too(monkeypatch):
+    """A `shutdown` request stops a supervised manager for good, whoever sends
+    it, as the stdlib's (here a process of another host, or pid namespace,
+    whose pid happens to be the owner's): the supervisor restarts nothing,
+    `join()` returns, and a call says what happened (until 2026-11-29 only
+    the owner's shutdown was final, and the supervisor restarted the server
+    after anyone else's, so `join()` never returned)."""
     from procshare.client import session
     from procshare.wire.serializers import get_serializer
 
@@ -458,8 +459,11 @@ def test_a_shutdown_from_another_host_with_the_owners_pid_is_not_final(monkeypat
         elsewhere.close()
         monkeypatch.undo()
         assert poll(lambda: process_gone(server), 10)
-        assert d["a"] == 1                       # restarted, the durable dict kept
-        assert m.restarts == 1 and m.pid != server
+        m.join(10)
+        assert m._process is None and m.restarts == 0
+        with pytest.raises(procshare.ManagerCrashed) as info:
+            d["a"]
+        assert "shut down" in str(info.value) and "code 86" not in str(info.value)
     finally:
         m.shutdown()
 

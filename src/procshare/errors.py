@@ -629,7 +629,10 @@ def manager_crashed(address: Any, cause: BaseException | None,
     who = f"the {facts['manager']}" if facts.get("manager") else "the manager"
     pid = f" (pid {facts['pid']})" if facts.get("pid") else ""
     code = facts.get("exitcode")
-    if code is not None and code < 0:
+    if facts.get("shut_down_request"):
+        what = (f"{who} at {address!r}{pid} was shut down by a client's `shutdown` request "
+                f"(`dispatch(conn, None, 'shutdown')`){why}, and nothing restarts it.")
+    elif code is not None and code < 0:
         facts["signal"] = _signal_name(-code)
         what = (f"{who} at {address!r}{pid} was killed by {facts['signal']}{why}. "
                 + _SIGNAL_CAUSES.get(facts["signal"], ""))
@@ -657,6 +660,9 @@ def manager_crashed(address: Any, cause: BaseException | None,
     lines = facts.get("log") or []
     tail = ("\nLast lines of the manager's log:\n  " + "\n  ".join(lines[-10:])) if lines \
         else ""
+    if facts.get("shut_down_request"):
+        return cls(f"{what} Its objects are gone: start a manager again and create the "
+                   "objects again." + tail, **facts)
     return cls(
         f"{what} Objects it held are gone unless it is restarted; start a new manager (or "
         "reconnect once it is back) and create the objects again." + tail, **facts)

@@ -85,7 +85,14 @@ from .server.leases import GRACE as LEASE_GRACE
 from .server.server import FRAME_TIMEOUT, Server, TypeSpec, all_methods, public_methods  # noqa: F401
 from .server.sharedarray import SharedBlock
 from .stdtypes import Array, Namespace, Value
-from .supervisor import StateFile, Supervisor, SupervisorView, check_policy, describe_exit
+from .supervisor import (
+    SHUT_DOWN_EXIT,
+    StateFile,
+    Supervisor,
+    SupervisorView,
+    check_policy,
+    describe_exit,
+)
 from .transport import channel as transport
 from .transport.addresses import cleanup_address
 from .transport.processes import ProcessHandle
@@ -405,6 +412,9 @@ class BaseManager:
             server.serve_forever()
         except SystemExit:
             _log.info("manager pid %d stopped", os.getpid())
+            if server.shut_down and will_restart:
+                # a shutdown request (from any client): its supervisor restarts nothing
+                raise SystemExit(SHUT_DOWN_EXIT) from None
             raise
         except BaseException:
             _log.info("the manager's main loop failed", exc_info=True)  # file only
@@ -1017,7 +1027,6 @@ def _watch_supervisor(server: Server, pids: list[int]) -> None:
     process that started the manager, or its supervisor process, is gone, so a
     killed program leaves no orphan."""
     handles = [ProcessHandle(p) for p in pids]
-    server.owner_pids = frozenset(pids)     # their shutdown is final
     fds = [h.fd for h in handles]
     pollable = all(fd is not None for fd in fds)
 
@@ -1053,7 +1062,10 @@ def _process_facts(proc: _ServerProcess, logdir: str | None = None,
     try:
         # its sockets close just before it exits: give the supervisor a moment
         code = supervisor.exitcode_of(pid, wait=0.5)
-        facts["exitcode"] = code
+        if code == SHUT_DOWN_EXIT:      # a client's `shutdown` request: no crash
+            facts["shut_down_request"] = True
+        else:
+            facts["exitcode"] = code
         facts["alive"] = code is None
         gone = supervisor.supervisor_exitcode()
         if code is None and gone is not None:     # the supervisor died: no code to tell

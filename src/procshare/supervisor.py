@@ -22,7 +22,10 @@ Rules it keeps:
   loop: the supervisor gives up, and the error every caller then gets names
   each exit (pid, exit code or signal) and the log's tail.
 - `restart="never"` restarts nothing; after a `stop` from the starting
-  process, the server's exit is no crash: the supervisor exits 0 with it.  A
+  process, the server's exit is no crash: the supervisor exits 0 with it.
+  Nor is the exit of a server that a `shutdown` request stopped, from any
+  client (it exits with `SHUT_DOWN_EXIT`): that stop is final, as the
+  stdlib's.  A
   supervisor that gave up exits as its last server did (`manager._process`
   is the supervisor: its `exitcode` says how the server ended, as the
   stdlib's says of its server).
@@ -52,7 +55,7 @@ from typing import Any
 from .transport.files import replace_file
 
 __all__ = ["Supervisor", "SupervisorView", "RESTART_POLICIES", "describe_exit",
-           "check_policy", "StateFile"]
+           "check_policy", "StateFile", "SHUT_DOWN_EXIT"]
 
 log = logging.getLogger("procshare.supervisor")
 
@@ -64,6 +67,8 @@ KEEP_EXITS = 32
 #: the longest exit description kept (a failed restart's error may be long)
 EXIT_TEXT_MAX = 500
 _STOP = b"stop"
+#: the exit code of a supervised server that a `shutdown` request stopped
+SHUT_DOWN_EXIT = 86
 
 
 def describe_exit(pid: int | None, code: int | None) -> str:
@@ -203,7 +208,8 @@ class Supervisor:
                 self.codes[proc.pid] = proc.exitcode
                 while len(self.codes) > KEEP_EXITS:
                     del self.codes[next(iter(self.codes))]
-            if self.stopping:
+            if self.stopping or proc.exitcode == SHUT_DOWN_EXIT:
+                self.stopping = True    # (a shutdown request: a stop, not a crash)
                 self._send_state()
                 return
             self._exited(now, describe_exit(proc.pid, proc.exitcode))

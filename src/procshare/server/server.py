@@ -59,14 +59,13 @@ Rules it keeps:
   other connections go on.  Replies are bounded by `REPLY_LIMITS` (what every
   client accepts), not `limits`: one over it is an UNSERIALIZABLE reply
   (`_fit`), and the connection stays.
-- A server that stops for good (a `shutdown` from a process it serves when
-  nothing restarts it, or from the process that started it, on this host and
-  in this pid namespace; its starting process or supervisor gone; an
+- A server that stops for good (a `shutdown` from any process it serves, as
+  the stdlib's; its starting process or supervisor gone; an
   unsupervised `serve_forever()` ended, Ctrl-C included) says so: every
   connection whose thread is not running a call gets a STOPPING frame as its
   last (`stop_for_good`, `_end_connections`), so a client knows at once not
-  to wait for a restart, even where no socket file tells it (TCP).  A crash says nothing, and a
-  supervised server stopped by anyone else may come back: neither is final.
+  to wait for a restart, even where no socket file tells it (TCP).  A crash says
+  nothing: it is not final.
 """
 
 from __future__ import annotations
@@ -269,9 +268,6 @@ class Server:
         self.conns_closed = threading.Condition(self.conn_mutex)
         #: set when this server stops for good: the STOPPING frame it sends
         self.final_stop: bytes | None = None
-        #: the processes whose shutdown is final for a supervised server (the
-        #: starting process and its supervisor; set by whoever runs the server)
-        self.owner_pids: frozenset[int] = frozenset()
         #: the class name of the manager it serves, for messages (set by its runner)
         self.manager_name = "manager"
         #: the channels whose thread runs a call now (not waiting for a frame or
@@ -282,6 +278,9 @@ class Server:
         #: and when (set by the process that runs it)
         self.restarted_at: float | None = None
         self.supervised = False         # a supervisor restarts it if it dies
+        #: a `shutdown` request stopped it (its process then exits with
+        #: `supervisor.SHUT_DOWN_EXIT`: no supervisor restarts it)
+        self.shut_down = False
         #: (client, connection number) -> the call that connection runs, to cancel it
         self.calls: dict[tuple[str, int], CallState] = {}
         self._update_lock = threading.Lock()
@@ -656,10 +655,11 @@ class Server:
                         continue
                 elif oid is None:
                     if meth == "shutdown":
+                        # final, whoever asks (as the stdlib's): a supervisor
+                        # restarts no server a shutdown stopped (`shut_down`)
                         reply = self._control(info, meth, args, kwds)
-                        if not self.supervised or (info.local
-                                                   and info.pid in self.owner_pids):
-                            self.stop_for_good(info.pid, "shut down")
+                        self.stop_for_good(info.pid, "shut down")
+                        self.shut_down = True
                         self._reply(ch, rid, *reply)
                         self.stop_event.set()
                         return
