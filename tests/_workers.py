@@ -570,6 +570,145 @@ def _list_iterator():
     return iter([1, 2])
 
 
+# -- registered types the way projects customise them (a parity hunt's findings) --
+
+class TaskQueue:
+    """A class whose constructor takes `name` and `durable` of its own."""
+
+    def __init__(self, name="default", durable=False):
+        self.name, self.durable = name, durable
+
+    def info(self):
+        return self.name, self.durable
+
+
+class Job:
+    """An exposed property that fails until `run()`, and counts its reads."""
+
+    def __init__(self):
+        self._result = None
+        self._reads = 0
+
+    def run(self):
+        self._result = 42
+
+    def reads(self):
+        return self._reads
+
+    @property
+    def result(self):
+        self._reads += 1
+        if self._result is None:
+            raise ValueError("not ready")
+        return self._result
+
+
+class Keeper:
+    """Keeps the exception one of its methods raised, and returns it later."""
+
+    def __init__(self):
+        self.kept = None
+
+    def fail(self):
+        try:
+            raise ValueError("kept")
+        except ValueError as e:
+            self.kept = e
+            raise
+
+    def kept_error(self):
+        return self.kept
+
+
+class ThreadNamer:
+    def name(self):
+        return threading.current_thread().name
+
+
+class Poller:
+    def poll(self, timeout):
+        time.sleep(timeout + 0.3)     # waits up to `timeout`, then some work
+        return "done"
+
+
+class Handle:
+    """A user-facing wrapper that a `proxytype=` factory returns."""
+
+    def __init__(self, proxy):
+        self._p = proxy
+
+    def value(self):
+        return self._p.a()
+
+
+@_builder
+def make_handle(m):
+    def make_handle(token, serializer, manager=None, authkey=None, exposed=None,
+                    incref=True, manager_owned=False):
+        return Handle(m.AutoProxy(token, serializer, manager=manager, authkey=authkey,
+                                  exposed=exposed, incref=incref, manager_owned=manager_owned))
+    return make_handle
+
+
+@_builder
+def stdlib_style_autoproxy(m):
+    original = m.AutoProxy      # (before the patch: built before it is applied)
+
+    def stdlib_style_autoproxy(token, serializer, manager=None, authkey=None, exposed=None,
+                               incref=True, manager_owned=True):
+        """A widely copied patch of `managers.AutoProxy` (its `manager_owned`
+        defaults to True), with the stdlib's signature."""
+        return original(token, serializer, manager=manager, authkey=authkey,
+                        exposed=exposed, incref=incref, manager_owned=manager_owned)
+    return stdlib_style_autoproxy
+
+
+@_builder
+def PollerProxy(m):
+    class PollerProxy(m.BaseProxy):
+        """A proxy type with a `_timeout` attribute of its own."""
+
+        _exposed_ = ("poll",)
+
+        def __init__(self, *args, **kwds):
+            super().__init__(*args, **kwds)
+            self._timeout = 0.05
+
+        def poll(self):
+            return self._callmethod("poll", (self._timeout,))
+
+    return PollerProxy
+
+
+@_builder
+def CustomizedManager(m):
+    class CustomizedManager(m.BaseManager):
+        pass
+
+    CustomizedManager.register("TaskQueue", TaskQueue)
+    CustomizedManager.register("Job", Job, exposed=("run", "reads", "result"))
+    CustomizedManager.register("Keeper", Keeper)
+    CustomizedManager.register("ThreadNamer", ThreadNamer)
+    CustomizedManager.register("Poller", Poller, proxytype=get_class(m, "PollerProxy"))
+    CustomizedManager.register("Wrapped", Obj, exposed=("a",),
+                               proxytype=get_class(m, "make_handle"))
+    return CustomizedManager
+
+
+#: the typeids `CreateRecordingManager._create` was asked for
+CREATED = []
+
+
+@_builder
+def CreateRecordingManager(m):
+    class CreateRecordingManager(m.SyncManager):
+        def _create(self, typeid, /, *args, **kwds):
+            CREATED.append(typeid)
+            return super()._create(typeid, *args, **kwds)
+
+    return CreateRecordingManager
+
+
 class BrokenProp(Obj):
     """An exposed property whose getter fails with AttributeError."""
 

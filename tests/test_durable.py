@@ -643,14 +643,14 @@ def test_an_unnamed_create_sent_again_after_a_crash_finds_the_first_object():
         assert m._unnamed_durable("dict", {"durable": True})
         assert not m._unnamed_durable("dict", {"durable": True, "name": "x"})
         assert not m._unnamed_durable("dict", {})
-        first, _exposed, _attrs = m._control("create", "dict", durable=True,
-                                             **{UNNAMED_KEY: "5eed"})
+        first, _exposed = m._control("create", "dict", durable=True,
+                                     **{UNNAMED_KEY: "5eed"})
         d = DictProxy(procshare.managers.Token("dict", m.address, first), m._serializer,
                       manager=m, authkey=m._authkey, incref=False)
         d["k"] = "v"
         _kill_and_wait(m)
-        again, _exposed, _attrs = m._control("create", "dict", durable=True,
-                                             **{UNNAMED_KEY: "5eed"})
+        again, _exposed = m._control("create", "dict", durable=True,
+                                     **{UNNAMED_KEY: "5eed"})
         assert again == first
         assert d["k"] == "v"
         assert sum(o["id"] == first for o in m.objects()) == 1

@@ -582,3 +582,123 @@ def test_a_server_never_served_leaves_no_socket_file(impl, tmp_path):
     assert proc.returncode == 0, proc.stderr
     address = proc.stdout.split("ADDRESS ", 1)[1].strip()
     assert address and not os.path.exists(address)
+
+
+# -- a parity hunt's findings (2026-11-29) ----------------------------------------------
+
+
+def _send_shutdown(impl_name, address, authkey):
+    """(in a child) What a known recipe does to stop a manager it did not start."""
+    if impl_name == "stdlib":
+        from multiprocessing.connection import Client
+        from multiprocessing.managers import dispatch
+    else:
+        from procshare.managers import dispatch, listener_client
+        Client = listener_client["pickle"][1]
+    conn = Client(address, authkey=authkey)
+    try:
+        dispatch(conn, None, "shutdown")
+    finally:
+        conn.close()
+
+
+def test_a_shutdown_request_from_another_process_stops_the_manager(impl, ctx):
+    """`dispatch(conn, None, 'shutdown')` from a process that did not start the
+    manager stops it for good: `join()` returns, and nothing restarts it
+    (procshare's supervisor took the exit for a crash and restarted it, so
+    `join()` never returned)."""
+    m = impl.SyncManager(ctx=ctx, authkey=b"shared-key")
+    m.start()
+    lst = m.list([1])
+    p = ctx.Process(target=_send_shutdown,
+                    args=(_workers.impl_name(impl), m.address, b"shared-key"))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    m.join(20)
+    assert m._process is None
+    with pytest.raises(OSError):
+        lst[:]
+    with pytest.raises(OSError):
+        m.list()
+    m.shutdown()
+    del lst
+
+
+def test_create_over_dispatch_gives_the_id_and_exposed_names(impl, ctx):
+    """The stdlib's `_create` is `id, exposed = dispatch(conn, None, 'create',
+    (typeid,) + args, kwds)`, which code that manages objects by hand copies
+    (procshare answered with three values)."""
+    with impl.SyncManager(ctx=ctx) as m:
+        conn = m._Client(m.address, authkey=m._authkey)
+        try:
+            ident, exposed = impl.dispatch(conn, None, "create", ("list", [1, 2]), {})
+        finally:
+            conn.close()
+        assert "append" in exposed
+        lst = impl.ListProxy(impl.Token("list", m.address, ident), "pickle", manager=m)
+        assert lst[:] == [1, 2]
+        conn = m._Client(m.address, authkey=m._authkey)
+        try:    # the create's own reference, given back as the stdlib's _create's caller does
+            impl.dispatch(conn, None, "decref", (ident,))
+        finally:
+            conn.close()
+        del lst
+        assert poll(lambda: m._number_of_objects() == 0, 10)
+
+
+def test_a_subclass_create_is_what_makes_objects(impl, ctx):
+    """A manager subclass that overrides `_create` sees every object made
+    (procshare's create methods went around it)."""
+    del _workers.CREATED[:]
+    with _workers.get_class(impl, "CreateRecordingManager")(ctx=ctx) as m:
+        lst = m.list([1])
+        d = m.dict()
+        assert lst[:] == [1] and len(d) == 0
+        assert _workers.CREATED == ["list", "dict"]
+        del lst, d
+
+
+def test_the_stdlibs_connection_names_on_a_proxy(impl, ctx):
+    """What reconnecting code written for the stdlib uses (cimatosa/jobmanager:
+    `proxy._connect()` before an operation, `proxy._tls.connection.close()`
+    after a failure), `proxy._Client`, and `proxy._after_fork()`."""
+    with impl.SyncManager(ctx=ctx) as m:
+        q = m.Queue()
+        q._connect()
+        q.put(1)
+        q._tls.connection.close()
+        q._connect()
+        assert q.get(timeout=10) == 1
+        q._tls.connection.close()
+        if is_stdlib(impl):
+            with pytest.raises(OSError):    # ("handle is closed": _connect() first)
+                q.put(2)
+            q._connect()
+        q.put(2)        # (procshare: without _connect() too)
+        conn = q._Client(q._token.address, authkey=q._authkey)
+        try:
+            assert impl.dispatch(conn, None, "dummy") is None
+        finally:
+            conn.close()
+        q._after_fork()     # as in a forked child: a reference of its own
+        assert q._manager is None
+        assert q.qsize() == 1
+        del q
+        assert poll(lambda: m._number_of_objects() == 0, 10)
+
+
+def test_a_proxy_pickles_after_its_manager_is_gone(impl, ctx):
+    """Pickling a proxy talks to no one in the stdlib, so it works after the
+    manager has gone (procshare asked the manager for a loan, and raised);
+    the copy fails when it is rebuilt, here as there."""
+    import pickle
+
+    m = impl.SyncManager(ctx=ctx)
+    m.start()
+    lst = m.list([1])
+    m.shutdown()
+    data = pickle.dumps(lst)
+    with pytest.raises(OSError):
+        pickle.loads(data)
+    del lst

@@ -280,3 +280,110 @@ def test_a_method_raising_systemexit_or_keyboardinterrupt_gives_eoferror(impl, c
             assert e.ok() == "ok"
             assert m.Exiter().ok() == "ok"
         del e
+
+
+# -- customised registrations (a parity hunt, 2026-11-29) ---------------------------
+
+
+def test_a_constructors_own_durable_and_name_keywords_reach_it(impl, ctx):
+    """`durable=` and `name=` are procshare's options only for the typeids that
+    can be durable by keyword (and those registered durable): a class of yours
+    that takes them gets them, as in the stdlib (procshare took both, and the
+    object was made with its defaults, silently)."""
+    with _workers.get_class(impl, "CustomizedManager")(ctx=ctx) as m:
+        assert m.TaskQueue(name="tasks", durable=True).info() == ("tasks", True)
+        assert m.TaskQueue(durable="journal").info() == ("default", "journal")
+        assert m.TaskQueue("jobs", False).info() == ("jobs", False)
+
+
+def test_exposed_names_are_not_read_when_the_object_is_made(impl, ctx):
+    """The stdlib reads no exposed name at creation: a property that fails
+    until the object is ready must not fail the create, nor run at all
+    (procshare read each exposed name to tell data from methods)."""
+    with _workers.get_class(impl, "CustomizedManager")(ctx=ctx) as m:
+        job = m.Job()
+        assert job.reads() == 0
+        job.run()
+        if is_stdlib(impl):
+            with pytest.raises(TypeError):      # (the stdlib calls what it reads)
+                job.result()
+        else:
+            assert job.result == 42     # procshare: an exposed property reads as data
+        assert job.reads() == 1
+
+
+def test_an_exposed_property_that_raises_is_a_remote_error(impl, ctx):
+    """Looking up an exposed name that fails (a property's getter raises) is a
+    RemoteError with the manager's traceback, as in the stdlib."""
+    with _workers.get_class(impl, "CustomizedManager")(ctx=ctx) as m:
+        job = m.Job()
+        with pytest.raises(impl.RemoteError) as info:
+            job._callmethod("result")
+        assert "not ready" in str(info.value)
+        assert job.reads() == 1
+
+
+def test_an_exception_the_object_keeps_is_left_as_it_was(impl, ctx):
+    """An exception a method raised, kept by the object and returned later,
+    carries nothing procshare attached to it for the reply."""
+    with _workers.get_class(impl, "CustomizedManager")(ctx=ctx) as m:
+        keeper = m.Keeper()
+        with pytest.raises(ValueError):
+            keeper.fail()
+        kept = keeper.kept_error()
+        assert type(kept) is ValueError and kept.args == ("kept",)
+        assert vars(kept) == {}
+
+
+def test_the_managers_thread_is_named_after_its_caller(impl, ctx):
+    """As the stdlib's, the thread that serves a process's calls is named after
+    that process (and its thread, unless the main one): logging inside a
+    managed object (`%(threadName)s`) says who called."""
+    with _workers.get_class(impl, "CustomizedManager")(ctx=ctx) as m:
+        namer = m.ThreadNamer()
+        assert namer.name() == multiprocessing.current_process().name
+        got = []
+        t = threading.Thread(target=lambda: got.append(namer.name()), name="T2")
+        t.start()
+        t.join(30)
+        assert got == [f"{multiprocessing.current_process().name}|T2"]
+
+
+def test_a_proxy_types_own_timeout_attribute_is_its_own(impl, ctx):
+    """A user's proxy type that keeps a `_timeout` of its own (an argument for
+    its methods) gets no deadline from it (procshare read it as its own)."""
+    with _workers.get_class(impl, "CustomizedManager")(ctx=ctx) as m:
+        assert m.Poller().poll() == "done"
+
+
+def test_a_proxytype_factory_that_wraps_the_proxy(impl, ctx):
+    """`register(proxytype=factory)` where the factory returns a wrapper of its
+    own around the proxy it makes: it works, and the object goes with it."""
+    with _workers.get_class(impl, "CustomizedManager")(ctx=ctx) as m:
+        handle = m.Wrapped()
+        assert type(handle) is _workers.Handle
+        assert handle.value() == "a"
+        assert m._number_of_objects() == 1
+        del handle
+        assert poll(lambda: m._number_of_objects() == 0, 10), m._number_of_objects()
+
+
+def test_the_patched_autoproxy_recipe(impl, monkeypatch):
+    """A widely copied fix for nested proxies replaces `managers.AutoProxy` with
+    a function of the stdlib's signature whose `manager_owned` defaults to
+    True; types registered after it use it (procshare passed it an
+    `attributes=` keyword: TypeError).  Under fork, as the recipe is used (the
+    stdlib cannot start a manager under spawn with it)."""
+    patched = _workers.get_class(impl, "stdlib_style_autoproxy")
+    monkeypatch.setattr(impl, "AutoProxy", patched)
+
+    class PatchedManager(impl.BaseManager):
+        pass
+
+    PatchedManager.register("Obj", _workers.Obj)
+    with PatchedManager(ctx=multiprocessing.get_context("fork")) as m:
+        o = m.Obj()
+        assert type(o).__name__ == "AutoProxy[Obj]"
+        if not is_stdlib(impl):     # (the stdlib's proxy holds no reference: its
+            assert o.a() == "a"     # object is gone, a call raises KeyError there)
+        del o

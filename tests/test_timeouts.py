@@ -135,7 +135,7 @@ def test_timeout_in_child_process(mgr, ctx):
 def test_precedence_call_scope_proxy_manager(ctx):
     with procshare.Manager(ctx=ctx, call_timeout=0.2) as m:
         q = m.Queue()
-        assert q._timeout == 0.2
+        assert q._procshare_timeout == 0.2
         _, took = timed(q.get)                        # the manager's call_timeout
         assert took < 0.2 + SLACK
         q._set_timeout(0.3)
@@ -150,7 +150,7 @@ def test_precedence_call_scope_proxy_manager(ctx):
                 threading.Timer(0.5, q.put, (7,)).start()
                 assert q.get() == 7
         lst = m.list()                                # other proxies get the manager default
-        assert lst._timeout == 0.2
+        assert lst._procshare_timeout == 0.2
 
 
 def test_timeout_validation():

@@ -75,6 +75,7 @@ from .client.proxy import (  # noqa: F401  (the stdlib module has all these name
     _BaseDictProxy,
     convert_to_error,
     raise_reply,
+    takes_attributes,
 )
 from .client.proxy import adopting_proxy as _adopting_proxy
 from .errors import RemoteError  # noqa: F401  (re-exported, as in the stdlib)
@@ -82,9 +83,16 @@ from .server import primitives
 from .server.durables import UNNAMED_KEY, durable_option
 from .server.journal import JournalError, check_state_dir
 from .server.leases import GRACE as LEASE_GRACE
-from .server.server import FRAME_TIMEOUT, Server, TypeSpec, all_methods, public_methods  # noqa: F401
+from .server.server import (  # noqa: F401
+    FRAME_TIMEOUT,
+    FULL_CREATE,
+    Server,
+    TypeSpec,
+    all_methods,
+    public_methods,
+)
 from .server.sharedarray import SharedBlock
-from .stdtypes import Array, Namespace, Value
+from .stdtypes import Array, Namespace, Value, create_takes_durable
 from .supervisor import (
     SHUT_DOWN_EXIT,
     StateFile,
@@ -513,17 +521,20 @@ class BaseManager:
         """`_create`, with the names of exposed data attributes too.  An unnamed
         durable object gets a key made here, so that a create sent again after
         a crash finds the object the first one made, if it did."""
+        kwds = {**kwds, FULL_CREATE: True}
         if self._unnamed_durable(typeid, kwds):
-            kwds = {**kwds, UNNAMED_KEY: secrets.token_hex(8)}
+            kwds[UNNAMED_KEY] = secrets.token_hex(8)
         ident, exposed, attrs = self._control("create", typeid, *args, **kwds)
         return Token(typeid, self._address, ident), exposed, attrs
 
     def _unnamed_durable(self, typeid: str, kwds: dict) -> bool:
         """Does this create make a durable object without a name (see `Server.create`)?"""
-        mode = durable_option(kwds["durable"]) if "durable" in kwds else None
+        registered = getattr(self._registry.get(typeid), "durable", None)
+        mode = durable_option(kwds["durable"]) if "durable" in kwds and \
+            create_takes_durable(typeid, registered) else None
         if mode is not None:        # as the server reads it (`Server.create`)
             return bool(mode) and kwds.get("name") is None
-        return bool(getattr(self._registry.get(typeid), "durable", None))
+        return bool(registered)
 
     def _debug_info(self) -> str:
         """Some info about the server's shared objects."""
@@ -594,12 +605,16 @@ class BaseManager:
             def temp(self: BaseManager, /, *args: Any, **kwds: Any) -> Any:
                 util.debug("requesting creation of a shared %r object", typeid)
                 ser = self._serializer
-                if serializer is None:
+                if type(self)._create is not BaseManager._create:
+                    # a subclass's own _create (the stdlib calls it): as it says
+                    token, exp = self._create(typeid, *args, **kwds)
+                    attrs = ()
+                elif serializer is None:
                     token, exp, attrs = self._create_full(typeid, args, kwds)
                 else:
                     ser = serializers.typed_serializer(ser, serializer)
                     token, exp, attrs = _create_typed(self, ser, typeid, args, kwds)
-                extra = {"attributes": attrs} if proxytype is AutoProxy else {}
+                extra = {"attributes": attrs} if takes_attributes(proxytype) else {}
                 # (created for this process's client)
                 return _adopting_proxy(proxytype, token, ser, manager=self,
                                        authkey=self._authkey, exposed=exp, **extra)
@@ -615,7 +630,8 @@ def _create_typed(manager: BaseManager, ser: Any, typeid: str, args: tuple,
         raise errors.not_running(type(manager).__name__,
                                  manager._state.value == State.SHUTDOWN, manager._address)
     conn = client.get_session(manager._address, bytes(manager._authkey), ser).thread_conn()
-    kind, result = conn.call(None, "create", (typeid, *args), kwds, manager._call_timeout)
+    kind, result = conn.call(None, "create", (typeid, *args), {**kwds, FULL_CREATE: True},
+                             manager._call_timeout)
     if kind != Kind.RETURN:
         try:
             raise_reply(kind, result, None, "create", manager._call_timeout)

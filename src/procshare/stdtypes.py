@@ -4,18 +4,19 @@ Owns: `Namespace`, `Value` and `Array` (the plain SyncManager types, as
 `multiprocessing.managers` defines them), `update_item` (the one-step update
 behind `DictProxy.update_item`), `check_acquire_args` and
 `check_wait_timeout` (threading's validation of `acquire(blocking,
-timeout)` and of a wait's timeout), the concurrency rule's tests
-(`is_thread_safe`: which objects synchronize themselves; `never_waits`:
+timeout)` and of a wait's timeout), which create keywords are procshare's (`create_takes_durable`), the
+concurrency rule's tests (`is_thread_safe`: which objects synchronize themselves; `never_waits`:
 which serial ones keep strict turns) and the method
-listings of a referent (`all_methods`, `public_methods`).
+listings of a referent (`all_methods`, `public_methods`, and
+`data_attributes`: which exposed names are data).
 
 Rules it keeps:
 - It imports nothing from procshare, so the local manager (`managers`,
   `server/`) and the Ray backend (`ray/`) share it without depending on each
   other.
 - Behaviour, reprs and error texts are the stdlib's.
-- `is_thread_safe` runs no code of the object it looks at (no property, no
-  `__getattr__`) and copies what it reads in C, so another thread changing
+- `is_thread_safe` and `data_attributes` run no code of the object they look
+  at (no property, no `__getattr__`) and copies what it reads in C, so another thread changing
   the object cannot break it; what it cannot read counts as no primitive.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import array
 import queue
 import threading
+import types
 from _thread import allocate_lock as _allocate_lock
 from itertools import islice
 from multiprocessing import pool as mp_pool
@@ -135,6 +137,21 @@ _LOOK_INTO = 16
 _MEMBER = type(type("_Slotted", (), {"__slots__": ("x",)}).__dict__["x"])
 
 
+#: the SyncManager's typeids whose objects can be durable by a create's keyword:
+#: `m.dict(durable=True, name=...)` (`create_takes_durable`)
+DURABLE_TYPEIDS = frozenset({"dict", "list", "set", "Queue", "JoinableQueue", "Namespace",
+                             "Value", "Array"})
+
+
+def create_takes_durable(typeid: str, registered_durable: Any) -> bool:
+    """Are a create's `durable=` and `name=` keywords procshare's options?
+    Only for the typeids that can be durable by keyword (`DURABLE_TYPEIDS`)
+    and those registered with `durable=`: any other typeid's callable gets
+    them, as the stdlib's would (a class of yours may take a `durable` or
+    `name` argument)."""
+    return bool(registered_durable) or typeid in DURABLE_TYPEIDS
+
+
 def never_waits(obj: Any) -> bool:
     """Is `obj` one of the SyncManager's containers (dict, list, set, Value,
     Array, Namespace), whose methods neither wait nor run long?  Their calls
@@ -183,6 +200,68 @@ def is_thread_safe(obj: Any) -> bool:
     except Exception:       # an object this cannot look into: no primitive seen
         return False
     return False
+
+
+_DESCRIBED_IN_C = (types.MemberDescriptorType, types.GetSetDescriptorType)
+_MISSING = object()
+
+
+def data_attributes(obj: Any, names: Any) -> tuple[str, ...]:
+    """Those of `names` that are data attributes of `obj`, not methods, found
+    without running its code (the stdlib reads no exposed name when it creates
+    an object, and a property may fail or act before the object is ready):
+    a property counts as data (its getter runs when a proxy reads it), a slot
+    or a value in the instance or its class as what it holds, and a name that
+    only `__getattr__` (or another descriptor) would give as a method, as the
+    stdlib takes every exposed name."""
+    try:
+        inst = object.__getattribute__(obj, "__dict__")     # (no __getattr__)
+    except AttributeError:
+        inst = None
+    if type(inst) is not dict:
+        inst = None
+    names = tuple(names)
+    key = (type(obj), names)
+    if inst is None:        # (a dict, a list...: the answer is its type's)
+        got = _DATA_BY_TYPE.get(key)
+        if got is not None:
+            return got
+    mro = type(obj).__mro__
+    per_object: list = []
+    got = tuple(name for name in names if _is_data(obj, name, inst, mro, per_object))
+    if inst is None and not per_object and len(_DATA_BY_TYPE) < 1024:
+        _DATA_BY_TYPE[key] = got
+    return got
+
+
+#: `data_attributes` of objects whose answer is their type's: (type, names) -> names
+_DATA_BY_TYPE: dict[tuple, tuple] = {}
+
+
+def _is_data(obj: Any, name: str, inst: dict | None, mro: tuple, per_object: list) -> bool:
+    found = _MISSING
+    for cls in mro:
+        d = cls.__dict__
+        if name in d:
+            found = d[name]
+            break
+    try:
+        if found is not _MISSING:
+            kind = type(found)
+            if isinstance(found, property):
+                return True
+            if kind in _DESCRIBED_IN_C:     # read in C: no code of the object runs
+                per_object.append(name)
+                return not callable(found.__get__(obj, mro[0]))
+            if hasattr(kind, "__set__") or hasattr(kind, "__delete__"):
+                return False    # another data descriptor: it runs code (a method, then)
+        if inst is not None and name in inst:
+            return not callable(inst[name])
+        if found is _MISSING or hasattr(type(found), "__get__"):
+            return False        # only __getattr__ knows it; a function, a classmethod...
+        return not callable(found)
+    except Exception:           # (an unset slot, say)
+        return False
 
 
 def all_methods(obj: Any) -> list[str]:

@@ -26,13 +26,14 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
 import time
 import types
 import weakref
-from multiprocessing import process
+from multiprocessing import process, util
 from multiprocessing.context import get_spawning_popen
 from typing import Any
 
@@ -42,7 +43,7 @@ from ..wire.kinds import Kind
 from ..wire.records import DURABLE_PREFIX, Token
 from . import loans, scope
 from .replies import call_timeout, convert_to_error, raise_reply
-from .session import Session, authkey_for, get_session, inherited_by_server
+from .session import Client, Session, authkey_for, get_session, inherited_by_server
 
 __all__ = [
     "BaseProxy", "RebuildProxy", "MakeProxyType", "AutoProxy", "IteratorProxy",
@@ -96,7 +97,7 @@ class BaseProxy:
         self._session = get_session(token.address, bytes(self._authkey), serializer)
         self._tls = self._session.tls
         self._epoch = self._session.epoch     # the manager's life this proxy belongs to
-        self._timeout = getattr(manager, "_call_timeout", _UNSET) if manager is not None \
+        self._procshare_timeout = getattr(manager, "_call_timeout", _UNSET) if manager is not None \
             else _UNSET
         self._close = None
         if incref:
@@ -144,6 +145,28 @@ class BaseProxy:
         if server is None or server.address != self._token.address:
             return self
         return server.objects.get(self._id).obj
+
+    def _after_fork(self) -> None:
+        """What the stdlib runs in a forked child for each proxy, for code that
+        calls it itself: forget the manager object, take a reference of its
+        own (procshare's children need neither: their proxies work as they
+        are, through the fork's loan)."""
+        self._manager = None
+        try:
+            self._incref()
+        except Exception as e:
+            util.info("incref failed: %s", e)
+
+    def _connect(self) -> None:
+        """Open this thread's connection to the manager now, if it has none
+        that works (the stdlib's name; calls do it themselves)."""
+        self._session.thread_conn()
+
+    @property
+    def _Client(self) -> Any:
+        """The function that opens a connection of its own to the manager,
+        `_Client(address, authkey=...)`, for `dispatch` (as the stdlib's)."""
+        return functools.partial(Client, serializer=self._serializer)
 
     # -- calls --------------------------------------------------------------------
     def _callmethod(self, methodname: str, args: tuple = (), kwds: dict = {},  # noqa: B006
@@ -219,7 +242,7 @@ class BaseProxy:
         if timeout is _UNSET:
             timeout = _scope.value
             if timeout is _UNSET:
-                timeout = self._timeout
+                timeout = self._procshare_timeout
                 if timeout is _UNSET:
                     timeout = None
         return timeout
@@ -251,8 +274,9 @@ class BaseProxy:
         # (the manager counted the reference for this process's client)
         proxy = adopting_proxy(proxytype, token, self._serializer, manager=self._manager,
                                authkey=self._authkey, exposed=exposed)
-        _set_attributes(proxy, attrs)
-        proxy._timeout = self._timeout
+        if isinstance(proxy, BaseProxy):    # (not a factory's wrapper)
+            _set_attributes(proxy, attrs)
+            proxy._procshare_timeout = self._procshare_timeout
         return proxy
 
     def _set_timeout(self, seconds: float | None) -> None:
@@ -260,7 +284,7 @@ class BaseProxy:
         if seconds is not None and not seconds >= 0:
             raise ValueError(f"timeout must be a non-negative number of seconds or None, "
                              f"not {seconds!r}")
-        self._timeout = seconds
+        self._procshare_timeout = seconds
 
     def _getvalue(self) -> Any:
         """Get a copy of the value of the referent."""
@@ -290,14 +314,20 @@ class BaseProxy:
                 return self._reduced(self._token, kwds)
             loans.record(loan, None)
         else:
-            loan = self._session.control_call("loan", self._id)
+            try:
+                loan = self._session.control_call("loan", self._id)
+            except Exception:
+                # the manager cannot lend (it is gone, say): pickled as the stdlib
+                # pickles a proxy, talking to no one; the copy takes its reference
+                # when it is rebuilt, and says there what is wrong, if anything is
+                return self._reduced(self._token, kwds)
             loans.record(loan, self._session)
         kwds["loan"] = loan
         return self._reduced(self._token, kwds)
 
     def _reduced(self, token: Token, kwds: dict) -> tuple:
-        if self._timeout is not _UNSET:
-            kwds["timeout"] = self._timeout
+        if self._procshare_timeout is not _UNSET:
+            kwds["timeout"] = self._procshare_timeout
         if getattr(self, "_isauto", False):
             kwds["exposed"] = self._exposed_
             attrs = getattr(self, "_attributes_", ())
@@ -330,13 +360,28 @@ def adopting_proxy(proxytype: Any, token: Token, serializer: Any, **kwds: Any) -
     that it is given back when the proxy goes.  A proxy type or factory that
     takes no `incref` (a user's `__init__` with the stdlib's first five
     parameters, which the stdlib only ever calls that way) takes a reference
-    of its own as well, given back the same way."""
-    takes = _takes_incref.get(proxytype)
-    if takes is None:
-        takes = _takes_incref[proxytype] = _accepts(proxytype, "incref")
-    proxy = (proxytype(token, serializer, incref=False, **kwds) if takes
-             else proxytype(token, serializer, **kwds))
-    proxy._track(False)
+    of its own as well, given back the same way.  A factory's object that is
+    no proxy (a wrapper) gets none: the reference goes back at once."""
+    if not isinstance(proxytype, type) and not takes_attributes(proxytype):
+        # a factory of the user's: called as the stdlib calls it (what it
+        # returns may wrap the proxy it makes, which then holds a reference
+        # of its own)
+        proxy = proxytype(token, serializer, **kwds)
+    else:
+        takes = _takes_incref.get(proxytype)
+        if takes is None:
+            takes = _takes_incref[proxytype] = _accepts(proxytype, "incref")
+        proxy = (proxytype(token, serializer, incref=False, **kwds) if takes
+                 else proxytype(token, serializer, **kwds))
+    if isinstance(proxy, BaseProxy):
+        proxy._track(False)
+    else:
+        # not a proxy: the create's reference goes back now, as the stdlib's
+        # does (the object lives as long as the proxies inside hold theirs)
+        holder = BaseProxy(token, serializer, incref=False, manager=kwds.get("manager"),
+                           authkey=kwds.get("authkey"))
+        holder._track(False)
+        del holder
     return proxy
 
 
@@ -412,7 +457,7 @@ def RebuildProxy(func: Any, token: Token, serializer: Any, kwds: dict) -> Any:
     if loan is not None:
         proxy._adopt(loan)
     if timeout is not _UNSET:
-        proxy._timeout = timeout
+        proxy._procshare_timeout = timeout
     return proxy
 
 
@@ -467,6 +512,13 @@ def AutoProxy(token: Token, serializer: Any, manager: Any = None, authkey: Any =
     proxy._exposed_ = tuple(exposed)
     _set_attributes(proxy, attributes)
     return proxy
+
+
+def takes_attributes(proxytype: Any) -> bool:
+    """Is `proxytype` procshare's own `AutoProxy` (which takes `attributes=`)?
+    Not a function that replaced `managers.AutoProxy` (a known recipe patches
+    it to default `manager_owned=True`): that one has the stdlib's signature."""
+    return proxytype is AutoProxy
 
 
 _attr_cache: dict = {}

@@ -444,6 +444,30 @@ def Client(address: Any, authkey: bytes | None = None,
     return Session(address, bytes(authkey), get_serializer(serializer))._open("call")
 
 
+def _process_name(t: threading.Thread) -> str:
+    """Who calls, as the stdlib names the manager's thread that serves it
+    (`BaseProxy._connect`): the process's name, and the thread's unless it
+    is the main thread."""
+    name = process.current_process().name
+    if t.name != "MainThread":
+        name += "|" + t.name
+    return name
+
+
+class _ThreadState(threading.local):
+    """A session's per-thread state (`Session.tls`, a proxy's `_tls`): `conn`,
+    the thread's call connection, also readable as `connection`, the stdlib's
+    name, for code that closes it (`proxy._tls.connection.close()`: the next
+    call opens another)."""
+
+    @property
+    def connection(self) -> Connection:
+        conn = self.__dict__.get("conn")
+        if conn is None:    # (as the stdlib's before the thread's first call)
+            raise AttributeError("'_ThreadState' object has no attribute 'connection'")
+        return conn
+
+
 class Session:
     """This process's link to the manager at one address."""
 
@@ -463,7 +487,7 @@ class Session:
         # proxies keep a reference to `tls`: empty it in place rather than replace it
         tls = self.__dict__.get("tls")
         if tls is None:
-            tls = self.tls = threading.local()
+            tls = self.tls = _ThreadState()
         tls.__dict__.clear()
         self.lock = threading.RLock()
         self.control: Connection | None = None
@@ -561,7 +585,8 @@ class Session:
             no = next(self._numbers)
             hello = {"client": _client_id, "pid": os.getpid(), "thread": t.ident,
                      "tid": (t.native_id or 0) if waits else 0,
-                     "thread_name": t.name, "serializer": self.serializer.name,
+                     "thread_name": t.name, "process_name": _process_name(t),
+                     "serializer": self.serializer.name,
                      "role": role, "version": 1, "conn": no, "session": self.token,
                      "host": _HOST[0], "pidns": _HOST[1]}
             adopting = role == "control" and bool(self.adopt)

@@ -348,7 +348,7 @@ def _fetch_fds(proxy: SharedArrayProxy) -> tuple[dict, list[int]]:
         raise RuntimeError("this procshare client cannot receive file descriptors "
                            "(Session.control_call_fds is missing), so it cannot map "
                            "shared arrays")
-    timeout = proxy._timeout
+    timeout = proxy._procshare_timeout
     return call("shm_fd", proxy._id, timeout=None if timeout is UNSET else timeout)
 
 

@@ -44,7 +44,7 @@ def call_async(proxy: Any, methodname: str, /, *args: Any, timeout: Any = _UNSET
     if timeout is _UNSET:
         timeout = scope.scoped_timeout()
         if timeout is _UNSET:
-            timeout = proxy._timeout if proxy._timeout is not _UNSET else None
+            timeout = proxy._procshare_timeout if proxy._procshare_timeout is not _UNSET else None
     return session.submit_pipelined(proxy, methodname, args, kwds, timeout)
 
 

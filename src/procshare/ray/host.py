@@ -51,7 +51,7 @@ from ray import cloudpickle
 
 from ..client.session import client_id
 from ..errors import NotExposedError, missing_method
-from ..stdtypes import is_thread_safe, public_methods, update_item
+from ..stdtypes import data_attributes, is_thread_safe, public_methods, update_item
 from ..wire.kinds import Kind
 from ..wire.records import Token
 from .durable import Replies, SnapshotStore
@@ -121,7 +121,7 @@ def _exposed_of(obj: Any, exposed: Any, m2t: dict | None) -> tuple:
 
 
 def _attrs_of(obj: Any, exposed: tuple) -> frozenset:
-    return frozenset(n for n in exposed if hasattr(obj, n) and not callable(getattr(obj, n, None)))
+    return frozenset(data_attributes(obj, exposed))     # (running none of its code)
 
 
 class _HostCore:

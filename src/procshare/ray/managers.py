@@ -60,8 +60,9 @@ from ..client.proxy import (
     SetProxy,
     ValueProxy,
     adopting_proxy,
+    takes_attributes,
 )
-from ..stdtypes import Array, Namespace, Value
+from ..stdtypes import Array, Namespace, Value, create_takes_durable
 from ..wire.records import Token
 from . import cluster, primitives
 from .cluster import RayAddress
@@ -432,11 +433,11 @@ class RayBaseManager:
                 util.debug("requesting creation of a shared %r object", typeid)
                 # durable=True, or False for a typeid registered durable; any other
                 # durable= is the constructor's (as in the stdlib)
-                asked = kwds.get("durable")
+                asked = kwds.get("durable") if create_takes_durable(typeid, durable) else None
                 durable_ = kwds.pop("durable") if asked is True or (
                     asked is False and durable) else None
                 token, exp, attrs = self._create_full(typeid, args, kwds, durable_)
-                extra = {"attributes": attrs} if proxytype is AutoProxy else {}
+                extra = {"attributes": attrs} if takes_attributes(proxytype) else {}
                 # (created for this process's client)
                 return adopting_proxy(proxytype, token, self._serializer, manager=self,
                                       authkey=self._authkey, exposed=exp, **extra)

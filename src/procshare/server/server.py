@@ -91,7 +91,15 @@ from ..errors import (
     result_too_large_text,
 )
 from ..inprocess import local_server, set_local_server
-from ..stdtypes import all_methods, is_thread_safe, never_waits, public_methods, update_item
+from ..stdtypes import (
+    all_methods,
+    create_takes_durable,
+    data_attributes,
+    is_thread_safe,
+    never_waits,
+    public_methods,
+    update_item,
+)
 from ..transport import channel as transport
 from ..transport import placement
 from ..transport.processes import host_identity
@@ -131,7 +139,7 @@ from .leases import Leases
 from .locktable import LockTable, snapshot
 from .registry import LOAN_PREFIX, SERVER_HOLDER, Entry, NoSuchObject, Registry
 
-__all__ = ["Server", "TypeSpec", "public_methods", "all_methods", "local_server"]
+__all__ = ["Server", "TypeSpec", "public_methods", "all_methods", "local_server", "FULL_CREATE"]
 
 log = logging.getLogger("procshare.server")
 
@@ -166,18 +174,24 @@ _HOST = host_identity()
 _PACKED, _NONE, _ONEWAY = object(), object(), object()
 
 
+#: a create's keyword by which procshare's client asks for the exposed data
+#: attributes too (`Server.create`)
+FULL_CREATE = "#full"
+
+
 class _GetattrFailed(Exception):
-    """(serve_client) Looking up an exposed method raised AttributeError."""
+    """(serve_client) Looking up an exposed method raised (a property, say)."""
 
 
-def _getattr_failed(entry: Entry, oid: str, meth: str, error: AttributeError) -> tuple:
+def _getattr_failed(entry: Entry, oid: str, meth: str, error: Exception) -> tuple:
     """The reply when looking up exposed method `meth` raised `error`, a
     RemoteError as in the stdlib: MissingMethodError (an AttributeError too)
     if the object has no such attribute; else (a property or `__getattr__`
     that failed inside) the manager's traceback, which shows where."""
-    missing = missing_method(error, entry.obj, entry.typeid, oid, meth)
-    if missing is not None:
-        return (Kind.ERROR, missing)
+    if isinstance(error, AttributeError):
+        missing = missing_method(error, entry.obj, entry.typeid, oid, meth)
+        if missing is not None:
+            return (Kind.ERROR, missing)
     return (Kind.TRACEBACK, "".join(traceback.format_exception(
         type(error), error, error.__traceback__)))
 
@@ -442,6 +456,9 @@ class Server:
             ch.working = self.working
             if info.role == "call":
                 ch.place = placement.for_peer(ch.sock, hello)
+                name = hello.get("process_name")
+                if type(name) is str:   # the stdlib's name for it (`accept_connection`)
+                    threading.current_thread().name = name[:200]
             self.serve_client(ch, info)
         except (EOFError, ConnectionError, TimeoutError):
             pass
@@ -581,7 +598,7 @@ class Server:
                     try:
                         try:
                             fn = getattr(entry.obj, meth)
-                        except AttributeError as e:     # (the stdlib: a RemoteError)
+                        except Exception as e:      # (the stdlib: a RemoteError)
                             raise _GetattrFailed(e) from None
                         if lock is not None:
                             if not lock.acquire(False):
@@ -835,6 +852,9 @@ class Server:
             else:
                 kind, payload = self._unserializable(e, None, None, payload)
             body, bufs = self.serializer.dumps(payload)
+        finally:
+            if kind == Kind.ERROR:      # sent: the exception is as its method left it
+                _forget_traceback(payload)
         return self._fit(kind, body, bufs)
 
     def _fit(self, kind: Any, body: bytes, bufs: Any, oid: Any = None,
@@ -1059,20 +1079,22 @@ class Server:
         """`(exposed, attributes, method_to_typeid)` of a new object of `typeid`."""
         _callable, exposed, method_to_typeid = spec[:3]
         if exposed is None:
-            exposed = public_methods(obj)
+            exposed = public_methods(obj)   # (all callable: no data attributes)
+            attrs: tuple = ()
+        else:
+            attrs = data_attributes(obj, exposed)
         if method_to_typeid is not None:
             if not isinstance(method_to_typeid, dict):
                 raise TypeError("Method_to_typeid {!r}: type {!s}, not dict".format(
                     method_to_typeid, type(method_to_typeid)))
             exposed = list(exposed) + list(method_to_typeid)
-        exposed = tuple(exposed)
-        attrs = tuple(n for n in exposed
-                      if hasattr(obj, n) and not callable(getattr(obj, n, None)))
-        return exposed, attrs, method_to_typeid
+        return tuple(exposed), attrs, method_to_typeid
 
     # -- control operations (called as `dispatch(conn, None, name, args)`) -------
     def create(self, c: ConnInfo, typeid: str, /, *args: Any, **kwds: Any) -> tuple:
-        """Create a new shared object; return `(id, exposed, attributes)`.
+        """Create a new shared object; return `(id, exposed)`, as the stdlib's
+        (whose `_create` unpacks two), or `(id, exposed, attributes)` for
+        procshare's client, which says so (`FULL_CREATE`).
 
         `durable=True` (or a mode, `"snapshot"`/`"journal"`) with an optional
         `name=` makes it durable (`durables`); a typeid registered with
@@ -1080,13 +1102,22 @@ class Server:
         `durable=` that is not one of those values, `durable=False` for a
         typeid not registered durable (as the stdlib, `dict(durable=False)`
         is `{'durable': False}`), and `name=` without a true `durable=`, are
-        the constructor's own keywords."""
+        the constructor's own keywords; so are both for a typeid of the user's
+        not registered `durable=` (`stdtypes.create_takes_durable`)."""
+        if FULL_CREATE in kwds:     # procshare's own, never the constructor's
+            kwds = dict(kwds)
+            del kwds[FULL_CREATE]
+            return self._create_full(c, typeid, args, kwds)
+        return self._create_full(c, typeid, args, kwds)[:2]
+
+    def _create_full(self, c: ConnInfo, typeid: str, args: tuple, kwds: dict) -> tuple:
         unnamed = None
         if UNNAMED_KEY in kwds:     # procshare's own, never the constructor's
             kwds = dict(kwds)
             unnamed = kwds.pop(UNNAMED_KEY)
         registered = getattr(self.registry.get(typeid), "durable", None)
-        mode = durable_option(kwds["durable"]) if "durable" in kwds else None
+        mode = durable_option(kwds["durable"]) if "durable" in kwds and \
+            create_takes_durable(typeid, registered) else None
         if mode is False and not registered:
             mode = None
         if mode is not None:
@@ -1253,8 +1284,18 @@ def _method_exited(e: BaseException, what: str) -> tuple:
     return (Kind.ERROR, _with_traceback(err.with_traceback(e.__traceback__)))
 
 
+def _forget_traceback(e: Any) -> None:
+    """Take back what `_with_traceback` attached, once `e` is serialized (the
+    object may be the referent's own, kept and returned later)."""
+    try:
+        e.__dict__.pop("_procshare_remote_tb", None)
+    except Exception:
+        pass
+
+
 def _with_traceback(e: BaseException) -> BaseException:
-    """Attach the formatted server-side traceback to `e` (it pickles with it)."""
+    """Attach the formatted server-side traceback to `e` (it pickles with it;
+    `_forget_traceback` takes it back)."""
     tb = e.__traceback__
     if tb is not None:
         tb = tb.tb_next  # drop the dispatcher's own frame
