@@ -509,80 +509,6 @@ class _Maker:
         return [1, 2]
 
 
-def test_a_server_in_this_process_gets_its_references_back(impl):
-    """A server run by `get_server().serve_forever()` in a thread, and a
-    manager of this same process connected to it: dropped proxies (made by a
-    create, or returned by a method_to_typeid method) give their references
-    back.  procshare counted their release against the server's own holder,
-    which had none, so the objects stayed for good.  Once it is shut down,
-    procshare leaves none of its threads behind (its accepter stayed blocked
-    in accept() for good, as the stdlib's does, so every later fork of the
-    process warned on 3.12+ that it was multi-threaded)."""
-    before = set(threading.enumerate())
-
-    class M(impl.BaseManager):
-        pass
-
-    M.register("L", list, proxytype=impl.ListProxy)
-    M.register("Maker", _Maker, method_to_typeid={"make": "L"})
-    server = M(address=("127.0.0.1", 0), authkey=b"in-this-process").get_server()
-
-    def serve():
-        try:
-            server.serve_forever()
-        except SystemExit:      # how both end serve_forever() after a shutdown
-            pass
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        m = M(address=server.address, authkey=b"in-this-process")
-        m.connect()
-        lst = m.L([3])
-        maker = m.Maker()
-        made = maker.make()
-        assert list(made) == [1, 2] and list(lst) == [3]
-        assert m._number_of_objects() == 3
-        del lst, made
-        gc.collect()
-        assert poll(lambda: m._number_of_objects() == 1, 10)
-        del maker
-        gc.collect()
-        assert poll(lambda: m._number_of_objects() == 0, 10)
-    finally:
-        conn = impl.listener_client["pickle"][1](server.address, authkey=b"in-this-process")
-        try:
-            impl.dispatch(conn, None, "shutdown")
-        except Exception:
-            pass
-        conn.close()
-        thread.join(10)
-    if not is_stdlib(impl):
-        assert poll(lambda: not set(threading.enumerate()) - before, 5), \
-            set(threading.enumerate()) - before
-
-
-GET_SERVER_SCRIPT = textwrap.dedent(
-    """
-    import {module} as m
-    server = m.BaseManager(authkey=b"k").get_server()
-    print("ADDRESS", server.address)
-    """
-)
-
-
-def test_a_server_never_served_leaves_no_socket_file(impl, tmp_path):
-    """get_server() without serve_forever(): the stdlib's socket lives in a temp
-    dir removed at exit; procshare's own file goes at exit too."""
-    proc = subprocess.run(
-        [sys.executable, "-c", GET_SERVER_SCRIPT.format(module=impl.__name__)],
-        env=_workers.subprocess_env(TMPDIR=str(tmp_path)),
-        capture_output=True, text=True, timeout=30,
-    )
-    assert proc.returncode == 0, proc.stderr
-    address = proc.stdout.split("ADDRESS ", 1)[1].strip()
-    assert address and not os.path.exists(address)
-
 
 # -- a parity hunt's findings (2026-11-29) ----------------------------------------------
 
@@ -702,3 +628,78 @@ def test_a_proxy_pickles_after_its_manager_is_gone(impl, ctx):
     with pytest.raises(OSError):
         pickle.loads(data)
     del lst
+
+
+def test_a_server_in_this_process_gets_its_references_back(impl):
+    """A server run by `get_server().serve_forever()` in a thread, and a
+    manager of this same process connected to it: dropped proxies (made by a
+    create, or returned by a method_to_typeid method) give their references
+    back.  procshare counted their release against the server's own holder,
+    which had none, so the objects stayed for good.  Once it is shut down,
+    procshare leaves none of its threads behind (its accepter stayed blocked
+    in accept() for good, as the stdlib's does, so every later fork of the
+    process warned on 3.12+ that it was multi-threaded)."""
+    before = set(threading.enumerate())
+
+    class M(impl.BaseManager):
+        pass
+
+    M.register("L", list, proxytype=impl.ListProxy)
+    M.register("Maker", _Maker, method_to_typeid={"make": "L"})
+    server = M(address=("127.0.0.1", 0), authkey=b"in-this-process").get_server()
+
+    def serve():
+        try:
+            server.serve_forever()
+        except SystemExit:      # how both end serve_forever() after a shutdown
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        m = M(address=server.address, authkey=b"in-this-process")
+        m.connect()
+        lst = m.L([3])
+        maker = m.Maker()
+        made = maker.make()
+        assert list(made) == [1, 2] and list(lst) == [3]
+        assert m._number_of_objects() == 3
+        del lst, made
+        gc.collect()
+        assert poll(lambda: m._number_of_objects() == 1, 10)
+        del maker
+        gc.collect()
+        assert poll(lambda: m._number_of_objects() == 0, 10)
+    finally:
+        conn = impl.listener_client["pickle"][1](server.address, authkey=b"in-this-process")
+        try:
+            impl.dispatch(conn, None, "shutdown")
+        except Exception:
+            pass
+        conn.close()
+        thread.join(10)
+    if not is_stdlib(impl):
+        assert poll(lambda: not set(threading.enumerate()) - before, 5), \
+            set(threading.enumerate()) - before
+
+
+GET_SERVER_SCRIPT = textwrap.dedent(
+    """
+    import {module} as m
+    server = m.BaseManager(authkey=b"k").get_server()
+    print("ADDRESS", server.address)
+    """
+)
+
+
+def test_a_server_never_served_leaves_no_socket_file(impl, tmp_path):
+    """get_server() without serve_forever(): the stdlib's socket lives in a temp
+    dir removed at exit; procshare's own file goes at exit too."""
+    proc = subprocess.run(
+        [sys.executable, "-c", GET_SERVER_SCRIPT.format(module=impl.__name__)],
+        env=_workers.subprocess_env(TMPDIR=str(tmp_path)),
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    address = proc.stdout.split("ADDRESS ", 1)[1].strip()
+    assert address and not os.path.exists(address)
