@@ -20,6 +20,8 @@ Contents:
 
 from __future__ import annotations
 
+import collections
+import functools
 import importlib
 import os
 import queue
@@ -680,10 +682,67 @@ def PollerProxy(m):
     return PollerProxy
 
 
+class Totals:
+    """Exposed data that is neither a property nor a plain value."""
+
+    plain = 1
+
+    @functools.cached_property
+    def total(self):
+        return 42
+
+
+Point = collections.namedtuple("Point", "x y")
+
+
+def make_point():
+    return Point(1, 2)
+
+
+@_builder
+def WrapperClass(m):
+    class WrapperClass:
+        """A proxytype that is a class of the user's, not a proxy type: it
+        wraps the AutoProxy it makes (the stdlib's signature, `incref` too)."""
+
+        def __init__(self, token, serializer, manager=None, authkey=None, exposed=None,
+                     incref=True, manager_owned=False):
+            self._p = m.AutoProxy(token, serializer, manager=manager, authkey=authkey,
+                                  exposed=exposed, incref=incref, manager_owned=manager_owned)
+
+        def value(self):
+            return self._p.a()
+
+    return WrapperClass
+
+
+@_builder
+def ClientSettingProxy(m):
+    class ClientSettingProxy(m.BaseProxy):
+        """Sets `_Client` in `__init__`, as the stdlib's BaseProxy does."""
+
+        _exposed_ = ("a",)
+
+        def __init__(self, token, serializer, *args, **kwds):
+            super().__init__(token, serializer, *args, **kwds)
+            self._Client = m.listener_client[serializer][1]
+
+        def a(self):
+            return self._callmethod("a")
+
+    return ClientSettingProxy
+
+
 @_builder
 def CustomizedManager(m):
     class CustomizedManager(m.BaseManager):
         pass
+
+    CustomizedManager.register("WrappedByClass", Obj, exposed=("a",),
+                               proxytype=get_class(m, "WrapperClass"))
+    CustomizedManager.register("Totals", Totals, exposed=("plain", "total"))
+    CustomizedManager.register("Point", make_point, exposed=("x", "y"))
+    CustomizedManager.register("ClientSetting", Obj, proxytype=get_class(m, "ClientSettingProxy"))
 
     CustomizedManager.register("TaskQueue", TaskQueue)
     CustomizedManager.register("Job", Job, exposed=("run", "reads", "result"))
@@ -693,6 +752,20 @@ def CustomizedManager(m):
     CustomizedManager.register("Wrapped", Obj, exposed=("a",),
                                proxytype=get_class(m, "make_handle"))
     return CustomizedManager
+
+
+class HardExiter:
+    def exit(self, code):
+        os._exit(code)
+
+
+@_builder
+def ExitingManager(m):
+    class ExitingManager(m.SyncManager):
+        pass
+
+    ExitingManager.register("HardExiter", HardExiter)
+    return ExitingManager
 
 
 #: the typeids `CreateRecordingManager._create` was asked for
@@ -706,6 +779,7 @@ def CreateRecordingManager(m):
             CREATED.append(typeid)
             return super()._create(typeid, *args, **kwds)
 
+    CreateRecordingManager.register("WithAttr", WithAttr, exposed=("attr", "method"))
     return CreateRecordingManager
 
 

@@ -10,6 +10,7 @@ import os
 import pickle
 import signal
 import socket
+import textwrap
 import time
 
 import pytest
@@ -460,3 +461,44 @@ def test_a_failing_finalize_override_still_stops_the_server(method):
     assert poll(lambda: not proc.is_alive(), 15)
     assert m._state.value == ps.State.SHUTDOWN
     assert not os.path.exists(address)
+
+
+def test_a_python_built_without_sqlite3_or_ctypes():
+    """Pythons built without SQLite's or libffi's headers have no `sqlite3` or
+    `ctypes`, and `multiprocessing.managers` works there: so does procshare,
+    but for durable objects (which say why) and shared arrays (ditto); large
+    data goes through the socket, with one warning (`import procshare`
+    failed)."""
+    import subprocess
+    import sys
+
+    code = textwrap.dedent("""
+        import sys, warnings
+        for name in ("_ctypes", "ctypes", "ctypes.util", "_sqlite3", "sqlite3"):
+            sys.modules[name] = None
+        import procshare
+        with procshare.SyncManager() as m:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                d = m.dict()
+                d["big"] = b"x" * (1 << 20)
+                assert len(d["big"]) == 1 << 20
+            assert any("ctypes" in str(w.message) for w in caught), caught
+            try:
+                m.dict(durable=True)
+            except Exception as e:
+                assert "sqlite3" in str(e), e
+            else:
+                raise AssertionError("a durable dict without sqlite3")
+            try:
+                m.SharedArray("i", 3)
+            except ImportError as e:
+                assert "ctypes" in str(e), e
+            else:
+                raise AssertionError("a SharedArray without ctypes")
+            assert list(m.Array("i", [1, 2])) == [1, 2]
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=_workers.subprocess_env())
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

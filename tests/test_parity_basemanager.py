@@ -581,8 +581,12 @@ def test_a_subclass_create_is_what_makes_objects(impl, ctx):
         lst = m.list([1])
         d = m.dict()
         assert lst[:] == [1] and len(d) == 0
-        assert _workers.CREATED == ["list", "dict"]
-        del lst, d
+        w = m.WithAttr()    # (what procshare's create tells goes through it too)
+        assert w.method() == "method"
+        if not is_stdlib(impl):
+            assert w.attr == 42
+        assert _workers.CREATED == ["list", "dict", "WithAttr"]
+        del lst, d, w
 
 
 def test_the_stdlibs_connection_names_on_a_proxy(impl, ctx):
@@ -607,6 +611,8 @@ def test_the_stdlibs_connection_names_on_a_proxy(impl, ctx):
             assert impl.dispatch(conn, None, "dummy") is None
         finally:
             conn.close()
+        del q._tls.connection   # (the stdlib's way to reconnect: the next call does)
+        assert q.qsize() == 1
         q._after_fork()     # as in a forked child: a reference of its own
         assert q._manager is None
         assert q.qsize() == 1

@@ -368,6 +368,48 @@ def test_a_proxytype_factory_that_wraps_the_proxy(impl, ctx):
         assert poll(lambda: m._number_of_objects() == 0, 10), m._number_of_objects()
 
 
+def test_a_proxytype_class_that_wraps_the_proxy(impl, ctx):
+    """The same with a class of the user's (not a proxy type) that takes the
+    stdlib's arguments, `incref` too (procshare passed it incref=False, then
+    gave the create's reference back: the object was gone at once)."""
+    with _workers.get_class(impl, "CustomizedManager")(ctx=ctx) as m:
+        handle = m.WrappedByClass()
+        assert handle.value() == "a"
+        assert m._number_of_objects() == 1
+        del handle
+        assert poll(lambda: m._number_of_objects() == 0, 10), m._number_of_objects()
+
+
+def test_exposed_data_that_is_not_a_property(impl, ctx):
+    """A `cached_property`, a namedtuple's fields: procshare reads them as data
+    (`proxy.total`), as it did before it stopped reading exposed names at
+    creation; the stdlib calls what it reads."""
+    with _workers.get_class(impl, "CustomizedManager")(ctx=ctx) as m:
+        totals, point = m.Totals(), m.Point()
+        if is_stdlib(impl):
+            with pytest.raises(TypeError):
+                totals.total()
+            with pytest.raises(TypeError):
+                point.x()
+        else:
+            assert (totals.plain, totals.total) == (1, 42)
+            assert (point.x, point.y) == (1, 2)
+
+
+def test_a_proxy_type_that_sets_client_as_the_stdlib_does(impl, ctx):
+    """The stdlib's BaseProxy sets `self._Client`; a subclass may too."""
+    with _workers.get_class(impl, "CustomizedManager")(ctx=ctx) as m:
+        p = m.ClientSetting()
+        assert p.a() == "a"
+        conn = p._Client(p._token.address, authkey=p._authkey)
+        try:
+            assert impl.dispatch(conn, None, "dummy") is None
+        finally:
+            conn.close()
+        del p
+        assert poll(lambda: m._number_of_objects() == 0, 10)
+
+
 def test_the_patched_autoproxy_recipe(impl, monkeypatch):
     """A widely copied fix for nested proxies replaces `managers.AutoProxy` with
     a function of the stdlib's signature whose `manager_owned` defaults to

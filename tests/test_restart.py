@@ -794,3 +794,45 @@ def test_a_server_from_get_server_names_its_manager_class():
             assert server.manager_name == cls.__name__
         finally:
             server.listener.close()
+
+
+def test_a_server_that_exits_with_the_shutdown_code_by_itself_is_restarted():
+    """The exit code of a server that a shutdown request stopped
+    (`SHUT_DOWN_EXIT`) is not enough to make a stop of an exit: user code in
+    the manager may exit with it too (`os._exit(86)`), and that is a crash,
+    restarted as any other (it was taken for a client's shutdown)."""
+    from procshare.supervisor import SHUT_DOWN_EXIT
+
+    cls = _workers.get_class(procshare.managers, "ExitingManager")
+    with cls(ctx=multiprocessing.get_context("fork")) as m:
+        d = m.dict(durable=True)
+        d["k"] = 1
+        pid0 = m.pid
+        exiter = m.HardExiter()
+        with pytest.raises(OSError):
+            exiter.exit(SHUT_DOWN_EXIT)
+        assert poll(lambda: m.restarts == 1 and m.pid != pid0, 10), (m.restarts, m.pid)
+        assert d["k"] == 1
+
+
+def test_an_ignored_sigchld_in_the_starting_process_changes_nothing():
+    """A program that ignores SIGCHLD (so that its children need no reaping)
+    passes that on to the processes it starts; the supervisor waits for its
+    servers' exits, and saw none (a crashed server was never restarted, and
+    it spun at 100% of a CPU)."""
+    before = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        m = procshare.SyncManager(ctx=multiprocessing.get_context("fork"))
+        m.start()
+    finally:
+        signal.signal(signal.SIGCHLD, before)
+    try:
+        pid0 = m.pid
+        os.kill(pid0, signal.SIGKILL)
+        assert poll(lambda: m.restarts == 1 and m.pid != pid0, 10), (m.restarts, m.pid)
+        assert m.list([1])[:] == [1]
+    finally:
+        t0 = time.monotonic()
+        m.shutdown()
+        assert time.monotonic() - t0 < 2.0
+    assert m._process is None or m._process.exitcode == 0

@@ -85,7 +85,6 @@ from .server.journal import JournalError, check_state_dir
 from .server.leases import GRACE as LEASE_GRACE
 from .server.server import (  # noqa: F401
     FRAME_TIMEOUT,
-    FULL_CREATE,
     Server,
     TypeSpec,
     all_methods,
@@ -100,6 +99,7 @@ from .supervisor import (
     SupervisorView,
     check_policy,
     describe_exit,
+    shut_down_mark,
 )
 from .transport import channel as transport
 from .transport.addresses import cleanup_address
@@ -422,6 +422,12 @@ class BaseManager:
             _log.info("manager pid %d stopped", os.getpid())
             if server.shut_down and will_restart:
                 # a shutdown request (from any client): its supervisor restarts nothing
+                if logdir is not None:
+                    try:
+                        with open(shut_down_mark(logdir, os.getpid()), "w"):
+                            pass
+                    except OSError:
+                        pass
                 raise SystemExit(SHUT_DOWN_EXIT) from None
             raise
         except BaseException:
@@ -512,20 +518,24 @@ class BaseManager:
         return self._session().control_call(name, timeout=self._call_timeout)
 
     def _create(self, typeid: str, /, *args: Any, **kwds: Any) -> tuple[Token, tuple]:
-        """Create a shared object; return its token and exposed names.  The reference
-        the server made for it belongs to this process (adopt it with `_track`)."""
-        token, exposed, _attrs = self._create_full(typeid, args, kwds)
-        return token, exposed
-
-    def _create_full(self, typeid: str, args: tuple, kwds: dict) -> tuple[Token, tuple, tuple]:
-        """`_create`, with the names of exposed data attributes too.  An unnamed
-        durable object gets a key made here, so that a create sent again after
-        a crash finds the object the first one made, if it did."""
-        kwds = {**kwds, FULL_CREATE: True}
+        """Create a shared object; return its token and exposed names (a pair that
+        also tells the exposed data attributes: `attributes`).  The reference the
+        server made for it belongs to this process (adopt it with `_track`).  A
+        type registered with its own serializer sends its arguments with it; an
+        unnamed durable object gets a key made here, so that a create sent again
+        after a crash finds the object the first one made, if it did."""
         if self._unnamed_durable(typeid, kwds):
-            kwds[UNNAMED_KEY] = secrets.token_hex(8)
-        ident, exposed, attrs = self._control("create", typeid, *args, **kwds)
-        return Token(typeid, self._address, ident), exposed, attrs
+            kwds = {**kwds, UNNAMED_KEY: secrets.token_hex(8)}
+        inner = getattr(self._registry.get(typeid), "serializer", None)
+        if inner is None:
+            op = "create_full" if self._session().server_version >= 2 else "create"
+            ident, exposed, attrs = self._control(op, typeid, *args, **kwds)
+        else:
+            ser = serializers.typed_serializer(self._serializer, inner)
+            ident, exposed, attrs = _create_typed(self, ser, typeid, args, kwds)
+        made = _Created((Token(typeid, self._address, ident), exposed))
+        made.attributes = tuple(attrs)
+        return made
 
     def _unnamed_durable(self, typeid: str, kwds: dict) -> bool:
         """Does this create make a durable object without a name (see `Server.create`)?"""
@@ -604,16 +614,12 @@ class BaseManager:
         if create_method:
             def temp(self: BaseManager, /, *args: Any, **kwds: Any) -> Any:
                 util.debug("requesting creation of a shared %r object", typeid)
+                made = self._create(typeid, *args, **kwds)     # (a subclass's too)
+                token, exp = made
+                attrs = getattr(made, "attributes", ())
                 ser = self._serializer
-                if type(self)._create is not BaseManager._create:
-                    # a subclass's own _create (the stdlib calls it): as it says
-                    token, exp = self._create(typeid, *args, **kwds)
-                    attrs = ()
-                elif serializer is None:
-                    token, exp, attrs = self._create_full(typeid, args, kwds)
-                else:
+                if serializer is not None:
                     ser = serializers.typed_serializer(ser, serializer)
-                    token, exp, attrs = _create_typed(self, ser, typeid, args, kwds)
                 extra = {"attributes": attrs} if takes_attributes(proxytype) else {}
                 # (created for this process's client)
                 return _adopting_proxy(proxytype, token, ser, manager=self,
@@ -622,23 +628,30 @@ class BaseManager:
             setattr(cls, typeid, temp)
 
 
+class _Created(tuple):
+    """`BaseManager._create`'s `(token, exposed)`, and `attributes`: the
+    exposed data attributes (a subclass's `_create` may return a plain pair)."""
+
+    attributes: tuple = ()
+
+
 def _create_typed(manager: BaseManager, ser: Any, typeid: str, args: tuple,
-                  kwds: dict) -> tuple[Token, tuple, tuple]:
+                  kwds: dict) -> tuple:
     """`manager._create` for a type with its own serializer: the constructor's
     arguments go through that type's connection, so they may use it too."""
     if manager._state.value != State.STARTED:
         raise errors.not_running(type(manager).__name__,
                                  manager._state.value == State.SHUTDOWN, manager._address)
-    conn = client.get_session(manager._address, bytes(manager._authkey), ser).thread_conn()
-    kind, result = conn.call(None, "create", (typeid, *args), {**kwds, FULL_CREATE: True},
-                             manager._call_timeout)
+    session = client.get_session(manager._address, bytes(manager._authkey), ser)
+    conn = session.thread_conn()
+    op = "create_full" if session.server_version >= 2 else "create"
+    kind, result = conn.call(None, op, (typeid, *args), kwds, manager._call_timeout)
     if kind != Kind.RETURN:
         try:
-            raise_reply(kind, result, None, "create", manager._call_timeout)
+            raise_reply(kind, result, None, op, manager._call_timeout)
         finally:
             result = None   # (as in `dispatch`)
-    ident, exposed, attrs = result
-    return Token(typeid, manager._address, ident), exposed, attrs
+    return result   # (id, exposed, attributes)
 
 
 def _shutdown_begins(proc: Any) -> None:
@@ -793,7 +806,7 @@ def _start_server_log(logdir: str) -> None:
     def on_sigterm(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if os.getpid() == manager_pid:      # not in a forked child (a Pool's worker)
-            _log.warning("manager pid %d received SIGTERM: stopping", manager_pid)
+            _log.info("manager pid %d received SIGTERM: stopping", manager_pid)  # (the log only)
         os.kill(os.getpid(), signal.SIGTERM)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)
@@ -940,6 +953,9 @@ def _supervise(cls: type, registry: dict, address: Any, authkey: bytes, serializ
     server running until told to stop, or the starting process is gone.  It
     exits as the last server did if it gave up (0 after a stop)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # it waits for its servers' exits: a SIGCHLD ignored in the starting process
+    # (inherited) would reap them first, and their exit codes would be lost
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     if start_method == "fork":      # the starting process's own pipe ends: not ours
         _close_fds(parent_ends)
     watched = ProcessHandle(starter)
@@ -995,7 +1011,7 @@ def _supervise(cls: type, registry: dict, address: Any, authkey: bytes, serializ
     try:
         report = StateFile(state_path).write if state_path is not None else None
         sup = Supervisor(first, launch, control=control, watched=watched, report=report,
-                         **policy)
+                         shut_down=None if logdir is None else _marked(logdir), **policy)
         status.send(("up", where["address"], sup.state()))
         status.close()
         sup.run()
@@ -1014,6 +1030,18 @@ def _supervise(cls: type, registry: dict, address: Any, authkey: bytes, serializ
     else:
         code = sup.last_exitcode or 0
     _exit_as(code)
+
+
+def _marked(logdir: str) -> Any:
+    """(the supervisor) Did the server with this pid leave its `shut_down_mark`?
+    The mark goes once read."""
+    def shut_down(pid: int | None) -> bool:
+        try:
+            os.unlink(shut_down_mark(logdir, pid))
+        except OSError:
+            return False
+        return True
+    return shut_down
 
 
 def _exit_as(code: int) -> None:
@@ -1043,6 +1071,7 @@ def _watch_supervisor(server: Server, pids: list[int]) -> None:
     process that started the manager, or its supervisor process, is gone, so a
     killed program leaves no orphan."""
     handles = [ProcessHandle(p) for p in pids]
+    server.owner_pids = frozenset(pids)     # (their shutdown: see Server.shut_down)
     fds = [h.fd for h in handles]
     pollable = all(fd is not None for fd in fds)
 
@@ -1057,7 +1086,7 @@ def _watch_supervisor(server: Server, pids: list[int]) -> None:
                 time.sleep(0.1)
             for h in handles:
                 if h.wait(0.0):
-                    _log.warning("the supervising process (pid %d) is gone: stopping", h.pid)
+                    _log.info("the supervising process (pid %d) is gone: stopping", h.pid)
                     server.stop_for_good(None, f"process {h.pid}, which started or "
                                          "supervised it, is gone")
                     server.stop_event.set()
@@ -1078,8 +1107,8 @@ def _process_facts(proc: _ServerProcess, logdir: str | None = None,
     try:
         # its sockets close just before it exits: give the supervisor a moment
         code = supervisor.exitcode_of(pid, wait=0.5)
-        if code == SHUT_DOWN_EXIT:      # a client's `shutdown` request: no crash
-            facts["shut_down_request"] = True
+        if code == SHUT_DOWN_EXIT and supervisor.shut_down_pid == pid:
+            facts["shut_down_request"] = True   # (a client's `shutdown` request: no crash)
         else:
             facts["exitcode"] = code
         facts["alive"] = code is None

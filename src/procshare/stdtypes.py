@@ -203,24 +203,31 @@ def is_thread_safe(obj: Any) -> bool:
 
 
 _DESCRIBED_IN_C = (types.MemberDescriptorType, types.GetSetDescriptorType)
+#: what a class holds for its methods: reading one gives a method
+_METHOD_TYPES = (types.FunctionType, types.BuiltinFunctionType, types.MethodDescriptorType,
+                 types.WrapperDescriptorType, types.ClassMethodDescriptorType, classmethod,
+                 staticmethod)
 _MISSING = object()
 
 
 def data_attributes(obj: Any, names: Any) -> tuple[str, ...]:
-    """Those of `names` that are data attributes of `obj`, not methods, found
-    without running its code (the stdlib reads no exposed name when it creates
-    an object, and a property may fail or act before the object is ready):
-    a property counts as data (its getter runs when a proxy reads it), a slot
-    or a value in the instance or its class as what it holds, and a name that
-    only `__getattr__` (or another descriptor) would give as a method, as the
-    stdlib takes every exposed name."""
+    """Those of `names` that are data attributes of `obj`, not methods.  What
+    the stdlib never does when it makes an object is run a property of it (one
+    may fail, or act, before the object is ready): a property counts as data
+    without running, as do a slot's or a plain value (read as stored);
+    functions and the like are methods.  Only what nothing else tells is read
+    (a `cached_property`, a namedtuple's field or another descriptor, a name
+    only `__getattr__` gives, an attribute of a class), and counts as data if
+    its value is not callable."""
+    names = tuple(names)
+    if isinstance(obj, type):   # (a class: its attributes, read as such)
+        return tuple(name for name in names if _reads_as_data(obj, name))
     try:
         inst = object.__getattribute__(obj, "__dict__")     # (no __getattr__)
-    except AttributeError:
+    except Exception:
         inst = None
     if type(inst) is not dict:
         inst = None
-    names = tuple(names)
     key = (type(obj), names)
     if inst is None:        # (a dict, a list...: the answer is its type's)
         got = _DATA_BY_TYPE.get(key)
@@ -238,6 +245,13 @@ def data_attributes(obj: Any, names: Any) -> tuple[str, ...]:
 _DATA_BY_TYPE: dict[tuple, tuple] = {}
 
 
+def _reads_as_data(obj: Any, name: str) -> bool:
+    try:
+        return not callable(getattr(obj, name))
+    except Exception:
+        return False
+
+
 def _is_data(obj: Any, name: str, inst: dict | None, mro: tuple, per_object: list) -> bool:
     found = _MISSING
     for cls in mro:
@@ -253,13 +267,21 @@ def _is_data(obj: Any, name: str, inst: dict | None, mro: tuple, per_object: lis
             if kind in _DESCRIBED_IN_C:     # read in C: no code of the object runs
                 per_object.append(name)
                 return not callable(found.__get__(obj, mro[0]))
-            if hasattr(kind, "__set__") or hasattr(kind, "__delete__"):
-                return False    # another data descriptor: it runs code (a method, then)
+            overrides = hasattr(kind, "__set__") or hasattr(kind, "__delete__")
+            if not overrides and inst is not None and name in inst:
+                return not callable(inst[name])     # (the instance's own value wins)
+            if isinstance(found, _METHOD_TYPES):
+                return False
+            if hasattr(kind, "__get__"):    # another descriptor: what it gives
+                per_object.append(name)
+                return _reads_as_data(obj, name)
+            return not callable(found)
         if inst is not None and name in inst:
             return not callable(inst[name])
-        if found is _MISSING or hasattr(type(found), "__get__"):
-            return False        # only __getattr__ knows it; a function, a classmethod...
-        return not callable(found)
+        if any("__getattr__" in cls.__dict__ for cls in mro):   # only it knows
+            per_object.append(name)
+            return _reads_as_data(obj, name)
+        return False
     except Exception:           # (an unset slot, say)
         return False
 

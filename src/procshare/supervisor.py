@@ -24,8 +24,8 @@ Rules it keeps:
 - `restart="never"` restarts nothing; after a `stop` from the starting
   process, the server's exit is no crash: the supervisor exits 0 with it.
   Nor is the exit of a server that a `shutdown` request stopped, from any
-  client (it exits with `SHUT_DOWN_EXIT`): that stop is final, as the
-  stdlib's.  A
+  client (it exits with `SHUT_DOWN_EXIT` and leaves `shut_down_mark`): that
+  stop is final, as the stdlib's.  A
   supervisor that gave up exits as its last server did (`manager._process`
   is the supervisor: its `exitcode` says how the server ended, as the
   stdlib's says of its server).
@@ -55,7 +55,7 @@ from typing import Any
 from .transport.files import replace_file
 
 __all__ = ["Supervisor", "SupervisorView", "RESTART_POLICIES", "describe_exit",
-           "check_policy", "StateFile", "SHUT_DOWN_EXIT"]
+           "check_policy", "StateFile", "SHUT_DOWN_EXIT", "shut_down_mark"]
 
 log = logging.getLogger("procshare.supervisor")
 
@@ -67,8 +67,16 @@ KEEP_EXITS = 32
 #: the longest exit description kept (a failed restart's error may be long)
 EXIT_TEXT_MAX = 500
 _STOP = b"stop"
-#: the exit code of a supervised server that a `shutdown` request stopped
+#: the exit code of a supervised server that a `shutdown` request stopped (it
+#: also leaves `shut_down_mark(logdir, pid)`, so that user code's own exit
+#: with this code is still a crash)
 SHUT_DOWN_EXIT = 86
+
+
+def shut_down_mark(logdir: str, pid: int | None) -> str:
+    """The file a server that a `shutdown` request stopped leaves in the
+    manager's log directory."""
+    return os.path.join(logdir, f"shut-down.{pid}")
 
 
 def describe_exit(pid: int | None, code: int | None) -> str:
@@ -104,7 +112,8 @@ class Supervisor:
     def __init__(self, process: Any, launch: Callable[[int], Any], *,
                  restart: str = "on-failure", max_restarts: int = 5,
                  restart_window: float = 60.0, control: Any = None,
-                 watched: Any = None, report: Callable[[dict], bool] | None = None) -> None:
+                 watched: Any = None, report: Callable[[dict], bool] | None = None,
+                 shut_down: Callable[[int | None], bool] | None = None) -> None:
         check_policy(restart, max_restarts, restart_window)
         self.process = process
         self.launch = launch
@@ -114,11 +123,16 @@ class Supervisor:
         self.control = control          # a Connection: the starting process's b"stop"
         self.watched = watched          # a ProcessHandle of the starting process
         self._report = report
+        #: did the server with this pid stop for a `shutdown` request (it said so
+        #: beside its exit code)?  None: its exit code alone tells
+        self._shut_down = shut_down
         self.restarts = 0
         self.exits: collections.deque[tuple[float, str]] = collections.deque(maxlen=KEEP_EXITS)
         self.codes: dict[int, int] = {}     # exit codes of the last servers, by pid
         self.gave_up: str | None = None
         self.stopping = False
+        #: the server a client's `shutdown` request stopped, if one did
+        self.shut_down_pid: int | None = None
         self._dirty = False
 
     def _exited(self, t: float, text: str) -> None:
@@ -134,7 +148,8 @@ class Supervisor:
     # -- reports ------------------------------------------------------------------------
     def state(self) -> dict:
         return {"pid": self.process.pid, "restarts": self.restarts, "exits": list(self.exits),
-                "codes": dict(self.codes), "gave_up": self.gave_up}
+                "codes": dict(self.codes), "gave_up": self.gave_up,
+                "shut_down": self.shut_down_pid}
 
     def _send_state(self) -> None:
         self._dirty = self._report is not None and not self._report(self.state())
@@ -161,8 +176,8 @@ class Supervisor:
         except (EOFError, OSError):
             self.control = None     # it closed its end: it may be gone (watched says)
         if self.watched is not None and self.watched.wait(0.0):
-            log.warning("the process that started the manager (pid %d) is gone: the "
-                        "supervisor stops", self.watched.pid)
+            log.info("the process that started the manager (pid %d) is gone: the "
+                     "supervisor stops", self.watched.pid)
             self.stopping = True
 
     def _pause(self, seconds: float) -> bool:
@@ -208,8 +223,11 @@ class Supervisor:
                 self.codes[proc.pid] = proc.exitcode
                 while len(self.codes) > KEEP_EXITS:
                     del self.codes[next(iter(self.codes))]
-            if self.stopping or proc.exitcode == SHUT_DOWN_EXIT:
-                self.stopping = True    # (a shutdown request: a stop, not a crash)
+            if not self.stopping and proc.exitcode == SHUT_DOWN_EXIT and (
+                    self._shut_down is None or self._shut_down(proc.pid)):
+                self.shut_down_pid = proc.pid   # (a shutdown request: a stop, not a crash)
+                self.stopping = True
+            if self.stopping:
                 self._send_state()
                 return
             self._exited(now, describe_exit(proc.pid, proc.exitcode))
@@ -336,6 +354,11 @@ class SupervisorView:
     @property
     def exits(self) -> list[tuple[float, str]]:
         return self._refresh()["exits"]
+
+    @property
+    def shut_down_pid(self) -> int | None:
+        """The server a client's `shutdown` request stopped, if one did."""
+        return self._refresh().get("shut_down")
 
     def exit_report(self) -> list[str]:
         return [f"{_stamp(t)} {text}" for t, text in self.exits]

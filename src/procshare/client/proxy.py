@@ -20,8 +20,10 @@ Rules it keeps:
   comes back from it without a reference), and a proxy a manager's server
   inherited from the client that forked it (its reference is the client's).
 - The deadline of a call is, in order: the `timeout=` of the call, the
-  innermost `procshare.timeout()` block, the proxy's `_timeout`, the
-  manager's `call_timeout`; `None` waits forever.
+  innermost `procshare.timeout()` block, the proxy's own
+  (`_set_timeout`, kept as `_procshare_timeout`: a user's proxy type may
+  have a `_timeout` of its own), the manager's `call_timeout`; `None` waits
+  forever.
 """
 
 from __future__ import annotations
@@ -74,8 +76,21 @@ def _release(session: Session, ident: str, local: bool, pid: int) -> None:
     session.control_send("decref", ident)
 
 
+class _ClientOf:
+    """`proxy._Client`: the function that opens a connection of its own to the
+    manager, `_Client(address, authkey=...)`, for `dispatch` (the stdlib's
+    attribute; a subclass may set its own, as the stdlib's `__init__` does)."""
+
+    def __get__(self, proxy: Any, owner: Any = None) -> Any:
+        if proxy is None:
+            return self
+        return functools.partial(Client, serializer=proxy._serializer)
+
+
 class BaseProxy:
     """A proxy for a shared object: method calls go to the manager."""
+
+    _Client = _ClientOf()
 
     _address_to_local: dict = {}
     _mutex = threading.Lock()
@@ -162,11 +177,6 @@ class BaseProxy:
         that works (the stdlib's name; calls do it themselves)."""
         self._session.thread_conn()
 
-    @property
-    def _Client(self) -> Any:
-        """The function that opens a connection of its own to the manager,
-        `_Client(address, authkey=...)`, for `dispatch` (as the stdlib's)."""
-        return functools.partial(Client, serializer=self._serializer)
 
     # -- calls --------------------------------------------------------------------
     def _callmethod(self, methodname: str, args: tuple = (), kwds: dict = {},  # noqa: B006
@@ -362,10 +372,11 @@ def adopting_proxy(proxytype: Any, token: Token, serializer: Any, **kwds: Any) -
     parameters, which the stdlib only ever calls that way) takes a reference
     of its own as well, given back the same way.  A factory's object that is
     no proxy (a wrapper) gets none: the reference goes back at once."""
-    if not isinstance(proxytype, type) and not takes_attributes(proxytype):
-        # a factory of the user's: called as the stdlib calls it (what it
-        # returns may wrap the proxy it makes, which then holds a reference
-        # of its own)
+    if not (isinstance(proxytype, type) and issubclass(proxytype, BaseProxy)) \
+            and not takes_attributes(proxytype):
+        # a factory (or class) of the user's that is no proxy type: called as the
+        # stdlib calls it (what it returns may wrap a proxy it makes, which then
+        # holds a reference of its own)
         proxy = proxytype(token, serializer, **kwds)
     else:
         takes = _takes_incref.get(proxytype)

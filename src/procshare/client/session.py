@@ -457,8 +457,8 @@ def _process_name(t: threading.Thread) -> str:
 class _ThreadState(threading.local):
     """A session's per-thread state (`Session.tls`, a proxy's `_tls`): `conn`,
     the thread's call connection, also readable as `connection`, the stdlib's
-    name, for code that closes it (`proxy._tls.connection.close()`: the next
-    call opens another)."""
+    name, for code that closes or deletes it (`proxy._tls.connection.close()`,
+    `del proxy._tls.connection`: the next call opens another)."""
 
     @property
     def connection(self) -> Connection:
@@ -466,6 +466,15 @@ class _ThreadState(threading.local):
         if conn is None:    # (as the stdlib's before the thread's first call)
             raise AttributeError("'_ThreadState' object has no attribute 'connection'")
         return conn
+
+    @connection.setter
+    def connection(self, conn: Connection) -> None:
+        self.conn = conn
+
+    @connection.deleter
+    def connection(self) -> None:   # (the next call opens another)
+        if self.__dict__.pop("conn", None) is None:
+            raise AttributeError("connection")
 
 
 class Session:
@@ -495,6 +504,7 @@ class Session:
         self.stale: list[Connection] = []     # connections with abandoned requests
         self.live = 0                         # proxies of this process using the session
         self.server_pid: int | None = None
+        self.server_version = 2     # (until a hello says: `_open`)
         self.incarnation: int | None = None   # the manager's restart count, from its hello
         # the server process's own id, from its hello (a forked child keeps its parent's)
         self.boot: str | None = getattr(self, "boot", None)
@@ -587,7 +597,7 @@ class Session:
                      "tid": (t.native_id or 0) if waits else 0,
                      "thread_name": t.name, "process_name": _process_name(t),
                      "serializer": self.serializer.name,
-                     "role": role, "version": 1, "conn": no, "session": self.token,
+                     "role": role, "version": 2, "conn": no, "session": self.token,
                      "host": _HOST[0], "pidns": _HOST[1]}
             adopting = role == "control" and bool(self.adopt)
             if adopting:
@@ -614,6 +624,8 @@ class Session:
         if adopting:
             self._adopted()
         self.server_pid = info.get("pid")
+        #: the manager's protocol version (1: before 2026-11-29, no `create_full`)
+        self.server_version = info.get("version", 1)
         self.supervised = bool(info.get("supervised"))
         self.limits = _limits_of(info.get("limits"))
         incarnation = info.get("incarnation", 0)

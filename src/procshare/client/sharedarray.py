@@ -38,14 +38,18 @@ Rules it keeps:
 
 from __future__ import annotations
 
-import ctypes
 import math
 import operator
 import os
 import threading
 import weakref
-from multiprocessing import sharedctypes
 from typing import Any
+
+try:
+    import ctypes
+    from multiprocessing import sharedctypes
+except ImportError:     # a Python built without _ctypes (libffi): no shared arrays
+    ctypes = sharedctypes = None  # type: ignore[assignment]
 
 from ..inprocess import local_server
 from ..transport import shm
@@ -377,6 +381,10 @@ def shared_array(manager: Any, typecode_or_type: Any, size_or_initializer: Any,
     `multiprocessing.Array`'s arguments and interface, on memory every process
     can map.  `lock`: True or None for a new manager RLock, False for none, or
     a lock proxy of a manager to use."""
+    if ctypes is None:
+        raise ImportError("SharedArray needs the ctypes module, and this Python was built "
+                          "without it (install libffi's headers, e.g. libffi-dev, and "
+                          "rebuild Python); manager.Array() works without it")
     array_type = _ctype(typecode_or_type)
     if isinstance(size_or_initializer, int):
         length, init = size_or_initializer, None

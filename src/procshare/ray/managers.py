@@ -16,8 +16,10 @@ Rules it keeps:
 - Same signatures, states and error types as `BaseManager`; the new options
   are keyword-only (`call_timeout`, `state_dir`, `durable`, `state_fsync`,
   `ray_init`, `shutdown_timeout`).  `register(..., durable=...)` is the only
-  new register option; a create method takes `durable=True|False` (a bool)
-  for that one object, as the local backend's do.
+  new register option; a create method of a type that can be durable (the
+  SyncManager's built-ins, a type registered durable) takes
+  `durable=True|False` (a bool) for that one object, as the local backend's
+  do; any other type's constructor gets the keyword (`create_takes_durable`).
 - How a type is hosted is decided before its object exists: `durable` and
   `serial=True` types (and plain classes) in a one-call-at-a-time sync
   actor; classes with coroutine methods (the primitives) in an async actor;

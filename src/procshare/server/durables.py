@@ -112,7 +112,7 @@ MODES = ("snapshot", "journal")
 
 
 #: the create keyword with the client's key for an unnamed durable object
-#: (`managers.BaseManager._create_full`): a create sent again after a crash
+#: (`managers.BaseManager._create`): a create sent again after a crash
 #: finds the object the first one made
 UNNAMED_KEY = "#unnamed"
 

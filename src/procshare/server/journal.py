@@ -88,7 +88,6 @@ import os
 import pickle
 import secrets
 import shutil
-import sqlite3
 import stat
 import struct
 import tempfile
@@ -99,6 +98,11 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from operator import itemgetter
 from typing import Any, NamedTuple
+
+try:
+    import sqlite3
+except ImportError:     # a Python built without it: durable objects say so when made
+    sqlite3 = None  # type: ignore[assignment]
 
 from ..errors import method_raised_exit
 from .durable import SAME_OBJECT, SNAPSHOT, Kind, kind_for
@@ -613,6 +617,12 @@ class Journal:
             os.close(dfd)
 
     def _connect(self) -> sqlite3.Connection:
+        if sqlite3 is None:
+            raise JournalError(
+                "durable objects keep their journal in SQLite, and this Python was built "
+                "without the sqlite3 module (install SQLite's headers, e.g. libsqlite3-dev, "
+                "and rebuild Python), so it cannot make durable objects; the other objects "
+                "work")
         db = sqlite3.connect(self.path, timeout=LOCK_WAIT, isolation_level=None,
                              check_same_thread=False, cached_statements=64)
         try:

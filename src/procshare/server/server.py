@@ -71,6 +71,7 @@ Rules it keeps:
 from __future__ import annotations
 
 import collections
+import copy
 import errno
 import logging
 import os
@@ -139,7 +140,7 @@ from .leases import Leases
 from .locktable import LockTable, snapshot
 from .registry import LOAN_PREFIX, SERVER_HOLDER, Entry, NoSuchObject, Registry
 
-__all__ = ["Server", "TypeSpec", "public_methods", "all_methods", "local_server", "FULL_CREATE"]
+__all__ = ["Server", "TypeSpec", "public_methods", "all_methods", "local_server"]
 
 log = logging.getLogger("procshare.server")
 
@@ -172,11 +173,6 @@ _HOST = host_identity()
 # what the call loop does with a reply it made: send the packed value, send None,
 # or nothing (a call that wants no reply)
 _PACKED, _NONE, _ONEWAY = object(), object(), object()
-
-
-#: a create's keyword by which procshare's client asks for the exposed data
-#: attributes too (`Server.create`)
-FULL_CREATE = "#full"
 
 
 class _GetattrFailed(Exception):
@@ -224,7 +220,7 @@ class ConnInfo:
     """What the server knows about one connection."""
 
     __slots__ = ("client", "pid", "caller", "channel", "opened", "role", "conn", "call",
-                 "session", "local")
+                 "session", "local", "version")
 
     def __init__(self, hello: dict, channel: transport.Channel) -> None:
         self.client = str(hello["client"])
@@ -240,12 +236,15 @@ class ConnInfo:
         #: its pid is one this host's processes share (not another host's or pid
         #: namespace's, where the same number is another process)
         self.local = (hello.get("host"), hello.get("pidns")) == _HOST and self.pid > 0
+        #: the client's protocol version (1: procshare before 2026-11-29, whose
+        #: `create` wants three values)
+        self.version = hello.get("version", 1)
 
 
 class Server:
     """The manager's server: holds the objects and serves the proxies."""
 
-    public = ["shutdown", "create", "accept_connection", "get_methods", "debug_info",
+    public = ["shutdown", "create", "create_full", "accept_connection", "get_methods", "debug_info",
               "number_of_objects", "dummy", "incref", "decref", "loan", "adopt",
               "fork_loan", "release_loan", "list_objects", "clients", "server_info", "locks",
               "goodbye", "cancel", "object_state", "shm_fd", "reattach"]
@@ -292,9 +291,12 @@ class Server:
         #: and when (set by the process that runs it)
         self.restarted_at: float | None = None
         self.supervised = False         # a supervisor restarts it if it dies
-        #: a `shutdown` request stopped it (its process then exits with
-        #: `supervisor.SHUT_DOWN_EXIT`: no supervisor restarts it)
+        #: a `shutdown` request from a process other than its owners stopped it
+        #: (its process then exits with `supervisor.SHUT_DOWN_EXIT`, so that its
+        #: supervisor, which its starting process did not tell, restarts nothing)
         self.shut_down = False
+        #: the starting process and its supervisor (set by whoever runs the server)
+        self.owner_pids: frozenset[int] = frozenset()
         #: (client, connection number) -> the call that connection runs, to cancel it
         self.calls: dict[tuple[str, int], CallState] = {}
         self._update_lock = threading.Lock()
@@ -450,7 +452,8 @@ class Server:
             if info.role == "control":
                 log.info("client pid %d connected (%s)", info.pid, info.client)
             ch.send(encode_frame(Kind.RETURN, rid, encode_hello(
-                {"pid": os.getpid(), "address": self.address, "incarnation": self.incarnation,
+                {"pid": os.getpid(), "version": 2, "address": self.address,
+                 "incarnation": self.incarnation,
                  "supervised": self.supervised, "boot": self.boot, "limits": list(self.limits),
                  **self._shm_agree(ch, info, hello)})))
             ch.working = self.working
@@ -676,7 +679,8 @@ class Server:
                         # restarts no server a shutdown stopped (`shut_down`)
                         reply = self._control(info, meth, args, kwds)
                         self.stop_for_good(info.pid, "shut down")
-                        self.shut_down = True
+                        # (the starting process told its supervisor first)
+                        self.shut_down = not (info.local and info.pid in self.owner_pids)
                         self._reply(ch, rid, *reply)
                         self.stop_event.set()
                         return
@@ -1091,10 +1095,21 @@ class Server:
         return tuple(exposed), attrs, method_to_typeid
 
     # -- control operations (called as `dispatch(conn, None, name, args)`) -------
+    def create_full(self, c: ConnInfo, typeid: str, /, *args: Any, **kwds: Any) -> tuple:
+        """`create` (a subclass's too), and the names of the exposed data
+        attributes: `(id, exposed, attributes)`, what procshare's client asks."""
+        made = self.create(c, typeid, *args, **kwds)
+        if len(made) >= 3:
+            return tuple(made[:3])
+        ident, exposed = made
+        entry = self.objects.objects.get(ident)
+        attrs = entry.attributes if entry is not None else ()
+        return ident, exposed, tuple(n for n in exposed if n in attrs)     # (in their order)
+
     def create(self, c: ConnInfo, typeid: str, /, *args: Any, **kwds: Any) -> tuple:
         """Create a new shared object; return `(id, exposed)`, as the stdlib's
-        (whose `_create` unpacks two), or `(id, exposed, attributes)` for
-        procshare's client, which says so (`FULL_CREATE`).
+        (whose `_create` unpacks two; `create_full` tells the data attributes
+        too).
 
         `durable=True` (or a mode, `"snapshot"`/`"journal"`) with an optional
         `name=` makes it durable (`durables`); a typeid registered with
@@ -1104,11 +1119,8 @@ class Server:
         is `{'durable': False}`), and `name=` without a true `durable=`, are
         the constructor's own keywords; so are both for a typeid of the user's
         not registered `durable=` (`stdtypes.create_takes_durable`)."""
-        if FULL_CREATE in kwds:     # procshare's own, never the constructor's
-            kwds = dict(kwds)
-            del kwds[FULL_CREATE]
-            return self._create_full(c, typeid, args, kwds)
-        return self._create_full(c, typeid, args, kwds)[:2]
+        made = self._create_full(c, typeid, args, kwds)
+        return made if c.version < 2 else made[:2]     # (older procshare clients: three)
 
     def _create_full(self, c: ConnInfo, typeid: str, args: tuple, kwds: dict) -> tuple:
         unnamed = None
@@ -1294,16 +1306,26 @@ def _forget_traceback(e: Any) -> None:
 
 
 def _with_traceback(e: BaseException) -> BaseException:
-    """Attach the formatted server-side traceback to `e` (it pickles with it;
-    `_forget_traceback` takes it back)."""
+    """What the reply for exception `e` carries: a copy of it with the formatted
+    server-side traceback attached (it pickles with it), so that `e` stays as
+    its method left it (the object may keep it, and raise or return it again,
+    from several threads at once); `e` itself where it cannot be copied, its
+    traceback dropped (`_forget_traceback` takes the text back once sent)."""
     tb = e.__traceback__
     if tb is not None:
         tb = tb.tb_next  # drop the dispatcher's own frame
     text = "".join(traceback.format_exception(type(e), e, tb))
     try:
-        e._procshare_remote_tb = f'\n"""\nIn the manager process (pid {os.getpid()}):\n{text}"""'
+        sent = copy.copy(e)
+        if type(sent) is not type(e):
+            sent = e
+    except Exception:
+        sent = e
+    try:
+        sent._procshare_remote_tb = f'\n"""\nIn the manager process (pid {os.getpid()}):\n{text}"""'
     except Exception:
         pass
-    e.__traceback__ = None
-    e.__context__ = None
-    return e
+    if sent is e:
+        e.__traceback__ = None
+        e.__context__ = None
+    return sent

@@ -92,8 +92,6 @@ Rules it keeps:
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
 import itertools
 import logging
 import mmap
@@ -123,6 +121,12 @@ from ..wire.kinds import Kind
 from . import shm
 from .channel import readable_within
 from .shm import ArenaPool, Slot, SlotClaimError
+
+try:
+    import ctypes
+    import ctypes.util
+except ImportError:     # a Python built without _ctypes (libffi): large data goes through
+    ctypes = None  # type: ignore[assignment]     # the socket (`unavailable_reason`)
 
 __all__ = ["SlotLink", "ManagerSlots", "client_link", "fresh_bytes", "fresh_buffer",
            "SLOT_MIN", "LEND_MIN", "LEND_VIEW_MIN", "unavailable_reason"]
@@ -221,6 +225,8 @@ def _c() -> Any:
 
 def unavailable_reason() -> str | None:
     """Why this process cannot move large data through shared memory (None: it can)."""
+    if ctypes is None:
+        return "this Python has no ctypes module (it was built without libffi)"
     ok = shm.available()
     return None if ok else ok.reason
 
@@ -249,12 +255,14 @@ _BYTES_DATA = bytes.__basicsize__ - 1       # where a bytes object's data starts
 _HUGE = 2 << 20
 
 
-class _PyBuffer(ctypes.Structure):
-    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
-                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int),
-                ("ndim", ctypes.c_int), ("format", ctypes.c_void_p), ("shape", ctypes.c_void_p),
-                ("strides", ctypes.c_void_p), ("suboffsets", ctypes.c_void_p),
-                ("internal", ctypes.c_void_p)]
+if ctypes is not None:
+    class _PyBuffer(ctypes.Structure):
+        _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p),
+                    ("len", ctypes.c_ssize_t), ("itemsize", ctypes.c_ssize_t),
+                    ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                    ("format", ctypes.c_void_p), ("shape", ctypes.c_void_p),
+                    ("strides", ctypes.c_void_p), ("suboffsets", ctypes.c_void_p),
+                    ("internal", ctypes.c_void_p)]
 
 
 _api: Any = None

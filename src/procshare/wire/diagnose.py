@@ -322,7 +322,7 @@ def alternatives_possible() -> bool:
 def _call_label(oid: Any, meth: str, args: tuple,
                 typeid: str | None = None) -> tuple[str, Any, str]:
     """(what the call is, the arguments to diagnose, their root name)."""
-    if oid is None and meth == "create" and args:
+    if oid is None and meth in ("create", "create_full") and args:
         return f"{args[0]}() (creating a shared object)", tuple(args[1:]), "args"
     if oid is None:
         return f"manager operation {meth!r}", args, "args"
