@@ -768,6 +768,27 @@ def ExitingManager(m):
     return ExitingManager
 
 
+@_builder
+def PublicListServer(m):
+    import multiprocessing.managers as stdlib_managers
+
+    class PublicListServer(m.Server):
+        public = list(stdlib_managers.Server.public) + ["hello"]
+
+        def hello(self, c):
+            return "hello"
+
+    return PublicListServer
+
+
+@_builder
+def PublicListManager(m):
+    class PublicListManager(m.SyncManager):
+        _Server = get_class(m, "PublicListServer")
+
+    return PublicListManager
+
+
 #: the typeids `CreateRecordingManager._create` was asked for
 CREATED = []
 

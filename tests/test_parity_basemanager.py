@@ -551,6 +551,30 @@ def test_a_shutdown_request_from_another_process_stops_the_manager(impl, ctx):
     del lst
 
 
+def test_a_shutdown_request_from_the_starting_process_stops_the_manager(impl, ctx):
+    """The same recipe run by the process that started the manager, which
+    tells its supervisor nothing first (procshare restarted that server)."""
+    m = impl.SyncManager(ctx=ctx, authkey=b"shared-key")
+    m.start()
+    _send_shutdown(_workers.impl_name(impl), m.address, b"shared-key")
+    m.join(20)
+    assert m._process is None
+    m.shutdown()
+
+
+def test_a_server_class_with_the_stdlibs_public_names(impl, ctx):
+    """A manager whose server class lists the stdlib's operations plus its own
+    (`public = list(managers.Server.public) + [...]`, the stdlib's own idiom)
+    still makes objects (procshare's own operations were gone from it)."""
+    with _workers.get_class(impl, "PublicListManager")(ctx=ctx) as m:
+        lst = m.list([1])
+        assert lst[:] == [1]
+        d = m.dict()
+        d["l"] = lst
+        assert d["l"][:] == [1]
+        del lst, d
+
+
 def test_create_over_dispatch_gives_the_id_and_exposed_names(impl, ctx):
     """The stdlib's `_create` is `id, exposed = dispatch(conn, None, 'create',
     (typeid,) + args, kwds)`, which code that manages objects by hand copies

@@ -528,11 +528,16 @@ class BaseManager:
             kwds = {**kwds, UNNAMED_KEY: secrets.token_hex(8)}
         inner = getattr(self._registry.get(typeid), "serializer", None)
         if inner is None:
-            op = "create_full" if self._session().server_version >= 2 else "create"
-            ident, exposed, attrs = self._control(op, typeid, *args, **kwds)
+            session = self._session()
+            if session.server_version is None and self._state.value == State.STARTED:
+                session.thread_conn()   # (its hello tells which create the manager knows)
+            op = "create" if session.server_version == 1 else "create_full"
+            ident, exposed, *attrs = self._control(op, typeid, *args, **kwds)
         else:
             ser = serializers.typed_serializer(self._serializer, inner)
-            ident, exposed, attrs = _create_typed(self, ser, typeid, args, kwds)
+            ident, exposed, *attrs = _create_typed(self, ser, typeid, args, kwds)
+        # (a manager from before 2026-11-29 may answer `create` with two values)
+        attrs = attrs[0] if attrs else ()
         made = _Created((Token(typeid, self._address, ident), exposed))
         made.attributes = tuple(attrs)
         return made
@@ -644,7 +649,7 @@ def _create_typed(manager: BaseManager, ser: Any, typeid: str, args: tuple,
                                  manager._state.value == State.SHUTDOWN, manager._address)
     session = client.get_session(manager._address, bytes(manager._authkey), ser)
     conn = session.thread_conn()
-    op = "create_full" if session.server_version >= 2 else "create"
+    op = "create" if session.server_version == 1 else "create_full"
     kind, result = conn.call(None, op, (typeid, *args), kwds, manager._call_timeout)
     if kind != Kind.RETURN:
         try:
@@ -1071,7 +1076,6 @@ def _watch_supervisor(server: Server, pids: list[int]) -> None:
     process that started the manager, or its supervisor process, is gone, so a
     killed program leaves no orphan."""
     handles = [ProcessHandle(p) for p in pids]
-    server.owner_pids = frozenset(pids)     # (their shutdown: see Server.shut_down)
     fds = [h.fd for h in handles]
     pollable = all(fd is not None for fd in fds)
 

@@ -504,7 +504,9 @@ class Session:
         self.stale: list[Connection] = []     # connections with abandoned requests
         self.live = 0                         # proxies of this process using the session
         self.server_pid: int | None = None
-        self.server_version = 2     # (until a hello says: `_open`)
+        #: the manager's protocol version, from its hello (None: not known yet;
+        #: 1: before 2026-11-29, no `create_full`)
+        self.server_version: int | None = None
         self.incarnation: int | None = None   # the manager's restart count, from its hello
         # the server process's own id, from its hello (a forked child keeps its parent's)
         self.boot: str | None = getattr(self, "boot", None)
@@ -624,7 +626,6 @@ class Session:
         if adopting:
             self._adopted()
         self.server_pid = info.get("pid")
-        #: the manager's protocol version (1: before 2026-11-29, no `create_full`)
         self.server_version = info.get("version", 1)
         self.supervised = bool(info.get("supervised"))
         self.limits = _limits_of(info.get("limits"))

@@ -273,6 +273,7 @@ class SharedArrayProxy(_ArrayInterface, BaseProxy):
             self._shm_lock = info["lock"]
 
     def _map(self) -> None:
+        _need_ctypes()      # (one received by a process without it)
         with _map_mutex:
             if self._shm_map is not None:
                 return
@@ -381,10 +382,7 @@ def shared_array(manager: Any, typecode_or_type: Any, size_or_initializer: Any,
     `multiprocessing.Array`'s arguments and interface, on memory every process
     can map.  `lock`: True or None for a new manager RLock, False for none, or
     a lock proxy of a manager to use."""
-    if ctypes is None:
-        raise ImportError("SharedArray needs the ctypes module, and this Python was built "
-                          "without it (install libffi's headers, e.g. libffi-dev, and "
-                          "rebuild Python); manager.Array() works without it")
+    _need_ctypes()
     array_type = _ctype(typecode_or_type)
     if isinstance(size_or_initializer, int):
         length, init = size_or_initializer, None
@@ -408,6 +406,14 @@ def shared_array(manager: Any, typecode_or_type: Any, size_or_initializer: Any,
     return proxy
 
 
+def _need_ctypes() -> None:
+    if ctypes is None:
+        raise ImportError("shared arrays (manager.SharedArray(), manager.ndarray()) need "
+                          "the ctypes module, and this Python was built without it (install "
+                          "libffi's headers, e.g. libffi-dev, and rebuild Python); "
+                          "manager.Array() works without it")
+
+
 def _numpy() -> Any:
     try:
         import numpy
@@ -421,6 +427,7 @@ def _numpy() -> Any:
 def ndarray(manager: Any, shape: Any, dtype: Any = float) -> Any:
     """`manager.ndarray(shape, dtype=float)`: a zero-filled numpy array on memory
     every process can map (a `SharedNdarray`; needs numpy)."""
+    _need_ctypes()
     np = _numpy()
     dt = np.dtype(dtype)
     if dt.hasobject:

@@ -71,7 +71,6 @@ Rules it keeps:
 from __future__ import annotations
 
 import collections
-import copy
 import errno
 import logging
 import os
@@ -291,12 +290,10 @@ class Server:
         #: and when (set by the process that runs it)
         self.restarted_at: float | None = None
         self.supervised = False         # a supervisor restarts it if it dies
-        #: a `shutdown` request from a process other than its owners stopped it
-        #: (its process then exits with `supervisor.SHUT_DOWN_EXIT`, so that its
-        #: supervisor, which its starting process did not tell, restarts nothing)
+        #: a `shutdown` request stopped it (its process then exits with
+        #: `supervisor.SHUT_DOWN_EXIT`, and leaves its mark: no supervisor
+        #: restarts it, whether or not the starting process told it first)
         self.shut_down = False
-        #: the starting process and its supervisor (set by whoever runs the server)
-        self.owner_pids: frozenset[int] = frozenset()
         #: (client, connection number) -> the call that connection runs, to cancel it
         self.calls: dict[tuple[str, int], CallState] = {}
         self._update_lock = threading.Lock()
@@ -679,8 +676,7 @@ class Server:
                         # restarts no server a shutdown stopped (`shut_down`)
                         reply = self._control(info, meth, args, kwds)
                         self.stop_for_good(info.pid, "shut down")
-                        # (the starting process told its supervisor first)
-                        self.shut_down = not (info.local and info.pid in self.owner_pids)
+                        self.shut_down = True
                         self._reply(ch, rid, *reply)
                         self.stop_event.set()
                         return
@@ -999,10 +995,13 @@ class Server:
     @classmethod
     def control_table(cls) -> dict[str, Any]:
         """The manager operations of this server class: name -> function, built
-        once per class from `public` (the stdlib's list, which subclasses extend)."""
+        once per class from `public` (the stdlib's list, which subclasses extend),
+        and procshare's own, which a subclass that lists the stdlib's names only
+        (`multiprocessing.managers.Server.public + [...]`) keeps."""
         table = cls.__dict__.get("_control_table")
         if table is None:
-            table = {name: getattr(cls, name) for name in cls.public}
+            names = dict.fromkeys([*Server.public, *cls.public])
+            table = {name: getattr(cls, name) for name in names}
             cls._control_table = table
         return table
 
@@ -1306,26 +1305,18 @@ def _forget_traceback(e: Any) -> None:
 
 
 def _with_traceback(e: BaseException) -> BaseException:
-    """What the reply for exception `e` carries: a copy of it with the formatted
-    server-side traceback attached (it pickles with it), so that `e` stays as
-    its method left it (the object may keep it, and raise or return it again,
-    from several threads at once); `e` itself where it cannot be copied, its
-    traceback dropped (`_forget_traceback` takes the text back once sent)."""
+    """Attach the formatted server-side traceback to `e`, which pickles with it
+    (`_forget_traceback` takes it back once sent: the object may be the
+    method's own, kept and returned later).  Not a copy: copying an exception
+    runs its `__init__` again, which may change its message."""
     tb = e.__traceback__
     if tb is not None:
         tb = tb.tb_next  # drop the dispatcher's own frame
     text = "".join(traceback.format_exception(type(e), e, tb))
     try:
-        sent = copy.copy(e)
-        if type(sent) is not type(e):
-            sent = e
-    except Exception:
-        sent = e
-    try:
-        sent._procshare_remote_tb = f'\n"""\nIn the manager process (pid {os.getpid()}):\n{text}"""'
+        e._procshare_remote_tb = f'\n"""\nIn the manager process (pid {os.getpid()}):\n{text}"""'
     except Exception:
         pass
-    if sent is e:
-        e.__traceback__ = None
-        e.__context__ = None
-    return sent
+    e.__traceback__ = None
+    e.__context__ = None
+    return e
