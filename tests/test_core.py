@@ -502,3 +502,50 @@ def test_a_python_built_without_sqlite3_or_ctypes():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, env=_workers.subprocess_env())
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_which_exposed_names_are_data_runs_no_property_or_method():
+    """`stdtypes.data_attributes`: properties count as data without running,
+    methods as methods; values in the instance (also one whose `__dict__` is
+    itself, a dict subclass, whose methods do not run) and in slots as what
+    they hold; a `cached_property` is read (as before)."""
+    import functools
+
+    from procshare.stdtypes import data_attributes
+
+    ran = []
+
+    class Thing:
+        __slots__ = ("slot", "unset", "__dict__")
+        klass = 5
+
+        def __init__(self):
+            self.slot = 1
+            self.value = 2
+            self.func = print
+
+        @property
+        def prop(self):
+            ran.append("prop")
+            raise RuntimeError("not ready")
+
+        @functools.cached_property
+        def cached(self):
+            return 3
+
+        def method(self):
+            ran.append("method")
+
+    class AttrDict(dict):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.__dict__ = self
+
+        def __getitem__(self, key):
+            ran.append("getitem")
+            return dict.__getitem__(self, key)
+
+    names = ("slot", "unset", "klass", "value", "func", "prop", "cached", "method", "nope")
+    assert data_attributes(Thing(), names) == ("slot", "klass", "value", "prop", "cached")
+    assert data_attributes(AttrDict(size=3, call=len), ("size", "call", "keys")) == ("size",)
+    assert ran == []

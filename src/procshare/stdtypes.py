@@ -226,8 +226,10 @@ def data_attributes(obj: Any, names: Any) -> tuple[str, ...]:
         inst = object.__getattribute__(obj, "__dict__")     # (no __getattr__)
     except Exception:
         inst = None
-    if type(inst) is not dict:
+    if not isinstance(inst, dict):
         inst = None
+    elif type(inst) is not dict:    # (`self.__dict__ = self` in a dict subclass): read
+        inst = dict(dict.items(inst))   # as stored, running none of its methods
     key = (type(obj), names)
     if inst is None:        # (a dict, a list...: the answer is its type's)
         got = _DATA_BY_TYPE.get(key)
