@@ -99,7 +99,7 @@ from .supervisor import (
     SupervisorView,
     check_policy,
     describe_exit,
-    shut_down_mark,
+    leave_shut_down_mark,
 )
 from .transport import channel as transport
 from .transport.addresses import cleanup_address
@@ -422,12 +422,7 @@ class BaseManager:
             _log.info("manager pid %d stopped", os.getpid())
             if server.shut_down and will_restart:
                 # a shutdown request (from any client): its supervisor restarts nothing
-                if logdir is not None:
-                    try:
-                        with open(shut_down_mark(logdir, os.getpid()), "w"):
-                            pass
-                    except OSError:
-                        pass
+                leave_shut_down_mark(logdir)
                 raise SystemExit(SHUT_DOWN_EXIT) from None
             raise
         except BaseException:
@@ -1016,7 +1011,7 @@ def _supervise(cls: type, registry: dict, address: Any, authkey: bytes, serializ
     try:
         report = StateFile(state_path).write if state_path is not None else None
         sup = Supervisor(first, launch, control=control, watched=watched, report=report,
-                         shut_down=None if logdir is None else _marked(logdir), **policy)
+                         logdir=logdir, **policy)
         status.send(("up", where["address"], sup.state()))
         status.close()
         sup.run()
@@ -1035,18 +1030,6 @@ def _supervise(cls: type, registry: dict, address: Any, authkey: bytes, serializ
     else:
         code = sup.last_exitcode or 0
     _exit_as(code)
-
-
-def _marked(logdir: str) -> Any:
-    """(the supervisor) Did the server with this pid leave its `shut_down_mark`?
-    The mark goes once read."""
-    def shut_down(pid: int | None) -> bool:
-        try:
-            os.unlink(shut_down_mark(logdir, pid))
-        except OSError:
-            return False
-        return True
-    return shut_down
 
 
 def _exit_as(code: int) -> None:

@@ -24,7 +24,8 @@ Rules it keeps:
 - `restart="never"` restarts nothing; after a `stop` from the starting
   process, the server's exit is no crash: the supervisor exits 0 with it.
   Nor is the exit of a server that a `shutdown` request stopped, from any
-  client (it exits with `SHUT_DOWN_EXIT` and leaves `shut_down_mark`): that
+  client (it exits with `SHUT_DOWN_EXIT` and leaves its mark in the manager's
+  log directory, `leave_shut_down_mark`): that
   stop is final, as the stdlib's.  A
   supervisor that gave up exits as its last server did (`manager._process`
   is the supervisor: its `exitcode` says how the server ended, as the
@@ -55,7 +56,7 @@ from typing import Any
 from .transport.files import replace_file
 
 __all__ = ["Supervisor", "SupervisorView", "RESTART_POLICIES", "describe_exit",
-           "check_policy", "StateFile", "SHUT_DOWN_EXIT", "shut_down_mark"]
+           "check_policy", "StateFile", "SHUT_DOWN_EXIT", "leave_shut_down_mark"]
 
 log = logging.getLogger("procshare.supervisor")
 
@@ -68,15 +69,26 @@ KEEP_EXITS = 32
 EXIT_TEXT_MAX = 500
 _STOP = b"stop"
 #: the exit code of a supervised server that a `shutdown` request stopped (it
-#: also leaves `shut_down_mark(logdir, pid)`, so that user code's own exit
+#: also leaves its mark, `leave_shut_down_mark`, so that user code's own exit
 #: with this code is still a crash)
 SHUT_DOWN_EXIT = 86
 
 
-def shut_down_mark(logdir: str, pid: int | None) -> str:
+def _shut_down_mark(logdir: str, pid: int | None) -> str:
     """The file a server that a `shutdown` request stopped leaves in the
     manager's log directory."""
     return os.path.join(logdir, f"shut-down.{pid}")
+
+
+def leave_shut_down_mark(logdir: str | None) -> None:
+    """(a supervised server that a `shutdown` request stopped, as it exits
+    with `SHUT_DOWN_EXIT`) Tell its supervisor that the exit is no crash."""
+    if logdir is not None:
+        try:
+            with open(_shut_down_mark(logdir, os.getpid()), "w"):
+                pass
+        except OSError:
+            pass
 
 
 def describe_exit(pid: int | None, code: int | None) -> str:
@@ -113,7 +125,7 @@ class Supervisor:
                  restart: str = "on-failure", max_restarts: int = 5,
                  restart_window: float = 60.0, control: Any = None,
                  watched: Any = None, report: Callable[[dict], bool] | None = None,
-                 shut_down: Callable[[int | None], bool] | None = None) -> None:
+                 logdir: str | None = None) -> None:
         check_policy(restart, max_restarts, restart_window)
         self.process = process
         self.launch = launch
@@ -123,9 +135,9 @@ class Supervisor:
         self.control = control          # a Connection: the starting process's b"stop"
         self.watched = watched          # a ProcessHandle of the starting process
         self._report = report
-        #: did the server with this pid stop for a `shutdown` request (it said so
-        #: beside its exit code)?  None: its exit code alone tells
-        self._shut_down = shut_down
+        #: where a server that a `shutdown` request stopped leaves its mark
+        #: (None: its exit code alone tells)
+        self.logdir = logdir
         self.restarts = 0
         self.exits: collections.deque[tuple[float, str]] = collections.deque(maxlen=KEEP_EXITS)
         self.codes: dict[int, int] = {}     # exit codes of the last servers, by pid
@@ -134,6 +146,16 @@ class Supervisor:
         #: the server a client's `shutdown` request stopped, if one did
         self.shut_down_pid: int | None = None
         self._dirty = False
+
+    def _took_mark(self, pid: int | None) -> bool:
+        """Did the server `pid` leave its `leave_shut_down_mark`?  (It goes.)"""
+        if self.logdir is None:
+            return True
+        try:
+            os.unlink(_shut_down_mark(self.logdir, pid))
+        except OSError:
+            return False
+        return True
 
     def _exited(self, t: float, text: str) -> None:
         if len(text) > EXIT_TEXT_MAX:
@@ -223,8 +245,8 @@ class Supervisor:
                 self.codes[proc.pid] = proc.exitcode
                 while len(self.codes) > KEEP_EXITS:
                     del self.codes[next(iter(self.codes))]
-            if not self.stopping and proc.exitcode == SHUT_DOWN_EXIT and (
-                    self._shut_down is None or self._shut_down(proc.pid)):
+            if not self.stopping and proc.exitcode == SHUT_DOWN_EXIT and \
+                    self._took_mark(proc.pid):
                 self.shut_down_pid = proc.pid   # (a shutdown request: a stop, not a crash)
                 self.stopping = True
             if self.stopping:

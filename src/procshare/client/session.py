@@ -474,7 +474,8 @@ class _ThreadState(threading.local):
     @connection.deleter
     def connection(self) -> None:   # (the next call opens another)
         if self.__dict__.pop("conn", None) is None:
-            raise AttributeError("connection")
+            raise AttributeError("'_ThreadState' object has no attribute 'connection' "
+                                 "(this thread has no connection to the manager yet)")
 
 
 class Session:
