@@ -93,6 +93,31 @@ def interrupted_then_wait(target, method, args, ready):
     return getattr(target, method)(*args)
 
 
+class Finalizing:
+    """Objects whose `__del__` waits: for `seconds`, or until `release()` (at
+    most 30 s); `done()` lists the names whose `__del__` finished."""
+
+    gate = threading.Event()
+    finished: list = []
+
+    def __init__(self, name="", seconds=None):
+        self.name, self.seconds = name, seconds
+
+    def release(self):
+        Finalizing.gate.set()
+
+    def done(self):
+        return list(Finalizing.finished)
+
+    def __del__(self):
+        if self.name:
+            if self.seconds is not None:
+                time.sleep(self.seconds)
+            else:
+                Finalizing.gate.wait(30)
+            Finalizing.finished.append(self.name)
+
+
 def start_thread(fn, *args):
     t = threading.Thread(target=fn, args=args, daemon=True)
     t.start()
@@ -110,6 +135,7 @@ LifetimeManager.register("Stateful", Stateful)                   # serial (by de
 LifetimeManager.register("StrictStateful", Stateful, serial=True)
 LifetimeManager.register("Attrs1", Attrs1, exposed=("m", "kind"))
 LifetimeManager.register("Attrs2", Attrs2, exposed=("m", "size", "other"))
+LifetimeManager.register("Finalizing", Finalizing)
 
 
 def inherited_flags(parent: int) -> dict:

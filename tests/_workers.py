@@ -627,6 +627,28 @@ class ThreadNamer:
         return threading.current_thread().name
 
 
+#: (in the manager) the names of the `Finalized` objects whose `__del__` ran
+_FINALIZED: list = []
+
+
+class Finalized:
+    """An object whose destruction is seen: `Finalizations().names()`."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def ping(self):
+        return self.name
+
+    def __del__(self):
+        _FINALIZED.append(self.name)
+
+
+class Finalizations:
+    def names(self):
+        return list(_FINALIZED)
+
+
 class Poller:
     def poll(self, timeout):
         time.sleep(timeout + 0.3)     # waits up to `timeout`, then some work
@@ -748,6 +770,8 @@ def CustomizedManager(m):
     CustomizedManager.register("Job", Job, exposed=("run", "reads", "result"))
     CustomizedManager.register("Keeper", Keeper)
     CustomizedManager.register("ThreadNamer", ThreadNamer)
+    CustomizedManager.register("Finalized", Finalized)
+    CustomizedManager.register("Finalizations", Finalizations)
     CustomizedManager.register("Poller", Poller, proxytype=get_class(m, "PollerProxy"))
     CustomizedManager.register("Wrapped", Obj, exposed=("a",),
                                proxytype=get_class(m, "make_handle"))

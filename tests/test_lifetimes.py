@@ -372,6 +372,41 @@ def test_replaced_control_connection_keeps_this_process_objects(sync):
 
 # -- case 7: a timed-out call on a serial object says it still runs there ----------------
 
+# -- a dropped proxy's object is gone before the next call (as the stdlib's) ---------------
+
+def test_the_next_call_waits_for_a_slow_del_of_a_dropped_object(lmgr):
+    """The decref goes one-way on the control connection; the next call, on
+    another connection, runs only once it is handled, `__del__` included."""
+    watch = lmgr.Finalizing()
+    slow = lmgr.Finalizing("slow", 0.3)
+    del slow
+    assert watch.done() == ["slow"]
+
+
+def test_a_pipelined_call_runs_after_the_drops_before_it(lmgr):
+    watch = lmgr.Finalizing()
+    assert procshare.async_(watch).done().result(WAIT) == []
+    slow = lmgr.Finalizing("slow", 0.3)
+    del slow
+    assert procshare.async_(watch).done().result(WAIT) == ["slow"]
+
+
+def test_a_del_that_does_not_end_holds_the_next_call_back_only_for_a_while(monkeypatch):
+    """A referent's `__del__` that outlasts `SYNC_PATIENCE` lets the next
+    call go ahead of it (the stdlib's `del proxy` would wait for it)."""
+    from procshare.server import server
+    monkeypatch.setattr(server, "SYNC_PATIENCE", 0.5)     # (in the forked manager too)
+    with lw.LifetimeManager(ctx=multiprocessing.get_context("fork")) as m:
+        watch = m.Finalizing()
+        stuck = m.Finalizing("stuck")
+        del stuck
+        t0 = time.monotonic()
+        assert watch.done() == []       # went ahead of the waiting __del__
+        assert time.monotonic() - t0 < 4.0     # (the patience, not the default 5 s)
+        watch.release()
+        assert poll(lambda: watch.done() == ["stuck"], WAIT)
+
+
 def test_timeout_on_a_serial_object_says_calls_queue_behind_it(lmgr):
     s = lmgr.StrictStateful()       # serial=True: the next calls wait until it returns
     with pytest.raises(procshare.CallTimeout) as info:

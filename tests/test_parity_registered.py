@@ -349,6 +349,34 @@ def test_the_managers_thread_is_named_after_its_caller(impl, ctx):
         assert got == [f"{multiprocessing.current_process().name}|T2"]
 
 
+def test_a_dropped_proxys_object_is_gone_before_the_next_call(impl, ctx):
+    """As the stdlib's decref is a round trip, the object a dropped proxy held
+    is gone (its `__del__` ran) when this process's next call runs, on any of
+    its connections: a create, a call from this thread or from another one
+    (procshare's decref goes one-way on another connection, so the next call
+    could run before it)."""
+    with _workers.get_class(impl, "CustomizedManager")(ctx=ctx) as m:
+        seen = m.Finalizations()
+        for i in range(40):
+            f = m.Finalized(f"f{i}")
+            assert f.ping() == f"f{i}"
+            del f
+            assert seen.names()[-1] == f"f{i}"
+        f, g = m.Finalized("by create"), m.Finalized("kept")
+        del f
+        assert m.Finalized("next") is not None
+        assert "by create" in seen.names()
+        f = m.Finalized("other thread")
+        got = []
+        t = threading.Thread(target=lambda: got.append(seen.names()))
+        del f
+        t.start()
+        t.join(30)
+        assert got and got[0][-1] == "other thread"
+        assert "kept" not in seen.names()
+        del g
+
+
 def test_a_proxy_types_own_timeout_attribute_is_its_own(impl, ctx):
     """A user's proxy type that keeps a `_timeout` of its own (an argument for
     its methods) gets no deadline from it (procshare read it as its own)."""

@@ -280,6 +280,10 @@ class Pipe:
             check_size(limits, body, bufs, since, self.ser, proxy._id, meth, args, kwds,
                        self.session.address, proxy._token.typeid)
         budget = NO_DEADLINE if timeout is None else timeout
+        session = self.session
+        # (ordered after this process's decrefs: `Session.sync_frame`; a pipe
+        # has one submitting thread, so this needs no lock of the pipe's)
+        sync = session.sync_frame(self.conn) if self.conn.synced != session.drops else b""
         with self.lock:
             if self.broken is not None:
                 raise self.session.crashed(self.broken)
@@ -298,9 +302,11 @@ class Pipe:
                     fut._resend = (body, [bytes(memoryview(b).cast("B")) for b in bufs])
                     self.ch.slow_replies()  # its reply waits for a commit
             if bufs:
+                if sync:
+                    self.out.append(sync)
                 self.out.append(encode_frame(_CALL, rid, body, bufs, budget, self.limits))
             else:
-                frame = pack_frame(_CALL, rid, body, budget)
+                frame = sync + pack_frame(_CALL, rid, body, budget)
                 if len(self.futures) <= 1 and not self.out and not self.writing:
                     # an idle pipe: send it now (lowest latency), never blocking
                     # here; the writer thread finishes what does not fit.  The

@@ -10,6 +10,11 @@ Rules it keeps:
 - A session has one *control* connection, opened first and kept for the life
   of the process, that carries reference traffic (decref, loans, goodbye,
   cancel) from any thread; and one connection per thread for calls.
+- A drop is ordered before the next request on any other connection of the
+  session (`sync_frame`): the request after a decref carries a one-way
+  `sync` frame, in the same write, and the manager runs it once the control
+  connection has handled that decref (as with the stdlib's round trip, a
+  dropped proxy's referent is gone when the next call runs).
 - A connection that calls durable objects polls longer for replies
   (`SpinPolicy.long`): theirs wait for a journal commit, just past the short
   cap, and a wakeup after it cost more than the commit; and it sleeps for
@@ -192,7 +197,7 @@ class Connection:
     """One authenticated channel to a manager, used by one thread at a time."""
 
     __slots__ = ("ch", "ser", "rid", "pending", "session", "thread", "none_body", "no",
-                 "epoch", "limits", "__weakref__")
+                 "epoch", "limits", "sent", "synced", "__weakref__")
 
     def __init__(self, ch: transport.Channel, ser: Serializer, session: Session,
                  no: int = 0) -> None:
@@ -207,6 +212,9 @@ class Connection:
         self.thread = threading.get_ident()
         self.none_body = ser.dumps(None)[0]     # the common reply, decoded without loads
         self.limits = session.limits    # what the manager accepts (its hello said)
+        self.sent = 0       # requests sent on it (the manager counts a control one's)
+        #: the session's `drops` this connection's calls are ordered after
+        self.synced = 0
 
     def send_request(self, oid: Any, meth: str, args: tuple, kwds: dict,
                      timeout: float | None, want_reply: bool = True,
@@ -226,9 +234,16 @@ class Connection:
         budget = _NAN if timeout is None else timeout
         if oid and oid.startswith(DURABLE_PREFIX):
             self.ch.slow_replies()  # its reply waits for a commit
+        self.sent += 1
+        session = self.session
+        sync = session.sync_frame(self) if self.synced != session.drops else b""
         try:
             if bufs:    # through shared-memory slots where the connection has them
+                if sync:
+                    self.ch.send_frames(sync)
                 self.ch.send_buffers(_CALL, rid, body, bufs, budget, limits)
+            elif sync:
+                self.ch.send_frames(sync + pack_frame(_CALL, rid, body, budget))
             else:
                 self.ch.send_bytes(pack_frame(_CALL, rid, body, budget))
         except OSError:
@@ -532,6 +547,11 @@ class Session:
         #: not send then, without opening another or waiting for `lock`
         #: (`control_send`); they go first on the control connection's next use
         self.deferred: list[tuple[str, tuple]] = []
+        #: one-way messages (decrefs) sent or put off on the control connection so
+        #: far, and (that connection's number, its requests sent) at the last one
+        #: sent: what a call connection's next request is ordered after (`sync_frame`)
+        self.drops = 0
+        self.drop_mark: tuple[int, int] | None = None
 
     # -- connecting -------------------------------------------------------------
     def _open(self, role: str, thread: threading.Thread | None = None,
@@ -793,10 +813,38 @@ class Session:
             while self.deferred:
                 meth, args = self.deferred[0]
                 c.send_request(None, meth, args, {}, None, want_reply=False)
+                self.drop_mark = (c.no, c.sent)
                 del self.deferred[0]
         except Exception as e:  # the manager may be gone; nothing to release then
             log.debug("put-off %s not delivered: %r", meth, e)
             self.deferred.clear()
+
+    def sync_frame(self, conn: Connection) -> bytes:
+        """The frame that orders `conn`'s next request after the one-way
+        messages (decrefs) this process sent on the control connection, empty
+        if none is needed: the manager handles that request once its control
+        connection has handled them.  So a proxy dropped before a call is gone
+        when the call runs, on any connection, as with the stdlib, whose
+        decref is a round trip (a `__del__`'s effects are there to see).  The
+        decrefs still cost no round trip: one small frame goes with the next
+        call, and only after a drop.  Put-off decrefs are sent first, unless
+        this thread is opening a connection (then they stay unordered)."""
+        drops = self.drops
+        conn.synced = drops
+        if conn is self.control:
+            return b""      # (its own requests come after them already)
+        if self.deferred and not getattr(_opening, "depth", 0):
+            with self.lock:
+                try:
+                    with no_recover():
+                        self._control_conn()
+                except Exception as e:
+                    log.debug("put-off decrefs not delivered: %r", e)
+        mark = self.drop_mark
+        if mark is None:
+            return b""
+        body, _bufs = conn.ser.dumps_call(None, "sync", mark, {})
+        return pack_frame(_CALL, 0, body, _NAN)
 
     def thread_conn(self) -> Connection:
         """This thread's call connection, opening or recycling one if needed."""
@@ -910,14 +958,18 @@ class Session:
         # its message waits, and goes first on the next use of the connection
         if not self.lock.acquire(blocking=not opening):
             self.deferred.append((meth, args))
+            self.drops += 1     # (racing another thread's +1 at worst loses one sync)
             return
         try:
             with no_recover():
                 if self.control is None and opening:
                     self.deferred.append((meth, args))
+                    self.drops += 1
                     return
-                self._control_conn().send_request(None, meth, args, {}, None,
-                                                  want_reply=False)
+                c = self._control_conn()
+                c.send_request(None, meth, args, {}, None, want_reply=False)
+                self.drop_mark = (c.no, c.sent)
+                self.drops += 1
         except Exception as e:  # the manager may be gone; nothing to release then
             log.debug("%s%r not delivered: %r", meth, args, e)
         finally:

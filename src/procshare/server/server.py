@@ -40,6 +40,10 @@ Rules it keeps:
   thread just made such a call may be parked, and the durable loop
   (`durableloop`) serves its next calls; whatever the loop does not serve
   comes back to the connection's thread in order (`park`, `handed`).
+- A control connection counts the requests it has handled (`ConnInfo.done`);
+  a one-way `sync` on another connection of its client waits for that count
+  (the decrefs sent before that connection's next request), at most
+  `SYNC_PATIENCE`, and never once the control connection has closed.
 - Manager operations (`create`, `decref`, ...) are dispatched through
   `control_table()`, built once per class from `public`, never by `getattr`
   on a name a peer sent.
@@ -162,6 +166,13 @@ LOAN_TTL = 600.0
 #: on its object (as stdlib code may: a flag another process sets) is not stuck
 SERIAL_PATIENCE = 0.1
 
+#: how long a call waits for its client's decrefs sent before it (`sync`): a
+#: referent's `__del__` that takes longer lets the call go ahead of it
+SYNC_PATIENCE = 5.0
+
+#: a closed control connection's count of requests handled: any number
+_ALL_DONE = 1 << 62
+
 #: how long a server that stops waits for the threads of its idle connections
 #: to end (each writes its last frame; they wake at once)
 STOP_WAIT = 0.5
@@ -219,7 +230,7 @@ class ConnInfo:
     """What the server knows about one connection."""
 
     __slots__ = ("client", "pid", "caller", "channel", "opened", "role", "conn", "call",
-                 "session", "local", "version")
+                 "session", "local", "version", "done", "waiting")
 
     def __init__(self, hello: dict, channel: transport.Channel) -> None:
         self.client = str(hello["client"])
@@ -238,6 +249,10 @@ class ConnInfo:
         #: the client's protocol version (1: procshare before 2026-11-29, whose
         #: `create` wants three values)
         self.version = hello.get("version", 1)
+        #: (a control connection) the requests it has handled, and how many
+        #: calls of other connections wait for that to grow (`Server.sync`)
+        self.done = -1
+        self.waiting = 0
 
 
 class Server:
@@ -246,7 +261,7 @@ class Server:
     public = ["shutdown", "create", "create_full", "accept_connection", "get_methods", "debug_info",
               "number_of_objects", "dummy", "incref", "decref", "loan", "adopt",
               "fork_loan", "release_loan", "list_objects", "clients", "server_info", "locks",
-              "goodbye", "cancel", "object_state", "shm_fd", "reattach"]
+              "goodbye", "cancel", "object_state", "shm_fd", "reattach", "sync"]
     PACKED = _PACKED    # a reply kind: the value serialized already
 
     def __init__(self, registry: dict, address: Any, authkey: bytes, serializer: Any = "pickle",
@@ -296,6 +311,11 @@ class Server:
         self.shut_down = False
         #: (client, connection number) -> the call that connection runs, to cancel it
         self.calls: dict[tuple[str, int], CallState] = {}
+        #: (client, session, connection number) -> a control connection (`sync`)
+        self.control_conns: dict[tuple[str, str, int], ConnInfo] = {}
+        #: notified when a control connection that calls wait for (`sync`) has
+        #: handled a request, or closed
+        self.control_progress = threading.Condition()
         self._update_lock = threading.Lock()
         self.recent_log: collections.deque[str] = collections.deque(maxlen=50)
         self.incarnation = incarnation
@@ -440,6 +460,8 @@ class Server:
             with self.conn_mutex:
                 self.connections[id(ch)] = info
                 self.calls[(info.client, info.conn)] = info.call
+                if info.role == "control":
+                    self.control_conns[(info.client, info.session, info.conn)] = info
             if info.role == "control":
                 self.leases.control_opened(info.client, info.pid, hello)
             if hello.get("adopt") and not isinstance(hello["adopt"], str):
@@ -494,8 +516,17 @@ class Server:
         with self.conn_mutex:
             self.connections.pop(id(info.channel), None)
             self.calls.pop((info.client, info.conn), None)
+            if info.role == "control":
+                key = (info.client, info.session, info.conn)
+                if self.control_conns.get(key) is info:
+                    del self.control_conns[key]
             if self.stop_event.is_set():
                 self.conns_closed.notify_all()
+        if info.role == "control":
+            info.done = _ALL_DONE       # nothing more comes: no call waits for it
+            if info.waiting:
+                with self.control_progress:
+                    self.control_progress.notify_all()
         info.call.cancel()
         if info.role == "control" and not self.stop_event.is_set():
             self.leases.control_closed(info.client)
@@ -546,7 +577,15 @@ class Server:
         handed = None   # what the durable loop gave back with the connection (`park`)
         decoded = None  # the call of a frame the loop gave back, decoded
         park = False    # after this call's reply: park the connection (durable loop)
+        counting = info.role == "control"   # (calls may wait for its progress: `sync`)
+        progress = self.control_progress
         while not stop.is_set():
+            if counting:
+                # every request read before is handled: say so to a call that waits
+                info.done += 1
+                if info.waiting:
+                    with progress:
+                        progress.notify_all()
             if park:
                 park = False
                 # (the loop waits for the socket only, and hands back at once a
@@ -1230,6 +1269,33 @@ class Server:
         if call is None:
             return "done"       # the connection is closed: nothing runs for it
         return call.cancel(rid)
+
+    def sync(self, c: ConnInfo, conn: int, n: int) -> None:
+        """(one-way, before a call) Wait until this client's control connection
+        `conn` has handled its first `n` requests: the decrefs its process sent
+        before that call, so that what a dropped proxy held is gone when the
+        call runs, as with the stdlib's round-trip decref (the client's
+        `Session.sync_frame`).  Not past `SYNC_PATIENCE` (a referent's slow
+        `__del__`), nor once that connection is closed."""
+        ctl = self.control_conns.get((c.client, c.session, int(conn)))
+        n = int(n)
+        if ctl is None or ctl.done >= n:
+            return
+        progress = self.control_progress
+        end = time.monotonic() + SYNC_PATIENCE
+        with progress:
+            ctl.waiting += 1
+            try:
+                while ctl.done < n:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        log.info("a call of client pid %d went ahead of %d request(s) of "
+                                 "its control connection still being handled after %.0f s",
+                                 c.pid, n - ctl.done, SYNC_PATIENCE)
+                        return
+                    progress.wait(left)
+            finally:
+                ctl.waiting -= 1
 
     def shm_fd(self, c: ConnInfo, ident: str) -> WithFds:
         """The memory of shared array `ident` (`SharedArray`, `ndarray`): its
