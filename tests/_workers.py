@@ -368,6 +368,26 @@ def get_queue():
     return SHARED_QUEUE
 
 
+class Box:
+    """Exposed data beside a method: a plain attribute and two properties."""
+
+    def __init__(self):
+        self.size = 0
+        self.items = []
+
+    def add(self, x):
+        self.items.append(x)
+        self.size += 1
+
+    @property
+    def count(self):
+        return len(self.items)
+
+    @property
+    def broken(self):
+        raise LookupError("not ready")
+
+
 class Obj:
     def a(self):
         return "a"

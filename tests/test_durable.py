@@ -714,6 +714,28 @@ def test_an_exposed_method_a_durable_object_lacks_is_a_missing_method_error():
         assert o.a() == "a"
 
 
+@pytest.mark.parametrize("mode", ["snapshot", "journal"])
+def test_a_durable_objects_exposed_data_reads_as_data_across_a_crash(mode):
+    """An exposed attribute or property of a durable object reads as on a plain
+    one (it raised TypeError: the read went to the journal as a method call);
+    a property that raises is a RemoteError with the manager's traceback."""
+    class Boxes(procshare.BaseManager):
+        pass
+
+    Boxes.register("Box", _workers.Box, exposed=("add", "size", "count", "broken"),
+                   durable=mode)
+    with Boxes(ctx=multiprocessing.get_context("fork")) as m:
+        box = m.Box()
+        box.add("x")
+        assert (box.size, box.count) == (1, 1)
+        with pytest.raises(procshare.RemoteError, match="not ready"):
+            box.broken  # noqa: B018
+        _kill_and_wait(m)
+        box.add("y")
+        assert (box.size, box.count) == (2, 2)
+        assert box._getvalue().items == ["x", "y"]
+
+
 def test_a_second_manager_on_a_state_dir_in_use_raises_journal_in_use(tmp_path):
     """procshare's own errors from a server that cannot start come as they are
     (`except JournalInUse:` around start() works), not as the EOFError that

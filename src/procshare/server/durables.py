@@ -502,6 +502,15 @@ class DurableObjects:
             except journal.JournalError as e:
                 return self._broken(e)
             return reply
+        if meth in entry.attributes and not args and not kwds:
+            # a read of exposed data (a property too): not a call, nothing to journal
+            reply = server.read_attribute(entry, info, oid, meth)
+            if reply is not None:
+                try:
+                    self.sync(entry)    # what it read is committed before anyone sees it
+                except journal.JournalError as e:
+                    return self._broken(e)
+                return reply
         got = self.apply(entry, info, oid, meth, args, kwds, request)
         if type(got) is not Applied:
             return got

@@ -183,6 +183,8 @@ _HOST = host_identity()
 # what the call loop does with a reply it made: send the packed value, send None,
 # or nothing (a call that wants no reply)
 _PACKED, _NONE, _ONEWAY = object(), object(), object()
+#: (`read_attribute`) the exposed name read is a method after all
+_A_METHOD = object()
 
 
 class _GetattrFailed(Exception):
@@ -987,20 +989,44 @@ class Server:
                 f"id {oid}) is not exposed; the exposed ones are: {exposed}. Add it to "
                 f"exposed= when registering {entry.typeid!r}, or call one of those.",
                 typeid=entry.typeid, method=meth, exposed=tuple(sorted(entry.exposed))))
-        # a copy or a text of the whole object: under its lock, like any call on it,
-        # and serialized before the lock is released
+        # a copy or a text of the whole object
+        return self._read_locked(entry, info, oid, meth, lambda obj: (
+            obj if meth == "#GETVALUE" else str(obj) if meth == "__str__" else repr(obj)))
+
+    def read_attribute(self, entry: Entry, info: ConnInfo, oid: str, meth: str) -> tuple | None:
+        """The reply to a read of exposed data attribute `meth` of a durable
+        object (a property's getter runs then; if it raises, a RemoteError as
+        on any object); None if the value is callable: the read is a call of
+        it, which the journal must see."""
+        def read(obj: Any) -> Any:
+            try:
+                value = getattr(obj, meth)
+            except Exception as e:
+                raise _GetattrFailed(e) from None
+            return _A_METHOD if callable(value) else value
+        return self._read_locked(entry, info, oid, meth, read)
+
+    def _read_locked(self, entry: Entry, info: ConnInfo, oid: str, meth: str,
+                     read: Any) -> tuple | None:
+        """The reply to a read of the object, `read(obj)`: under its lock, like
+        any call on it, and serialized before the lock is released (None if
+        `read` says the name is a method after all)."""
         lock = None
         try:
             if entry.lock is not None:
                 lock = self._enter(entry, info, callctx.server_state.deadline, oid, meth,
                                    exclusive=True)
-            value = obj if meth == "#GETVALUE" else str(obj) if meth == "__str__" else repr(obj)
+            value = read(entry.obj)
+            if value is _A_METHOD:
+                return None
             try:
                 return (_PACKED, self.serializer.dumps(value))
             except Exception as e:
                 return self._unserializable(e, oid, meth, value)
         except DeadlineExpired as e:
             return (Kind.TIMEOUT, str(e))
+        except _GetattrFailed as e:
+            return _getattr_failed(entry, oid, meth, e.args[0])
         except Exception as e:
             return (Kind.ERROR, _with_traceback(e))
         finally:
