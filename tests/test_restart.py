@@ -51,6 +51,31 @@ def test_killed_manager_is_restarted_and_lost_objects_say_so(mp_ctx):
         assert "durable" in text
 
 
+def test_a_dropped_proxys_object_is_gone_before_the_next_call_after_a_restart():
+    """The order of a drop before the next call holds on the restarted
+    manager too (the first control connection's reattach must not count a
+    frame the manager counts differently)."""
+    import procshare.managers as managers
+    cls = _workers.get_class(managers, "CustomizedManager")
+
+    def drops_seen(m, label):
+        seen = m.Finalizations()
+        missed = 0
+        for i in range(30):
+            f = m.Finalized(f"{label}{i}")
+            f.ping()
+            del f
+            missed += seen.names()[-1:] != [f"{label}{i}"]
+        return missed
+
+    with cls(ctx=multiprocessing.get_context("fork")) as m:
+        assert drops_seen(m, "before") == 0
+        pid0 = m.pid
+        os.kill(pid0, signal.SIGKILL)
+        assert poll(lambda: m.pid != pid0 and not process_gone(m.pid), 5)
+        assert drops_seen(m, "after") == 0
+
+
 def test_a_call_in_flight_at_the_crash_raises_object_lost():
     with procshare.SyncManager(ctx=multiprocessing.get_context("fork")) as m:
         q = m.Queue()

@@ -197,7 +197,7 @@ class Connection:
     """One authenticated channel to a manager, used by one thread at a time."""
 
     __slots__ = ("ch", "ser", "rid", "pending", "session", "thread", "none_body", "no",
-                 "epoch", "limits", "sent", "synced", "__weakref__")
+                 "epoch", "limits", "sent", "synced", "control", "__weakref__")
 
     def __init__(self, ch: transport.Channel, ser: Serializer, session: Session,
                  no: int = 0) -> None:
@@ -215,6 +215,8 @@ class Connection:
         self.sent = 0       # requests sent on it (the manager counts a control one's)
         #: the session's `drops` this connection's calls are ordered after
         self.synced = 0
+        #: a control connection (its requests follow the drops it carries already)
+        self.control = False
 
     def send_request(self, oid: Any, meth: str, args: tuple, kwds: dict,
                      timeout: float | None, want_reply: bool = True,
@@ -664,6 +666,7 @@ class Session:
             _goodbye_at_exit()
         bulk.agree(self, ch, info, client_id)
         conn = Connection(ch, self.serializer, self, no)
+        conn.control = role == "control"
         if role == "control" and self.reattach_due:
             self._reattach(conn)
         return conn
@@ -831,8 +834,10 @@ class Session:
         this thread is opening a connection (then they stay unordered)."""
         drops = self.drops
         conn.synced = drops
-        if conn is self.control:
-            return b""      # (its own requests come after them already)
+        if conn.control:
+            # its own requests come after them already (and one not yet the
+            # session's, sending its reattach, must send only what it counts)
+            return b""
         if self.deferred and not getattr(_opening, "depth", 0):
             with self.lock:
                 try:
