@@ -47,6 +47,7 @@ class CounterManager(RayManager):
 
 CounterManager.register("Counter", _workers.Counter)
 CounterManager.register("Hanger", Hanger)
+CounterManager.register("Box", _workers.Box, exposed=("add", "size", "count", "broken"))
 
 
 class DurableManager(RayManager):
@@ -55,6 +56,8 @@ class DurableManager(RayManager):
 
 DurableManager.register("dict", dict, DictProxy, durable=True)
 DurableManager.register("Counter", _workers.Counter, durable=True)
+DurableManager.register("Box", _workers.Box, exposed=("add", "size", "count", "broken"),
+                        durable=True)
 
 
 # -- functions run in Ray tasks and actors --------------------------------------------------------

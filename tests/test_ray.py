@@ -294,6 +294,23 @@ def test_durable_dict_and_counter_survive_a_worker_kill(ray_cluster, rw, tmp_pat
             m.objects(), os.listdir(os.path.dirname(snapshot)))
 
 
+@pytest.mark.parametrize("durable", [False, True])
+def test_exposed_data_reads_as_data_and_a_failing_property_is_a_remote_error(
+        ray_cluster, rw, tmp_path, durable):
+    """As on the local backend: an exposed attribute or property reads as data,
+    durable or not, and a property whose getter raises is a RemoteError (it
+    came back as the getter's own exception)."""
+    cls, kw = (rw.DurableManager, {"state_dir": str(tmp_path)}) if durable \
+        else (rw.CounterManager, {})
+    with cls(**kw) as m:
+        box = m.Box()
+        box.add("x")
+        assert (box.size, box.count) == (1, 1)
+        with pytest.raises(procshare.RemoteError, match="not ready"):
+            box.broken  # noqa: B018
+        assert box.count == 1
+
+
 def test_snapshot_files_are_hmacd_and_trusted_only_when_private(tmp_path):
     from procshare.ray.durable import SnapshotStore, StateTampered, derive_key, prepare_dir
     directory = prepare_dir(str(tmp_path / "state"))

@@ -220,9 +220,13 @@ class _HostCore:
         if meth in e.exposed:
             try:
                 return None, getattr(e.obj, meth), e
-            except Exception as exc:    # (one it lacks: a RemoteError, as the stdlib's)
+            except Exception as exc:    # a RemoteError, as the stdlib's: one it lacks,
+                # or one whose lookup failed (a property's getter): its traceback
                 missing = missing_method(exc, e.obj, e.typeid, oid, meth, "its Ray actor")
-                return (ERROR, missing or self._with_tb(exc, oid)), None, e
+                if missing is not None:
+                    return (ERROR, missing), None, e
+                return (TRACEBACK, "".join(traceback.format_exception(
+                    type(exc), exc, exc.__traceback__))), None, e
         if meth == "#UPDATE_ITEM" and "__setitem__" in e.exposed:
             return None, _update_item_of(e.obj), e
         if meth in ("#GETVALUE", "__str__", "__repr__"):
