@@ -647,6 +647,24 @@ class ThreadNamer:
         return threading.current_thread().name
 
 
+class Handlers:
+    """An exposed property whose value is callable: a method, for a proxy."""
+
+    def __init__(self):
+        self.n = 0
+
+    def bump(self, k=1):
+        self.n += k
+        return self.n
+
+    def get(self):
+        return self.n
+
+    @property
+    def handler(self):
+        return self.bump
+
+
 #: (in the manager) the names of the `Finalized` objects whose `__del__` ran
 _FINALIZED: list = []
 
@@ -791,6 +809,7 @@ def CustomizedManager(m):
     CustomizedManager.register("Keeper", Keeper)
     CustomizedManager.register("ThreadNamer", ThreadNamer)
     CustomizedManager.register("Finalized", Finalized)
+    CustomizedManager.register("Handlers", Handlers, exposed=("handler", "bump", "get"))
     CustomizedManager.register("Finalizations", Finalizations)
     CustomizedManager.register("Poller", Poller, proxytype=get_class(m, "PollerProxy"))
     CustomizedManager.register("Wrapped", Obj, exposed=("a",),

@@ -312,6 +312,17 @@ def test_exposed_names_are_not_read_when_the_object_is_made(impl, ctx):
         assert job.reads() == 1
 
 
+def test_an_exposed_property_whose_value_is_callable_is_a_method(impl, ctx):
+    """The stdlib calls every exposed name as a method, so a property that
+    returns a function (a handler, a bound method) works as one: procshare
+    read it as data and called its value, with no arguments, in the manager."""
+    with _workers.get_class(impl, "CustomizedManager")(ctx=ctx) as m:
+        h = m.Handlers()
+        assert h.handler(5) == 5
+        assert h.handler() == 6
+        assert h.get() == 6
+
+
 def test_an_exposed_property_that_raises_is_a_remote_error(impl, ctx):
     """Looking up an exposed name that fails (a property's getter raises) is a
     RemoteError with the manager's traceback, as in the stdlib."""

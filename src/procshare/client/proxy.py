@@ -497,7 +497,17 @@ def _make_method(meth: str) -> Any:
 
 def _attribute_property(name: str) -> property:
     def get(self: BaseProxy) -> Any:
-        return self._callmethod(name)
+        session = self._session
+        if session.server_version is None:
+            session.thread_conn()   # (its hello tells whether the manager reads `#ATTR`)
+        if session.server_version < 3:
+            return self._callmethod(name)   # (calls a callable value in the manager)
+        is_data, value = self._callmethod("#ATTR", (name,))
+        if is_data:
+            return value
+        # its value is callable (a property that returns a function, say): as the
+        # stdlib's proxies treat every exposed name, a method, called in the manager
+        return types.MethodType(_make_method(name), self)
     return property(get, doc=f"the referent's {name!r} attribute (read from the manager)")
 
 

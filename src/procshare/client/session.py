@@ -523,7 +523,7 @@ class Session:
         self.live = 0                         # proxies of this process using the session
         self.server_pid: int | None = None
         #: the manager's protocol version, from its hello (None: not known yet;
-        #: 1: before 2026-11-29, no `create_full`)
+        #: 1: before 2026-11-29, no `create_full`; 2: before 2026-11-30, no `#ATTR`)
         self.server_version: int | None = None
         self.incarnation: int | None = None   # the manager's restart count, from its hello
         # the server process's own id, from its hello (a forked child keeps its parent's)
@@ -622,7 +622,7 @@ class Session:
                      "tid": (t.native_id or 0) if waits else 0,
                      "thread_name": t.name, "process_name": _process_name(t),
                      "serializer": self.serializer.name,
-                     "role": role, "version": 2, "conn": no, "session": self.token,
+                     "role": role, "version": 3, "conn": no, "session": self.token,
                      "host": _HOST[0], "pidns": _HOST[1]}
             adopting = role == "control" and bool(self.adopt)
             if adopting:

@@ -229,6 +229,14 @@ class _HostCore:
                     type(exc), exc, exc.__traceback__))), None, e
         if meth == "#UPDATE_ITEM" and "__setitem__" in e.exposed:
             return None, _update_item_of(e.obj), e
+        if meth == "#ATTR" and len(args) == 1 and not kwds and type(args[0]) is str \
+                and args[0] in e.exposed:
+            # a proxy reads exposed data: (True, value), or (False, None) if it is
+            # callable (the proxy calls it as a method: see the server's `_attribute`)
+            reply, fn, e = self._begin(oid, args[0], (), {})
+            if reply is not None:
+                return reply, None, e
+            return (RETURN, (False, None) if callable(fn) else (True, fn)), None, e
         if meth in ("#GETVALUE", "__str__", "__repr__"):
             try:
                 obj = e.obj

@@ -156,6 +156,7 @@ class RaySession:
         self.tls = threading.local()
         self.live = 0
         self.server_pid: int | None = None       # there is no one manager process
+        self.server_version = 3     # what its hosts answer (`#ATTR`), as a manager's hello
         self.epoch = 0              # a Ray manager never comes back as a new incarnation:
         self.incarnation: int | None = None     # lost objects are reported here, per object
         self.closed = False

@@ -473,7 +473,7 @@ class Server:
             if info.role == "control":
                 log.info("client pid %d connected (%s)", info.pid, info.client)
             ch.send(encode_frame(Kind.RETURN, rid, encode_hello(
-                {"pid": os.getpid(), "version": 2, "address": self.address,
+                {"pid": os.getpid(), "version": 3, "address": self.address,
                  "incarnation": self.incarnation,
                  "supervised": self.supervised, "boot": self.boot, "limits": list(self.limits),
                  **self._shm_agree(ch, info, hello)})))
@@ -975,6 +975,8 @@ class Server:
         if durable and entry.durable is not None:
             return self.durables.call(entry, info, oid, meth, args, kwds)
         obj = entry.obj
+        if meth == "#ATTR":
+            return self._attribute(entry, info, oid, args, kwds)
         if meth == "#UPDATE_ITEM" and "__setitem__" in entry.exposed:
             try:
                 return (Kind.RETURN, self._update_item(entry, info, *args))
@@ -993,11 +995,33 @@ class Server:
         return self._read_locked(entry, info, oid, meth, lambda obj: (
             obj if meth == "#GETVALUE" else str(obj) if meth == "__str__" else repr(obj)))
 
+    def _attribute(self, entry: Entry, info: ConnInfo, oid: str, args: tuple,
+                   kwds: dict) -> tuple:
+        """`#ATTR`: a proxy reads exposed data attribute `args[0]` (a property's
+        getter runs then; one that raises is a RemoteError): `(True, value)`, or
+        `(False, None)` if the value is callable, which the proxy then calls as
+        a method, as the stdlib's proxies call every exposed name (reading it
+        here would call it, with no arguments)."""
+        name = args[0] if len(args) == 1 and not kwds and type(args[0]) is str else None
+        if name is None or name not in entry.exposed:
+            return (Kind.ERROR, TypeError(
+                f"#ATTR on {entry.typeid!r} object {oid} takes the name of one of its exposed "
+                f"attributes, not {args!r:.80} {kwds!r:.40}"))
+
+        def read(obj: Any) -> tuple:
+            try:
+                value = getattr(obj, name)
+            except Exception as e:
+                raise _GetattrFailed(e) from None
+            return (False, None) if callable(value) else (True, value)
+        return self._read_locked(entry, info, oid, name, read)
+
     def read_attribute(self, entry: Entry, info: ConnInfo, oid: str, meth: str) -> tuple | None:
         """The reply to a read of exposed data attribute `meth` of a durable
-        object (a property's getter runs then; if it raises, a RemoteError as
-        on any object); None if the value is callable: the read is a call of
-        it, which the journal must see."""
+        object by a proxy from before `#ATTR` (version 2), which reads it as a
+        call with no arguments (a property's getter runs then; if it raises, a
+        RemoteError as on any object); None if the value is callable: the read
+        is a call of it, which the journal must see."""
         def read(obj: Any) -> Any:
             try:
                 value = getattr(obj, meth)
