@@ -150,6 +150,11 @@ def run_child(ctx, func, *args, timeout=15.0, **kwargs):
     return start_child(ctx, func, *args, **kwargs).result(timeout)
 
 
+def call_a(proxy):
+    """(a child) A proxy's `a()`, as the child sees it."""
+    return proxy.a()
+
+
 def subprocess_env(**extra: str) -> dict:
     """Environment for ``subprocess.run([sys.executable, ...])`` children that
     must import ``procshare`` and ``_workers`` as this process does."""
@@ -794,6 +799,46 @@ def ClientSettingProxy(m):
 
 
 @_builder
+def OwnNamesProxy(m):
+    class OwnNamesProxy(m.BaseProxy):
+        """A proxy type that uses, for its own ends, private names procshare's
+        BaseProxy once used too (`_session`, `_epoch`, `_track`, ...)."""
+
+        _exposed_ = ("a",)
+
+        def __init__(self, *args, **kwds):
+            super().__init__(*args, **kwds)
+            self._session = {"user": "data"}
+            self._epoch = "mine"
+
+        def _track(self, *args):
+            return "mine"
+
+        def _outcome(self, *args):
+            return "mine"
+
+        def _lost(self, *args):
+            return "mine"
+
+        def _reduced(self, *args):
+            return "mine"
+
+        def _is_local(self, *args):
+            return "mine"
+
+        def _deadline_for(self, *args):
+            return "mine"
+
+        def _adopt(self, *args):
+            return "mine"
+
+        def a(self):
+            return self._callmethod("a")
+
+    return OwnNamesProxy
+
+
+@_builder
 def CustomizedManager(m):
     class CustomizedManager(m.BaseManager):
         pass
@@ -810,6 +855,7 @@ def CustomizedManager(m):
     CustomizedManager.register("ThreadNamer", ThreadNamer)
     CustomizedManager.register("Finalized", Finalized)
     CustomizedManager.register("Handlers", Handlers, exposed=("handler", "bump", "get"))
+    CustomizedManager.register("OwnNames", Obj, proxytype=get_class(m, "OwnNamesProxy"))
     CustomizedManager.register("Finalizations", Finalizations)
     CustomizedManager.register("Poller", Poller, proxytype=get_class(m, "PollerProxy"))
     CustomizedManager.register("Wrapped", Obj, exposed=("a",),
@@ -1249,7 +1295,7 @@ def exit_after_manager_shutdown(d, conn, stuck_control=False):
     Ctrl-C during a control call leaves it), so the goodbye must reconnect."""
     len(d)
     if stuck_control:
-        d._session.control.pending.add(999)     # (this manager's session: a forked
+        d._procshare_session.control.pending.add(999)     # (this manager's session: a forked
     conn.send("ready")                          # child has its parent's others too)
     if not conn.poll(10):
         raise TimeoutError("the parent never shut the manager down")

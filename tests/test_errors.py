@@ -66,7 +66,7 @@ def sync_manager():
 
 def test_unserializable_argument_names_method_path_and_serializer(sync_manager):
     d = sync_manager.dict()
-    conn_before = d._session.thread_conn()
+    conn_before = d._procshare_session.thread_conn()
     with pytest.raises(SerializationError) as info:
         d["job"] = {"size": 3, "cfg": ["fast", threading.Lock()]}
     e = info.value
@@ -84,7 +84,7 @@ def test_unserializable_argument_names_method_path_and_serializer(sync_manager):
     assert isinstance(e, ArgumentsNotSerializable)
     assert e.__cause__ is None
     # nothing was sent: the same connection serves the next call, and the dict is untouched
-    assert d._session.thread_conn() is conn_before and not conn_before.pending
+    assert d._procshare_session.thread_conn() is conn_before and not conn_before.pending
     assert "job" not in d
     d["job"] = {"size": 3}
     assert d["job"] == {"size": 3}
@@ -192,7 +192,7 @@ def test_a_call_over_the_managers_message_limit_is_refused_before_it_is_sent():
     try:
         d = m.dict()
         d["k"] = b"small"
-        conn_before = d._session.thread_conn()
+        conn_before = d._procshare_session.thread_conn()
         for big in (b"x" * (3 << 20), "y" * (2 << 20)):     # out-of-band, and in-band
             with pytest.raises(MessageTooLarge) as info:
                 d["k"] = big
@@ -207,7 +207,7 @@ def test_a_call_over_the_managers_message_limit_is_refused_before_it_is_sent():
             assert (e.method, e.address, e.path) == ("__setitem__", m.address, "args[1]")
             assert e.size > 1 << 20
         # nothing was sent: the same connection serves the next call
-        assert d._session.thread_conn() is conn_before and not conn_before.pending
+        assert d._procshare_session.thread_conn() is conn_before and not conn_before.pending
         assert d["k"] == b"small"
         with pytest.raises(MessageTooLarge, match=r"__setitem__\(\) on 'dict' object"):
             procshare.async_(d).__setitem__("k", b"x" * (3 << 20))
@@ -218,7 +218,7 @@ def test_a_call_over_the_managers_message_limit_is_refused_before_it_is_sent():
         for i in range(3):
             d[i] = bytearray(600_000)
         assert len(d.copy()) == 4
-        assert d._session.thread_conn() is conn_before and m.restarts == 0
+        assert d._procshare_session.thread_conn() is conn_before and m.restarts == 0
     finally:
         m.shutdown()
 

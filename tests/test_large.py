@@ -59,7 +59,7 @@ def dev_shm() -> set[str]:
 
 def link_of(proxy):
     """The slot link of this thread's connection to the proxy's manager (None: socket)."""
-    return proxy._session.thread_conn().ch.slots
+    return proxy._procshare_session.thread_conn().ch.slots
 
 
 @pytest.fixture
@@ -872,7 +872,7 @@ def _round_trips_with(tmp_path, shm_method: str, check_no_link: bool) -> tuple[s
                         d["k"] = v
                         assert d["k"] == v
                 if {check_no_link!r}:
-                    assert d._session.thread_conn().ch.slots is None
+                    assert d._procshare_session.thread_conn().ch.slots is None
         mine = [str(w.message) for w in caught if "procshare" in str(w.message)]
         print(len(mine), mine[0] if mine else "")
     """))

@@ -360,7 +360,7 @@ def test_the_parent_gives_back_a_fork_loan_only_for_the_pipe_it_watched():
 
 def test_replaced_control_connection_keeps_this_process_objects(sync):
     lst = sync.list([1, 2])
-    session = lst._session
+    session = lst._procshare_session
     before = sync._number_of_objects()
     session.control.ch.sock.shutdown(socket.SHUT_RDWR)      # broken, no goodbye
     session.control.pending.add(1)                          # so it is replaced
@@ -671,7 +671,7 @@ def test_this_process_is_not_dead_while_it_lives(sync):
     # a child whose control connection breaks keeps its lock (it is alive)
     lock = sync.Lock()
     lock.acquire()
-    session = lock._session
+    session = lock._procshare_session
     session.control.ch.sock.shutdown(socket.SHUT_RDWR)
     session.control.pending.add(1)
     assert sync._number_of_objects() >= 1      # replaced the control connection

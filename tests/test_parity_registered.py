@@ -323,6 +323,19 @@ def test_an_exposed_property_whose_value_is_callable_is_a_method(impl, ctx):
         assert h.get() == 6
 
 
+def test_a_proxy_type_keeps_private_names_of_its_own(impl, ctx):
+    """A user's proxy type may use private names the stdlib's BaseProxy does not
+    (`_session`, `_epoch`, `_track`...): procshare's own are `_procshare_*`
+    (a proxy type that set `self._session` failed to be made)."""
+    with _workers.get_class(impl, "CustomizedManager")(ctx=ctx) as m:
+        before = m._number_of_objects()
+        p = m.OwnNames()
+        assert p.a() == "a" and p._session == {"user": "data"} and p._epoch == "mine"
+        assert _workers.start_child(ctx, _workers.call_a, p).result(30) == "a"
+        del p
+        assert poll(lambda: m._number_of_objects() == before, 10)
+
+
 def test_an_exposed_property_that_raises_is_a_remote_error(impl, ctx):
     """Looking up an exposed name that fails (a property's getter raises) is a
     RemoteError with the manager's traceback, as in the stdlib."""

@@ -495,7 +495,7 @@ def test_a_failed_call_async_keeps_no_frame_alive(manager):
     gc.collect()
     assert poll(lambda: no_actor(name), 10)
     bare = ListProxy(token, "pickle", authkey=manager._authkey, incref=False)
-    bare._session.forget_handle(bare._id)       # looked up by name, as a new process does
+    bare._procshare_session.forget_handle(bare._id)       # looked up by name, as a new process does
     killed = manager.list([1])
     os.kill(_actor_pid(killed), signal.SIGKILL)
     lost = getattr(procshare.errors, "ObjectLost", procshare.ManagerCrashed)

@@ -213,7 +213,7 @@ def test_keyboard_interrupt_leaves_connection_usable(slow_mgr):
     assert s.echo("c") == "c"
     # and none once the interrupted call has ended in the manager ("done": its
     # reply made, for the connection the interrupt closed)
-    assert poll(lambda: s._session.control_call(
+    assert poll(lambda: s._procshare_session.control_call(
         "cancel", interrupted.no, interrupted.rid, timeout=2) == "done", 5)
     assert [s.echo(i) for i in range(5)] == list(range(5))
 

@@ -515,7 +515,7 @@ class BaseManager:
     def _create(self, typeid: str, /, *args: Any, **kwds: Any) -> tuple[Token, tuple]:
         """Create a shared object; return its token and exposed names (a pair that
         also tells the exposed data attributes: `attributes`).  The reference the
-        server made for it belongs to this process (adopt it with `_track`).  A
+        server made for it belongs to this process (adopt it with `_procshare_track`).  A
         type registered with its own serializer sends its arguments with it; an
         unnamed durable object gets a key made here, so that a create sent again
         after a crash finds the object the first one made, if it did."""

@@ -422,7 +422,7 @@ class Pipe:
             if kind == _RETURN:
                 value = None if body == self.none_body else self.ser.loads(body, bufs)
             else:
-                value = fut._proxy._outcome(kind, self.ser.loads(body, bufs), fut._meth,
+                value = fut._proxy._procshare_outcome(kind, self.ser.loads(body, bufs), fut._meth,
                                             fut._timeout)
         except BaseException as e:
             try:
@@ -502,7 +502,7 @@ class Pipe:
             again = sorted((f for f in futures if f._resend is not None), key=lambda f: f._rid)
             for fut in futures:
                 if fut._resend is None:
-                    _settle_future(fut, fut._proxy._lost(fut._meth), True)
+                    _settle_future(fut, fut._proxy._procshare_lost(fut._meth), True)
             if again:
                 self._send_again(again)
         finally:
@@ -599,18 +599,18 @@ def _pass_on(old: CallFuture, new: CallFuture) -> None:
 def _pipe(proxy: Any) -> Pipe:
     """This thread's pipe to the proxy's manager (opened on first use; after
     a break, the one that carries the broken pipe's re-sent calls)."""
-    tls = proxy._session.tls
+    tls = proxy._procshare_session.tls
     pipe = getattr(tls, "pipe", None)
     if pipe is not None and pipe.broken is None:
         return pipe
     while pipe is not None and pipe.broken is not None:
         # calls re-sent after a restart go first: wait until they are on their way
         if not pipe.handed_over.wait(_HANDOVER_WAIT):
-            raise proxy._session.crashed(pipe.broken)
+            raise proxy._procshare_session.crashed(pipe.broken)
         pipe = pipe.successor
     if pipe is None:
-        pipe = Pipe(proxy._session)
-        proxy._session.pipes.add(pipe)
+        pipe = Pipe(proxy._procshare_session)
+        proxy._procshare_session.pipes.add(pipe)
     tls.pipe = pipe
     return pipe
 
@@ -633,10 +633,10 @@ class _Calls:
 
         timeout_, want_reply = self._timeout, self._want_reply
 
-        submit = getattr(proxy._session, "submit_pipelined", None)
+        submit = getattr(proxy._procshare_session, "submit_pipelined", None)
 
         def call(*args: Any, **kwds: Any) -> Any:
-            timeout = proxy._deadline_for(timeout_)
+            timeout = proxy._procshare_deadline_for(timeout_)
             if submit is not None:      # a session with pipelining of its own (Ray)
                 return submit(proxy, name, args, kwds, timeout, want_reply)
             return _pipe(proxy).submit(proxy, name, args, kwds, timeout, want_reply)

@@ -8,7 +8,9 @@ processes, and when a proxy gives its reference back.
 Rules it keeps:
 - The stdlib's constructor signature, attributes (`_token`, `_id`,
   `_manager`, `_serializer`, `_authkey`, `_exposed_`, `_isauto`) and
-  `__reduce__`/`RebuildProxy` shape, so user subclasses keep working.
+  `__reduce__`/`RebuildProxy` shape, so user subclasses keep working; the
+  private names procshare adds are `_procshare_*` (but the documented
+  `_set_timeout`), so a subclass's own `_session` or `_track` stays its own.
 - A proxy holds one reference for its process.  It never opens a connection
   for incref/decref: references travel on the session's control connection,
   and the reference a `create` or a method returning a proxy made is adopted
@@ -109,9 +111,10 @@ class BaseProxy:
             self._authkey = manager._authkey
         else:
             self._authkey = process.current_process().authkey
-        self._session = get_session(token.address, bytes(self._authkey), serializer)
-        self._tls = self._session.tls
-        self._epoch = self._session.epoch     # the manager's life this proxy belongs to
+        self._procshare_session = get_session(token.address, bytes(self._authkey), serializer)
+        self._tls = self._procshare_session.tls
+        # the manager's life this proxy belongs to
+        self._procshare_epoch = self._procshare_session.epoch
         self._procshare_timeout = getattr(manager, "_call_timeout", _UNSET) if manager is not None \
             else _UNSET
         self._close = None
@@ -119,40 +122,41 @@ class BaseProxy:
             self._incref()
 
     # -- references -------------------------------------------------------------
-    def _is_local(self) -> bool:
+    def _procshare_is_local(self) -> bool:
         server = local_server()
         return server is not None and server.address == self._token.address
 
-    def _track(self, local: bool) -> None:
+    def _procshare_track(self, local: bool) -> None:
         """This proxy now owns one reference: give it back when the proxy dies,
         the way it was taken: `local` (the server's own, `local_incref`), or
         this process's client's, through the session (a create, a reply that
         made a proxy, an incref sent).  Each reference is given back on its own:
         a proxy that `_incref()`s again holds one more (as the stdlib's, which
         registers a decref per incref)."""
-        self._session.live += 1
+        self._procshare_session.live += 1
         if self._id.startswith(DURABLE_PREFIX):
-            self._session.durable_held(self._id)
-        close = weakref.finalize(self, _release, self._session, self._id, local, os.getpid())
+            self._procshare_session.durable_held(self._id)
+        close = weakref.finalize(self, _release, self._procshare_session, self._id, local,
+                                 os.getpid())
         close.atexit = False
         if self._close is None:
             self._close = close
 
     def _incref(self) -> None:
-        local = self._is_local()
+        local = self._procshare_is_local()
         if local:
             local_server().local_incref(self._id)
         else:
-            self._session.control_call("incref", self._id)
-        self._track(local)
+            self._procshare_session.control_call("incref", self._id)
+        self._procshare_track(local)
 
-    def _adopt(self, loan: str) -> None:
-        local = self._is_local()
+    def _procshare_adopt(self, loan: str) -> None:
+        local = self._procshare_is_local()
         if local:
             local_server().local_adopt(loan, self._id)
         else:
-            self._session.control_call("adopt", loan, self._id)
-        self._track(local)
+            self._procshare_session.control_call("adopt", loan, self._id)
+        self._procshare_track(local)
 
     def _procshare_local_referent(self) -> Any:
         """Inside the manager that holds it: the referent itself."""
@@ -175,7 +179,7 @@ class BaseProxy:
     def _connect(self) -> None:
         """Open this thread's connection to the manager now, if it has none
         that works (the stdlib's name; calls do it themselves)."""
-        self._session.thread_conn()
+        self._procshare_session.thread_conn()
 
 
     # -- calls --------------------------------------------------------------------
@@ -188,9 +192,9 @@ class BaseProxy:
         """
         conn = getattr(self._tls, "conn", None)
         if conn is None or conn.pending:
-            conn = self._session.thread_conn()
+            conn = self._procshare_session.thread_conn()
         if timeout is _UNSET:
-            timeout = self._deadline_for(timeout)
+            timeout = self._procshare_deadline_for(timeout)
         try:
             kind, result = conn.call(self._id, methodname, args, kwds, timeout,
                                      self._token.typeid)
@@ -198,22 +202,22 @@ class BaseProxy:
             raise call_timeout(self, methodname, timeout, False) from None
         except ObjectLost as e:
             if self._id.startswith(DURABLE_PREFIX):
-                return self._resend(conn, methodname, args, kwds, timeout,
+                return self._procshare_resend(conn, methodname, args, kwds, timeout,
                                     getattr(e, "deadline", None))
-            if self._epoch != self._session.epoch:
-                raise self._lost(methodname) from None
+            if self._procshare_epoch != self._procshare_session.epoch:
+                raise self._procshare_lost(methodname) from None
             # made after the restart, called on a connection from before it: the
             # call never reached the new manager; send it again there
-            kind, result = self._session.thread_conn().call(
+            kind, result = self._procshare_session.thread_conn().call(
                 self._id, methodname, args, kwds, timeout, self._token.typeid)
         if kind == _RETURN:
             return result
         try:
-            return self._outcome(kind, result, methodname, timeout)
+            return self._procshare_outcome(kind, result, methodname, timeout)
         finally:
             result = None   # an exception raised from here must not keep itself (a cycle)
 
-    def _resend(self, conn: Any, methodname: str, args: tuple, kwds: dict,
+    def _procshare_resend(self, conn: Any, methodname: str, args: tuple, kwds: dict,
                 timeout: float | None, deadline: float | None) -> Any:
         """A call on a durable object whose manager crashed while it was in
         flight: send it again to the restarted manager under the key of its
@@ -226,7 +230,7 @@ class BaseProxy:
             if left is not None and left <= 0:
                 raise call_timeout(self, methodname, timeout, False)
             try:
-                kind, result = self._session.thread_conn().call(
+                kind, result = self._procshare_session.thread_conn().call(
                     self._id, "#RETRY", (*first, methodname, args, kwds), {}, left,
                     self._token.typeid)
             except TimeoutError:
@@ -236,17 +240,17 @@ class BaseProxy:
             if kind == _RETURN:
                 return result
             try:
-                return self._outcome(kind, result, methodname, timeout)
+                return self._procshare_outcome(kind, result, methodname, timeout)
             finally:
                 result = None   # (as in _callmethod)
-        raise self._lost(methodname)
+        raise self._procshare_lost(methodname)
 
-    def _lost(self, methodname: str) -> ObjectLost:
-        s = self._session
+    def _procshare_lost(self, methodname: str) -> ObjectLost:
+        s = self._procshare_session
         return object_lost(self._token.typeid, self._id, self._token.address,
                            s.incarnation or 0, None, methodname)
 
-    def _deadline_for(self, timeout: Any) -> float | None:
+    def _procshare_deadline_for(self, timeout: Any) -> float | None:
         """The timeout a call gets: its own, else the innermost
         `procshare.timeout()` block, the proxy's, the manager's; None: forever."""
         if timeout is _UNSET:
@@ -257,21 +261,22 @@ class BaseProxy:
                     timeout = None
         return timeout
 
-    def _outcome(self, kind: int, result: Any, methodname: str, timeout: float | None) -> Any:
+    def _procshare_outcome(self, kind: int, result: Any, methodname: str,
+                           timeout: float | None) -> Any:
         """What a reply that is not a plain RETURN means: a new proxy, or the
         error it stands for (raised)."""
         if kind == _RETURN:
             return result
         if kind == Kind.PROXY:
-            return self._rebuild_returned(result)
-        if kind == Kind.TRACEBACK and self._epoch != self._session.epoch:
-            raise self._lost(methodname)    # made before the manager restarted
+            return self._procshare_rebuild_returned(result)
+        if kind == Kind.TRACEBACK and self._procshare_epoch != self._procshare_session.epoch:
+            raise self._procshare_lost(methodname)    # made before the manager restarted
         try:
             return raise_reply(kind, result, self, methodname, timeout)
         finally:
             result = None   # (as in _callmethod)
 
-    def _rebuild_returned(self, result: tuple) -> BaseProxy:
+    def _procshare_rebuild_returned(self, result: tuple) -> BaseProxy:
         proxytype, exposed, token, attrs = result
         token.address = self._token.address
         # the type this process's manager registered, as the stdlib takes it;
@@ -306,36 +311,36 @@ class BaseProxy:
         no loan (the record outlives any), and a proxy to that manager also
         with no address, so that the manager that loads the record binds it
         to itself (RebuildProxy), wherever it listens then."""
-        if self._is_local():
-            return self._reduced(Token(self._token.typeid, None, self._id), {"own": True})
-        return self._reduced(self._token, {"foreign": True})
+        if self._procshare_is_local():
+            return self._procshare_reduced(Token(self._token.typeid, None, self._id), {"own": True})
+        return self._procshare_reduced(self._token, {"foreign": True})
 
     def __reduce__(self) -> tuple:
         kwds: dict[str, Any] = {}
         if get_spawning_popen() is not None:
             kwds["authkey"] = bytes(self._authkey)
-        if self._is_local():
+        if self._procshare_is_local():
             try:
                 loan = local_server().local_loan(self._id)
             except KeyError:
                 # its object is gone (a stored reply sent again): the copy refers to
                 # nothing, and calls on it say so
                 kwds["incref"] = False
-                return self._reduced(self._token, kwds)
+                return self._procshare_reduced(self._token, kwds)
             loans.record(loan, None)
         else:
             try:
-                loan = self._session.control_call("loan", self._id)
+                loan = self._procshare_session.control_call("loan", self._id)
             except Exception:
                 # the manager cannot lend (it is gone, say): pickled as the stdlib
                 # pickles a proxy, talking to no one; the copy takes its reference
                 # when it is rebuilt, and says there what is wrong, if anything is
-                return self._reduced(self._token, kwds)
-            loans.record(loan, self._session)
+                return self._procshare_reduced(self._token, kwds)
+            loans.record(loan, self._procshare_session)
         kwds["loan"] = loan
-        return self._reduced(self._token, kwds)
+        return self._procshare_reduced(self._token, kwds)
 
-    def _reduced(self, token: Token, kwds: dict) -> tuple:
+    def _procshare_reduced(self, token: Token, kwds: dict) -> tuple:
         if self._procshare_timeout is not _UNSET:
             kwds["timeout"] = self._procshare_timeout
         if getattr(self, "_isauto", False):
@@ -385,13 +390,13 @@ def adopting_proxy(proxytype: Any, token: Token, serializer: Any, **kwds: Any) -
         proxy = (proxytype(token, serializer, incref=False, **kwds) if takes
                  else proxytype(token, serializer, **kwds))
     if isinstance(proxy, BaseProxy):
-        proxy._track(False)
+        proxy._procshare_track(False)
     else:
         # not a proxy: the create's reference goes back now, as the stdlib's
         # does (the object lives as long as the proxies inside hold theirs)
         holder = BaseProxy(token, serializer, incref=False, manager=kwds.get("manager"),
                            authkey=kwds.get("authkey"))
-        holder._track(False)
+        holder._procshare_track(False)
         del holder
     return proxy
 
@@ -445,7 +450,7 @@ def RebuildProxy(func: Any, token: Token, serializer: Any, kwds: dict) -> Any:
         # a proxy stored in a durable object, rebuilt while the manager recovers:
         # its object may not be back yet, so its reference is taken after
         proxy = func(token, serializer, incref=False, **kwds)
-        proxy._track(True)      # (`_hold_rebuilt` takes its reference as the server's)
+        proxy._procshare_track(True)      # (`_hold_rebuilt` takes its reference as the server's)
         rebuilt.append(weakref.ref(proxy))
         loan = None
     elif foreign or (rebuilt is not None and loan is not None):
@@ -466,7 +471,7 @@ def RebuildProxy(func: Any, token: Token, serializer: Any, kwds: dict) -> Any:
     else:
         proxy = func(token, serializer, incref=incref and loan is None, **kwds)
     if loan is not None:
-        proxy._adopt(loan)
+        proxy._procshare_adopt(loan)
     if timeout is not _UNSET:
         proxy._procshare_timeout = timeout
     return proxy
@@ -497,7 +502,7 @@ def _make_method(meth: str) -> Any:
 
 def _attribute_property(name: str) -> property:
     def get(self: BaseProxy) -> Any:
-        session = self._session
+        session = self._procshare_session
         if session.server_version is None:
             session.thread_conn()   # (its hello tells whether the manager reads `#ATTR`)
         if session.server_version < 3:

@@ -40,7 +40,7 @@ def call_timeout(proxy: Any, meth: str, timeout: float | None, server_gave_up: b
                  detail: str = "", session: Any = None) -> CallTimeout:
     """The CallTimeout for `meth` on `proxy` (None for a manager operation)."""
     if session is None and proxy is not None:
-        session = proxy._session
+        session = proxy._procshare_session
     pid = session.server_pid if session is not None else None
     where = f"the manager (pid {pid})" if pid else "the manager"
     what = f"manager operation {meth!r}" if proxy is None else (
@@ -75,7 +75,7 @@ def _object_state(proxy: Any) -> dict | None:
     if proxy is None:
         return None
     try:
-        return proxy._session.control_call("object_state", proxy._id, timeout=0.5)
+        return proxy._procshare_session.control_call("object_state", proxy._id, timeout=0.5)
     except Exception:
         return None
 

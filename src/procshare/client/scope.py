@@ -6,7 +6,7 @@ Owns: the per-thread default deadline that `procshare.timeout()` sets, and
 Rules it keeps:
 - The innermost block wins; `None` means wait forever even inside an outer
   block with a limit.  Blocks are per thread.
-- A proxy call reads `_scope.value` once (see `BaseProxy._deadline_for`); it
+- A proxy call reads `_scope.value` once (see `BaseProxy._procshare_deadline_for`); it
   is always set (UNSET by default), so the read is a plain attribute read.
 """
 

@@ -347,7 +347,7 @@ class _Unmapped:
 def _fetch_fds(proxy: SharedArrayProxy) -> tuple[dict, list[int]]:
     """Ask the manager for the array's descriptor over this process's control
     connection; `(sizes, fds)`."""
-    session = proxy._session
+    session = proxy._procshare_session
     call = getattr(session, "control_call_fds", None)
     if call is None:
         raise RuntimeError("this procshare client cannot receive file descriptors "
@@ -372,7 +372,7 @@ def _create(manager: Any, nbytes: int, meta: dict, lock: Any) -> SharedArrayProx
     proxy = SharedArrayProxy(token, manager._serializer, manager=manager,
                              authkey=manager._authkey, exposed=exposed, incref=False,
                              shm_info=(meta, lock))
-    proxy._track(False)     # created for this process's client
+    proxy._procshare_track(False)     # created for this process's client
     return proxy
 
 

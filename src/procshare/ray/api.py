@@ -26,7 +26,7 @@ _UNSET = scope.UNSET
 
 
 def _session_of(proxy: Any) -> RaySession:
-    session = getattr(proxy, "_session", None)
+    session = getattr(proxy, "_procshare_session", None)
     if not isinstance(session, RaySession):
         raise TypeError(f"{type(proxy).__name__} is not a proxy of a Ray manager "
                         "(procshare.ray.RayManager)")

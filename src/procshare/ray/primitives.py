@@ -278,7 +278,7 @@ class _RemoteLock:
         self._proxy = proxy
 
     async def _call(self, meth: str, *args: Any) -> Any:
-        ref = self._proxy._session.actor_call(self._proxy._id, meth, args, {}, CALLER.get())
+        ref = self._proxy._procshare_session.actor_call(self._proxy._id, meth, args, {}, CALLER.get())
         kind, payload = await ref
         if kind == Kind.RETURN:
             return payload

@@ -410,7 +410,7 @@ class RaySession:
                 if kind == RETURN:
                     out.set_result(payload)
                 elif kind == Kind.PROXY:
-                    out.set_result(proxy._rebuild_returned(payload))
+                    out.set_result(proxy._procshare_rebuild_returned(payload))
                 else:
                     out.set_result(raise_reply(kind, payload, proxy, methodname, timeout))
             except concurrent.futures.InvalidStateError:
