@@ -670,6 +670,23 @@ class Handlers:
         return self.bump
 
 
+class SelfCaller:
+    """A property whose getter calls back into its own object, through a proxy."""
+
+    def __init__(self):
+        self.me = None
+
+    def set_me(self, proxy):
+        self.me = proxy
+
+    def get(self):
+        return 5
+
+    @property
+    def via_me(self):
+        return self.me.get() * 2
+
+
 #: (in the manager) the names of the `Finalized` objects whose `__del__` ran
 _FINALIZED: list = []
 
@@ -855,6 +872,7 @@ def CustomizedManager(m):
     CustomizedManager.register("ThreadNamer", ThreadNamer)
     CustomizedManager.register("Finalized", Finalized)
     CustomizedManager.register("Handlers", Handlers, exposed=("handler", "bump", "get"))
+    CustomizedManager.register("SelfCaller", SelfCaller, exposed=("set_me", "get", "via_me"))
     CustomizedManager.register("OwnNames", Obj, proxytype=get_class(m, "OwnNamesProxy"))
     CustomizedManager.register("Finalizations", Finalizations)
     CustomizedManager.register("Poller", Poller, proxytype=get_class(m, "PollerProxy"))

@@ -323,6 +323,24 @@ def test_an_exposed_property_whose_value_is_callable_is_a_method(impl, ctx):
         assert h.get() == 6
 
 
+def test_a_property_whose_getter_calls_back_into_its_object(impl, ctx):
+    """A getter that calls its own object through a proxy runs (procshare reads
+    exposed data under the object's lock, as a call: the call back is let
+    through as one from its running method; it waited for good)."""
+    with _workers.get_class(impl, "CustomizedManager")(ctx=ctx) as m:
+        p = m.SelfCaller()
+        if not is_stdlib(impl):
+            p._set_timeout(20)      # (bounded: a hang is a CallTimeout)
+        p.set_me(p)
+        for _ in range(3):
+            if is_stdlib(impl):
+                with pytest.raises(TypeError):  # (the getter ran; then it calls its 10)
+                    p.via_me()
+            else:
+                assert p.via_me == 10
+            assert p.get() == 5
+
+
 def test_a_proxy_type_keeps_private_names_of_its_own(impl, ctx):
     """A user's proxy type may use private names the stdlib's BaseProxy does not
     (`_session`, `_epoch`, `_track`...): procshare's own are `_procshare_*`

@@ -199,13 +199,13 @@ class BaseProxy:
             kind, result = conn.call(self._id, methodname, args, kwds, timeout,
                                      self._token.typeid)
         except TimeoutError:
-            raise call_timeout(self, methodname, timeout, False) from None
+            raise call_timeout(self, _shown(methodname, args), timeout, False) from None
         except ObjectLost as e:
             if self._id.startswith(DURABLE_PREFIX):
                 return self._procshare_resend(conn, methodname, args, kwds, timeout,
-                                    getattr(e, "deadline", None))
+                                              getattr(e, "deadline", None))
             if self._procshare_epoch != self._procshare_session.epoch:
-                raise self._procshare_lost(methodname) from None
+                raise self._procshare_lost(_shown(methodname, args)) from None
             # made after the restart, called on a connection from before it: the
             # call never reached the new manager; send it again there
             kind, result = self._procshare_session.thread_conn().call(
@@ -213,37 +213,38 @@ class BaseProxy:
         if kind == _RETURN:
             return result
         try:
-            return self._procshare_outcome(kind, result, methodname, timeout)
+            return self._procshare_outcome(kind, result, _shown(methodname, args), timeout)
         finally:
             result = None   # an exception raised from here must not keep itself (a cycle)
 
     def _procshare_resend(self, conn: Any, methodname: str, args: tuple, kwds: dict,
-                timeout: float | None, deadline: float | None) -> Any:
+                          timeout: float | None, deadline: float | None) -> Any:
         """A call on a durable object whose manager crashed while it was in
         flight: send it again to the restarted manager under the key of its
         first sending, so that it takes effect exactly once (the manager
         answers from its journal if it had already run).  The re-sends share
         the first sending's deadline."""
         first = (conn.no, conn.rid)
+        shown = _shown(methodname, args)
         for _ in range(RESEND_LIMIT):
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise call_timeout(self, methodname, timeout, False)
+                raise call_timeout(self, shown, timeout, False)
             try:
                 kind, result = self._procshare_session.thread_conn().call(
                     self._id, "#RETRY", (*first, methodname, args, kwds), {}, left,
                     self._token.typeid)
             except TimeoutError:
-                raise call_timeout(self, methodname, timeout, False) from None
+                raise call_timeout(self, shown, timeout, False) from None
             except ObjectLost:
                 continue        # it crashed again: the supervisor gives up in the end
             if kind == _RETURN:
                 return result
             try:
-                return self._procshare_outcome(kind, result, methodname, timeout)
+                return self._procshare_outcome(kind, result, shown, timeout)
             finally:
                 result = None   # (as in _callmethod)
-        raise self._procshare_lost(methodname)
+        raise self._procshare_lost(shown)
 
     def _procshare_lost(self, methodname: str) -> ObjectLost:
         s = self._procshare_session
@@ -498,6 +499,14 @@ def _make_method(meth: str) -> Any:
         return self._callmethod(meth, args, kwds)
     method.__name__ = method.__qualname__ = meth
     return method
+
+
+def _shown(methodname: str, args: tuple) -> str:
+    """The name a message gives a call: a read of exposed data (`#ATTR`) is
+    named after the attribute, as the stdlib would name that call."""
+    if methodname == "#ATTR" and args and type(args[0]) is str:
+        return args[0]
+    return methodname
 
 
 def _attribute_property(name: str) -> property:

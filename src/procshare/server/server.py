@@ -742,7 +742,8 @@ class Server:
                     try:
                         reply = self._slow_call(info, oid, meth, args, kwds)
                     except (SystemExit, KeyboardInterrupt) as e:    # a __repr__'s, say
-                        name = _SLOW_NAMES.get(meth, meth)
+                        name = args[0] if meth == "#ATTR" and args else \
+                            _SLOW_NAMES.get(meth, meth)
                         reply = _method_exited(e, f"{name}() on object {oid}")
             warns.clear()
             call.done_rid = rid
@@ -1007,14 +1008,41 @@ class Server:
             return (Kind.ERROR, TypeError(
                 f"#ATTR on {entry.typeid!r} object {oid} takes the name of one of its exposed "
                 f"attributes, not {args!r:.80} {kwds!r:.40}"))
-
-        def read(obj: Any) -> tuple:
+        # under the object's lock as a call of `name` takes it (a getter that calls
+        # back into its object through a proxy runs, as from a running method)
+        lock = entry.lock
+        me = threading.get_ident()
+        held = False
+        try:
+            if lock is not None:
+                if not lock.acquire(False):
+                    lock = self._enter(entry, info, callctx.server_state.deadline, oid, name)
+                elif entry.lock is lock:
+                    entry.calls += 1
+                else:       # an old turn's lock: wait for the current one
+                    lock.release()
+                    lock = self._enter(entry, info, callctx.server_state.deadline, oid, name)
+                if lock is not None:
+                    held = True
+                    if entry.running is None:
+                        entry.running, entry.owner = name, me
             try:
-                value = getattr(obj, name)
+                value = getattr(entry.obj, name)
             except Exception as e:
-                raise _GetattrFailed(e) from None
-            return (False, None) if callable(value) else (True, value)
-        return self._read_locked(entry, info, oid, name, read)
+                return _getattr_failed(entry, oid, name, e)
+            if callable(value):
+                return (Kind.RETURN, (False, None))
+            try:    # (serialized under the lock, as a call's result)
+                return (_PACKED, self.serializer.dumps((True, value)))
+            except Exception as e:
+                return self._unserializable(e, oid, name, value)
+        except DeadlineExpired as e:
+            return (Kind.TIMEOUT, str(e))
+        finally:
+            if held:
+                if entry.owner == me:
+                    entry.running = None
+                lock.release()
 
     def read_attribute(self, entry: Entry, info: ConnInfo, oid: str, meth: str) -> tuple | None:
         """The reply to a read of exposed data attribute `meth` of a durable
