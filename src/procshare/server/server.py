@@ -183,8 +183,6 @@ _HOST = host_identity()
 # what the call loop does with a reply it made: send the packed value, send None,
 # or nothing (a call that wants no reply)
 _PACKED, _NONE, _ONEWAY = object(), object(), object()
-#: (`read_attribute`) the exposed name read is a method after all
-_A_METHOD = object()
 
 
 class _GetattrFailed(Exception):
@@ -992,9 +990,26 @@ class Server:
                 f"id {oid}) is not exposed; the exposed ones are: {exposed}. Add it to "
                 f"exposed= when registering {entry.typeid!r}, or call one of those.",
                 typeid=entry.typeid, method=meth, exposed=tuple(sorted(entry.exposed))))
-        # a copy or a text of the whole object
-        return self._read_locked(entry, info, oid, meth, lambda obj: (
-            obj if meth == "#GETVALUE" else str(obj) if meth == "__str__" else repr(obj)))
+        # a copy or a text of the whole object: under its lock, like any call on it,
+        # and serialized before the lock is released
+        lock = None
+        try:
+            if entry.lock is not None:
+                lock = self._enter(entry, info, callctx.server_state.deadline, oid, meth,
+                                   exclusive=True)
+            value = obj if meth == "#GETVALUE" else str(obj) if meth == "__str__" else repr(obj)
+            try:
+                return (_PACKED, self.serializer.dumps(value))
+            except Exception as e:
+                return self._unserializable(e, oid, meth, value)
+        except DeadlineExpired as e:
+            return (Kind.TIMEOUT, str(e))
+        except Exception as e:
+            return (Kind.ERROR, _with_traceback(e))
+        finally:
+            if lock is not None:
+                entry.exclusive = False
+                lock.release()
 
     def _attribute(self, entry: Entry, info: ConnInfo, oid: str, args: tuple,
                    kwds: dict) -> tuple:
@@ -1008,8 +1023,24 @@ class Server:
             return (Kind.ERROR, TypeError(
                 f"#ATTR on {entry.typeid!r} object {oid} takes the name of one of its exposed "
                 f"attributes, not {args!r:.80} {kwds!r:.40}"))
-        # under the object's lock as a call of `name` takes it (a getter that calls
-        # back into its object through a proxy runs, as from a running method)
+        reply = self._read_exposed(entry, info, oid, name, True)
+        return (Kind.RETURN, (False, None)) if reply is None else reply
+
+    def read_attribute(self, entry: Entry, info: ConnInfo, oid: str, meth: str) -> tuple | None:
+        """The reply to a read of exposed data attribute `meth` of a durable
+        object by a proxy from before `#ATTR` (version 2), which reads it as a
+        call with no arguments (a property's getter runs then; if it raises, a
+        RemoteError as on any object); None if the value is callable: the read
+        is a call of it, which the journal must see."""
+        return self._read_exposed(entry, info, oid, meth, False)
+
+    def _read_exposed(self, entry: Entry, info: ConnInfo, oid: str, name: str,
+                      tagged: bool) -> tuple | None:
+        """Read exposed name `name` under the object's lock, taken as a call of
+        `name` takes it (so a getter that calls back into its object through a
+        proxy runs, as from a running method), serialized before the lock is
+        released: the reply, its value as `(True, value)` if `tagged`; None if
+        the value is callable."""
         lock = entry.lock
         me = threading.get_ident()
         held = False
@@ -1031,9 +1062,9 @@ class Server:
             except Exception as e:
                 return _getattr_failed(entry, oid, name, e)
             if callable(value):
-                return (Kind.RETURN, (False, None))
-            try:    # (serialized under the lock, as a call's result)
-                return (_PACKED, self.serializer.dumps((True, value)))
+                return None
+            try:
+                return (_PACKED, self.serializer.dumps((True, value) if tagged else value))
             except Exception as e:
                 return self._unserializable(e, oid, name, value)
         except DeadlineExpired as e:
@@ -1042,48 +1073,6 @@ class Server:
             if held:
                 if entry.owner == me:
                     entry.running = None
-                lock.release()
-
-    def read_attribute(self, entry: Entry, info: ConnInfo, oid: str, meth: str) -> tuple | None:
-        """The reply to a read of exposed data attribute `meth` of a durable
-        object by a proxy from before `#ATTR` (version 2), which reads it as a
-        call with no arguments (a property's getter runs then; if it raises, a
-        RemoteError as on any object); None if the value is callable: the read
-        is a call of it, which the journal must see."""
-        def read(obj: Any) -> Any:
-            try:
-                value = getattr(obj, meth)
-            except Exception as e:
-                raise _GetattrFailed(e) from None
-            return _A_METHOD if callable(value) else value
-        return self._read_locked(entry, info, oid, meth, read)
-
-    def _read_locked(self, entry: Entry, info: ConnInfo, oid: str, meth: str,
-                     read: Any) -> tuple | None:
-        """The reply to a read of the object, `read(obj)`: under its lock, like
-        any call on it, and serialized before the lock is released (None if
-        `read` says the name is a method after all)."""
-        lock = None
-        try:
-            if entry.lock is not None:
-                lock = self._enter(entry, info, callctx.server_state.deadline, oid, meth,
-                                   exclusive=True)
-            value = read(entry.obj)
-            if value is _A_METHOD:
-                return None
-            try:
-                return (_PACKED, self.serializer.dumps(value))
-            except Exception as e:
-                return self._unserializable(e, oid, meth, value)
-        except DeadlineExpired as e:
-            return (Kind.TIMEOUT, str(e))
-        except _GetattrFailed as e:
-            return _getattr_failed(entry, oid, meth, e.args[0])
-        except Exception as e:
-            return (Kind.ERROR, _with_traceback(e))
-        finally:
-            if lock is not None:
-                entry.exclusive = False
                 lock.release()
 
     def _update_item(self, entry: Entry, info: ConnInfo, key: Any, func: Any, default: Any,
