@@ -828,26 +828,10 @@ def OwnNamesProxy(m):
             self._session = {"user": "data"}
             self._epoch = "mine"
 
-        def _track(self, *args):
+        def _mine(self, *args):
             return "mine"
 
-        def _outcome(self, *args):
-            return "mine"
-
-        def _lost(self, *args):
-            return "mine"
-
-        def _reduced(self, *args):
-            return "mine"
-
-        def _is_local(self, *args):
-            return "mine"
-
-        def _deadline_for(self, *args):
-            return "mine"
-
-        def _adopt(self, *args):
-            return "mine"
+        _track = _outcome = _lost = _reduced = _is_local = _deadline_for = _adopt = _mine
 
         def a(self):
             return self._callmethod("a")

@@ -1356,9 +1356,11 @@ class Server:
                 while ctl.done < n:
                     left = end - time.monotonic()
                     if left <= 0:
-                        log.info("a call of client pid %d went ahead of %d request(s) of "
-                                 "its control connection still being handled after %.0f s",
-                                 c.pid, n - ctl.done, SYNC_PATIENCE)
+                        log.info("a call of client pid %d (%s) went ahead of %d request(s) "
+                                 "of its control connection still being handled after %.0f "
+                                 "s: a dropped object's __del__ is slow or stuck (its effects "
+                                 "may not be seen yet); keep __del__ short",
+                                 c.pid, c.caller.thread_name, n - ctl.done, SYNC_PATIENCE)
                         return
                     progress.wait(left)
             finally:
